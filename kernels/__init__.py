@@ -1,0 +1,1 @@
+"""Fused Triton kernels for nqpq (installed as ``nqpq_kernels``)."""
