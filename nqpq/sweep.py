@@ -159,8 +159,17 @@ def _versions(device: torch.device) -> dict:
             "python": sys.version.split()[0], "device_name": name}
 
 
-def run_sweep(cfg: SweepConfig, log: Callable[[str], None] | None = None) -> dict:
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    model: torch.nn.Module | None = None,
+    ids: torch.Tensor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Run EXP-Q03 as configured; print the spec's report; return the results dict.
+
+    Pass ``model`` (a loaded ``GPT2LMHeadModel``, on the device you want) and ``ids``
+    (1-D token ids) to skip loading; ``cfg.model`` / ``cfg.text_file`` then only label the run.
 
     Raises ``NqpqError`` for bad settings or unavailable inputs (the CLI prints it).
     Writing files is the caller's job (``nqpq.report.write_results``).
@@ -181,8 +190,15 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] | None = None) -> dic
 
     timings: dict = {}
     t0 = time.perf_counter()
-    say(f"[EXP-Q03] Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else cfg.model}...")
-    model, ids, source, tok_name = _load(cfg, str(device), dtype)
+    if model is None:
+        say(f"[EXP-Q03] Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else cfg.model}...")
+        model, ids, source, tok_name = _load(cfg, str(device), dtype)
+    else:
+        if ids is None:
+            raise NqpqError("run_sweep(model=...) needs ids (1-D token ids) too")
+        device = next(model.parameters()).device
+        source, tok_name = "ids given by the caller", "given by the caller"
+        model.eval()
     _check_config(cfg, model.config)
     blocks = make_blocks_checked(ids, cfg.seq_len, cfg.n_blocks)
     timings["load_s"] = time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.attention`` (kernel) and ``python -m benchmarks.sweep`` (EXP-Q03 end to end)."""

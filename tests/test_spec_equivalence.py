@@ -1,0 +1,41 @@
+"""Our sweep against the spec's own implementation (../shared/spec), when that file is present."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from benchmarks.spec_baseline import load_spec, run_spec_sweep
+from nqpq import SweepConfig, run_sweep
+
+spec = load_spec()
+pytestmark = pytest.mark.skipif(spec is None, reason="../shared/spec/exp_q03_residual.py not present")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sweep_matches_spec_implementation(attn):
+    torch.manual_seed(3)
+    config = GPT2Config(n_layer=4, n_head=4, n_embd=64, vocab_size=300, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    model.set_attn_implementation(attn)
+    ids = torch.randint(0, 300, (6 * 32,))
+    layers, d_rs = (2, 3), (0, 1, 4, 16)
+    ref = run_spec_sweep(spec, model, ids, layers=layers, d_r_sweep=d_rs, n_blocks=6, seq_len=32,
+                         calib_blocks=2, device="cpu")
+    cfg = SweepConfig(layers=layers, d_r=d_rs, n_blocks=6, seq_len=32, calib_blocks=2, device="cpu",
+                      batch_size=4, backend="torch", progress=False)
+    ours = run_sweep(cfg, model=model, ids=ids, log=lambda *_: None)
+
+    def close(a, b):
+        return a == pytest.approx(b, rel=1e-5)
+
+    assert close(ours["ppl_baseline"], ref["ppl_baseline"])
+    assert close(ours["ppl_top1"], ref["ppl_top1"])
+    assert close(ours["ppl_full"], ref["ppl_full"])
+    for point, (d_r, ppl) in zip(ours["curve"], ref["curve"], strict=True):
+        assert point["d_r"] == d_r
+        assert close(point["ppl"], ppl), (d_r, point["ppl"], ppl)
+    for s in ours["spectrum"]:
+        cv_spec = ref["spectrum"][(s["layer"], s["head"])]
+        assert torch.allclose(torch.tensor(s["cumulative_variance"], dtype=torch.float64), cv_spec.double(), atol=1e-5)
+        assert s["r90"] == int((cv_spec < 0.90).sum()) + 1
