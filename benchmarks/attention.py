@@ -1,0 +1,252 @@
+"""Kernel benchmark: fused residual attention vs the reference path vs PyTorch SDPA.
+
+    python -m benchmarks.attention                 # full grid on CUDA (CPU: a small reference grid)
+    python -m benchmarks.attention --quick         # a few cases
+    python -m benchmarks.attention --dtypes bf16 --B 32 --T 1024
+
+On CUDA every provider is timed with ``triton.testing.do_bench`` (median, after
+warm-up) while rotating through enough input sets to overflow L2; on CPU with
+``torch.utils.benchmark`` (median of blocked_autorange). Writes a CSV and a PNG
+under benchmarks/results/ and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import run_tags, write_csv
+from nqpq.reference import residual_attention_reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SDPA_PROVIDERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+D_R_CASES = (8, 32)
+
+
+def sdpa_backend(provider: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}[provider]
+
+
+def make_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, seed: int):
+    """q, k, v as transformers hands them (strided views of one packed qkv), plus an orthonormal basis."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dtype, generator=g)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=-1))
+    basis = torch.linalg.qr(torch.randn(H, D, D, device=device, generator=g))[0].contiguous()
+    return q, k, v, basis
+
+
+def unfused(q, k, v, basis, d_r):
+    """The best pipeline a user could write without the kernel: SDPA for ctx, argmax from materialized scores."""
+    ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()
+    scores.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    i_star = scores.argmax(-1)
+    del scores
+    v_star = torch.gather(v, 2, i_star.unsqueeze(-1).expand_as(v)).float()
+    P = basis[:, :, :d_r]
+    eps = ctx.float() - v_star
+    out = v_star + torch.einsum("bhtr,hdr->bhtd", torch.einsum("bhtd,hdr->bhtr", eps, P), P)
+    return out.to(q.dtype)
+
+
+def provider_fn(provider: str, d_r: int) -> Callable | None:
+    """fn(q, k, v, basis) for a provider, or None if it cannot run here."""
+    cuda = torch.cuda.is_available()
+    if provider.startswith("fused"):
+        if not cuda:
+            return None
+        from nqpq_kernels import residual_attention_triton
+
+        mode = {"fused_top1": "top1", "fused_full": "full"}.get(provider, "lowrank")
+        gram = provider == "fused_lowrank_gram"
+        return lambda q, k, v, b: residual_attention_triton(
+            q, k, v, mode=mode, basis=b, d_r=d_r if mode == "lowrank" else None, return_gram=gram)
+    if provider == "reference":
+        return lambda q, k, v, b: residual_attention_reference(q, k, v, mode="lowrank", basis=b, d_r=d_r)
+    if provider == "unfused":
+        return lambda q, k, v, b: unfused(q, k, v, b, d_r)
+    if provider in SDPA_PROVIDERS:
+        from torch.nn.attention import sdpa_kernel
+
+        backend = sdpa_backend(provider)
+
+        def run(q, k, v, b):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return run
+    raise ValueError(provider)
+
+
+def time_cuda(fn: Callable, input_sets: list) -> float:
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call():
+        args = input_sets[state["i"] % len(input_sets)]
+        state["i"] += 1
+        fn(*args)
+
+    return do_bench(call, warmup=25, rep=100, return_mode="median")
+
+
+def time_cpu(fn: Callable, inputs: tuple) -> float:
+    from torch.utils.benchmark import Timer
+
+    m = Timer("fn(*inputs)", globals={"fn": fn, "inputs": inputs}).blocked_autorange(min_run_time=0.5)
+    return m.median * 1e3
+
+
+def peak_memory_mb(fn: Callable, inputs: tuple) -> float:
+    """Peak memory allocated by one call beyond what was already allocated (inputs), in MiB."""
+    if not torch.cuda.is_available():
+        return ""  # no allocator statistics on the CPU
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*inputs)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cases(args) -> list[tuple[str, int, int, int, int]]:
+    """(dtype, B, H, T, D) for the grid plus GPT-2 medium/large head geometry at T=1024."""
+    out = [(dt, B, args.H, T, args.D) for dt in args.dtypes for B in args.B for T in args.T]
+    if not args.no_models:
+        out += [(dt, 8, H, 1024, 64) for dt in args.dtypes for H in (16, 20)]  # gpt2-medium, gpt2-large
+    return out
+
+
+def providers_for(device: str) -> list[tuple[str, int]]:
+    """(provider, d_r) pairs; d_r is 0 where a provider does not project."""
+    fused = [("fused_top1", 0), ("fused_full", 0)]
+    fused += [("fused_lowrank", d) for d in D_R_CASES] + [("fused_lowrank_gram", d) for d in D_R_CASES]
+    rest = [("reference", 32), ("unfused", 32)] + [(p, 0) for p in SDPA_PROVIDERS]
+    return (fused if device == "cuda" else []) + rest
+
+
+def run(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    tags = run_tags(device)
+    rows = []
+    for dt_name, B, H, T, D in cases(args):
+        dtype = DTYPES[dt_name]
+        if device == "cpu" and dtype == torch.float16 and not args.cpu_fp16:
+            continue
+        set_bytes = 3 * B * H * T * D * dtype.itemsize
+        n_sets = 1 if device == "cpu" else max(1, min(16, math.ceil(2 * 64 * 2**20 / set_bytes)))
+        input_sets = [make_inputs(B, H, T, D, dtype, device, seed) for seed in range(n_sets)]
+        case_rows = []
+        for provider, d_r in providers_for(device):
+            fn = provider_fn(provider, d_r)
+            if fn is None:
+                continue
+            if provider in ("reference", "unfused") and B * H * T * T * 4 * 2 > args.max_ref_bytes:
+                continue  # two fp32 T×T buffers that would not fit
+            try:
+                fn(*input_sets[0])  # compile / check support
+                ms = time_cuda(fn, input_sets) if device == "cuda" else time_cpu(fn, input_sets[0])
+                mem = peak_memory_mb(fn, input_sets[0])
+            except (RuntimeError, ValueError) as err:  # SDPA backend unsupported for this dtype/card, OOM
+                if args.verbose:
+                    print(f"  skip {provider} {dt_name} B={B} T={T}: {str(err).splitlines()[0][:100]}")
+                torch.cuda.empty_cache() if device == "cuda" else None
+                continue
+            flops = 2 * B * H * T * T * D  # the causal count asked for: 2·B·H·T²·D
+            case_rows.append({**tags, "provider": provider, "dtype": dt_name, "B": B, "H": H, "T": T, "D": D,
+                              "d_r": d_r, "median_ms": round(ms, 5), "tflops": round(flops / ms / 1e9, 3),
+                              "peak_mem_mb": round(mem, 2) if mem != "" else ""})
+        sdpa = {r["provider"]: r["median_ms"] for r in case_rows if r["provider"] in SDPA_PROVIDERS}
+        sdpa_ref = sdpa.get("sdpa_flash") or (min(sdpa.values()) if sdpa else None)
+        sdpa_name = "sdpa_flash" if "sdpa_flash" in sdpa else (min(sdpa, key=sdpa.get) if sdpa else "")
+        ref_ms = next((r["median_ms"] for r in case_rows if r["provider"] == "reference"), None)
+        for r in case_rows:
+            r["ratio_vs_sdpa"] = round(r["median_ms"] / sdpa_ref, 3) if sdpa_ref else ""
+            r["sdpa_baseline"] = sdpa_name
+            r["ratio_vs_reference"] = round(r["median_ms"] / ref_ms, 4) if ref_ms else ""
+        rows += case_rows
+        print_case(case_rows)
+    return rows
+
+
+def print_case(rows: list[dict]) -> None:
+    if not rows:
+        return
+    r0 = rows[0]
+    print(f"\n{r0['dtype']} B={r0['B']} H={r0['H']} T={r0['T']} D={r0['D']}  ({r0['device']})")
+    print(f"  {'provider':<20}{'d_r':>4}{'ms':>10}{'TFLOP/s':>9}{'vs sdpa':>9}{'vs ref':>9}{'peak MiB':>10}")
+    for r in rows:
+        print(f"  {r['provider']:<20}{r['d_r']:>4}{r['median_ms']:>10.4f}{r['tflops']:>9.2f}"
+              f"{str(r['ratio_vs_sdpa']):>9}{str(r['ratio_vs_reference']):>9}{str(r['peak_mem_mb']):>10}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dtype"], r["B"]) for r in rows if r["H"] == 12})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (dt, B) in zip(axes[0], panels):
+        sel = [r for r in rows if r["dtype"] == dt and r["B"] == B and r["H"] == 12]
+        for prov in dict.fromkeys((r["provider"], r["d_r"]) for r in sel):
+            pts = sorted((r["T"], r["tflops"]) for r in sel if (r["provider"], r["d_r"]) == prov)
+            label = prov[0] + (f" d_r={prov[1]}" if prov[1] else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, ms=3)
+        ax.set(xscale="log", xlabel="T", ylabel="TFLOP/s (2·B·H·T²·D)", title=f"{dt}, B={B}, H=12, D=64")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['device']} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · {rows[0]['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--B", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--T", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    p.add_argument("--H", type=int, default=12)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="B=8, T in {256, 1024}, bf16/fp32, no model geometries")
+    p.add_argument("--no-models", action="store_true", help="skip GPT-2 medium/large head geometry")
+    p.add_argument("--cpu", action="store_true", help="benchmark on CPU even if CUDA is present")
+    p.add_argument("--cpu-fp16", action="store_true", help="include fp16 on CPU (slow there)")
+    p.add_argument("--max-ref-bytes", type=float, default=24e9, help="skip reference/unfused above this T×T size")
+    p.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/attention_<device>.csv)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if args.quick:
+        args.B, args.T, args.no_models = [8], [256, 1024], True
+        args.dtypes = [d for d in args.dtypes if d != "fp16"] or args.dtypes
+    if device == "cpu" and not args.quick and args.T == p.get_default("T"):
+        args.B, args.T, args.no_models = [1, 4], [128, 256, 512], True  # the CPU grid stays small
+    t0 = time.perf_counter()
+    rows = run(args)
+    out = args.out or str(RESULTS / f"attention_{device}.csv")
+    write_csv(out, rows)
+    plot(rows, str(Path(out).with_suffix(".png")))
+    print(f"\nwrote {out} and {Path(out).with_suffix('.png')} ({len(rows)} rows, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
