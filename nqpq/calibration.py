@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum
-from .integration import crystallize
+from .integration import observe_residuals
 
 VARIANCE_TARGET = 0.90
 
@@ -86,13 +86,13 @@ def calibrate(
 ) -> ResidualBasis:
     """Residual bases of ``layers`` from calibration ``blocks`` ``[N, T]`` (token ids).
 
-    Runs the unmodified model (crystallized layers in ``full`` mode compute exactly
-    the model's attention) and accumulates Σ εεᵀ on the way. Under torch.distributed,
+    Runs the unmodified model (its own attention, bit for bit) and accumulates Σ εεᵀ
+    on the way from the same q, k, v. Under torch.distributed,
     pass each rank its share of the blocks: the Gram matrices are summed across ranks.
     """
     device = next(model.parameters()).device
     sink = GramAccumulator()
-    with crystallize(model, layers, mode="full", backend=backend, gram_sink=sink):
+    with observe_residuals(model, layers, sink, backend=backend):
         for start in range(0, blocks.shape[0], batch_size):
             model.transformer(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
     return basis_from_grams(reduce_grams(sink.grams, layers, model))

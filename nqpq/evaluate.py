@@ -7,6 +7,7 @@ predictions); PPL = exp(mean over blocks of each block's mean loss).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -90,7 +91,8 @@ class PrefixRunner:
         self._record: list[tuple[Tensor, tuple, dict]] = []
 
     @torch.no_grad()
-    def capture_baseline(self, progress=None) -> Tensor:
+    def capture_baseline(self, progress=None, context_for=None) -> Tensor:
+        """Baseline losses of every batch; ``context_for(i)`` may wrap batch ``i`` (e.g. to observe residuals)."""
         layer = transformer_blocks(self.model)[self.start]
         seen: list = []
 
@@ -100,9 +102,10 @@ class PrefixRunner:
         handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
         losses = []
         try:
-            for sl in self.batches:
+            for i, sl in enumerate(self.batches):
                 batch = self.blocks[sl].to(self.device)
-                hidden = self.model.transformer(input_ids=batch, use_cache=False).last_hidden_state
+                with context_for(i) if context_for is not None else contextlib.nullcontext():
+                    hidden = self.model.transformer(input_ids=batch, use_cache=False).last_hidden_state
                 losses.append(lm_losses(self.model, hidden, batch))
                 self._record.append(seen.pop())
                 if progress is not None:
@@ -131,12 +134,6 @@ class PrefixRunner:
             if progress is not None:
                 progress.update(out[-1].numel())
         return torch.cat(out).cpu()
-
-    @torch.no_grad()
-    def run_through(self, batch_ids: Sequence[int], stop: int) -> None:
-        """Run blocks ``start..stop-1`` on some batches for their side effects (calibration)."""
-        for i in batch_ids:
-            self.upper_hidden(i, stop)
 
 
 def ppl_from_losses(losses: Tensor) -> float:

@@ -40,6 +40,7 @@ class LayerSpec:
     d_r: int | None
     backend: str
     gram_sink: object | None = None  # anything with .add(layer, gram[H, D, D] float64)
+    observe: bool = False  # keep the model's own output; only feed gram_sink
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -78,11 +79,17 @@ def _crystal_attention_for(original: str):
         **kwargs,
     ) -> tuple[Tensor, None]:
         spec: LayerSpec | None = getattr(module, _SPEC_ATTR, None)
-        if spec is None:
+        if spec is None or spec.observe:
             from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
             fallback = AttentionInterface._global_mapping.get(original, eager_attention_forward)
-            return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            result = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if spec is not None:  # observing: the same q, k, v through the residual op, for ε only
+                _check_causal_mask(attention_mask, query.shape[2])
+                impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type))
+                _, _, gram = impl(query, key, value, mode="top1", scale=scaling, return_gram=True)
+                spec.gram_sink.add(spec.layer, gram)
+            return result
         if dropout > 0.0:
             raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
         T = query.shape[2]
@@ -190,6 +197,20 @@ def uncrystallize(patch: Crystallization) -> None:
         if hasattr(block.attn, _SPEC_ATTR):
             delattr(block.attn, _SPEC_ATTR)
     _set_implementation(patch.model, patch.original)
+
+
+@contextmanager
+def observe_residuals(
+    model: nn.Module, layers: Sequence[int], gram_sink: object, *, backend: str = "auto"
+) -> Iterator[Crystallization]:
+    """Collect Σ εεᵀ of ``layers`` into ``gram_sink`` while the model computes exactly its own attention."""
+    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_sink=gram_sink)
+    for li in patch.layers:
+        getattr(transformer_blocks(model)[li].attn, _SPEC_ATTR).observe = True
+    try:
+        yield patch
+    finally:
+        uncrystallize(patch)
 
 
 @contextmanager
