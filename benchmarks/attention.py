@@ -138,7 +138,8 @@ def providers_for(device: str) -> list[tuple[str, int]]:
     return (fused if device == "cuda" else []) + rest
 
 
-def run(args) -> list[dict]:
+def run(args, out: str | None = None) -> list[dict]:
+    """Time every case; with ``out``, rewrite the CSV after each case (a cut-short run keeps what it measured)."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     tags = run_tags(device)
     rows = []
@@ -179,6 +180,8 @@ def run(args) -> list[dict]:
             r["ratio_vs_reference"] = round(r["median_ms"] / ref_ms, 4) if ref_ms else ""
         rows += case_rows
         print_case(case_rows)
+        if out:
+            write_csv(out, rows)
     return rows
 
 
@@ -240,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and not args.quick and args.T == p.get_default("T"):
         args.B, args.T, args.no_models = [1, 4], [128, 256, 512], True  # the CPU grid stays small
     t0 = time.perf_counter()
-    rows = run(args)
     out = args.out or str(RESULTS / f"attention_{device}.csv")
-    write_csv(out, rows)
+    rows = run(args, out)
     plot(rows, str(Path(out).with_suffix(".png")))
     print(f"\nwrote {out} and {Path(out).with_suffix('.png')} ({len(rows)} rows, {time.perf_counter() - t0:.0f} s)")
     return 0
