@@ -484,3 +484,31 @@ def test_gpu_packed_bthd(dtype):
     assert not torch.isnan(out).any()
     rows = (idx == r_idx).transpose(1, 2)
     torch.testing.assert_close(out[rows].float(), r_out[rows], **TOL[dtype])
+
+
+# --------------------------------------------------------------------------- #
+# Through the GPT-2 integration
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gpt2_forward_triton_equals_torch(attn):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nqpq import calibrate, crystallize
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_head=2, n_embd=32, vocab_size=97, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)  # D = 16, the kernel's smallest head
+    model = GPT2LMHeadModel(config).to(DEV).eval()
+    model.set_attn_implementation(attn)
+    ids = torch.randint(0, 97, (2, 40), device=DEV)
+    basis = calibrate(model, ids.cpu(), [1, 2], backend="torch")
+    triton_basis = calibrate(model, ids.cpu(), [1, 2], backend="triton")
+    for li in (1, 2):
+        torch.testing.assert_close(triton_basis.eigenvalues[li], basis.eigenvalues[li], rtol=1e-4, atol=1e-9)
+    with torch.no_grad():
+        for mode, d_r in (("top1", None), ("full", None), ("lowrank", 5)):
+            logits = {}
+            for backend in ("torch", "triton"):
+                with crystallize(model, [1, 2], mode=mode, basis=basis.basis, d_r=d_r, backend=backend):
+                    logits[backend] = model(ids).logits
+            torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-5, rtol=1e-5)
