@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-r", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="residual ranks to sweep")
     p.add_argument("--n-blocks", type=int, default=30, help="evaluation blocks")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block")
-    p.add_argument("--calib-blocks", type=int, default=4, help="leading blocks used to fit the residual basis")
+    p.add_argument("--calib-blocks", type=int, default=None,
+                   help="leading blocks used to fit the residual basis (default: 4, or --n-blocks if fewer)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
@@ -54,7 +55,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     cfg = SweepConfig(
         model=args.model, text_file=args.text_file, tokenizer=args.tokenizer, layers=tuple(args.layers),
-        d_r=tuple(args.d_r), n_blocks=args.n_blocks, seq_len=args.seq_len, calib_blocks=args.calib_blocks,
+        d_r=tuple(args.d_r), n_blocks=args.n_blocks, seq_len=args.seq_len,
+        calib_blocks=min(4, args.n_blocks) if args.calib_blocks is None else args.calib_blocks,
         device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
         seed=args.seed, out=args.out, demo=args.demo, progress=not args.no_progress,
     )

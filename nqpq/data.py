@@ -77,6 +77,8 @@ def load_tokenizer(name: str):
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=err)) from err
         raise NqpqError(f"Could not load a GPT-2 tokenizer from {name!r}: {err}") from err
     if len(tok) <= 1:
+        if not os.path.isdir(name):  # transformers 5 returns an empty tokenizer for an unreachable hub name
+            raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err="no tokenizer files found"))
         raise NqpqError(f"The tokenizer at {name!r} is empty (no vocab.json/merges.txt or tokenizer.json?)")
     return tok
 

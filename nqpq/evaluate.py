@@ -112,7 +112,7 @@ class PrefixRunner:
                     progress.update(batch.shape[0])
         finally:
             handle.remove()
-        return torch.cat(losses).cpu()
+        return _cat_losses(losses)
 
     @torch.no_grad()
     def upper_hidden(self, i: int, stop: int | None = None) -> Tensor:
@@ -133,7 +133,12 @@ class PrefixRunner:
             out.append(lm_losses(self.model, self.upper_hidden(i), self.blocks[sl]))
             if progress is not None:
                 progress.update(out[-1].numel())
-        return torch.cat(out).cpu()
+        return _cat_losses(out)
+
+
+def _cat_losses(losses: list[Tensor]) -> Tensor:
+    """Concatenated per-block losses on the CPU; empty for a rank that was given no blocks (torchrun)."""
+    return torch.cat(losses).cpu() if losses else torch.zeros(0, dtype=torch.float64)
 
 
 def ppl_from_losses(losses: Tensor) -> float:

@@ -93,6 +93,8 @@ def _check_config(cfg: SweepConfig, model_config) -> None:
         raise NqpqError("--d-r: give at least one rank")
     if not 2 <= cfg.seq_len <= model_config.n_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{model_config.n_positions} (the model's positions)")
+    if cfg.n_blocks < 1:
+        raise NqpqError(f"--n-blocks {cfg.n_blocks}: must be at least 1")
     if not 1 <= cfg.calib_blocks <= cfg.n_blocks:
         raise NqpqError(f"--calib-blocks {cfg.calib_blocks}: must be in 1..--n-blocks ({cfg.n_blocks})")
     if cfg.batch_size is not None and cfg.batch_size < 1:

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random GPT-2, a tiny offline tokenizer, and both saved to disk with a text file."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NQPQ_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+N_LAYER, N_HEAD, N_EMBD, N_POSITIONS = 4, 4, 64, 128
+HEAD_DIM = N_EMBD // N_HEAD
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+WORDS = (
+    "the of and in to a was is for on as with by that at from his it an were are which this be "
+    "game season album song river city church army ship station first second year years after "
+    "during time would later new other two three also had been made played released battle team "
+    "war world north south east west population village town species family built century"
+).split()
+
+
+def wikitext_lines(n_articles: int = 12, seed: int = 0) -> list[str]:
+    """WikiText-like raw lines: ' = Title = ', blank ' ' lines, ' = = Section = = ' and paragraphs."""
+    rng = random.Random(seed)
+
+    def sentence():
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 16))]
+        return " ".join(words).capitalize() + " ."
+
+    lines = []
+    for _ in range(n_articles):
+        lines += [" \n", f" = {rng.choice(WORDS).title()} {rng.choice(WORDS).title()} = \n", " \n"]
+        for section in range(2):
+            if section:
+                lines += [f" = = {rng.choice(WORDS).title()} = = \n", " \n"]
+            lines.append(" " + " ".join(sentence() for _ in range(rng.randint(3, 6))) + " \n")
+            lines.append(" \n")
+    return lines
+
+
+def wikitext_text(**kwargs) -> str:
+    return "".join(wikitext_lines(**kwargs))
+
+
+def build_tokenizer(vocab_size: int = 300) -> GPT2TokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained on the generated text: no downloads."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(wikitext_lines(seed=1), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def tiny_config(vocab_size: int = 300, **kwargs) -> GPT2Config:
+    return GPT2Config(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, vocab_size=vocab_size,
+                      n_positions=N_POSITIONS, bos_token_id=0, eos_token_id=0, **kwargs)
+
+
+def build_model(attn: str = "eager", vocab_size: int = 300, seed: int = 0) -> GPT2LMHeadModel:
+    """Random GPT-2 with fixed weights (fp32, eval mode), using attention implementation ``attn``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(tiny_config(vocab_size))
+    model.set_attn_implementation(attn)
+    return model.float().eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> GPT2TokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(params=ATTN_IMPLEMENTATIONS)
+def model(request, tokenizer) -> GPT2LMHeadModel:
+    """The tiny model, once per attention implementation (a fresh copy per test)."""
+    return build_model(request.param, vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def eager_model(tokenizer) -> GPT2LMHeadModel:
+    return build_model("eager", vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def token_ids(tokenizer) -> torch.Tensor:
+    """1-D token ids of a generated WikiText-like text (several hundred tokens or more)."""
+    return torch.tensor(tokenizer.encode(wikitext_text(seed=2)), dtype=torch.long)
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """(model dir saved with save_pretrained incl. tokenizer, WikiText-like text file)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "tiny-gpt2"
+    model = build_model("eager", vocab_size=len(tokenizer))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text_file = root / "wiki.valid.raw"
+    text_file.write_text(wikitext_text(seed=3), encoding="utf-8")
+    return model_dir, text_file
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real GPT-2 tokenizer files and WikiText in ../shared/data; skip when absent."""
+    needed = ("vocab.json", "merges.txt", "wiki.valid.raw")
+    if not all((SHARED_DATA / name).is_file() for name in needed):
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set NQPQ_SHARED_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,96 @@
+"""Perplexity, block losses, chunked LM head and the prefix-reusing runner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nqpq import PrefixRunner, block_losses, calibrate, crystallize, make_blocks, perplexity
+from nqpq.evaluate import lm_losses
+
+SEQ_LEN, N_BLOCKS = 32, 8
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+@torch.no_grad()
+def spec_perplexity(model, ids, seq_len, n_blocks):
+    """The spec's definition: one block at a time, labels = the block, exp(mean of block losses)."""
+    losses = []
+    for b in range(n_blocks):
+        blk = ids[b * seq_len:(b + 1) * seq_len].unsqueeze(0)
+        losses.append(model(input_ids=blk, labels=blk).loss.item())
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_make_blocks():
+    ids = torch.arange(100)
+    blocks = make_blocks(ids, 30, 3)
+    assert blocks.shape == (3, 30) and torch.equal(blocks.flatten(), ids[:90])
+    with pytest.raises(ValueError, match=r"n_blocks=4 blocks of 30 tokens need 120 tokens; the text has 100"):
+        make_blocks(ids, 30, 4)
+    with pytest.raises(ValueError, match="seq_len must be at least 2"):
+        make_blocks(ids, 1, 3)
+    with pytest.raises(ValueError, match="n_blocks must be at least 1"):
+        make_blocks(ids, 10, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        make_blocks(ids.view(10, 10), 5, 2)
+
+
+def test_perplexity_matches_spec_definition(model, token_ids):
+    want = spec_perplexity(model, token_ids, SEQ_LEN, N_BLOCKS)
+    got = perplexity(model, token_ids, SEQ_LEN, N_BLOCKS)
+    assert rel(got, want) <= 1e-6
+    assert 1 < got < 1e4
+
+
+def test_batch_size_does_not_matter(model, token_ids):
+    ppl = [perplexity(model, token_ids, SEQ_LEN, N_BLOCKS, batch_size=bs) for bs in (1, 3, 8)]
+    assert rel(ppl[1], ppl[0]) <= 1e-6 and rel(ppl[2], ppl[0]) <= 1e-6
+    blocks = make_blocks(token_ids, SEQ_LEN, N_BLOCKS)
+    one, three = block_losses(model, blocks, 1), block_losses(model, blocks, 3)
+    assert one.dtype == torch.float64 and one.shape == (N_BLOCKS,)
+    torch.testing.assert_close(three, one, rtol=1e-6, atol=0)
+
+
+@torch.no_grad()
+def test_chunked_lm_head(eager_model, token_ids):
+    blocks = make_blocks(token_ids, SEQ_LEN, 3)
+    hidden = eager_model.transformer(input_ids=blocks, use_cache=False).last_hidden_state
+    whole = lm_losses(eager_model, hidden, blocks)
+    vocab = eager_model.lm_head.out_features
+    for max_logits in (1, vocab, 7 * vocab + 3):  # one row per chunk, exact rows, ragged last chunk
+        torch.testing.assert_close(lm_losses(eager_model, hidden, blocks, max_logits=max_logits), whole,
+                                   rtol=1e-6, atol=0)
+    for b in range(3):
+        want = eager_model(input_ids=blocks[b:b + 1], labels=blocks[b:b + 1]).loss.double()
+        assert rel(whole[b].item(), want.item()) <= 1e-6
+
+
+@pytest.mark.parametrize("layers", [(2, 3), (1, 3)])
+def test_prefix_runner_matches_full_forward(model, token_ids, layers):
+    blocks = make_blocks(token_ids, SEQ_LEN, N_BLOCKS)
+    batches = [slice(0, 3), slice(3, 6), torch.tensor([6, 7])]
+    runner = PrefixRunner(model, blocks, batches, start=min(layers))
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 1), rtol=1e-6, atol=0)
+
+    basis = calibrate(model, blocks[:2], layers, backend="torch").basis
+    for mode, d_r in (("top1", None), ("full", None), ("lowrank", 2), ("lowrank", 16)):
+        with crystallize(model, layers, mode=mode, basis=basis, d_r=d_r, backend="torch"):
+            replayed = runner.losses()
+            want = block_losses(model, blocks, 4)
+        torch.testing.assert_close(replayed, want, rtol=1e-6, atol=0, msg=f"{mode} d_r={d_r}")
+    # Replaying without crystallization gives the baseline back.
+    torch.testing.assert_close(runner.losses(), baseline, rtol=1e-6, atol=0)
+
+
+def test_prefix_runner_without_batches(eager_model, token_ids):
+    """Under torchrun a rank may be given no blocks at all: it contributes empty losses."""
+    runner = PrefixRunner(eager_model, make_blocks(token_ids, SEQ_LEN, 2), [], start=1)
+    for losses in (runner.capture_baseline(), runner.losses()):
+        assert losses.shape == (0,) and losses.dtype == torch.float64

@@ -1,0 +1,290 @@
+"""crystallize / crystallize_layers / uncrystallize on a tiny random GPT-2 (eager and sdpa)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import HEAD_DIM, N_HEAD, REPO, tiny_config
+from transformers import GPT2LMHeadModel
+
+from nqpq import crystallize, crystallize_layers, uncrystallize
+
+SPEC_ATTR = "_nqpq_layer_spec"
+
+
+def batch(vocab=300, B=2, T=40, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def random_basis(layers, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {li: torch.linalg.qr(torch.randn(N_HEAD, HEAD_DIM, HEAD_DIM, generator=g))[0] for li in layers}
+
+
+@torch.no_grad()
+def logits(model, ids, **kw):
+    return model(input_ids=ids, use_cache=False, **kw).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@torch.no_grad()
+def test_full_mode_equals_unpatched_model(model):
+    ids = batch()
+    base = logits(model, ids)
+    for layers in ([0], [2], [1, 3], [0, 1, 2, 3]):
+        with crystallize(model, layers, mode="full", backend="torch"):
+            assert max_diff(logits(model, ids), base) <= 1e-5, layers
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("option", ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "no_scaling"])
+def test_full_mode_with_gpt2_attention_options(option):
+    """The scale GPT-2 hands the attention function (layer-index scaling, or none) is the one used."""
+    kwargs = {"scale_attn_weights": False} if option == "no_scaling" else {option: True}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(tiny_config(**kwargs)).eval()
+    ids = batch()
+    base = logits(model, ids)
+    with crystallize(model, [1, 3], mode="full", backend="torch"):
+        assert max_diff(logits(model, ids), base) <= 1e-5
+    with crystallize(model, [1, 3], mode="top1", backend="torch"):
+        assert max_diff(logits(model, ids), base) > 1e-3
+
+
+@torch.no_grad()
+def test_lowrank_limits(model):
+    ids, layers = batch(), [1, 3]
+    basis = random_basis(layers)
+    with crystallize(model, layers, mode="full", backend="torch"):
+        full = logits(model, ids)
+    with crystallize(model, layers, mode="top1", backend="torch"):
+        top1 = logits(model, ids)
+    with crystallize(model, layers, mode="lowrank", basis=basis, d_r=HEAD_DIM, backend="torch"):
+        assert max_diff(logits(model, ids), full) <= 1e-5
+    with crystallize(model, layers, mode="lowrank", basis=basis, d_r=0, backend="torch"):
+        assert max_diff(logits(model, ids), top1) <= 1e-5
+    assert max_diff(top1, full) > 1e-2  # top-1 really changes the model
+
+
+@torch.no_grad()
+def test_leaving_restores_model_exactly(model):
+    ids = batch()
+    original = model.config._attn_implementation
+    base = logits(model, ids)
+    with crystallize(model, [1, 2], mode="top1", backend="torch"):
+        assert model.config._attn_implementation == "nqpq_" + original
+        assert not torch.equal(logits(model, ids), base)
+    assert model.config._attn_implementation == original
+    assert not any(hasattr(block.attn, SPEC_ATTR) for block in model.transformer.h)
+    assert torch.equal(logits(model, ids), base)
+
+    patch = crystallize_layers(model, [3], mode="top1", backend="torch")
+    assert hasattr(model.transformer.h[3].attn, SPEC_ATTR)
+    uncrystallize(patch)
+    assert model.config._attn_implementation == original
+    assert torch.equal(logits(model, ids), base)
+
+
+@torch.no_grad()
+def test_context_restores_after_an_error(model):
+    original = model.config._attn_implementation
+    with pytest.raises(KeyError), crystallize(model, [1], mode="top1", backend="torch"):
+        raise KeyError("boom")
+    assert model.config._attn_implementation == original
+    assert not hasattr(model.transformer.h[1].attn, SPEC_ATTR)
+
+
+@torch.no_grad()
+def test_other_layers_untouched(model):
+    """Blocks below the crystallized one give identical outputs; those above still run the original attention."""
+    ids = batch()
+    captured = {}
+
+    def keep(i):
+        def hook(module, args, kwargs, output):
+            captured[i] = (args, kwargs, output)
+        return hook
+
+    blocks = model.transformer.h
+    handles = [block.attn.register_forward_hook(keep(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        logits(model, ids)
+        base = dict(captured)
+        with crystallize(model, [2], mode="top1", backend="torch"):
+            assert [hasattr(b.attn, SPEC_ATTR) for b in model.transformer.h] == [False, False, True, False]
+            logits(model, ids)
+        crystal = dict(captured)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in (0, 1):
+        assert torch.equal(crystal[i][2][0], base[i][2][0])
+    assert not torch.equal(crystal[2][2][0], base[2][2][0])
+    # Layer 3 saw other inputs, but computed them with the model's own attention.
+    args, kwargs, output = crystal[3]
+    assert torch.equal(model.transformer.h[3].attn(*args, **kwargs)[0], output[0])
+
+
+def plain_attention(module, hidden, mode, basis=None, d_r=None):
+    """GPT-2 attention with residual replacement, as the spec computes it, in float64 per head."""
+    B, T, C = hidden.shape
+    q, k, v = (x.view(B, T, N_HEAD, HEAD_DIM).transpose(1, 2).double()
+               for x in module.c_attn(hidden).split(C, dim=2))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    out = torch.empty(B, N_HEAD, T, HEAD_DIM, dtype=torch.float64)
+    for b in range(B):
+        for h in range(N_HEAD):
+            p = (q[b, h] @ k[b, h].T / math.sqrt(HEAD_DIM)).masked_fill(~causal, -math.inf).softmax(-1)
+            ctx, v_star = p @ v[b, h], v[b, h][p.argmax(-1)]
+            if mode == "top1":
+                out[b, h] = v_star
+            elif mode == "full":
+                out[b, h] = ctx
+            else:
+                P = basis[h, :, :d_r].double()
+                out[b, h] = v_star + (ctx - v_star) @ P @ P.T
+    merged = out.transpose(1, 2).reshape(B, T, C).to(hidden.dtype)
+    return module.c_proj(merged)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["top1", "full", "lowrank"])
+def test_matches_hand_computed_attention(model, mode):
+    """The crystallized model equals the unpatched model with the layers' attention recomputed by hand."""
+    ids, layers, d_r = batch(T=50), [1, 3], 3
+    basis = random_basis(layers)
+
+    def replace(li):
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (plain_attention(module, hidden, mode, basis[li], d_r), *output[1:])
+        return hook
+
+    handles = [model.transformer.h[li].attn.register_forward_hook(replace(li), with_kwargs=True) for li in layers]
+    try:
+        want = logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    with crystallize(model, layers, mode=mode, basis=basis, d_r=d_r, backend="torch"):
+        got = logits(model, ids)
+    assert max_diff(got, want) <= 1e-5
+    if mode == "top1":
+        assert max_diff(got, logits(model, ids)) > 1e-2
+
+
+@torch.no_grad()
+def test_padding_mask_refused_all_ones_accepted(model):
+    ids = batch()
+    with crystallize(model, [1], mode="full", backend="torch"):
+        ones = logits(model, ids, attention_mask=torch.ones_like(ids))
+        assert max_diff(ones, logits(model, ids)) <= 1e-6
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0
+        with pytest.raises(ValueError, match="padding"):
+            logits(model, ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("layers", [[4], [-1], [1, 1], [], [1.0], [True]])
+def test_bad_layers(eager_model, layers):
+    with pytest.raises(ValueError, match="layer"):
+        crystallize_layers(eager_model, layers, mode="top1", backend="torch")
+    assert eager_model.config._attn_implementation == "eager"
+
+
+def test_bad_mode_and_lowrank_arguments(eager_model):
+    basis = random_basis([1])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        crystallize_layers(eager_model, [1], mode="softmax", backend="torch")
+    with pytest.raises(ValueError, match="needs a residual basis for layers \\[2\\]"):
+        crystallize_layers(eager_model, [1, 2], mode="lowrank", basis=basis, d_r=2, backend="torch")
+    with pytest.raises(ValueError, match="needs a residual basis"):
+        crystallize_layers(eager_model, [1], mode="lowrank", d_r=2, backend="torch")
+    for d_r in (-1, HEAD_DIM + 1, None):
+        with pytest.raises(ValueError, match="d_r must be an int in 0..16"):
+            crystallize_layers(eager_model, [1], mode="lowrank", basis=basis, d_r=d_r, backend="torch")
+    with pytest.raises(ValueError, match=r"basis for layer 1 must be \[H=4, D=16, R\]"):
+        crystallize_layers(eager_model, [1], mode="lowrank", basis={1: torch.randn(4, 8, 8)}, d_r=2, backend="torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        crystallize_layers(eager_model, [1], mode="top1", backend="jax")
+    assert eager_model.config._attn_implementation == "eager"
+    assert not any(hasattr(block.attn, SPEC_ATTR) for block in eager_model.transformer.h)
+
+
+def test_nesting_refused(model):
+    original = model.config._attn_implementation
+    with crystallize(model, [1], mode="top1", backend="torch"):
+        with pytest.raises(RuntimeError, match="already crystallized"):
+            crystallize_layers(model, [2], mode="full", backend="torch")
+        with pytest.raises(RuntimeError, match="already crystallized"), crystallize(model, [2], mode="full"):
+            pass
+    assert model.config._attn_implementation == original
+
+
+def test_dropout_in_train_mode_refused(model):
+    ids = batch()
+    with crystallize(model, [1], mode="full", backend="torch"):
+        model.train()
+        try:
+            with pytest.raises(ValueError, match="inference-only"):
+                model(input_ids=ids)
+        finally:
+            model.eval()
+
+
+@torch.no_grad()
+def test_kv_cache_refused(model):
+    ids = batch(B=1, T=8)
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    with crystallize(model, [1], mode="top1", backend="torch"):
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        with pytest.raises(ValueError, match="KV cache"):
+            model(input_ids=ids[:, 5:6], use_cache=True, **{cache_kw: out.past_key_values})
+        with pytest.raises(ValueError, match="KV cache"):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                           pad_token_id=0)
+
+
+def run_python(code: str, cwd) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_kernel_folder_installs_as_nqpq_kernels(tmp_path):
+    out = run_python("""
+        import importlib.util, pathlib
+        import nqpq_kernels
+        print(pathlib.Path(nqpq_kernels.__file__).resolve())
+        spec = importlib.util.find_spec("kernels")
+        print(None if spec is None else spec.origin)
+    """, cwd=tmp_path)
+    ours, theirs = out.splitlines()
+    assert ours == str(REPO / "kernels" / "__init__.py")
+    assert theirs == "None" or (REPO / "kernels") not in __import__("pathlib").Path(theirs).resolve().parents
+
+
+def test_nqpq_does_not_change_kernels_probe(tmp_path):
+    probe = """
+        {imp}
+        import transformers.utils as u
+        print(u.is_kernels_available() if hasattr(u, "is_kernels_available") else "absent")
+    """
+    without = run_python(probe.format(imp=""), cwd=tmp_path)
+    with_nqpq = run_python(probe.format(imp="import nqpq, nqpq_kernels"), cwd=tmp_path)
+    if without == "absent":
+        pytest.skip("this transformers has no is_kernels_available")
+    assert without.splitlines()[-1] == with_nqpq.splitlines()[-1]
