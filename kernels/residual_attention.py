@@ -92,7 +92,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i, best_idx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_m_blocks", "d_r"])
 def _residual_attn_fwd(
     Q, K, V, Out, Argmax, Basis, Gram,
     stride_qb, stride_qh, stride_qt,
@@ -100,6 +100,7 @@ def _residual_attn_fwd(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_ab, stride_ah,
+    stride_ph, stride_pd, stride_pr,
     H, T, n_m_blocks, d_r, scale,
     D: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -169,10 +170,11 @@ def _residual_attn_fwd(
         out = ctx
     else:
         offs_r = tl.arange(0, R_PAD)
-        p_ptrs = Basis + off_h * (D * R_PAD) + offs_d[:, None] * R_PAD + offs_r[None, :]
+        p_ptrs = Basis + off_h * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr
+        # Columns >= d_r read as zero: one compiled kernel serves every rank of a sweep.
         P = tl.load(p_ptrs, mask=(offs_r < d_r)[None, :], other=0.0)  # [D, R_PAD] fp32
         coeff = tl.dot(eps, P, input_precision=EPI_PREC)  # [BLOCK_M, R_PAD]
-        out = v_star + tl.dot(coeff, tl.trans(P), input_precision=EPI_PREC)
+        out = tl.dot(coeff, tl.trans(P), v_star, input_precision=EPI_PREC)  # V[i*] + (εP)Pᵀ
 
     o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None])
@@ -242,6 +244,10 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if D == 128 and heavy_epilogue and cfg["BLOCK_M"] > 64:
         cfg["BLOCK_M"] = 64
+    if heavy_epilogue and cfg["BLOCK_M"] == 128:
+        # ctx, ε, V[i*], coefficients and output are fp32 [128, D] tiles at once in the epilogue:
+        # spread them over 8 warps rather than spill registers.
+        cfg["num_warps"] = 8
     return cfg
 
 
@@ -316,13 +322,10 @@ def residual_attention_triton(
         torch.empty((B * H * n_m, D, D), device=device, dtype=torch.float32) if return_gram else None
     )
 
+    # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
+    # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     R_PAD = D
-    if mode == "lowrank":
-        basis_pad = torch.zeros((H, D, R_PAD), device=device, dtype=torch.float32)
-        if d_r > 0:  # d_r <= D == R_PAD; columns >= d_r are also masked in the kernel
-            basis_pad[:, :, :d_r] = basis[:, :, :d_r].to(device=device, dtype=torch.float32)
-    else:
-        basis_pad = None
+    basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
 
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
@@ -340,7 +343,7 @@ def residual_attention_triton(
     _residual_attn_fwd[grid](
         q, k, v, out,
         argmax if argmax is not None else dummy,
-        basis_pad if basis_pad is not None else dummy,
+        basis_f32 if basis_f32 is not None else dummy,
         gram_buf if gram_buf is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -348,6 +351,7 @@ def residual_attention_triton(
         stride_ob, stride_oh, stride_ot,
         argmax.stride(0) if argmax is not None else 0,
         argmax.stride(1) if argmax is not None else 0,
+        *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
         H, T, n_m, d_r, scale,
         D=D,
         R_PAD=R_PAD,
