@@ -20,5 +20,6 @@ stage() { local limit=$1; shift; echo "=== $* (limit ${limit}s) $(date -u +%T)";
   stage ${T_TESTS:-150} python3 -m pytest -q -p no:cacheprovider --durations=12 -m "${TEST_MARKERS:-gpu}" tests/test_kernel.py tests/test_gpu_integration.py
   stage ${T_SWEEP:-75} python3 -m benchmarks.sweep --device cuda --dtype float32 --out "$OUT/sweep_cuda_fp32.csv"
   stage ${T_SWEEP:-75} python3 -m benchmarks.sweep --device cuda --dtype bfloat16 --out "$OUT/sweep_cuda_bf16.csv"
+  stage ${T_TUNE:-80} python3 -m benchmarks.tune --dtype bf16 --T 256 1024
   stage ${T_GRID:-230} python3 -m benchmarks.attention ${GRID_ARGS:-} --out "$OUT/attention_cuda.csv"
 } 2>&1 | tee "$LOG"

@@ -1,0 +1,68 @@
+"""Block-size exploration for the fused kernel on CUDA: time a few launch configs per case.
+
+    python -m benchmarks.tune --dtype bf16 --T 256 1024
+
+Prints the median time of every (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode next to
+SDPA; the winners feed ``_pick_config`` in kernels/residual_attention.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from functools import partial
+
+import torch.nn.functional as F
+from nqpq_kernels import residual_attention as ra
+from triton.testing import do_bench
+
+from benchmarks.attention import DTYPES, make_inputs
+
+CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+           for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if n <= m]
+
+
+def time_configs(q, k, v, basis, mode: str) -> tuple[float, list]:
+    """(time with the current table, sorted [(ms, cfg)] over CONFIGS) for one mode."""
+
+    def run():
+        return ra.residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=8)
+
+    original = ra._pick_config
+    results = []
+    try:
+        for cfg in CONFIGS:
+            ra._pick_config = lambda *a, cfg=cfg, **kw: dict(cfg)
+            try:
+                run()
+                results.append((do_bench(run, warmup=10, rep=40, return_mode="median"), cfg))
+            except Exception as err:  # out of shared memory / registers for this config
+                print(f"  {mode} {cfg}: {type(err).__name__}")
+    finally:
+        ra._pick_config = original
+    return do_bench(run, return_mode="median"), sorted(results, key=lambda r: r[0])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--B", type=int, default=32)
+    p.add_argument("--T", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--modes", nargs="+", default=["full", "lowrank"])
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    for T in args.T:
+        q, k, v, basis = make_inputs(args.B, 12, T, 64, dtype, "cuda", 0)
+        flash = do_bench(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True), return_mode="median")
+        print(f"\n{args.dtype} B={args.B} H=12 T={T} D=64: sdpa default {flash:.4f} ms")
+        for mode in args.modes:
+            current, ranked = time_configs(q, k, v, basis, mode)
+            table = ra._pick_config(64, dtype, mode, False, q.device)
+            print(f"  {mode}: current table {current:.4f} ms (x{current / flash:.2f}) {table}")
+            for ms, cfg in ranked[:4]:
+                print(f"    {ms:.4f} ms  x{ms / flash:.2f} of sdpa  {cfg}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
