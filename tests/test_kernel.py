@@ -310,7 +310,7 @@ def test_poisoned_output_fully_written(mode, out_layout):
     torch.testing.assert_close(out.float(), r_out.float(), **TOL[torch.float16])
 
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32), (64, 64)])
 def test_other_tilings(monkeypatch, block_m, block_n):
     """The kernel is correct for other block shapes than the default (diagonal splitting)."""
     monkeypatch.setattr(
