@@ -197,27 +197,44 @@ def print_case(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """TFLOP/s vs T, one line per provider; a panel per (dtype, B) for the H=12 grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["dtype"], r["B"]) for r in rows if r["H"] == 12})
-    if not panels:
+    grid = [r for r in rows if int(r["H"]) == 12]
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in grid)]
+    batches = sorted({int(r["B"]) for r in grid})
+    if not grid:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (dt, B) in zip(axes[0], panels):
-        sel = [r for r in rows if r["dtype"] == dt and r["B"] == B and r["H"] == 12]
-        for prov in dict.fromkeys((r["provider"], r["d_r"]) for r in sel):
-            pts = sorted((r["T"], r["tflops"]) for r in sel if (r["provider"], r["d_r"]) == prov)
-            label = prov[0] + (f" d_r={prov[1]}" if prov[1] else "")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, ms=3)
-        ax.set(xscale="log", xlabel="T", ylabel="TFLOP/s (2·B·H·T²·D)", title=f"{dt}, B={B}, H=12, D=64")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{rows[0]['device']} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · {rows[0]['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig, axes = plt.subplots(len(dtypes), len(batches), figsize=(4.6 * len(batches), 3.6 * len(dtypes)),
+                             squeeze=False)
+    keys = list(dict.fromkeys((r["provider"], int(r["d_r"])) for r in grid))
+    colors = {key: plt.cm.tab20(i % 20) for i, key in enumerate(keys)}  # one colour per provider everywhere
+    lines = {}
+    for i, dt in enumerate(dtypes):
+        for j, B in enumerate(batches):
+            ax = axes[i][j]
+            sel = [r for r in grid if r["dtype"] == dt and int(r["B"]) == B]
+            for prov in dict.fromkeys((r["provider"], int(r["d_r"])) for r in sel):
+                pts = sorted((int(r["T"]), float(r["tflops"])) for r in sel
+                             if (r["provider"], int(r["d_r"])) == prov)
+                label = prov[0] + (f" d_r={prov[1]}" if prov[0].startswith("fused_lowrank") else "")
+                style = "o-" if prov[0].startswith("fused") else "s--"
+                (lines[label],) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, ms=3,
+                                          lw=1.2, color=colors[prov])
+            ts = sorted({int(r["T"]) for r in sel})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ts, [str(t) for t in ts])
+            ax.minorticks_off()
+            ax.set(xlabel="T", ylabel="TFLOP/s (2·B·H·T²·D)", title=f"{dt}, B={B}, H=12, D=64")
+            ax.grid(alpha=0.3)
+    fig.legend(list(lines.values()), list(lines), loc="lower center", ncol=6, fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"{r0['device']} · torch {r0['torch']} · triton {r0['triton']} · {r0['date']}")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -235,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ref-bytes", type=float, default=24e9, help="skip reference/unfused above this T×T size")
     p.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/attention_<device>.csv)")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--plot-only", metavar="CSV", help="redraw the PNG of an existing CSV and exit")
     args = p.parse_args(argv)
+    if args.plot_only:
+        import csv
+
+        with open(args.plot_only) as f:
+            plot(list(csv.DictReader(f)), str(Path(args.plot_only).with_suffix(".png")))
+        return 0
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if args.quick:
         args.B, args.T, args.no_models = [8], [256, 1024], True
