@@ -48,6 +48,8 @@ def _plot_curve(results: dict, path: str) -> None:
     for ax in (ax1, ax2):
         if d_r and min(d_r) > 0:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(d_r, [str(d) for d in d_r])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(_title(results))

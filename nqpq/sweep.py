@@ -272,7 +272,11 @@ def run_sweep(
     timings["total_s"] = time.perf_counter() - t0
 
     verdict = _verdict(curve, d_head, say)
+    if cfg.demo:
+        say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")
     config = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "progress")}
+    if cfg.demo:
+        config["model"] = "demo: random-init GPT-2 small geometry"
     config.update(layers=list(layers), d_r=list(cfg.d_r), device=str(device), batch_size=batch_size,
                   world_size=distributed.world_size(), text_source=source, tokenizer=tok_name,
                   n_tokens=int(ids.numel()), d_head=d_head, random_weights=cfg.demo, **_versions(device),
