@@ -37,7 +37,7 @@ def _plot_curve(results: dict, path: str) -> None:
 
     curve = results["curve"]
     d_r = [c["d_r"] for c in curve]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.8))
     ax1.plot(d_r, [c["delta_ppl"] for c in curve], "o-", label="C: top-1 + rank-d_r ε")
     ax1.axhline(results["ppl_top1"] - results["ppl_baseline"], color="tab:red", ls="--", label="A: top-1")
     ax1.axhline(results["ppl_full"] - results["ppl_baseline"], color="tab:green", ls=":", label="B: full")
@@ -64,7 +64,7 @@ def _plot_spectrum(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     by_layer: dict[int, list[list[float]]] = {}
     for s in results["spectrum"]:
         by_layer.setdefault(s["layer"], []).append(s["cumulative_variance"])
@@ -83,8 +83,8 @@ def _plot_spectrum(results: dict, path: str) -> None:
 
 def _title(results: dict) -> str:
     cfg = results["config"]
-    tag = " — RANDOM WEIGHTS (demo)" if cfg.get("random_weights") else ""
-    return f"EXP-Q03 {cfg['model']}, layers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{tag}"
+    tag = "\nRANDOM WEIGHTS (demo): the numbers say nothing about GPT-2" if cfg.get("random_weights") else ""
+    return f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{tag}"
 
 
 def write_results(out_dir: str, results: dict) -> list[str]:
