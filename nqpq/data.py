@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -53,13 +56,38 @@ def _is_offline_error(err: Exception) -> bool:
                                    "couldn't", "could not", "not a valid", "repository", "timed out", "http"))
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (any HTTP reply counts), within ``timeout`` seconds.
+
+    Asked once per process so that an unreachable hub costs seconds, not the minutes of
+    retries the download clients would spend before giving up.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _cache_only(name: str) -> bool:
+    """Load ``name`` from the local cache only: it is not a folder and the hub cannot be reached."""
+    return not os.path.isdir(name) and not hub_reachable()
+
+
 def load_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
     """``GPT2LMHeadModel.from_pretrained(name)`` in eval mode on ``device``."""
     from transformers import GPT2LMHeadModel
 
     local = os.path.isdir(name)
     try:
-        model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
+        model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype, local_files_only=_cache_only(name))
     except (OSError, ValueError) as err:
         if not local and _is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="model", name=name, err=err)) from err
@@ -71,7 +99,7 @@ def load_tokenizer(name: str):
     from transformers import GPT2TokenizerFast
 
     try:
-        tok = GPT2TokenizerFast.from_pretrained(name)
+        tok = GPT2TokenizerFast.from_pretrained(name, local_files_only=_cache_only(name))
     except (OSError, ValueError) as err:
         if not os.path.isdir(name) and _is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=err)) from err
@@ -95,9 +123,11 @@ def rows_from_file(path: str) -> list[str]:
 def rows_from_hub() -> list[str]:
     """The WikiText-103 raw validation split, the spec's text."""
     try:
-        from datasets import load_dataset
+        import datasets
 
-        return list(load_dataset("wikitext", "wikitext-103-raw-v1", split="validation")["text"])
+        if not hub_reachable():  # use a cached copy if there is one, without minutes of retries
+            datasets.config.HF_HUB_OFFLINE = True
+        return list(datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="validation")["text"])
     except Exception as err:  # datasets raises many types when offline
         raise NqpqError(OFFLINE_HINT.format(what="dataset", name="wikitext/wikitext-103-raw-v1", err=err)) from err
 
