@@ -67,8 +67,7 @@ def block_losses(model: nn.Module, blocks: Tensor, batch_size: int = 1) -> Tenso
 
 def perplexity(model: nn.Module, ids: Tensor, seq_len: int, n_blocks: int, batch_size: int = 1) -> float:
     """The spec's perplexity of ``model`` on the first ``n_blocks`` blocks of ``ids``."""
-    losses = block_losses(model, make_blocks(ids, seq_len, n_blocks), batch_size)
-    return math.exp(losses.mean().item())
+    return ppl_from_losses(block_losses(model, make_blocks(ids, seq_len, n_blocks), batch_size))
 
 
 class PrefixRunner:
@@ -142,4 +141,5 @@ def _cat_losses(losses: list[Tensor]) -> Tensor:
 
 
 def ppl_from_losses(losses: Tensor) -> float:
+    """exp(mean over blocks of each block's mean loss)."""
     return math.exp(losses.double().mean().item())

@@ -32,7 +32,7 @@ from .data import (
     rows_from_hub,
     tokenize,
 )
-from .evaluate import PrefixRunner, make_blocks
+from .evaluate import PrefixRunner, make_blocks, ppl_from_losses
 from .integration import crystallize, observe_residuals
 from .ops import BACKENDS
 
@@ -242,7 +242,7 @@ def run_sweep(
         "baseline_s", "baseline + calibration",
         lambda pbar: runner.capture_baseline(pbar, context_for=observe_calibration),
     )
-    ppl_fp = _ppl(base_losses)
+    ppl_fp = ppl_from_losses(base_losses)
     say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
 
     say(f"[EXP-Q03] SVD of excitation residuals eps for layers {layers}...")
@@ -254,7 +254,7 @@ def run_sweep(
     def config_ppl(mode, d_r, desc):
         with crystallize(model, layers, mode=mode, basis=basis.basis, d_r=d_r, backend=cfg.backend):
             losses = timed_losses(f"{desc}_s", desc, runner.losses)
-        return _ppl(losses)
+        return ppl_from_losses(losses)
 
     ppl_a = config_ppl("top1", None, "top1")
     ppl_b = config_ppl("full", None, "full")
@@ -293,12 +293,6 @@ def make_blocks_checked(ids: torch.Tensor, seq_len: int, n_blocks: int) -> torch
         return make_blocks(ids, seq_len, n_blocks)
     except ValueError as err:
         raise NqpqError(f"--n-blocks/--seq-len: {err}") from err
-
-
-def _ppl(losses: torch.Tensor) -> float:
-    import math
-
-    return math.exp(losses.mean().item())
 
 
 def _report_spectrum(basis: ResidualBasis, d_head: int, say) -> tuple[list[dict], float]:
