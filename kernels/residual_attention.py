@@ -329,9 +329,7 @@ def residual_attention_triton(
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
     # fp32 epilogue (projection, Gram) uses tf32: its 10-bit mantissa is at least the output's.
-    is_fp32 = q.dtype == torch.float32
-    dot_prec = "ieee" if is_fp32 and not allow_tf32 else "tf32"
-    epi_prec = "ieee" if is_fp32 and not allow_tf32 else "tf32"
+    precision = "ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32"
     # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bfloat16), so there
     # the operands are upcast to fp32; compiled kernels always dot in the input dtype.
     dot_f32 = device.type != "cuda" and q.dtype == torch.bfloat16
@@ -360,8 +358,8 @@ def residual_attention_triton(
         NEED_CTX=need_ctx,
         STORE_ARGMAX=return_argmax,
         STORE_GRAM=return_gram,
-        DOT_PREC=dot_prec,
-        EPI_PREC=epi_prec,
+        DOT_PREC=precision,
+        EPI_PREC=precision,
         DOT_F32=dot_f32,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

@@ -7,7 +7,6 @@ import inspect
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +26,6 @@ OFFLINE_HINT = (
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class Tokenized:
-    ids: Tensor  # 1-D int64
-    source: str  # where the text came from, for the report
 
 
 class ByteTokenizer:

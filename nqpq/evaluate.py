@@ -114,16 +114,14 @@ class PrefixRunner:
         return _cat_losses(losses)
 
     @torch.no_grad()
-    def upper_hidden(self, i: int, stop: int | None = None) -> Tensor:
-        """Hidden states after blocks ``start..stop-1`` for batch ``i`` (all blocks + final norm if stop is None)."""
+    def upper_hidden(self, i: int) -> Tensor:
+        """Final hidden states (blocks ``start..`` + final norm) of batch ``i``."""
         hidden, rest, kwargs = self._record[i]
         blocks = transformer_blocks(self.model)
-        for block in blocks[self.start : stop]:
+        for block in blocks[self.start :]:
             out = block(hidden, *rest, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        if stop is None:
-            hidden = self.model.transformer.ln_f(hidden)
-        return hidden
+        return self.model.transformer.ln_f(hidden)
 
     @torch.no_grad()
     def losses(self, progress=None) -> Tensor:

@@ -171,12 +171,12 @@ def crystallize_layers(
         missing = [li for li in layers if basis is None or li not in basis]
         if missing:
             raise ValueError(f"mode='lowrank' needs a residual basis for layers {missing}")
-    backend_name = resolve_backend(backend, model.device.type)
+    device = next(model.parameters()).device
+    backend_name = resolve_backend(backend, device.type)
 
     original = config._attn_implementation
     if original is None or original.startswith(_PREFIX):
         raise RuntimeError("this model is already crystallized; leave the current context first")
-    device = next(model.parameters()).device
     for li in layers:
         layer_basis = None
         if mode == "lowrank":

@@ -1,8 +1,8 @@
 """The EXP-Q03 sweep: baseline, calibration, top-1 / full / low-rank perplexities, verdict.
 
 Fast by construction: the layers below the lowest crystallized layer run once
-(``PrefixRunner``), blocks are evaluated in batches, calibration replays only the
-calibrated layers, and under torchrun the blocks are split across ranks.
+(``PrefixRunner``), blocks are evaluated in batches, calibration rides along the
+baseline pass, and under torchrun the blocks are split across ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -59,7 +59,6 @@ class SweepConfig:
     out: str | None = None
     demo: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def default_device() -> str:
@@ -274,13 +273,12 @@ def run_sweep(
     verdict = _verdict(curve, d_head, say)
     if cfg.demo:
         say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "progress")}
+    config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     if cfg.demo:
         config["model"] = "demo: random-init GPT-2 small geometry"
     config.update(layers=list(layers), d_r=list(cfg.d_r), device=str(device), batch_size=batch_size,
                   world_size=distributed.world_size(), text_source=source, tokenizer=tok_name,
-                  n_tokens=int(ids.numel()), d_head=d_head, random_weights=cfg.demo, **_versions(device),
-                  **cfg.extra)
+                  n_tokens=int(ids.numel()), d_head=d_head, random_weights=cfg.demo, **_versions(device))
     return {
         "ppl_baseline": ppl_fp, "ppl_top1": ppl_a, "ppl_full": ppl_b, "curve": curve,
         "spectrum": spectrum, "mean_eff_dim": mean_eff, "verdict": verdict, "config": config,
