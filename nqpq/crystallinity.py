@@ -1,0 +1,115 @@
+"""How crystalline is each attention head: top-1 probability and where the winner sits.
+
+For every query row t of every observed (layer, head), attention picks i* (the first
+index of the maximal score) with probability max_j p[t, j]. ``CrystallinityAccumulator``
+sums, per (layer, head):
+
+- ``top1_prob_mean``: the mean over rows of max_j p[t, j];
+- ``sink_frac``: the fraction of rows with i* = 0 (the attention sink);
+- ``self_frac``: i* = t (the token itself);
+- ``prev_frac``: i* = t − 1 (the previous token).
+
+Every row counts in every denominator. Row 0 is both sink and self, and never prev.
+A row the op reports as non-finite (argmax −1, top1_prob NaN) counts in the
+denominators, in none of the fractions, and turns its head's ``top1_prob_mean`` into
+NaN: a NaN is reported, never averaged away.
+
+It is fed by ``observe_residuals(..., stats_sink=acc)``, which rides along a baseline
+pass: the model's own attention output is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .distributed import all_reduce_sum
+
+STAT_KEYS = ("top1_prob_mean", "sink_frac", "self_frac", "prev_frac")
+
+
+class CrystallinityAccumulator:
+    """Per-(layer, head) sums of the top-1 probability and of the sink/self/prev counts.
+
+    ``layers``: the layers that will be observed; ``n_heads``: query heads per layer.
+    Both are fixed up front so that every rank of a torchrun job (even one given no
+    blocks) reduces tensors of the same shape.
+    """
+
+    def __init__(self, layers: Sequence[int], n_heads: int) -> None:
+        layers = sorted(set(int(li) for li in layers))
+        if not layers:
+            raise ValueError("CrystallinityAccumulator needs at least one layer")
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+        self.layers = layers
+        self.n_heads = n_heads
+        # One row per layer: [H, 5] = Σ top1_prob, #sink, #self, #prev, #rows (float64: counts are exact to 2^53).
+        self._sums = {li: torch.zeros(n_heads, 5, dtype=torch.float64) for li in layers}
+
+    def add(self, layer: int, argmax: Tensor, top1_prob: Tensor) -> None:
+        """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]``."""
+        if layer not in self._sums:
+            raise ValueError(f"layer {layer!r} is not one of the accumulator's layers {self.layers}")
+        for name, t in (("argmax", argmax), ("top1_prob", top1_prob)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[1] != self.n_heads:
+                raise ValueError(f"{name} must be [B, Hq={self.n_heads}, T], got shape {tuple(t.shape)}")
+        if argmax.shape != top1_prob.shape:
+            raise ValueError(
+                f"argmax and top1_prob must have one shape, got {tuple(argmax.shape)} and {tuple(top1_prob.shape)}"
+            )
+        if argmax.dtype != torch.int64:
+            raise TypeError(f"argmax must be int64, got {argmax.dtype}")
+        if not top1_prob.is_floating_point():
+            raise TypeError(f"top1_prob must be floating point, got {top1_prob.dtype}")
+        B, H, T = argmax.shape
+        t = torch.arange(T, device=argmax.device)
+        sink = (argmax == 0).sum(dim=(0, 2))
+        self_ = (argmax == t).sum(dim=(0, 2))
+        # Row 0 has no previous token; an argmax of −1 (a non-finite row) must not count there.
+        prev = (argmax[:, :, 1:] == t[1:] - 1).sum(dim=(0, 2))
+        top1 = top1_prob.to(torch.float64).sum(dim=(0, 2))
+        rows = torch.full((H,), float(B * T), dtype=torch.float64, device=argmax.device)
+        step = torch.stack([top1, sink.double(), self_.double(), prev.double(), rows], dim=1)
+        self._sums[layer] += step.cpu()
+
+    def results(self) -> list[dict]:
+        """One dict per (layer, head), sorted: ``{"layer", "head", "top1_prob_mean", "sink_frac", ...}``.
+
+        Under torch.distributed this is a collective (the sums are added across ranks):
+        every rank must call it, the same number of times.
+        """
+        packed = all_reduce_sum(torch.stack([self._sums[li] for li in self.layers]).clone())
+        out = []
+        for li, per_layer in zip(self.layers, packed):
+            for head, (top1, sink, self_, prev, rows) in enumerate(per_layer.tolist()):
+                if rows == 0:
+                    raise RuntimeError(f"crystallinity: layer {li} was never observed (no rows counted)")
+                out.append({"layer": li, "head": head, "top1_prob_mean": top1 / rows, "sink_frac": sink / rows,
+                            "self_frac": self_ / rows, "prev_frac": prev / rows})
+        return out
+
+
+def layer_means(crystallinity: list[dict]) -> dict[int, dict[str, float]]:
+    """Per layer, each statistic averaged over that layer's heads (for the report's short table)."""
+    by_layer: dict[int, list[dict]] = {}
+    for entry in crystallinity:
+        by_layer.setdefault(entry["layer"], []).append(entry)
+    return {
+        layer: {key: sum(e[key] for e in entries) / len(entries) for key in STAT_KEYS}
+        for layer, entries in sorted(by_layer.items())
+    }
+
+
+def format_table(crystallinity: list[dict]) -> list[str]:
+    """The report's crystallinity table: mean top-1 probability and sink/self/prev fractions per layer."""
+    lines = [" Crystallinity (baseline model, all evaluation rows; mean over heads):",
+             f" {'layer':>5} | top-1 p   sink   self   prev"]
+    for layer, m in layer_means(crystallinity).items():
+        lines.append(f" {layer:5d} | {m['top1_prob_mean']:7.4f} {m['sink_frac']:6.3f} {m['self_frac']:6.3f} "
+                     f"{m['prev_frac']:6.3f}")
+    return lines
