@@ -178,29 +178,11 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    device_name = distributed.init(cfg.device or default_device())
-    is_main = distributed.is_main()
-    say = (log or print) if is_main else (lambda *_: None)
-    if str(device_name).startswith("cuda") and not torch.cuda.is_available():
-        raise NqpqError(f"--device {device_name}: CUDA is not available on this machine (use --device cpu)")
-    try:
-        device = torch.device(device_name)
-    except RuntimeError as err:
-        raise NqpqError(f"--device {device_name!r} is not a valid device: {err}") from err
-    dtype = parse_dtype(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-
     timings: dict = {}
     t0 = time.perf_counter()
-    if model is None:
-        say(f"[EXP-Q03] Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else cfg.model}...")
-        model, ids, source, tok_name = _load(cfg, str(device), dtype)
-    else:
-        if ids is None:
-            raise NqpqError("run_sweep(model=...) needs ids (1-D token ids) too")
-        device = next(model.parameters()).device
-        source, tok_name = "ids given by the caller", "given by the caller"
-        model.eval()
+    run = open_run(cfg, model, ids, log, "[EXP-Q03]")
+    model, ids, device, say, is_main = run.model, run.ids, run.device, run.say, run.is_main
+    source, tok_name = run.source, run.tokenizer
     _check_config(cfg, model.config)
     blocks = make_blocks_checked(ids, cfg.seq_len, cfg.n_blocks)
     timings["load_s"] = time.perf_counter() - t0
@@ -284,6 +266,53 @@ def run_sweep(
         "spectrum": spectrum, "mean_eff_dim": mean_eff, "verdict": verdict, "config": config,
         "timings": timings, "basis": basis,
     }
+
+
+@dataclass
+class RunInputs:
+    """What a run works on, once torchrun is joined, the device resolved and the model loaded."""
+
+    model: torch.nn.Module
+    ids: torch.Tensor
+    device: torch.device
+    say: Callable[[str], None]  # prints on the main rank only
+    is_main: bool
+    source: str  # where the text came from
+    tokenizer: str
+
+
+def open_run(
+    cfg: SweepConfig,
+    model: torch.nn.Module | None,
+    ids: torch.Tensor | None,
+    log: Callable[[str], None] | None,
+    tag: str,
+) -> RunInputs:
+    """Join torchrun, resolve ``cfg.device``, seed, and load the model and token ids (or take the caller's).
+
+    Shared by ``run_sweep`` and ``nqpq.scan.run_scan``; ``tag`` prefixes the loading message.
+    """
+    device_name = distributed.init(cfg.device or default_device())
+    is_main = distributed.is_main()
+    say = (log or print) if is_main else (lambda *_: None)
+    if str(device_name).startswith("cuda") and not torch.cuda.is_available():
+        raise NqpqError(f"--device {device_name}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        device = torch.device(device_name)
+    except RuntimeError as err:
+        raise NqpqError(f"--device {device_name!r} is not a valid device: {err}") from err
+    dtype = parse_dtype(cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        say(f"{tag} Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else cfg.model}...")
+        model, ids, source, tok_name = _load(cfg, str(device), dtype)
+    else:
+        if ids is None:
+            raise NqpqError("a run given model=... needs ids (1-D token ids) too")
+        device = next(model.parameters()).device
+        source, tok_name = "ids given by the caller", "given by the caller"
+        model.eval()
+    return RunInputs(model, ids, device, say, is_main, source, tok_name)
 
 
 def make_blocks_checked(ids: torch.Tensor, seq_len: int, n_blocks: int) -> torch.Tensor:
