@@ -1,0 +1,93 @@
+"""The scan's plots, drawn from its results dict alone (``nqpq report`` redraws them)."""
+
+from __future__ import annotations
+
+import math
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(results: dict) -> str:
+    cfg = results["config"]
+    tag = "\nRANDOM WEIGHTS (demo): the numbers say nothing about the model" if cfg.get("random_weights") else ""
+    return (f"nqpq scan {cfg['model']} ({cfg['family']}, Hq={cfg['n_heads']}, Hkv={cfg['n_kv_heads']}, "
+            f"D={cfg['head_dim']})\neach layer crystallized alone, {cfg['n_blocks']}×{cfg['seq_len']} tokens{tag}")
+
+
+def _heatmap(plt, rows: list[int], cols: list, values: list[list[float | None]], *, xlabel: str, cbar: str,
+             vmin: float, vmax: float, fmt: str, path: str, title: str) -> None:
+    """Rows × columns, each cell annotated; None cells are grey and read "n/a"."""
+    import numpy as np
+
+    grid = np.array([[math.nan if v is None else v for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2.0)))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set(xlabel=xlabel, ylabel="layer")
+    if len(rows) * len(cols) <= 400:  # annotations stay legible up to ~20×20
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, "n/a" if v is None else format(v, fmt), ha="center", va="center", fontsize=7,
+                        color="black" if v is None or v > vmin + 0.6 * (vmax - vmin) else "white")
+    fig.colorbar(im, ax=ax, label=cbar)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_recovered(results: dict, path: str) -> None:
+    """Heatmap: recovered % of the top-1 loss over layer × d_r."""
+    plt = _pyplot()
+    layers = results["layers"]
+    values = [[c["recovered_pct"] for c in e["curve"]] for e in layers]
+    finite = [v for row in values for v in row if v is not None]
+    _heatmap(plt, [e["layer"] for e in layers], results["config"]["d_r"], values, xlabel="d_r",
+             cbar="recovered % of the top-1 loss", vmin=min([0.0, *finite]), vmax=max([100.0, *finite]),
+             fmt=".0f", path=path, title=_title(results))
+
+
+def plot_top1_prob(results: dict, path: str) -> None:
+    """Heatmap: mean top-1 attention probability over layer × head (baseline model)."""
+    plt = _pyplot()
+    by_layer: dict[int, dict[int, float]] = {}
+    for e in results["crystallinity"]:
+        by_layer.setdefault(e["layer"], {})[e["head"]] = e["top1_prob_mean"]
+    heads = sorted({h for row in by_layer.values() for h in row})
+    rows = sorted(by_layer)
+    values = [[by_layer[li].get(h) for h in heads] for li in rows]
+    _heatmap(plt, rows, heads, values, xlabel="head", cbar="mean top-1 probability", vmin=0.0, vmax=1.0,
+             fmt=".2f", path=path, title=_title(results))
+
+
+def plot_delta_ppl(results: dict, path: str) -> None:
+    """Bars: ΔPPL of top-1 attention in each layer alone, against the baseline."""
+    plt = _pyplot()
+    layers = results["layers"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2.5), 4.2))
+    ax.bar([str(e["layer"]) for e in layers], [e["ppl_top1"] - results["ppl_baseline"] for e in layers])
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set(xlabel="layer (crystallized alone)", ylabel="ΔPPL of top-1 vs baseline",
+           title=f"baseline PPL {results['ppl_baseline']:.3f}")
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(_title(results), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SCAN_PLOTS = (
+    ("recovered_heatmap.png", plot_recovered),
+    ("top1_prob_heatmap.png", plot_top1_prob),
+    ("delta_ppl_top1.png", plot_delta_ppl),
+)
