@@ -28,8 +28,7 @@ def _heatmap(plt, rows: list[int], cols: list, values: list[list[float | None]],
 
     grid = np.array([[math.nan if v is None else v for v in row] for row in values], dtype=float)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2.0)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])

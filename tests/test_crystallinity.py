@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -107,3 +108,37 @@ def test_layer_means_and_table():
     means = layer_means(entries)
     assert means == {4: {"top1_prob_mean": 0.625, "sink_frac": 0.5, "self_frac": 0.0, "prev_frac": 0.5}}
     assert format_table(entries)[-1] == "     4 |  0.6250  0.500  0.000  0.500"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sweep_reports_crystallinity_of_its_layers(family, tokenizer, token_ids):
+    """The sweep's crystallinity equals the float64 definition, and its report re-prints from results alone."""
+    from conftest import SCORE_MARGIN, build_model
+    from f64_reference import F64Reference, build_llama
+
+    from nqpq.report import print_report
+    from nqpq.sweep import SweepConfig, run_sweep
+
+    model = build_model("eager", vocab_size=len(tokenizer)) if family == "gpt2" else build_llama(len(tokenizer))
+    n_blocks, seq_len = 3, 16
+    cfg = SweepConfig(model="tiny", layers=(3, 1), d_r=(2,), n_blocks=n_blocks, seq_len=seq_len, calib_blocks=1,
+                      batch_size=2, device="cpu", backend="torch", progress=False)
+    lines: list[str] = []
+    results = run_sweep(cfg, model=model, ids=token_ids, log=lines.append)
+
+    ref = F64Reference(model)
+    ref.baseline(token_ids[: n_blocks * seq_len].view(n_blocks, seq_len), 1, [1, 3])
+    assert min(ref.gaps) > SCORE_MARGIN, f"near-tie in the test inputs: top-2 gap {min(ref.gaps):.2e}"
+    want, got = ref.crystallinity(), results["crystallinity"]
+    assert [(e["layer"], e["head"]) for e in got] == [(e["layer"], e["head"]) for e in want]
+    assert len(got) == 2 * model.config.num_attention_heads
+    for g, w in zip(got, want):
+        for key in ("sink_frac", "self_frac", "prev_frac"):  # clear argmax on every row: exact counts
+            assert g[key] == pytest.approx(w[key], abs=1e-12), (g["layer"], g["head"], key)
+        assert g["top1_prob_mean"] == pytest.approx(w["top1_prob_mean"], abs=2e-6)
+
+    table = format_table(got)
+    assert all(line in lines for line in table)
+    reprinted: list[str] = []
+    print_report(json.loads(json.dumps({k: v for k, v in results.items() if k != "basis"})), reprinted.append)
+    assert reprinted == [line for line in lines if not line.startswith("[EXP-Q03] Loading")]
