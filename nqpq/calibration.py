@@ -16,8 +16,14 @@ from torch import Tensor
 
 from .distributed import all_reduce_sum
 from .integration import observe_residuals
+from .models import as_index, model_parts
 
 VARIANCE_TARGET = 0.90
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 sums can live: the device itself, or the CPU for devices without float64 (Apple MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 class GramAccumulator:
@@ -27,7 +33,7 @@ class GramAccumulator:
         self.grams: dict[int, Tensor] = {}
 
     def add(self, layer: int, gram: Tensor) -> None:
-        gram = gram.to(torch.float64)
+        gram = gram.to(float64_device(gram.device)).to(torch.float64)
         if layer in self.grams:
             self.grams[layer] += gram
         else:
@@ -86,27 +92,34 @@ def calibrate(
 ) -> ResidualBasis:
     """Residual bases of ``layers`` from calibration ``blocks`` ``[N, T]`` (token ids).
 
-    Runs the unmodified model (its own attention, bit for bit) and accumulates Σ εεᵀ
+    Runs the unmodified model (its own attention, bit for bit) and accumulates Σ εεᵀ per query head
     on the way from the same q, k, v. Under torch.distributed,
     pass each rank its share of the blocks: the Gram matrices are summed across ranks.
     """
+    if not isinstance(blocks, Tensor) or blocks.dim() != 2:
+        shape = tuple(blocks.shape) if isinstance(blocks, Tensor) else type(blocks).__name__
+        raise ValueError(f"blocks must be [N, T] token ids (e.g. make_blocks(ids, seq_len, n)), got {shape}")
+    batch_size = as_index(batch_size, "batch_size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    parts = model_parts(model)
     device = next(model.parameters()).device
     sink = GramAccumulator()
     with observe_residuals(model, layers, sink, backend=backend):
         for start in range(0, blocks.shape[0], batch_size):
-            model.transformer(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+            parts.body(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
     return basis_from_grams(reduce_grams(sink.grams, layers, model))
 
 
 def reduce_grams(grams: dict[int, Tensor], layers: Sequence[int], model: torch.nn.Module) -> dict[int, Tensor]:
-    """Sum Gram matrices across ranks (a rank with no calibration blocks contributes zeros)."""
-    cfg = model.config
-    D = cfg.n_embd // cfg.n_head
-    device = next(model.parameters()).device
+    """Sum ``[Hq, D, D]`` Gram matrices across ranks (a rank with no calibration blocks contributes zeros)."""
+    parts = model_parts(model)
+    D = parts.head_dim
+    device = float64_device(next(model.parameters()).device)
     out = {}
     for li in layers:
         g = grams.get(li)
         if g is None:
-            g = torch.zeros(cfg.n_head, D, D, dtype=torch.float64, device=device)
+            g = torch.zeros(parts.n_heads, D, D, dtype=torch.float64, device=device)
         out[li] = all_reduce_sum(g.to(device))
     return out

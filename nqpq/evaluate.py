@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .integration import transformer_blocks
+from .models import ModelParts, UnsupportedModelError, as_index, model_parts
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
 # never materialises [batch, T, vocab] at once.
@@ -39,95 +39,222 @@ def make_blocks(ids: Tensor, seq_len: int, n_blocks: int) -> Tensor:
     return ids[: n_blocks * seq_len].view(n_blocks, seq_len)
 
 
-def lm_losses(model: nn.Module, hidden: Tensor, labels: Tensor, max_logits: int = MAX_LOGIT_ELEMENTS) -> Tensor:
-    """Per-block mean next-token loss ``[N]`` (float64) from final hidden states ``[N, T, C]``."""
+def lm_losses(
+    model: nn.Module,
+    hidden: Tensor,
+    labels: Tensor,
+    max_logits: int = MAX_LOGIT_ELEMENTS,
+    parts: ModelParts | None = None,
+) -> Tensor:
+    """Per-block mean next-token loss ``[N]`` (float64) from final hidden states ``[N, T, C]``.
+
+    The logits are formed in fp32 whatever the model's dtype (16-bit logits would round |logit| ~ 64 to
+    steps of 0.25–0.5 before the loss): the LM head's weight is upcast once per call and the hidden states
+    one chunk at a time. The model's final logit soft-cap (Gemma 2) is applied, as its own forward does.
+    """
+    parts = parts or model_parts(model)
     N, T, C = hidden.shape
     flat_hidden = hidden[:, :-1].reshape(-1, C)
     flat_labels = labels[:, 1:].reshape(-1).to(hidden.device)
-    vocab = model.lm_head.out_features
-    chunk = max(1, max_logits // vocab)
+    head = parts.lm_head
+    if not isinstance(head, nn.Linear):
+        raise UnsupportedModelError(f"the LM head is a {type(head).__name__}; nqpq expects an nn.Linear")
+    weight = head.weight.float()
+    bias = None if head.bias is None else head.bias.float()
+    cap = parts.final_logit_softcap
+    chunk = max(1, max_logits // weight.shape[0])
     nll = torch.empty(flat_labels.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, flat_labels.numel(), chunk):
-        logits = model.lm_head(flat_hidden[s : s + chunk]).float()
+        logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         nll[s : s + chunk] = F.cross_entropy(logits, flat_labels[s : s + chunk], reduction="none")
     return nll.view(N, T - 1).double().mean(dim=1)
+
+
+def _check_batch_size(batch_size: object) -> int:
+    size = as_index(batch_size, "batch_size")
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    return size
 
 
 @torch.no_grad()
 def block_losses(model: nn.Module, blocks: Tensor, batch_size: int = 1) -> Tensor:
     """Per-block mean loss ``[N]`` of the model as it stands (any crystallization applies)."""
+    batch_size = _check_batch_size(batch_size)
+    parts = model_parts(model)
     device = next(model.parameters()).device
     out = []
     for s in range(0, blocks.shape[0], batch_size):
         batch = blocks[s : s + batch_size].to(device)
-        hidden = model.transformer(input_ids=batch, use_cache=False).last_hidden_state
-        out.append(lm_losses(model, hidden, batch))
-    return torch.cat(out).cpu()
+        hidden = parts.body(input_ids=batch, use_cache=False).last_hidden_state
+        out.append(lm_losses(model, hidden, batch, parts=parts))
+    return _cat_losses(out)
 
 
 def perplexity(model: nn.Module, ids: Tensor, seq_len: int, n_blocks: int, batch_size: int = 1) -> float:
     """The spec's perplexity of ``model`` on the first ``n_blocks`` blocks of ``ids``."""
+    batch_size = _check_batch_size(batch_size)
     return ppl_from_losses(block_losses(model, make_blocks(ids, seq_len, n_blocks), batch_size))
 
 
-class PrefixRunner:
-    """Evaluates many configurations that differ only from layer ``start`` up.
+def _same(a: object, b: object, memo: dict | None = None) -> bool:
+    """Whether two recorded layer arguments are equal (tensors by value), so one copy can serve both.
 
-    ``capture_baseline`` runs the untouched model once per batch, records the hidden
-    states entering block ``start`` together with the exact arguments the model hands
-    its blocks (mask, positions, ...), and returns the baseline losses. ``losses`` then
-    replays only blocks ``start..`` + final norm + LM head from that record, under
-    whatever crystallization is active: the same computation as a full forward pass,
-    without the unchanged lower layers.
+    ``memo`` remembers tensor pairs already compared: the layers of a model usually share one mask object.
+    """
+    if a is b:
+        return True
+    memo = {} if memo is None else memo
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return False
+        key = (id(a), id(b))
+        if key not in memo:
+            memo[key] = (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                         and bool(torch.equal(a, b)))
+        return memo[key]
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(_same(x, y, memo) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], memo) for k in a)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+class PrefixRunner:
+    """Evaluates many configurations that differ only from some start layer up.
+
+    ``capture_baseline`` runs the untouched model once per batch and records the hidden states entering
+    each start layer, together with the exact arguments the model hands each layer from the lowest start
+    up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks). It
+    returns the baseline losses. ``losses(start=s)`` then replays only layers ``s..`` + final norm + LM head
+    from that record, under whatever crystallization is active: the same computation as a full forward
+    pass, without the unchanged lower layers.
+
+    Memory: layer arguments equal across batches of one shape (the masks, the rotary tables) are kept
+    once, not once per batch. Recorded hidden states stay on the device up to ``record_budget`` bytes
+    (default: a quarter of the free CUDA memory when the capture starts; everything on CPU), the rest
+    goes to host memory (pinned on CUDA) and is copied back batch by batch during the replay.
     """
 
-    def __init__(self, model: nn.Module, blocks: Tensor, batches: Sequence[slice], start: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Tensor,
+        batches: Sequence[slice | Tensor],
+        start: int | Sequence[int],
+        *,
+        record_budget: int | None = None,
+    ) -> None:
         self.model = model
+        self.parts = model_parts(model)
         self.blocks = blocks
         self.batches = list(batches)
-        self.start = start
+        starts = [start] if not isinstance(start, (Sequence, Tensor)) or isinstance(start, str) else list(start)
+        starts = sorted({as_index(s, "start layer") for s in starts})
+        if not starts:
+            raise ValueError("PrefixRunner needs at least one start layer")
+        if starts[0] < 0 or starts[-1] >= self.parts.n_layers:
+            raise ValueError(f"start layers {starts} out of range: the model has layers 0..{self.parts.n_layers - 1}")
+        self.starts = tuple(starts)
+        self.start = starts[0]
         self.device = next(model.parameters()).device
-        self._record: list[tuple[Tensor, tuple, dict]] = []
+        self.record_budget = record_budget
+        self._hidden: list[dict[int, Tensor]] = []  # per batch: start layer → hidden state entering it
+        self._args: list[list[tuple[bool, tuple, dict]]] = []  # per batch, per layer from self.start
+        self._shared: dict[tuple, list[list[tuple[bool, tuple, dict]]]] = {}  # batch shape → distinct records
+
+    def _budget(self) -> int:
+        if self.record_budget is not None:
+            return self.record_budget
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] // 4
+        return 1 << 62  # the device is the host: nothing to move
+
+    def _share(self, shape: tuple, layer_args: list[tuple[bool, tuple, dict]]) -> list[tuple[bool, tuple, dict]]:
+        """One stored copy of equal per-layer arguments across batches of the same shape."""
+        known = self._shared.setdefault(shape, [])
+        for candidate in known:
+            if _same(candidate, layer_args):
+                return candidate
+        known.append(layer_args)
+        return layer_args
+
+    def _keep(self, hidden: Tensor, on_device: list[int], budget: int) -> Tensor:
+        size = hidden.numel() * hidden.element_size()
+        if hidden.device.type != "cpu" and on_device[0] + size > budget:
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.device.type == "cuda")
+            return host.copy_(hidden)
+        on_device[0] += size
+        return hidden
 
     @torch.no_grad()
     def capture_baseline(self, progress=None, context_for=None) -> Tensor:
         """Baseline losses of every batch; ``context_for(i)`` may wrap batch ``i`` (e.g. to observe residuals)."""
-        layer = transformer_blocks(self.model)[self.start]
-        seen: list = []
+        layers = self.parts.layers
+        seen: dict[int, tuple[bool, Tensor, tuple, dict]] = {}
 
-        def grab(module, args, kwargs):
-            seen.append((args[0], tuple(args[1:]), dict(kwargs)))
+        def grab(index):
+            def hook(module, args, kwargs):
+                kwargs = dict(kwargs)
+                positional = bool(args)
+                hidden = args[0] if positional else kwargs.pop("hidden_states")
+                seen[index] = (positional, hidden, tuple(args[1:]), kwargs)
+            return hook
 
-        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
+                   for i in range(self.start, self.parts.n_layers)]
+        budget, on_device = self._budget(), [0]
         losses = []
         try:
             for i, sl in enumerate(self.batches):
                 batch = self.blocks[sl].to(self.device)
+                seen.clear()
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
-                    hidden = self.model.transformer(input_ids=batch, use_cache=False).last_hidden_state
-                losses.append(lm_losses(self.model, hidden, batch))
-                self._record.append(seen.pop())
+                    hidden = self.parts.body(input_ids=batch, use_cache=False).last_hidden_state
+                losses.append(lm_losses(self.model, hidden, batch, parts=self.parts))
+                layer_args = [(seen[j][0], seen[j][2], seen[j][3]) for j in range(self.start, self.parts.n_layers)]
+                self._args.append(self._share(tuple(batch.shape), layer_args))
+                self._hidden.append({s: self._keep(seen[s][1], on_device, budget) for s in self.starts})
                 if progress is not None:
                     progress.update(batch.shape[0])
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return _cat_losses(losses)
 
-    @torch.no_grad()
-    def upper_hidden(self, i: int) -> Tensor:
-        """Final hidden states (blocks ``start..`` + final norm) of batch ``i``."""
-        hidden, rest, kwargs = self._record[i]
-        blocks = transformer_blocks(self.model)
-        for block in blocks[self.start :]:
-            out = block(hidden, *rest, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return self.model.transformer.ln_f(hidden)
+    def _check_start(self, start: int | None) -> int:
+        if start is None:
+            return self.start
+        start = as_index(start, "start")
+        if start not in self.starts:
+            raise ValueError(f"start={start} was not recorded; this runner replays from {list(self.starts)}")
+        return start
 
     @torch.no_grad()
-    def losses(self, progress=None) -> Tensor:
+    def upper_hidden(self, i: int, start: int | None = None) -> Tensor:
+        """Final hidden states (layers ``start..`` + final norm) of batch ``i``."""
+        start = self._check_start(start)
+        hidden = self._hidden[i][start].to(self.device, non_blocking=True)
+        for j in range(start, self.parts.n_layers):
+            positional, rest, kwargs = self._args[i][j - self.start]
+            layer = self.parts.layers[j]
+            out = layer(hidden, *rest, **kwargs) if positional else layer(hidden_states=hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.parts.final_norm(hidden)
+
+    @torch.no_grad()
+    def losses(self, progress=None, start: int | None = None) -> Tensor:
+        """Per-block losses of the model as it stands, replayed from ``start`` (default: the lowest)."""
+        start = self._check_start(start)
         out = []
         for i, sl in enumerate(self.batches):
-            out.append(lm_losses(self.model, self.upper_hidden(i), self.blocks[sl]))
+            labels = self.blocks[sl].to(self.device)
+            out.append(lm_losses(self.model, self.upper_hidden(i, start), labels, parts=self.parts))
             if progress is not None:
                 progress.update(out[-1].numel())
         return _cat_losses(out)

@@ -1,130 +1,218 @@
-"""GPT-2 integration through transformers' attention interface.
+"""Crystallized attention inside any decoder-only transformers model, through its attention interface.
 
-``crystallize(model, layers, mode=...)`` swaps the model's attention
-implementation name for ``"nqpq_<original>"``, a function registered in
-``AttentionInterface`` that runs residual attention on the chosen layers and
-hands every other layer to the model's original implementation (and, through
-``AttentionMaskInterface``, keeps the original mask construction). No
-``forward`` method is replaced; leaving the context restores the original name.
+``crystallize(model, layers, mode=...)`` gives the attention module of each chosen layer its own copy of
+the config whose implementation name is ``"nqpq_<original>"``, a function registered in
+``AttentionInterface`` that runs residual attention. The model-wide name is left alone, so every other
+layer, the mask construction, and the model's own special paths (GPT-2's ``reorder_and_upcast_attn``,
+which it takes only when the name is exactly ``"eager"``; the flash wrappers, which read the name to load
+a kernel) stay exactly as they were. No ``forward`` is replaced; leaving the context restores each
+module's own config.
+
+The function accepts exactly the masks meaning "causal" or "causal plus this layer's sliding window",
+grouped-query k/v (handed to the op with their Hkv heads, never repeated), Gemma 2's ``softcap`` and the
+model's ``scaling``; any other argument that would change the math is refused by name.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface
 
+from .models import UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
 from .validate import MODES
-
-try:  # transformers ≥ 4.53
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-except ImportError:  # pragma: no cover - older transformers build masks without the interface
-    ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface = None
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
 
+# Arguments the models hand their attention function that do not change what a causal self-attention over
+# whole, unpadded sequences computes. Anything else with a value is refused by name (gpt-oss's ``s_aux``
+# sinks, packed-sequence ``cu_seq_lens_*``, ...): never silently ignored.
+_NEUTRAL_KWARGS = frozenset({
+    "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "return_dict",
+    "past_key_values", "cache", "layer_idx",
+})
+_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal"})
+
 
 @dataclass
 class LayerSpec:
-    """What a crystallized attention module computes."""
+    """What a crystallized attention module computes, and what to restore afterwards."""
 
     layer: int
     mode: str
-    basis: Tensor | None  # [H, D, R] float32 on the model's device, or None
+    basis: Tensor | None  # [Hq, D, R] float32 on the model's device, or None
     d_r: int | None
     backend: str
-    gram_sink: object | None = None  # anything with .add(layer, gram[H, D, D] float64)
-    observe: bool = False  # keep the model's own output; only feed gram_sink
+    original: str  # the model-wide attention implementation name
+    config: object  # the module's own config, put back by uncrystallize
+    gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
+    stats_sink: object | None = None  # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T])
+    observe: bool = False  # keep the model's own output; only feed the sinks
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a GPT-2 model (``GPT2LMHeadModel`` or ``GPT2Model``)."""
-    body = getattr(model, "transformer", model)
-    blocks = getattr(body, "h", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"expected a GPT-2 model with .transformer.h blocks, got {type(model).__name__}")
-    return blocks
+def _allowed_keys(T: int, window: int | None, device: torch.device) -> Tensor:
+    """[T, T] bool: query i sees key j when j <= i (and i − window < j with a sliding window)."""
+    i = torch.arange(T, device=device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[None, :] > i[:, None] - window
+    return allowed
 
 
-def _check_causal_mask(mask: Tensor | None, T: int) -> None:
-    """Accept no mask (causality is ours to apply) or exactly the causal mask; refuse anything else."""
-    if mask is None:
+def _check_mask(mask: Tensor | None, T: int, window: int | None) -> None:
+    """Accept no mask, or exactly the causal (+ window) mask the layer computes; refuse anything else."""
+    if mask is None:  # causality (and the window, passed as an argument) is ours to apply
         return
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril_()
-    if allowed.shape[-2:] != (T, T) or not torch.equal(allowed, causal.expand_as(allowed)):
+    if mask.dim() == 2:  # a flash-style [B, T] key mask: only "no padding" is accepted
+        if mask.shape[-1] == T and bool(mask.bool().all()):
+            return
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        want = _allowed_keys(T, window, mask.device)
+        if allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed)):
+            return
+    what = "causal" if window is None else f"causal with a sliding window of {window}"
+    raise ValueError(
+        f"crystallized attention supports plain {what} masking only: the model was given a padding or custom "
+        f"attention mask ({tuple(mask.shape)} {mask.dtype}). Score unpadded blocks (no attention_mask with zeros)."
+    )
+
+
+def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
+    # None or False: the feature is off (e.g. MoE models pass output_router_logits=False).
+    unknown = sorted(k for k, v in kwargs.items()
+                     if k not in _NEUTRAL_KWARGS | _HANDLED_KWARGS and v is not None and v is not False)
+    if unknown:
+        raise UnsupportedModelError(
+            f"crystallized attention does not implement the attention argument(s) {unknown} that "
+            f"{type(module).__name__} passes; they would change the result, so nqpq refuses this model"
+        )
+    if kwargs.get("is_causal", True) is not True or getattr(module, "is_causal", True) is not True:
+        raise UnsupportedModelError(f"{type(module).__name__} asks for non-causal attention; nqpq is causal only")
+
+
+def _attentions_requested(kwargs: dict) -> bool:
+    """Whether this forward collects attention weights (``output_attentions=True``)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:  # transformers ≥ 5 pops the flag and collects the weights with hooks
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older transformers pass output_attentions down
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None) -> Tensor:
+    """The attention probabilities p [B, Hq, T, T] (fp32 softmax, query dtype) that crystallized layers report
+    for ``output_attentions``; grouped kv heads are broadcast, not copied."""
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    q = query.float().view(B, Hkv, Hq // Hkv, T, D)
+    scores = (q @ key.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, T) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~_allowed_keys(T, window, query.device), float("-inf"))
+    return scores.softmax(-1).to(query.dtype)
+
+
+def _module_eager(module: nn.Module):
+    """The eager attention function the module's own code falls back to (each family has its own)."""
+    fn = inspect.unwrap(type(module).forward).__globals__.get("eager_attention_forward")
+    if fn is None:
+        raise UnsupportedModelError(f"{type(module).__name__}: no eager_attention_forward next to its forward")
+    return fn
+
+
+def _own_attention(module: nn.Module, spec: LayerSpec, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """Exactly what the module computes uncrystallized, under its own config."""
+    nqpq_config = module.config
+    module.config = spec.config  # e.g. the flash wrappers read module.config._attn_implementation
+    try:
+        if spec.original == "eager" and getattr(module, "reorder_and_upcast_attn", False):
+            # GPT-2 takes its upcast path instead of the interface when the name is exactly "eager".
+            return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(spec.original, _module_eager(module))
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    finally:
+        module.config = nqpq_config
+
+
+def _crystal_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """The function registered as ``nqpq_<original>``: residual attention for the module's LayerSpec."""
+    spec: LayerSpec | None = getattr(module, _SPEC_ATTR, None)
+    if spec is None:
+        raise RuntimeError(f"{type(module).__name__} carries nqpq's attention config but no layer spec")
+    _check_kwargs(module, kwargs)
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    T = query.shape[2]
+    if key.shape[2] != T:
         raise ValueError(
-            "crystallized attention supports plain causal masking only: the model was given a padding "
-            "or custom attention mask. Score unpadded blocks (no attention_mask with zeros)."
+            f"crystallized attention scores whole sequences; got {T} queries for {key.shape[2]} keys "
+            "(a KV cache / generation is not supported)"
         )
-
-
-def _crystal_attention_for(original: str):
-    """The attention function registered as ``nqpq_<original>``."""
-
-    def attention(
-        module: nn.Module,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Tensor | None,
-        scaling: float | None = None,
-        dropout: float = 0.0,
-        **kwargs,
-    ) -> tuple[Tensor, None]:
-        spec: LayerSpec | None = getattr(module, _SPEC_ATTR, None)
-        if spec is None or spec.observe:
-            from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
-
-            fallback = AttentionInterface._global_mapping.get(original, eager_attention_forward)
-            result = fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            if spec is not None:  # observing: the same q, k, v through the residual op, for ε only
-                _check_causal_mask(attention_mask, query.shape[2])
-                impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type))
-                _, _, gram = impl(query, key, value, mode="top1", scale=scaling, return_gram=True)
-                spec.gram_sink.add(spec.layer, gram)
-            return result
-        if dropout > 0.0:
-            raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
-        T = query.shape[2]
-        if key.shape[2] != T:
+    _check_mask(attention_mask, T, window)
+    impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1]))
+    stats = spec.stats_sink is not None
+    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
+        result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
+        res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
+                   return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats)
+        _feed_sinks(spec, res)
+        return result
+    if dropout > 0.0:
+        raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
+    weights = None
+    if _attentions_requested(kwargs):
+        if spec.original != "eager":
             raise ValueError(
-                f"crystallized attention scores whole sequences; got {T} queries for {key.shape[2]} keys "
-                "(a KV cache / generation is not supported)"
+                f"output_attentions=True: the model's '{spec.original}' attention returns no weights, so the "
+                "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
-        _check_causal_mask(attention_mask, T)
-        impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type))
-        out, _, gram = impl(
-            query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
-            return_gram=spec.gram_sink is not None, out_layout="bthd",
-        )
-        if gram is not None:
-            spec.gram_sink.add(spec.layer, gram)
-        return out, None  # [B, T, H, D], the layout transformers expects back
+        weights = _probabilities(query, key, scaling or query.shape[-1] ** -0.5, window, softcap)
+    res = impl(
+        query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
+        sliding_window=window, softcap=softcap, return_gram=spec.gram_sink is not None,
+        return_argmax=stats, return_top1_prob=stats, out_layout="bthd",
+    )
+    _feed_sinks(spec, res)
+    return res.out, weights  # [B, T, Hq, D], the layout transformers expects back
 
-    return attention
+
+def _feed_sinks(spec: LayerSpec, res) -> None:
+    if spec.gram_sink is not None:
+        spec.gram_sink.add(spec.layer, res.gram)
+    if spec.stats_sink is not None:
+        spec.stats_sink.add(spec.layer, res.argmax, res.top1_prob)
 
 
 def _register(original: str) -> str:
+    # Imported here, not at module level: transformers probes a package named "kernels" while it imports,
+    # and from a checkout of this repository that is our kernel folder, which imports nqpq.
+    from transformers import AttentionInterface
+
     name = _PREFIX + original
     if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _crystal_attention_for(original))
-        if AttentionMaskInterface is not None and original in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[original])
+        AttentionInterface.register(name, _crystal_attention)
     return name
-
-
-def _set_implementation(model: nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # pragma: no cover - transformers without the setter
-        model.config._attn_implementation = name
 
 
 @dataclass
@@ -145,68 +233,99 @@ def crystallize_layers(
     d_r: int | None = None,
     backend: str = "auto",
     gram_sink: object | None = None,
+    stats_sink: object | None = None,
+    observe: bool = False,
 ) -> Crystallization:
-    """Make ``layers`` of a GPT-2 model use residual attention; undo with ``uncrystallize``.
+    """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
-    ``basis`` maps layer → ``[H, D, R]`` (e.g. ``ResidualBasis.basis``), needed for ``lowrank``.
-    ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration.
+    ``basis`` maps layer → ``[Hq, D, R]`` (e.g. ``ResidualBasis.basis``), needed for ``lowrank``.
+    ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_sink`` the argmax and
+    top-1 probability. ``observe=True`` keeps the model's own attention output (only the sinks are fed).
+    Everything is checked before anything is attached: a refused call leaves the model as it was.
     """
-    blocks = transformer_blocks(model)
-    config = model.config
-    n_layer, n_head = len(blocks), config.n_head
-    head_dim = config.n_embd // n_head
+    parts = model_parts(model)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    layers = tuple(layers)
+    layers = tuple(as_index(li, "layer index") for li in layers)
     if not layers:
         raise ValueError("choose at least one layer to crystallize")
-    for li in layers:
-        if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < n_layer:
-            raise ValueError(f"layer index {li!r} out of range: the model has layers 0..{n_layer - 1}")
+    bad = [li for li in layers if not 0 <= li < parts.n_layers]
+    if bad:
+        raise ValueError(f"layer index {bad[0]} out of range: the model has layers 0..{parts.n_layers - 1}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layer indices repeat: {layers}")
+    Hq, D = parts.n_heads, parts.head_dim
     if mode == "lowrank":
-        if d_r is None or isinstance(d_r, bool) or not isinstance(d_r, int) or not 0 <= d_r <= head_dim:
-            raise ValueError(f"d_r must be an int in 0..{head_dim} (the head dimension), got {d_r!r}")
+        if d_r is not None:
+            d_r = as_index(d_r, "d_r")
+        if d_r is None or not 0 <= d_r <= D:
+            raise ValueError(f"d_r must be an int in 0..{D} (the head dimension), got {d_r!r}")
         missing = [li for li in layers if basis is None or li not in basis]
         if missing:
             raise ValueError(f"mode='lowrank' needs a residual basis for layers {missing}")
-    device = next(model.parameters()).device
-    backend_name = resolve_backend(backend, device.type)
-
-    original = config._attn_implementation
-    if original is None or original.startswith(_PREFIX):
+    if any(hasattr(a, _SPEC_ATTR) for a in parts.attn):
         raise RuntimeError("this model is already crystallized; leave the current context first")
+    original = model.config._attn_implementation
+    if original is None:
+        raise RuntimeError("the model has no attention implementation set (config._attn_implementation is None)")
+    device = next(model.parameters()).device
+    backend_name = resolve_backend(backend, device.type, D)
+
+    specs = {}
     for li in layers:
         layer_basis = None
         if mode == "lowrank":
+            if not isinstance(basis[li], Tensor):
+                raise TypeError(f"basis for layer {li} must be a torch.Tensor, got {type(basis[li]).__name__}")
             layer_basis = basis[li].to(device=device, dtype=torch.float32)
-            if layer_basis.shape[:2] != (n_head, head_dim):
+            if layer_basis.dim() != 3 or layer_basis.shape[:2] != (Hq, D) or layer_basis.shape[2] < d_r:
                 raise ValueError(
-                    f"basis for layer {li} must be [H={n_head}, D={head_dim}, R], got {tuple(layer_basis.shape)}"
+                    f"basis for layer {li} must be [H={Hq}, D={D}, R] with R >= d_r={d_r}, "
+                    f"got {tuple(layer_basis.shape)}"
                 )
-        spec = LayerSpec(li, mode, layer_basis, d_r, backend_name, gram_sink)
-        setattr(blocks[li].attn, _SPEC_ATTR, spec)
-    _set_implementation(model, _register(original))
-    return Crystallization(model, original, layers)
+        specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
+                              gram_sink, stats_sink, observe)
+
+    # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
+    name = _register(original)
+    patch = Crystallization(model, original, layers)
+    try:
+        for li, spec in specs.items():
+            attn = parts.attn[li]
+            own = copy.deepcopy(attn.config)
+            own._attn_implementation = name
+            setattr(attn, _SPEC_ATTR, spec)
+            attn.config = own
+    except BaseException:
+        uncrystallize(patch)
+        raise
+    return patch
 
 
 def uncrystallize(patch: Crystallization) -> None:
-    """Restore the model exactly: original implementation name, no layer specs left."""
-    for block in transformer_blocks(patch.model):
-        if hasattr(block.attn, _SPEC_ATTR):
-            delattr(block.attn, _SPEC_ATTR)
-    _set_implementation(patch.model, patch.original)
+    """Restore the model exactly: each crystallized module's own config back, no layer specs left."""
+    for attn in model_parts(patch.model).attn:
+        spec = getattr(attn, _SPEC_ATTR, None)
+        if spec is not None:
+            attn.config = spec.config
+            delattr(attn, _SPEC_ATTR)
 
 
 @contextmanager
 def observe_residuals(
-    model: nn.Module, layers: Sequence[int], gram_sink: object, *, backend: str = "auto"
+    model: nn.Module,
+    layers: Sequence[int],
+    gram_sink: object | None,
+    *,
+    backend: str = "auto",
+    stats_sink: object | None = None,
 ) -> Iterator[Crystallization]:
-    """Collect Σ εεᵀ of ``layers`` into ``gram_sink`` while the model computes exactly its own attention."""
-    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_sink=gram_sink)
-    for li in patch.layers:
-        getattr(transformer_blocks(model)[li].attn, _SPEC_ATTR).observe = True
+    """Collect Σ εεᵀ of ``layers`` into ``gram_sink`` (and, with ``stats_sink``, each call's argmax and top-1
+    probability) while the model computes exactly its own attention."""
+    if gram_sink is None and stats_sink is None:
+        raise ValueError("observe_residuals needs a gram_sink, a stats_sink, or both")
+    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_sink=gram_sink,
+                               stats_sink=stats_sink, observe=True)
     try:
         yield patch
     finally:
@@ -223,10 +342,12 @@ def crystallize(
     d_r: int | None = None,
     backend: str = "auto",
     gram_sink: object | None = None,
+    stats_sink: object | None = None,
 ) -> Iterator[Crystallization]:
     """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
     patch = crystallize_layers(
-        model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_sink=gram_sink
+        model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_sink=gram_sink,
+        stats_sink=stats_sink,
     )
     try:
         yield patch

@@ -1,0 +1,358 @@
+"""Every supported family, on tiny random configs built here (no hub): model_parts, crystallization against a
+float64 per-head implementation, prefix replay against a full forward, kernel (interpreter) against reference,
+and the clear refusals.
+
+Argmax conditioning: each model's attention is sharpened by construction (every attention module's scale is
+multiplied by SHARPEN, so the scores are ~SHARPEN times larger than at random init: top-2 gaps ~1e-3 or more,
+while the residual ε stays ~30 % of the attention output), and every comparison of
+i* across two precisions asserts, on the float64 scores of the very calls it compares, that each row's top-2
+gap exceeds SCORE_MARGIN.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+import transformers as tf
+from conftest import SCORE_MARGIN
+from transformers import AttentionInterface
+
+from nqpq import PrefixRunner, block_losses, crystallize
+from nqpq.calibration import GramAccumulator
+from nqpq.integration import observe_residuals
+from nqpq.models import UnsupportedModelError, model_parts
+
+VOCAB, T, B = 96, 40, 2
+SHARPEN = 256.0
+SHARPEN_QK_NORM = 16.0  # Qwen3 normalises q and k per head: its scores start ~16x larger
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+LLAMA_LIKE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+
+# family → (config, attention implementation the model is built with, what the config exercises)
+FAMILIES = {
+    "llama": (lambda: tf.LlamaConfig(num_key_value_heads=2, **LLAMA_LIKE, **COMMON), "eager"),  # GQA 4/2
+    "qwen2": (lambda: tf.Qwen2Config(num_key_value_heads=2, **LLAMA_LIKE, **COMMON), "sdpa"),
+    "qwen3": (lambda: tf.Qwen3Config(num_key_value_heads=1, head_dim=32, **LLAMA_LIKE, **COMMON), "eager"),  # MQA
+    "mistral": (lambda: tf.MistralConfig(num_key_value_heads=2, sliding_window=8, **LLAMA_LIKE, **COMMON), "sdpa"),
+    "gemma2": (lambda: tf.Gemma2Config(  # softcaps, sliding/full alternating, head_dim 32 != 64 / 4
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, query_pre_attn_scalar=32, sliding_window=8, attn_logit_softcapping=50.0,
+        final_logit_softcapping=3.0, **COMMON), "eager"),
+    "phi3": (lambda: tf.Phi3Config(  # fused qkv, D = 96
+        hidden_size=192, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        **COMMON), "sdpa"),
+    "gpt_neox": (lambda: tf.GPTNeoXConfig(  # partial rotary, parallel residual
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.25,
+        use_parallel_residual=True, **COMMON), "eager"),
+    "gpt2": (lambda: tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                   bos_token_id=0, eos_token_id=0), "sdpa"),
+}
+GEOMETRY = {  # (Hq, Hkv, D, per-layer windows) as the configs above define them
+    "llama": (4, 2, 16, [None] * 3), "qwen2": (4, 2, 16, [None] * 3), "qwen3": (4, 1, 32, [None] * 3),
+    "mistral": (4, 2, 16, [8] * 3), "gemma2": (4, 2, 32, [8, None, 8, None]), "phi3": (2, 1, 96, [None] * 3),
+    "gpt_neox": (4, 4, 16, [None] * 3), "gpt2": (4, 4, 16, [None] * 3),
+}
+
+
+def build(family: str, attn: str | None = None, seed: int = 0) -> torch.nn.Module:
+    config_fn, default_attn = FAMILIES[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.AutoModelForCausalLM.from_config(config_fn(), attn_implementation=attn or default_attn)
+    model = model.float().eval()
+    for module in model_parts(model).attn:
+        # The scale every family hands its attention function.
+        module.scaling *= SHARPEN_QK_NORM if family == "qwen3" else SHARPEN
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request):
+    return request.param, build(request.param)
+
+
+def token_blocks(n: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def layer_window(config, layer: int) -> int | None:
+    """The window transformers applies to ``layer``, read from the config."""
+    types = getattr(config, "layer_types", None)
+    if types is not None and types[layer] != "sliding_attention":
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+@contextmanager
+def recorded_calls(model):
+    """Record (module, q, k, v, scaling, output) of every crystallized attention call (inside ``crystallize``)."""
+    name = "nqpq_" + model.config._attn_implementation
+    real = AttentionInterface._global_mapping[name]
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out = real(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        calls.append((module, query, key, value, scaling, out[0]))
+        return out
+
+    AttentionInterface._global_mapping[name] = spy
+    try:
+        yield calls
+    finally:
+        AttentionInterface._global_mapping[name] = real
+
+
+def hand_attention(q, k, v, scale, window, softcap, mode, basis=None, d_r=None):
+    """Residual attention by its definition, float64, one (batch, head) at a time; also the min top-2 score gap."""
+    Bq, Hq, Tq, D = q.shape
+    group = Hq // k.shape[1]
+    i = torch.arange(Tq)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[None, :] > i[:, None] - window
+    out = torch.empty(Bq, Tq, Hq, D, dtype=torch.float64)
+    gap = math.inf
+    for b in range(Bq):
+        for h in range(Hq):
+            kh, vh = k[b, h // group].double(), v[b, h // group].double()
+            s = q[b, h].double() @ kh.T * scale
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            s = s.masked_fill(~allowed, -math.inf)
+            top = s.topk(2, dim=-1).values
+            gap = min(gap, (top[:, 0] - top[:, 1]).min().item())  # inf on rows that see one key
+            p = s.softmax(-1)
+            v_star, ctx = vh[s.argmax(-1)], p @ vh
+            if mode == "top1":
+                out[b, :, h] = v_star
+            elif mode == "full":
+                out[b, :, h] = ctx
+            else:
+                P = basis[h, :, :d_r].double()
+                out[b, :, h] = v_star + (ctx - v_star) @ P @ P.T
+    return out, gap
+
+
+def random_basis(Hq: int, D: int, layers, seed: int = 1) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {li: torch.linalg.qr(torch.randn(Hq, D, D, generator=g))[0] for li in layers}
+
+
+def test_model_parts_geometry(family_model):
+    family, model = family_model
+    parts = model_parts(model)
+    Hq, Hkv, D, windows = GEOMETRY[family]
+    assert (parts.family, parts.n_heads, parts.n_kv_heads, parts.head_dim) == (family, Hq, Hkv, D)
+    assert parts.sliding_window == windows
+    assert parts.n_layers == len(parts.layers) == len(parts.attn) == model.config.num_hidden_layers
+    assert parts.lm_head is model.get_output_embeddings()
+    assert parts.default_layers == tuple(range(parts.n_layers - max(1, parts.n_layers // 4), parts.n_layers))
+    assert (parts.attn_softcap, parts.final_logit_softcap) == ((50.0, 3.0) if family == "gemma2" else (None, None))
+    # The final norm is what the body applies to the last layer's output.
+    with torch.no_grad():
+        ids = token_blocks(1)
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        last_layer = parts.layers[-1]
+        seen = []
+        handle = last_layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(parts.final_norm(seen[0]), out.hidden_states[-1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_full_mode_equals_model(family_model):
+    _, model = family_model
+    ids = token_blocks(B)
+    base = logits(model, ids)
+    n = model_parts(model).n_layers
+    with crystallize(model, range(n), mode="full", backend="torch"):
+        got = logits(model, ids)
+    torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["top1", "lowrank"])
+def test_residual_modes_match_float64(family_model, mode):
+    """Every crystallized call's output equals the definition computed in float64 on the same q, k, v."""
+    family, model = family_model
+    parts = model_parts(model)
+    layers = list(range(parts.n_layers))
+    d_r = parts.head_dim // 4
+    basis = random_basis(parts.n_heads, parts.head_dim, layers)
+    with crystallize(model, layers, mode=mode, basis=basis, d_r=d_r, backend="torch"), \
+            recorded_calls(model) as calls:
+        logits(model, token_blocks(B))
+    assert len(calls) == len(layers)
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    for module, q, k, v, scale, got in calls:
+        li = next(i for i, a in enumerate(parts.attn) if a is module)
+        assert k.shape[1] == parts.n_kv_heads  # grouped k/v reach the op unrepeated
+        want, gap = hand_attention(q, k, v, scale, layer_window(model.config, li), softcap, mode, basis[li], d_r)
+        assert gap > SCORE_MARGIN, f"{family} layer {li}: near-tie in the test inputs (gap {gap:.2e})"
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"{family} layer {li} {mode}")
+
+
+@torch.no_grad()
+def test_prefix_replay_equals_full_forward(family_model):
+    """Replayed losses (from each recorded start, plain and crystallized) equal a full forward of the model."""
+    _, model = family_model
+    parts = model_parts(model)
+    blocks = token_blocks(5)
+    starts = (1, parts.n_layers - 1)
+    runner = PrefixRunner(model, blocks, [slice(0, 2), slice(2, 4), slice(4, 5)], start=starts)
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+    for start in starts:
+        torch.testing.assert_close(runner.losses(start=start), baseline, rtol=1e-6, atol=0)
+        with crystallize(model, range(start, parts.n_layers), mode="top1", backend="torch"):
+            # Same batches, same arithmetic: replay and full forward compute identical attention inputs.
+            torch.testing.assert_close(runner.losses(start=start), block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"start=0 was not recorded"):
+        runner.losses(start=0)
+
+
+@torch.no_grad()
+def test_calibration_grams_and_stats_per_query_head(family_model):
+    """observe_residuals: the model's own output bit for bit, Σ εεᵀ per query head and per-call argmax / top-1 p
+    equal to the float64 definition."""
+    family, model = family_model
+    parts = model_parts(model)
+    layers = [0, parts.n_layers - 1]
+    ids = token_blocks(B)
+    base = logits(model, ids)
+
+    class Stats:
+        calls = []
+
+        def add(self, layer, argmax, top1_prob):
+            self.calls.append((layer, argmax, top1_prob))
+
+    grams, stats = GramAccumulator(), Stats()
+    with observe_residuals(model, layers, grams, backend="torch", stats_sink=stats), recorded_calls(model) as calls:
+        assert torch.equal(logits(model, ids), base)
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    for (module, q, k, v, scale, _), (layer, argmax, top1_prob) in zip(calls, stats.calls, strict=True):
+        li = next(i for i, a in enumerate(parts.attn) if a is module)
+        assert li == layer
+        window = layer_window(model.config, li)
+        top1, gap = hand_attention(q, k, v, scale, window, softcap, "top1")
+        full, _ = hand_attention(q, k, v, scale, window, softcap, "full")
+        assert gap > SCORE_MARGIN
+        eps = (full - top1).permute(2, 0, 1, 3).reshape(parts.n_heads, -1, parts.head_dim)  # [Hq, B·T, D]
+        want = eps.transpose(1, 2) @ eps
+        # ε is formed in fp32 by the op (~1e-7 of |V| per element): compare on the scale of the Gram.
+        torch.testing.assert_close(grams.grams[li], want, rtol=0, atol=1e-5 * want.abs().max().item())
+        assert argmax.shape == top1_prob.shape == (B, parts.n_heads, T)
+        G = parts.n_heads // parts.n_kv_heads
+        for h in range(parts.n_heads):  # V[i*] of the reported argmax is the top-1 row
+            rows = v[:, h // G].double().gather(1, argmax[:, h, :, None].expand(-1, -1, parts.head_dim))
+            torch.testing.assert_close(rows, top1[:, :, h], rtol=0, atol=0)
+        assert bool(((top1_prob > 0) & (top1_prob <= 1)).all())
+    assert len(calls) == len(layers)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("family", "layers"), [("llama", [2]), ("gemma2", [0, 1])])
+def test_kernel_equals_reference(family, layers):
+    """The fused kernel (Triton's interpreter on CPU) gives the reference's model output: GQA, a sliding window
+    shorter than T, soft-capped scores, D = 32 (kept small: the interpreter is slow)."""
+    pytest.importorskip("triton")
+    from nqpq.ops import resolve_backend
+
+    try:
+        resolve_backend("triton", "cpu")
+    except RuntimeError as err:
+        pytest.skip(f"Triton kernel not runnable here: {err}")
+    model = build(family)
+    parts = model_parts(model)
+    basis = random_basis(parts.n_heads, parts.head_dim, layers)
+    ids = token_blocks(1)
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    got = {}
+    for backend in ("torch", "triton"):
+        with crystallize(model, layers, mode="lowrank", basis=basis, d_r=5, backend=backend), \
+                recorded_calls(model) as calls:
+            got[backend] = logits(model, ids)
+        assert len(calls) == len(layers)
+        for module, q, k, v, scale, _ in calls:
+            li = next(i for i, a in enumerate(parts.attn) if a is module)
+            _, gap = hand_attention(q, k, v, scale, layer_window(model.config, li), softcap, "top1")
+            assert gap > SCORE_MARGIN
+    torch.testing.assert_close(got["triton"], got["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_2_config_crystallizes():
+    """A model configured for flash_attention_2 (forced: flash-attn is not installed) crystallizes: the crystallized
+    modules get their own implementation and the model-wide name stays 'flash_attention_2'."""
+    eager = build("llama", attn="eager")
+    flash = build("llama", attn="eager")
+    flash.config._attn_implementation = "flash_attention_2"
+    ids = token_blocks(B)
+    n = model_parts(flash).n_layers
+    for mode in ("full", "top1"):
+        with crystallize(eager, range(n), mode=mode, backend="torch"):
+            want = logits(eager, ids)
+        with crystallize(flash, range(n), mode=mode, backend="torch"):
+            assert flash.config._attn_implementation == "flash_attention_2"
+            got = logits(flash, ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert flash.config._attn_implementation == "flash_attention_2"
+    assert all(a.config is flash.config for a in model_parts(flash).attn)
+
+
+def test_padding_and_custom_masks_refused():
+    model = build("mistral", attn="eager")
+    ids = token_blocks(B)
+    with torch.no_grad(), crystallize(model, [1], mode="full", backend="torch"):
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
+                                   logits(model, ids), rtol=0, atol=0)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with pytest.raises(ValueError, match="causal with a sliding window of 8"):
+            model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("name", ["bloom", "t5", "bert", "gpt2-base"])
+def test_unsupported_models_refused(name):
+    models = {
+        "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=50)),
+        "t5": lambda: tf.T5ForConditionalGeneration(
+            tf.T5Config(num_layers=2, d_model=32, num_heads=4, d_kv=8, d_ff=32, vocab_size=50)),
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=32, vocab_size=50)),
+        "gpt2-base": lambda: tf.GPT2Model(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)),
+    }
+    expected = {"bloom": "AttentionInterface", "t5": "encoder-decoder", "bert": "not a causal",
+                "gpt2-base": "not a causal"}
+    model = models[name]()
+    with pytest.raises(UnsupportedModelError, match=expected[name]):
+        model_parts(model)
+    with pytest.raises(UnsupportedModelError, match=expected[name]), crystallize(model, [0], mode="top1"):
+        pass
+
+
+@torch.no_grad()
+def test_attention_sinks_refused_by_name():
+    """gpt-oss hands its attention function s_aux (sinks): refused by name, never silently ignored."""
+    config = tf.GptOssConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, intermediate_size=32, vocab_size=50, num_local_experts=2,
+                             num_experts_per_tok=1, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.GptOssForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with crystallize(model, [1], mode="full", backend="torch"):
+        with pytest.raises(UnsupportedModelError, match=r"\['s_aux'\]"):
+            model(input_ids=ids, use_cache=False)
+    model(input_ids=ids, use_cache=False)  # restored: runs as before
