@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import HEAD_DIM, N_HEAD
+from conftest import HEAD_DIM, N_HEAD, assert_clear_argmax, relative_top2_gap, score_margins
 
 from nqpq import GramAccumulator, ResidualBasis, basis_from_grams, calibrate, crystallize, make_blocks
 
@@ -16,8 +16,11 @@ SEQ_LEN = 48
 
 @torch.no_grad()
 def spec_residuals(model, blocks, layers):
-    """ε rows per (layer, head), collected as the spec does: a hook on .attn recomputing q, k, v (float64 here)."""
-    rows = {}
+    """ε rows per (layer, head), collected as the spec does: a hook on .attn recomputing q, k, v (float64 here).
+
+    Also returns the smallest top-2 score gap seen: i* is taken here in float64 and by nqpq in fp32.
+    """
+    rows, gaps = {}, []
 
     def make_hook(li):
         def hook(module, args, kwargs, output):
@@ -27,6 +30,7 @@ def spec_residuals(model, blocks, layers):
                        for x in module.c_attn(hidden).split(C, dim=2))
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
             scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+            gaps.append(relative_top2_gap(scores))
             p = scores.softmax(-1)
             v_star = torch.gather(v, 2, p.argmax(-1).unsqueeze(-1).expand(-1, -1, -1, HEAD_DIM))
             eps = p @ v - v_star
@@ -42,7 +46,7 @@ def spec_residuals(model, blocks, layers):
     finally:
         for h in handles:
             h.remove()
-    return {key: torch.cat(chunks) for key, chunks in rows.items()}
+    return {key: torch.cat(chunks) for key, chunks in rows.items()}, gaps
 
 
 def projector(basis, r):
@@ -58,7 +62,8 @@ def calib_blocks(token_ids):
 def test_calibrate_matches_spec_svd(model, calib_blocks):
     got = calibrate(model, calib_blocks, LAYERS, batch_size=2, backend="torch")
     assert got.layers == list(LAYERS)
-    residuals = spec_residuals(model, calib_blocks, LAYERS)
+    residuals, gaps = spec_residuals(model, calib_blocks, LAYERS)
+    assert_clear_argmax(gaps)
     checked_subspaces = 0
     for (li, h), E in residuals.items():
         assert E.shape == (4 * SEQ_LEN, HEAD_DIM)
@@ -91,14 +96,18 @@ def test_gram_streaming_is_batch_independent(eager_model, calib_blocks):
                 eager_model.transformer(input_ids=calib_blocks[s:s + batch_size], use_cache=False)
         return sink.grams
 
-    at_once, one_by_one = grams(4), grams(1)
+    with score_margins(eager_model, LAYERS) as gaps:  # batch 4 and batch 1 round differently: no near-ties
+        at_once, one_by_one = grams(4), grams(1)
+    assert_clear_argmax(gaps)
     assert sorted(at_once) == list(LAYERS)
     for li in LAYERS:
         assert at_once[li].dtype == torch.float64 and at_once[li].shape == (N_HEAD, HEAD_DIM, HEAD_DIM)
         torch.testing.assert_close(at_once[li], one_by_one[li], rtol=1e-5, atol=1e-6 * at_once[li].abs().max().item())
 
-    a = calibrate(eager_model, calib_blocks, LAYERS, batch_size=4, backend="torch")
-    b = calibrate(eager_model, calib_blocks, LAYERS, batch_size=1, backend="torch")
+    with score_margins(eager_model, LAYERS) as gaps:
+        a = calibrate(eager_model, calib_blocks, LAYERS, batch_size=4, backend="torch")
+        b = calibrate(eager_model, calib_blocks, LAYERS, batch_size=1, backend="torch")
+    assert_clear_argmax(gaps)
     for li in LAYERS:
         top = a.eigenvalues[li][:, :1]
         torch.testing.assert_close(a.eigenvalues[li], b.eigenvalues[li], rtol=1e-5, atol=1e-6 * top.max().item())
@@ -154,3 +163,20 @@ def test_residual_basis_save_load_roundtrip(eager_model, calib_blocks, tmp_path)
         assert sorted(a) == sorted(b)
         for li in a:
             assert b[li].dtype == a[li].dtype and torch.equal(a[li], b[li])
+
+
+def test_calibrate_refuses_1d_ids(eager_model, token_ids):
+    """Issue 10: 1-D ids are not blocks (they were read as 4-token sequences)."""
+    with pytest.raises(ValueError, match=r"blocks must be \[N, T\] token ids.*\(\d+,\)"):
+        calibrate(eager_model, token_ids[:64], LAYERS, backend="torch")
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        calibrate(eager_model, token_ids[:64].view(2, 32), LAYERS, batch_size=0, backend="torch")
+
+
+def test_float64_sums_live_on_the_cpu_for_mps():
+    """Issue 14: devices without float64 (Apple MPS) accumulate the Gram on the CPU; others on the device."""
+    from nqpq.calibration import float64_device
+
+    assert float64_device(torch.device("mps")) == torch.device("cpu")
+    assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert float64_device(torch.device("cpu")) == torch.device("cpu")

@@ -9,12 +9,24 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from conftest import HEAD_DIM, N_HEAD, REPO, tiny_config
+from conftest import (
+    HEAD_DIM,
+    N_HEAD,
+    N_LAYER,
+    REPO,
+    assert_clear_argmax,
+    build_model,
+    gpt2_scores,
+    score_margins,
+    tiny_config,
+)
 from transformers import GPT2LMHeadModel
 
-from nqpq import crystallize, crystallize_layers, uncrystallize
+from nqpq import GramAccumulator, crystallize, crystallize_layers, uncrystallize
+from nqpq.integration import observe_residuals
 
 SPEC_ATTR = "_nqpq_layer_spec"
 
@@ -83,9 +95,14 @@ def test_leaving_restores_model_exactly(model):
     original = model.config._attn_implementation
     base = logits(model, ids)
     with crystallize(model, [1, 2], mode="top1", backend="torch"):
-        assert model.config._attn_implementation == "nqpq_" + original
+        # Only the crystallized modules carry their own config naming nqpq's function; the model's is untouched.
+        assert model.config._attn_implementation == original
+        names = [block.attn.config._attn_implementation for block in model.transformer.h]
+        assert names == [original, "nqpq_" + original, "nqpq_" + original, original]
+        assert model.transformer.h[0].attn.config is model.config
         assert not torch.equal(logits(model, ids), base)
     assert model.config._attn_implementation == original
+    assert all(block.attn.config is model.config for block in model.transformer.h)
     assert not any(hasattr(block.attn, SPEC_ATTR) for block in model.transformer.h)
     assert torch.equal(logits(model, ids), base)
 
@@ -173,12 +190,16 @@ def test_matches_hand_computed_attention(model, mode):
 
     handles = [model.transformer.h[li].attn.register_forward_hook(replace(li), with_kwargs=True) for li in layers]
     try:
-        want = logits(model, ids)
+        with score_margins(model, layers) as hand_gaps:
+            want = logits(model, ids)
     finally:
         for h in handles:
             h.remove()
-    with crystallize(model, layers, mode=mode, basis=basis, d_r=d_r, backend="torch"):
+    with crystallize(model, layers, mode=mode, basis=basis, d_r=d_r, backend="torch"), \
+            score_margins(model, layers) as crystal_gaps:
         got = logits(model, ids)
+    # float64 (hand) and fp32 (ours) feed layer 3 inputs ~1e-6 apart: both must pick the same i*.
+    assert_clear_argmax(hand_gaps + crystal_gaps)
     assert max_diff(got, want) <= 1e-5
     if mode == "top1":
         assert max_diff(got, logits(model, ids)) > 1e-2
@@ -254,6 +275,113 @@ def test_kv_cache_refused(model):
         with pytest.raises(ValueError, match="KV cache"):
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                            pad_token_id=0)
+
+
+@torch.no_grad()
+def test_rejected_call_leaves_no_layer_crystallized(eager_model):
+    """Issue 14 (1): every layer is checked before any is attached; a refused call changes nothing."""
+    ids = batch()
+    with crystallize(eager_model, [3], mode="top1", backend="torch"):
+        want = logits(eager_model, ids)
+    good = random_basis([1])[1]
+    with pytest.raises(ValueError, match="basis for layer 2"):
+        crystallize_layers(eager_model, [1, 2], mode="lowrank", basis={1: good, 2: torch.randn(4, 8, 8)}, d_r=1,
+                           backend="torch")
+    assert not any(hasattr(block.attn, SPEC_ATTR) for block in eager_model.transformer.h)
+    assert all(block.attn.config is eager_model.config for block in eager_model.transformer.h)
+    with crystallize(eager_model, [3], mode="top1", backend="torch"):
+        assert torch.equal(logits(eager_model, ids), want)
+
+
+def test_failure_while_attaching_is_undone(eager_model, monkeypatch):
+    """Issue 14 (1): an exception half-way through attaching removes what was attached."""
+    import nqpq.integration as integration
+
+    real, copies = integration.copy.deepcopy, []
+
+    def failing_second_copy(obj, *args):
+        copies.append(obj)
+        if len(copies) == 2:
+            raise MemoryError("simulated")
+        return real(obj, *args)
+
+    monkeypatch.setattr(integration.copy, "deepcopy", failing_second_copy)
+    with pytest.raises(MemoryError):
+        crystallize_layers(eager_model, [1, 2], mode="top1", backend="torch")
+    assert not any(hasattr(block.attn, SPEC_ATTR) for block in eager_model.transformer.h)
+    assert all(block.attn.config is eager_model.config for block in eager_model.transformer.h)
+
+
+@torch.no_grad()
+def test_output_attentions_keeps_every_layer(eager_model):
+    """Issue 14 (2): a crystallized layer reports its probabilities p; the tuple keeps one entry per layer."""
+    ids = batch()
+    plain = eager_model(input_ids=ids, output_attentions=True).attentions
+    hidden = {}
+    handle = eager_model.transformer.h[1].attn.register_forward_pre_hook(
+        lambda m, args, kwargs: hidden.update(h=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with crystallize(eager_model, [1], mode="top1", backend="torch"):
+            got = eager_model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        handle.remove()
+    assert len(got) == len(plain) == N_LAYER
+    assert torch.equal(got[0], plain[0])
+    want = gpt2_scores(eager_model.transformer.h[1].attn, hidden["h"]).softmax(-1)
+    torch.testing.assert_close(got[1].double(), want, rtol=0, atol=1e-6)
+
+
+def test_output_attentions_refused_without_weights():
+    """Issue 14 (2): under sdpa the model's own layers return no weights; crystallized ones refuse clearly."""
+    model = build_model("sdpa")
+    with torch.no_grad(), crystallize(model, [1], mode="top1", backend="torch"):
+        with pytest.raises(ValueError, match="output_attentions=True.*attn_implementation='eager'"):
+            model(input_ids=batch(), output_attentions=True)
+
+
+@torch.no_grad()
+def test_reorder_and_upcast_path_kept():
+    """Issue 14 (3): fp16 GPT-2 with reorder_and_upcast_attn: observing is bit-identical to the plain model, and
+    layers below a crystallized one run the model's own upcast path (bit-identical hidden states)."""
+    model = build_model("eager", reorder_and_upcast_attn=True).half()
+    ids = batch()
+    plain = model(input_ids=ids, output_hidden_states=True)
+    with observe_residuals(model, [1, 3], GramAccumulator(), backend="torch"):
+        assert torch.equal(model(input_ids=ids).logits, plain.logits)
+    with crystallize(model, [3], mode="full", backend="torch"):
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for i in range(4):  # embeddings and the outputs of layers 0..2
+        assert torch.equal(hidden[i], plain.hidden_states[i]), i
+
+
+@torch.no_grad()
+def test_flash_attention_2_model_crystallizes():
+    """Issue 14 (6): a model configured for flash_attention_2 (forced; flash-attn is not installed here) gets
+    nqpq's function on its crystallized modules only; the model-wide name is left alone."""
+    eager, flash = build_model("eager"), build_model("eager")
+    flash.config._attn_implementation = "flash_attention_2"
+    ids = batch()
+    with crystallize(eager, range(N_LAYER), mode="top1", backend="torch"):
+        want = logits(eager, ids)
+    with crystallize(flash, range(N_LAYER), mode="top1", backend="torch"):
+        assert flash.config._attn_implementation == "flash_attention_2"
+        assert {b.attn.config._attn_implementation for b in flash.transformer.h} == {"nqpq_flash_attention_2"}
+        assert torch.equal(logits(flash, ids), want)
+    assert all(b.attn.config is flash.config for b in flash.transformer.h)
+
+
+@torch.no_grad()
+def test_integer_types_for_layers_and_d_r(eager_model):
+    """Issue 10: numpy / torch integer scalars are ints; floats and bools are not."""
+    ids, basis = batch(), random_basis([1, 2])
+    with crystallize(eager_model, [1, 2], mode="lowrank", basis=basis, d_r=3, backend="torch"):
+        want = logits(eager_model, ids)
+    with crystallize(eager_model, [np.int64(1), torch.tensor(2)], mode="lowrank", basis=basis, d_r=np.int32(3),
+                     backend="torch"):
+        assert torch.equal(logits(eager_model, ids), want)
+    for bad in (np.float64(1.0), np.bool_(True), torch.tensor(True), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="layer index must be an int"):
+            crystallize_layers(eager_model, [bad], mode="top1", backend="torch")
 
 
 def run_python(code: str, cwd) -> str:

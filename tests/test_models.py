@@ -204,6 +204,16 @@ def test_residual_modes_match_float64(family_model, mode):
 
 
 @torch.no_grad()
+def test_block_losses_equal_the_models_own_loss(family_model):
+    """lm_losses uses the family's LM head and final logit soft-cap (Gemma 2) exactly as the model's forward does."""
+    _, model = family_model
+    blocks = token_blocks(3)
+    want = torch.tensor([model(input_ids=b[None], labels=b[None], use_cache=False).loss.item() for b in blocks],
+                        dtype=torch.float64)
+    torch.testing.assert_close(block_losses(model, blocks, 3), want, rtol=1e-5, atol=0)
+
+
+@torch.no_grad()
 def test_prefix_replay_equals_full_forward(family_model):
     """Replayed losses (from each recorded start, plain and crystallized) equal a full forward of the model."""
     _, model = family_model
