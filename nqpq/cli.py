@@ -1,8 +1,10 @@
-"""Command line: ``nqpq sweep ...`` (also ``python -m nqpq sweep``, or under torchrun)."""
+"""Command line: ``nqpq sweep|scan|report ...`` (also ``python -m nqpq ...``; sweep and scan under torchrun)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 
 from .data import NqpqError
@@ -14,68 +16,142 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep",
         help="run the EXP-Q03 sweep (baseline, top-1, full, low-rank d_r sweep, verdict)",
-        description="EXP-Q03: is the excitation residual of deep GPT-2 layers compressible?",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="EXP-Q03: is the excitation residual of a decoder-only LM's deep layers compressible?",
     )
-    p.add_argument("--model", default="gpt2", help="hub name or local directory (save_pretrained layout)")
+    _add_run_flags(p, "layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
+    p = sub.add_parser(
+        "scan",
+        help="crystallize each layer alone: top-1 and low-rank PPL per layer, crystallinity of every head",
+        description="Every layer crystallized alone (one baseline pass, then each layer replayed from itself up): "
+                    "top-1 PPL, low-rank PPL per d_r with the layer's own basis, recovered %%, mean r90, and the "
+                    "top-1 probability and sink/self/prev fractions of every head.",
+    )
+    _add_run_flags(p, "layers to scan, each crystallized alone (default: every layer)")
+    p = sub.add_parser(
+        "report",
+        help="re-print the report and redraw the plots of a sweep or scan from its results.json",
+        description="Re-print the report and redraw every plot from DIR/results.json (no model or text needed).",
+    )
+    p.add_argument("dir", help="the --out directory of a sweep or a scan")
+    return parser
+
+
+def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
+    """The flags ``sweep`` and ``scan`` share."""
+    # Each help text states its default once (no ArgumentDefaultsHelpFormatter: it would repeat them).
+    p.add_argument("--model", default=None,
+                   help="hub name or local directory (save_pretrained layout) of a decoder-only causal LM "
+                        "(default: gpt2)")
     p.add_argument("--text-file", default=None,
                    help="local raw text (e.g. wiki.valid.raw); default: the hub's wikitext-103-raw-v1 validation")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
-    p.add_argument("--layers", type=int, nargs="+", default=[9, 10, 11], help="layers to crystallize")
-    p.add_argument("--d-r", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="residual ranks to sweep")
-    p.add_argument("--n-blocks", type=int, default=30, help="evaluation blocks")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help=layers_help)
+    p.add_argument("--d-r", type=int, nargs="+", default=None,
+                   help="residual ranks to sweep, each 0..head_dim, run once each in increasing order "
+                        "(default: the spec's 1 2 4 8 16 32, those <= head_dim)")
+    p.add_argument("--n-blocks", type=int, default=30, help="evaluation blocks (default: 30)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default: 256)")
     p.add_argument("--calib-blocks", type=int, default=None,
                    help="leading blocks used to fit the residual basis (default: 4, or --n-blocks if fewer)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="auto: Triton kernel on CUDA, reference elsewhere")
-    p.add_argument("--batch-size", type=int, default=None, help="blocks per batch (default: from device memory)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default=None, help="directory for results.json, plots and basis.pt")
+                   help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="blocks per batch (default: as many as fit a quarter of the free GPU memory, or of the "
+                        "available RAM on CPU, counting activations in the model's dtype, attention's T×T "
+                        "buffers, the calibration buffers and the recorded hidden states)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    p.add_argument("--out", default=None,
+                   help="directory for results.json, plots and basis.pt, written at the end or not at all "
+                        "(default: none, report only)")
     p.add_argument("--demo", action="store_true",
                    help="no downloads: RANDOM-init GPT-2 small geometry (fixed seed), standard-library "
-                        "docstrings as text and a byte tokenizer unless --text-file/--tokenizer are given")
+                        "docstrings as text and a byte tokenizer unless --text-file/--tokenizer are given; "
+                        "not with --model")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "sweep":
+    if args.command in ("sweep", "scan"):
         return _sweep(args)
+    if args.command == "report":
+        return _report(args)
     return 2  # pragma: no cover - argparse enforces a command
+
+
+def _fail(message: str) -> int:
+    print(f"nqpq: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of ``path`` that does not exist yet (what creating it would add), or None."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from . import distributed
     from .report import check_out_dir, write_results
-    from .sweep import SweepConfig, run_sweep
+    from .scan import run_scan
+    from .sweep import SweepConfig, check_flags, run_sweep
 
+    if args.demo and args.model is not None:
+        return _fail("--demo runs a random-init model of its own; it does not take --model")
     cfg = SweepConfig(
-        model=args.model, text_file=args.text_file, tokenizer=args.tokenizer, layers=tuple(args.layers),
-        d_r=tuple(args.d_r), n_blocks=args.n_blocks, seq_len=args.seq_len,
+        model=args.model or "gpt2", text_file=args.text_file, tokenizer=args.tokenizer,
+        layers=None if args.layers is None else tuple(args.layers),
+        d_r=None if args.d_r is None else tuple(sorted(set(args.d_r))), n_blocks=args.n_blocks,
+        seq_len=args.seq_len,
         calib_blocks=min(4, args.n_blocks) if args.calib_blocks is None else args.calib_blocks,
         device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
         seed=args.seed, out=args.out, demo=args.demo, progress=not args.no_progress,
     )
+    # torchrun sets RANK before the process group exists: only rank 0 touches --out.
+    writer = int(os.environ.get("RANK", "0")) == 0
+    created = _first_missing(cfg.out) if cfg.out and writer else None
+    ok = False
     try:
-        if cfg.out and distributed.rank() == 0:
+        check_flags(cfg)
+        if cfg.out and writer:
             check_out_dir(cfg.out)
-        results = run_sweep(cfg)
+        results = (run_scan if args.command == "scan" else run_sweep)(cfg)
         if cfg.out and distributed.is_main():
             for path in write_results(cfg.out, results):
-                print(f"[EXP-Q03] wrote {path}")
+                print(f"{'[scan]' if args.command == 'scan' else '[EXP-Q03]'} wrote {path}")
+        ok = True
     except NqpqError as err:
-        print(f"nqpq: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     except (ValueError, TypeError, RuntimeError) as err:
         # Validation errors from the ops (d_r, shapes, backends) reach here with a clear message.
-        print(f"nqpq: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"{type(err).__name__}: {err}")
+    except KeyboardInterrupt:
+        print("nqpq: interrupted; nothing written", file=sys.stderr)
+        return 130
     finally:
+        if not ok and created is not None:
+            # All or nothing: a directory this run created goes; one that existed is left as it was.
+            shutil.rmtree(created, ignore_errors=True)
         distributed.shutdown()
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import redraw
+
+    try:
+        for path in redraw(args.dir):
+            print(f"[report] wrote {path}")
+    except NqpqError as err:
+        return _fail(str(err))
     return 0
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -74,55 +76,171 @@ def _cache_only(name: str) -> bool:
     return not os.path.isdir(name) and not hub_reachable()
 
 
+def _quiet_transformers():
+    """Silence transformers' load report and progress bars while loading: nqpq reports what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(previous)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
+def check_architecture(config, name: str) -> None:
+    """Refuse, before any weight is read, models that are not decoder-only causal LMs."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise NqpqError(f"--model {name!r} is an encoder-decoder model ({kind}): nqpq handles decoder-only causal LMs")
+    # Every model type transformers can load both as a masked LM and as a causal LM is a bidirectional
+    # encoder (BERT, RoBERTa, ...) or an encoder-decoder; its "causal LM" head is not a decoder-only model.
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise NqpqError(f"--model {name!r} is an encoder model ({kind}, a masked-LM architecture): nqpq handles "
+                        "decoder-only causal LMs")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NqpqError(f"--model {name!r}: model type {kind!r} has no causal-LM class in transformers "
+                        f"{_transformers_version()}; nqpq handles decoder-only causal LMs")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def unloaded_weights(model: nn.Module, info: dict) -> list[str]:
+    """The problems of a ``from_pretrained(..., output_loading_info=True)`` load, one short string each.
+
+    A missing key is no problem when its parameter is tied to (shares storage with) a loaded one:
+    checkpoints legitimately omit ``lm_head.weight`` when it is the input embedding.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = set(info.get("missing_keys") or ())
+    loaded = {p.data_ptr() for n, p in params.items() if n not in missing}
+    really_missing = sorted(k for k in missing if k not in params or params[k].data_ptr() not in loaded)
+    problems = []
+    for label, keys in (("missing", really_missing), ("unexpected", sorted(info.get("unexpected_keys") or ())),
+                        ("mismatched", sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                              for k in info.get("mismatched_keys") or ()))):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    problems += [str(e).splitlines()[0] for e in info.get("error_msgs") or ()]
+    return problems
+
+
 def load_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
-    """``GPT2LMHeadModel.from_pretrained(name)`` in eval mode on ``device``."""
-    from transformers import GPT2LMHeadModel
+    """``AutoModelForCausalLM.from_pretrained(name)`` in eval mode on ``device``, every weight from the checkpoint.
+
+    Never runs remote code. Raises ``NqpqError`` for encoder(-decoder) models, unreadable or truncated
+    checkpoints, and checkpoints whose weights do not all load (missing, unexpected or mismatched keys),
+    so a model is never run with randomly initialised weights.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     local = os.path.isdir(name)
+    cache_only = _cache_only(name)
     try:
-        model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype, local_files_only=_cache_only(name))
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(name, local_files_only=cache_only, trust_remote_code=False)
+        check_architecture(config, name)
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                name, config=config, dtype=dtype, local_files_only=cache_only, trust_remote_code=False,
+                # Mismatched shapes are listed in the loading info (and refused below) rather than raised
+                # with a pointer to transformers' load report.
+                ignore_mismatched_sizes=True, output_loading_info=True)
+    except NqpqError:
+        raise
     except (OSError, ValueError) as err:
         if not local and _is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="model", name=name, err=err)) from err
-        raise NqpqError(f"Could not load the model from {name!r}: {err}") from err
+        raise NqpqError(f"Could not load the model from {name!r}: {_one_line(err)}") from err
+    except (SafetensorError, RuntimeError, KeyError) as err:  # truncated/corrupt weights, shape mismatches
+        raise NqpqError(f"Could not load the model from {name!r}: {type(err).__name__}: {_one_line(err)}") from err
+    problems = unloaded_weights(model, info)
+    if problems:
+        raise NqpqError(f"--model {name!r}: the checkpoint does not fit {type(model).__name__}: "
+                        f"{'; '.join(problems)}. Refusing to run with randomly initialised weights.")
     return model.to(device).eval()
 
 
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def load_tokenizer(name: str):
-    from transformers import GPT2TokenizerFast
+    """``AutoTokenizer.from_pretrained(name)`` (no remote code), refusing empty tokenizers."""
+    from transformers import AutoTokenizer
 
     try:
-        tok = GPT2TokenizerFast.from_pretrained(name, local_files_only=_cache_only(name))
-    except (OSError, ValueError) as err:
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=_cache_only(name), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
         if not os.path.isdir(name) and _is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=err)) from err
-        raise NqpqError(f"Could not load a GPT-2 tokenizer from {name!r}: {err}") from err
+        raise NqpqError(f"Could not load a tokenizer from {name!r}: {_one_line(err)}") from err
     if len(tok) <= 1:
         if not os.path.isdir(name):  # transformers 5 returns an empty tokenizer for an unreachable hub name
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err="no tokenizer files found"))
-        raise NqpqError(f"The tokenizer at {name!r} is empty (no vocab.json/merges.txt or tokenizer.json?)")
+        raise NqpqError(f"The tokenizer at {name!r} is empty (no tokenizer.json, vocab.json/merges.txt?)")
     return tok
 
 
-def rows_from_file(path: str) -> list[str]:
-    """Lines with their newline, as ``datasets`` gives WikiText rows."""
+def open_text_file(path: str):
+    """``path`` opened for reading as UTF-8 text, or a clear ``NqpqError`` (checked before any model loads)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError) as err:
+        return open(path, encoding="utf-8")
+    except OSError as err:
         raise NqpqError(f"Could not read --text-file {path!r}: {err}") from err
 
 
-def rows_from_hub() -> list[str]:
-    """The WikiText-103 raw validation split, the spec's text."""
+def rows_from_file(path: str) -> Iterator[str]:
+    """The lines of ``path`` with their newline, as ``datasets`` gives WikiText rows, read lazily.
+
+    The same rows as ``f.read().splitlines(keepends=True)``: universal newlines first, then
+    ``str.splitlines``' other line boundaries within each line.
+    """
+    f = open_text_file(path)
+    with f:
+        try:
+            for line in f:
+                yield from line.splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError) as err:
+            raise NqpqError(f"Could not read --text-file {path!r}: {err}") from err
+
+
+def rows_from_hub(batch_rows: int = 1024) -> Iterator[str]:
+    """The WikiText-103 raw validation split, the spec's text, row by row.
+
+    ``datasets`` keeps the split memory-mapped on disk; rows are read in batches as they
+    are consumed, never the whole column at once.
+    """
     try:
         import datasets
 
         if not hub_reachable():  # use a cached copy if there is one, without minutes of retries
             datasets.config.HF_HUB_OFFLINE = True
-        return list(datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="validation")["text"])
+        split = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="validation")
     except Exception as err:  # datasets raises many types when offline
         raise NqpqError(OFFLINE_HINT.format(what="dataset", name="wikitext/wikitext-103-raw-v1", err=err)) from err
+    for batch in split.iter(batch_size=batch_rows):
+        yield from batch["text"]
 
 
 def demo_rows() -> list[str]:
@@ -149,7 +267,7 @@ def demo_rows() -> list[str]:
     return rows
 
 
-def join_rows(rows: list[str]) -> str:
+def join_rows(rows: Iterable[str]) -> str:
     """The spec's text preparation: keep rows with non-space content, join with blank lines."""
     return "\n\n".join(t for t in rows if t.strip())
 
@@ -157,6 +275,42 @@ def join_rows(rows: list[str]) -> str:
 def tokenize(text: str, tokenizer) -> Tensor:
     ids = tokenizer.encode(text)
     return torch.tensor(ids, dtype=torch.long)
+
+
+# Tokens tokenized beyond those used. Tokenizing a prefix of the text can change only its last
+# few tokens (BPE merges and whitespace pre-tokens at the cut, an end-of-text token some
+# tokenizers append); everything this far before the cut is what the whole text gives.
+CUT_MARGIN_TOKENS = 256
+
+
+def ids_for_blocks(rows: Iterable[str], tokenizer, needed: int, chars_per_token: float = 4.0) -> Tensor:
+    """The first ``needed`` ids of ``tokenize(join_rows(rows), tokenizer)``, reading only the rows they need.
+
+    Rows are consumed lazily; the joined prefix is tokenized when it may hold enough tokens
+    (``needed + CUT_MARGIN_TOKENS``), and the character budget doubles until it does, so the
+    work and memory are a small multiple of what the blocks use, whatever the size of the text.
+    If the text runs out first, every id of the whole text is returned: fewer than ``needed``
+    when the text is too short (the caller reports that).
+    """
+    if needed < 1:
+        raise ValueError(f"needed must be at least 1, got {needed}")
+    row_iter = iter(rows)
+    kept: list[str] = []
+    chars, budget = 0, int((needed + CUT_MARGIN_TOKENS) * chars_per_token) + 1
+    while True:
+        exhausted = False
+        while chars < budget:
+            row = next(row_iter, None)
+            if row is None:
+                exhausted = True
+                break
+            if row.strip():
+                kept.append(row)
+                chars += len(row) + 2
+        ids = tokenize(join_rows(kept), tokenizer)
+        if exhausted or ids.numel() >= needed + CUT_MARGIN_TOKENS:
+            return ids[:needed].clone()
+        budget *= 2
 
 
 def demo_model(vocab_size: int, seed: int, device: str, dtype: torch.dtype) -> nn.Module:
@@ -169,3 +323,14 @@ def demo_model(vocab_size: int, seed: int, device: str, dtype: torch.dtype) -> n
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_ids_fit(ids: Tensor, model: nn.Module, vocab_size: int | None = None) -> None:
+    """Refuse token ids the model's input embedding has no row for (a tokenizer bigger than the model)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= rows:
+        tok = f"the tokenizer's vocabulary ({vocab_size} tokens)" if vocab_size is not None else "the token ids"
+        raise NqpqError(f"{tok} does not fit the model's embedding ({rows} rows): token id {int(ids.max())} "
+                        "is out of range; use the tokenizer the model was trained with (--tokenizer)")
+    if ids.numel() and int(ids.min()) < 0:
+        raise NqpqError(f"token id {int(ids.min())} is negative")

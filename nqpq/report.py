@@ -1,4 +1,4 @@
-"""Writing a sweep's results: ``results.json`` and PNG plots, whole or not at all."""
+"""A run's results: ``results.json`` and PNG plots written whole or not at all, read back, re-printed, redrawn."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
-RESULT_FILES = ("results.json", "delta_ppl_vs_dr.png", "cumulative_variance.png")
+# What each kind of results.json must hold at the top level; a file without them is refused.
+REQUIRED_KEYS = {
+    "sweep": ("ppl_baseline", "ppl_top1", "ppl_full", "curve", "spectrum", "mean_eff_dim", "verdict", "crystallinity",
+              "config"),
+    "scan": ("ppl_baseline", "layers", "crystallinity", "config"),
+}
 
 
 def check_out_dir(path: str) -> None:
@@ -42,7 +48,12 @@ def _plot_curve(results: dict, path: str) -> None:
     ax1.axhline(results["ppl_top1"] - results["ppl_baseline"], color="tab:red", ls="--", label="A: top-1")
     ax1.axhline(results["ppl_full"] - results["ppl_baseline"], color="tab:green", ls=":", label="B: full")
     ax1.set(xlabel="d_r", ylabel="ΔPPL vs baseline", title="ΔPPL vs d_r")
-    ax2.plot(d_r, [c["recovered_pct"] for c in curve], "o-")
+    recovered = [c["recovered_pct"] for c in curve]
+    if any(r is None for r in recovered):  # top-1 lost nothing: a percentage of no loss is not a number
+        ax2.text(0.5, 0.5, f"recovered %: n/a\n{results['verdict'].get('explanation', '')}", ha="center",
+                 va="center", transform=ax2.transAxes, wrap=True)
+    else:
+        ax2.plot(d_r, recovered, "o-")
     ax2.axhline(90, color="gray", ls="--", label="90 %")
     ax2.set(xlabel="d_r", ylabel="recovered % of top-1 loss", title="Recovered % vs d_r")
     for ax in (ax1, ax2):
@@ -87,17 +98,35 @@ def _title(results: dict) -> str:
     return f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{tag}"
 
 
-def write_results(out_dir: str, results: dict) -> list[str]:
-    """Write results.json, the plots and basis.pt into ``out_dir``; all of them or none."""
+SWEEP_PLOTS = (("delta_ppl_vs_dr.png", _plot_curve), ("cumulative_variance.png", _plot_spectrum))
+
+
+def plots_for(results: dict) -> tuple:
+    """``(file name, draw(results, path))`` for each plot of this kind of results."""
+    if results.get("kind") == "scan":
+        from .plots import SCAN_PLOTS
+
+        return SCAN_PLOTS
+    return SWEEP_PLOTS
+
+
+def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> list[str]:
+    """Write results.json, the plots and basis.pt into ``out_dir``; all of them or none.
+
+    ``include_json=False`` (``nqpq report``) redraws the plots only.
+    """
 
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".nqpq-")
     try:
-        with open(os.path.join(staging, "results.json"), "w") as f:
-            json.dump(json_ready(results), f, indent=2)
-        _plot_curve(results, os.path.join(staging, "delta_ppl_vs_dr.png"))
-        _plot_spectrum(results, os.path.join(staging, "cumulative_variance.png"))
-        names = list(RESULT_FILES)
+        names = []
+        if include_json:
+            with open(os.path.join(staging, "results.json"), "w") as f:
+                json.dump(json_ready(results), f, indent=2)
+            names.append("results.json")
+        for name, draw in plots_for(results):
+            draw(results, os.path.join(staging, name))
+            names.append(name)
         if "basis" in results:
             results["basis"].save(os.path.join(staging, "basis.pt"))
             names.append("basis.pt")
@@ -108,3 +137,65 @@ def write_results(out_dir: str, results: dict) -> list[str]:
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_results(out_dir: str) -> dict:
+    """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys."""
+    from .data import NqpqError
+    from .scan import SCAN_FORMAT_VERSION
+    from .sweep import SWEEP_FORMAT_VERSION
+
+    path = os.path.join(out_dir, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except FileNotFoundError as err:
+        raise NqpqError(f"{path}: no such file (give the --out directory of a sweep or a scan)") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise NqpqError(f"{path} cannot be read as JSON: {err}") from err
+    if not isinstance(results, dict):
+        raise NqpqError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    versions = {"sweep": SWEEP_FORMAT_VERSION, "scan": SCAN_FORMAT_VERSION}
+    kind, version = results.get("kind"), results.get("format_version")
+    if kind not in versions:
+        raise NqpqError(f"{path}: 'kind' is {kind!r}, not 'sweep' or 'scan' (written by another nqpq version?)")
+    if version != versions[kind]:
+        raise NqpqError(f"{path}: a {kind} results.json of format version {version!r}; this nqpq reads version "
+                        f"{versions[kind]} (re-run the {kind} with this version)")
+    missing = [k for k in REQUIRED_KEYS[kind] if k not in results]
+    if missing:
+        raise NqpqError(f"{path}: a {kind} results.json without {missing}: the file is broken")
+    return results
+
+
+def print_report(results: dict, say: Callable[[str], None] = print) -> None:
+    """The report a sweep or a scan printed when it ran, from its results dict alone."""
+    if results.get("kind") == "scan":
+        from .scan import print_scan_report
+
+        print_scan_report(results, say)
+    else:
+        from .sweep import print_sweep_report
+
+        print_sweep_report(results, say)
+
+
+def redraw(out_dir: str, say: Callable[[str], None] = print) -> list[str]:
+    """``nqpq report``: re-print the report and redraw every plot from ``out_dir/results.json``.
+
+    Nothing is printed or written unless all of it can be: a file whose entries do not hold
+    what this version writes raises ``NqpqError``.
+    """
+    from .data import NqpqError
+
+    results = load_results(out_dir)
+    lines: list[str] = []
+    try:
+        print_report(results, lines.append)
+        written = write_results(out_dir, results, include_json=False)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise NqpqError(f"{os.path.join(out_dir, 'results.json')} is broken ({type(err).__name__}: {err}); "
+                        "nothing was redrawn") from err
+    for line in lines:
+        say(line)
+    return written

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import HEAD_DIM, N_HEAD, build_model
+from conftest import HEAD_DIM, N_HEAD, build_model, wikitext_text
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from nqpq import ResidualBasis, calibrate, crystallize, make_blocks, perplexity
@@ -38,6 +38,13 @@ def sweep_args(model_dir, text_file, out, *extra):
 
 def rel(a, b):
     return abs(a - b) / abs(b)
+
+
+def spec_recovered(ppl_baseline, ppl_top1, ppl_c):
+    """The spec's recovered %, or None where top-1 costs at most 1e-6 of the baseline (nothing to recover)."""
+    if ppl_top1 - ppl_baseline <= 1e-6 * ppl_baseline:
+        return None
+    return pytest.approx((ppl_top1 - ppl_c) / max(ppl_top1 - ppl_baseline, 1e-9) * 100, rel=1e-9, abs=1e-9)
 
 
 def text_ids(text_file, tokenizer):
@@ -81,8 +88,7 @@ def test_results_json_schema(sweep_run):
     for c in results["curve"]:
         assert set(c) >= {"d_r", "ppl", "delta_ppl", "recovered_pct"}
         assert c["delta_ppl"] == pytest.approx(c["ppl"] - results["ppl_baseline"], rel=1e-12, abs=1e-12)
-        want = (results["ppl_top1"] - c["ppl"]) / max(results["ppl_top1"] - results["ppl_baseline"], 1e-9) * 100
-        assert c["recovered_pct"] == pytest.approx(want, rel=1e-9, abs=1e-9)
+        assert c["recovered_pct"] == spec_recovered(results["ppl_baseline"], results["ppl_top1"], c["ppl"])
     assert [(s["layer"], s["head"]) for s in results["spectrum"]] == [(li, h) for li in LAYERS for h in range(N_HEAD)]
     for s in results["spectrum"]:
         assert set(s) >= {"layer", "head", "cumulative_variance", "r90"}
@@ -90,9 +96,13 @@ def test_results_json_schema(sweep_run):
         assert len(cv) == HEAD_DIM and cv[-1] == pytest.approx(1.0) and cv == sorted(cv)
         assert s["r90"] == sum(v < 0.9 for v in cv) + 1
     assert results["mean_eff_dim"] == pytest.approx(statistics.mean(s["r90"] for s in results["spectrum"]))
-    verdict, good = results["verdict"], [c["d_r"] for c in results["curve"] if c["recovered_pct"] >= 90.0]
+    verdict = results["verdict"]
     assert set(verdict) >= {"compressible", "d_r_min"}
-    assert verdict["compressible"] == bool(good) and verdict["d_r_min"] == (min(good) if good else None)
+    if results["ppl_top1"] - results["ppl_baseline"] <= 1e-6 * results["ppl_baseline"]:
+        assert verdict["compressible"] is None and verdict["d_r_min"] is None
+    else:
+        good = [c["d_r"] for c in results["curve"] if c["recovered_pct"] >= 90.0]
+        assert verdict["compressible"] == bool(good) and verdict["d_r_min"] == (min(good) if good else None)
     config = results["config"]
     assert config["torch"] == torch.__version__ and config["transformers"] == transformers.__version__
     assert config["device_name"] and config["device"] == "cpu" and config["world_size"] == 1
@@ -116,7 +126,7 @@ def test_results_equal_straightforward_recomputation(sweep_run, saved_model):
     results, out = sweep_run[3], sweep_run[2]
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     ids = text_ids(text_file, GPT2TokenizerFast.from_pretrained(model_dir))
-    assert results["config"]["n_tokens"] == ids.numel()
+    assert results["config"]["n_tokens"] == N_BLOCKS * SEQ_LEN  # only the tokens the blocks use are read
     basis = ResidualBasis.load(str(out / "basis.pt"))
     assert basis.layers == list(LAYERS)
 
@@ -259,8 +269,214 @@ def test_sweep_on_shared_data(shared_data, tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     ids = text_ids(shared_data / "wiki.valid.raw", tokenizer)
-    assert results["config"]["n_tokens"] == ids.numel()
+    assert results["config"]["n_tokens"] == 3 * 64
     assert results["config"]["calib_blocks"] == 3  # default: 4, capped at --n-blocks
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     assert rel(results["ppl_baseline"], perplexity(model, ids, 64, 3)) <= 1e-6
     assert math.isfinite(results["ppl_top1"])
+
+
+# --- hardening, each through the real console script in its own process ----------------------------------------
+
+def nqpq_command(*args: str) -> list[str]:
+    """The installed `nqpq` console script, else ``python -m nqpq``, with ``args``."""
+    command = cli_command()
+    return [command, *args] if command else [sys.executable, "-m", "nqpq", *args]
+
+
+def cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_parallel(cases: dict[str, list[str]], cwd: Path, timeout: float = 180) -> dict:
+    """Run each command line at once (they are mostly start-up time) and collect (rc, stdout, stderr)."""
+    procs = {name: subprocess.Popen(nqpq_command(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, args in cases.items()}
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def save_weights(model_dir: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    edit(state)
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=tie))
+
+
+@pytest.fixture(scope="module")
+def refusal_cases(saved_model, tmp_path_factory):
+    """Checkpoints and flags that must be refused: {name: (sweep args, needles in the error line)}, and paths."""
+    model_dir, text_file = saved_model
+    tmp_path = tmp_path_factory.mktemp("refusals")
+    # A GPT-2 config over Llama weights: loaded as GPT-2, every weight would be random (the original bug).
+    swapped = tmp_path / "gpt2-config-llama-weights"
+    tiny_llama(tie=False).save_pretrained(swapped)
+    GPT2LMHeadModel.from_pretrained(model_dir).config.save_pretrained(swapped)
+    # A Llama whose untied LM head is not in the file.
+    headless = tmp_path / "llama-no-head"
+    tiny_llama(tie=False).save_pretrained(headless)
+    save_weights(headless, lambda s: s.pop("lm_head.weight"))
+    # A download cut short.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 1000)
+    # A model whose embedding is smaller than the tokenizer's vocabulary (100 rows vs 300 tokens).
+    small_vocab = tmp_path / "small-vocab"
+    build_model(vocab_size=100).save_pretrained(small_vocab)
+    # An encoder.
+    from transformers import BertConfig, BertForMaskedLM
+
+    encoder = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(encoder)
+    # --out: one the run would create (removed on failure), one that exists (left as it was).
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    new_out = tmp_path / "new" / "out"
+
+    def args(model, *extra, out=None):
+        return sweep_args(model, text_file, out, "--tokenizer", str(model_dir), *extra)
+
+    return {
+        "swapped": (args(swapped, "--layers", "1", out=new_out), ["missing", "unexpected", "randomly initialised"]),
+        "headless": (args(headless, "--layers", "1", out=existing), ["lm_head.weight", "missing"]),
+        "truncated": (args(truncated), ["Could not load the model", "SafetensorError"]),
+        "small_vocab": (args(small_vocab), ["(300 tokens)", "(100 rows)"]),
+        "encoder": (args(encoder, "--layers", "0"), ["encoder", "bert"]),
+        "device_meta": (args(model_dir, "--device", "meta"), ["--device 'meta'"]),
+        "demo_model": (["sweep", "--demo", "--model", str(model_dir)], ["--demo", "--model"]),
+        # Flags that need no model are checked before the model (here: one that does not exist) is looked at.
+        "flags_first": (sweep_args(tmp_path / "no-such-model", text_file, None, "--batch-size", "0"),
+                        ["--batch-size"]),
+        "text_first": (sweep_args(tmp_path / "no-such-model", tmp_path / "no-such.raw", None), ["--text-file"]),
+    }, tmp_path
+
+
+def assert_one_line_error(name, code, err, needles):
+    assert code == 2, (name, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nqpq: error: "), (name, err[-2000:])
+    for needle in needles:
+        assert needle in lines[0], (name, needle, lines[0])
+
+
+# Start-up dominates these runs (~3 s each on 2 cores): three run as real processes, in parallel,
+# and the others in this process through the same entry point (main).
+IN_A_REAL_PROCESS = ("swapped", "truncated", "small_vocab")
+
+
+def test_refusals_in_real_processes(refusal_cases):
+    """A checkpoint that is not what it claims, half-downloaded, or too small for the tokenizer: exit 2, one
+    line; an --out directory the run created is gone, one that existed is as it was."""
+    cases, tmp_path = refusal_cases
+    results = run_parallel({name: cases[name][0] for name in IN_A_REAL_PROCESS}, cwd=tmp_path)
+    for name in IN_A_REAL_PROCESS:
+        assert_one_line_error(name, results[name].returncode, results[name].stderr, cases[name][1])
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+    assert (existing / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", ["headless", "encoder", "device_meta", "demo_model", "flags_first", "text_first"])
+def test_refusals(refusal_cases, name, capsys):
+    cases, _ = refusal_cases
+    args, needles = cases[name]
+    code = main(args)
+    assert_one_line_error(name, code, capsys.readouterr().err, needles)
+    existing = refusal_cases[1] / "existing"
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
+def test_help_states_each_default_once(tmp_path):
+    result = subprocess.run(nqpq_command("sweep", "--help"), cwd=tmp_path, env=cli_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    options = " ".join(result.stdout.split()).split(" --")[1:]  # one chunk per option, wrapped lines joined
+    assert len(options) >= 15
+    for option in options:
+        assert option.count("default") <= 1, option
+    assert "quarter of the free GPU memory" in " ".join(result.stdout.split())  # what the default batch size does
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(saved_model, tmp_path):
+    import signal
+    import time
+
+    model_dir, _ = saved_model
+    text = tmp_path / "long.raw"
+    text.write_text(wikitext_text(n_articles=200, seed=4), encoding="utf-8")
+    out = tmp_path / "out"
+    args = sweep_args(model_dir, text, out, "--n-blocks", "60", "--seq-len", "128", "--layers", "1", "2", "3",
+                      "--d-r", *map(str, range(HEAD_DIM + 1)))
+    proc = subprocess.Popen(nqpq_command(*args), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert "Loading" in first, first
+        time.sleep(2.0)  # into the sweep proper (the whole run takes ~10 s)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()] == ["nqpq: interrupted; nothing written"], err[-2000:]
+    assert not out.exists()
+
+
+def measured_run(args: list[str], cwd: Path) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in KiB, stderr) of one `nqpq` process."""
+    import time
+
+    err_path = cwd / f"stderr-{len(list(cwd.iterdir()))}.txt"
+    with open(err_path, "w") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(nqpq_command(*args), cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err_path.read_text()[-2000:]
+    return seconds, usage.ru_maxrss, err_path.read_text()
+
+
+def test_huge_text_costs_what_the_blocks_need(saved_model, tmp_path):
+    """A 40 MB text file costs about what a 30 KB one does: only the rows the blocks need are read and tokenized."""
+    model_dir, small = saved_model
+    huge = tmp_path / "huge.raw"
+    chunk = wikitext_text(n_articles=300, seed=9)
+    with open(huge, "w", encoding="utf-8") as f:
+        for _ in range(40_000_000 // len(chunk) + 1):
+            f.write(chunk)
+    assert huge.stat().st_size > 40_000_000 and small.stat().st_size < 100_000
+
+    def args(text, out):
+        return ["sweep", "--model", str(model_dir), "--text-file", str(text), "--layers", "3", "--d-r", "4", "4",
+                "2", "--n-blocks", "4", "--seq-len", "32", "--calib-blocks", "2", "--device", "cpu", "--no-progress",
+                "--out", str(out)]
+
+    small_s, small_rss, _ = measured_run(args(small, tmp_path / "small"), tmp_path)
+    huge_s, huge_rss, _ = measured_run(args(huge, tmp_path / "huge"), tmp_path)
+    # Reading it whole took ~10x the time and GBs; the bounds leave room for a busy shared machine only.
+    assert huge_rss < small_rss * 1.1, (huge_rss, small_rss)
+    assert huge_s < small_s * 2 + 2.0, (huge_s, small_s)
+    for out in ("small", "huge"):
+        results = json.loads((tmp_path / out / "results.json").read_text())
+        assert [c["d_r"] for c in results["curve"]] == [2, 4]  # --d-r 4 4 2: each once, in order
+        assert results["config"]["d_r"] == [2, 4] and results["config"]["n_tokens"] == 4 * 32

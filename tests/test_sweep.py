@@ -1,0 +1,142 @@
+"""The sweep's arithmetic: recovered %, the inconclusive verdict, ranks, the real dtype, the default batch size."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import HEAD_DIM, build_model
+
+from nqpq.report import write_results
+from nqpq.sweep import (
+    INCONCLUSIVE,
+    SweepConfig,
+    default_batch_size,
+    free_memory,
+    recovered_pct,
+    run_sweep,
+    sweep_ranks,
+)
+
+GIB = 1 << 30
+
+
+def spec_formula(base, top1, c):
+    return (top1 - c) / max(top1 - base, 1e-9) * 100
+
+
+@pytest.mark.parametrize("base, top1, c", [(20.0, 25.0, 21.0), (20.0, 20.0 + 2.1e-5, 20.00001), (7.5, 9.0, 9.5),
+                                          (100.0, 100.0 + 1.01e-4, 100.0)])
+def test_recovered_is_the_spec_formula_where_top1_loses(base, top1, c):
+    assert top1 - base > 1e-6 * base
+    assert recovered_pct(base, top1, c) == spec_formula(base, top1, c)
+
+
+@pytest.mark.parametrize("base, top1", [(20.0, 20.0), (20.0, 20.0 + 1.9e-5), (100.0, 100.0 + 0.99e-4), (20.0, 19.0)])
+def test_recovered_is_null_where_top1_loses_nothing(base, top1):
+    """At or below 1e-6 of the baseline (or a top-1 better than the baseline) there is no loss to recover."""
+    assert recovered_pct(base, top1, base) is None
+
+
+def test_ranks_deduplicated_sorted_and_default_up_to_head_dim():
+    assert sweep_ranks(SweepConfig(d_r=(4, 4, 2)), 64) == [2, 4]
+    assert sweep_ranks(SweepConfig(d_r=None), 64) == [1, 2, 4, 8, 16, 32]
+    assert sweep_ranks(SweepConfig(d_r=None), 16) == [1, 2, 4, 8, 16]
+    assert sweep_ranks(SweepConfig(d_r=None), 80) == [1, 2, 4, 8, 16, 32]
+
+
+LAYERS = (2, 3)
+
+
+def silent_layers_model(tokenizer):
+    """The tiny GPT-2 with the output projection of the crystallized layers zeroed: whatever those layers'
+    attention computes (full, top-1, low-rank) is multiplied by 0, so every configuration scores exactly the
+    baseline, while the residuals ε (taken before the projection) are non-zero and calibrate as usual."""
+    model = build_model(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        for layer in LAYERS:
+            model.transformer.h[layer].attn.c_proj.weight.zero_()
+    return model
+
+
+def test_top1_that_loses_nothing_is_inconclusive(tokenizer, token_ids, tmp_path, capsys):
+    model = silent_layers_model(tokenizer)
+    cfg = SweepConfig(layers=LAYERS, d_r=(1, HEAD_DIM), n_blocks=4, seq_len=32, calib_blocks=2, device="cpu",
+                      batch_size=2, progress=False)
+    results = run_sweep(cfg, model=model, ids=token_ids)
+    assert results["ppl_top1"] == results["ppl_baseline"] == results["ppl_full"]
+    assert [c["recovered_pct"] for c in results["curve"]] == [None, None]
+    assert results["verdict"]["compressible"] is None and results["verdict"]["d_r_min"] is None
+    assert results["verdict"]["explanation"] == INCONCLUSIVE == "top-1 loses nothing here; the test is inconclusive"
+    report = capsys.readouterr().out
+    assert report.count("recovered=  n/a") == 2 and "INCONCLUSIVE" in report and INCONCLUSIVE in report
+    assert "YES" not in report and "PARTIAL" not in report
+
+    write_results(str(tmp_path), results)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [c["recovered_pct"] for c in saved["curve"]] == [None, None]
+    assert saved["verdict"]["compressible"] is None and saved["verdict"]["explanation"] == INCONCLUSIVE
+    assert (tmp_path / "delta_ppl_vs_dr.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_results_record_the_models_real_dtype(tokenizer, token_ids):
+    model = build_model(vocab_size=len(tokenizer)).to(torch.bfloat16)
+    cfg = SweepConfig(layers=(3,), d_r=(1,), n_blocks=2, seq_len=16, calib_blocks=1, device="cpu", dtype="float32",
+                      batch_size=2, progress=False)
+    config = run_sweep(cfg, model=model, ids=token_ids, log=lambda *_: None)["config"]
+    assert config["dtype"] == "bfloat16"
+    assert (config["family"], config["n_heads"], config["n_kv_heads"], config["head_dim"]) == ("gpt2", 4, 4, HEAD_DIM)
+    assert config["sliding_window"] == {"3": None} and config["attn_softcap"] is None
+
+
+# --- default batch size ----------------------------------------------------------------------------------------
+
+LLAMA_8B = SimpleNamespace(n_heads=32, n_kv_heads=8, head_dim=128)
+GPT2_SMALL = SimpleNamespace(n_heads=12, n_kv_heads=12, head_dim=64)
+
+
+def test_batch_size_counts_the_reference_t2_buffers_on_cpu():
+    """Llama-3-8B geometry at T=2048: the reference's two fp32 [32, T, T] buffers alone are 1 GiB per block."""
+    cpu = torch.device("cpu")
+    per_block_floor = 2 * 32 * 2048 * 2048 * 4
+    batch = default_batch_size(cpu, LLAMA_8B, 2048, 100, torch.bfloat16, hidden=4096, free=24 * GIB)
+    assert 1 <= batch <= 24 * GIB // 4 // per_block_floor  # a quarter of free memory, at most
+    assert batch < 8  # the old fixed CPU batch would need more than 8 GiB here
+    assert default_batch_size(cpu, LLAMA_8B, 2048, 100, torch.bfloat16, hidden=4096, free=GIB) == 1
+
+
+def test_batch_size_grows_with_memory_and_shrinks_with_dtype_width():
+    cpu = torch.device("cpu")
+
+    def batch(free, dtype):
+        return default_batch_size(cpu, GPT2_SMALL, 1024, 100, dtype, hidden=768, free=free)
+
+    assert batch(2 * GIB, torch.float32) < batch(8 * GIB, torch.float32) < batch(32 * GIB, torch.float32)
+    assert batch(8 * GIB, torch.bfloat16) > batch(8 * GIB, torch.float32)
+    assert default_batch_size(cpu, GPT2_SMALL, 64, 3, torch.float32, hidden=768, free=64 * GIB) == 3
+
+
+def test_batch_size_respects_the_cuda_grid_limit():
+    """batch · Hq must stay within CUDA's 65535 grid rows, however much memory there is."""
+    cuda = torch.device("cuda")  # only the arithmetic runs: the free memory is given
+    batch = default_batch_size(cuda, GPT2_SMALL, 64, 1_000_000, torch.float16, hidden=768, free=10_000 * GIB)
+    assert batch * 12 <= 65535 and batch == 65535 // 12
+
+
+def test_batch_size_sets_the_prefix_record_aside():
+    """The recorded hidden states of every block ([n_blocks, T, hidden]) are kept all sweep: more blocks, fewer
+    per batch."""
+    cpu = torch.device("cpu")
+
+    def batch(n_blocks):
+        return default_batch_size(cpu, LLAMA_8B, 1024, n_blocks, torch.bfloat16, hidden=4096, free=64 * GIB)
+
+    assert batch(4000) < batch(200)
+
+
+def test_cpu_free_memory_is_the_available_ram():
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert abs(free_memory(torch.device("cpu")) - available) < 0.1 * available
