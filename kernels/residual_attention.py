@@ -1,19 +1,27 @@
 """Fused Triton forward kernel for residual attention (EXP-Q03).
 
-Per (b, h) with q, k, v ``[T, D]``::
+Per (b, query head h), with kv head ``h // (Hq // Hkv)`` and q, k, v ``[T, D]``::
 
-    p   = causal softmax(q kᵀ · scale)           (float32)
-    i*  = argmax_j p[j]                           (first index on ties)
+    s   = q kᵀ · scale,  s = c·tanh(s/c) (softcap),  masked to i - w < j <= i   (fp32)
+    p   = softmax(s)
+    i*  = first index of max_j s[j]               (= argmax p, taken on the exact scores)
     ctx = p @ V,   ε = ctx − V[i*]
     top1 → V[i*];  full → ctx;  lowrank → V[i*] + (ε P) Pᵀ,  P = basis[h, :, :d_r]
 
 Modelled on Triton's fused-attention tutorial (06-fused-attention): a grid of
-``(cdiv(T, BLOCK_M), B * H)`` programs, each owning ``BLOCK_M`` queries and
-walking the key tiles up to the causal diagonal with an online softmax.  The
-argmax is tracked on the same fp32 scaled scores the softmax uses (the running
-row maximum of the softmax *is* the running best score), so it costs one extra
-reduction per tile.  ``mode == "top1"`` without a Gram request skips the
-``P @ V`` accumulation entirely.
+``(cdiv(T, BLOCK_M), B * Hq)`` programs (B·Hq chunked over CUDA's grid-y limit),
+each owning ``BLOCK_M`` queries and walking the key tiles up to the causal
+diagonal (from the start of its window, with a sliding window) with an online
+softmax. The argmax is tracked on the same fp32 scores the softmax uses (the
+running row maximum of the softmax *is* the running best score), so it costs
+one extra reduction per tile, and the top-1 probability is ``1 / l`` at the end.
+``mode == "top1"`` without a Gram or top1_prob request skips the exponentials
+and the ``P @ V`` accumulation entirely.
+
+Head dims that are not a power of two (80, 96, ...) are padded to one inside the
+kernel (masked loads and stores). Non-finite rows (a NaN score, or a best score
+of ±inf) give NaN outputs, argmax -1 and top1_prob NaN, and never an out-of-range
+load.
 
 The module never touches the CUDA driver at import time: block sizes come from a
 plain heuristic table evaluated inside the launcher.
@@ -28,9 +36,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["residual_attention_triton", "SUPPORTED_HEAD_DIMS"]
+from nqpq.validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_residual_attention_inputs
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+__all__ = ["MAX_GRID_Y", "SUPPORTED_HEAD_DIMS", "residual_attention_triton"]
+
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
 OUT_LAYOUTS = ("bhtd", "bthd")
 _MODE_IDS = {"top1": 0, "full": 1, "lowrank": 2}
 
@@ -39,13 +49,34 @@ _MODE_IDS = {"top1": 0, "full": 1, "lowrank": 2}
 # Kernel
 # --------------------------------------------------------------------------- #
 @triton.jit
+def _tanh(x):
+    """fp32 tanh from exp (Triton's CPU interpreter has no libdevice, and one code path is tested).
+
+    Below |x| = 0.4 an odd Taylor polynomial (truncation < 1e-8 relative); above, 1 − 2/(e^{2|x|} + 1),
+    which has no cancellation there. Saturates to exactly ±1 (for |x| ≳ 9), as fp32 tanh does.
+    """
+    a = tl.abs(x)
+    x2 = x * x
+    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197
+                                                                   + x2 * 0.003592128036572481))))))
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(a < 0.4, poly, big)
+
+
+@triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, best_idx,
+    acc, l_i, m_i, best_idx, nan_row,
     q, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_n, offs_d,
-    scale, lo, hi, T,
+    offs_m, offs_n, offs_d, mask_d,
+    scale, softcap, window, lo, hi, T,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr,  # apply the causal / sequence-end (and window) mask to this range
+    WINDOWED: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D is a power of two: no head-dim mask
+    SOFTCAP: tl.constexpr,
+    NEED_L: tl.constexpr,
     NEED_CTX: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -59,109 +90,162 @@ def _attn_fwd_inner(
         rows64 = cols.to(tl.int64)
         k_ptrs = k_base + rows64[:, None] * stride_kt + offs_d[None, :]
         if MASKED:
-            k = tl.load(k_ptrs, mask=(cols < T)[:, None], other=0.0)
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=(cols < T)[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(cols < T)[:, None] & mask_d[None, :], other=0.0)
         else:
-            k = tl.load(k_ptrs)
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        # fp32 scaled scores, exactly what the softmax (and the argmax) sees.
+        # fp32 scaled (capped) scores, exactly what the softmax (and the argmax) sees.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        if SOFTCAP:
+            s = _tanh(s / softcap) * softcap  # Gemma 2's order: divide, tanh, multiply; then mask
         if MASKED:
             valid = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
+            if WINDOWED:
+                valid = valid & (cols[None, :] > offs_m[:, None] - window)
             s = tl.where(valid, s, float("-inf"))
-        # Tile maximum and the first key index reaching it.
+        # A NaN among the visible scores marks the row non-finite (the epilogue writes NaN there);
+        # dropping it from the max keeps the index search in range.
+        is_nan = s != s
+        nan_row = nan_row | (tl.max(is_nan.to(tl.int32), 1) > 0)
+        s = tl.where(is_nan, float("-inf"), s)
+        # Tile maximum and the first key index reaching it; tiles come in increasing key order.
         t_max = tl.max(s, 1)
         t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
         take = (t_max > m_i) | ((t_max == m_i) & (t_idx < best_idx))
         best_idx = tl.where(take, t_idx, best_idx)
         m_new = tl.maximum(m_i, t_max)
-        if NEED_CTX:
-            alpha = tl.exp2((m_i - m_new) * LOG2E)
-            p = tl.exp2((s - m_new[:, None]) * LOG2E)
+        if NEED_L:
+            # A row that has seen only -inf so far subtracts 0, not -inf (no -inf - -inf = NaN).
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2((m_i - m_base) * LOG2E)
+            p = tl.exp2((s - m_base[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v_ptrs = v_base + rows64[:, None] * stride_vt + offs_d[None, :]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=(cols < T)[:, None], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            if NEED_CTX:
+                v_ptrs = v_base + rows64[:, None] * stride_vt + offs_d[None, :]
+                if MASKED:
+                    if EVEN_D:
+                        v = tl.load(v_ptrs, mask=(cols < T)[:, None], other=0.0)
+                    else:
+                        v = tl.load(v_ptrs, mask=(cols < T)[:, None] & mask_d[None, :], other=0.0)
+                else:
+                    if EVEN_D:
+                        v = tl.load(v_ptrs)
+                    else:
+                        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+                if DOT_F32:
+                    v = v.to(tl.float32)
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, l_i, m_i, best_idx
+    return acc, l_i, m_i, best_idx, nan_row
 
 
-@triton.jit(do_not_specialize=["n_m_blocks", "d_r"])
+@triton.jit(do_not_specialize=["bh_off", "d_r", "window"])
 def _residual_attn_fwd(
-    Q, K, V, Out, Argmax, Basis, Gram,
+    Q, K, V, Out, Argmax, Top1P, Basis, Gram,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_ab, stride_ah,
+    stride_ab, stride_ah,  # Argmax and Top1P: contiguous [B, Hq, T] buffers
     stride_ph, stride_pd, stride_pr,
-    H, T, n_m_blocks, d_r, scale,
-    D: tl.constexpr,
-    R_PAD: tl.constexpr,
+    H, GROUP, T, bh_off, d_r, window, scale, softcap,
+    HEAD_D: tl.constexpr,  # the real head dim
+    D_PAD: tl.constexpr,  # next power of two (tl.arange / tl.dot shapes)
+    R_BLOCK: tl.constexpr,  # basis columns per epilogue step
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MODE: tl.constexpr,  # 0 top1, 1 full, 2 lowrank
-    NEED_CTX: tl.constexpr,
+    NEED_L: tl.constexpr,  # accumulate the softmax denominator (ctx or top1_prob)
+    NEED_CTX: tl.constexpr,  # accumulate p @ V
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     STORE_ARGMAX: tl.constexpr,
+    STORE_TOP1P: tl.constexpr,
     STORE_GRAM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     EPI_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast operands to fp32 (only for bf16 under the CPU interpreter)
 ):
+    EVEN_D: tl.constexpr = HEAD_D == D_PAD
     start_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + bh_off  # the launcher chunks B*Hq over CUDA's grid-y limit
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    off_hk = off_h // GROUP  # kv head of this query head (transformers' repeat_kv order)
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
     o_base = Out + off_b * stride_ob + off_h * stride_oh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 query rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < HEAD_D
     mask_m = offs_m < T
     offs_m64 = offs_m.to(tl.int64)
+    mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(q_base + offs_m64[:, None] * stride_qt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    q = tl.load(q_base + offs_m64[:, None] * stride_qt + offs_d[None, :], mask=mask_md, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
+    nan_row = tl.zeros([BLOCK_M], dtype=tl.int1)
 
-    # Stage 1: key tiles strictly below this query block (all keys < T, all visible).
-    lo = start_m * BLOCK_M
-    acc, l_i, m_i, best_idx = _attn_fwd_inner(
-        acc, l_i, m_i, best_idx, q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, scale, 0, lo, T,
-        BLOCK_N, False, NEED_CTX, DOT_PREC, DOT_F32,
+    lo = start_m * BLOCK_M  # first key of the diagonal block
+    if WINDOWED:
+        # Key tiles wholly before every row's window are skipped: cost grows as T·w, not T².
+        # [lo_w, mid): tiles some row of the block cannot fully see (window mask);
+        # [mid, lo): tiles every row sees completely (no mask).
+        first = tl.maximum(lo - window + 1, 0)
+        lo_w = (first // BLOCK_N) * BLOCK_N
+        mid = tl.maximum(lo + BLOCK_M - window, 0)
+        mid = tl.minimum(((mid + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+        acc, l_i, m_i, best_idx, nan_row = _attn_fwd_inner(
+            acc, l_i, m_i, best_idx, nan_row, q, k_base, v_base, stride_kt, stride_vt,
+            offs_m, offs_n, offs_d, mask_d, scale, softcap, window, lo_w, mid, T,
+            BLOCK_N, True, True, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32,
+        )
+    else:
+        mid = 0
+    # Key tiles strictly below the diagonal block, all visible to every row.
+    acc, l_i, m_i, best_idx, nan_row = _attn_fwd_inner(
+        acc, l_i, m_i, best_idx, nan_row, q, k_base, v_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, mid, lo, T,
+        BLOCK_N, False, False, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32,
     )
-    # Stage 2: the diagonal block (causal + sequence-end mask).
+    # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
     hi = tl.minimum(lo + BLOCK_M, T)
-    acc, l_i, m_i, best_idx = _attn_fwd_inner(
-        acc, l_i, m_i, best_idx, q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, scale, lo, hi, T,
-        BLOCK_N, True, NEED_CTX, DOT_PREC, DOT_F32,
+    acc, l_i, m_i, best_idx, nan_row = _attn_fwd_inner(
+        acc, l_i, m_i, best_idx, nan_row, q, k_base, v_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, lo, hi, T,
+        BLOCK_N, True, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32,
     )
 
     # ---- epilogue ----------------------------------------------------------
-    best64 = best_idx.to(tl.int64)
+    # Non-finite row: a visible NaN score, or a best score of ±inf (no softmax exists). Its index is
+    # replaced by a valid one for the V load (never out of range), and every output is NaN.
+    bad = nan_row | (m_i == float("inf")) | (m_i == float("-inf"))
+    safe_idx = tl.where(bad | (~mask_m), 0, best_idx)
     v_star = tl.load(
-        v_base + best64[:, None] * stride_vt + offs_d[None, :], mask=mask_m[:, None], other=0.0
+        v_base + safe_idx.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=mask_md, other=0.0
     ).to(tl.float32)
+    v_star = tl.where(bad[:, None], float("nan"), v_star)
 
     if NEED_CTX:
-        ctx = acc / l_i[:, None]
+        ctx = tl.where(bad[:, None], float("nan"), acc / l_i[:, None])
         eps = tl.where(mask_m[:, None], ctx - v_star, 0.0)
 
     if MODE == 0:
@@ -169,25 +253,32 @@ def _residual_attn_fwd(
     elif MODE == 1:
         out = ctx
     else:
-        offs_r = tl.arange(0, R_PAD)
-        p_ptrs = Basis + off_h * stride_ph + offs_d[:, None] * stride_pd + offs_r[None, :] * stride_pr
-        # Columns >= d_r read as zero: one compiled kernel serves every rank of a sweep.
-        P = tl.load(p_ptrs, mask=(offs_r < d_r)[None, :], other=0.0)  # [D, R_PAD] fp32
-        coeff = tl.dot(eps, P, input_precision=EPI_PREC)  # [BLOCK_M, R_PAD]
-        out = tl.dot(coeff, tl.trans(P), v_star, input_precision=EPI_PREC)  # V[i*] + (εP)Pᵀ
+        # V[i*] + (εP)Pᵀ, R_BLOCK basis columns at a time up to d_r: columns >= d_r are never read, and
+        # one compiled kernel serves every rank of a sweep.
+        out = v_star
+        offs_r = tl.arange(0, R_BLOCK)
+        for r0 in range(0, d_r, R_BLOCK):
+            cols_r = r0 + offs_r
+            p_ptrs = Basis + off_h * stride_ph + offs_d[:, None] * stride_pd + cols_r[None, :] * stride_pr
+            P = tl.load(p_ptrs, mask=mask_d[:, None] & (cols_r < d_r)[None, :], other=0.0)  # [D_PAD, R_BLOCK]
+            coeff = tl.dot(eps, P, input_precision=EPI_PREC)  # [BLOCK_M, R_BLOCK]
+            out = tl.dot(coeff, tl.trans(P), out, input_precision=EPI_PREC)
 
     o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_md)
 
     if STORE_ARGMAX:
         a_ptrs = Argmax + off_b * stride_ab + off_h * stride_ah + offs_m64
-        tl.store(a_ptrs, best64, mask=mask_m)
-
+        tl.store(a_ptrs, tl.where(bad, -1, best_idx).to(tl.int64), mask=mask_m)
+    if STORE_TOP1P:
+        # The running max is the best score, whose term exp(m - m) = 1 is in l_i exactly: p[i*] = 1/l_i.
+        t_ptrs = Top1P + off_b * stride_ab + off_h * stride_ah + offs_m64
+        tl.store(t_ptrs, tl.where(bad, float("nan"), 1.0 / l_i), mask=mask_m)
     if STORE_GRAM:
-        g = tl.dot(tl.trans(eps), eps, input_precision=EPI_PREC)  # [D, D] fp32 partial
-        pid_lin = pid_bh.to(tl.int64) * n_m_blocks + start_m
-        g_ptrs = Gram + pid_lin * (D * D) + offs_d[:, None] * D + offs_d[None, :]
-        tl.store(g_ptrs, g)
+        # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
+        g = tl.dot(tl.trans(eps), eps, input_precision=EPI_PREC)  # [D_PAD, D_PAD]
+        g_ptrs = Gram + off_h * (HEAD_D * HEAD_D) + offs_d[:, None] * HEAD_D + offs_d[None, :]
+        tl.atomic_add(g_ptrs, g, mask=mask_d[:, None] & mask_d[None, :])
 
 
 # --------------------------------------------------------------------------- #
@@ -227,11 +318,19 @@ def _check_backend_device(device: torch.device) -> None:
 
 
 def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device) -> dict:
-    """Block sizes / launch options. A fixed small config for the interpreter, a table on CUDA."""
+    """Block sizes / launch options for a padded head dim ``D``. A fixed small config for the interpreter,
+    a table on CUDA."""
     if device.type != "cuda":
         # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages.
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     heavy_epilogue = mode == "lowrank" or return_gram  # fp32 [*, D] x [D, D] epilogue dots
+    if D > 128:
+        # D = 144..256 (Gemma 2's 256), padded to 256. NOT MEASURED (no card in the session that added it):
+        # a conservative guess that keeps the [BLOCK_M, 256] fp32 accumulator and the K/V tiles within one
+        # SM's registers and shared memory. Tune with benchmarks.tune before trusting its speed.
+        if dtype in (torch.float16, torch.bfloat16):
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
         if D <= 64:
             # H100, bf16, B=32 H=12 D=64 (benchmarks.tune, 2026-11-27): 64/64/4 warps/3 stages was the
@@ -239,6 +338,7 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
             # lowrank 0.301 ms, vs 0.222 / 0.350 ms with 128/64).
             cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
         else:
+            # D = 80..128 (80 and 96 padded to 128): the D=128 row; not measured for the padded dims.
             cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:  # fp32 operands: twice the bytes per tile
         if D <= 64:
@@ -250,6 +350,16 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
     return cfg
 
 
+# CUDA's limit on grid dimension y, where the launcher puts B·Hq (the query blocks are on x, so that
+# neighbouring programs share a head's K/V in L2). Larger B·Hq is launched in chunks; a module constant
+# so that a CPU test can lower it.
+MAX_GRID_Y = 65535
+
+
+def _padded_head_dim(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
 def residual_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -259,37 +369,40 @@ def residual_attention_triton(
     basis: Tensor | None = None,
     d_r: int | None = None,
     scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     return_argmax: bool = False,
     return_gram: bool = False,
+    return_top1_prob: bool = False,
     out_layout: str = "bhtd",
     allow_tf32: bool = False,
     out: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> ResidualAttentionResult:
     """Fused residual attention; same contract as ``nqpq.reference.residual_attention_reference``.
 
-    Returns ``(out, argmax, gram)``: ``out`` in the input dtype, ``[B, H, T, D]``
-    (``out_layout="bhtd"``) or a contiguous ``[B, T, H, D]`` (``"bthd"``);
-    ``argmax`` int64 ``[B, H, T]`` or None; ``gram`` float64 ``[H, D, D]`` =
-    Σ_{b,t} ε εᵀ or None.
+    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``; the kernel reads kv head
+    ``h // (Hq // Hkv)`` in place, never a repeated copy). D: any multiple of 16 up to 256.
+    Returns ``ResidualAttentionResult(out, argmax, gram, top1_prob)``: ``out`` in the input dtype,
+    ``[B, Hq, T, D]`` (``out_layout="bhtd"``) or a contiguous ``[B, T, Hq, D]`` (``"bthd"``);
+    ``argmax`` int64 ``[B, Hq, T]`` (-1 on a non-finite row); ``gram`` float64 ``[Hq, D, D]`` =
+    Σ_{b,t} ε εᵀ (reduced on the device in fp32, per launch); ``top1_prob`` float32 ``[B, Hq, T]``
+    = 1/l at the end of the online softmax (NaN on a non-finite row). Unrequested fields are None.
+
+    Inputs whose last dimension is strided (stride(-1) != 1) are copied to a contiguous layout first
+    (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
+    projections are read in place.
 
     ``out`` (keyword-only, optional) is a preallocated output of the right shape,
     dtype and device with a unit last stride; mainly a test hook.
     """
-    from nqpq.validate import check_residual_attention_inputs  # late import: no cycles
-
-    d_r, scale = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale)
+    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"out_layout must be 'bhtd' or 'bthd', got {out_layout!r}")
     _check_backend_device(q.device)
     B, H, T, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f'backend="triton" supports head dims {SUPPORTED_HEAD_DIMS}, got D={D}')
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(
-                f"{name} must be contiguous in its last dimension (stride(-1) == 1), "
-                f"got strides {tuple(t.stride())}"
-            )
+        raise ValueError(f'backend="triton" supports head dims that are multiples of 16 up to 256, got D={D}')
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     device = q.device
     out_shape = (B, H, T, D) if out_layout == "bhtd" else (B, T, H, D)
@@ -311,19 +424,20 @@ def residual_attention_triton(
         stride_ob, stride_oh, stride_ot = out.stride(0), out.stride(2), out.stride(1)
 
     need_ctx = mode != "top1" or return_gram
-    cfg = _pick_config(D, q.dtype, mode, return_gram, device)
+    D_PAD = _padded_head_dim(D)
+    cfg = _pick_config(D_PAD, q.dtype, mode, return_gram, device)
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     assert BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     n_m = triton.cdiv(T, BLOCK_M)
+    # A window covering the whole sequence is plain causal attention: skip the window masks.
+    windowed = args.sliding_window is not None and args.sliding_window < T
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
-    gram_buf = (
-        torch.empty((B * H * n_m, D, D), device=device, dtype=torch.float32) if return_gram else None
-    )
+    top1_prob = torch.empty((B, H, T), device=device, dtype=torch.float32) if return_top1_prob else None
+    gram32 = torch.zeros((H, D, D), device=device, dtype=torch.float32) if return_gram else None
 
     # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
-    R_PAD = D
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
 
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
@@ -336,36 +450,42 @@ def residual_attention_triton(
 
     # Unused pointer arguments get a valid tensor (the kernel never dereferences them).
     dummy = out
-    grid = (n_m, B * H)
-    _residual_attn_fwd[grid](
-        q, k, v, out,
-        argmax if argmax is not None else dummy,
-        basis_f32 if basis_f32 is not None else dummy,
-        gram_buf if gram_buf is not None else dummy,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        stride_ob, stride_oh, stride_ot,
-        argmax.stride(0) if argmax is not None else 0,
-        argmax.stride(1) if argmax is not None else 0,
-        *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
-        H, T, n_m, d_r, scale,
-        D=D,
-        R_PAD=R_PAD,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        MODE=_MODE_IDS[mode],
-        NEED_CTX=need_ctx,
-        STORE_ARGMAX=return_argmax,
-        STORE_GRAM=return_gram,
-        DOT_PREC=precision,
-        EPI_PREC=precision,
-        DOT_F32=dot_f32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    n_bh = B * H
+    for bh_off in range(0, n_bh, MAX_GRID_Y):
+        grid = (n_m, min(MAX_GRID_Y, n_bh - bh_off))
+        _residual_attn_fwd[grid](
+            q, k, v, out,
+            argmax if argmax is not None else dummy,
+            top1_prob if top1_prob is not None else dummy,
+            basis_f32 if basis_f32 is not None else dummy,
+            gram32 if gram32 is not None else dummy,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            stride_ob, stride_oh, stride_ot,
+            H * T, T,  # argmax / top1_prob are contiguous [B, Hq, T]
+            *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
+            H, args.group, T, bh_off, args.d_r, args.sliding_window if windowed else 0, args.scale,
+            args.softcap if args.softcap is not None else 1.0,
+            HEAD_D=D,
+            D_PAD=D_PAD,
+            R_BLOCK=min(D_PAD, 64),
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            MODE=_MODE_IDS[mode],
+            NEED_L=need_ctx or return_top1_prob,
+            NEED_CTX=need_ctx,
+            WINDOWED=windowed,
+            SOFTCAP=args.softcap is not None,
+            STORE_ARGMAX=return_argmax,
+            STORE_TOP1P=return_top1_prob,
+            STORE_GRAM=return_gram,
+            DOT_PREC=precision,
+            EPI_PREC=precision,
+            DOT_F32=dot_f32,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
 
-    gram = None
-    if return_gram:
-        gram = gram_buf.view(B, H, n_m, D, D).sum(dim=(0, 2), dtype=torch.float64)
-    return out, argmax, gram
+    gram = gram32.double() if return_gram else None
+    return ResidualAttentionResult(out, argmax, gram, top1_prob)

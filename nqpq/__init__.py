@@ -11,9 +11,11 @@ from .integration import crystallize, crystallize_layers, uncrystallize
 from .ops import residual_attention
 from .reference import residual_attention_reference
 from .sweep import SweepConfig, run_sweep
+from .validate import ResidualAttentionResult
 
 __all__ = [
-    "GramAccumulator", "NqpqError", "PrefixRunner", "ResidualBasis", "SweepConfig", "basis_from_grams",
+    "GramAccumulator", "NqpqError", "PrefixRunner", "ResidualAttentionResult", "ResidualBasis", "SweepConfig",
+    "basis_from_grams",
     "block_losses", "calibrate", "crystallize", "crystallize_layers", "make_blocks", "perplexity",
     "residual_attention", "residual_attention_reference", "run_sweep", "uncrystallize",
 ]

@@ -3,29 +3,42 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from torch import Tensor
 
 from .reference import residual_attention_reference
+from .validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_tensor
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device_type: str) -> str:
-    """Map ``auto`` to the Triton kernel on CUDA and the reference elsewhere."""
+def resolve_backend(backend: str, device_type: str, head_dim: int | None = None) -> str:
+    """Map ``auto`` to the Triton kernel on CUDA and the reference elsewhere.
+
+    With ``head_dim`` given, ``auto`` also falls back to the reference on CUDA when the kernel does not
+    support that head dim (``TRITON_HEAD_DIMS``), and an explicit ``"triton"`` refuses it.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    supported = head_dim is None or head_dim in TRITON_HEAD_DIMS
     if backend == "auto":
-        return "triton" if device_type == "cuda" else "torch"
-    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 set before "
-            "the kernel is imported; use backend='torch' for the reference path"
-        )
+        return "triton" if device_type == "cuda" and supported else "torch"
+    if backend == "triton":
+        if not supported:
+            raise ValueError(
+                f"backend='triton' supports head dims that are multiples of 16 up to 256, got D={head_dim}; "
+                "use backend='torch' (or 'auto', which falls back to it)"
+            )
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 set before "
+                "the kernel is imported; use backend='torch' for the reference path"
+            )
     return backend
 
 
-def residual_attention_impl(backend: str):
+def residual_attention_impl(backend: str) -> Callable[..., ResidualAttentionResult]:
     """The function that runs residual attention for a resolved backend."""
     if backend == "triton":
         from nqpq_kernels import (
@@ -46,16 +59,31 @@ def residual_attention(
     d_r: int | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     return_argmax: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Causal residual attention, SDPA-like: q, k, v ``[B, H, T, D]`` → ``[B, H, T, D]``.
+    return_top1_prob: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """Causal residual attention, SDPA-like: q ``[B, Hq, T, D]``, k, v ``[B, Hkv, T, D]`` → ``[B, Hq, T, D]``.
 
+    Query head h reads kv head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
     ``mode``: ``"top1"`` → V[i*]; ``"full"`` → p @ V; ``"lowrank"`` → V[i*] + P_r P_rᵀ (p@V − V[i*])
-    with ``P_r = basis[:, :, :d_r]`` (``basis`` ``[H, D, R]``, R ≥ d_r). ``scale`` defaults to D**-0.5.
-    Computes in float32 and returns the input dtype. With ``return_argmax`` also returns i* ``[B, H, T]``.
+    with ``P_r = basis[:, :, :d_r]`` (``basis`` ``[Hq, D, R]``, R ≥ d_r). ``scale`` defaults to D**-0.5.
+    ``sliding_window=w``: query i sees keys i - w < j <= i. ``softcap=c``: scores become c·tanh(s/c)
+    before masking. i* is the first index of the maximum of those scores (argmax p is argmax s).
+    Computes in float32 and returns the input dtype.
+
+    Returns ``out``; with ``return_argmax`` and/or ``return_top1_prob`` a tuple ``(out, argmax, top1_prob)``
+    holding only what was asked, in that order: argmax int64 ``[B, Hq, T]`` (-1 on a non-finite row),
+    top1_prob float32 ``[B, Hq, T]`` = max_j p[j] (NaN on a non-finite row). A row whose scores contain NaN,
+    or whose best score is ±inf, gives a NaN output row.
     """
-    impl = residual_attention_impl(resolve_backend(backend, q.device.type))
-    out, i_star, _ = impl(
-        q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, return_argmax=return_argmax
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+    impl = residual_attention_impl(resolve_backend(backend, q.device.type, q.shape[-1] if q.dim() == 4 else None))
+    res = impl(
+        q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
+        return_argmax=return_argmax, return_top1_prob=return_top1_prob,
     )
-    return (out, i_star) if return_argmax else out
+    extra = [x for x, asked in ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob)) if asked]
+    return (res.out, *extra) if extra else res.out

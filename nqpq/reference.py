@@ -1,12 +1,22 @@
 """Reference (eager PyTorch) residual attention: the CPU path and the oracle for the kernel.
 
 Same signature as ``nqpq_kernels.residual_attention_triton`` so that tests and
-users can swap the two. Semantics follow EXP-Q03 exactly:
+users can swap the two. Semantics follow EXP-Q03, per query head h reading kv
+head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv`` order):
 
-    p   = causal softmax(q kᵀ · scale)           (float32)
-    i*  = argmax_j p[j]                           (first index on ties)
+    s   = q kᵀ · scale                            (float32)
+    s   = c · tanh(s / c)                         (with softcap=c, before masking: Gemma 2's order)
+    s   = -inf where j > i, or j <= i - w         (causal; sliding_window=w)
+    p   = softmax(s)
+    i*  = first index of max_j s[j]               (argmax p is argmax s: exp is monotone; taking it on
+                                                    s keeps it exact where p rounds two scores together)
     ctx = p @ V,   ε = ctx − V[i*]
     top1 → V[i*];  full → ctx;  lowrank → V[i*] + P_r P_rᵀ ε
+
+Non-finite rows: a row whose visible scores contain NaN, or whose maximum score is +inf or -inf (e.g. fp16
+inputs that overflowed to inf), has no defined softmax. Its output row is NaN in every mode, its argmax
+is -1, its top1_prob NaN, and the Gram of its head is NaN. Every other row is computed as usual (a -inf
+score alone just gets zero weight).
 """
 
 from __future__ import annotations
@@ -14,7 +24,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validate import check_residual_attention_inputs
+from .validate import ResidualAttentionResult, check_residual_attention_inputs
+
+
+def visible_keys(T: int, sliding_window: int | None, device: torch.device | str) -> Tensor:
+    """bool ``[T, T]``: query i sees key j iff ``j <= i`` and (with a window w) ``j > i - w``."""
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]  # i - j
+    visible = diff >= 0
+    if sliding_window is not None:
+        visible &= diff < sliding_window
+    return visible
 
 
 def residual_attention_reference(
@@ -26,42 +46,66 @@ def residual_attention_reference(
     basis: Tensor | None = None,
     d_r: int | None = None,
     scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     return_argmax: bool = False,
     return_gram: bool = False,
+    return_top1_prob: bool = False,
     out_layout: str = "bhtd",
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> ResidualAttentionResult:
     """Residual attention in plain PyTorch, vectorized over batch and heads.
 
-    Returns ``(out, argmax, gram)``: ``out`` in the input dtype, ``[B, H, T, D]``
-    (or ``[B, T, H, D]`` with ``out_layout="bthd"``); ``argmax`` int64
-    ``[B, H, T]`` or None; ``gram`` float64 ``[H, D, D]`` = Σ_{b,t} ε εᵀ or None.
+    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``). Returns a
+    ``ResidualAttentionResult(out, argmax, gram, top1_prob)``: ``out`` in the input dtype,
+    ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with ``out_layout="bthd"``); ``argmax`` int64
+    ``[B, Hq, T]``; ``gram`` float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ; ``top1_prob`` float32
+    ``[B, Hq, T]`` = max_j p[j]. Fields not asked for are None. Holds one fp32 ``[B, Hq, T, T]`` buffer.
     """
-    d_r, scale = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale)
+    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
     if out_layout not in ("bhtd", "bthd"):
         raise ValueError(f"out_layout must be 'bhtd' or 'bthd', got {out_layout!r}")
-    B, H, T, D = q.shape
-    qf, kf, vf = q.float(), k.float(), v.float()
+    B, Hq, T, D = q.shape
+    Hkv, G = k.shape[1], args.group
+    # [B, Hkv, G, T, D] views: query head h = kv * G + g reads kv head kv, with no repeated K/V.
+    qf = q.float().reshape(B, Hkv, G, T, D)
+    kf = k.float().unsqueeze(2)
+    vf = v.float().unsqueeze(2)
 
-    # One T×T buffer for the scores, one for p; the scores are freed before p @ V.
-    scores = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
-    above_diagonal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    scores.masked_fill_(above_diagonal, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    del scores
-    i_star = p.argmax(dim=-1)  # torch.argmax returns the first maximal index
-    v_star = torch.gather(vf, 2, i_star.unsqueeze(-1).expand(B, H, T, D))
+    # One T×T buffer: scores, then p in place.
+    s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(args.scale)
+    if args.softcap is not None:
+        s.div_(args.softcap).tanh_().mul_(args.softcap)
+    s.masked_fill_(~visible_keys(T, args.sliding_window, q.device), float("-inf"))
+    nan_rows = s.isnan().any(dim=-1)
+    if bool(nan_rows.any()):
+        s.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    i_star = s.argmax(dim=-1)  # torch.argmax returns the first maximal index
+    m = s.gather(-1, i_star.unsqueeze(-1))
+    bad = nan_rows | ~torch.isfinite(m.squeeze(-1))  # [B, Hkv, G, T]
+    p = s.sub_(m).exp_()  # the maximum's term is exp(0) = 1 exactly, so p[i*] = 1 / Σ_j exp(s_j - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    p.div_(denom)
+    top1_prob = None
+    if return_top1_prob:
+        top1_prob = denom.reciprocal_().squeeze(-1).masked_fill_(bad, float("nan")).reshape(B, Hq, T)
+
+    i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are overwritten with NaN below
+    v_star = torch.gather(vf.expand(B, Hkv, G, T, D), 3, i_star.unsqueeze(-1).expand(B, Hkv, G, T, D))
+    v_star.masked_fill_(bad.unsqueeze(-1), float("nan"))
 
     need_ctx = mode != "top1" or return_gram
-    ctx = torch.matmul(p, vf) if need_ctx else None
-    del p
+    ctx = torch.matmul(p, vf).masked_fill_(bad.unsqueeze(-1), float("nan")) if need_ctx else None
+    del p, s
 
+    v_star = v_star.reshape(B, Hq, T, D)
+    ctx = ctx.reshape(B, Hq, T, D) if need_ctx else None
     if mode == "top1":
         out = v_star
     elif mode == "full":
         out = ctx
     else:
         eps = ctx - v_star
-        P = basis[:, :, :d_r].to(device=q.device, dtype=torch.float32)  # [H, D, d_r]
+        P = basis[:, :, : args.d_r].to(device=q.device, dtype=torch.float32)  # [Hq, D, d_r]
         coeff = torch.einsum("bhtd,hdr->bhtr", eps, P)
         out = v_star + torch.einsum("bhtr,hdr->bhtd", coeff, P)
 
@@ -72,4 +116,5 @@ def residual_attention_reference(
 
     out = out.to(q.dtype)
     out = out.transpose(1, 2).contiguous() if out_layout == "bthd" else out
-    return out, (i_star if return_argmax else None), gram
+    argmax = i_star.masked_fill_(bad, -1).reshape(B, Hq, T) if return_argmax else None
+    return ResidualAttentionResult(out, argmax, gram, top1_prob)

@@ -1,16 +1,75 @@
-"""Input checks shared by every backend of residual attention.
+"""Input checks and the result type shared by every backend of residual attention.
 
 One place decides what a valid call is, so the reference path and the Triton
-kernel reject the same inputs with the same messages.
+kernel reject the same inputs with the same messages.  Messages name types,
+shapes and values, never the repr of a tensor (or of an object holding tensors).
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 MODES = ("top1", "full", "lowrank")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Head dims the fused kernel runs: every multiple of 16 up to 256. Non-powers of two (80, 96, ...)
+# are padded to the next power of two inside the kernel, with masked loads and stores.
+TRITON_HEAD_DIMS = tuple(range(16, 257, 16))
+
+
+class ResidualAttentionResult(NamedTuple):
+    """What every residual-attention implementation returns; a field is None unless it was asked for.
+
+    - ``out``: the attention output in the input dtype, ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with
+      ``out_layout="bthd"``).
+    - ``argmax``: int64 ``[B, Hq, T]``, i* = the first index of the maximum of the row's masked, scaled
+      (soft-capped) scores; −1 on a non-finite row.
+    - ``gram``: float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ with ε = p @ V − V[i*].
+    - ``top1_prob``: float32 ``[B, Hq, T]`` = max_j p[j] = p[i*]; NaN on a non-finite row.
+    """
+
+    out: Tensor
+    argmax: Tensor | None
+    gram: Tensor | None
+    top1_prob: Tensor | None
+
+
+class ResolvedArgs(NamedTuple):
+    """The validated, defaulted arguments of a residual-attention call."""
+
+    d_r: int
+    scale: float
+    sliding_window: int | None
+    softcap: float | None
+    group: int  # query heads per kv head, Hq // Hkv
+
+
+def _describe(x: Any) -> str:
+    """A short description of an argument for error messages: type and shape, never a repr."""
+    if isinstance(x, Tensor):
+        return f"Tensor{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def check_tensor(name: str, t: Any) -> None:
+    """Raise a TypeError naming ``name`` unless ``t`` is a torch.Tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _as_int(name: str, x: Any) -> int:
+    """Python or numpy/torch integral scalars as int; bools and everything else refused."""
+    if isinstance(x, bool) or (isinstance(x, Tensor) and x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {_describe(x)}") from None
 
 
 def check_residual_attention_inputs(
@@ -21,53 +80,65 @@ def check_residual_attention_inputs(
     basis: Tensor | None,
     d_r: int | None,
     scale: float | None,
-) -> tuple[int, float]:
-    """Validate a residual-attention call; return the resolved ``(d_r, scale)``.
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> ResolvedArgs:
+    """Validate a residual-attention call; return the resolved arguments.
 
-    ``d_r`` resolves to 0 for ``top1``, ``D`` for ``full`` (neither reads it)
-    and must be given for ``lowrank``.
+    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` with ``Hq % Hkv == 0``. ``d_r`` resolves to 0 for
+    ``top1`` and ``D`` for ``full`` (neither reads it) and must be given for ``lowrank``; ``scale``
+    defaults to ``D**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i);
+    ``softcap`` a finite float > 0.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}" if isinstance(mode, str)
+                         else f"mode must be one of {MODES}, got {_describe(mode)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} dtype must be float32, float16 or bfloat16, got {t.dtype}")
-    if q.shape != k.shape or q.shape != v.shape:
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, T, D], got {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
         raise ValueError(
-            "q, k, v must have the same shape [B, H, T, D] (causal self-attention), got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            "q [B, Hq, T, D] and k, v [B, Hkv, T, D] must agree on B, T and D (causal self-attention), got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of kv heads, got Hq={Hq}, Hkv={Hkv} "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, H, T, D = q.shape
-    if T == 0 or D == 0:
-        raise ValueError(f"q, k, v must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if B == 0 or T == 0 or D == 0:
+        raise ValueError(f"q, k, v must have B >= 1, T >= 1 and D >= 1, got q shape {tuple(q.shape)}")
 
     if mode == "lowrank":
         if d_r is None:
             raise ValueError("mode='lowrank' needs d_r (0..D)")
         if basis is None:
-            raise ValueError("mode='lowrank' needs basis [H, D, R] with R >= d_r")
-    if d_r is None:
-        d_r = 0 if mode == "top1" else D
-    if isinstance(d_r, bool) or not isinstance(d_r, int):
-        raise TypeError(f"d_r must be an int, got {type(d_r).__name__}")
+            raise ValueError("mode='lowrank' needs basis [Hq, D, R] with R >= d_r")
+    d_r = (0 if mode == "top1" else D) if d_r is None else _as_int("d_r", d_r)
     if not 0 <= d_r <= D:
         raise ValueError(f"d_r must be in 0..D (D={D}), got {d_r}")
 
     if basis is not None and mode == "lowrank":
-        if not isinstance(basis, Tensor) or basis.dim() != 3:
-            raise ValueError(f"basis must be a tensor [H, D, R], got {getattr(basis, 'shape', basis)}")
-        if basis.shape[0] != H or basis.shape[1] != D:
-            raise ValueError(
-                f"basis must be [H={H}, D={D}, R], got {tuple(basis.shape)}"
+        if not isinstance(basis, Tensor):
+            raise TypeError(
+                f"basis must be a torch.Tensor [Hq, D, R], got {type(basis).__name__}"
+                + (" (pass its .basis[layer] tensor)" if hasattr(basis, "basis") else "")
             )
+        if basis.dim() != 3:
+            raise ValueError(f"basis must be a tensor [H, D, R], got shape {tuple(basis.shape)}")
+        if basis.shape[0] != Hq or basis.shape[1] != D:
+            raise ValueError(f"basis must be [H={Hq}, D={D}, R] (one basis per query head), got {tuple(basis.shape)}")
         if basis.shape[2] < d_r:
             raise ValueError(f"basis has R={basis.shape[2]} columns, fewer than d_r={d_r}")
         if not basis.is_floating_point():
@@ -77,7 +148,20 @@ def check_residual_attention_inputs(
 
     if scale is None:
         scale = D**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real | Tensor):
+        raise TypeError(f"scale must be a number, got {_describe(scale)}")
     scale = float(scale)
-    if not scale > 0 or scale != scale:
-        raise ValueError(f"scale must be a positive number, got {scale}")
-    return d_r, scale
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+
+    if sliding_window is not None:
+        sliding_window = _as_int("sliding_window", sliding_window)
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (query i sees keys i-w < j <= i), got {sliding_window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a number, got {_describe(softcap)}")
+        softcap = float(softcap)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv)

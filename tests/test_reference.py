@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from plain_attention import check_against_plain, plain
 
-from nqpq import residual_attention, residual_attention_reference
+from nqpq import ResidualAttentionResult, residual_attention, residual_attention_reference
+from nqpq.ops import resolve_backend
 
 MODES = ("top1", "full", "lowrank")
 SHAPES = [(1, 1, 16), (2, 3, 32), (1, 2, 64)]  # (B, H, D)
-
-
-def plain(q, k, v, mode, basis=None, d_r=None, scale=None):
-    """The spec's formulas, one (b, h) at a time, in float64. Returns (out, argmax, gram)."""
-    B, H, T, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    out = torch.zeros(B, H, T, D, dtype=torch.float64)
-    arg = torch.zeros(B, H, T, dtype=torch.long)
-    gram = torch.zeros(H, D, D, dtype=torch.float64)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    for b in range(B):
-        for h in range(H):
-            qq, kk, vv = (x[b, h].double() for x in (q, k, v))
-            scores = (qq @ kk.T * scale).masked_fill(~causal, -math.inf)
-            p = scores.softmax(-1)
-            i_star = torch.argmax(p, dim=-1)
-            ctx = p @ vv
-            v_star = vv[i_star]
-            eps = ctx - v_star
-            if mode == "top1":
-                o = v_star
-            elif mode == "full":
-                o = ctx
-            else:
-                P = basis[h, :, :d_r].double()
-                o = v_star + eps @ P @ P.T
-            out[b, h], arg[b, h] = o, i_star
-            gram[h] += eps.T @ eps
-    return out, arg, gram
 
 
 def random_qkv(B, H, T, D, dtype=torch.float32, seed=0):
@@ -57,7 +28,7 @@ def random_basis(H, D, R=None, seed=1):
 def run_both(q, k, v, **kw):
     """(op output, reference output): the public op with backend='torch' and the reference function."""
     op_out = residual_attention(q, k, v, backend="torch", **kw)
-    ref_out, _, _ = residual_attention_reference(q, k, v, **kw)
+    ref_out = residual_attention_reference(q, k, v, **kw).out
     return op_out, ref_out
 
 
@@ -66,7 +37,7 @@ def run_both(q, k, v, **kw):
 @pytest.mark.parametrize("mode", ["top1", "full"])
 def test_top1_full_match_plain_fp32(B, H, D, T, mode):
     q, k, v = random_qkv(B, H, T, D, seed=T + D)
-    want, _, _ = plain(q, k, v, mode)
+    want = plain(q, k, v, mode).out
     for got in run_both(q, k, v, mode=mode):
         assert got.dtype == torch.float32 and got.shape == (B, H, T, D)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -78,7 +49,7 @@ def test_lowrank_matches_plain_fp32(B, H, D, T):
     q, k, v = random_qkv(B, H, T, D, seed=T * D)
     basis = random_basis(H, D)
     for d_r in sorted({0, 1, 5, D}):
-        want, _, _ = plain(q, k, v, "lowrank", basis, d_r)
+        want = plain(q, k, v, "lowrank", basis, d_r).out
         for got in run_both(q, k, v, mode="lowrank", basis=basis, d_r=d_r):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=f"d_r={d_r}")
 
@@ -101,7 +72,7 @@ def test_lowrank_limits_and_narrow_basis():
 def test_lowrank_with_non_orthonormal_basis():
     q, k, v = random_qkv(1, 2, 20, 16, seed=9)
     basis = torch.randn(2, 16, 6, generator=torch.Generator().manual_seed(3)) * 0.3
-    want, _, _ = plain(q, k, v, "lowrank", basis, 4)
+    want = plain(q, k, v, "lowrank", basis, 4).out
     for got in run_both(q, k, v, mode="lowrank", basis=basis, d_r=4):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
@@ -113,7 +84,7 @@ def test_half_precision_inputs(dtype, tol, mode):
     q, k, v = random_qkv(B, H, T, D, dtype=dtype, seed=11)
     basis = random_basis(H, D)
     kw = {"basis": basis, "d_r": 5} if mode == "lowrank" else {}
-    want, _, _ = plain(q, k, v, mode, basis, 5)
+    want = plain(q, k, v, mode, basis, 5).out
     for got in run_both(q, k, v, mode=mode, **kw):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -129,14 +100,14 @@ def test_ties_pick_the_first_index():
     q[0, 0, 4] = 0.0  # all scores equal: argmax must be 0
     v = torch.randn(1, 1, T, D, generator=g)
     _, got_op = residual_attention(q, k, v, mode="top1", backend="torch", scale=0.25, return_argmax=True)
-    _, got_ref, _ = residual_attention_reference(q, k, v, mode="top1", scale=0.25, return_argmax=True)
+    got_ref = residual_attention_reference(q, k, v, mode="top1", scale=0.25, return_argmax=True).argmax
     scores = (q[0, 0] @ k[0, 0].T) * 0.25
     for t in range(T):
         row = scores[t, : t + 1]
         first = int((row == row.max()).nonzero()[0])
         assert int(got_op[0, 0, t]) == first and int(got_ref[0, 0, t]) == first, t
     assert int(got_ref[0, 0, 4]) == 0
-    want, want_arg, _ = plain(q, k, v, "top1", scale=0.25)
+    want, want_arg = plain(q, k, v, "top1", scale=0.25)[:2]
     assert torch.equal(got_ref, want_arg)
     out = residual_attention(q, k, v, mode="top1", backend="torch", scale=0.25)
     torch.testing.assert_close(out.double(), want, atol=0, rtol=0)
@@ -150,7 +121,7 @@ def test_non_contiguous_views_of_packed_qkv(mode):
     assert not q.is_contiguous()
     basis = random_basis(H, D)
     kw = {"basis": basis, "d_r": 5} if mode == "lowrank" else {}
-    want, _, _ = plain(q, k, v, mode, basis, 5)
+    want = plain(q, k, v, mode, basis, 5).out
     contiguous = [x.contiguous() for x in (q, k, v)]
     for got, same in zip(run_both(q, k, v, mode=mode, **kw), run_both(*contiguous, mode=mode, **kw)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -162,7 +133,7 @@ def test_custom_scale(mode):
     q, k, v = random_qkv(1, 2, 33, 16, seed=8)
     basis = random_basis(2, 16)
     kw = {"basis": basis, "d_r": 3} if mode == "lowrank" else {}
-    want, _, _ = plain(q, k, v, mode, basis, 3, scale=0.37)
+    want = plain(q, k, v, mode, basis, 3, scale=0.37).out
     for got in run_both(q, k, v, mode=mode, scale=0.37, **kw):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     if mode != "top1":  # a positive scale never moves the argmax, so top1 cannot tell
@@ -172,15 +143,16 @@ def test_custom_scale(mode):
 
 def test_return_argmax():
     q, k, v = random_qkv(2, 3, 45, 32, seed=12)
-    _, want_arg, _ = plain(q, k, v, "full")
+    want_arg = plain(q, k, v, "full").argmax
     out, arg = residual_attention(q, k, v, mode="full", backend="torch", return_argmax=True)
     assert arg.dtype == torch.int64 and arg.shape == (2, 3, 45)
     assert torch.equal(arg, want_arg)
     assert torch.equal(out, residual_attention(q, k, v, mode="full", backend="torch"))
-    _, ref_arg, gram = residual_attention_reference(q, k, v, mode="full", return_argmax=True)
-    assert torch.equal(ref_arg, want_arg) and gram is None
-    _, none_arg, _ = residual_attention_reference(q, k, v, mode="full")
-    assert none_arg is None
+    res = residual_attention_reference(q, k, v, mode="full", return_argmax=True)
+    assert isinstance(res, ResidualAttentionResult)
+    assert torch.equal(res.argmax, want_arg) and res.gram is None and res.top1_prob is None
+    none = residual_attention_reference(q, k, v, mode="full")
+    assert none.argmax is None and none.gram is None and none.top1_prob is None
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -189,8 +161,8 @@ def test_return_gram(mode):
     q, k, v = random_qkv(B, H, T, D, seed=13)
     basis = random_basis(H, D)
     kw = {"basis": basis, "d_r": 4} if mode == "lowrank" else {}
-    out, _, gram = residual_attention_reference(q, k, v, mode=mode, return_gram=True, **kw)
-    _, _, want = plain(q, k, v, mode, basis, 4)
+    out, _, gram, _ = residual_attention_reference(q, k, v, mode=mode, return_gram=True, **kw)
+    want = plain(q, k, v, mode, basis, 4).gram
     assert gram.dtype == torch.float64 and gram.shape == (H, D, D)
     torch.testing.assert_close(gram, want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
     assert torch.equal(gram, gram.transpose(1, 2))
@@ -202,8 +174,8 @@ def test_out_layout_bthd(mode):
     q, k, v = random_qkv(2, 3, 17, 16, seed=14)
     basis = random_basis(3, 16)
     kw = {"basis": basis, "d_r": 2} if mode == "lowrank" else {}
-    bhtd, _, _ = residual_attention_reference(q, k, v, mode=mode, **kw)
-    bthd, _, _ = residual_attention_reference(q, k, v, mode=mode, out_layout="bthd", **kw)
+    bhtd = residual_attention_reference(q, k, v, mode=mode, **kw).out
+    bthd = residual_attention_reference(q, k, v, mode=mode, out_layout="bthd", **kw).out
     assert bthd.shape == (2, 17, 3, 16) and bthd.is_contiguous()
     assert torch.equal(bthd, bhtd.transpose(1, 2))
     with pytest.raises(ValueError, match="out_layout"):
@@ -276,3 +248,296 @@ def test_triton_backend_on_cpu_refused(monkeypatch):
     q, k, v = random_qkv(1, 1, 4, 16)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         residual_attention(q, k, v, mode="full", backend="triton")
+
+
+# --------------------------------------------------------------------------- #
+# Grouped-query heads, sliding windows, soft caps, top1_prob, any head dim
+# --------------------------------------------------------------------------- #
+def gqa_qkv(B, Hq, Hkv, T, D, dtype=torch.float32, seed=0, sharp=1.0):
+    """q [B, Hq, T, D], k/v [B, Hkv, T, D]; ``sharp`` scales q (a clearer maximum per row)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, Hq, T, D, generator=g) * sharp).to(dtype)
+    return q, *(torch.randn(B, Hkv, T, D, generator=g).to(dtype) for _ in range(2))
+
+
+def reference_all(q, k, v, mode, **kw):
+    basis = random_basis(q.shape[1], q.shape[3]) if mode == "lowrank" else None
+    d_r = 5 if mode == "lowrank" else None
+    res = residual_attention_reference(q, k, v, mode=mode, basis=basis, d_r=d_r, return_argmax=True,
+                                       return_gram=True, return_top1_prob=True, **kw)
+    return res, basis, d_r
+
+
+@pytest.mark.parametrize("Hkv", [1, 2, 4])
+@pytest.mark.parametrize("mode", MODES)
+def test_gqa_mqa_matches_plain(mode, Hkv):
+    q, k, v = gqa_qkv(2, 4, Hkv, 37, 16, seed=Hkv, sharp=3.0)
+    res, basis, d_r = reference_all(q, k, v, mode)
+    check_against_plain(res, q, k, v, mode, basis, d_r)
+    # Same as multi-head attention on K/V repeated in transformers' repeat_kv order.
+    rep = [t.repeat_interleave(4 // Hkv, dim=1) for t in (k, v)]
+    mha = residual_attention_reference(q, *rep, mode=mode, basis=basis, d_r=d_r, return_argmax=True,
+                                       return_gram=True, return_top1_prob=True)
+    for a, b in zip(res, mha, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16, 36, 37, 100])
+@pytest.mark.parametrize("mode", MODES)
+def test_sliding_window_matches_plain(mode, window):
+    q, k, v = gqa_qkv(1, 4, 2, 37, 16, seed=window, sharp=3.0)
+    res, basis, d_r = reference_all(q, k, v, mode, sliding_window=window)
+    check_against_plain(res, q, k, v, mode, basis, d_r, sliding_window=window)
+    assert bool((res.argmax > torch.arange(37) - window).all())
+    if window == 1:  # each query sees only itself
+        assert torch.equal(res.argmax, torch.arange(37).expand(1, 4, 37))
+        torch.testing.assert_close(res.top1_prob, torch.ones(1, 4, 37))
+    if window >= 37:  # a window covering the sequence is plain causal attention
+        plain_causal, _, _ = reference_all(q, k, v, mode)
+        for a, b in zip(res, plain_causal, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("softcap,min_clear", [(0.5, 0.0), (5.0, 0.5), (50.0, 0.8)])  # small caps saturate: ties
+@pytest.mark.parametrize("mode", MODES)
+def test_softcap_matches_plain(mode, softcap, min_clear):
+    q, k, v = gqa_qkv(1, 2, 1, 33, 16, seed=int(softcap * 10), sharp=3.0)
+    res, basis, d_r = reference_all(q, k, v, mode, softcap=softcap, sliding_window=20)
+    check_against_plain(res, q, k, v, mode, basis, d_r, softcap=softcap, sliding_window=20, min_clear=min_clear)
+
+
+def saturated_tie_qkv(T, D=16, dtype=torch.float32, seed=0):
+    """Integer scores: 'hot' keys score 29..31 (c·tanh(s/c) is exactly c for c=1, in fp32 and fp64), the
+    rest -1..1. Rows that see a hot key tie exactly between all of them; the first must win."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(1, 2, T, D)
+    q[..., 0] = 1.0
+    q[..., 1] = torch.randint(-1, 2, (1, 2, T), generator=g).float()
+    k = torch.zeros(1, 1, T, D)
+    hot = torch.rand(T, generator=g) < 0.15
+    hot[[5, 20, 21, 40]] = True
+    k[0, 0, :, 0] = 30.0 * hot
+    k[0, 0, :, 1] = torch.randint(-1, 2, (T,), generator=g).float()
+    v = torch.randn(1, 1, T, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype), hot
+
+
+def test_softcap_saturated_ties_first_index():
+    T = 64
+    q, k, v, hot = saturated_tie_qkv(T)
+    for window in (None, 10):
+        res = residual_attention_reference(q, k, v, mode="top1", scale=1.0, softcap=1.0, sliding_window=window,
+                                           return_argmax=True)
+        capped = torch.tanh(q[0] @ k[0, 0].T)  # [2, T, T]
+        n_ties = 0
+        for h in range(2):
+            for i in range(T):
+                lo = 0 if window is None else max(0, i - window + 1)
+                row = capped[h, i, lo: i + 1]
+                first = lo + int((row == row.max()).nonzero()[0])
+                assert int(res.argmax[0, h, i]) == first, (h, i)
+                n_ties += int((row == row.max()).sum() > 1)
+        assert n_ties > 20  # the test really exercises ties
+        check_against_plain(res, q, k, v, "top1", scale=1.0, softcap=1.0, sliding_window=window, min_clear=0)
+
+
+@pytest.mark.parametrize("D", [8, 24, 80])
+def test_any_head_dim(D):
+    q, k, v = gqa_qkv(1, 2, 1, 20, D, seed=D, sharp=2.0)
+    for mode in MODES:
+        res, basis, d_r = reference_all(q, k, v, mode)
+        check_against_plain(res, q, k, v, mode, basis, d_r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gqa_window_softcap_half_precision(dtype):
+    q, k, v = gqa_qkv(2, 4, 2, 30, 32, dtype=dtype, seed=3, sharp=3.0)
+    res, basis, d_r = reference_all(q, k, v, "lowrank", sliding_window=9, softcap=20.0)
+    assert res.out.dtype == dtype
+    check_against_plain(res, q, k, v, "lowrank", basis, d_r, sliding_window=9, softcap=20.0)
+
+
+def test_public_op_return_order():
+    q, k, v = gqa_qkv(1, 4, 2, 12, 16, seed=1)
+    kw = dict(mode="full", backend="torch", sliding_window=5, softcap=10.0)
+    res = residual_attention_reference(q, k, v, mode="full", sliding_window=5, softcap=10.0, return_argmax=True,
+                                       return_top1_prob=True)
+    out = residual_attention(q, k, v, **kw)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, res.out)
+    out, arg = residual_attention(q, k, v, **kw, return_argmax=True)
+    assert torch.equal(arg, res.argmax)
+    out, top1 = residual_attention(q, k, v, **kw, return_top1_prob=True)
+    assert torch.equal(top1, res.top1_prob) and top1.dtype == torch.float32
+    out, arg, top1 = residual_attention(q, k, v, **kw, return_argmax=True, return_top1_prob=True)
+    assert torch.equal(arg, res.argmax) and torch.equal(top1, res.top1_prob)
+
+
+def test_top1_prob_is_max_p():
+    q, k, v = gqa_qkv(2, 2, 2, 25, 16, seed=6)
+    for mode in MODES:
+        res, basis, d_r = reference_all(q, k, v, mode)
+        scores = (q @ k.transpose(-1, -2)).double() * 0.25
+        scores.masked_fill_(torch.ones(25, 25, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(res.top1_prob.double(), scores.softmax(-1).amax(-1), atol=1e-6, rtol=1e-6)
+    assert float(res.top1_prob[..., 0].min()) == 1.0  # row 0 sees one key
+
+
+def test_argmax_on_scores_not_rounded_p():
+    """Scores 0 and 2^-30 round to the same fp32 probability; i* is taken on the scores: index 1."""
+    q = torch.zeros(1, 1, 2, 16)
+    k = torch.zeros(1, 1, 2, 16)
+    q[..., 0] = 1.0
+    k[0, 0, 1, 0] = 1.0  # q1·k0 = 0, q1·k1 = 1
+    v = torch.randn(1, 1, 2, 16)
+    scale = 2.0**-30
+    s = torch.tensor([0.0, scale])
+    p = s.softmax(-1)
+    assert p[0] == p[1]  # the probabilities really tie in fp32
+    res = residual_attention_reference(q, k, v, mode="top1", scale=scale, return_argmax=True)
+    assert res.argmax[0, 0].tolist() == [0, 1]
+    torch.testing.assert_close(res.out[0, 0, 1], v[0, 0, 1], atol=0, rtol=0)
+    _, arg = residual_attention(q, k, v, mode="top1", scale=scale, backend="torch", return_argmax=True)
+    assert arg[0, 0].tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------- #
+# Non-finite rows
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_rows(mode):
+    """NaN in q row t: only row t is NaN. NaN in key j: exactly the rows that see j (causal, window)."""
+    q, k, v = gqa_qkv(1, 2, 1, 20, 16, seed=2, sharp=3.0)
+    q[0, 1, 7, 3] = float("nan")
+    k[0, 0, 12, 0] = float("nan")
+    for window in (None, 4):
+        res, basis, d_r = reference_all(q, k, v, mode, sliding_window=window)
+        bad = torch.zeros(1, 2, 20, dtype=torch.bool)
+        bad[0, 1, 7] = True
+        bad[0, :, 12: (20 if window is None else 16)] = True
+        assert torch.equal(torch.isnan(res.out).all(-1), bad) and torch.equal(torch.isnan(res.out).any(-1), bad)
+        assert torch.equal(res.argmax == -1, bad) and torch.equal(torch.isnan(res.top1_prob), bad)
+        assert bool(torch.isnan(res.gram).all())  # both heads hold non-finite rows
+        check_against_plain(res, q, k, v, mode, basis, d_r, sliding_window=window)
+
+
+def test_infinite_scores():
+    """+inf best score: non-finite row. A -inf score next to finite ones only gets zero weight."""
+    q, k, v = gqa_qkv(1, 1, 1, 6, 16, seed=4, sharp=3.0)
+    q[0, 0, 3, 0] = 1e30
+    k[0, 0, :, 0] = torch.tensor([-1e30, 0.0, -1e30, 0.0, 0.0, 0.0])  # row 3: -inf, s, -inf, s (fp32 overflow)
+    q[0, 0, 5, 0] = 1e30
+    k[0, 0, 5, 0] = 1e30  # row 5: +inf at key 5
+    for mode in MODES:
+        res, basis, d_r = reference_all(q, k, v, mode)
+        assert torch.isnan(res.out[0, 0]).any(-1).tolist() == [False] * 5 + [True]
+        assert res.argmax[0, 0, 5] == -1 and res.argmax[0, 0, 3] in (1, 3)
+        # Rows 0..4 (they never see key 5) against float64, where 1e30·1e30 does not overflow.
+        first5 = [t[:, :, :5] for t in (q, k, v)]
+        res5 = residual_attention_reference(*first5, mode=mode, basis=basis, d_r=d_r, return_argmax=True,
+                                            return_top1_prob=True)
+        check_against_plain(res5, *first5, mode, basis, d_r, min_clear=0.5)
+        for a, b in zip(res5, res, strict=True):
+            if a is not None:
+                assert torch.equal(a, b[:, :, :5])
+
+
+def test_fp16_overflow_rows():
+    """fp16 inputs scaled by 6e4 overflow to ±inf: no crash, and exactly the rows whose scores are NaN or
+    ±inf at the top are non-finite (the float64 oracle decides which)."""
+    q, k, v = gqa_qkv(1, 2, 1, 24, 16, seed=4)
+    q, k = (q * 0.4 * 6e4).half(), (k * 0.4 * 6e4).half()  # a few entries beyond 65504: ±inf
+    v = v.half()
+    assert bool(torch.isinf(q).any()) and bool(torch.isinf(k).any())
+    for mode in MODES:
+        res, basis, d_r = reference_all(q, k, v, mode)
+        want = check_against_plain(res, q, k, v, mode, basis, d_r, min_clear=0)
+        assert torch.equal(torch.isnan(res.out).any(-1), want.bad)
+        assert 0 < int(want.bad.sum()) < want.bad.numel()
+
+
+# --------------------------------------------------------------------------- #
+# Errors and backend choice
+# --------------------------------------------------------------------------- #
+def test_gqa_shape_errors():
+    q = torch.randn(1, 6, 8, 16)
+    with pytest.raises(ValueError, match=r"multiple of the number of kv heads, got Hq=6, Hkv=4"):
+        residual_attention_reference(q, torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 16), mode="full")
+    for bad in ((2, 2, 8, 16), (1, 2, 9, 16), (1, 2, 8, 32)):
+        with pytest.raises(ValueError, match="must agree on B, T and D"):
+            residual_attention_reference(q, torch.randn(bad), torch.randn(bad), mode="full")
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        residual_attention_reference(q, torch.randn(1, 2, 8, 16), torch.randn(1, 3, 8, 16), mode="full")
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(sliding_window=0), ValueError, "sliding_window must be >= 1"),
+        (dict(sliding_window=-3), ValueError, "sliding_window must be >= 1"),
+        (dict(sliding_window=2.5), TypeError, "sliding_window must be an int, got float"),
+        (dict(sliding_window=True), TypeError, "sliding_window must be an int, got bool"),
+        (dict(softcap=0.0), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap=-1.0), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap="30"), TypeError, "softcap must be a number, got str"),
+        (dict(scale=float("nan")), ValueError, "scale must be a positive finite number"),
+        (dict(scale="0.5"), TypeError, "scale must be a number, got str"),
+    ],
+)
+def test_window_softcap_scale_errors(kw, exc, match):
+    q, k, v = random_qkv(1, 2, 8, 16)
+    for fn in (residual_attention_reference, lambda *a, **k: residual_attention(*a, **k, backend="torch")):
+        with pytest.raises(exc, match=match):
+            fn(q, k, v, mode="full", **kw)
+
+
+def test_numpy_integers_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = random_qkv(1, 2, 8, 16)
+    basis = random_basis(2, 16)
+    a = residual_attention_reference(q, k, v, mode="lowrank", basis=basis, d_r=np.int64(3), sliding_window=np.int32(4))
+    b = residual_attention_reference(q, k, v, mode="lowrank", basis=basis, d_r=3, sliding_window=4)
+    assert torch.equal(a.out, b.out)
+
+
+def test_list_input_is_a_type_error():
+    q, k, v = random_qkv(1, 1, 4, 16)
+    for name in ("q", "k", "v"):
+        args = {"q": q, "k": k, "v": v, name: q.tolist()}
+        with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list$"):
+            residual_attention(**args, mode="full", backend="torch")
+        with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list$"):
+            residual_attention_reference(**args, mode="full")
+
+
+def test_basis_object_gives_a_short_message():
+    """A ResidualBasis (an object full of tensors) where the basis tensor goes: a one-line TypeError."""
+
+    class ResidualBasis:  # stands in for nqpq.ResidualBasis: holds big tensors, has a huge repr
+        def __init__(self):
+            self.basis = {0: torch.randn(2, 16, 16)}
+
+        def __repr__(self):
+            return "x" * 60000
+
+    q, k, v = random_qkv(1, 2, 8, 16)
+    with pytest.raises(TypeError) as err:
+        residual_attention(q, k, v, mode="lowrank", basis=ResidualBasis(), d_r=2, backend="torch")
+    msg = str(err.value)
+    assert "ResidualBasis" in msg and len(msg) < 200
+
+
+def test_resolve_backend_head_dims(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("auto", "cuda") == "triton"
+    for D in (16, 64, 80, 96, 128, 256):
+        assert resolve_backend("auto", "cuda", D) == "triton"
+    for D in (8, 24, 100, 272):
+        assert resolve_backend("auto", "cuda", D) == "torch"  # the kernel cannot: fall back to the reference
+        with pytest.raises(ValueError, match=f"head dims that are multiples of 16 up to 256, got D={D}"):
+            resolve_backend("triton", "cuda", D)
+    assert resolve_backend("auto", "cpu", 64) == "torch"
+    assert resolve_backend("torch", "cuda", 24) == "torch"
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        resolve_backend("triton", "cpu", 64)
