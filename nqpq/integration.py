@@ -187,7 +187,8 @@ def _crystal_attention(
                 f"output_attentions=True: the model's '{spec.original}' attention returns no weights, so the "
                 "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
-        weights = _probabilities(query, key, scaling or query.shape[-1] ** -0.5, window, softcap)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
+        weights = _probabilities(query, key, scale, window, softcap)
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
         sliding_window=window, softcap=softcap, return_gram=spec.gram_sink is not None,

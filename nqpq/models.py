@@ -138,8 +138,8 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; nqpq handles decoder-only causal LMs")
     if hasattr(model, "can_generate") and not model.can_generate():
         raise UnsupportedModelError(
-            f"{name} is not a causal (generative) language model (encoder-only?); nqpq handles decoder-only "
-            "causal LMs, loaded with AutoModelForCausalLM"
+            f"{name} is not a causal (generative) language model: a base model without its LM head, or an "
+            "encoder-only model; nqpq handles decoder-only causal LMs, loaded with AutoModelForCausalLM"
         )
     lm_head = model.get_output_embeddings()
     if lm_head is None:
