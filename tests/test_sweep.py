@@ -140,3 +140,84 @@ def test_cpu_free_memory_is_the_available_ram():
     meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
     available = int(meminfo["MemAvailable"].split()[0]) * 1024
     assert abs(free_memory(torch.device("cpu")) - available) < 0.1 * available
+
+
+# --- other families through `nqpq sweep` (tiny random configs, saved like a hub checkpoint) --------------------
+
+def save_family(root, name, model, tokenizer):
+    model_dir = root / name
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def tiny_llama(vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128)).eval()
+
+
+def tiny_gemma2(vocab_size):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=16,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)).eval()
+
+
+def hf_perplexity(model, ids, seq_len, n_blocks):
+    """The spec's perplexity from the model's own logits, in float64: exp(mean over blocks of the block mean)."""
+    blocks = ids[: seq_len * n_blocks].view(n_blocks, seq_len)
+    with torch.no_grad():
+        logits = model(input_ids=blocks, use_cache=False).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1),
+                                            reduction="none")
+    return nll.view(n_blocks, seq_len - 1).mean(dim=1).mean().exp().item()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sweep_of_another_family(family, tokenizer, saved_model, tmp_path, capsys):
+    """A saved Llama (GQA) or Gemma 2 (windows, softcaps, head_dim != hidden/heads) runs with the checkpoint's
+    weights, the default layers (the last quarter) and ranks (up to head_dim), and names its geometry."""
+    from transformers import AutoModelForCausalLM
+
+    from nqpq.cli import main
+
+    build = tiny_llama if family == "llama" else tiny_gemma2
+    model_dir = save_family(tmp_path, family, build(len(tokenizer)), tokenizer)
+    text_file = saved_model[1]
+    out = tmp_path / "out"
+    code = main(["sweep", "--model", str(model_dir), "--text-file", str(text_file), "--n-blocks", "4", "--seq-len",
+                 "32", "--calib-blocks", "2", "--device", "cpu", "--batch-size", "2", "--no-progress", "--out",
+                 str(out)])
+    report = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    head_dim = 8 if family == "llama" else 16
+    assert (config["family"], config["n_heads"], config["n_kv_heads"], config["head_dim"]) == (family, 4, 2, head_dim)
+    assert config["layers"] == [3] and config["d_r"] == [d for d in (1, 2, 4, 8, 16, 32) if d <= head_dim]
+    assert f"model: {family}, 4 layers, Hq=4, Hkv=2, D={head_dim}" in report
+    if family == "gemma2":  # layer 3 is a full-attention layer; the softcaps are in force
+        assert config["sliding_window"] == {"3": None}
+        assert config["attn_softcap"] == 50.0 and config["final_logit_softcap"] == 30.0
+        assert "attention softcap 50.0, logit softcap 30.0" in report
+    # The checkpoint's own weights: the baseline is the loaded model's perplexity, computed the plain way.
+    ids = torch.tensor(tokenizer.encode("\n\n".join(t for t in text_file.read_text().splitlines(keepends=True)
+                                                     if t.strip())))
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert abs(results["ppl_baseline"] - hf_perplexity(reloaded, ids, 32, 4)) <= 1e-5 * results["ppl_baseline"]
+
+
+def test_rank_above_head_dim_refused(tokenizer, saved_model, tmp_path, capsys):
+    from nqpq.cli import main
+
+    model_dir = save_family(tmp_path, "llama", tiny_llama(len(tokenizer)), tokenizer)
+    code = main(["sweep", "--model", str(model_dir), "--text-file", str(saved_model[1]), "--n-blocks", "2",
+                 "--seq-len", "16", "--calib-blocks", "1", "--device", "cpu", "--d-r", "2", "9", "--no-progress"])
+    assert code == 2 and "--d-r [9]: each d_r must be in 0..8 (the head dimension)" in capsys.readouterr().err
