@@ -3,11 +3,19 @@
     python -m benchmarks.attention                 # full grid on CUDA (CPU: a small reference grid)
     python -m benchmarks.attention --quick         # a few cases
     python -m benchmarks.attention --dtypes bf16 --B 32 --T 1024
+    python -m benchmarks.attention --no-grid --geometries llama3-8b mistral-7b gemma2-2b --dtypes bf16
 
 On CUDA every provider is timed with ``triton.testing.do_bench`` (median, after
 warm-up) while rotating through enough input sets to overflow L2; on CPU with
 ``torch.utils.benchmark`` (median of blocked_autorange). Writes a CSV and a PNG
 under benchmarks/results/ and prints a table.
+
+Geometry presets (``--geometries``) time today's models: GPT-2 medium/large heads; Llama-3-8B (Hq 32,
+Hkv 8, D 128, T 1024/4096); Mistral-7B's sliding window (w 4096 at T 8192, next to the same T without
+the window); Gemma 2 2B (Hq 8, Hkv 4, D 256, scores soft-capped at 50). SDPA runs the same GQA geometry
+(``enable_gqa``) and a boolean mask for a window; it has no soft cap, so on soft-capped rows it runs
+uncapped (``note`` says so). ``fused_*_top1_prob`` rows show what asking for the top-1 probability costs.
+TFLOP/s always counts 2·B·Hq·T²·D, also for windows (a speed-up shows as more "TFLOP/s").
 """
 
 from __future__ import annotations
@@ -37,11 +45,22 @@ def sdpa_backend(provider: str):
             "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}[provider]
 
 
-def make_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, seed: int):
-    """q, k, v as transformers hands them (strided views of one packed qkv), plus an orthonormal basis."""
+# name -> [(B, Hq, Hkv, T, D, sliding_window, softcap)]
+GEOMETRIES = {
+    "gpt2": [(8, 16, 16, 1024, 64, None, None), (8, 20, 20, 1024, 64, None, None)],  # gpt2-medium, gpt2-large
+    "llama3-8b": [(4, 32, 8, 1024, 128, None, None), (2, 32, 8, 4096, 128, None, None)],
+    "mistral-7b": [(1, 32, 8, 8192, 128, 4096, None), (1, 32, 8, 8192, 128, None, None)],
+    "gemma2-2b": [(4, 8, 4, 1024, 256, 4096, 50.0), (2, 8, 4, 4096, 256, 4096, 50.0)],
+}
+
+
+def make_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, seed: int, Hkv: int | None = None):
+    """q [B, H, T, D], k, v [B, Hkv, T, D] as transformers hands them (strided views of one packed qkv
+    projection), plus an orthonormal basis per query head."""
+    Hkv = Hkv or H
     g = torch.Generator(device=device).manual_seed(seed)
-    qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dtype, generator=g)
-    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=-1))
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, device=device, dtype=dtype, generator=g)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
     basis = torch.linalg.qr(torch.randn(H, D, D, device=device, generator=g))[0].contiguous()
     return q, k, v, basis
 
@@ -61,30 +80,45 @@ def unfused(q, k, v, basis, d_r):
     return out.to(q.dtype)
 
 
-def provider_fn(provider: str, d_r: int) -> Callable | None:
-    """fn(q, k, v, basis) for a provider, or None if it cannot run here."""
+def provider_fn(provider: str, d_r: int, sliding_window: int | None = None,
+                softcap: float | None = None) -> Callable | None:
+    """fn(q, k, v, basis) for a provider, or None if it cannot run here (or has no such variant)."""
     cuda = torch.cuda.is_available()
+    attn = dict(sliding_window=sliding_window, softcap=softcap)
     if provider.startswith("fused"):
         if not cuda:
             return None
         from nqpq_kernels import residual_attention_triton
 
-        mode = {"fused_top1": "top1", "fused_full": "full"}.get(provider, "lowrank")
+        mode = next((m for m in ("top1", "full") if provider.startswith(f"fused_{m}")), "lowrank")
         gram = provider == "fused_lowrank_gram"
+        top1_prob = provider.endswith("_top1_prob")
         return lambda q, k, v, b: residual_attention_triton(
-            q, k, v, mode=mode, basis=b, d_r=d_r if mode == "lowrank" else None, return_gram=gram)
+            q, k, v, mode=mode, basis=b, d_r=d_r if mode == "lowrank" else None, return_gram=gram,
+            return_top1_prob=top1_prob, **attn)
     if provider == "reference":
-        return lambda q, k, v, b: residual_attention_reference(q, k, v, mode="lowrank", basis=b, d_r=d_r)
+        return lambda q, k, v, b: residual_attention_reference(q, k, v, mode="lowrank", basis=b, d_r=d_r, **attn)
     if provider == "unfused":
+        if sliding_window is not None or softcap is not None:
+            return None
         return lambda q, k, v, b: unfused(q, k, v, b, d_r)
     if provider in SDPA_PROVIDERS:
         from torch.nn.attention import sdpa_kernel
 
         backend = sdpa_backend(provider)
+        masks = {}
 
         def run(q, k, v, b):
+            gqa = q.shape[1] != k.shape[1]
+            T = q.shape[2]
+            if sliding_window is None or sliding_window >= T:
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            if T not in masks:  # built once per length, outside the timed calls after the first
+                i = torch.arange(T, device=q.device)
+                masks[T] = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[T], enable_gqa=gqa)
 
         return run
     raise ValueError(provider)
@@ -122,17 +156,20 @@ def peak_memory_mb(fn: Callable, inputs: tuple) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def cases(args) -> list[tuple[str, int, int, int, int]]:
-    """(dtype, B, H, T, D) for the grid plus GPT-2 medium/large head geometry at T=1024."""
-    out = [(dt, B, args.H, T, args.D) for dt in args.dtypes for B in args.B for T in args.T]
+def cases(args) -> list[tuple]:
+    """(dtype, B, Hq, Hkv, T, D, sliding_window, softcap) for the grid plus the model geometries asked for."""
+    out = []
+    if not args.no_grid:
+        out += [(dt, B, args.H, args.Hkv or args.H, T, args.D, args.window, args.softcap)
+                for dt in args.dtypes for B in args.B for T in args.T]
     if not args.no_models:
-        out += [(dt, 8, H, 1024, 64) for dt in args.dtypes for H in (16, 20)]  # gpt2-medium, gpt2-large
+        out += [(dt, *geometry) for name in args.geometries for dt in args.dtypes for geometry in GEOMETRIES[name]]
     return out
 
 
 def providers_for(device: str) -> list[tuple[str, int]]:
     """(provider, d_r) pairs; d_r is 0 where a provider does not project."""
-    fused = [("fused_top1", 0), ("fused_full", 0)]
+    fused = [("fused_top1", 0), ("fused_top1_top1_prob", 0), ("fused_full", 0), ("fused_full_top1_prob", 0)]
     fused += [("fused_lowrank", d) for d in D_R_CASES] + [("fused_lowrank_gram", d) for d in D_R_CASES]
     rest = [("reference", 32), ("unfused", 32)] + [(p, 0) for p in SDPA_PROVIDERS]
     return (fused if device == "cuda" else []) + rest
@@ -143,16 +180,18 @@ def run(args, out: str | None = None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     tags = run_tags(device)
     rows = []
-    for dt_name, B, H, T, D in cases(args):
+    for dt_name, B, H, Hkv, T, D, window, softcap in cases(args):
         dtype = DTYPES[dt_name]
         if device == "cpu" and dtype == torch.float16 and not args.cpu_fp16:
             continue
-        set_bytes = 3 * B * H * T * D * dtype.itemsize
+        set_bytes = (H + 2 * Hkv) * B * T * D * dtype.itemsize
         n_sets = 1 if device == "cpu" else max(1, min(16, math.ceil(2 * 64 * 2**20 / set_bytes)))
-        input_sets = [make_inputs(B, H, T, D, dtype, device, seed) for seed in range(n_sets)]
+        input_sets = [make_inputs(B, H, T, D, dtype, device, seed, Hkv=Hkv) for seed in range(n_sets)]
         case_rows = []
         for provider, d_r in providers_for(device):
-            fn = provider_fn(provider, d_r)
+            if d_r > D:
+                continue
+            fn = provider_fn(provider, d_r, sliding_window=window, softcap=softcap)
             if fn is None:
                 continue
             if provider in ("reference", "unfused") and B * H * T * T * 4 * 2 > args.max_ref_bytes:
@@ -167,9 +206,11 @@ def run(args, out: str | None = None) -> list[dict]:
                 torch.cuda.empty_cache() if device == "cuda" else None
                 continue
             flops = 2 * B * H * T * T * D  # the causal count asked for: 2·B·H·T²·D
+            note = "sdpa_without_softcap" if provider in SDPA_PROVIDERS and softcap is not None else ""
             case_rows.append({**tags, "provider": provider, "dtype": dt_name, "B": B, "H": H, "T": T, "D": D,
                               "d_r": d_r, "median_ms": round(ms, 5), "tflops": round(flops / ms / 1e9, 3),
-                              "peak_mem_mb": round(mem, 2) if mem != "" else ""})
+                              "peak_mem_mb": round(mem, 2) if mem != "" else "", "Hkv": Hkv,
+                              "window": window or "", "softcap": softcap or "", "note": note})
         sdpa = {r["provider"]: r["median_ms"] for r in case_rows if r["provider"] in SDPA_PROVIDERS}
         sdpa_ref = sdpa.get("sdpa_flash") or (min(sdpa.values()) if sdpa else None)
         sdpa_name = "sdpa_flash" if "sdpa_flash" in sdpa else (min(sdpa, key=sdpa.get) if sdpa else "")
@@ -189,7 +230,9 @@ def print_case(rows: list[dict]) -> None:
     if not rows:
         return
     r0 = rows[0]
-    print(f"\n{r0['dtype']} B={r0['B']} H={r0['H']} T={r0['T']} D={r0['D']}  ({r0['device']})")
+    extra = f" Hkv={r0['Hkv']}" + (f" window={r0['window']}" if r0["window"] else "") + (
+        f" softcap={r0['softcap']}" if r0["softcap"] else "")
+    print(f"\n{r0['dtype']} B={r0['B']} H={r0['H']}{extra} T={r0['T']} D={r0['D']}  ({r0['device']})")
     print(f"  {'provider':<20}{'d_r':>4}{'ms':>10}{'TFLOP/s':>9}{'vs sdpa':>9}{'vs ref':>9}{'peak MiB':>10}")
     for r in rows:
         print(f"  {r['provider']:<20}{r['d_r']:>4}{r['median_ms']:>10.4f}{r['tflops']:>9.2f}"
@@ -203,7 +246,8 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [r for r in rows if int(r["H"]) == 12]
+    grid = [r for r in rows if int(r["H"]) == 12 and int(r.get("Hkv") or 12) == 12 and int(r["D"]) == 64
+            and not r.get("window") and not r.get("softcap")]
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in grid)]
     batches = sorted({int(r["B"]) for r in grid})
     if not grid:
@@ -245,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     p.add_argument("--H", type=int, default=12)
     p.add_argument("--D", type=int, default=64)
+    p.add_argument("--Hkv", type=int, default=None, help="kv heads of the grid (default: H, no GQA)")
+    p.add_argument("--window", type=int, default=None, help="sliding window of the grid")
+    p.add_argument("--softcap", type=float, default=None, help="score soft cap of the grid")
+    p.add_argument("--geometries", nargs="+", default=["gpt2"], choices=list(GEOMETRIES),
+                   help="model head geometries timed after the grid (default: gpt2)")
+    p.add_argument("--no-grid", action="store_true", help="only the --geometries cases")
     p.add_argument("--quick", action="store_true", help="B=8, T in {256, 1024}, bf16/fp32, no model geometries")
-    p.add_argument("--no-models", action="store_true", help="skip GPT-2 medium/large head geometry")
+    p.add_argument("--no-models", action="store_true", help="skip the --geometries cases")
     p.add_argument("--cpu", action="store_true", help="benchmark on CPU even if CUDA is present")
     p.add_argument("--cpu-fp16", action="store_true", help="include fp16 on CPU (slow there)")
     p.add_argument("--max-ref-bytes", type=float, default=24e9, help="skip reference/unfused above this T×T size")

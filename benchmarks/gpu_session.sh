@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, the sweep benchmark (fp32, bf16), the kernel grid. Everything lands in $OUT.
+# One device call: GPU tests, the sweep benchmark (fp32, bf16), launch-config tuning, the kernel grid and the
+# model-geometry grid. Everything lands in $OUT.
 # Run from the repo root on the GPU machine. Optional inputs: .carry/spec (the spec file), .carry/data (WikiText,
 # GPT-2 tokenizer). Stage time limits keep the whole call inside the device tool's 10-minute command limit.
 set -u
@@ -16,10 +17,13 @@ LOG="$OUT/run.log"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 stage() { local limit=$1; shift; echo "=== $* (limit ${limit}s) $(date -u +%T)"; timeout "$limit" "$@"; echo "=== rc=$? $(date -u +%T)"; }
+# Stage limits sum to ~570 s. The GPU tests now also cover GQA, windows, soft caps and D 80/96/256 (more compiles).
 {
-  stage ${T_TESTS:-150} python3 -m pytest -q -p no:cacheprovider --durations=12 -m "${TEST_MARKERS:-gpu}" tests/test_kernel.py tests/test_gpu_integration.py
-  stage ${T_SWEEP:-75} python3 -m benchmarks.sweep --device cuda --dtype float32 --out "$OUT/sweep_cuda_fp32.csv"
-  stage ${T_SWEEP:-75} python3 -m benchmarks.sweep --device cuda --dtype bfloat16 --out "$OUT/sweep_cuda_bf16.csv"
-  stage ${T_TUNE:-80} python3 -m benchmarks.tune --dtype bf16 --T 256 1024
-  stage ${T_GRID:-230} python3 -m benchmarks.attention ${GRID_ARGS:-} --out "$OUT/attention_cuda.csv"
+  stage ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider --durations=12 -m "${TEST_MARKERS:-gpu}" tests/test_kernel.py tests/test_gpu_integration.py
+  stage ${T_SWEEP:-45} python3 -m benchmarks.sweep --device cuda --dtype float32 --out "$OUT/sweep_cuda_fp32.csv"
+  stage ${T_SWEEP:-45} python3 -m benchmarks.sweep --device cuda --dtype bfloat16 --out "$OUT/sweep_cuda_bf16.csv"
+  stage ${T_TUNE:-60} python3 -m benchmarks.tune --dtype bf16 --T 256 1024
+  stage ${T_GRID:-120} python3 -m benchmarks.attention ${GRID_ARGS:---dtypes bf16 fp32 --B 32 8} --out "$OUT/attention_cuda.csv"
+  # Llama-3-8B (GQA, D 128, T 1024/4096), Mistral's window (w 4096 vs none at T 8192), Gemma 2 (D 256, softcap).
+  stage ${T_MODELS:-100} python3 -m benchmarks.attention --no-grid --geometries llama3-8b mistral-7b gemma2-2b --dtypes bf16 --out "$OUT/attention_models_cuda.csv"
 } 2>&1 | tee "$LOG"
