@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +154,8 @@ class PrefixRunner:
         self.parts = model_parts(model)
         self.blocks = blocks
         self.batches = list(batches)
-        starts = [start] if not isinstance(start, (Sequence, Tensor)) or isinstance(start, str) else list(start)
-        starts = sorted({as_index(s, "start layer") for s in starts})
+        several = isinstance(start, Iterable) and not isinstance(start, str) and getattr(start, "ndim", 1) != 0
+        starts = sorted({as_index(s, "start layer") for s in (start if several else [start])})
         if not starts:
             raise ValueError("PrefixRunner needs at least one start layer")
         if starts[0] < 0 or starts[-1] >= self.parts.n_layers:
