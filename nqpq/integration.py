@@ -243,6 +243,9 @@ def crystallize_layers(
     ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_sink`` the argmax and
     top-1 probability. ``observe=True`` keeps the model's own attention output (only the sinks are fed).
     Everything is checked before anything is attached: a refused call leaves the model as it was.
+    With ``output_attentions=True`` a crystallized layer of an eager model reports its probabilities p (the
+    softmax of its masked, scaled, soft-capped scores); under other implementations, whose layers report no
+    weights, it refuses rather than shift the layer indices of the attentions tuple.
     """
     parts = model_parts(model)
     if mode not in MODES:
