@@ -19,7 +19,7 @@ import torch
 from benchmarks.common import run_tags, write_csv
 from benchmarks.spec_baseline import load_spec, run_spec_sweep
 from nqpq import SweepConfig, run_sweep
-from nqpq.data import demo_model, join_rows, load_tokenizer, rows_from_file, tokenize
+from nqpq.data import demo_model, ids_for_blocks, load_tokenizer, rows_from_file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,8 +29,8 @@ def tokens(n_needed: int, vocab: int, seed: int) -> tuple[torch.Tensor, str]:
     """WikiText validation with the GPT-2 tokenizer when ../shared/data is present, else random ids."""
     data = Path(os.environ.get("NQPQ_SHARED_DATA", SHARED_DATA))
     if (data / "wiki.valid.raw").is_file() and (data / "vocab.json").is_file():
-        ids = tokenize(join_rows(rows_from_file(str(data / "wiki.valid.raw"))), load_tokenizer(str(data)))
-        return ids[: max(n_needed, 1)], "wiki.valid.raw (GPT-2 tokenizer)"
+        ids = ids_for_blocks(rows_from_file(str(data / "wiki.valid.raw")), load_tokenizer(str(data)), max(n_needed, 1))
+        return ids, "wiki.valid.raw (GPT-2 tokenizer)"
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n_needed,), generator=g), "random token ids"
 

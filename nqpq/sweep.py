@@ -383,8 +383,8 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
     say(f"\n{'=' * 66}\n[EXP-Q03 VERDICT] is the excitation residual compressible?\n{'=' * 66}")
     verdict = results["verdict"]
     if verdict["compressible"] is None:
-        say(f" => INCONCLUSIVE: {verdict['explanation']} (top-1 dPPL={ppl_a - ppl_fp:+.3g}, at most "
-            f"{NO_LOSS_REL:g} of the baseline), so there is no loss for a low-rank residual to recover.")
+        say(f" => INCONCLUSIVE: {verdict['explanation']} (top-1 dPPL={ppl_a - ppl_fp:+.3g} <= {NO_LOSS_REL:g} x "
+            "baseline): there is no loss for a low-rank residual to recover.")
     elif verdict["compressible"]:
         dr_min = verdict["d_r_min"]
         say(f" => YES: d_r={dr_min}/{d_head} recovers >=90% of the Top-1 loss. Deep layers are "
