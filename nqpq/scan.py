@@ -9,11 +9,14 @@ Fast by construction. One baseline pass does everything that needs the untouched
 model: it records the hidden state entering every scanned layer (``PrefixRunner``
 with several start layers), accumulates Σ εεᵀ of every scanned layer on the
 calibration batches, and counts the crystallinity statistics on every batch. Each
-configuration of layer L then replays only layers L..n−1 from the record. With n
-layers, scanning all of them with k ranks costs one full forward plus
-Σ_L (k + 1)·(n − L)/n ≈ (k + 1)·(n + 1)/2 full-forward equivalents, against
-n·(k + 2) full forwards for the naive loop (a baseline and a calibration pass per
-layer, then one forward per configuration).
+configuration of layer L then replays only layers L..n−1 (and the LM head) from the record.
+
+Cost, scanning all n layers with k ranks (k + 1 configurations per layer), a layer
+costing c and the final norm + LM head h: one baseline pass plus
+(k + 1)·Σ_L ((n − L)·c + h) = (k + 1)·(n(n + 1)/2·c + n·h), against
+n·(k + 1)·(n·c + h) plus n calibration passes for the naive loop (a full forward per
+configuration). Both grow as n²; the scan skips the unchanged layers below L, at most
+halving the work when the layers dominate, less when the LM head is a large share.
 """
 
 from __future__ import annotations
