@@ -184,13 +184,26 @@ def _one_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def _bare_gpt2_files(name: str) -> bool:
+    """A folder holding only GPT-2's BPE files (vocab.json + merges.txt, as OpenAI published them): nothing in it
+    tells AutoTokenizer its type, and GPT-2's byte-level BPE is what those two files define."""
+    files = set(os.listdir(name)) if os.path.isdir(name) else set()
+    return {"vocab.json", "merges.txt"} <= files and not files & {"tokenizer.json", "tokenizer_config.json",
+                                                                  "config.json"}
+
+
 def load_tokenizer(name: str):
     """``AutoTokenizer.from_pretrained(name)`` (no remote code), refusing empty tokenizers."""
     from transformers import AutoTokenizer
 
     try:
         with _quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=_cache_only(name), trust_remote_code=False)
+            if _bare_gpt2_files(name):
+                from transformers import GPT2TokenizerFast
+
+                tok = GPT2TokenizerFast.from_pretrained(name)
+            else:
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=_cache_only(name), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         if not os.path.isdir(name) and _is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=err)) from err

@@ -193,3 +193,14 @@ def test_encoder_models_refused(tmp_path, family):
     model.save_pretrained(tmp_path / family)
     with pytest.raises(NqpqError, match="encoder"):
         load_model(str(tmp_path / family), "cpu", torch.float32)
+
+
+def test_bare_gpt2_tokenizer_files_load(shared_data):
+    """OpenAI's GPT-2 files alone (vocab.json + merges.txt, no config): GPT-2's byte-level BPE, as before."""
+    from transformers import GPT2TokenizerFast
+
+    from nqpq.data import load_tokenizer
+
+    text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles"
+    assert load_tokenizer(str(shared_data)).encode(text) == GPT2TokenizerFast.from_pretrained(
+        str(shared_data)).encode(text)
