@@ -95,7 +95,9 @@ def _plot_spectrum(results: dict, path: str) -> None:
 def _title(results: dict) -> str:
     cfg = results["config"]
     tag = "\nRANDOM WEIGHTS (demo): the numbers say nothing about GPT-2" if cfg.get("random_weights") else ""
-    return f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{tag}"
+    shape = (f", {cfg['family']} Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} D={cfg['head_dim']}"
+             if "family" in cfg else "")
+    return f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{shape}{tag}"
 
 
 SWEEP_PLOTS = (("delta_ppl_vs_dr.png", _plot_curve), ("cumulative_variance.png", _plot_spectrum))

@@ -221,3 +221,16 @@ def test_rank_above_head_dim_refused(tokenizer, saved_model, tmp_path, capsys):
     code = main(["sweep", "--model", str(model_dir), "--text-file", str(saved_model[1]), "--n-blocks", "2",
                  "--seq-len", "16", "--calib-blocks", "1", "--device", "cpu", "--d-r", "2", "9", "--no-progress"])
     assert code == 2 and "--d-r [9]: each d_r must be in 0..8 (the head dimension)" in capsys.readouterr().err
+
+
+def test_only_rank_0_touches_out_before_the_process_group(saved_model, tmp_path, monkeypatch, capsys):
+    """Under torchrun RANK is set before the process group exists: other ranks must not create or probe --out."""
+    from nqpq.cli import main
+
+    model_dir, text_file = saved_model
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    code = main(["sweep", "--model", str(model_dir), "--text-file", str(text_file), "--layers", "99", "--device",
+                 "cpu", "--no-progress", "--out", str(out)])
+    assert code == 2 and "--layers [99]" in capsys.readouterr().err
+    assert not out.exists()
