@@ -356,7 +356,7 @@ def refusal_cases(saved_model, tmp_path_factory):
     return {
         "swapped": (args(swapped, "--layers", "1", out=new_out), ["missing", "unexpected", "randomly initialised"]),
         "headless": (args(headless, "--layers", "1", out=existing), ["lm_head.weight", "missing"]),
-        "truncated": (args(truncated), ["Could not load the model", "SafetensorError"]),
+        "truncated": (args(truncated, out=existing), ["Could not load the model", "SafetensorError"]),
         "small_vocab": (args(small_vocab), ["(300 tokens)", "(100 rows)"]),
         "encoder": (args(encoder, "--layers", "0"), ["encoder", "bert"]),
         "device_meta": (args(model_dir, "--device", "meta"), ["--device 'meta'"]),
