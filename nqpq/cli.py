@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         help="crystallize each layer alone: top-1 and low-rank PPL per layer, crystallinity of every head",
         description="Every layer crystallized alone (one baseline pass, then each layer replayed from itself up): "
-                    "top-1 PPL, low-rank PPL per d_r with the layer's own basis, recovered %%, mean r90, and the "
+                    "top-1 PPL, low-rank PPL per d_r with the layer's own basis, recovered %, mean r90, and the "
                     "top-1 probability and sink/self/prev fractions of every head.",
     )
     _add_run_flags(p, "layers to scan, each crystallized alone (default: every layer)")
