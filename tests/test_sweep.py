@@ -234,3 +234,20 @@ def test_only_rank_0_touches_out_before_the_process_group(saved_model, tmp_path,
                  "cpu", "--no-progress", "--out", str(out)])
     assert code == 2 and "--layers [99]" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_model_without_attention_interface_refused(tokenizer, saved_model, tmp_path, capsys):
+    """A decoder-only causal LM that loads cleanly but has no attention to crystallize (Mamba): exit 2, one line."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from nqpq.cli import main
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, state_size=4))
+    model_dir = save_family(tmp_path, "mamba", model, tokenizer)
+    out = tmp_path / "out"
+    code = main(["sweep", "--model", str(model_dir), "--text-file", str(saved_model[1]), "--n-blocks", "2",
+                 "--seq-len", "16", "--calib-blocks", "1", "--device", "cpu", "--no-progress", "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if "nqpq" in line or "Traceback" in line]
+    assert code == 2 and len(err) == 1 and "AttentionInterface" in err[0] and "MambaForCausalLM" in err[0]
+    assert not out.exists()
