@@ -76,23 +76,20 @@ def _cache_only(name: str) -> bool:
     return not os.path.isdir(name) and not hub_reachable()
 
 
-def _quiet_transformers():
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars while loading: nqpq reports what matters in one line."""
     from transformers.utils import logging as hf_logging
 
-    @contextlib.contextmanager
-    def quiet():
-        previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(previous)
-            if bars:
-                hf_logging.enable_progress_bar()
-
-    return quiet()
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_architecture(config, name: str) -> None:
@@ -168,7 +165,7 @@ def load_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
         raise
     except (OSError, ValueError) as err:
         if not local and _is_offline_error(err):
-            raise NqpqError(OFFLINE_HINT.format(what="model", name=name, err=err)) from err
+            raise NqpqError(OFFLINE_HINT.format(what="model", name=name, err=_one_line(err))) from err
         raise NqpqError(f"Could not load the model from {name!r}: {_one_line(err)}") from err
     except (SafetensorError, RuntimeError, KeyError) as err:  # truncated/corrupt weights, shape mismatches
         raise NqpqError(f"Could not load the model from {name!r}: {type(err).__name__}: {_one_line(err)}") from err
@@ -206,7 +203,7 @@ def load_tokenizer(name: str):
                 tok = AutoTokenizer.from_pretrained(name, local_files_only=_cache_only(name), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         if not os.path.isdir(name) and _is_offline_error(err):
-            raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=err)) from err
+            raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=_one_line(err))) from err
         raise NqpqError(f"Could not load a tokenizer from {name!r}: {_one_line(err)}") from err
     if len(tok) <= 1:
         if not os.path.isdir(name):  # transformers 5 returns an empty tokenizer for an unreachable hub name
