@@ -2,9 +2,13 @@
 
 Same model (GPT-2 small geometry, RANDOM weights: timing only), same tokens, same
 device, one run. Model loading is excluded from both and reported apart.
+``--geometry llama-3.2-1b`` times nqpq alone on a random model of Llama-3.2-1B's
+geometry (16 layers, Hq 32, Hkv 8, D 64, vocab 128256; the spec's code is GPT-2 only)
+on random token ids.
 
     python -m benchmarks.sweep --device cpu --n-blocks 8
     python -m benchmarks.sweep --device cuda --dtype bfloat16
+    python -m benchmarks.sweep --device cuda --dtype bfloat16 --geometry llama-3.2-1b
 """
 
 from __future__ import annotations
@@ -25,10 +29,28 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def tokens(n_needed: int, vocab: int, seed: int) -> tuple[torch.Tensor, str]:
-    """WikiText validation with the GPT-2 tokenizer when ../shared/data is present, else random ids."""
+def llama_3_2_1b(device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """Llama-3.2-1B's geometry with RANDOM weights (fixed seed), built on ``device``; RoPE settings left default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+GEOMETRIES = {"gpt2-small": (lambda device, dtype: demo_model(50257, 42, device, dtype), 50257),
+              "llama-3.2-1b": (lambda device, dtype: llama_3_2_1b(device, dtype, 42), 128256)}
+
+
+def tokens(n_needed: int, vocab: int, seed: int, real_text: bool = True) -> tuple[torch.Tensor, str]:
+    """WikiText validation with the GPT-2 tokenizer when ../shared/data is present (and ``real_text``), else random
+    ids."""
     data = Path(os.environ.get("NQPQ_SHARED_DATA", SHARED_DATA))
-    if (data / "wiki.valid.raw").is_file() and (data / "vocab.json").is_file():
+    if real_text and (data / "wiki.valid.raw").is_file() and (data / "vocab.json").is_file():
         ids = ids_for_blocks(rows_from_file(str(data / "wiki.valid.raw")), load_tokenizer(str(data)), max(n_needed, 1))
         return ids, "wiki.valid.raw (GPT-2 tokenizer)"
     g = torch.Generator().manual_seed(seed)
@@ -43,48 +65,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-blocks", type=int, default=30)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-blocks", type=int, default=4)
-    p.add_argument("--layers", type=int, nargs="+", default=[9, 10, 11])
-    p.add_argument("--d-r", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--geometry", default="gpt2-small", choices=sorted(GEOMETRIES))
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="default: GPT-2 small 9 10 11, other geometries their last quarter")
+    p.add_argument("--d-r", type=int, nargs="+", default=None, help="default: 1 2 4 8 16 32 (up to head_dim)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--skip-spec", action="store_true", help="time this project only")
     p.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/sweep_<device>.csv)")
     args = p.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
+    build, vocab = GEOMETRIES[args.geometry]
+    gpt2 = args.geometry == "gpt2-small"
     t = time.perf_counter()
-    model = demo_model(50257, 42, args.device, dtype)
+    model = build(args.device, dtype)
     load_s = time.perf_counter() - t
-    ids, source = tokens(args.n_blocks * args.seq_len, 50257, 0)
-    print(f"[sweep bench] GPT-2 small geometry, RANDOM weights (timing only); {source}; "
-          f"{args.n_blocks}x{args.seq_len} tokens; layers {args.layers}; d_r {args.d_r}; "
+    ids, source = tokens(args.n_blocks * args.seq_len, vocab, 0, real_text=gpt2)
+    print(f"[sweep bench] {args.geometry} geometry, RANDOM weights (timing only); {source}; "
+          f"{args.n_blocks}x{args.seq_len} tokens; layers {args.layers or 'default'}; d_r {args.d_r or 'default'}; "
           f"{args.device} {args.dtype}; model build {load_s:.2f} s (excluded)")
 
-    cfg = SweepConfig(model="gpt2-small-geometry (random)", layers=tuple(args.layers), d_r=tuple(args.d_r),
+    cfg = SweepConfig(model=f"{args.geometry}-geometry (random)",
+                      layers=None if args.layers is None else tuple(args.layers),
+                      d_r=None if args.d_r is None else tuple(args.d_r),
                       n_blocks=args.n_blocks, seq_len=args.seq_len, calib_blocks=args.calib_blocks,
                       device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
                       progress=False)
     # Warm-up on two blocks: kernel compilation and allocator growth stay out of the timing.
-    warm = SweepConfig(**{**cfg.__dict__, "n_blocks": 2, "calib_blocks": 1, "d_r": cfg.d_r[:1]})
+    warm = SweepConfig(**{**cfg.__dict__, "n_blocks": min(2, cfg.n_blocks), "calib_blocks": 1, "d_r": (1,)})
     run_sweep(warm, model=model, ids=ids, log=lambda *_: None)
     t = time.perf_counter()
     ours = run_sweep(cfg, model=model, ids=ids, log=lambda *_: None)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     ours_s = time.perf_counter() - t
-    row = {**run_tags(args.device), "dtype": args.dtype, "backend": args.backend, "n_blocks": args.n_blocks,
-           "seq_len": args.seq_len, "layers": " ".join(map(str, args.layers)),
-           "d_r": " ".join(map(str, args.d_r)), "batch_size": ours["config"]["batch_size"],
+    layers, d_rs = ours["config"]["layers"], ours["config"]["d_r"]
+    row = {**run_tags(args.device), "geometry": args.geometry, "dtype": args.dtype, "backend": args.backend,
+           "n_blocks": args.n_blocks, "seq_len": args.seq_len, "layers": " ".join(map(str, layers)),
+           "d_r": " ".join(map(str, d_rs)), "batch_size": ours["config"]["batch_size"],
            "nqpq_s": round(ours_s, 4), "model_build_s": round(load_s, 3), "data": source, "weights": "random"}
     print(f"  nqpq sweep      : {ours_s:8.3f} s   (baseline {ours['timings']['baseline_s']:.3f} s, "
           f"calibration {ours['timings']['calibration_s']:.3f} s)")
 
-    spec = None if args.skip_spec else load_spec()
-    if spec is None and not args.skip_spec:
+    if not gpt2 and not args.skip_spec:
+        print("  the spec's own code runs GPT-2 only: timing nqpq only")
+    spec = None if args.skip_spec or not gpt2 else load_spec()
+    if spec is None and gpt2 and not args.skip_spec:
         print("  spec implementation not found (../shared/spec/exp_q03_residual.py): timing nqpq only")
     ref = None
     if spec is not None:
         try:
-            ref = run_spec_sweep(spec, model, ids, layers=tuple(args.layers), d_r_sweep=tuple(args.d_r),
+            ref = run_spec_sweep(spec, model, ids, layers=tuple(layers), d_r_sweep=tuple(d_rs),
                                  n_blocks=args.n_blocks, seq_len=args.seq_len, calib_blocks=args.calib_blocks,
                                  device=args.device)
         except (RuntimeError, NotImplementedError) as err:  # e.g. its SVD has no bf16 kernel on CUDA
@@ -99,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         row.update(spec_s=round(ref["seconds"], 4), speedup=round(speedup, 2), max_rel_ppl_diff=f"{max_rel:.2e}")
         print(f"  spec's own code : {ref['seconds']:8.3f} s")
         print(f"  speed-up        : {speedup:8.2f} x   (max relative PPL difference {max_rel:.2e})")
-    out = args.out or str(RESULTS / f"sweep_{args.device.split(':')[0]}_{args.dtype}.csv")
+    suffix = "" if gpt2 else f"_{args.geometry}"
+    out = args.out or str(RESULTS / f"sweep_{args.device.split(':')[0]}_{args.dtype}{suffix}.csv")
     write_csv(out, [row])
     print(f"  wrote {out}")
     return 0
