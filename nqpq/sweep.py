@@ -112,14 +112,14 @@ def batch_bytes_per_block(parts, hidden: int, seq_len: int, dtype: torch.dtype) 
 
 
 def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int, dtype: torch.dtype, *,
-                       hidden: int | None = None, free: int | None = None) -> int:
+                       hidden: int | None = None, free: int | None = None, n_records: int = 1) -> int:
     """Blocks per batch: as many as fit ``BATCH_MEMORY_FRACTION`` of the free memory (CUDA memory, or the
     host's available RAM on CPU), per ``batch_bytes_per_block``, after the prefix record of every block
-    (the hidden state entering the first replayed layer, [n_blocks, T, hidden], kept for the whole sweep)
-    is set aside; on CUDA also batch · Hq <= 65535 (the grid limit)."""
+    (the hidden state entering each of ``n_records`` replay start layers, [n_blocks, T, hidden] each, kept
+    for the whole run) is set aside; on CUDA also batch · Hq <= 65535 (the grid limit)."""
     hidden = hidden or parts.n_heads * parts.head_dim
     budget = int((free_memory(device) if free is None else free) * BATCH_MEMORY_FRACTION)
-    record = n_blocks * seq_len * hidden * (torch.finfo(dtype).bits // 8)
+    record = n_records * n_blocks * seq_len * hidden * (torch.finfo(dtype).bits // 8)
     budget = max(budget - record, budget // 4)  # a record that does not fit is kept off the device
     fit = budget // batch_bytes_per_block(parts, hidden, seq_len, dtype)
     if device.type == "cuda":

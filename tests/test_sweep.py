@@ -134,6 +134,8 @@ def test_batch_size_sets_the_prefix_record_aside():
         return default_batch_size(cpu, LLAMA_8B, 1024, n_blocks, torch.bfloat16, hidden=4096, free=64 * GIB)
 
     assert batch(4000) < batch(200)
+    several = default_batch_size(cpu, LLAMA_8B, 1024, 200, torch.bfloat16, hidden=4096, free=64 * GIB, n_records=16)
+    assert several < batch(200)  # the scan records the input of every scanned layer
 
 
 def test_cpu_free_memory_is_the_available_ram():
