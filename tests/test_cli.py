@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import HEAD_DIM, N_HEAD, build_model, wikitext_text
+from conftest import HEAD_DIM, N_HEAD, assert_clear_argmax, build_model, score_margins, wikitext_text
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 from nqpq import ResidualBasis, calibrate, crystallize, make_blocks, perplexity
@@ -130,17 +130,27 @@ def test_results_equal_straightforward_recomputation(sweep_run, saved_model):
     basis = ResidualBasis.load(str(out / "basis.pt"))
     assert basis.layers == list(LAYERS)
 
+    # The sweep ran batches of 4 and replayed from layer 2; here it is one block at a time, whole model. Every
+    # row of the crystallized layers (baseline rows included: they feed calibration) must have a clear argmax.
+    # The same rows are compared in test_torchrun_gloo_matches_single_process.
+    gaps = []
+
     def ppl(mode=None, d_r=None):
-        if mode is None:
-            return perplexity(model, ids, SEQ_LEN, N_BLOCKS)
-        with crystallize(model, LAYERS, mode=mode, basis=basis.basis, d_r=d_r, backend="torch"):
-            return perplexity(model, ids, SEQ_LEN, N_BLOCKS)
+        with score_margins(model, LAYERS) as call_gaps:
+            if mode is None:
+                value = perplexity(model, ids, SEQ_LEN, N_BLOCKS)
+            else:
+                with crystallize(model, LAYERS, mode=mode, basis=basis.basis, d_r=d_r, backend="torch"):
+                    value = perplexity(model, ids, SEQ_LEN, N_BLOCKS)
+        gaps.extend(call_gaps)
+        return value
 
     assert rel(results["ppl_baseline"], ppl()) <= 1e-6
     assert rel(results["ppl_top1"], ppl("top1")) <= 1e-6
     assert rel(results["ppl_full"], ppl("full")) <= 1e-6
     for c in results["curve"]:
         assert rel(c["ppl"], ppl("lowrank", c["d_r"])) <= 1e-6, c["d_r"]
+    assert_clear_argmax(gaps)
 
     # The basis is the one calibrate() fits on the leading --calib-blocks blocks.
     fresh = calibrate(model, make_blocks(ids, SEQ_LEN, N_BLOCKS)[:CALIB], LAYERS, backend="torch")
