@@ -213,13 +213,16 @@ class PrefixRunner:
         try:
             for i, sl in enumerate(self.batches):
                 batch = self.blocks[sl].to(self.device)
-                seen.clear()
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
                     hidden = self.parts.body(input_ids=batch, use_cache=False).last_hidden_state
                 losses.append(lm_losses(self.model, hidden, batch, parts=self.parts))
                 layer_args = [(seen[j][0], seen[j][2], seen[j][3]) for j in range(self.start, self.parts.n_layers)]
                 self._args.append(self._share(tuple(batch.shape), layer_args))
                 self._hidden.append({s: self._keep(seen[s][1], on_device, budget) for s in self.starts})
+                # Drop this batch's own copies (a mask _share found equal to the stored one) before the next
+                # forward, so they never coexist with the next batch's activations.
+                seen.clear()
+                del layer_args, hidden
                 if progress is not None:
                     progress.update(batch.shape[0])
         finally:
