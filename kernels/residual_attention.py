@@ -160,6 +160,7 @@ def _residual_attn_fwd(
     HEAD_D: tl.constexpr,  # the real head dim
     D_PAD: tl.constexpr,  # next power of two (tl.arange / tl.dot shapes)
     R_BLOCK: tl.constexpr,  # basis columns per epilogue step
+    GRAM_COLS: tl.constexpr,  # Gram columns per atomic step
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MODE: tl.constexpr,  # 0 top1, 1 full, 2 lowrank
@@ -276,9 +277,24 @@ def _residual_attn_fwd(
         tl.store(t_ptrs, tl.where(bad, float("nan"), 1.0 / l_i), mask=mask_m)
     if STORE_GRAM:
         # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
-        g = tl.dot(tl.trans(eps), eps, input_precision=EPI_PREC)  # [D_PAD, D_PAD]
-        g_ptrs = Gram + off_h * (HEAD_D * HEAD_D) + offs_d[:, None] * HEAD_D + offs_d[None, :]
-        tl.atomic_add(g_ptrs, g, mask=mask_d[:, None] & mask_d[None, :])
+        eps_t = tl.trans(eps)
+        g_base = Gram + off_h * (HEAD_D * HEAD_D)
+        if GRAM_COLS == D_PAD:
+            g = tl.dot(eps_t, eps, input_precision=EPI_PREC)  # [D_PAD, D_PAD]
+            tl.atomic_add(g_base + offs_d[:, None] * HEAD_D + offs_d[None, :], g,
+                          mask=mask_d[:, None] & mask_d[None, :])
+        else:
+            # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
+            # than an SM has): GRAM_COLS columns at a time. Registers cannot be sliced, so the column block
+            # of ε is selected by a one-hot product, exact (1·x + 0s; under tf32 it rounds ε as the Gram dot does).
+            offs_c = tl.arange(0, GRAM_COLS)
+            for c0 in tl.static_range(0, D_PAD, GRAM_COLS):
+                cols_g = c0 + offs_c
+                select = (offs_d[:, None] == cols_g[None, :]).to(tl.float32)  # [D_PAD, GRAM_COLS]
+                eps_c = tl.dot(eps, select, input_precision=EPI_PREC)
+                g = tl.dot(eps_t, eps_c, input_precision=EPI_PREC)  # [D_PAD, GRAM_COLS]
+                tl.atomic_add(g_base + offs_d[:, None] * HEAD_D + cols_g[None, :], g,
+                              mask=mask_d[:, None] & (cols_g < HEAD_D)[None, :])
 
 
 # --------------------------------------------------------------------------- #
@@ -327,9 +343,10 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
     if D > 128:
         # D = 144..256 (Gemma 2's 256), padded to 256. NOT MEASURED (no card in the session that added it):
         # a conservative guess that keeps the [BLOCK_M, 256] fp32 accumulator and the K/V tiles within one
-        # SM's registers and shared memory. Tune with benchmarks.tune before trusting its speed.
+        # SM's registers and shared memory. Compiled for sm_90 without a card: at most 164 KiB of shared
+        # memory (16-bit, lowrank/Gram at BLOCK_M=32) vs 197 KiB at BLOCK_M=64. Tune before trusting its speed.
         if dtype in (torch.float16, torch.bfloat16):
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+            return dict(BLOCK_M=32 if heavy_epilogue else 64, BLOCK_N=32, num_warps=8, num_stages=2)
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
         if D <= 64:
@@ -470,6 +487,7 @@ def residual_attention_triton(
             HEAD_D=D,
             D_PAD=D_PAD,
             R_BLOCK=min(D_PAD, 64),
+            GRAM_COLS=min(D_PAD, 128),
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             MODE=_MODE_IDS[mode],

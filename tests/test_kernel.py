@@ -272,8 +272,7 @@ def test_exports():
 # --------------------------------------------------------------------------- #
 # Grouped-query heads, sliding windows, soft caps, padded head dims, top1_prob
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("Hkv", [1, 2])
+@pytest.mark.parametrize("Hkv,dtype", [(1, torch.float32), (2, torch.float16)])
 @pytest.mark.parametrize("mode", MODES)
 def test_gqa_mqa(mode, Hkv, dtype):
     """Hq=4 query heads over Hkv kv heads (MQA for Hkv=1); equal to MHA on repeat_kv-expanded K/V."""
@@ -304,6 +303,33 @@ def test_sliding_window(mode, window):
     if window == 1:
         assert torch.equal(res.argmax, torch.arange(T, device=DEV).expand(B, H, T))
         assert bool((res.top1_prob == 1).all())
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="counts tiles through the interpreter")
+@pytest.mark.parametrize("window", [1, 5, 16, 23, 40])
+def test_sliding_window_skips_tiles(monkeypatch, window):
+    """Only key tiles that some row of the query block can see are visited: cost ~ T·w, not T²."""
+    T = 200
+    q, k, v = rand_qkv(1, 1, T, 16, torch.float32, seed=window)
+    visits = []
+    real_tanh = ra_mod._tanh
+
+    def counting_tanh(x):  # called once per visited key tile when a soft cap is set
+        visits.append(1)
+        return real_tanh(x)
+
+    monkeypatch.setattr(ra_mod, "_tanh", counting_tanh)
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)  # it inspects the (now wrapped) helpers
+    res = residual_attention_triton(q, k, v, mode="full", softcap=50.0, sliding_window=window, return_argmax=True)
+    block_m, block_n = 32, 16  # the interpreter's tiles
+    i = torch.arange(T)
+    visible = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    needed = sum(bool(visible[m: m + block_m, n: n + block_n].any())
+                 for m in range(0, T, block_m) for n in range(0, T, block_n))
+    assert len(visits) == needed
+    n_m = -(-T // block_m)
+    assert needed <= n_m * ((window + block_m) // block_n + 2)  # linear in T·w
+    check_against_plain(res, q, k, v, "full", softcap=50.0, sliding_window=window)
 
 
 def test_sliding_window_fp16_other_tilings(monkeypatch):

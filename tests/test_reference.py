@@ -513,19 +513,16 @@ def test_list_input_is_a_type_error():
 
 def test_basis_object_gives_a_short_message():
     """A ResidualBasis (an object full of tensors) where the basis tensor goes: a one-line TypeError."""
+    from nqpq import ResidualBasis
 
-    class ResidualBasis:  # stands in for nqpq.ResidualBasis: holds big tensors, has a huge repr
-        def __init__(self):
-            self.basis = {0: torch.randn(2, 16, 16)}
-
-        def __repr__(self):
-            return "x" * 60000
-
+    big = {layer: torch.randn(2, 16, 16) for layer in range(4)}
+    rb = ResidualBasis(basis=big, eigenvalues=big, cumulative_variance=big, r90={0: torch.ones(2)})
     q, k, v = random_qkv(1, 2, 8, 16)
-    with pytest.raises(TypeError) as err:
-        residual_attention(q, k, v, mode="lowrank", basis=ResidualBasis(), d_r=2, backend="torch")
-    msg = str(err.value)
-    assert "ResidualBasis" in msg and len(msg) < 200
+    for fn in (residual_attention_reference, lambda *a, **kw: residual_attention(*a, **kw, backend="torch")):
+        with pytest.raises(TypeError) as err:
+            fn(q, k, v, mode="lowrank", basis=rb, d_r=2)
+        msg = str(err.value)
+        assert msg.startswith("basis must be a torch.Tensor [Hq, D, R], got ResidualBasis") and len(msg) < 200
 
 
 def test_resolve_backend_head_dims(monkeypatch):
