@@ -1,6 +1,7 @@
 """Block-size exploration for the fused kernel on CUDA: time a few launch configs per case.
 
     python -m benchmarks.tune --dtype bf16 --T 256 1024
+    python -m benchmarks.tune --dtype bf16 --T 1024 --H 32 --Hkv 8 --D 128   # Llama-3-8B heads
 
 Prints the median time of every (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode next to
 SDPA; the winners feed ``_pick_config`` in kernels/residual_attention.py.
@@ -49,15 +50,20 @@ def main(argv=None) -> int:
     p.add_argument("--B", type=int, default=32)
     p.add_argument("--T", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--modes", nargs="+", default=["full", "lowrank"])
+    p.add_argument("--H", type=int, default=12, help="query heads")
+    p.add_argument("--Hkv", type=int, default=None, help="kv heads (default: H)")
+    p.add_argument("--D", type=int, default=64, help="head dim (a multiple of 16 up to 256)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
+    Hkv = args.Hkv or args.H
     for T in args.T:
-        q, k, v, basis = make_inputs(args.B, 12, T, 64, dtype, "cuda", 0)
-        flash = do_bench(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True), return_mode="median")
-        print(f"\n{args.dtype} B={args.B} H=12 T={T} D=64: sdpa default {flash:.4f} ms")
+        q, k, v, basis = make_inputs(args.B, args.H, T, args.D, dtype, "cuda", 0, Hkv=Hkv)
+        sdpa = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=Hkv != args.H)
+        flash = do_bench(sdpa, return_mode="median")
+        print(f"\n{args.dtype} B={args.B} H={args.H} Hkv={Hkv} T={T} D={args.D}: sdpa default {flash:.4f} ms")
         for mode in args.modes:
             current, ranked = time_configs(q, k, v, basis, mode)
-            table = ra._pick_config(64, dtype, mode, False, q.device)
+            table = ra._pick_config(ra._padded_head_dim(args.D), dtype, mode, False, q.device)
             print(f"  {mode}: current table {current:.4f} ms (x{current / flash:.2f}) {table}")
             for ms, cfg in ranked[:4]:
                 print(f"    {ms:.4f} ms  x{ms / flash:.2f} of sdpa  {cfg}")
