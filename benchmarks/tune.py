@@ -5,6 +5,13 @@
 
 Prints the median time of every (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode next to
 SDPA; the winners feed ``_pick_config`` in kernels/residual_attention.py.
+
+    python -m benchmarks.tune --compile-only [--arch 90]
+
+needs no GPU: compiles the kernel, as the launcher would configure it, for every mode, dtype class, head-dim
+class, with and without the Gram and the optional features (window, soft cap, top1_prob), for a CUDA arch, and
+prints each variant's shared memory; exits 1 if one fails to compile or needs more than ``--smem-kib``.
+Run it with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -44,6 +51,49 @@ def time_configs(q, k, v, basis, mode: str) -> tuple[float, list]:
     return do_bench(run, return_mode="median"), sorted(results, key=lambda r: r[0])
 
 
+def compile_check(arch: int, smem_limit: int) -> int:
+    """Compile every kernel variant for ``sm_<arch>`` without a GPU; 0 if all compile within ``smem_limit``."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = ra._residual_attn_fwd
+    pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
+                "Basis": "*fp32", "Gram": "*fp32"}
+    failures = 0
+    # (window, softcap, top1_prob) all off or all on: each only adds code, so "all on" is the largest variant.
+    # fp16 compiles like bf16. About 100 variants, some seconds each (Triton caches them for a rerun).
+    flags = [(False, False, False), (True, True, True)]
+    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for D, mode, gram in itertools.product((64, 96, 128, 256), ("top1", "full", "lowrank"), (False, True)):
+            for windowed, softcap, top1_prob in flags:
+                meta, launch = ra.kernel_meta(D, dtype, mode, "cuda", windowed=windowed, softcap=softcap,
+                                              return_argmax=True, return_gram=gram, return_top1_prob=top1_prob)
+                signature = {}
+                for name in fn.arg_names:
+                    if name in meta:
+                        signature[name] = "constexpr"
+                    elif name in pointers:
+                        signature[name] = pointers[name] or f"*{tname}"
+                    else:
+                        signature[name] = "fp32" if name in ("scale", "softcap") else "i32"
+                src = ASTSource(fn=fn, signature=signature,
+                                constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
+                what = f"{tname} D={D} {mode} gram={gram} window={windowed} softcap={softcap} top1p={top1_prob}"
+                try:
+                    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
+                except Exception as err:  # a lowering failure names the variant
+                    failures += 1
+                    print(f"FAIL {what}: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+                    continue
+                smem = kernel.metadata.shared
+                failures += smem > smem_limit
+                print(f"{'ok  ' if smem <= smem_limit else 'SMEM'} {what} {launch} BLOCK_M={meta['BLOCK_M']} "
+                      f"BLOCK_N={meta['BLOCK_N']} smem {smem // 1024} KiB", flush=True)
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
@@ -53,7 +103,12 @@ def main(argv=None) -> int:
     p.add_argument("--H", type=int, default=12, help="query heads")
     p.add_argument("--Hkv", type=int, default=None, help="kv heads (default: H)")
     p.add_argument("--D", type=int, default=64, help="head dim (a multiple of 16 up to 256)")
+    p.add_argument("--compile-only", action="store_true", help="compile every variant for --arch; no GPU needed")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only (90: H100)")
+    p.add_argument("--smem-kib", type=int, default=227, help="shared memory per block of --arch, KiB")
     args = p.parse_args(argv)
+    if args.compile_only:
+        return compile_check(args.arch, args.smem_kib * 1024)
     dtype = DTYPES[args.dtype]
     Hkv = args.Hkv or args.H
     for T in args.T:

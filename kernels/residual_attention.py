@@ -377,6 +377,53 @@ def _padded_head_dim(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def kernel_meta(
+    D: int,
+    dtype: torch.dtype,
+    mode: str,
+    device_type: str,
+    *,
+    windowed: bool = False,
+    softcap: bool = False,
+    return_argmax: bool = False,
+    return_gram: bool = False,
+    return_top1_prob: bool = False,
+    allow_tf32: bool = False,
+) -> tuple[dict, dict]:
+    """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
+    num_stages})``. One place, shared by the launcher and ``benchmarks.tune --compile-only``."""
+    need_ctx = mode != "top1" or return_gram
+    d_pad = _padded_head_dim(D)
+    cfg = _pick_config(d_pad, dtype, mode, return_gram, torch.device(device_type))
+    assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
+    # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
+    # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
+    # fp32 epilogue (projection, Gram) uses tf32: its 10-bit mantissa is at least the output's.
+    precision = "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+    meta = dict(
+        HEAD_D=D,
+        D_PAD=d_pad,
+        R_BLOCK=min(d_pad, 64),
+        GRAM_COLS=min(d_pad, 128),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        MODE=_MODE_IDS[mode],
+        NEED_L=need_ctx or return_top1_prob,
+        NEED_CTX=need_ctx,
+        WINDOWED=windowed,
+        SOFTCAP=softcap,
+        STORE_ARGMAX=return_argmax,
+        STORE_TOP1P=return_top1_prob,
+        STORE_GRAM=return_gram,
+        DOT_PREC=precision,
+        EPI_PREC=precision,
+        # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bfloat16), so there
+        # the operands are upcast to fp32; compiled kernels always dot in the input dtype.
+        DOT_F32=device_type != "cuda" and dtype == torch.bfloat16,
+    )
+    return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def residual_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -440,14 +487,12 @@ def residual_attention_triton(
     else:
         stride_ob, stride_oh, stride_ot = out.stride(0), out.stride(2), out.stride(1)
 
-    need_ctx = mode != "top1" or return_gram
-    D_PAD = _padded_head_dim(D)
-    cfg = _pick_config(D_PAD, q.dtype, mode, return_gram, device)
-    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    assert BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
-    n_m = triton.cdiv(T, BLOCK_M)
     # A window covering the whole sequence is plain causal attention: skip the window masks.
     windowed = args.sliding_window is not None and args.sliding_window < T
+    meta, launch = kernel_meta(D, q.dtype, mode, device.type, windowed=windowed, softcap=args.softcap is not None,
+                               return_argmax=return_argmax, return_gram=return_gram,
+                               return_top1_prob=return_top1_prob, allow_tf32=allow_tf32)
+    n_m = triton.cdiv(T, meta["BLOCK_M"])
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
     top1_prob = torch.empty((B, H, T), device=device, dtype=torch.float32) if return_top1_prob else None
@@ -456,14 +501,6 @@ def residual_attention_triton(
     # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
-
-    # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
-    # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
-    # fp32 epilogue (projection, Gram) uses tf32: its 10-bit mantissa is at least the output's.
-    precision = "ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32"
-    # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bfloat16), so there
-    # the operands are upcast to fp32; compiled kernels always dot in the input dtype.
-    dot_f32 = device.type != "cuda" and q.dtype == torch.bfloat16
 
     # Unused pointer arguments get a valid tensor (the kernel never dereferences them).
     dummy = out
@@ -484,25 +521,8 @@ def residual_attention_triton(
             *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
             H, args.group, T, bh_off, args.d_r, args.sliding_window if windowed else 0, args.scale,
             args.softcap if args.softcap is not None else 1.0,
-            HEAD_D=D,
-            D_PAD=D_PAD,
-            R_BLOCK=min(D_PAD, 64),
-            GRAM_COLS=min(D_PAD, 128),
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            MODE=_MODE_IDS[mode],
-            NEED_L=need_ctx or return_top1_prob,
-            NEED_CTX=need_ctx,
-            WINDOWED=windowed,
-            SOFTCAP=args.softcap is not None,
-            STORE_ARGMAX=return_argmax,
-            STORE_TOP1P=return_top1_prob,
-            STORE_GRAM=return_gram,
-            DOT_PREC=precision,
-            EPI_PREC=precision,
-            DOT_F32=dot_f32,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            **meta,
+            **launch,
         )
 
     gram = gram32.double() if return_gram else None
