@@ -59,7 +59,8 @@ def residual_attention_reference(
     ``ResidualAttentionResult(out, argmax, gram, top1_prob)``: ``out`` in the input dtype,
     ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with ``out_layout="bthd"``); ``argmax`` int64
     ``[B, Hq, T]``; ``gram`` float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ; ``top1_prob`` float32
-    ``[B, Hq, T]`` = max_j p[j]. Fields not asked for are None. Holds one fp32 ``[B, Hq, T, T]`` buffer.
+    ``[B, Hq, T]`` = max_j p[j]. Fields not asked for are None. Holds one fp32 ``[B, Hq, T, T]`` buffer
+    (plus a transient bool one). On MPS, which has no float64, the Gram comes back on the CPU.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
     if out_layout not in ("bhtd", "bthd"):
@@ -111,7 +112,9 @@ def residual_attention_reference(
 
     gram = None
     if return_gram:
-        eps64 = (ctx - v_star).double()
+        eps = ctx - v_star
+        # MPS has no float64: the Gram is then summed, and returned, on the CPU.
+        eps64 = (eps.cpu() if eps.device.type == "mps" else eps).double()
         gram = torch.einsum("bhti,bhtj->hij", eps64, eps64)
 
     out = out.to(q.dtype)
