@@ -56,13 +56,16 @@ def _tanh(x):
     which has no cancellation there. Saturates to exactly ±1 (for |x| ≳ 9), as fp32 tanh does.
     """
     a = tl.abs(x)
-    x2 = x * x
-    poly = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+    small = a < 0.4
+    xs = tl.where(small, x, 0.0)  # each branch only sees its own inputs: no overflow in the unused one
+    x2 = xs * xs
+    poly = xs * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197
                                                                    + x2 * 0.003592128036572481))))))
+    a = tl.where(a > 15.0, 15.0, a)  # tanh is 1.0f from ~9 on; a NaN fails the test and stays NaN
     big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
     big = tl.where(x < 0, -big, big)
-    return tl.where(a < 0.4, poly, big)
+    return tl.where(small, poly, big)
 
 
 @triton.jit
@@ -245,8 +248,10 @@ def _residual_attn_fwd(
     ).to(tl.float32)
     v_star = tl.where(bad[:, None], float("nan"), v_star)
 
+    # l_i is 0 only on rows without a visible finite score (non-finite, or padding past T): divide by 1 there.
+    l_div = tl.where(l_i > 0, l_i, 1.0)
     if NEED_CTX:
-        ctx = tl.where(bad[:, None], float("nan"), acc / l_i[:, None])
+        ctx = tl.where(bad[:, None], float("nan"), acc / l_div[:, None])
         eps = tl.where(mask_m[:, None], ctx - v_star, 0.0)
 
     if MODE == 0:
@@ -274,7 +279,7 @@ def _residual_attn_fwd(
     if STORE_TOP1P:
         # The running max is the best score, whose term exp(m - m) = 1 is in l_i exactly: p[i*] = 1/l_i.
         t_ptrs = Top1P + off_b * stride_ab + off_h * stride_ah + offs_m64
-        tl.store(t_ptrs, tl.where(bad, float("nan"), 1.0 / l_i), mask=mask_m)
+        tl.store(t_ptrs, tl.where(bad, float("nan"), 1.0 / l_div), mask=mask_m)
     if STORE_GRAM:
         # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
         eps_t = tl.trans(eps)
