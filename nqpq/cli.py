@@ -74,10 +74,16 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("sweep", "scan"):
-        return _sweep(args)
-    if args.command == "report":
-        return _report(args)
+    try:
+        if args.command in ("sweep", "scan"):
+            return _sweep(args)
+        if args.command == "report":
+            return _report(args)
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `nqpq report DIR | head`): stop quietly, as Unix tools do.
+        # Point stdout at devnull so the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     return 2  # pragma: no cover - argparse enforces a command
 
 

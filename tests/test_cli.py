@@ -490,3 +490,19 @@ def test_huge_text_costs_what_the_blocks_need(saved_model, tmp_path):
         results = json.loads((tmp_path / out / "results.json").read_text())
         assert [c["d_r"] for c in results["curve"]] == [2, 4]  # --d-r 4 4 2: each once, in order
         assert results["config"]["d_r"] == [2, 4] and results["config"]["n_tokens"] == 4 * 32
+
+
+def test_report_into_a_closed_pipe_is_quiet(sweep_run, tmp_path):
+    """`nqpq report DIR | head -1`: the reader leaves early; no BrokenPipeError traceback, exit 141 (SIGPIPE)."""
+    out = sweep_run[2]
+    proc = subprocess.Popen(nqpq_command("report", str(out)), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline()  # the report has started
+        proc.stdout.close()  # like `head -1` exiting
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
+    assert proc.returncode in (0, 141), err[-2000:]  # 0 only if everything fit the pipe buffer before the close
