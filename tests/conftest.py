@@ -85,10 +85,6 @@ def tiny_config(vocab_size: int = 300, **kwargs) -> GPT2Config:
 # and thread count), never luck of the rounding. Scaling q/k does not help by itself: it scales the gaps and
 # the rounding alike.
 REL_SCORE_MARGIN = 1e-5
-# The family tests sharpen attention (scores scaled by SHARPEN-derived factors, |s| ~ 10-30: peaked rows, as in
-# trained models) and check an absolute top-2 gap of SCORE_MARGIN on those scores, i.e. >= ~3e-6 relative.
-SHARPEN = 16.0
-SCORE_MARGIN = 1e-4
 
 
 def build_model(attn: str = "eager", vocab_size: int = 300, seed: int = 11, **config) -> GPT2LMHeadModel:

@@ -2,11 +2,11 @@
 float64 per-head implementation, prefix replay against a full forward, kernel (interpreter) against reference,
 and the clear refusals.
 
-Argmax conditioning: each model's attention is sharpened by construction (every attention module's scale is
-multiplied by SHARPEN, so the scores are ~SHARPEN times larger than at random init: top-2 gaps ~1e-3 or more,
-while the residual ε stays ~30 % of the attention output), and every comparison of
-i* across two precisions asserts, on the float64 scores of the very calls it compares, that each row's top-2
-gap exceeds SCORE_MARGIN.
+Argmax conditioning: every comparison of i* across two precisions asserts, on the float64 scores of the very
+calls it compares, that each row's top-2 gap exceeds REL_SCORE_MARGIN of the call's largest |score| (see
+conftest), with seeds that meet it. Each model's attention is also sharpened (every attention module's scale is
+multiplied by SHARPEN), so rows are peaked as in trained models while the residual ε stays ~30 % of the
+attention output.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import transformers as tf
-from conftest import SCORE_MARGIN
+from conftest import REL_SCORE_MARGIN
 from transformers import AttentionInterface
 
 from nqpq import PrefixRunner, block_losses, crystallize
@@ -57,10 +57,14 @@ GEOMETRY = {  # (Hq, Hkv, D, per-layer windows) as the configs above define them
 }
 
 
-def build(family: str, attn: str | None = None, seed: int = 0) -> torch.nn.Module:
+# Weight seeds whose test inputs meet the argmax margin in every compared call (0 unless it did not).
+SEEDS = {"gpt_neox": 1}
+
+
+def build(family: str, attn: str | None = None, seed: int | None = None) -> torch.nn.Module:
     config_fn, default_attn = FAMILIES[family]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(SEEDS.get(family, 0) if seed is None else seed)
         model = tf.AutoModelForCausalLM.from_config(config_fn(), attn_implementation=attn or default_attn)
     model = model.float().eval()
     for module in model_parts(model).attn:
@@ -111,7 +115,8 @@ def recorded_calls(model):
 
 
 def hand_attention(q, k, v, scale, window, softcap, mode, basis=None, d_r=None):
-    """Residual attention by its definition, float64, one (batch, head) at a time; also the min top-2 score gap."""
+    """Residual attention by its definition, float64, one (batch, head) at a time; also the smallest top-2 score
+    gap relative to the largest |score| of the call."""
     Bq, Hq, Tq, D = q.shape
     group = Hq // k.shape[1]
     i = torch.arange(Tq)
@@ -119,7 +124,7 @@ def hand_attention(q, k, v, scale, window, softcap, mode, basis=None, d_r=None):
     if window is not None:
         allowed &= i[None, :] > i[:, None] - window
     out = torch.empty(Bq, Tq, Hq, D, dtype=torch.float64)
-    gap = math.inf
+    gap, size = math.inf, 0.0
     for b in range(Bq):
         for h in range(Hq):
             kh, vh = k[b, h // group].double(), v[b, h // group].double()
@@ -129,6 +134,7 @@ def hand_attention(q, k, v, scale, window, softcap, mode, basis=None, d_r=None):
             s = s.masked_fill(~allowed, -math.inf)
             top = s.topk(2, dim=-1).values
             gap = min(gap, (top[:, 0] - top[:, 1]).min().item())  # inf on rows that see one key
+            size = max(size, s[allowed].abs().max().item())
             p = s.softmax(-1)
             v_star, ctx = vh[s.argmax(-1)], p @ vh
             if mode == "top1":
@@ -138,7 +144,7 @@ def hand_attention(q, k, v, scale, window, softcap, mode, basis=None, d_r=None):
             else:
                 P = basis[h, :, :d_r].double()
                 out[b, :, h] = v_star + (ctx - v_star) @ P @ P.T
-    return out, gap
+    return out, gap / size
 
 
 def random_basis(Hq: int, D: int, layers, seed: int = 1) -> dict[int, torch.Tensor]:
@@ -199,7 +205,7 @@ def test_residual_modes_match_float64(family_model, mode):
         li = next(i for i, a in enumerate(parts.attn) if a is module)
         assert k.shape[1] == parts.n_kv_heads  # grouped k/v reach the op unrepeated
         want, gap = hand_attention(q, k, v, scale, layer_window(model.config, li), softcap, mode, basis[li], d_r)
-        assert gap > SCORE_MARGIN, f"{family} layer {li}: near-tie in the test inputs (gap {gap:.2e})"
+        assert gap > REL_SCORE_MARGIN, f"{family} layer {li}: near-tie in the test inputs (gap {gap:.1e}·max|s|)"
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"{family} layer {li} {mode}")
 
 
@@ -258,7 +264,7 @@ def test_calibration_grams_and_stats_per_query_head(family_model):
         window = layer_window(model.config, li)
         top1, gap = hand_attention(q, k, v, scale, window, softcap, "top1")
         full, _ = hand_attention(q, k, v, scale, window, softcap, "full")
-        assert gap > SCORE_MARGIN
+        assert gap > REL_SCORE_MARGIN
         eps = (full - top1).permute(2, 0, 1, 3).reshape(parts.n_heads, -1, parts.head_dim)  # [Hq, B·T, D]
         want = eps.transpose(1, 2) @ eps
         # ε is formed in fp32 by the op (~1e-7 of |V| per element): compare on the scale of the Gram.
@@ -298,7 +304,7 @@ def test_kernel_equals_reference(family, layers):
         for module, q, k, v, scale, _ in calls:
             li = next(i for i, a in enumerate(parts.attn) if a is module)
             _, gap = hand_attention(q, k, v, scale, layer_window(model.config, li), softcap, "top1")
-            assert gap > SCORE_MARGIN
+            assert gap > REL_SCORE_MARGIN
     torch.testing.assert_close(got["triton"], got["torch"], rtol=1e-5, atol=1e-5)
 
 
