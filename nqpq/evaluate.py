@@ -50,7 +50,8 @@ def lm_losses(
 
     The logits are formed in fp32 whatever the model's dtype (16-bit logits would round |logit| ~ 64 to
     steps of 0.25–0.5 before the loss): the LM head's weight is upcast once per call and the hidden states
-    one chunk at a time. The model's final logit soft-cap (Gemma 2) is applied, as its own forward does.
+    one chunk at a time. The model's logit scale (Cohere, Granite) and final logit soft-cap (Gemma 2) are
+    applied, as its own forward does.
     """
     parts = parts or model_parts(model)
     N, T, C = hidden.shape
@@ -61,11 +62,13 @@ def lm_losses(
         raise UnsupportedModelError(f"the LM head is a {type(head).__name__}; nqpq expects an nn.Linear")
     weight = head.weight.float()
     bias = None if head.bias is None else head.bias.float()
-    cap = parts.final_logit_softcap
+    scale, cap = parts.logit_scale, parts.final_logit_softcap
     chunk = max(1, max_logits // weight.shape[0])
     nll = torch.empty(flat_labels.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, flat_labels.numel(), chunk):
         logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)
+        if scale is not None:
+            logits = logits * scale
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         nll[s : s + chunk] = F.cross_entropy(logits, flat_labels[s : s + chunk], reduction="none")

@@ -43,6 +43,7 @@ class ModelParts:
     body: nn.Module  # the base model: body(input_ids=..., use_cache=False).last_hidden_state
     final_norm: nn.Module  # applied to the last layer's output
     lm_head: nn.Module  # model.get_output_embeddings()
+    logit_scale: float | None  # logits → logits · scale (Cohere: logit_scale; Granite: 1 / logits_scaling)
     final_logit_softcap: float | None  # logits → c·tanh(logits / c) (Gemma 2)
     n_layers: int
     n_heads: int  # query heads Hq
@@ -112,6 +113,19 @@ def _head_dim(attn: nn.Module, config) -> int | None:
     return None
 
 
+def _logit_scale(config) -> float | None:
+    """The factor the causal LM's own forward multiplies its logits by, from the config attributes transformers
+    reads for it: Cohere's ``logit_scale`` (``logits * logit_scale``), Granite's ``logits_scaling``
+    (``logits / logits_scaling``). Without it the sweep's perplexities would not be the model's."""
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    if scale is not None and divisor is not None:
+        raise UnsupportedModelError(f"{type(config).__name__} has both logit_scale and logits_scaling")
+    if divisor is not None:
+        return 1.0 / float(divisor)
+    return None if scale is None else float(scale)
+
+
 def _layer_window(attn: nn.Module, config, index: int) -> int | None:
     """The sliding window the layer's attention hands the attention function, as transformers decides it."""
     if hasattr(attn, "sliding_window"):  # per-layer (Gemma 2, Qwen2/3): None on full-attention layers
@@ -177,6 +191,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         body=body,
         final_norm=_final_norm(body, layers, name),
         lm_head=lm_head,
+        logit_scale=_logit_scale(config),
         final_logit_softcap=getattr(config, "final_logit_softcapping", None),
         n_layers=n_layers,
         n_heads=n_heads,

@@ -162,6 +162,7 @@ def test_model_parts_geometry(family_model):
     assert parts.lm_head is model.get_output_embeddings()
     assert parts.default_layers == tuple(range(parts.n_layers - max(1, parts.n_layers // 4), parts.n_layers))
     assert (parts.attn_softcap, parts.final_logit_softcap) == ((50.0, 3.0) if family == "gemma2" else (None, None))
+    assert parts.logit_scale is None
     # The final norm is what the body applies to the last layer's output.
     with torch.no_grad():
         ids = token_blocks(1)
@@ -213,6 +214,25 @@ def test_residual_modes_match_float64(family_model, mode):
 def test_block_losses_equal_the_models_own_loss(family_model):
     """lm_losses uses the family's LM head and final logit soft-cap (Gemma 2) exactly as the model's forward does."""
     _, model = family_model
+    blocks = token_blocks(3)
+    want = torch.tensor([model(input_ids=b[None], labels=b[None], use_cache=False).loss.item() for b in blocks],
+                        dtype=torch.float64)
+    torch.testing.assert_close(block_losses(model, blocks, 3), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+@torch.no_grad()
+def test_block_losses_apply_the_models_logit_scale(family):
+    """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling: the losses (and so every
+    perplexity of a sweep or scan) are the model's own, not those of unscaled logits."""
+    config = {
+        "cohere": lambda: tf.CohereConfig(num_key_value_heads=2, logit_scale=0.5, **LLAMA_LIKE, **COMMON),
+        "granite": lambda: tf.GraniteConfig(num_key_value_heads=2, logits_scaling=4.0, **LLAMA_LIKE, **COMMON),
+    }[family]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    assert model_parts(model).logit_scale == {"cohere": 0.5, "granite": 0.25}[family]
     blocks = token_blocks(3)
     want = torch.tensor([model(input_ids=b[None], labels=b[None], use_cache=False).loss.item() for b in blocks],
                         dtype=torch.float64)
