@@ -80,8 +80,10 @@ def run_scan(
     timings["load_s"] = time.perf_counter() - t0
 
     model_dtype = next(model.parameters()).dtype
+    # The record holds the hidden state entering every scanned layer, for every block: count all of them.
     batch_size = cfg.batch_size or default_batch_size(
-        device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None))
+        device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None),
+        n_records=len(layers))
     batches, n_calib_batches = _plan_batches(cfg.n_blocks, cfg.calib_blocks, batch_size)
     runner = PrefixRunner(model, blocks, batches, start=layers)
     n_local = sum(len(b) for b in batches)

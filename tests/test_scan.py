@@ -14,10 +14,11 @@ import torch
 from conftest import REL_SCORE_MARGIN, REPO, build_model, wikitext_text
 from f64_reference import F64Reference, build_llama
 
+import nqpq.scan
 from nqpq import calibrate, crystallize, perplexity
 from nqpq.cli import main as cli_main
 from nqpq.scan import run_scan
-from nqpq.sweep import SweepConfig
+from nqpq.sweep import SweepConfig, default_batch_size
 
 SEQ_LEN, N_BLOCKS, CALIB = 16, 4, 2
 D_R = (1, 4)
@@ -119,10 +120,18 @@ def test_scan_matches_float64_and_the_plain_way(family, tokenizer, token_ids):
     assert reprinted == [line for line in lines if not line.startswith("[scan] Loading")]
 
 
-def test_scan_of_some_layers(tokenizer, token_ids):
+def test_scan_of_some_layers(tokenizer, token_ids, monkeypatch):
     ids = token_ids
     model = build_model("eager", vocab_size=len(tokenizer))
+    sized = []
+
+    def batch_size(*args, **kwargs):
+        sized.append(kwargs.get("n_records", 1))
+        return default_batch_size(*args, **kwargs)
+
+    monkeypatch.setattr(nqpq.scan, "default_batch_size", batch_size)
     got = run_scan(scan_config(layers=(3, 1)), model=model, ids=ids, log=lambda *_: None)
+    assert sized == [2]  # the default batch size sets aside the record of both scanned layers' inputs
     assert [e["layer"] for e in got["layers"]] == [1, 3]
     assert sorted({e["layer"] for e in got["crystallinity"]}) == [1, 3]
     assert sorted(got["timings"]["layers_s"]) == ["1", "3"]
