@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 
-from . import distributed
 from .calibration import GramAccumulator, basis_from_grams, reduce_grams
 from .crystallinity import CrystallinityAccumulator, format_table, layer_means
 from .evaluate import PrefixRunner, ppl_from_losses
@@ -37,13 +35,12 @@ from .sweep import (
     _check_model_fit,
     _gather_losses,
     _plan_batches,
-    _versions,
     check_flags,
     default_batch_size,
-    geometry,
     make_blocks_checked,
     open_run,
     recovered_pct,
+    results_config,
     sweep_ranks,
 )
 
@@ -140,13 +137,7 @@ def run_scan(
     timings["layers_s"] = layer_s
     timings["total_s"] = time.perf_counter() - t0
 
-    config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    if cfg.demo:
-        config["model"] = "demo: random-init GPT-2 small geometry"
-    config.update(layers=list(layers), d_r=list(d_rs), device=str(device), batch_size=batch_size,
-                  dtype=str(model_dtype).removeprefix("torch."), world_size=distributed.world_size(),
-                  text_source=run.source, tokenizer=run.tokenizer, n_tokens=int(blocks.numel()),
-                  d_head=parts.head_dim, random_weights=cfg.demo, **geometry(parts, layers), **_versions(device))
+    config = results_config(cfg, run, parts, layers, d_rs, batch_size, blocks)
     results = {
         "kind": "scan", "format_version": SCAN_FORMAT_VERSION, "ppl_baseline": ppl_fp,
         "layers": results_layers, "crystallinity": crystallinity, "config": config, "timings": timings,

@@ -266,7 +266,6 @@ def run_sweep(
     t0 = time.perf_counter()
     run = open_run(cfg, model, ids, log, "[EXP-Q03]")
     model, ids, device, say, is_main = run.model, run.ids, run.device, run.say, run.is_main
-    source, tok_name = run.source, run.tokenizer
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
     d_rs = sweep_ranks(cfg, parts.head_dim)
@@ -274,7 +273,6 @@ def run_sweep(
     blocks = make_blocks_checked(ids, cfg.seq_len, cfg.n_blocks)
     timings["load_s"] = time.perf_counter() - t0
 
-    d_head = parts.head_dim
     model_dtype = next(model.parameters()).dtype
     batch_size = cfg.batch_size or default_batch_size(
         device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None))
@@ -334,14 +332,7 @@ def run_sweep(
     timings["total_s"] = time.perf_counter() - t0
 
     verdict = _verdict(curve, top1_loses_nothing(ppl_fp, ppl_a))
-    config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    if cfg.demo:
-        config["model"] = "demo: random-init GPT-2 small geometry"
-    # The model's own dtype and geometry, whatever cfg says (a model passed in keeps its dtype).
-    config.update(layers=list(layers), d_r=list(d_rs), device=str(device), batch_size=batch_size,
-                  dtype=str(model_dtype).removeprefix("torch."), world_size=distributed.world_size(),
-                  text_source=source, tokenizer=tok_name, n_tokens=int(blocks.numel()), d_head=d_head,
-                  random_weights=cfg.demo, **geometry(parts, layers), **_versions(device))
+    config = results_config(cfg, run, parts, layers, d_rs, batch_size, blocks)
     results = {
         "kind": "sweep", "format_version": SWEEP_FORMAT_VERSION,
         "ppl_baseline": ppl_fp, "ppl_top1": ppl_a, "ppl_full": ppl_b, "curve": curve,
@@ -445,6 +436,21 @@ def open_run(
         model.eval()
         check_ids_fit(ids, model)
     return RunInputs(model, ids, device, say, is_main, source, tok_name)
+
+
+def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int], d_rs: Sequence[int],
+                   batch_size: int, blocks: torch.Tensor) -> dict:
+    """results.json's ``config`` (sweep and scan): the settings as run, the text, the versions, and the model's
+    own dtype and geometry whatever ``cfg`` says (a model passed in keeps its dtype)."""
+    config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    if cfg.demo:
+        config["model"] = "demo: random-init GPT-2 small geometry"
+    config.update(layers=list(layers), d_r=list(d_rs), device=str(run.device), batch_size=batch_size,
+                  dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
+                  world_size=distributed.world_size(), text_source=run.source, tokenizer=run.tokenizer,
+                  n_tokens=int(blocks.numel()), d_head=parts.head_dim, random_weights=cfg.demo,
+                  **geometry(parts, layers), **_versions(run.device))
+    return config
 
 
 def make_blocks_checked(ids: torch.Tensor, seq_len: int, n_blocks: int) -> torch.Tensor:
