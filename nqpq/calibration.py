@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_sum
+from .evaluate import check_batch_size
 from .integration import observe_residuals
-from .models import as_index, model_parts
+from .models import model_parts
 
 VARIANCE_TARGET = 0.90
 
@@ -99,9 +100,7 @@ def calibrate(
     if not isinstance(blocks, Tensor) or blocks.dim() != 2:
         shape = tuple(blocks.shape) if isinstance(blocks, Tensor) else type(blocks).__name__
         raise ValueError(f"blocks must be [N, T] token ids (e.g. make_blocks(ids, seq_len, n)), got {shape}")
-    batch_size = as_index(batch_size, "batch_size")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = check_batch_size(batch_size)
     parts = model_parts(model)
     device = next(model.parameters()).device
     sink = GramAccumulator()

@@ -75,7 +75,8 @@ def lm_losses(
     return nll.view(N, T - 1).double().mean(dim=1)
 
 
-def _check_batch_size(batch_size: object) -> int:
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int of at least 1 (numpy/torch integers accepted), or a ValueError."""
     size = as_index(batch_size, "batch_size")
     if size < 1:
         raise ValueError(f"batch_size must be at least 1, got {size}")
@@ -85,7 +86,7 @@ def _check_batch_size(batch_size: object) -> int:
 @torch.no_grad()
 def block_losses(model: nn.Module, blocks: Tensor, batch_size: int = 1) -> Tensor:
     """Per-block mean loss ``[N]`` of the model as it stands (any crystallization applies)."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     parts = model_parts(model)
     device = next(model.parameters()).device
     out = []
@@ -98,7 +99,7 @@ def block_losses(model: nn.Module, blocks: Tensor, batch_size: int = 1) -> Tenso
 
 def perplexity(model: nn.Module, ids: Tensor, seq_len: int, n_blocks: int, batch_size: int = 1) -> float:
     """The spec's perplexity of ``model`` on the first ``n_blocks`` blocks of ``ids``."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     return ppl_from_losses(block_losses(model, make_blocks(ids, seq_len, n_blocks), batch_size))
 
 
