@@ -36,12 +36,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nqpq.validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_residual_attention_inputs
+from nqpq.validate import (
+    OUT_LAYOUTS,
+    TRITON_HEAD_DIMS,
+    ResidualAttentionResult,
+    check_choice,
+    check_residual_attention_inputs,
+)
 
 __all__ = ["MAX_GRID_Y", "SUPPORTED_HEAD_DIMS", "residual_attention_triton"]
 
 SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
-OUT_LAYOUTS = ("bhtd", "bthd")
 _MODE_IDS = {"top1": 0, "full": 1, "lowrank": 2}
 
 
@@ -465,8 +470,7 @@ def residual_attention_triton(
     dtype and device with a unit last stride; mainly a test hook.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
-    if out_layout not in OUT_LAYOUTS:
-        raise ValueError(f"out_layout must be 'bhtd' or 'bthd', got {out_layout!r}")
+    check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from .reference import residual_attention_reference
-from .validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_tensor
+from .validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_choice, check_tensor
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -19,8 +19,7 @@ def resolve_backend(backend: str, device_type: str, head_dim: int | None = None)
     With ``head_dim`` given, ``auto`` also falls back to the reference on CUDA when the kernel does not
     support that head dim (``TRITON_HEAD_DIMS``), and an explicit ``"triton"`` refuses it.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     supported = head_dim is None or head_dim in TRITON_HEAD_DIMS
     if backend == "auto":
         return "triton" if device_type == "cuda" and supported else "torch"

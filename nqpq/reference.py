@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validate import ResidualAttentionResult, check_residual_attention_inputs
+from .validate import OUT_LAYOUTS, ResidualAttentionResult, check_choice, check_residual_attention_inputs
 
 
 def visible_keys(T: int, sliding_window: int | None, device: torch.device | str) -> Tensor:
@@ -32,7 +32,7 @@ def visible_keys(T: int, sliding_window: int | None, device: torch.device | str)
     i = torch.arange(T, device=device)
     diff = i[:, None] - i[None, :]  # i - j
     visible = diff >= 0
-    if sliding_window is not None:
+    if sliding_window is not None and sliding_window < T:  # a window of T or more is plain causal (any int)
         visible &= diff < sliding_window
     return visible
 
@@ -63,8 +63,7 @@ def residual_attention_reference(
     (plus a transient bool one). On MPS, which has no float64, the Gram comes back on the CPU.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
-    if out_layout not in ("bhtd", "bthd"):
-        raise ValueError(f"out_layout must be 'bhtd' or 'bthd', got {out_layout!r}")
+    check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, T, D = q.shape
     Hkv, G = k.shape[1], args.group
     # [B, Hkv, G, T, D] views: query head h = kv * G + g reads kv head kv, with no repeated K/V.

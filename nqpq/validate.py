@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 MODES = ("top1", "full", "lowrank")
+OUT_LAYOUTS = ("bhtd", "bthd")  # out [B, Hq, T, D] or [B, T, Hq, D]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims the fused kernel runs: every multiple of 16 up to 256. Non-powers of two (80, 96, ...)
 # are padded to the next power of two inside the kernel, with masked loads and stores.
@@ -56,6 +57,15 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of the strings ``choices``; else a ValueError naming what was passed
+    (the repr of a string, the type and shape of anything else: never a tensor's repr)."""
+    if isinstance(value, str) and value in choices:
+        return value
+    got = repr(value) if isinstance(value, str) else _describe(value)
+    raise ValueError(f"{name} must be one of {choices}, got {got}")
+
+
 def check_tensor(name: str, t: Any) -> None:
     """Raise a TypeError naming ``name`` unless ``t`` is a torch.Tensor."""
     if not isinstance(t, Tensor):
@@ -90,9 +100,7 @@ def check_residual_attention_inputs(
     defaults to ``D**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i);
     ``softcap`` a finite float > 0.
     """
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}" if isinstance(mode, str)
-                         else f"mode must be one of {MODES}, got {_describe(mode)}")
+    check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
         if t.dim() != 4:

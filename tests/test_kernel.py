@@ -667,6 +667,8 @@ def test_error_d_r_and_mode_and_layout():
         residual_attention_triton(q, k, v, mode="top2")
     with pytest.raises(ValueError, match="out_layout"):
         residual_attention_triton(q, k, v, mode="full", out_layout="tbhd")
+    with pytest.raises(ValueError, match=r"^out_layout must be one of .*, got Tensor\(1000,\) torch.float32$"):
+        residual_attention_triton(q, k, v, mode="full", out_layout=torch.zeros(1000))  # its type, not its repr
     with pytest.raises(TypeError, match="dtype"):
         residual_attention_triton(q.double(), k.double(), v.double(), mode="full")
 

@@ -538,3 +538,33 @@ def test_resolve_backend_head_dims(monkeypatch):
     assert resolve_backend("torch", "cuda", 24) == "torch"
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         resolve_backend("triton", "cpu", 64)
+
+
+def test_choice_arguments_named_by_type_not_repr():
+    """mode, out_layout and backend given a tensor (or a list): the message names its type and shape only."""
+    q, k, v = random_qkv(1, 1, 4, 16)
+    big = torch.zeros(1000)
+    calls = {
+        "mode": lambda x: residual_attention_reference(q, k, v, mode=x),
+        "out_layout": lambda x: residual_attention_reference(q, k, v, mode="full", out_layout=x),
+        "backend": lambda x: residual_attention(q, k, v, mode="full", backend=x),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call(big)
+        assert str(err.value).endswith("got Tensor(1000,) torch.float32") and len(str(err.value)) < 120, name
+        with pytest.raises(ValueError, match=f"^{name} must be one of .*, got list$"):
+            call(["full"])
+        with pytest.raises(ValueError, match=f"^{name} must be one of .*, got 'x'$"):
+            call("x")
+
+
+def test_window_beyond_int64_is_plain_causal():
+    """Any int window >= T is plain causal attention, as in the kernel. Before, the mask compared with the window
+    as int64: 2**63 wrapped to a negative window (every row masked: NaN output, argmax -1), 2**70 overflowed."""
+    q, k, v = gqa_qkv(1, 2, 1, 9, 16, seed=3, sharp=3.0)
+    for window in (9, 2**63, 2**70):
+        res, _, _ = reference_all(q, k, v, "full", sliding_window=window)
+        causal, _, _ = reference_all(q, k, v, "full")
+        for a, b in zip(res, causal, strict=True):
+            assert torch.equal(a, b)
