@@ -57,11 +57,11 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of the strings ``choices``; else a ValueError naming what was passed
-    (the repr of a string, the type and shape of anything else: never a tensor's repr)."""
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError unless ``value`` is one of the strings ``choices``, naming what was passed (the repr
+    of a string, the type and shape of anything else: never a tensor's repr)."""
     if isinstance(value, str) and value in choices:
-        return value
+        return
     got = repr(value) if isinstance(value, str) else _describe(value)
     raise ValueError(f"{name} must be one of {choices}, got {got}")
 
