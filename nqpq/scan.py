@@ -37,6 +37,7 @@ from .sweep import (
     _plan_batches,
     check_flags,
     default_batch_size,
+    finite_baseline,
     make_blocks_checked,
     open_run,
     recovered_pct,
@@ -103,7 +104,8 @@ def run_scan(
 
     t = time.perf_counter()
     with tqdm(total=n_local, desc="baseline + calibration", unit="blk", leave=False, disable=not show) as pbar:
-        ppl_fp = ppl_from_losses(synced_losses(runner.capture_baseline(pbar, context_for=observe)))
+        ppl_fp = finite_baseline(ppl_from_losses(synced_losses(runner.capture_baseline(pbar, context_for=observe))),
+                                 model_dtype)
     timings["baseline_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -7,6 +7,7 @@ baseline pass, and under torchrun the blocks are split across ranks.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -45,6 +46,8 @@ RECOVERY_TARGET = 90.0  # % of the top-1 loss a rank must recover to call the re
 # loss that is not there is noise divided by ~0, so it is reported as null and the verdict as inconclusive.
 NO_LOSS_REL = 1e-6
 INCONCLUSIVE = "top-1 loses nothing here; the test is inconclusive"
+# A crystallized perplexity that is NaN or infinite (an overflow in the model's dtype) recovers nothing measurable.
+NOT_FINITE = "a crystallized perplexity is not finite (NaN or inf); the test is inconclusive"
 SPEC_D_R = (1, 2, 4, 8, 16, 32)  # the spec's ranks; the default keeps those <= the head dimension
 _DEVICE_RE = re.compile(r"(cpu|cuda(:\d+)?)")
 
@@ -308,7 +311,7 @@ def run_sweep(
         "baseline_s", "baseline + calibration",
         lambda pbar: runner.capture_baseline(pbar, context_for=observe_calibration),
     )
-    ppl_fp = ppl_from_losses(base_losses)
+    ppl_fp = finite_baseline(ppl_from_losses(base_losses), model_dtype)
 
     t = time.perf_counter()
     basis = basis_from_grams(reduce_grams(sink.grams, layers, model))
@@ -331,7 +334,7 @@ def run_sweep(
     timings["sweep_s"] = time.perf_counter() - t_sweep
     timings["total_s"] = time.perf_counter() - t0
 
-    verdict = _verdict(curve, top1_loses_nothing(ppl_fp, ppl_a))
+    verdict = _verdict(curve, ppl_fp, ppl_a)
     config = results_config(cfg, run, parts, layers, d_rs, batch_size, blocks)
     results = {
         "kind": "sweep", "format_version": SWEEP_FORMAT_VERSION,
@@ -373,7 +376,9 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
             f"recovered={recovered} of Top-1 loss")
     say(f"\n{'=' * 66}\n[EXP-Q03 VERDICT] is the excitation residual compressible?\n{'=' * 66}")
     verdict = results["verdict"]
-    if verdict["compressible"] is None:
+    if verdict["compressible"] is None and verdict["explanation"] != INCONCLUSIVE:
+        say(f" => INCONCLUSIVE: {verdict['explanation']}.")
+    elif verdict["compressible"] is None:
         say(f" => INCONCLUSIVE: {verdict['explanation']} (top-1 dPPL={ppl_a - ppl_fp:+.3g} <= {NO_LOSS_REL:g} x "
             "baseline): there is no loss for a low-rank residual to recover.")
     elif verdict["compressible"]:
@@ -471,6 +476,16 @@ def _spectrum(basis: ResidualBasis) -> tuple[list[dict], float]:
     return spectrum, statistics.mean(s["r90"] for s in spectrum)
 
 
+def finite_baseline(ppl: float, dtype: torch.dtype) -> float:
+    """``ppl``, the baseline perplexity, or an ``NqpqError`` when it is NaN or infinite: every comparison with it
+    would be NaN too, and a verdict drawn from NaNs says nothing."""
+    if not math.isfinite(ppl):
+        raise NqpqError(f"the baseline perplexity is {ppl}: the model's own forward gives non-finite losses on these "
+                        f"blocks (an overflow in {str(dtype).removeprefix('torch.')}, or non-finite weights); there is "
+                        "nothing to compare the crystallized layers with")
+    return ppl
+
+
 def top1_loses_nothing(ppl_baseline: float, ppl_top1: float) -> bool:
     """Whether top-1's perplexity cost is at or below ``NO_LOSS_REL`` of the baseline (nothing to recover)."""
     return ppl_top1 - ppl_baseline <= NO_LOSS_REL * ppl_baseline
@@ -500,10 +515,16 @@ def geometry(parts, layers: Sequence[int]) -> dict:
             "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}
 
 
-def _verdict(curve: list[dict], inconclusive: bool) -> dict:
-    if inconclusive:
+def _verdict(curve: list[dict], ppl_baseline: float, ppl_top1: float) -> dict:
+    if not all(math.isfinite(p) for p in (ppl_top1, *(c["ppl"] for c in curve))):
+        explanation = NOT_FINITE
+    elif top1_loses_nothing(ppl_baseline, ppl_top1):
+        explanation = INCONCLUSIVE
+    else:
+        explanation = None
+    if explanation is not None:
         return {"compressible": None, "d_r_min": None, "best_d_r": None, "best_recovered_pct": None,
-                "explanation": INCONCLUSIVE}
+                "explanation": explanation}
     good = [c["d_r"] for c in curve if c["recovered_pct"] >= RECOVERY_TARGET]
     best = max(curve, key=lambda c: c["recovered_pct"])
     dr_min = min(good) if good else None

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import HEAD_DIM, build_model
 
+from nqpq.data import NqpqError
 from nqpq.report import write_results
+from nqpq.scan import run_scan
 from nqpq.sweep import (
     INCONCLUSIVE,
+    NOT_FINITE,
     SweepConfig,
+    _verdict,
     default_batch_size,
     free_memory,
     recovered_pct,
@@ -79,6 +84,32 @@ def test_top1_that_loses_nothing_is_inconclusive(tokenizer, token_ids, tmp_path,
     assert [c["recovered_pct"] for c in saved["curve"]] == [None, None]
     assert saved["verdict"]["compressible"] is None and saved["verdict"]["explanation"] == INCONCLUSIVE
     assert (tmp_path / "delta_ppl_vs_dr.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("run", [run_sweep, run_scan])
+def test_non_finite_baseline_is_an_error(run, tokenizer, token_ids):
+    """A model whose own forward gives NaN losses has no baseline: a clear error, not a verdict drawn from NaNs
+    (it was "PARTIAL, best d_r=1 recovering nan%", written with exit 0)."""
+    model = build_model(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    cfg = SweepConfig(layers=LAYERS, d_r=(1,), n_blocks=4, seq_len=32, calib_blocks=2, device="cpu", batch_size=2,
+                      progress=False)
+    with pytest.raises(NqpqError, match=r"the baseline perplexity is nan: the model's own forward gives non-finite"):
+        run(cfg, model=model, ids=token_ids, log=lambda *_: None)
+
+
+def test_non_finite_crystallized_perplexity_is_inconclusive():
+    """A NaN or infinite crystallized perplexity (an overflow) recovers nothing measurable: no YES/PARTIAL."""
+
+    def curve(top1, ppls):
+        return [{"d_r": d_r, "ppl": p, "recovered_pct": recovered_pct(20.0, top1, p)} for d_r, p in zip((1, 2), ppls)]
+
+    assert _verdict(curve(25.0, (21.0, 20.5)), 20.0, 25.0)["d_r_min"] == 2  # 80 %, then 90 %
+    for top1, ppls in ((math.nan, (21.0, 20.5)), (25.0, (21.0, math.inf)), (25.0, (math.nan, 20.5))):
+        assert _verdict(curve(top1, ppls), 20.0, top1) == {
+            "compressible": None, "d_r_min": None, "best_d_r": None, "best_recovered_pct": None,
+            "explanation": NOT_FINITE}
 
 
 def test_results_record_the_models_real_dtype(tokenizer, token_ids):
