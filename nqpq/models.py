@@ -180,6 +180,13 @@ def model_parts(model: nn.Module) -> ModelParts:
     if len(head_dims) != 1 or None in head_dims:
         raise UnsupportedModelError(f"{name}: cannot read one head_dim from its attention modules ({head_dims})")
     head_dim = int(head_dims.pop())
+    for a in attn:  # DeepSeek's multi-head latent attention: q/k heads wider than v heads, no single head_dim
+        dims = {k: getattr(a, k) for k in ("qk_head_dim", "v_head_dim") if isinstance(getattr(a, k, None), int)}
+        if any(d != head_dim for d in dims.values()):
+            raise UnsupportedModelError(
+                f"{name}: its attention has heads of different widths ({dims}, head_dim {head_dim}); nqpq needs "
+                "one head dimension D shared by q, k and v"
+            )
     if n_kv_heads < 1 or n_heads % n_kv_heads:
         raise UnsupportedModelError(f"{name}: {n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
     max_positions = getattr(config, "max_position_embeddings", None)

@@ -359,7 +359,7 @@ def test_padding_and_custom_masks_refused():
             model(input_ids=ids, attention_mask=mask)
 
 
-@pytest.mark.parametrize("name", ["bloom", "t5", "bert", "gpt2-base"])
+@pytest.mark.parametrize("name", ["bloom", "t5", "bert", "gpt2-base", "deepseek_v3"])
 def test_unsupported_models_refused(name):
     models = {
         "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=50)),
@@ -368,9 +368,15 @@ def test_unsupported_models_refused(name):
         "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(
             num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=32, vocab_size=50)),
         "gpt2-base": lambda: tf.GPT2Model(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)),
+        # Multi-head latent attention: q/k heads of 24, v heads of 8 (the op's v would not match; D was read as 8).
+        "deepseek_v3": lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            num_hidden_layers=2, hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+            topk_group=1, vocab_size=50)),
     }
     expected = {"bloom": "AttentionInterface", "t5": "encoder-decoder", "bert": "not a causal",
-                "gpt2-base": "not a causal"}
+                "gpt2-base": "not a causal", "deepseek_v3": r"heads of different widths.*'v_head_dim': 8"}
     model = models[name]()
     with pytest.raises(UnsupportedModelError, match=expected[name]):
         model_parts(model)
