@@ -128,13 +128,11 @@ def _logit_scale(config) -> float | None:
 
 def _layer_window(attn: nn.Module, config, index: int) -> int | None:
     """The sliding window the layer's attention hands the attention function, as transformers decides it."""
-    if hasattr(attn, "sliding_window"):  # per-layer (Gemma 2, Qwen2/3): None on full-attention layers
-        window = attn.sliding_window
-    else:
-        layer_types = getattr(config, "layer_types", None)
-        window = getattr(config, "sliding_window", None)
-        if layer_types is not None and layer_types[index] != "sliding_attention":
-            window = None
+    # Per layer on the module (Gemma 2, Qwen2/3: None on full-attention layers), else model-wide (Mistral).
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[index] != "sliding_attention":
+        window = None  # a full-attention layer, whatever its module keeps (EXAONE 4 keeps the window on every one)
     return None if window is None else int(window)
 
 

@@ -220,6 +220,34 @@ def test_block_losses_equal_the_models_own_loss(family_model):
     torch.testing.assert_close(block_losses(model, blocks, 3), want, rtol=1e-5, atol=0)
 
 
+@torch.no_grad()
+def test_sliding_window_is_the_one_each_layer_passes():
+    """ModelParts.sliding_window (results.json's geometry) is the window each layer hands its attention function.
+    EXAONE 4 keeps config.sliding_window on every attention module and passes it only on its sliding layers."""
+    config = tf.Exaone4Config(num_key_value_heads=2, sliding_window=8, **LLAMA_LIKE | {"num_hidden_layers": 4},
+                              **COMMON)
+    assert config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    parts = model_parts(model)
+    name = "nqpq_" + model.config._attn_implementation
+    seen = {}
+    with crystallize(model, range(parts.n_layers), mode="full", backend="torch"):
+        real = AttentionInterface._global_mapping[name]
+
+        def spy(module, *args, **kwargs):
+            seen[parts.attn.index(module)] = kwargs.get("sliding_window")
+            return real(module, *args, **kwargs)
+
+        AttentionInterface._global_mapping[name] = spy
+        try:
+            logits(model, token_blocks(1))
+        finally:
+            AttentionInterface._global_mapping[name] = real
+    assert [seen[i] for i in range(parts.n_layers)] == parts.sliding_window == [8, 8, 8, None]
+
+
 @pytest.mark.parametrize("family", ["cohere", "granite"])
 @torch.no_grad()
 def test_block_losses_apply_the_models_logit_scale(family):
