@@ -92,7 +92,8 @@ def block_losses(model: nn.Module, blocks: Tensor, batch_size: int = 1) -> Tenso
     out = []
     for s in range(0, blocks.shape[0], batch_size):
         batch = blocks[s : s + batch_size].to(device)
-        hidden = parts.body(input_ids=batch, use_cache=False).last_hidden_state
+        # return_dict=True: a saved config may say return_dict=False, and the body would then return a tuple.
+        hidden = parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
         out.append(lm_losses(model, hidden, batch, parts=parts))
     return _cat_losses(out)
 
@@ -218,7 +219,7 @@ class PrefixRunner:
             for i, sl in enumerate(self.batches):
                 batch = self.blocks[sl].to(self.device)
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
-                    hidden = self.parts.body(input_ids=batch, use_cache=False).last_hidden_state
+                    hidden = self.parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
                 losses.append(lm_losses(self.model, hidden, batch, parts=self.parts))
                 layer_args = [(seen[j][0], seen[j][2], seen[j][3]) for j in range(self.start, self.parts.n_layers)]
                 self._args.append(self._share(tuple(batch.shape), layer_args))

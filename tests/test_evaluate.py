@@ -101,6 +101,20 @@ def test_prefix_runner_without_batches(eager_model, token_ids):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_config_without_return_dict(eager_model, token_ids):
+    """A checkpoint whose config says return_dict=False (its body then returns tuples) scores as any other."""
+    blocks = make_blocks(token_ids, SEQ_LEN, 3)
+    want = block_losses(eager_model, blocks, 2)
+    previous, eager_model.config.return_dict = eager_model.config.return_dict, False
+    try:
+        torch.testing.assert_close(block_losses(eager_model, blocks, 2), want, rtol=0, atol=0)
+        runner = PrefixRunner(eager_model, blocks, [slice(0, 2), slice(2, 3)], start=2)
+        torch.testing.assert_close(runner.capture_baseline(), want, rtol=0, atol=0)
+    finally:
+        eager_model.config.return_dict = previous
+
+
 def test_lm_losses_form_fp32_logits(eager_model):
     """Issue 14 (5): a 16-bit model's logits are formed in fp32, not rounded to 16 bits before the loss."""
     model = eager_model.half()
