@@ -119,11 +119,14 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
     """Blocks per batch: as many as fit ``BATCH_MEMORY_FRACTION`` of the free memory (CUDA memory, or the
     host's available RAM on CPU), per ``batch_bytes_per_block``, after the prefix record of every block
     (the hidden state entering each of ``n_records`` replay start layers, [n_blocks, T, hidden] each, kept
-    for the whole run) is set aside; on CUDA also batch · Hq <= 65535 (the grid limit)."""
+    for the whole run) and, for a 16-bit model, the fp32 copy of the LM head's weight that ``lm_losses`` forms
+    the logits with (2 GiB at Llama-3-8B's 128256 × 4096) are set aside; on CUDA also batch · Hq <= 65535 (the
+    grid limit)."""
     hidden = hidden or parts.n_heads * parts.head_dim
     budget = int((free_memory(device) if free is None else free) * BATCH_MEMORY_FRACTION)
     record = n_records * n_blocks * seq_len * hidden * (torch.finfo(dtype).bits // 8)
-    budget = max(budget - record, budget // 4)  # a record that does not fit is kept off the device
+    head_fp32 = 0 if dtype == torch.float32 else parts.lm_head.weight.numel() * 4
+    budget = max(budget - record - head_fp32, budget // 4)  # a record that does not fit is kept off the device
     fit = budget // batch_bytes_per_block(parts, hidden, seq_len, dtype)
     if device.type == "cuda":
         fit = min(fit, CUDA_GRID_Y // parts.n_heads)

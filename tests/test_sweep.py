@@ -124,8 +124,12 @@ def test_results_record_the_models_real_dtype(tokenizer, token_ids):
 
 # --- default batch size ----------------------------------------------------------------------------------------
 
-LLAMA_8B = SimpleNamespace(n_heads=32, n_kv_heads=8, head_dim=128)
-GPT2_SMALL = SimpleNamespace(n_heads=12, n_kv_heads=12, head_dim=64)
+def head(vocab, hidden):
+    return SimpleNamespace(weight=torch.empty(vocab, hidden, device="meta"))
+
+
+LLAMA_8B = SimpleNamespace(n_heads=32, n_kv_heads=8, head_dim=128, lm_head=head(128256, 4096))
+GPT2_SMALL = SimpleNamespace(n_heads=12, n_kv_heads=12, head_dim=64, lm_head=head(50257, 768))
 
 
 def test_batch_size_counts_the_reference_t2_buffers_on_cpu():
@@ -167,6 +171,18 @@ def test_batch_size_sets_the_prefix_record_aside():
     assert batch(4000) < batch(200)
     several = default_batch_size(cpu, LLAMA_8B, 1024, 200, torch.bfloat16, hidden=4096, free=64 * GIB, n_records=16)
     assert several < batch(200)  # the scan records the input of every scanned layer
+
+
+def test_batch_size_sets_the_fp32_lm_head_aside_for_16_bit_models():
+    """lm_losses forms logits with an fp32 copy of the LM head (2 GiB at Llama-3-8B's head): 16-bit models only."""
+    cpu = torch.device("cpu")
+    small_head = SimpleNamespace(**{**vars(LLAMA_8B), "lm_head": head(1000, 4096)})
+
+    def batch(parts, dtype):
+        return default_batch_size(cpu, parts, 256, 1000, dtype, hidden=4096, free=16 * GIB)
+
+    assert batch(LLAMA_8B, torch.bfloat16) < batch(small_head, torch.bfloat16)
+    assert batch(LLAMA_8B, torch.float32) == batch(small_head, torch.float32)  # fp32: the head is used as it is
 
 
 def test_cpu_free_memory_is_the_available_ram():
