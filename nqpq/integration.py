@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .models import UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
-from .validate import MODES
+from .validate import MODES, check_choice
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
@@ -248,8 +248,7 @@ def crystallize_layers(
     weights, it refuses rather than shift the layer indices of the attentions tuple.
     """
     parts = model_parts(model)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     layers = tuple(as_index(li, "layer index") for li in layers)
     if not layers:
         raise ValueError("choose at least one layer to crystallize")

@@ -228,6 +228,8 @@ def test_bad_mode_and_lowrank_arguments(eager_model):
     basis = random_basis([1])
     with pytest.raises(ValueError, match="mode must be one of"):
         crystallize_layers(eager_model, [1], mode="softmax", backend="torch")
+    with pytest.raises(ValueError, match=r"mode must be one of .*got Tensor\(40, 40\) torch\.float32$"):
+        crystallize_layers(eager_model, [1], mode=torch.zeros(40, 40), backend="torch")  # named, never printed
     with pytest.raises(ValueError, match="needs a residual basis for layers \\[2\\]"):
         crystallize_layers(eager_model, [1, 2], mode="lowrank", basis=basis, d_r=2, backend="torch")
     with pytest.raises(ValueError, match="needs a residual basis"):
