@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .models import UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
+from .reference import visible_keys
 from .validate import MODES, check_choice
 
 _PREFIX = "nqpq_"
@@ -57,15 +58,6 @@ class LayerSpec:
     observe: bool = False  # keep the model's own output; only feed the sinks
 
 
-def _allowed_keys(T: int, window: int | None, device: torch.device) -> Tensor:
-    """[T, T] bool: query i sees key j when j <= i (and i − window < j with a sliding window)."""
-    i = torch.arange(T, device=device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed &= i[None, :] > i[:, None] - window
-    return allowed
-
-
 def _check_mask(mask: Tensor | None, T: int, window: int | None) -> None:
     """Accept no mask, or exactly the causal (+ window) mask the layer computes; refuse anything else."""
     if mask is None:  # causality (and the window, passed as an argument) is ours to apply
@@ -75,7 +67,7 @@ def _check_mask(mask: Tensor | None, T: int, window: int | None) -> None:
             return
     else:
         allowed = mask if mask.dtype == torch.bool else mask == 0
-        want = _allowed_keys(T, window, mask.device)
+        want = visible_keys(T, window, mask.device)
         if allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed)):
             return
     what = "causal" if window is None else f"causal with a sliding window of {window}"
@@ -119,7 +111,7 @@ def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None,
     scores = (q @ key.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, T) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~_allowed_keys(T, window, query.device), float("-inf"))
+    scores = scores.masked_fill(~visible_keys(T, window, query.device), float("-inf"))
     return scores.softmax(-1).to(query.dtype)
 
 
