@@ -14,7 +14,9 @@ Geometry presets (``--geometries``) time today's models: GPT-2 medium/large head
 Hkv 8, D 128, T 1024/4096); Mistral-7B's sliding window (w 4096 at T 8192, next to the same T without
 the window); Gemma 2 2B (Hq 8, Hkv 4, D 256, scores soft-capped at 50). SDPA runs the same GQA geometry
 (``enable_gqa``) and a boolean mask for a window; it has no soft cap, so on soft-capped rows it runs
-uncapped (``note`` says so). ``fused_*_top1_prob`` rows show what asking for the top-1 probability costs.
+uncapped (``note`` says so). ``fused_*_top1_prob`` rows show what asking for the top-1 probability costs;
+``*_sink1`` rows run with ``sink_tokens=1`` (the first key kept apart; issue 19), next to the same case at
+n = 0: their ratio is the sink's cost.
 TFLOP/s always counts 2·B·Hq·T²·D, also for windows (a speed-up shows as more "TFLOP/s").
 """
 
@@ -36,6 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDPA_PROVIDERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 D_R_CASES = (8, 32)
+SINK_SUFFIX = "_sink1"  # provider name suffix: the same provider with sink_tokens=1
 
 
 def sdpa_backend(provider: str):
@@ -85,18 +88,24 @@ def provider_fn(provider: str, d_r: int, sliding_window: int | None = None,
     """fn(q, k, v, basis) for a provider, or None if it cannot run here (or has no such variant)."""
     cuda = torch.cuda.is_available()
     attn = dict(sliding_window=sliding_window, softcap=softcap)
-    if provider.startswith("fused"):
+    sink = provider.endswith(SINK_SUFFIX)
+    base = provider.removesuffix(SINK_SUFFIX)
+    if sink:
+        if not (base.startswith("fused") or base == "reference"):
+            raise ValueError(provider)
+        attn["sink_tokens"] = 1
+    if base.startswith("fused"):
         if not cuda:
             return None
         from nqpq_kernels import residual_attention_triton
 
-        mode = next((m for m in ("top1", "full") if provider.startswith(f"fused_{m}")), "lowrank")
-        gram = provider == "fused_lowrank_gram"
-        top1_prob = provider.endswith("_top1_prob")
+        mode = next((m for m in ("top1", "full") if base.startswith(f"fused_{m}")), "lowrank")
+        gram = base == "fused_lowrank_gram"
+        top1_prob = base.endswith("_top1_prob")
         return lambda q, k, v, b: residual_attention_triton(
             q, k, v, mode=mode, basis=b, d_r=d_r if mode == "lowrank" else None, return_gram=gram,
             return_top1_prob=top1_prob, **attn)
-    if provider == "reference":
+    if base == "reference":
         return lambda q, k, v, b: residual_attention_reference(q, k, v, mode="lowrank", basis=b, d_r=d_r, **attn)
     if provider == "unfused":
         if sliding_window is not None or softcap is not None:
@@ -171,7 +180,11 @@ def providers_for(device: str) -> list[tuple[str, int]]:
     """(provider, d_r) pairs; d_r is 0 where a provider does not project."""
     fused = [("fused_top1", 0), ("fused_top1_top1_prob", 0), ("fused_full", 0), ("fused_full_top1_prob", 0)]
     fused += [("fused_lowrank", d) for d in D_R_CASES] + [("fused_lowrank_gram", d) for d in D_R_CASES]
-    rest = [("reference", 32), ("unfused", 32)] + [(p, 0) for p in SDPA_PROVIDERS]
+    # The sink's cost: the same providers with sink_tokens=1 (issue 19 asks for a few per cent over n = 0).
+    fused += [("fused_top1" + SINK_SUFFIX, 0), ("fused_top1_top1_prob" + SINK_SUFFIX, 0),
+              ("fused_full" + SINK_SUFFIX, 0)]
+    fused += [("fused_lowrank" + SINK_SUFFIX, d) for d in D_R_CASES] + [("fused_lowrank_gram" + SINK_SUFFIX, 32)]
+    rest = [("reference", 32), ("reference" + SINK_SUFFIX, 32), ("unfused", 32)] + [(p, 0) for p in SDPA_PROVIDERS]
     return (fused if device == "cuda" else []) + rest
 
 
@@ -194,7 +207,8 @@ def run(args, out: str | None = None) -> list[dict]:
             fn = provider_fn(provider, d_r, sliding_window=window, softcap=softcap)
             if fn is None:
                 continue
-            if provider in ("reference", "unfused") and B * H * T * T * 4 * 2 > args.max_ref_bytes:
+            eager = provider.removesuffix(SINK_SUFFIX) in ("reference", "unfused")
+            if eager and B * H * T * T * 4 * 2 > args.max_ref_bytes:
                 continue  # two fp32 T×T buffers that would not fit
             try:
                 fn(*input_sets[0])  # compile / check support

@@ -17,13 +17,15 @@ LOG="$OUT/run.log"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 stage() { local limit=$1; shift; echo "=== $* (limit ${limit}s) $(date -u +%T)"; timeout "$limit" "$@"; echo "=== rc=$? $(date -u +%T)"; }
-# Stage limits sum to ~590 s. The GPU tests now also cover GQA, windows, soft caps and D 80/96/256 (more compiles).
+# Stage limits sum to ~590 s (the kernel grid gave 45 s to the device-map stage). The GPU tests now also cover GQA, windows, soft caps and D 80/96/256 (more compiles).
 {
   stage ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider --durations=12 -m "${TEST_MARKERS:-gpu}" tests/test_kernel.py tests/test_gpu_integration.py
+  # Device maps: a cuda:0/cpu map equals the single-device run; --device cuda:0 with the current device moved (issue 21).
+  stage ${T_DEVMAP:-45} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_device_map.py
   stage ${T_SWEEP:-45} python3 -m benchmarks.sweep --device cuda --dtype float32 --out "$OUT/sweep_cuda_fp32.csv"
   stage ${T_SWEEP:-45} python3 -m benchmarks.sweep --device cuda --dtype bfloat16 --out "$OUT/sweep_cuda_bf16.csv"
   stage ${T_TUNE:-60} python3 -m benchmarks.tune --dtype bf16 --T 256 1024
-  stage ${T_GRID:-120} python3 -m benchmarks.attention ${GRID_ARGS:---dtypes bf16 fp32 --B 32 8} --out "$OUT/attention_cuda.csv"
+  stage ${T_GRID:-75} python3 -m benchmarks.attention ${GRID_ARGS:---dtypes bf16 fp32 --B 32 8} --out "$OUT/attention_cuda.csv"
   # Llama-3-8B (GQA, D 128, T 1024/4096), Mistral's window (w 4096 vs none at T 8192), Gemma 2 (D 256, softcap).
   stage ${T_MODELS:-100} python3 -m benchmarks.attention --no-grid --geometries llama3-8b mistral-7b gemma2-2b --dtypes bf16 --out "$OUT/attention_models_cuda.csv"
   # fp32 logits (lm_losses) vs the 16-bit head vs a 16-bit GEMM with fp32 output, at Llama-3-8B's head.

@@ -1,15 +1,21 @@
-"""LM-head benchmark (issue 14 item 5): what forming the sweep's logits in fp32 costs.
+"""LM-head benchmark (issue 14 item 5, issue 17 item 6): what the sweep's exact losses cost.
 
 The sweep's per-block loss (``nqpq.evaluate.lm_losses``) forms the logits in fp32 whatever the model's
-dtype, because 16-bit logits round |logit| ~ 64 to steps of 0.25–0.5 before the loss. This script times
-that path against the one it replaced (the LM head in the model's dtype, then ``.float()``) on the same
-hidden states, and reports each path's largest loss error against float64:
+dtype, because 16-bit logits round |logit| ~ 64 to steps of 0.25–0.5 before the loss, and takes the
+cross-entropy of those fp32 logits in float64 (an fp32 log-sum-exp errs by ~1e-7 per token over a 50k
+vocabulary). This script times, on the same hidden states:
 
-- ``head_in_dtype``: the old path, logits rounded to the model's dtype;
-- ``lm_losses``: nqpq's path (weight upcast once per call, hidden states per chunk, fp32 GEMM);
+- ``head_in_dtype`` (16-bit dtypes): the LM head in the model's dtype, then ``.float()`` and an fp32 loss;
+- ``fp32_lse``: lm_losses before issue 17: fp32 logits, fp32 ``F.cross_entropy``;
+- ``lm_losses``: nqpq's path (fp32 logits, row max in fp32, exp / sum / log in float64);
 - ``out_dtype`` (CUDA only, where torch offers it): a 16-bit GEMM with fp32 output, a candidate for GPUs.
 
+Errors: ``max_abs_loss_err``, per block against everything in float64 (hidden states and head too);
+``max_rel_token_err``, per token against the float64 cross-entropy of the very same fp32 logits (the
+error of the loss alone, what issue 17 item 6 is about).
+
     python -m benchmarks.logits --device cpu
+    python -m benchmarks.logits --device cpu --dtypes fp32 --vocab 49152 --hidden 576   # SmolLM2's head
     python -m benchmarks.logits --device cuda --vocab 128256 --hidden 4096   # Llama-3-8B's head
 """
 
@@ -28,7 +34,7 @@ from benchmarks.common import run_tags, write_csv
 from nqpq.evaluate import MAX_LOGIT_ELEMENTS, lm_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _parts(head: nn.Linear) -> SimpleNamespace:
@@ -71,13 +77,27 @@ def bench(device: torch.device, dtype: torch.dtype, vocab: int, hidden_size: int
     labels = torch.randint(0, vocab, (blocks, seq_len), generator=g).to(device)
     exact = _chunked(hidden.double(), labels, vocab, lambda h: F.linear(h, head.weight.double()))
 
-    paths = {
-        "head_in_dtype": lambda: _chunked(hidden, labels, vocab, lambda h: head(h).float()),
-        "lm_losses": lambda: lm_losses(head, hidden, labels, parts=_parts(head)),
-    }
+    def fp32_lse(h, y):  # lm_losses as it was before issue 17: the same fp32 logits, an fp32 cross-entropy
+        return _chunked(h, y, vocab, lambda x: F.linear(x.float(), head.weight.float()))
+
+    paths = {}
+    if dtype != torch.float32:  # in fp32 the model's-dtype head is the fp32 one
+        paths["head_in_dtype"] = lambda: _chunked(hidden, labels, vocab, lambda h: head(h).float())
+    paths["fp32_lse"] = lambda: fp32_lse(hidden, labels)
+    paths["lm_losses"] = lambda: lm_losses(head, hidden, labels, parts=_parts(head))
     if device.type == "cuda":
         paths["out_dtype"] = lambda: _chunked(
             hidden, labels, vocab, lambda h: torch.mm(h, head.weight.T, out_dtype=torch.float32))
+
+    # Per-token losses of the fp32 logits' two treatments, against float64 of those very logits: each token as
+    # a block of two positions ([its hidden state, anything] → its label), so lm_losses' own code gives them.
+    C = hidden.shape[-1]
+    tok_hidden = torch.stack([hidden[:, :-1].reshape(-1, C), hidden[:, 1:].reshape(-1, C)], dim=1)
+    tok_labels = torch.stack([labels[:, :-1].reshape(-1), labels[:, 1:].reshape(-1)], dim=1)
+    same_logits = _chunked(tok_hidden, tok_labels, vocab, lambda x: F.linear(x.float(), head.weight.float()).double())
+    token_losses = {"fp32_lse": lambda: fp32_lse(tok_hidden, tok_labels),
+                    "lm_losses": lambda: lm_losses(head, tok_hidden, tok_labels, parts=_parts(head))}
+
     rows, base_s = [], None
     for name, fn in paths.items():
         try:
@@ -85,11 +105,17 @@ def bench(device: torch.device, dtype: torch.dtype, vocab: int, hidden_size: int
         except (RuntimeError, NotImplementedError, TypeError) as err:  # out_dtype missing in this torch build
             print(f"  {name}: unavailable ({type(err).__name__})")
             continue
-        base_s = seconds if name == "head_in_dtype" else base_s
+        base_s = seconds if name == "fp32_lse" else base_s
+        token_err = None
+        if name in token_losses:
+            per_token = token_losses[name]().cpu()
+            token_err = float(((per_token - same_logits.cpu()).abs() / same_logits.cpu().abs()).max())
         rows.append({**run_tags(device), "dtype": str(dtype).removeprefix("torch."), "vocab": vocab,
                      "hidden": hidden_size, "tokens": blocks * (seq_len - 1), "path": name,
-                     "seconds": round(seconds, 5), "vs_head_in_dtype": round(seconds / base_s, 3),
-                     "max_abs_loss_err": float((losses.cpu() - exact.cpu()).abs().max())})
+                     "seconds": round(seconds, 5), "max_abs_loss_err": float((losses.cpu() - exact.cpu()).abs().max()),
+                     "max_rel_token_err": token_err})
+    for row in rows:
+        row["vs_fp32_lse"] = round(row["seconds"] / base_s, 3)
     return rows
 
 
@@ -109,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.dtypes:
         for row in bench(device, DTYPES[name], args.vocab, args.hidden, args.blocks, args.seq_len, args.repeats):
             rows.append(row)
-            print(f"{row['dtype']:>9} {row['path']:>10}: {row['seconds'] * 1e3:9.1f} ms  "
-                  f"({row['vs_head_in_dtype']:.2f}x the 16-bit head)  max |loss error| {row['max_abs_loss_err']:.1e}")
+            token = "" if row["max_rel_token_err"] is None else f"  per-token rel. error {row['max_rel_token_err']:.1e}"
+            print(f"{row['dtype']:>9} {row['path']:>13}: {row['seconds'] * 1e3:9.1f} ms  "
+                  f"({row['vs_fp32_lse']:.2f}x fp32_lse)  max |block loss error| {row['max_abs_loss_err']:.1e}{token}")
     out = args.out or str(RESULTS / f"logits_{device.type}.csv")
     write_csv(out, rows)
     print(f"wrote {out}")

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = SweepConfig(model="gpt2-small-geometry (random)", layers=tuple(layers), d_r=tuple(d_rs),
                       n_blocks=args.n_blocks, seq_len=args.seq_len, calib_blocks=args.calib_blocks,
+                      calib_from="eval",  # the spec's calibration: the comparison is with its numbers
                       device=args.device, dtype=args.dtype, backend=args.backend, batch_size=batch_size,
                       progress=False)
     # Warm-up (kernel compilation, allocator growth) on one block and one layer, outside the timing.

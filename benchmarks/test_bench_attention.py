@@ -18,7 +18,7 @@ def _sync():
 
 
 @pytest.mark.parametrize("T", [64, 128])
-@pytest.mark.parametrize("provider", ["reference", "unfused", "sdpa_math"])
+@pytest.mark.parametrize("provider", ["reference", "reference_sink1", "unfused", "sdpa_math"])
 def test_cpu(benchmark, provider, T):
     q, k, v, basis = make_inputs(2, 12, T, 64, torch.float32, "cpu", seed=0)
     fn = provider_fn(provider, 8)
@@ -32,7 +32,9 @@ def test_cpu(benchmark, provider, T):
 @pytest.mark.parametrize(
     "provider,d_r",
     [("fused_top1", 0), ("fused_full", 0), ("fused_lowrank", 8), ("fused_lowrank", 32),
-     ("fused_lowrank_gram", 32), ("reference", 32), ("unfused", 32), ("sdpa_flash", 0), ("sdpa_math", 0)],
+     ("fused_lowrank_gram", 32), ("reference", 32), ("unfused", 32), ("sdpa_flash", 0), ("sdpa_math", 0),
+     ("fused_top1_sink1", 0), ("fused_lowrank_sink1", 8), ("fused_lowrank_sink1", 32),
+     ("fused_lowrank_gram_sink1", 32), ("reference_sink1", 32)],
 )
 def test_cuda(benchmark, provider, d_r, T, dtype):
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]

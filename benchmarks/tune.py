@@ -9,8 +9,9 @@ SDPA; the winners feed ``_pick_config`` in kernels/residual_attention.py.
     python -m benchmarks.tune --compile-only [--arch 90]
 
 needs no GPU: compiles the kernel, as the launcher would configure it, for every mode, dtype class, head-dim
-class, with and without the Gram and the optional features (window, soft cap, top1_prob), for a CUDA arch, and
-prints each variant's shared memory; exits 1 if one fails to compile or needs more than ``--smem-kib``.
+class, with and without the Gram and the optional features (window, soft cap, top1_prob; and, on top of them,
+the sink with its mass), for a CUDA arch, and prints each variant's shared memory; exits 1 if one fails to
+compile or needs more than ``--smem-kib``. ``--sink-only`` compiles only the sink variants.
 Run it with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).
 """
 
@@ -51,7 +52,7 @@ def time_configs(q, k, v, basis, mode: str) -> tuple[float, list]:
     return do_bench(run, return_mode="median"), sorted(results, key=lambda r: r[0])
 
 
-def compile_check(arch: int, smem_limit: int) -> int:
+def compile_check(arch: int, smem_limit: int, sink_only: bool = False) -> int:
     """Compile every kernel variant for ``sm_<arch>`` without a GPU; 0 if all compile within ``smem_limit``."""
     import torch
     import triton
@@ -60,16 +61,20 @@ def compile_check(arch: int, smem_limit: int) -> int:
 
     fn = ra._residual_attn_fwd
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
-                "Basis": "*fp32", "Gram": "*fp32"}
+                "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32"}
     failures = 0
-    # (window, softcap, top1_prob) all off or all on: each only adds code, so "all on" is the largest variant.
-    # fp16 compiles like bf16. About 100 variants, some seconds each (Triton caches them for a rerun).
-    flags = [(False, False, False), (True, True, True)]
+    # (window, softcap, top1_prob) all off or all on: each only adds code, so "all on" is the largest variant;
+    # the sink (sink_tokens > 0, with its mass stored) adds code on top of that: a third variant, "all on + sink".
+    # The number of sink keys is a runtime i32 like d_r: one compile serves every n >= 1.
+    # fp16 compiles like bf16. About 150 variants, some seconds each (Triton caches them for a rerun).
+    flags = [(True, True, True, True)] if sink_only else [
+        (False, False, False, False), (True, True, True, False), (True, True, True, True)]
     for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for D, mode, gram in itertools.product((64, 96, 128, 256), ("top1", "full", "lowrank"), (False, True)):
-            for windowed, softcap, top1_prob in flags:
+            for windowed, softcap, top1_prob, sink in flags:
                 meta, launch = ra.kernel_meta(D, dtype, mode, "cuda", windowed=windowed, softcap=softcap,
-                                              return_argmax=True, return_gram=gram, return_top1_prob=top1_prob)
+                                              return_argmax=True, return_gram=gram, return_top1_prob=top1_prob,
+                                              return_sink_mass=sink, sink=sink)
                 signature = {}
                 for name in fn.arg_names:
                     if name in meta:
@@ -80,7 +85,8 @@ def compile_check(arch: int, smem_limit: int) -> int:
                         signature[name] = "fp32" if name in ("scale", "softcap") else "i32"
                 src = ASTSource(fn=fn, signature=signature,
                                 constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
-                what = f"{tname} D={D} {mode} gram={gram} window={windowed} softcap={softcap} top1p={top1_prob}"
+                what = (f"{tname} D={D} {mode} gram={gram} window={windowed} softcap={softcap} top1p={top1_prob} "
+                        f"sink={sink}")
                 try:
                     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
                 except Exception as err:  # a lowering failure names the variant
@@ -106,9 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile-only", action="store_true", help="compile every variant for --arch; no GPU needed")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only (90: H100)")
     p.add_argument("--smem-kib", type=int, default=227, help="shared memory per block of --arch, KiB")
+    p.add_argument("--sink-only", action="store_true", help="--compile-only: only the sink_tokens > 0 variants")
     args = p.parse_args(argv)
     if args.compile_only:
-        return compile_check(args.arch, args.smem_kib * 1024)
+        return compile_check(args.arch, args.smem_kib * 1024, sink_only=args.sink_only)
     dtype = DTYPES[args.dtype]
     Hkv = args.Hkv or args.H
     for T in args.T:

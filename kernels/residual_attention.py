@@ -8,6 +8,12 @@ Per (b, query head h), with kv head ``h // (Hq // Hkv)`` and q, k, v ``[T, D]``:
     ctx = p @ V,   ε = ctx − V[i*]
     top1 → V[i*];  full → ctx;  lowrank → V[i*] + (ε P) Pᵀ,  P = basis[h, :, :d_r]
 
+With ``sink_tokens=n > 0`` (S = visible keys j < n, R = visible keys j >= n; ``nqpq.reference`` has the math)::
+
+    i*ᴿ = first index of max_{j∈R} s[j],   m_S = Σ_{j∈S} p[j]
+    ground = Σ_{j∈S} p[j] V[j] + (1 − m_S) V[i*ᴿ]   (ctx where R has no finite score: rows t < n)
+    ε = ctx − ground;  top1 → ground;  lowrank → ground + (ε P) Pᵀ
+
 Modelled on Triton's fused-attention tutorial (06-fused-attention): a grid of
 ``(cdiv(T, BLOCK_M), B * Hq)`` programs (B·Hq chunked over CUDA's grid-y limit),
 each owning ``BLOCK_M`` queries and walking the key tiles up to the causal
@@ -18,10 +24,17 @@ one extra reduction per tile, and the top-1 probability is ``1 / l`` at the end.
 ``mode == "top1"`` without a Gram or top1_prob request skips the exponentials
 and the ``P @ V`` accumulation entirely.
 
+The sink stays in the same pass: the key tiles that hold j < n (always the first ones walked) also sum
+Σ_S exp(s − m) V and Σ_S exp(s − m) into a second accumulator under the softmax's online rescaling, and
+track R's best score apart from the softmax max; later tiles leave the sink sums alone (one rescale in the
+epilogue). ``HAS_SINK`` (n > 0) is the only compile-time switch, n itself a runtime argument: one compiled
+kernel serves every n >= 1, and n = 0 runs the kernel without any sink code (the spec, bit for bit).
+In top1 mode with a sink the exponentials are needed (m_S) but ``P @ V`` only over the sink tiles.
+
 Head dims that are not a power of two (80, 96, ...) are padded to one inside the
 kernel (masked loads and stores). Non-finite rows (a NaN score, or a best score
-of ±inf) give NaN outputs, argmax -1 and top1_prob NaN, and never an out-of-range
-load.
+of ±inf) give NaN outputs, argmax -1, top1_prob and sink_mass NaN, and never an
+out-of-range load.
 
 The module never touches the CUDA driver at import time: block sizes come from a
 plain heuristic table evaluated inside the launcher.
@@ -29,6 +42,7 @@ plain heuristic table evaluated inside the launcher.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,9 +90,10 @@ def _tanh(x):
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, best_idx, nan_row,
+    m_r, acc_s, l_s, m_ref, m_s, idx_s,
     q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_n, offs_d, mask_d,
-    scale, softcap, window, lo, hi, T,
+    scale, softcap, window, n_sink, lo, hi, T,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # apply the causal / sequence-end (and window) mask to this range
     WINDOWED: tl.constexpr,
@@ -88,8 +103,18 @@ def _attn_fwd_inner(
     NEED_CTX: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
+    HAS_SINK: tl.constexpr,  # sink_tokens > 0: the argmax state (m_r, best_idx) is over the keys j >= n only
+    IN_SINK: tl.constexpr,  # this range holds the key tiles with j < n (always the first tiles walked)
+    SINK_ACC: tl.constexpr,  # accumulate Σ_S p V (the ground state is needed: not for "full" without a Gram)
 ):
-    """Walk key tiles [lo, hi); ``m_i`` is both the softmax running max and the best score."""
+    """Walk key tiles [lo, hi).
+
+    ``m_i`` is the softmax running max. Without a sink it is also the best score; with one, ``m_r`` /
+    ``best_idx`` track the best score and its index over R (keys j >= n), and in the sink tiles ``m_s`` /
+    ``idx_s`` the best over S, ``l_s`` / ``acc_s`` Σ_S exp(s − m) and Σ_S exp(s − m) V, relative to
+    ``m_ref`` (the running max at the last sink tile: later tiles hold no sink key, so the epilogue
+    rescales the sink sums once instead of every tile).
+    """
     LOG2E: tl.constexpr = 1.4426950408889634
     BIG: tl.constexpr = 2147483647
     for start_n in range(lo, hi, BLOCK_N):
@@ -125,9 +150,29 @@ def _attn_fwd_inner(
         s = tl.where(is_nan, float("-inf"), s)
         # Tile maximum and the first key index reaching it; tiles come in increasing key order.
         t_max = tl.max(s, 1)
-        t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
-        take = (t_max > m_i) | ((t_max == m_i) & (t_idx < best_idx))
-        best_idx = tl.where(take, t_idx, best_idx)
+        if IN_SINK:
+            # The argmax skips the sink: R's best here; S's best too (the index of rows whose R is empty).
+            is_s = cols < n_sink
+            s_r = tl.where(is_s[None, :], float("-inf"), s)
+            r_max = tl.max(s_r, 1)
+            r_idx = tl.min(tl.where(s_r == r_max[:, None], cols[None, :], BIG), 1)
+            take = (r_max > m_r) | ((r_max == m_r) & (r_idx < best_idx))
+            best_idx = tl.where(take, r_idx, best_idx)
+            m_r = tl.maximum(m_r, r_max)
+            s_s = tl.where(is_s[None, :], s, float("-inf"))
+            sk_max = tl.max(s_s, 1)
+            sk_idx = tl.min(tl.where(s_s == sk_max[:, None], cols[None, :], BIG), 1)
+            take_s = (sk_max > m_s) | ((sk_max == m_s) & (sk_idx < idx_s))
+            idx_s = tl.where(take_s, sk_idx, idx_s)
+            m_s = tl.maximum(m_s, sk_max)
+        else:
+            t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
+            if HAS_SINK:  # every key here is in R, but R's best is not the softmax max
+                take = (t_max > m_r) | ((t_max == m_r) & (t_idx < best_idx))
+                m_r = tl.maximum(m_r, t_max)
+            else:
+                take = (t_max > m_i) | ((t_max == m_i) & (t_idx < best_idx))
+            best_idx = tl.where(take, t_idx, best_idx)
         m_new = tl.maximum(m_i, t_max)
         if NEED_L:
             # A row that has seen only -inf so far subtracts 0, not -inf (no -inf - -inf = NaN).
@@ -135,7 +180,11 @@ def _attn_fwd_inner(
             alpha = tl.exp2((m_i - m_base) * LOG2E)
             p = tl.exp2((s - m_base[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if NEED_CTX:
+            if IN_SINK:
+                p_s = tl.where(is_s[None, :], p, 0.0)
+                l_s = l_s * alpha + tl.sum(p_s, 1)
+                m_ref = m_base
+            if NEED_CTX or (IN_SINK and SINK_ACC):
                 v_ptrs = v_base + rows64[:, None] * stride_vt + offs_d[None, :]
                 if MASKED:
                     if EVEN_D:
@@ -149,22 +198,65 @@ def _attn_fwd_inner(
                         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
                 if DOT_F32:
                     v = v.to(tl.float32)
-                acc = acc * alpha[:, None]
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+                if NEED_CTX:
+                    acc = acc * alpha[:, None]
+                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+                if IN_SINK and SINK_ACC:
+                    acc_s = acc_s * alpha[:, None]
+                    acc_s = tl.dot(p_s.to(v.dtype), v, acc_s, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, l_i, m_i, best_idx, nan_row
+    return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
 
 
-@triton.jit(do_not_specialize=["bh_off", "d_r", "window"])
+@triton.jit
+def _attn_fwd_range(
+    acc, l_i, m_i, best_idx, nan_row,
+    m_r, acc_s, l_s, m_ref, m_s, idx_s,
+    q, k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_n, offs_d, mask_d,
+    scale, softcap, window, n_sink, sink_end, lo, hi, T,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    NEED_L: tl.constexpr,
+    NEED_CTX: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    SINK_ACC: tl.constexpr,
+):
+    """Key tiles [lo, hi): with a sink, the tiles below ``sink_end`` (the first tile boundary >= n) with the
+    sink bookkeeping, the rest without it; tile starts stay multiples of BLOCK_N."""
+    if HAS_SINK:
+        split = tl.minimum(tl.maximum(sink_end, lo), hi)
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
+            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+            q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d,
+            scale, softcap, window, n_sink, lo, split, T,
+            BLOCK_N, MASKED, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True, SINK_ACC,
+        )
+        lo = split
+    acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+        q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d,
+        scale, softcap, window, n_sink, lo, hi, T,
+        BLOCK_N, MASKED, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False, SINK_ACC,
+    )
+    return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
+
+
+@triton.jit(do_not_specialize=["bh_off", "d_r", "window", "n_sink"])
 def _residual_attn_fwd(
-    Q, K, V, Out, Argmax, Top1P, Basis, Gram,
+    Q, K, V, Out, Argmax, Top1P, Basis, Gram, SinkMass,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_ab, stride_ah,  # Argmax and Top1P: contiguous [B, Hq, T] buffers
+    stride_ab, stride_ah,  # Argmax, Top1P and SinkMass: contiguous [B, Hq, T] buffers
     stride_ph, stride_pd, stride_pr,
-    H, GROUP, T, bh_off, d_r, window, scale, softcap,
+    H, GROUP, T, bh_off, d_r, window, n_sink, scale, softcap,
     HEAD_D: tl.constexpr,  # the real head dim
     D_PAD: tl.constexpr,  # next power of two (tl.arange / tl.dot shapes)
     R_BLOCK: tl.constexpr,  # basis columns per epilogue step
@@ -179,9 +271,12 @@ def _residual_attn_fwd(
     STORE_ARGMAX: tl.constexpr,
     STORE_TOP1P: tl.constexpr,
     STORE_GRAM: tl.constexpr,
+    STORE_SINK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     EPI_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast operands to fp32 (only for bf16 under the CPU interpreter)
+    HAS_SINK: tl.constexpr,  # n_sink > 0 (n itself is a runtime argument: one compile serves every n >= 1)
+    SINK_ACC: tl.constexpr,  # with HAS_SINK: the output or the Gram needs the ground state (Σ_S p V)
 ):
     EVEN_D: tl.constexpr = HEAD_D == D_PAD
     start_m = tl.program_id(0)
@@ -207,11 +302,21 @@ def _residual_attn_fwd(
     if DOT_F32:
         q = q.to(tl.float32)
 
+    LOG2E: tl.constexpr = 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
     nan_row = tl.zeros([BLOCK_M], dtype=tl.int1)
+    # The sink's state (only touched with HAS_SINK): R's best score, S's best score and index, Σ_S p and
+    # Σ_S p V (unnormalized, relative to m_ref).
+    m_r = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    idx_s = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_ref = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    sink_end = ((n_sink + BLOCK_N - 1) // BLOCK_N) * BLOCK_N  # key tiles below hold a sink key
 
     lo = start_m * BLOCK_M  # first key of the diagonal block
     if WINDOWED:
@@ -222,32 +327,42 @@ def _residual_attn_fwd(
         lo_w = (first // BLOCK_N) * BLOCK_N
         mid = tl.maximum(lo + BLOCK_M - window, 0)
         mid = tl.minimum(((mid + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
-        acc, l_i, m_i, best_idx, nan_row = _attn_fwd_inner(
-            acc, l_i, m_i, best_idx, nan_row, q, k_base, v_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, mask_d, scale, softcap, window, lo_w, mid, T,
-            BLOCK_N, True, True, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32,
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
+            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+            q, k_base, v_base, stride_kt, stride_vt,
+            offs_m, offs_n, offs_d, mask_d, scale, softcap, window, n_sink, sink_end, lo_w, mid, T,
+            BLOCK_N, True, True, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
         )
     else:
         mid = 0
     # Key tiles strictly below the diagonal block, all visible to every row.
-    acc, l_i, m_i, best_idx, nan_row = _attn_fwd_inner(
-        acc, l_i, m_i, best_idx, nan_row, q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, mid, lo, T,
-        BLOCK_N, False, False, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32,
+    acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+        q, k_base, v_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, n_sink, sink_end, mid, lo, T,
+        BLOCK_N, False, False, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
     )
     # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
     hi = tl.minimum(lo + BLOCK_M, T)
-    acc, l_i, m_i, best_idx, nan_row = _attn_fwd_inner(
-        acc, l_i, m_i, best_idx, nan_row, q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, lo, hi, T,
-        BLOCK_N, True, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32,
+    acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+        q, k_base, v_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, n_sink, sink_end, lo, hi, T,
+        BLOCK_N, True, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
     )
 
     # ---- epilogue ----------------------------------------------------------
     # Non-finite row: a visible NaN score, or a best score of ±inf (no softmax exists). Its index is
     # replaced by a valid one for the V load (never out of range), and every output is NaN.
     bad = nan_row | (m_i == float("inf")) | (m_i == float("-inf"))
-    safe_idx = tl.where(bad | (~mask_m), 0, best_idx)
+    if HAS_SINK:
+        # R holds no finite score (every row t < n): the ground state is ctx, the argmax S's first maximum.
+        r_empty = m_r == float("-inf")
+        arg_idx = tl.where(r_empty, idx_s, best_idx)
+        safe_idx = tl.where(bad | (~mask_m) | r_empty, 0, best_idx)
+    else:
+        arg_idx = best_idx
+        safe_idx = tl.where(bad | (~mask_m), 0, best_idx)
     v_star = tl.load(
         v_base + safe_idx.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=mask_md, other=0.0
     ).to(tl.float32)
@@ -257,16 +372,38 @@ def _residual_attn_fwd(
     l_div = tl.where(l_i > 0, l_i, 1.0)
     if NEED_CTX:
         ctx = tl.where(bad[:, None], float("nan"), acc / l_div[:, None])
-        eps = tl.where(mask_m[:, None], ctx - v_star, 0.0)
+    if HAS_SINK:
+        # The sink sums were last rescaled at the last sink tile (max m_ref): bring them to the final max.
+        # l_s == 0 means no visible sink key had weight (acc_s is 0 too): factor 0, never exp of a big gap.
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        to_fin = tl.where(l_s > 0, tl.exp2((m_ref - m_fin) * LOG2E), 0.0) / l_div
+        sink_mass = l_s * to_fin  # Σ_S p
+        if SINK_ACC:
+            sink_part = acc_s * to_fin[:, None]  # Σ_S p V
+            ground = sink_part + (1.0 - sink_mass)[:, None] * v_star
+            # Where R has no finite score the ground state is ctx, which is the sink part exactly (R adds no
+            # weight). Taken from the sink sums in every variant, so asking for the Gram never moves an output.
+            ground = tl.where(r_empty[:, None], sink_part, ground)
+            ground = tl.where(bad[:, None], float("nan"), ground)
+        else:
+            ground = v_star  # unused: "full" without a Gram outputs ctx
+        sink_mass = tl.where(r_empty, 1.0, sink_mass)
+    else:
+        ground = v_star  # the spec: V[i*]
+    if NEED_CTX:
+        eps = ctx - ground
+        if HAS_SINK:
+            eps = tl.where((r_empty & (~bad))[:, None], 0.0, eps)  # ground = ctx: ε = 0 by definition
+        eps = tl.where(mask_m[:, None], eps, 0.0)
 
     if MODE == 0:
-        out = v_star
+        out = ground
     elif MODE == 1:
         out = ctx
     else:
-        # V[i*] + (εP)Pᵀ, R_BLOCK basis columns at a time up to d_r: columns >= d_r are never read, and
+        # ground + (εP)Pᵀ, R_BLOCK basis columns at a time up to d_r: columns >= d_r are never read, and
         # one compiled kernel serves every rank of a sweep.
-        out = v_star
+        out = ground
         offs_r = tl.arange(0, R_BLOCK)
         for r0 in range(0, d_r, R_BLOCK):
             cols_r = r0 + offs_r
@@ -280,11 +417,23 @@ def _residual_attn_fwd(
 
     if STORE_ARGMAX:
         a_ptrs = Argmax + off_b * stride_ab + off_h * stride_ah + offs_m64
-        tl.store(a_ptrs, tl.where(bad, -1, best_idx).to(tl.int64), mask=mask_m)
+        tl.store(a_ptrs, tl.where(bad, -1, arg_idx).to(tl.int64), mask=mask_m)
     if STORE_TOP1P:
-        # The running max is the best score, whose term exp(m - m) = 1 is in l_i exactly: p[i*] = 1/l_i.
         t_ptrs = Top1P + off_b * stride_ab + off_h * stride_ah + offs_m64
-        tl.store(t_ptrs, tl.where(bad, float("nan"), 1.0 / l_div), mask=mask_m)
+        if HAS_SINK:
+            # p of the returned index: exp(s[i*ᴿ] − m) / l (R's best is not the softmax max in general).
+            s_arg = tl.where(r_empty, m_i, m_r)
+            top1 = tl.exp2((s_arg - m_fin) * LOG2E) / l_div
+        else:
+            # The running max is the best score, whose term exp(m - m) = 1 is in l_i exactly: p[i*] = 1/l_i.
+            top1 = 1.0 / l_div
+        tl.store(t_ptrs, tl.where(bad, float("nan"), top1), mask=mask_m)
+    if STORE_SINK:
+        s_ptrs = SinkMass + off_b * stride_ab + off_h * stride_ah + offs_m64
+        if HAS_SINK:
+            tl.store(s_ptrs, tl.where(bad, float("nan"), sink_mass), mask=mask_m)
+        else:
+            tl.store(s_ptrs, tl.where(bad, float("nan"), 0.0), mask=mask_m)
     if STORE_GRAM:
         # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
         eps_t = tl.trans(eps)
@@ -343,6 +492,14 @@ def _check_backend_device(device: torch.device) -> None:
     )
 
 
+def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context every kernel launch runs in: ``torch.cuda.device(device)`` for a CUDA device (Triton
+    launches on the current device, not the tensors'), nothing for the CPU interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device) -> dict:
     """Block sizes / launch options for a padded head dim ``D``. A fixed small config for the interpreter,
     a table on CUDA."""
@@ -398,10 +555,16 @@ def kernel_meta(
     return_argmax: bool = False,
     return_gram: bool = False,
     return_top1_prob: bool = False,
+    return_sink_mass: bool = False,
+    sink: bool = False,
     allow_tf32: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
-    num_stages})``. One place, shared by the launcher and ``benchmarks.tune --compile-only``."""
+    num_stages})``. One place, shared by the launcher and ``benchmarks.tune --compile-only``.
+
+    ``sink``: sink_tokens > 0. Only that flag is compiled in; the number of sink keys is a runtime argument,
+    so one compiled kernel serves every n >= 1 and n = 0 runs the kernel without any sink code.
+    """
     need_ctx = mode != "top1" or return_gram
     d_pad = _padded_head_dim(D)
     cfg = _pick_config(d_pad, dtype, mode, return_gram, torch.device(device_type))
@@ -418,18 +581,26 @@ def kernel_meta(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         MODE=_MODE_IDS[mode],
-        NEED_L=need_ctx or return_top1_prob,
+        NEED_L=need_ctx or return_top1_prob or sink,  # the sink mass Σ_S p needs the softmax denominator
         NEED_CTX=need_ctx,
         WINDOWED=windowed,
         SOFTCAP=softcap,
         STORE_ARGMAX=return_argmax,
         STORE_TOP1P=return_top1_prob,
         STORE_GRAM=return_gram,
+        STORE_SINK=return_sink_mass,
         DOT_PREC=precision,
         EPI_PREC=precision,
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bfloat16), so there
         # the operands are upcast to fp32; compiled kernels always dot in the input dtype.
         DOT_F32=device_type != "cuda" and dtype == torch.bfloat16,
+        HAS_SINK=sink,
+        # The second [BLOCK_M, D] accumulator (Σ_S p V) costs registers: only where the ground state is used,
+        # i.e. not for "full" without a Gram. NOT MEASURED on a card: ptxas -v for sm_90 (window, softcap,
+        # top1_prob on) reports spill stores of 0 -> 1116 B (bf16 D=128 lowrank+Gram), 264 -> 1068 B (bf16
+        # D=128 full), 20 -> 980 B (bf16 D=64 lowrank+Gram) without -> with the sink, all at 255 registers;
+        # the *_sink1 rows of benchmarks.attention say what that costs.
+        SINK_ACC=sink and (mode != "full" or return_gram),
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -451,16 +622,23 @@ def residual_attention_triton(
     out_layout: str = "bhtd",
     allow_tf32: bool = False,
     out: Tensor | None = None,
+    sink_tokens: int = 0,
+    return_sink_mass: bool = False,
 ) -> ResidualAttentionResult:
     """Fused residual attention; same contract as ``nqpq.reference.residual_attention_reference``.
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``; the kernel reads kv head
     ``h // (Hq // Hkv)`` in place, never a repeated copy). D: any multiple of 16 up to 256.
-    Returns ``ResidualAttentionResult(out, argmax, gram, top1_prob)``: ``out`` in the input dtype,
-    ``[B, Hq, T, D]`` (``out_layout="bhtd"``) or a contiguous ``[B, T, Hq, D]`` (``"bthd"``);
+    Returns ``ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)``: ``out`` in the input
+    dtype, ``[B, Hq, T, D]`` (``out_layout="bhtd"``) or a contiguous ``[B, T, Hq, D]`` (``"bthd"``);
     ``argmax`` int64 ``[B, Hq, T]`` (-1 on a non-finite row); ``gram`` float64 ``[Hq, D, D]`` =
     Σ_{b,t} ε εᵀ (reduced on the device in fp32, per launch); ``top1_prob`` float32 ``[B, Hq, T]``
-    = 1/l at the end of the online softmax (NaN on a non-finite row). Unrequested fields are None.
+    = p[argmax] (1/l at the end of the online softmax without a sink; NaN on a non-finite row);
+    ``sink_mass`` float32 ``[B, Hq, T]``. Unrequested fields are None.
+
+    ``sink_tokens=n`` keeps the keys j < n apart (the reference's module docstring has the math): in the
+    key tiles holding j < n a second accumulator sums Σ_S p V and Σ_S p under the same online rescaling,
+    and the argmax skips j < n. Still one pass; n is a runtime argument.
 
     Inputs whose last dimension is strided (stride(-1) != 1) are copied to a contiguous layout first
     (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
@@ -469,7 +647,7 @@ def residual_attention_triton(
     ``out`` (keyword-only, optional) is a preallocated output of the right shape,
     dtype and device with a unit last stride; mainly a test hook.
     """
-    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
+    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, D = q.shape
@@ -500,12 +678,14 @@ def residual_attention_triton(
     windowed = args.sliding_window is not None and args.sliding_window < T
     meta, launch = kernel_meta(D, q.dtype, mode, device.type, windowed=windowed, softcap=args.softcap is not None,
                                return_argmax=return_argmax, return_gram=return_gram,
-                               return_top1_prob=return_top1_prob, allow_tf32=allow_tf32)
+                               return_top1_prob=return_top1_prob, return_sink_mass=return_sink_mass,
+                               sink=args.sink_tokens > 0, allow_tf32=allow_tf32)
     n_m = triton.cdiv(T, meta["BLOCK_M"])
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
     top1_prob = torch.empty((B, H, T), device=device, dtype=torch.float32) if return_top1_prob else None
     gram32 = torch.zeros((H, D, D), device=device, dtype=torch.float32) if return_gram else None
+    sink_mass = torch.empty((B, H, T), device=device, dtype=torch.float32) if return_sink_mass else None
 
     # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
@@ -514,25 +694,29 @@ def residual_attention_triton(
     # Unused pointer arguments get a valid tensor (the kernel never dereferences them).
     dummy = out
     n_bh = B * H
-    for bh_off in range(0, n_bh, MAX_GRID_Y):
-        grid = (n_m, min(MAX_GRID_Y, n_bh - bh_off))
-        _residual_attn_fwd[grid](
-            q, k, v, out,
-            argmax if argmax is not None else dummy,
-            top1_prob if top1_prob is not None else dummy,
-            basis_f32 if basis_f32 is not None else dummy,
-            gram32 if gram32 is not None else dummy,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            stride_ob, stride_oh, stride_ot,
-            H * T, T,  # argmax / top1_prob are contiguous [B, Hq, T]
-            *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
-            H, args.group, T, bh_off, args.d_r, args.sliding_window if windowed else 0, args.scale,
-            args.softcap if args.softcap is not None else 1.0,
-            **meta,
-            **launch,
-        )
+    # Triton launches on the *current* CUDA device: tensors on another GPU would be read through invalid
+    # pointers (an error, or silently wrong values). Every launch runs under q's device (issue 21).
+    with _launch_device(device):
+        for bh_off in range(0, n_bh, MAX_GRID_Y):
+            grid = (n_m, min(MAX_GRID_Y, n_bh - bh_off))
+            _residual_attn_fwd[grid](
+                q, k, v, out,
+                argmax if argmax is not None else dummy,
+                top1_prob if top1_prob is not None else dummy,
+                basis_f32 if basis_f32 is not None else dummy,
+                gram32 if gram32 is not None else dummy,
+                sink_mass if sink_mass is not None else dummy,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                stride_ob, stride_oh, stride_ot,
+                H * T, T,  # argmax / top1_prob / sink_mass are contiguous [B, Hq, T]
+                *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
+                H, args.group, T, bh_off, args.d_r, args.sliding_window if windowed else 0, args.sink_tokens,
+                args.scale, args.softcap if args.softcap is not None else 1.0,
+                **meta,
+                **launch,
+            )
 
     gram = gram32.double() if return_gram else None
-    return ResidualAttentionResult(out, argmax, gram, top1_prob)
+    return ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)

@@ -8,15 +8,17 @@ and eigendecompose once: memory stays O(D²) whatever the calibration length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .devices import execution_device, input_device
 from .distributed import all_reduce_sum
 from .evaluate import check_batch_size
-from .integration import observe_residuals
+from .integration import Observer, observe_residuals
 from .models import model_parts
 
 VARIANCE_TARGET = 0.90
@@ -28,7 +30,11 @@ def float64_device(device: torch.device) -> torch.device:
 
 
 class GramAccumulator:
-    """Sums the per-layer Gram matrices handed over by crystallized attention."""
+    """Sums the per-layer Gram matrices handed over by crystallized attention.
+
+    Each layer's sum stays on the device its attention ran on (under a device map, the layer's own device:
+    no transfer per call); ``reduce_grams`` sums them across ranks once, at the end.
+    """
 
     def __init__(self) -> None:
         self.grams: dict[int, Tensor] = {}
@@ -90,35 +96,86 @@ def calibrate(
     *,
     batch_size: int = 4,
     backend: str = "auto",
+    sink_tokens: int = 0,
 ) -> ResidualBasis:
     """Residual bases of ``layers`` from calibration ``blocks`` ``[N, T]`` (token ids).
 
-    Runs the unmodified model (its own attention, bit for bit) and accumulates Σ εεᵀ per query head
-    on the way from the same q, k, v. Under torch.distributed,
-    pass each rank its share of the blocks: the Gram matrices are summed across ranks.
+    Runs the unmodified model (its own attention, bit for bit) up to the highest of ``layers`` and accumulates
+    Σ εεᵀ per query head on the way from the same q, k, v. ``sink_tokens=n`` fits the residual of the ground
+    state that keeps the first n keys exactly (``nqpq.residual_attention``; 0: the spec's ε = ctx − V[i*]).
+    Under torch.distributed, pass each rank its share of the blocks: the Gram matrices are summed across ranks.
     """
     if not isinstance(blocks, Tensor) or blocks.dim() != 2:
         shape = tuple(blocks.shape) if isinstance(blocks, Tensor) else type(blocks).__name__
         raise ValueError(f"blocks must be [N, T] token ids (e.g. make_blocks(ids, seq_len, n)), got {shape}")
     batch_size = check_batch_size(batch_size)
+    batches = [blocks[s : s + batch_size] for s in range(0, blocks.shape[0], batch_size)]
+    grams = gram_passes(model, batches, layers, (sink_tokens,), backend=backend)[sink_tokens]
+    return basis_from_grams(reduce_grams(grams, layers, model))
+
+
+class _StopForward(Exception):
+    """Raised on entering the first layer above those observed: the rest of the forward is not needed."""
+
+
+@contextlib.contextmanager
+def _stop_above(parts, last: int) -> Iterator[None]:
+    """Make the body's forward end (``_StopForward``) where layer ``last + 1`` would start."""
+    if last + 1 >= parts.n_layers:
+        yield
+        return
+
+    def stop(module, args, kwargs):
+        raise _StopForward
+
+    handle = parts.layers[last + 1].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def gram_passes(model: torch.nn.Module, batches: Iterable[Tensor], layers: Sequence[int],
+                sink_tokens: Sequence[int], *, backend: str = "auto", progress=None) -> dict[int, dict[int, Tensor]]:
+    """This process's Σ εεᵀ (``[Hq, D, D]`` float64 per layer) of ``layers`` over the token-id ``batches``, for each
+    sink setting n in ``sink_tokens``: ``{n: {layer: gram}}``, every setting observed on the same forward (its ε
+    from its own op call on the same q, k, v).
+
+    The model's own attention output is kept and the body runs only up to the highest of ``layers``: no layer
+    above it, no final norm, no LM head (a calibration pass has no loss to compute). Not yet summed across ranks
+    (``reduce_grams``).
+    """
     parts = model_parts(model)
-    device = next(model.parameters()).device
-    sink = GramAccumulator()
-    with observe_residuals(model, layers, sink, backend=backend):
-        for start in range(0, blocks.shape[0], batch_size):
-            parts.body(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
-    return basis_from_grams(reduce_grams(sink.grams, layers, model))
+    device = input_device(model)
+    sinks = {n: GramAccumulator() for n in dict.fromkeys(sink_tokens)}
+    observers = [Observer(n, acc) for n, acc in sinks.items()]
+    with observe_residuals(model, layers, None, backend=backend, observers=observers), \
+            _stop_above(parts, max(layers)):
+        for batch in batches:
+            try:
+                parts.body(input_ids=batch.to(device), use_cache=False, return_dict=True)
+            except _StopForward:
+                pass
+            if progress is not None:
+                progress.update(batch.shape[0])
+    return {n: acc.grams for n, acc in sinks.items()}
 
 
 def reduce_grams(grams: dict[int, Tensor], layers: Sequence[int], model: torch.nn.Module) -> dict[int, Tensor]:
-    """Sum ``[Hq, D, D]`` Gram matrices across ranks (a rank with no calibration blocks contributes zeros)."""
+    """Sum ``[Hq, D, D]`` Gram matrices across ranks (a rank with no calibration blocks contributes zeros).
+
+    Each layer's Gram is reduced where it was accumulated, its layer's execution device (device maps put
+    layers on different devices); a missing one is created there as zeros, so every rank reduces the same
+    layers in the same order.
+    """
     parts = model_parts(model)
     D = parts.head_dim
-    device = float64_device(next(model.parameters()).device)
     out = {}
     for li in layers:
         g = grams.get(li)
         if g is None:
+            device = float64_device(execution_device(parts.attn[li]))
             g = torch.zeros(parts.n_heads, D, D, dtype=torch.float64, device=device)
-        out[li] = all_reduce_sum(g.to(device))
+        out[li] = all_reduce_sum(g)
     return out

@@ -52,8 +52,31 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
     p.add_argument("--n-blocks", type=int, default=30, help="evaluation blocks (default: 30)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default: 256)")
     p.add_argument("--calib-blocks", type=int, default=None,
-                   help="leading blocks used to fit the residual basis (default: 4, or --n-blocks if fewer)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+                   help="blocks the residual basis is fitted on, per draw (default: 4; with --calib-from eval at most "
+                        "--n-blocks)")
+    p.add_argument("--calib-from", default="heldout", metavar="{heldout,eval}",
+                   help="where the calibration blocks come from: heldout, the blocks right after the scored ones in "
+                        "the same text (no scored token is seen by the basis); eval, the first --calib-blocks scored "
+                        "blocks, the spec's choice (default: heldout)")
+    p.add_argument("--calib-text-file", default=None, metavar="PATH",
+                   help="fit the basis on the first blocks of this raw text instead (same tokenizer and block "
+                        "layout; default: none)")
+    p.add_argument("--calib-draws", type=int, default=1, metavar="K",
+                   help="fit K bases on K disjoint sets of --calib-blocks held-out blocks and run the low-rank "
+                        "configurations once per basis, to measure the calibration's variability (default: 1)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu); with --device-map, where the "
+                        "inputs go, which must be the input embedding's device (default: that device)")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|balanced_low_0|sequential|FILE.json",
+                   help="spread the model over devices with accelerate: a strategy, or a JSON file mapping module "
+                        "names to devices (0, 1, \"cpu\", \"disk\"); each layer computes on its own device "
+                        "(default: none, the whole model on --device)")
+    p.add_argument("--max-memory", nargs="+", default=None, metavar="DEVICE=SIZE",
+                   help="with --device-map: memory per device, e.g. 0=70GiB 1=70GiB cpu=200GiB, or one JSON object "
+                        "(default: accelerate's, the free memory of each device)")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: where weights placed on \"disk\" are kept (default: none; needed when "
+                        "the map offloads to disk)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
@@ -69,6 +92,14 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
                    help="no downloads: RANDOM-init GPT-2 small geometry (fixed seed), standard-library "
                         "docstrings as text and a byte tokenizer unless --text-file/--tokenizer are given; "
                         "not with --model")
+    p.add_argument("--sink-tokens", type=int, nargs="+", default=[0],
+                   help="keep the first N keys exactly in the ground state (the sink) and take the argmax over the "
+                        "rest; several values run side by side, sharing the baseline pass, each with its own basis "
+                        "(default: 0, the spec's V[i*])")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every block with the tokenizer's BOS token and seq_len - 1 text tokens (--bos), or "
+                        "cut blocks from the text as they are (--no-bos; the spec's blocks) (default: BOS when the "
+                        "tokenizer puts it first in a text, as Gemma's and Llama 3's do; GPT-2's and SmolLM2's don't)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -104,6 +135,11 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
+def _default_calib_blocks(args: argparse.Namespace) -> int:
+    """4, the spec's count; the spec's choice (``--calib-from eval``) scores them too, so at most ``--n-blocks``."""
+    return min(4, args.n_blocks) if args.calib_from == "eval" else 4
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from . import distributed
     from .report import check_out_dir, write_results
@@ -117,9 +153,12 @@ def _sweep(args: argparse.Namespace) -> int:
         layers=None if args.layers is None else tuple(args.layers),
         d_r=None if args.d_r is None else tuple(sorted(set(args.d_r))), n_blocks=args.n_blocks,
         seq_len=args.seq_len,
-        calib_blocks=min(4, args.n_blocks) if args.calib_blocks is None else args.calib_blocks,
+        calib_blocks=_default_calib_blocks(args) if args.calib_blocks is None else args.calib_blocks,
+        calib_from=args.calib_from, calib_text_file=args.calib_text_file, calib_draws=args.calib_draws,
         device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
         seed=args.seed, out=args.out, demo=args.demo, progress=not args.no_progress,
+        device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder, bos=args.bos,
+        sink_tokens=tuple(args.sink_tokens),
     )
     # torchrun sets RANK before the process group exists: only rank 0 touches --out.
     writer = int(os.environ.get("RANK", "0")) == 0

@@ -7,7 +7,13 @@ sums, per (layer, head):
 - ``top1_prob_mean``: the mean over rows of max_j p[t, j];
 - ``sink_frac``: the fraction of rows with i* = 0 (the attention sink);
 - ``self_frac``: i* = t (the token itself);
-- ``prev_frac``: i* = t − 1 (the previous token).
+- ``prev_frac``: i* = t − 1 (the previous token);
+- ``sink_mass_mean``: the mean over rows of the sink mass Σ_{j<n} p[t, j] (0 with n = 0 sink tokens);
+- ``winner_share_mean``: the mean of p[t, i*ᴿ] / (1 − sink mass), the winner's share of the attention that
+  is not on the sink, over the rows that see a key beyond the sink (= ``top1_prob_mean`` with n = 0).
+
+With ``sink_tokens=n > 0`` (``nqpq.residual_attention``), i* is i*ᴿ, the winner among the keys j >= n, and
+``top1_prob`` its probability: ``sink_frac`` then counts only the rows t < n, which see nothing else.
 
 Every row counts in every denominator. Row 0 is both sink and self, and never prev.
 A row the op reports as non-finite (argmax −1, top1_prob NaN) counts in the
@@ -27,7 +33,7 @@ from torch import Tensor
 
 from .distributed import all_reduce_sum
 
-STAT_KEYS = ("top1_prob_mean", "sink_frac", "self_frac", "prev_frac")
+STAT_KEYS = ("top1_prob_mean", "sink_frac", "self_frac", "prev_frac", "sink_mass_mean", "winner_share_mean")
 
 
 class CrystallinityAccumulator:
@@ -38,7 +44,7 @@ class CrystallinityAccumulator:
     blocks) reduces tensors of the same shape.
     """
 
-    def __init__(self, layers: Sequence[int], n_heads: int) -> None:
+    def __init__(self, layers: Sequence[int], n_heads: int, sink_tokens: int = 0) -> None:
         layers = sorted(set(int(li) for li in layers))
         if not layers:
             raise ValueError("CrystallinityAccumulator needs at least one layer")
@@ -46,11 +52,16 @@ class CrystallinityAccumulator:
             raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
         self.layers = layers
         self.n_heads = n_heads
-        # One row per layer: [H, 5] = Σ top1_prob, #sink, #self, #prev, #rows (float64: counts are exact to 2^53).
-        self._sums = {li: torch.zeros(n_heads, 5, dtype=torch.float64) for li in layers}
+        self.sink_tokens = sink_tokens  # the op's sink_tokens for the calls this accumulator is fed
+        # One row per layer: [H, 8] = Σ top1_prob, #sink, #self, #prev, #rows, Σ sink mass, Σ winner share,
+        # #rows with a key beyond the sink (float64: counts are exact to 2^53).
+        self._sums = {li: torch.zeros(n_heads, 8, dtype=torch.float64) for li in layers}
 
-    def add(self, layer: int, argmax: Tensor, top1_prob: Tensor) -> None:
-        """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]``."""
+    def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None) -> None:
+        """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]`` and,
+        for ``sink_tokens > 0``, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0)."""
+        if sink_mass is None and self.sink_tokens:
+            raise ValueError(f"sink_mass is needed for sink_tokens={self.sink_tokens}")
         if layer not in self._sums:
             raise ValueError(f"layer {layer!r} is not one of the accumulator's layers {self.layers}")
         for name, t in (("argmax", argmax), ("top1_prob", top1_prob)):
@@ -72,9 +83,20 @@ class CrystallinityAccumulator:
         self_ = (argmax == t).sum(dim=(0, 2))
         # Row 0 has no previous token; an argmax of −1 (a non-finite row) must not count there.
         prev = (argmax[:, :, 1:] == t[1:] - 1).sum(dim=(0, 2))
-        top1 = top1_prob.to(torch.float64).sum(dim=(0, 2))
+        top1_64 = top1_prob.to(torch.float64)
+        top1 = top1_64.sum(dim=(0, 2))
         rows = torch.full((H,), float(B * T), dtype=torch.float64, device=argmax.device)
-        step = torch.stack([top1, sink.double(), self_.double(), prev.double(), rows], dim=1)
+        if sink_mass is None:
+            mass, share, share_rows = torch.zeros_like(top1), top1, rows
+        else:
+            mass64 = sink_mass.to(torch.float64)
+            mass = mass64.sum(dim=(0, 2))
+            # Rows t < n see only sink keys (mass 1): they have no winner beyond the sink. NaN rows stay NaN.
+            beyond = ~(mass64 == 1.0)
+            share = torch.where(beyond, top1_64 / (1.0 - mass64), 0.0).sum(dim=(0, 2))
+            share_rows = beyond.sum(dim=(0, 2)).double()
+        step = torch.stack([top1, sink.double(), self_.double(), prev.double(), rows, mass, share, share_rows],
+                           dim=1)
         self._sums[layer] += step.cpu()
 
     def results(self) -> list[dict]:
@@ -86,11 +108,12 @@ class CrystallinityAccumulator:
         packed = all_reduce_sum(torch.stack([self._sums[li] for li in self.layers]).clone())
         out = []
         for li, per_layer in zip(self.layers, packed):
-            for head, (top1, sink, self_, prev, rows) in enumerate(per_layer.tolist()):
+            for head, (top1, sink, self_, prev, rows, mass, share, share_rows) in enumerate(per_layer.tolist()):
                 if rows == 0:
                     raise RuntimeError(f"crystallinity: layer {li} was never observed (no rows counted)")
                 out.append({"layer": li, "head": head, "top1_prob_mean": top1 / rows, "sink_frac": sink / rows,
-                            "self_frac": self_ / rows, "prev_frac": prev / rows})
+                            "self_frac": self_ / rows, "prev_frac": prev / rows, "sink_mass_mean": mass / rows,
+                            "winner_share_mean": share / share_rows if share_rows else float("nan")})
         return out
 
 
@@ -99,17 +122,25 @@ def layer_means(crystallinity: list[dict]) -> dict[int, dict[str, float]]:
     by_layer: dict[int, list[dict]] = {}
     for entry in crystallinity:
         by_layer.setdefault(entry["layer"], []).append(entry)
+    # Results written before the sink statistics existed lack their keys: average what every entry holds.
     return {
-        layer: {key: sum(e[key] for e in entries) / len(entries) for key in STAT_KEYS}
+        layer: {key: sum(e[key] for e in entries) / len(entries) for key in STAT_KEYS
+                if all(key in e for e in entries)}
         for layer, entries in sorted(by_layer.items())
     }
 
 
-def format_table(crystallinity: list[dict]) -> list[str]:
-    """The report's crystallinity table: mean top-1 probability and sink/self/prev fractions per layer."""
-    lines = [" Crystallinity (baseline model, all evaluation rows; mean over heads):",
-             f" {'layer':>5} | top-1 p   sink   self   prev"]
+def format_table(crystallinity: list[dict], sink_tokens: int = 0) -> list[str]:
+    """The report's crystallinity table: mean top-1 probability and sink/self/prev fractions per layer; with
+    ``sink_tokens > 0``, where i* is the winner beyond the sink, also the sink mass and the winner's share."""
+    sink = sink_tokens > 0
+    title = " Crystallinity (baseline model, all evaluation rows; mean over heads"
+    title += f"; first {sink_tokens} key(s) kept apart as the sink):" if sink else "):"
+    lines = [title, f" {'layer':>5} | top-1 p   sink   self   prev" + ("  sink mass  share" if sink else "")]
     for layer, m in layer_means(crystallinity).items():
-        lines.append(f" {layer:5d} | {m['top1_prob_mean']:7.4f} {m['sink_frac']:6.3f} {m['self_frac']:6.3f} "
-                     f"{m['prev_frac']:6.3f}")
+        line = (f" {layer:5d} | {m['top1_prob_mean']:7.4f} {m['sink_frac']:6.3f} {m['self_frac']:6.3f} "
+                f"{m['prev_frac']:6.3f}")
+        if sink:
+            line += f"  {m['sink_mass_mean']:9.4f} {m['winner_share_mean']:6.4f}"
+        lines.append(line)
     return lines

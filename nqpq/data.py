@@ -26,6 +26,12 @@ OFFLINE_HINT = (
     "demo with --demo (random weights). Original error: {err}"
 )
 
+# transformers dequantizes a GGUF file whole, in host memory, before any placement: a device map would not spread
+# the load, only the result. Save the dequantized model once and map that.
+GGUF_DEVICE_MAP = ("--device-map with a .gguf file: the file is dequantized whole before any placement; save it "
+                   "with save_pretrained first (python -m nqpq.fetch --converted does it for SmolLM2) and map that "
+                   "directory")
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -139,13 +145,24 @@ def unloaded_weights(model: nn.Module, info: dict) -> list[str]:
     return problems
 
 
-def load_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
+def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | None = None) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(name)`` in eval mode on ``device``, every weight from the checkpoint.
+
+    With ``device_map`` (a strategy such as ``"auto"`` or a dict of module name → device, ``max_memory`` and
+    ``offload_folder`` as in ``from_pretrained``) accelerate places the modules and ``device`` is not used: the
+    model stays where the map put it (``nqpq.devices.execution_device`` says where each part computes).
 
     Never runs remote code. Raises ``NqpqError`` for encoder(-decoder) models, unreadable or truncated
     checkpoints, and checkpoints whose weights do not all load (missing, unexpected or mismatched keys),
     so a model is never run with randomly initialised weights.
     """
+    if name.lower().endswith(".gguf"):  # a GGUF file, never a hub name (nqpq.checkpoints)
+        from .checkpoints import load_gguf
+
+        if device_map is not None:
+            raise NqpqError(GGUF_DEVICE_MAP)
+        return load_gguf(name, device, dtype)
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -160,7 +177,9 @@ def load_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
                 name, config=config, dtype=dtype, local_files_only=cache_only, trust_remote_code=False,
                 # Mismatched shapes are listed in the loading info (and refused below) rather than raised
                 # with a pointer to transformers' load report.
-                ignore_mismatched_sizes=True, output_loading_info=True)
+                ignore_mismatched_sizes=True, output_loading_info=True,
+                **({} if device_map is None else
+                   {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}))
     except NqpqError:
         raise
     except (OSError, ValueError) as err:
@@ -173,7 +192,7 @@ def load_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
     if problems:
         raise NqpqError(f"--model {name!r}: the checkpoint does not fit {type(model).__name__}: "
                         f"{'; '.join(problems)}. Refusing to run with randomly initialised weights.")
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def _one_line(err: BaseException) -> str:
@@ -191,6 +210,10 @@ def _bare_gpt2_files(name: str) -> bool:
 
 def load_tokenizer(name: str):
     """``AutoTokenizer.from_pretrained(name)`` (no remote code), refusing empty tokenizers."""
+    if name.lower().endswith(".gguf"):  # the tokenizer stored in a GGUF file (nqpq.checkpoints)
+        from .checkpoints import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(name)
     from transformers import AutoTokenizer
 
     try:
@@ -283,8 +306,36 @@ def join_rows(rows: Iterable[str]) -> str:
 
 
 def tokenize(text: str, tokenizer) -> Tensor:
-    ids = tokenizer.encode(text)
+    """The text's own tokens, without the special tokens a tokenizer adds (BOS goes in per block, see
+    ``nqpq.evaluate.make_blocks``); for a tokenizer that adds none, exactly ``tokenizer.encode(text)``."""
+    if hasattr(tokenizer, "bos_token_id"):  # a transformers tokenizer
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(text)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenizer_bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts BOS first in every text it encodes (Gemma, Llama 3: the model was
+    trained to always see it), else None (GPT-2, SmolLM2: they add none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("x").input_ids
+    return int(bos) if len(ids) and ids[0] == bos else None
+
+
+def choose_bos(tokenizer, force: bool | None) -> int | None:
+    """The BOS id to start every block with: the tokenizer's rule (``force`` None), or forced on (True: the
+    tokenizer must have a BOS token) or off (False)."""
+    if force is False:
+        return None
+    if force is None:
+        return tokenizer_bos_id(tokenizer)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise NqpqError("--bos: the tokenizer has no BOS token to start the blocks with (use --no-bos)")
+    return int(bos)
 
 
 # Tokens tokenized beyond those used. Tokenizing a prefix of the text can change only its last

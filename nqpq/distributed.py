@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .data import NqpqError
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -27,6 +29,27 @@ def init(device: str | None) -> str | None:
         device = f"cuda:{local_rank}"
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return device
+
+
+def check_device_map(device_map: str | dict | None) -> None:
+    """Refuse what torchrun and a device map cannot do together.
+
+    Every rank loads its own copy with the map. A map that places modules only on ``cpu`` and ``disk``
+    combines with torchrun (the ranks reduce over gloo; each rank offloads to its own subfolder). A map onto
+    GPUs would put every rank's copy on the same cards (accelerate sees all of them from every process), so it
+    is refused, naming the two ways that work.
+    """
+    if device_map is None or not launched_by_torchrun():
+        return
+    if isinstance(device_map, dict):
+        on_gpu = any(not (isinstance(p, str) and p in ("cpu", "disk")) for p in device_map.values())
+    else:  # a strategy uses every visible GPU
+        on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        raise NqpqError(
+            "torchrun with a --device-map onto GPUs is not supported (every rank would place its copy on the same "
+            "cards): use either torchrun (one model copy per GPU, blocks split across ranks) or --device-map in a "
+            "single process (one model spread over the GPUs)")
 
 
 def shutdown() -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .devices import execution_device, input_device, weights_on_device
 from .models import ModelParts, UnsupportedModelError, as_index, model_parts
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
@@ -22,21 +23,42 @@ from .models import ModelParts, UnsupportedModelError, as_index, model_parts
 MAX_LOGIT_ELEMENTS = 1 << 26
 
 
-def make_blocks(ids: Tensor, seq_len: int, n_blocks: int) -> Tensor:
-    """``[n_blocks, seq_len]`` consecutive blocks of a 1-D token tensor."""
+def text_tokens_per_block(seq_len: int, bos_id: int | None) -> int:
+    """Text tokens one block holds: ``seq_len``, or ``seq_len - 1`` when each block starts with BOS."""
+    return seq_len - (bos_id is not None)
+
+
+def make_blocks(ids: Tensor, seq_len: int, n_blocks: int, *, bos_id: int | None = None,
+                first_block: int = 0) -> Tensor:
+    """``[n_blocks, seq_len]`` consecutive blocks of a 1-D token tensor, starting at block ``first_block``.
+
+    Without ``bos_id`` (the spec's blocks): block b is ``ids[(first_block + b)·seq_len : ... + seq_len]``.
+    With ``bos_id`` (for models trained to see BOS first: Gemma, Llama 3): every block starts with it and
+    holds ``seq_len − 1`` text tokens, block b = ``[bos_id] + ids[(first_block + b)·(seq_len − 1) : ...]``;
+    ``ids`` are then the text's tokens without special tokens. BOS is position 0, never a scored target
+    (the loss scores positions 1..seq_len − 1).
+    """
     if ids.dim() != 1:
         raise ValueError(f"ids must be 1-D token ids, got shape {tuple(ids.shape)}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one prediction per block), got {seq_len}")
     if n_blocks < 1:
         raise ValueError(f"n_blocks must be at least 1, got {n_blocks}")
-    available = ids.numel() // seq_len
-    if n_blocks > available:
+    if first_block < 0:
+        raise ValueError(f"first_block must be >= 0, got {first_block}")
+    per_block = text_tokens_per_block(seq_len, bos_id)
+    available = ids.numel() // per_block
+    if first_block + n_blocks > available:
+        what = f"{seq_len} tokens" if bos_id is None else f"BOS + {per_block} text tokens"
         raise ValueError(
-            f"n_blocks={n_blocks} blocks of {seq_len} tokens need {n_blocks * seq_len} tokens; "
+            f"n_blocks={n_blocks} blocks of {what}{f' after {first_block} others' if first_block else ''} need "
+            f"{(first_block + n_blocks) * per_block} tokens; "
             f"the text has {ids.numel()} tokens ({available} blocks)"
         )
-    return ids[: n_blocks * seq_len].view(n_blocks, seq_len)
+    text = ids[first_block * per_block : (first_block + n_blocks) * per_block].view(n_blocks, per_block)
+    if bos_id is None:
+        return text
+    return torch.cat([torch.full((n_blocks, 1), int(bos_id), dtype=ids.dtype), text], dim=1)
 
 
 def lm_losses(
@@ -52,6 +74,11 @@ def lm_losses(
     steps of 0.25–0.5 before the loss): the LM head's weight is upcast once per call and the hidden states
     one chunk at a time. The model's logit scale (Cohere, Granite) and final logit soft-cap (Gemma 2) are
     applied, as its own forward does.
+
+    The loss of those fp32 logits is exact to float64 rounding (~1e-15 relative): log-sum-exp in fp32 errs by
+    ~1e-7 per token, which over a 49k–262k vocabulary shifts a PPL by 1e-5 relative, more than the tests'
+    tolerance against float64. Each row's max is taken in fp32 (exact), then exp and sum run in float64 on a
+    copy made at most ``max_logits / 2`` elements at a time (the same bytes as the fp32 chunk).
     """
     parts = parts or model_parts(model)
     N, T, C = hidden.shape
@@ -64,15 +91,28 @@ def lm_losses(
     bias = None if head.bias is None else head.bias.float()
     scale, cap = parts.logit_scale, parts.final_logit_softcap
     chunk = max(1, max_logits // weight.shape[0])
-    nll = torch.empty(flat_labels.numel(), dtype=torch.float32, device=hidden.device)
+    rows64 = max(1, max_logits // (2 * weight.shape[0]))  # rows per float64 copy: its bytes = the fp32 chunk's
+    nll = torch.empty(flat_labels.numel(), dtype=torch.float64, device=hidden.device)
     for s in range(0, flat_labels.numel(), chunk):
         logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)
         if scale is not None:
             logits = logits * scale
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        nll[s : s + chunk] = F.cross_entropy(logits, flat_labels[s : s + chunk], reduction="none")
-    return nll.view(N, T - 1).double().mean(dim=1)
+        # loss = log Σ_j exp(z_j) − z_target = m + log Σ_j exp(z_j − m) − z_target, m = max_j z_j. The difference
+        # of two fp32 numbers is exact in float64, so only exp, the sum and the log round, each in float64.
+        # In place on one copy: 1.8x the fp32 cross-entropy's time on CPU, where a plain logsumexp of
+        # logits.double() (its temporaries) takes 3.7x (benchmarks/logits.py).
+        row_max = logits.amax(dim=1, keepdim=True)
+        sum_exp = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+        for r in range(0, logits.shape[0], rows64):
+            shifted = logits[r : r + rows64].double()
+            shifted.sub_(row_max[r : r + rows64]).exp_()
+            sum_exp[r : r + rows64] = shifted.sum(dim=1)
+            del shifted
+        target = logits.gather(1, flat_labels[s : s + chunk, None])[:, 0]
+        nll[s : s + chunk] = row_max[:, 0].double() + sum_exp.log() - target.double()
+    return nll.view(N, T - 1).mean(dim=1)
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -88,14 +128,23 @@ def block_losses(model: nn.Module, blocks: Tensor, batch_size: int = 1) -> Tenso
     """Per-block mean loss ``[N]`` of the model as it stands (any crystallization applies)."""
     batch_size = check_batch_size(batch_size)
     parts = model_parts(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for s in range(0, blocks.shape[0], batch_size):
         batch = blocks[s : s + batch_size].to(device)
         # return_dict=True: a saved config may say return_dict=False, and the body would then return a tuple.
         hidden = parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
-        out.append(lm_losses(model, hidden, batch, parts=parts))
+        out.append(head_losses(model, hidden, batch, parts))
     return _cat_losses(out)
+
+
+def head_losses(model: nn.Module, hidden: Tensor, labels: Tensor, parts: ModelParts) -> Tensor:
+    """``lm_losses`` where the LM head computes: under a device map the final hidden state may sit on another
+    device than the head (moved there), and an offloaded head's weight is loaded for the call (``lm_losses``
+    reads the weight itself rather than calling the module, so accelerate's hook would not)."""
+    device = execution_device(parts.lm_head)
+    with weights_on_device(parts.lm_head):
+        return lm_losses(model, hidden.to(device), labels.to(device), parts=parts)
 
 
 def perplexity(model: nn.Module, ids: Tensor, seq_len: int, n_blocks: int, batch_size: int = 1) -> float:
@@ -144,6 +193,11 @@ class PrefixRunner:
     once, not once per batch. Recorded hidden states stay on the device up to ``record_budget`` bytes
     (default: a quarter of the free CUDA memory when the capture starts; everything on CPU), the rest
     goes to host memory (pinned on CUDA) and is copied back batch by batch during the replay.
+
+    Device maps (accelerate): each record lives on the execution device of the layer it enters (hidden
+    states and that layer's arguments; ``record_budget`` then applies per device, and each CUDA device's
+    default is a quarter of its own free memory), replays move the hidden state from layer to layer as the
+    model's own forward does, and the losses are formed on the LM head's device (``head_losses``).
     """
 
     def __init__(
@@ -167,17 +221,19 @@ class PrefixRunner:
             raise ValueError(f"start layers {starts} out of range: the model has layers 0..{self.parts.n_layers - 1}")
         self.starts = tuple(starts)
         self.start = starts[0]
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # where the token ids go
+        # Where each layer computes (the same device for every layer without a device map).
+        self._layer_device = [execution_device(layer) for layer in self.parts.layers]
         self.record_budget = record_budget
         self._hidden: list[dict[int, Tensor]] = []  # per batch: start layer → hidden state entering it
         self._args: list[list[tuple[bool, tuple, dict]]] = []  # per batch, per layer from self.start
         self._shared: dict[tuple, list[list[tuple[bool, tuple, dict]]]] = {}  # batch shape → distinct records
 
-    def _budget(self) -> int:
+    def _budget(self, device: torch.device) -> int:
         if self.record_budget is not None:
             return self.record_budget
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0] // 4
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0] // 4
         return 1 << 62  # the device is the host: nothing to move
 
     def _share(self, shape: tuple, layer_args: list[tuple[bool, tuple, dict]]) -> list[tuple[bool, tuple, dict]]:
@@ -189,13 +245,18 @@ class PrefixRunner:
         known.append(layer_args)
         return layer_args
 
-    def _keep(self, hidden: Tensor, on_device: list[int], budget: int) -> Tensor:
+    def _keep(self, hidden: Tensor, device: torch.device, on_device: dict[torch.device, int],
+              budgets: dict[torch.device, int]) -> Tensor:
+        """``hidden`` kept on ``device`` (the layer it enters computes there) while that device's budget lasts,
+        else in host memory."""
         size = hidden.numel() * hidden.element_size()
-        if hidden.device.type != "cpu" and on_device[0] + size > budget:
-            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.device.type == "cuda")
-            return host.copy_(hidden)
-        on_device[0] += size
-        return hidden
+        if device.type != "cpu":
+            budget = budgets.setdefault(device, self._budget(device))
+            if on_device.get(device, 0) + size > budget:
+                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=device.type == "cuda")
+                return host.copy_(hidden)
+        on_device[device] = on_device.get(device, 0) + size
+        return hidden.to(device)
 
     @torch.no_grad()
     def capture_baseline(self, progress=None, context_for=None) -> Tensor:
@@ -213,21 +274,26 @@ class PrefixRunner:
 
         handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
                    for i in range(self.start, self.parts.n_layers)]
-        budget, on_device = self._budget(), [0]
+        budgets: dict[torch.device, int] = {}
+        on_device: dict[torch.device, int] = {}
         losses = []
         try:
             for i, sl in enumerate(self.batches):
                 batch = self.blocks[sl].to(self.device)
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
                     hidden = self.parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
-                losses.append(lm_losses(self.model, hidden, batch, parts=self.parts))
-                layer_args = [(seen[j][0], seen[j][2], seen[j][3]) for j in range(self.start, self.parts.n_layers)]
+                losses.append(head_losses(self.model, hidden, batch, self.parts))
+                moved: dict = {}  # one copy per (tensor, device): the layers share one mask object
+                layer_args = [(seen[j][0], _to_device(seen[j][2], self._layer_device[j], moved),
+                               _to_device(seen[j][3], self._layer_device[j], moved))
+                              for j in range(self.start, self.parts.n_layers)]
                 self._args.append(self._share(tuple(batch.shape), layer_args))
-                self._hidden.append({s: self._keep(seen[s][1], on_device, budget) for s in self.starts})
+                self._hidden.append({s: self._keep(seen[s][1], self._layer_device[s], on_device, budgets)
+                                     for s in self.starts})
                 # Drop this batch's own copies (a mask _share found equal to the stored one) before the next
                 # forward, so they never coexist with the next batch's activations.
                 seen.clear()
-                del layer_args, hidden
+                del layer_args, hidden, moved
                 if progress is not None:
                     progress.update(batch.shape[0])
         finally:
@@ -247,7 +313,7 @@ class PrefixRunner:
     def upper_hidden(self, i: int, start: int | None = None) -> Tensor:
         """Final hidden states (layers ``start..`` + final norm) of batch ``i``."""
         start = self._check_start(start)
-        hidden = self._hidden[i][start].to(self.device, non_blocking=True)
+        hidden = self._hidden[i][start].to(self._layer_device[start], non_blocking=True)
         for j in range(start, self.parts.n_layers):
             positional, rest, kwargs = self._args[i][j - self.start]
             layer = self.parts.layers[j]
@@ -261,11 +327,27 @@ class PrefixRunner:
         start = self._check_start(start)
         out = []
         for i, sl in enumerate(self.batches):
-            labels = self.blocks[sl].to(self.device)
-            out.append(lm_losses(self.model, self.upper_hidden(i, start), labels, parts=self.parts))
+            out.append(head_losses(self.model, self.upper_hidden(i, start), self.blocks[sl], self.parts))
             if progress is not None:
                 progress.update(out[-1].numel())
         return _cat_losses(out)
+
+
+def _to_device(obj: object, device: torch.device, memo: dict) -> object:
+    """``obj`` (a layer argument: tensors, possibly in tuples, lists and dicts) with its tensors on ``device``;
+    ``memo`` keeps one copy per (tensor, device). Tensors already there are returned as they are."""
+    if isinstance(obj, Tensor):
+        key = (id(obj), device)
+        if key not in memo:
+            memo[key] = obj.to(device)
+        return memo[key]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(obj)(*(_to_device(x, device, memo) for x in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(x, device, memo) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    return obj
 
 
 def _cat_losses(losses: list[Tensor]) -> Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .devices import execution_device
 from .models import UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
 from .reference import visible_keys
@@ -48,7 +49,7 @@ class LayerSpec:
 
     layer: int
     mode: str
-    basis: Tensor | None  # [Hq, D, R] float32 on the model's device, or None
+    basis: Tensor | None  # [Hq, D, R] float32 on the layer's execution device (device maps), or None
     d_r: int | None
     backend: str
     original: str  # the model-wide attention implementation name
@@ -56,6 +57,26 @@ class LayerSpec:
     gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
     stats_sink: object | None = None  # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T])
     observe: bool = False  # keep the model's own output; only feed the sinks
+    sink_tokens: int = 0  # the first keys kept exactly in the ground state (nqpq.residual_attention)
+    observers: tuple[Observer, ...] = ()  # with observe: one op call per observer, each feeding its sinks
+
+
+@dataclass(frozen=True)
+class Observer:
+    """One observation of a layer's attention: the op run with ``sink_tokens`` on the q, k, v the layer received,
+    its Σ εεᵀ fed to ``gram_sink`` and its argmax / top-1 probability / sink mass to ``stats_sink``."""
+
+    sink_tokens: int = 0
+    gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
+    stats_sink: object | None = None  # anything with .add(layer, argmax, top1_prob, sink_mass)
+
+
+def check_sink_tokens(sink_tokens: object) -> int:
+    """``sink_tokens`` as an int >= 0 (numpy/torch integers accepted; bools and floats refused by type)."""
+    n = as_index(sink_tokens, "sink_tokens")
+    if n < 0:
+        raise ValueError(f"sink_tokens must be >= 0 (keys j < sink_tokens are the sink), got {n}")
+    return n
 
 
 def _check_mask(mask: Tensor | None, T: int, window: int | None) -> None:
@@ -166,9 +187,12 @@ def _crystal_attention(
     stats = spec.stats_sink is not None
     if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
         result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
-        res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
-                   return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats)
-        _feed_sinks(spec, res)
+        for ob in spec.observers:
+            watch = ob.stats_sink is not None
+            res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
+                       sink_tokens=ob.sink_tokens, return_gram=ob.gram_sink is not None, return_argmax=watch,
+                       return_top1_prob=watch, return_sink_mass=watch and ob.sink_tokens > 0)
+            _feed(spec.layer, ob.gram_sink, ob.stats_sink, res)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
@@ -183,18 +207,22 @@ def _crystal_attention(
         weights = _probabilities(query, key, scale, window, softcap)
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
-        sliding_window=window, softcap=softcap, return_gram=spec.gram_sink is not None,
-        return_argmax=stats, return_top1_prob=stats, out_layout="bthd",
+        sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens,
+        return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
+        return_sink_mass=stats and spec.sink_tokens > 0, out_layout="bthd",
     )
-    _feed_sinks(spec, res)
+    _feed(spec.layer, spec.gram_sink, spec.stats_sink, res)
     return res.out, weights  # [B, T, Hq, D], the layout transformers expects back
 
 
-def _feed_sinks(spec: LayerSpec, res) -> None:
-    if spec.gram_sink is not None:
-        spec.gram_sink.add(spec.layer, res.gram)
-    if spec.stats_sink is not None:
-        spec.stats_sink.add(spec.layer, res.argmax, res.top1_prob)
+def _feed(layer: int, gram_sink, stats_sink, res) -> None:
+    if gram_sink is not None:
+        gram_sink.add(layer, res.gram)
+    if stats_sink is not None:
+        if res.sink_mass is None:
+            stats_sink.add(layer, res.argmax, res.top1_prob)
+        else:
+            stats_sink.add(layer, res.argmax, res.top1_prob, res.sink_mass)
 
 
 def _register(original: str) -> str:
@@ -228,12 +256,17 @@ def crystallize_layers(
     gram_sink: object | None = None,
     stats_sink: object | None = None,
     observe: bool = False,
+    sink_tokens: int = 0,
+    observers: Sequence[Observer] = (),
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
     ``basis`` maps layer → ``[Hq, D, R]`` (e.g. ``ResidualBasis.basis``), needed for ``lowrank``.
     ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_sink`` the argmax and
     top-1 probability. ``observe=True`` keeps the model's own attention output (only the sinks are fed).
+    ``sink_tokens=n`` keeps the first n keys exactly in the ground state (``nqpq.residual_attention``; 0 is the
+    spec). With ``observe=True``, ``observers`` lists further observations of the same attention calls (e.g. one
+    per sink setting); ``gram_sink``/``stats_sink`` are then the first, with ``sink_tokens``.
     Everything is checked before anything is attached: a refused call leaves the model as it was.
     With ``output_attentions=True`` a crystallized layer of an eager model reports its probabilities p (the
     softmax of its masked, scaled, soft-capped scores); under other implementations, whose layers report no
@@ -260,14 +293,26 @@ def crystallize_layers(
             raise ValueError(f"mode='lowrank' needs a residual basis for layers {missing}")
     if any(hasattr(a, _SPEC_ATTR) for a in parts.attn):
         raise RuntimeError("this model is already crystallized; leave the current context first")
+    n_sink = check_sink_tokens(sink_tokens)
+    watchers = tuple(observers)
+    if observe:
+        if gram_sink is not None or stats_sink is not None:
+            watchers = (Observer(n_sink, gram_sink, stats_sink), *watchers)
+        for ob in watchers:
+            if not isinstance(ob, Observer):
+                raise TypeError(f"observers must be nqpq.integration.Observer, got {type(ob).__name__}")
+            check_sink_tokens(ob.sink_tokens)
+    elif watchers:
+        raise ValueError("observers are for observe=True (a crystallized layer feeds gram_sink/stats_sink itself)")
     original = model.config._attn_implementation
     if original is None:
         raise RuntimeError("the model has no attention implementation set (config._attn_implementation is None)")
-    device = next(model.parameters()).device
-    backend_name = resolve_backend(backend, device.type, D)
-
     specs = {}
     for li in layers:
+        # Each layer computes on its own device under a device map (nqpq.devices): its basis lives there and
+        # its backend is resolved for it (a map over cuda and cpu runs the kernel on one, the reference on the other).
+        device = execution_device(parts.attn[li])
+        backend_name = resolve_backend(backend, device.type, D)
         layer_basis = None
         if mode == "lowrank":
             if not isinstance(basis[li], Tensor):
@@ -279,7 +324,7 @@ def crystallize_layers(
                     f"got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
-                              gram_sink, stats_sink, observe)
+                              gram_sink, stats_sink, observe, n_sink, watchers)
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)
@@ -314,13 +359,16 @@ def observe_residuals(
     *,
     backend: str = "auto",
     stats_sink: object | None = None,
+    sink_tokens: int = 0,
+    observers: Sequence[Observer] = (),
 ) -> Iterator[Crystallization]:
     """Collect Σ εεᵀ of ``layers`` into ``gram_sink`` (and, with ``stats_sink``, each call's argmax and top-1
-    probability) while the model computes exactly its own attention."""
-    if gram_sink is None and stats_sink is None:
-        raise ValueError("observe_residuals needs a gram_sink, a stats_sink, or both")
+    probability, and sink mass) while the model computes exactly its own attention. ``sink_tokens`` is the
+    op's for these sinks; ``observers`` adds further observations of the same calls (another sink setting each)."""
+    if gram_sink is None and stats_sink is None and not observers:
+        raise ValueError("observe_residuals needs a gram_sink, a stats_sink, or observers")
     patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_sink=gram_sink,
-                               stats_sink=stats_sink, observe=True)
+                               stats_sink=stats_sink, observe=True, sink_tokens=sink_tokens, observers=observers)
     try:
         yield patch
     finally:
@@ -338,11 +386,12 @@ def crystallize(
     backend: str = "auto",
     gram_sink: object | None = None,
     stats_sink: object | None = None,
+    sink_tokens: int = 0,
 ) -> Iterator[Crystallization]:
     """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
     patch = crystallize_layers(
         model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_sink=gram_sink,
-        stats_sink=stats_sink,
+        stats_sink=stats_sink, sink_tokens=sink_tokens,
     )
     try:
         yield patch

@@ -62,6 +62,8 @@ def residual_attention(
     softcap: float | None = None,
     return_argmax: bool = False,
     return_top1_prob: bool = False,
+    sink_tokens: int = 0,
+    return_sink_mass: bool = False,
 ) -> Tensor | tuple[Tensor, ...]:
     """Causal residual attention, SDPA-like: q ``[B, Hq, T, D]``, k, v ``[B, Hkv, T, D]`` → ``[B, Hq, T, D]``.
 
@@ -72,17 +74,30 @@ def residual_attention(
     before masking. i* is the first index of the maximum of those scores (argmax p is argmax s).
     Computes in float32 and returns the input dtype.
 
-    Returns ``out``; with ``return_argmax`` and/or ``return_top1_prob`` a tuple ``(out, argmax, top1_prob)``
-    holding only what was asked, in that order: argmax int64 ``[B, Hq, T]`` (-1 on a non-finite row),
-    top1_prob float32 ``[B, Hq, T]`` = max_j p[j] (NaN on a non-finite row). A row whose scores contain NaN,
-    or whose best score is ±inf, gives a NaN output row.
+    ``sink_tokens=n`` keeps the first n keys (the attention sink) apart: with S the visible keys j < n and
+    R the visible keys j >= n (p still the softmax over all visible keys), i*ᴿ = the first index of the
+    maximal score over R, the sink mass m_S = Σ_{j∈S} p[j], and the ground state
+    ``ground = Σ_{j∈S} p[j] V[j] + (1 − m_S) V[i*ᴿ]`` replaces V[i*]: top1 → ground, lowrank → ground +
+    P_r P_rᵀ (ctx − ground); full is unchanged. A row whose R holds no finite score (every row t < n) has
+    ground = ctx. Under a sliding window S holds only the sink keys the row still sees. n = 0 (the default)
+    is the spec, bit for bit.
+
+    Returns ``out``; with ``return_argmax``, ``return_top1_prob`` and/or ``return_sink_mass`` a tuple
+    ``(out, argmax, top1_prob, sink_mass)`` holding only what was asked, in that order: argmax int64
+    ``[B, Hq, T]`` = i* (i*ᴿ with n > 0; on rows t < n the first maximum over all visible keys; -1 on a
+    non-finite row), top1_prob float32 ``[B, Hq, T]`` = p[argmax] (max_j p[j] for n = 0; NaN on a
+    non-finite row), sink_mass float32 ``[B, Hq, T]`` = m_S (0 for n = 0, exactly 1 where ground = ctx, NaN
+    on a non-finite row). A row whose scores contain NaN, or whose best score is ±inf, gives a NaN output
+    row.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
     impl = residual_attention_impl(resolve_backend(backend, q.device.type, q.shape[-1] if q.dim() == 4 else None))
     res = impl(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
-        return_argmax=return_argmax, return_top1_prob=return_top1_prob,
+        return_argmax=return_argmax, return_top1_prob=return_top1_prob, sink_tokens=sink_tokens,
+        return_sink_mass=return_sink_mass,
     )
-    extra = [x for x, asked in ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob)) if asked]
+    asked = ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob), (res.sink_mass, return_sink_mass))
+    extra = [x for x, want in asked if want]
     return (res.out, *extra) if extra else res.out

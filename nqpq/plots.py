@@ -14,6 +14,19 @@ def _pyplot():
     return plt
 
 
+def error_bars(values: list[float | None], cis: list[list[float] | None]) -> list[list[float]] | None:
+    """matplotlib's ``yerr`` ([below], [above]) for point estimates and their 95 % intervals; None without any
+    interval. An interval that misses its estimate (a skewed bootstrap can) draws no bar on that side."""
+    if all(ci is None for ci in cis):
+        return None
+    below, above = [], []
+    for v, ci in zip(values, cis):
+        ok = v is not None and ci is not None and all(map(math.isfinite, (v, *ci)))
+        below.append(max(v - ci[0], 0.0) if ok else 0.0)
+        above.append(max(ci[1] - v, 0.0) if ok else 0.0)
+    return [below, above]
+
+
 def _title(results: dict) -> str:
     cfg = results["config"]
     tag = "\nRANDOM WEIGHTS (demo): the numbers say nothing about the model" if cfg.get("random_weights") else ""
@@ -22,8 +35,10 @@ def _title(results: dict) -> str:
 
 
 def _heatmap(plt, rows: list[int], cols: list, values: list[list[float | None]], *, xlabel: str, cbar: str,
-             vmin: float, vmax: float, fmt: str, path: str, title: str) -> None:
-    """Rows × columns, each cell annotated; None cells are grey and read "n/a"."""
+             vmin: float, vmax: float, fmt: str, path: str, title: str,
+             marked: list[list[bool]] | None = None, mark_label: str = "") -> None:
+    """Rows × columns, each cell annotated; None cells are grey and read "n/a"; ``marked`` cells get a red frame
+    and a "*"."""
     import numpy as np
 
     grid = np.array([[math.nan if v is None else v for v in row] for row in values], dtype=float)
@@ -36,8 +51,16 @@ def _heatmap(plt, rows: list[int], cols: list, values: list[list[float | None]],
     if len(rows) * len(cols) <= 400:  # annotations stay legible up to ~20×20
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                ax.text(j, i, "n/a" if v is None else format(v, fmt), ha="center", va="center", fontsize=7,
+                star = "*" if marked and marked[i][j] else ""
+                ax.text(j, i, ("n/a" if v is None else format(v, fmt)) + star, ha="center", va="center", fontsize=7,
                         color="black" if v is None or v > vmin + 0.6 * (vmax - vmin) else "white")
+    if marked:
+        for i, row in enumerate(marked):
+            for j, m in enumerate(row):
+                if m:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+        if mark_label:
+            ax.set_xlabel(f"{xlabel}\n{mark_label}")
     fig.colorbar(im, ax=ax, label=cbar)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
@@ -46,14 +69,18 @@ def _heatmap(plt, rows: list[int], cols: list, values: list[list[float | None]],
 
 
 def plot_recovered(results: dict, path: str) -> None:
-    """Heatmap: recovered % of the top-1 loss over layer × d_r."""
+    """Heatmap: recovered % of the top-1 loss over layer × d_r; cells whose 95 % interval crosses 90 % are framed."""
+    from .scan import crosses_target
+
     plt = _pyplot()
     layers = results["layers"]
     values = [[c["recovered_pct"] for c in e["curve"]] for e in layers]
+    marked = [[bool(crosses_target(c)) for c in e["curve"]] for e in layers]
     finite = [v for row in values for v in row if v is not None]
     _heatmap(plt, [e["layer"] for e in layers], results["config"]["d_r"], values, xlabel="d_r",
              cbar="recovered % of the top-1 loss", vmin=min([0.0, *finite]), vmax=max([100.0, *finite]),
-             fmt=".0f", path=path, title=_title(results))
+             fmt=".0f", path=path, title=_title(results), marked=marked,
+             mark_label="framed *: the 95% CI crosses 90%")
 
 
 def plot_top1_prob(results: dict, path: str) -> None:
@@ -74,9 +101,11 @@ def plot_delta_ppl(results: dict, path: str) -> None:
     plt = _pyplot()
     layers = results["layers"]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 2.5), 4.2))
-    ax.bar([str(e["layer"]) for e in layers], [e["ppl_top1"] - results["ppl_baseline"] for e in layers])
+    delta = [e["ppl_top1"] - results["ppl_baseline"] for e in layers]
+    ax.bar([str(e["layer"]) for e in layers], delta, capsize=3,
+           yerr=error_bars(delta, [e["top1_delta_ppl_ci95"] for e in layers]))
     ax.axhline(0.0, color="black", lw=0.8)
-    ax.set(xlabel="layer (crystallized alone)", ylabel="ΔPPL of top-1 vs baseline",
+    ax.set(xlabel="layer (crystallized alone); bars: 95% CI", ylabel="ΔPPL of top-1 vs baseline",
            title=f"baseline PPL {results['ppl_baseline']:.3f}")
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(_title(results), fontsize=8)

@@ -13,9 +13,24 @@ head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv`` order):
     ctx = p @ V,   ε = ctx − V[i*]
     top1 → V[i*];  full → ctx;  lowrank → V[i*] + P_r P_rᵀ ε
 
+The sink (``sink_tokens=n``; n = 0, the default, is the spec exactly and every number is today's):
+
+    S   = the visible keys j < n,   R = the visible keys j >= n
+    i*ᴿ = first index of max_{j∈R} s[j]          (the argmax skips the sink)
+    m_S = Σ_{j∈S} p[j]                            (the sink mass; p is still the softmax over all visible keys)
+    ground = Σ_{j∈S} p[j] V[j] + (1 − m_S) · V[i*ᴿ]     (the sink kept exactly, the rest of the mass on
+                                                       its winner);  ground = ctx where R has no finite
+                                                       score (every row t < n)
+    ε = ctx − ground;   top1 → ground;  full → ctx;  lowrank → ground + P_r P_rᵀ ε
+
+Under a sliding window S holds only the sink keys the row still sees (often none: then ground = V[i*ᴿ]).
+``argmax`` is i*ᴿ (on rows where R has no finite score: the first maximum over all visible keys, a sink
+key), ``top1_prob`` the softmax probability of that index, p[argmax], and ``sink_mass`` m_S (exactly 1 on
+the rows where ground = ctx).
+
 Non-finite rows: a row whose visible scores contain NaN, or whose maximum score is +inf or -inf (e.g. fp16
 inputs that overflowed to inf), has no defined softmax. Its output row is NaN in every mode, its argmax
-is -1, its top1_prob NaN, and the Gram of its head is NaN. Every other row is computed as usual (a -inf
+is -1, its top1_prob and sink_mass NaN, and the Gram of its head is NaN. Every other row is computed as usual (a -inf
 score alone just gets zero weight).
 """
 
@@ -52,17 +67,20 @@ def residual_attention_reference(
     return_gram: bool = False,
     return_top1_prob: bool = False,
     out_layout: str = "bhtd",
+    sink_tokens: int = 0,
+    return_sink_mass: bool = False,
 ) -> ResidualAttentionResult:
     """Residual attention in plain PyTorch, vectorized over batch and heads.
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``). Returns a
-    ``ResidualAttentionResult(out, argmax, gram, top1_prob)``: ``out`` in the input dtype,
+    ``ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)``: ``out`` in the input dtype,
     ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with ``out_layout="bthd"``); ``argmax`` int64
     ``[B, Hq, T]``; ``gram`` float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ; ``top1_prob`` float32
-    ``[B, Hq, T]`` = max_j p[j]. Fields not asked for are None. Holds one fp32 ``[B, Hq, T, T]`` buffer
+    ``[B, Hq, T]`` = p[argmax] (max_j p[j] for ``sink_tokens=0``); ``sink_mass`` float32 ``[B, Hq, T]`` =
+    Σ_{j<n} p[j] (module docstring). Fields not asked for are None. Holds one fp32 ``[B, Hq, T, T]`` buffer
     (plus a transient bool one). On MPS, which has no float64, the Gram comes back on the CPU.
     """
-    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap)
+    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, T, D = q.shape
     Hkv, G = k.shape[1], args.group
@@ -79,39 +97,73 @@ def residual_attention_reference(
     nan_rows = s.isnan().any(dim=-1)
     if bool(nan_rows.any()):
         s.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    n = args.sink_tokens
     i_star = s.argmax(dim=-1)  # torch.argmax returns the first maximal index
     m = s.gather(-1, i_star.unsqueeze(-1))
     bad = nan_rows | ~torch.isfinite(m.squeeze(-1))  # [B, Hkv, G, T]
+    if n > 0:
+        # i*ᴿ over the keys j >= n; a row whose R holds no finite score (t < n) keeps the overall argmax,
+        # and its ground state is ctx.
+        if n < T:
+            s_rest = s[..., n:]
+            i_rest = s_rest.argmax(dim=-1)
+            r_empty = s_rest.gather(-1, i_rest.unsqueeze(-1)).squeeze(-1) == float("-inf")
+            i_star = torch.where(r_empty, i_star, i_rest + n)
+            del s_rest
+        else:  # every key is a sink key
+            r_empty = torch.ones_like(nan_rows)
     p = s.sub_(m).exp_()  # the maximum's term is exp(0) = 1 exactly, so p[i*] = 1 / Σ_j exp(s_j - m)
     denom = p.sum(dim=-1, keepdim=True)
     p.div_(denom)
     top1_prob = None
     if return_top1_prob:
-        top1_prob = denom.reciprocal_().squeeze(-1).masked_fill_(bad, float("nan")).reshape(B, Hq, T)
+        if n > 0:  # p of the returned index, i*ᴿ (1 / denom only for the overall maximum)
+            top1 = p.gather(-1, i_star.unsqueeze(-1)).squeeze(-1)
+        else:
+            top1 = denom.reciprocal_().squeeze(-1)
+        top1_prob = top1.masked_fill_(bad, float("nan")).reshape(B, Hq, T)
 
     i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are overwritten with NaN below
     v_star = torch.gather(vf.expand(B, Hkv, G, T, D), 3, i_star.unsqueeze(-1).expand(B, Hkv, G, T, D))
     v_star.masked_fill_(bad.unsqueeze(-1), float("nan"))
 
-    need_ctx = mode != "top1" or return_gram
+    sink_mass = None
+    need_ctx = mode != "top1" or return_gram or n > 0
+    if n > 0:
+        p_sink = p[..., :n]
+        mass = p_sink.sum(dim=-1)  # [B, Hkv, G, T]
+        sink_ctx = torch.matmul(p_sink, vf[..., :n, :])
+        # ground = Σ_S p V + (1 − m_S) V[i*ᴿ]; ctx on the rows whose R holds no finite score.
+        ground = sink_ctx.add_(v_star * (1.0 - mass).unsqueeze(-1))
+        mass = mass.masked_fill_(r_empty, 1.0).masked_fill_(bad, float("nan"))
+        if return_sink_mass:
+            sink_mass = mass.reshape(B, Hq, T)
+        del p_sink
+    elif return_sink_mass:
+        sink_mass = torch.zeros(B, Hq, T, device=q.device, dtype=torch.float32)
+        sink_mass.masked_fill_(bad.reshape(B, Hq, T), float("nan"))
     ctx = torch.matmul(p, vf).masked_fill_(bad.unsqueeze(-1), float("nan")) if need_ctx else None
     del p, s
+    if n > 0:
+        ground = torch.where(r_empty.unsqueeze(-1), ctx, ground).masked_fill_(bad.unsqueeze(-1), float("nan"))
+    else:
+        ground = v_star  # the spec: V[i*]
 
-    v_star = v_star.reshape(B, Hq, T, D)
+    ground = ground.reshape(B, Hq, T, D)
     ctx = ctx.reshape(B, Hq, T, D) if need_ctx else None
     if mode == "top1":
-        out = v_star
+        out = ground
     elif mode == "full":
         out = ctx
     else:
-        eps = ctx - v_star
+        eps = ctx - ground
         P = basis[:, :, : args.d_r].to(device=q.device, dtype=torch.float32)  # [Hq, D, d_r]
         coeff = torch.einsum("bhtd,hdr->bhtr", eps, P)
-        out = v_star + torch.einsum("bhtr,hdr->bhtd", coeff, P)
+        out = ground + torch.einsum("bhtr,hdr->bhtd", coeff, P)
 
     gram = None
     if return_gram:
-        eps = ctx - v_star
+        eps = ctx - ground
         # MPS has no float64: the Gram is then summed, and returned, on the CPU.
         eps64 = (eps.cpu() if eps.device.type == "mps" else eps).double()
         gram = torch.einsum("bhti,bhtj->hij", eps64, eps64)
@@ -119,4 +171,4 @@ def residual_attention_reference(
     out = out.to(q.dtype)
     out = out.transpose(1, 2).contiguous() if out_layout == "bthd" else out
     argmax = i_star.masked_fill_(bad, -1).reshape(B, Hq, T) if return_argmax else None
-    return ResidualAttentionResult(out, argmax, gram, top1_prob)
+    return ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)

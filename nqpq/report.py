@@ -41,11 +41,18 @@ def _plot_curve(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import error_bars
+
     curve = results["curve"]
     d_r = [c["d_r"] for c in curve]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.8))
-    ax1.plot(d_r, [c["delta_ppl"] for c in curve], "o-", label="C: top-1 + rank-d_r ε")
-    ax1.axhline(results["ppl_top1"] - results["ppl_baseline"], color="tab:red", ls="--", label="A: top-1")
+    delta = [c["delta_ppl"] for c in curve]
+    ax1.errorbar(d_r, delta, yerr=error_bars(delta, [c["delta_ppl_ci95"] for c in curve]), fmt="o-", capsize=3,
+                 label="C: top-1 + rank-d_r ε (95% CI)")
+    top1_delta = results["ppl_top1"] - results["ppl_baseline"]
+    ax1.axhline(top1_delta, color="tab:red", ls="--", label="A: top-1")
+    if results["top1_delta_ppl_ci95"] is not None:
+        ax1.axhspan(*results["top1_delta_ppl_ci95"], color="tab:red", alpha=0.12, label="A: 95% CI")
     ax1.axhline(results["ppl_full"] - results["ppl_baseline"], color="tab:green", ls=":", label="B: full")
     ax1.set(xlabel="d_r", ylabel="ΔPPL vs baseline", title="ΔPPL vs d_r")
     recovered = [c["recovered_pct"] for c in curve]
@@ -53,7 +60,28 @@ def _plot_curve(results: dict, path: str) -> None:
         ax2.text(0.5, 0.5, f"recovered %: n/a\n{results['verdict'].get('explanation', '')}", ha="center",
                  va="center", transform=ax2.transAxes, wrap=True)
     else:
-        ax2.plot(d_r, recovered, "o-")
+        cis = [c["recovered_pct_ci95"] for c in curve]
+        ax2.errorbar(d_r, recovered, yerr=error_bars(recovered, cis), fmt="o-", capsize=3, label="draw 0 (95% CI)")
+        for k in range(1, len(curve[0]["recovered_pct_draws"]) if curve else 0):  # the other calibration draws
+            ax2.plot(d_r, [c["recovered_pct_draws"][k] for c in curve], ".:", color="gray", alpha=0.7,
+                     label="other calibration draws" if k == 1 else None)
+        # Intervals from resamples where top-1 loses ~nothing have no scale: keep the axis on the estimates.
+        finite = [v for v in recovered if v is not None]
+        if finite:
+            ax2.set_ylim(min(-10.0, min(finite) - 20), max(110.0, max(finite) + 20))
+    # The other sink settings, side by side with the headline (each its own top-1 and basis).
+    head_sink = results.get("sink_tokens", 0)
+    for k, other in enumerate(e for e in results.get("sinks", ()) if e["sink_tokens"] != head_sink):
+        color = f"C{k + 3}"
+        label = f"n={other['sink_tokens']} sink tokens"
+        o_delta = [c["delta_ppl"] for c in other["curve"]]
+        ax1.errorbar(d_r, o_delta, yerr=error_bars(o_delta, [c["delta_ppl_ci95"] for c in other["curve"]]),
+                     fmt="s-", color=color, capsize=3, label=f"C, {label}")
+        ax1.axhline(other["ppl_top1"] - results["ppl_baseline"], color=color, ls="--", label=f"A, {label}")
+        o_rec = [c["recovered_pct"] for c in other["curve"]]
+        if all(r is not None for r in o_rec):
+            ax2.errorbar(d_r, o_rec, yerr=error_bars(o_rec, [c["recovered_pct_ci95"] for c in other["curve"]]),
+                         fmt="s-", color=color, capsize=3, label=label)
     ax2.axhline(90, color="gray", ls="--", label="90 %")
     ax2.set(xlabel="d_r", ylabel="recovered % of top-1 loss", title="Recovered % vs d_r")
     for ax in (ax1, ax2):
@@ -97,8 +125,12 @@ def _title(results: dict) -> str:
     tag = "\nRANDOM WEIGHTS (demo): the numbers say nothing about GPT-2" if cfg.get("random_weights") else ""
     shape = (f", {cfg['family']} Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} D={cfg['head_dim']}"
              if "family" in cfg else "")
-    return f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{shape}{tag}"
+    cal = cfg["calibration"]["source"]
+    return (f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{shape}, "
+            f"basis from {CALIBRATION_NAMES[cal]}{tag}")
 
+
+CALIBRATION_NAMES = {"heldout": "held-out blocks", "eval": "scored blocks (spec)", "text": "another text"}
 
 SWEEP_PLOTS = (("delta_ppl_vs_dr.png", _plot_curve), ("cumulative_variance.png", _plot_spectrum))
 

@@ -8,7 +8,9 @@ r90; and, for every head of every scanned layer, the crystallinity statistics
 Fast by construction. One baseline pass does everything that needs the untouched
 model: it records the hidden state entering every scanned layer (``PrefixRunner``
 with several start layers), accumulates Σ εεᵀ of every scanned layer on the
-calibration batches, and counts the crystallinity statistics on every batch. Each
+calibration batches when they are scored blocks (``--calib-from eval``; otherwise one calibration
+pass per draw, up to the highest scanned layer, serves every layer), and counts the crystallinity
+statistics on every batch. Each
 configuration of layer L then replays only layers L..n−1 (and the LM head) from the record.
 
 Cost, scanning all n layers with k ranks (k + 1 configurations per layer), a layer
@@ -26,26 +28,39 @@ from collections.abc import Callable
 
 import torch
 
-from .calibration import GramAccumulator, basis_from_grams, reduce_grams
+from .calibration import GramAccumulator
 from .crystallinity import CrystallinityAccumulator, format_table, layer_means
 from .evaluate import PrefixRunner, ppl_from_losses
-from .integration import crystallize, observe_residuals
+from .integration import Observer, crystallize, observe_residuals
+from .stats import delta_ppl_ci, resample_indices
 from .sweep import (
+    RECOVERY_TARGET,
     SweepConfig,
     _check_model_fit,
     _gather_losses,
     _plan_batches,
+    bootstrap_info,
+    calibration_sets,
     check_flags,
+    curve_entry,
     default_batch_size,
+    describe_blocks,
+    describe_calibration,
+    describe_sink,
     finite_baseline,
+    fit_bases,
+    format_ci,
+    interval_notes,
     make_blocks_checked,
     open_run,
-    recovered_pct,
     results_config,
+    sink_settings,
     sweep_ranks,
+    with_draws,
 )
 
-SCAN_FORMAT_VERSION = 1  # results.json layout; `nqpq report` refuses others
+# results.json layout; `nqpq report` refuses others. 2: calibration source and draws, bootstrap intervals, block losses.
+SCAN_FORMAT_VERSION = 2
 
 
 def run_scan(
@@ -54,11 +69,13 @@ def run_scan(
     model: torch.nn.Module | None = None,
     ids: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
+    calib_ids: torch.Tensor | None = None,
 ) -> dict:
     """Scan ``cfg.layers`` (None: every layer) one at a time; print the report; return the results dict.
 
     Takes the sweep's settings (``SweepConfig``) and, like ``run_sweep``, an optional loaded
-    ``model`` and 1-D ``ids``. Raises ``NqpqError`` for bad settings or unavailable inputs.
+    ``model`` and 1-D ``ids`` (and ``calib_ids`` with ``cfg.calib_text_file``).
+    Raises ``NqpqError`` for bad settings or unavailable inputs.
     Writing files is the caller's job (``nqpq.report.write_results``).
     """
     from tqdm.auto import tqdm
@@ -68,13 +85,14 @@ def run_scan(
     check_flags(cfg)
     timings: dict = {}
     t0 = time.perf_counter()
-    run = open_run(cfg, model, ids, log, "[scan]")
+    run = open_run(cfg, model, ids, log, "[scan]", calib_ids=calib_ids)
     model, device, say = run.model, run.device, run.say
     parts = model_parts(model)
     layers = tuple(sorted(range(parts.n_layers) if cfg.layers is None else cfg.layers))
     d_rs = sweep_ranks(cfg, parts.head_dim)
     _check_model_fit(cfg, parts, layers, d_rs)
-    blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks)
+    blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
+    calibrations = calibration_sets(cfg, run)
     timings["load_s"] = time.perf_counter() - t0
 
     model_dtype = next(model.parameters()).dtype
@@ -82,7 +100,9 @@ def run_scan(
     batch_size = cfg.batch_size or default_batch_size(
         device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None),
         n_records=len(layers))
-    batches, n_calib_batches = _plan_batches(cfg.n_blocks, cfg.calib_blocks, batch_size)
+    # The spec's choice calibrates on the leading scored blocks, in batches of their own during the baseline pass.
+    eval_calib = cfg.calib_blocks if calibrations[0].blocks is None else 0
+    batches, n_calib_batches = _plan_batches(cfg.n_blocks, eval_calib, batch_size)
     runner = PrefixRunner(model, blocks, batches, start=layers)
     n_local = sum(len(b) for b in batches)
     show = cfg.progress and run.is_main
@@ -93,48 +113,68 @@ def run_scan(
             torch.cuda.synchronize(device)
         return losses
 
-    # The baseline pass: every batch feeds the crystallinity counts, the calibration
-    # batches (first) also the Gram matrices; the model's own attention output is kept.
-    grams = GramAccumulator()
-    stats = CrystallinityAccumulator(layers, parts.n_heads)
+    # The baseline pass: every batch feeds the crystallinity counts, the spec's calibration
+    # batches (first) also the Gram matrices; the model's own attention output is kept. Each sink
+    # setting observes the same calls with its own op call.
+    sinks = sink_settings(cfg)
+    eval_grams = {n: GramAccumulator() for n in sinks}
+    stats = {n: CrystallinityAccumulator(layers, parts.n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
 
     def observe(i: int):
-        return observe_residuals(model, layers, grams if i < n_calib_batches else None, backend=cfg.backend,
-                                 stats_sink=stats)
+        calib = i < n_calib_batches
+        observers = [Observer(n, eval_grams[n] if calib and n in eval_grams else None, acc) for n, acc in stats.items()]
+        return observe_residuals(model, layers, None, backend=cfg.backend, observers=observers)
 
     t = time.perf_counter()
-    with tqdm(total=n_local, desc="baseline + calibration", unit="blk", leave=False, disable=not show) as pbar:
-        ppl_fp = finite_baseline(ppl_from_losses(synced_losses(runner.capture_baseline(pbar, context_for=observe))),
-                                 model_dtype)
+    with tqdm(total=n_local, desc="baseline + calibration" if eval_calib else "baseline", unit="blk", leave=False,
+              disable=not show) as pbar:
+        base_losses = synced_losses(runner.capture_baseline(pbar, context_for=observe))
+    ppl_fp = finite_baseline(ppl_from_losses(base_losses), model_dtype)
     timings["baseline_s"] = time.perf_counter() - t
 
+    # One basis per calibration set and sink setting, every scanned layer's from the same pass (up to the highest
+    # scanned layer).
     t = time.perf_counter()
-    basis = basis_from_grams(reduce_grams(grams.grams, layers, model))
-    crystallinity = stats.results()
-    timings["calibration_s"] = time.perf_counter() - t  # eigendecompositions and the stats reduction
-    means = layer_means(crystallinity)
 
-    def layer_ppl(layer: int, mode: str, d_r: int | None, pbar) -> float:
-        with crystallize(model, [layer], mode=mode, basis={layer: basis.basis[layer]}, d_r=d_r,
-                         backend=cfg.backend):
-            return ppl_from_losses(synced_losses(runner.losses(pbar, start=layer)))
+    def bar(total: int):
+        return tqdm(total=total, desc="calibration", unit="blk", leave=False, disable=not show)
 
-    results_layers = []
+    bases = [fit_bases(model, layers, cal, {n: g.grams for n, g in eval_grams.items()}, sinks, batch_size,
+                       cfg.backend, bar) for cal in calibrations]
+    crystallinity = {n: acc.results() for n, acc in stats.items()}
+    timings["calibration_s"] = time.perf_counter() - t  # calibration passes, eigendecompositions, stats reduction
+    indices = resample_indices(cfg.n_blocks, cfg.seed)
+
+    def layer_losses(layer: int, mode: str, d_r: int | None, pbar, n: int, basis=None) -> torch.Tensor:
+        with crystallize(model, [layer], mode=mode, basis=None if basis is None else {layer: basis.basis[layer]},
+                         d_r=d_r, backend=cfg.backend, sink_tokens=n):
+            return synced_losses(runner.losses(pbar, start=layer))
+
+    def scan_layer(layer: int, n: int, pbar) -> dict:
+        """Layer ``layer`` crystallized alone with ``n`` sink tokens: top-1, then low-rank once per basis."""
+        top1_losses = layer_losses(layer, "top1", None, pbar, n)
+        draws = []
+        for cal, per_sink in zip(calibrations, bases):  # the low-rank configurations, once per basis
+            basis = per_sink[n]
+            draw_curve = [curve_entry(d_r, layer_losses(layer, "lowrank", d_r, pbar, n, basis), base_losses,
+                                      top1_losses, indices) for d_r in d_rs]
+            draws.append({"draw": cal.draw, "first_block": cal.first_block, "curve": draw_curve,
+                          "r90_mean": basis.r90[layer].double().mean().item()})
+        return {
+            "layer": layer, "ppl_top1": ppl_from_losses(top1_losses),
+            "top1_delta_ppl_ci95": delta_ppl_ci(base_losses, top1_losses, indices),
+            "top1_block_losses": top1_losses.tolist(), "curve": with_draws(draws), "draws": draws,
+            "r90_mean": draws[0]["r90_mean"], "top1_prob_mean": layer_means(crystallinity[n])[layer]["top1_prob_mean"],
+        }
+
+    per_sink = {n: [] for n in sinks}
     layer_s = {}
-    total = n_local * len(layers) * (1 + len(d_rs))
+    total = n_local * len(layers) * len(sinks) * (1 + len(d_rs) * len(bases))
     with tqdm(total=total, desc="scan", unit="blk", leave=False, disable=not show) as pbar:
         for layer in layers:
             t = time.perf_counter()
-            ppl_top1 = layer_ppl(layer, "top1", None, pbar)
-            curve = []
-            for d_r in d_rs:
-                ppl_c = layer_ppl(layer, "lowrank", d_r, pbar)
-                curve.append({"d_r": d_r, "ppl": ppl_c, "recovered_pct": recovered_pct(ppl_fp, ppl_top1, ppl_c)})
-            results_layers.append({
-                "layer": layer, "ppl_top1": ppl_top1, "curve": curve,
-                "r90_mean": basis.r90[layer].double().mean().item(),
-                "top1_prob_mean": means[layer]["top1_prob_mean"],
-            })
+            for n in sinks:
+                per_sink[n].append(scan_layer(layer, n, pbar))
             layer_s[str(layer)] = time.perf_counter() - t
     timings["layers_s"] = layer_s
     timings["total_s"] = time.perf_counter() - t0
@@ -142,10 +182,21 @@ def run_scan(
     config = results_config(cfg, run, parts, layers, d_rs, batch_size, blocks)
     results = {
         "kind": "scan", "format_version": SCAN_FORMAT_VERSION, "ppl_baseline": ppl_fp,
-        "layers": results_layers, "crystallinity": crystallinity, "config": config, "timings": timings,
+        "layers": per_sink[sinks[0]], "block_losses": {"baseline": base_losses.tolist()},
+        "bootstrap": bootstrap_info(cfg),
+        # The spec's statistics of the baseline (i* over every key); each sink setting's own are in "sinks".
+        "crystallinity": crystallinity[0], "sink_tokens": sinks[0],
+        "sinks": [{"sink_tokens": n, "layers": per_sink[n], "crystallinity": crystallinity[n]} for n in sinks],
+        "config": config, "timings": timings,
     }
     print_scan_report(results, say)
     return results
+
+
+def crosses_target(entry: dict) -> str:
+    """"*" when the entry's recovered-% interval has 90 % inside it (the data cannot tell which side it is on)."""
+    ci = entry["recovered_pct_ci95"]
+    return "*" if ci is not None and ci[0] < RECOVERY_TARGET <= ci[1] else ""
 
 
 def _pct(pct: float | None) -> str:
@@ -158,6 +209,12 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
     ppl_fp, d_rs = results["ppl_baseline"], cfg["d_r"]
     say(f"[scan] {cfg['model']}: {cfg['family']}, Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} "
         f"D={cfg['head_dim']}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
+    say(f" blocks: {describe_blocks(cfg)}")
+    for line in describe_calibration(cfg):
+        say(line)
+    sinks = results.get("sinks", [])
+    for line in describe_sink(results.get("sink_tokens", 0), [e["sink_tokens"] for e in sinks]):
+        say(line)
     say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
     say(" recovered % of the top-1 loss by d_r:")
     say(f" {'layer':>5} | {'top-1 PPL':>9} {'dPPL':>8} | " + " ".join(f"{f'd_r={d}':>7}" for d in d_rs)
@@ -166,8 +223,44 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
         recovered = " ".join(f"{_pct(c['recovered_pct']):>7}" for c in e["curve"])
         say(f" {e['layer']:5d} | {e['ppl_top1']:9.3f} {e['ppl_top1'] - ppl_fp:+8.3f} | {recovered} | "
             f"{e['r90_mean']:5.1f} {e['top1_prob_mean']:7.4f}")
+    say(" 95% CI of top-1 dPPL and of recovered % by d_r (* : the interval crosses 90%):")
+    for e in results["layers"]:
+        cis = " ".join(f"d_r={c['d_r']} {format_ci(c['recovered_pct_ci95'], '.1f')}{crosses_target(c)}"
+                       for c in e["curve"])
+        say(f" {e['layer']:5d} | dPPL {format_ci(e['top1_delta_ppl_ci95'])} | {cis}")
+    for line in interval_notes(results["bootstrap"], [c["recovered_pct_ci95"] for e in results["layers"]
+                                                      for c in e["curve"]]):
+        say(line)
+    if cfg["calibration"]["draws"] > 1:
+        say(f" recovered % per calibration draw ({cfg['calibration']['draws']} bases; spread = max - min):")
+        for e in results["layers"]:
+            per_draw = " | ".join(
+                f"d_r={c['d_r']} " + " ".join(_pct(r) for r in c["recovered_pct_draws"])
+                + (f" (spread {c['recovered_pct_spread']:.1f})" if c["recovered_pct_spread"] is not None else "")
+                for c in e["curve"])
+            say(f" {e['layer']:5d} | {per_draw}")
+    else:
+        say(" calibration variability not measured (one basis; --calib-draws K fits K bases on disjoint held-out "
+            "sets)")
     say("")
     for line in format_table(results["crystallinity"]):
         say(line)
+    for entry in sinks:
+        if entry["sink_tokens"]:
+            for line in format_table(entry["crystallinity"], entry["sink_tokens"]):
+                say(line)
+    if len(sinks) > 1:
+        say("")
+        say(" Sink kept apart, side by side (n = sink tokens; top-1 dPPL, then recovered % by d_r, then mean r90):")
+        say(f" {'layer':>5} | " + " | ".join(f"n={e['sink_tokens']}: dPPL " + " ".join(f"d_r={d}" for d in d_rs)
+                                             + " r90" for e in sinks))
+        for i, layer in enumerate(e["layer"] for e in results["layers"]):
+            cells = []
+            for e in sinks:
+                row = e["layers"][i]
+                cells.append(f"{row['ppl_top1'] - ppl_fp:+8.3f} " + " ".join(_pct(c["recovered_pct"])
+                                                                            for c in row["curve"])
+                             + f" {row['r90_mean']:.1f}")
+            say(f" {layer:5d} | " + " | ".join(cells))
     if cfg["random_weights"]:
         say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")

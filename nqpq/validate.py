@@ -29,15 +29,23 @@ class ResidualAttentionResult(NamedTuple):
     - ``out``: the attention output in the input dtype, ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with
       ``out_layout="bthd"``).
     - ``argmax``: int64 ``[B, Hq, T]``, i* = the first index of the maximum of the row's masked, scaled
-      (soft-capped) scores; −1 on a non-finite row.
-    - ``gram``: float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ with ε = p @ V − V[i*].
-    - ``top1_prob``: float32 ``[B, Hq, T]`` = max_j p[j] = p[i*]; NaN on a non-finite row.
+      (soft-capped) scores; −1 on a non-finite row. With ``sink_tokens=n > 0`` it is i*ᴿ, the maximum over
+      the visible keys j >= n only; on a row that has no finite score among them (t < n: every visible key
+      is a sink key) it falls back to the first maximum over all visible keys (a sink key, so < n).
+    - ``gram``: float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ with ε = ctx − ground (= p @ V − V[i*] for n = 0).
+    - ``top1_prob``: float32 ``[B, Hq, T]`` = p[argmax], the full softmax's probability of the returned
+      index: max_j p[j] for n = 0, p[i*ᴿ] for n > 0 (so p[i*ᴿ] / (1 − sink_mass) is the winner's share of
+      the non-sink mass); NaN on a non-finite row.
+    - ``sink_mass``: float32 ``[B, Hq, T]`` = Σ_{j<n visible} p[j], 0 for n = 0 and exactly 1 on a row
+      whose non-sink keys have no finite score (t < n); NaN on a non-finite row. A field added after the
+      others: code that unpacks four fields must index them by name instead.
     """
 
     out: Tensor
     argmax: Tensor | None
     gram: Tensor | None
     top1_prob: Tensor | None
+    sink_mass: Tensor | None = None
 
 
 class ResolvedArgs(NamedTuple):
@@ -48,6 +56,7 @@ class ResolvedArgs(NamedTuple):
     sliding_window: int | None
     softcap: float | None
     group: int  # query heads per kv head, Hq // Hkv
+    sink_tokens: int = 0  # keys j < sink_tokens form the sink S, kept exactly in the ground state
 
 
 def _describe(x: Any) -> str:
@@ -92,13 +101,15 @@ def check_residual_attention_inputs(
     scale: float | None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sink_tokens: int = 0,
 ) -> ResolvedArgs:
     """Validate a residual-attention call; return the resolved arguments.
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` with ``Hq % Hkv == 0``. ``d_r`` resolves to 0 for
     ``top1`` and ``D`` for ``full`` (neither reads it) and must be given for ``lowrank``; ``scale``
     defaults to ``D**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i);
-    ``softcap`` a finite float > 0.
+    ``softcap`` a finite float > 0; ``sink_tokens`` an int >= 0 (bools and floats refused by type; any
+    value, also one >= T, is valid: n >= T makes every row's ground state its ctx).
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -172,4 +183,8 @@ def check_residual_attention_inputs(
         softcap = float(softcap)
         if not (softcap > 0 and math.isfinite(softcap)):
             raise ValueError(f"softcap must be a positive finite number, got {softcap}")
-    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv)
+    sink_tokens = _as_int("sink_tokens", sink_tokens)
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0 (keys j < sink_tokens are the sink), got {sink_tokens}")
+    # Above T every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
+    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, T))

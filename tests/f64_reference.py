@@ -3,9 +3,12 @@
 The model under test is copied to float64, and its attention runs through a function registered here
 that computes every (batch, query head) with its own loop: masked scaled scores, softmax, i* = the
 first index of the maximal score, the top-1 probability max_j p[j], ε = p @ V − V[i*], and, on the one
-crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used.
+crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used. With
+``sink_tokens = n > 0`` the ground state is Σ_{j<n} p_j V_j + (1 − Σ_{j<n} p_j) V[i*ᴿ] (i*ᴿ the first maximum
+over j >= n; ctx on rows t < n) in place of V[i*], and the statistics are those of i*ᴿ and p[i*ᴿ].
 
-Also the tiny GQA Llama the scan and crystallinity tests share.
+Also the tiny GQA Llama the scan and crystallinity tests share, and ``sink_plain``: the op with the first
+``sink_tokens`` keys kept apart (issue 19), defined row by row, with ``check_sink_against_f64``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +44,24 @@ def _f64_attention(module, query, key, value, attention_mask, scaling=None, drop
             q, k, v = query[b, h].double(), key[b, h // group].double(), value[b, h // group].double()
             s = (q @ k.T * scaling).masked_fill(~causal, -math.inf)
             p = torch.softmax(s, dim=-1)
-            i_star = s.argmax(dim=-1)  # first index of the max score
-            v_star, ctx = v[i_star], p @ v
+            n = ref.sink_tokens
+            ctx = p @ v
+            if n == 0:
+                i_star = s.argmax(dim=-1)  # first index of the max score
+                v_star = v[i_star]
+                mass = torch.zeros(T, dtype=torch.float64)
+            else:  # the sink kept apart: the winner among keys j >= n; rows t < n see only the sink
+                i_star = torch.cat([s[:n].argmax(dim=-1), n + s[n:, n:].argmax(dim=-1)])
+                mass = p[:, :n].sum(dim=-1)
+                v_star = p[:, :n] @ v[:n] + (1 - mass)[:, None] * v[i_star]
+                v_star[:n] = ctx[:n]
+                mass[:n] = 1.0
             eps = ctx - v_star
             if layer in ref.observed:
                 # Conditioning: the top-2 score gap relative to the scores' size (rounding is relative).
                 top = s[1:].topk(2, dim=-1).values  # row 0 sees one key: its argmax cannot flip
                 ref.gaps.append(((top[:, 0] - top[:, 1]).min() / s[causal].abs().max()).item())
-                ref.stats.setdefault(layer, []).append((h, i_star, p.max(dim=-1).values))
+                ref.stats.setdefault(layer, []).append((h, i_star, p.gather(-1, i_star[:, None])[:, 0], mass))
                 if ref.grams is not None:
                     g = ref.grams.setdefault(layer, torch.zeros(Hq, D, D, dtype=torch.float64))
                     g[h] += eps.T @ eps
@@ -78,6 +92,7 @@ class F64Reference:
         self.grams: dict[int, torch.Tensor] | None = None
         self.stats: dict[int, list] = {}
         self.gaps: list[float] = []  # per observed call: min top-2 score gap / max |score|
+        self.sink_tokens = 0  # keys j < sink_tokens kept exactly in the ground state (0: the spec's V[i*])
 
     @torch.no_grad()
     def block_losses(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -112,8 +127,8 @@ class F64Reference:
         out = []
         for layer in sorted(self.stats):
             per_head: dict[int, list[float]] = {}
-            for h, i_star, top1 in self.stats[layer]:
-                acc = per_head.setdefault(h, [0.0, 0, 0, 0, 0])
+            for h, i_star, top1, mass in self.stats[layer]:
+                acc = per_head.setdefault(h, [0.0, 0, 0, 0, 0, 0.0, 0.0, 0])
                 for t in range(i_star.numel()):
                     i = int(i_star[t])
                     acc[0] += float(top1[t])
@@ -121,10 +136,15 @@ class F64Reference:
                     acc[2] += i == t
                     acc[3] += t >= 1 and i == t - 1
                     acc[4] += 1
+                    acc[5] += float(mass[t])
+                    if t >= self.sink_tokens:  # a row that sees a key beyond the sink
+                        acc[6] += float(top1[t]) / (1 - float(mass[t]))
+                        acc[7] += 1
             for h in sorted(per_head):
-                top1, sink, self_, prev, rows = per_head[h]
+                top1, sink, self_, prev, rows, mass, share, share_rows = per_head[h]
                 out.append({"layer": layer, "head": h, "top1_prob_mean": top1 / rows, "sink_frac": sink / rows,
-                            "self_frac": self_ / rows, "prev_frac": prev / rows})
+                            "self_frac": self_ / rows, "prev_frac": prev / rows, "sink_mass_mean": mass / rows,
+                            "winner_share_mean": share / share_rows})
         return out
 
     def layer_ppl(self, blocks: torch.Tensor, layer: int, mode: str, d_r: int | None = None) -> float:
@@ -155,3 +175,145 @@ def build_llama(vocab_size: int, seed: int = 0, sharpen: float = 12.0) -> LlamaF
             layer.self_attn.k_proj.weight *= sharpen
     model.set_attn_implementation("eager")
     return model.float().eval()
+
+
+# --------------------------------------------------------------------------- #
+# The sink kept apart (sink_tokens=n): an independent float64 definition, one (b, h) and one row at a time
+# --------------------------------------------------------------------------- #
+class SinkPlain(NamedTuple):
+    out: torch.Tensor  # float64 [B, Hq, T, D]
+    argmax: torch.Tensor  # int64 [B, Hq, T]: i*ᴿ; on rows whose R has no finite score, the overall first max
+    gram: torch.Tensor  # float64 [Hq, D, D]: Σ εεᵀ with ε = ctx − ground
+    ctx_gram: torch.Tensor  # float64 [Hq, D, D]: Σ ctx ctxᵀ, the size ε's rounding is relative to
+    top1_prob: torch.Tensor  # float64 [B, Hq, T]: p[argmax]
+    sink_mass: torch.Tensor  # float64 [B, Hq, T]: Σ_{j∈S} p[j]
+    gap: torch.Tensor  # float64 [B, Hq, T]: top-2 gap of the scores the argmax is taken over (inf: one key)
+    scores: torch.Tensor  # float64 [B, Hq, T, T], invisible keys -inf
+    bad: torch.Tensor  # bool [B, Hq, T]: non-finite rows
+
+
+def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
+               idx=None) -> SinkPlain:
+    """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
+
+    Per row t: visible keys j <= t (and j > t − w with a window); S = visible j < n, R = visible j >= n;
+    p = softmax over all visible scores; i*ᴿ = first index of the largest score over R; ground = Σ_S p_j V_j
+    + (1 − Σ_S p_j) V[i*ᴿ], or ctx where R has no finite score; ε = ctx − ground. A row with a NaN visible
+    score or a ±inf best score is non-finite: NaN out, argmax −1, NaN top1_prob and sink_mass. ``idx``
+    overrides the argmax (to follow another backend on near-ties). Nothing of nqpq is used.
+    """
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    n = sink_tokens
+    nan = float("nan")
+    out = torch.empty(B, Hq, T, D, dtype=torch.float64)
+    arg = torch.empty(B, Hq, T, dtype=torch.long)
+    top1 = torch.empty(B, Hq, T, dtype=torch.float64)
+    mass = torch.empty(B, Hq, T, dtype=torch.float64)
+    gap = torch.empty(B, Hq, T, dtype=torch.float64)
+    gram = torch.zeros(Hq, D, D, dtype=torch.float64)
+    ctx_gram = torch.zeros(Hq, D, D, dtype=torch.float64)
+    scores = torch.full((B, Hq, T, T), -math.inf, dtype=torch.float64)
+    bad = torch.zeros(B, Hq, T, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hq):
+            qq, kk, vv = (x.double().cpu() for x in (q[b, h], k[b, h // G], v[b, h // G]))
+            for t in range(T):
+                js = torch.arange(t + 1) if sliding_window is None else torch.arange(max(0, t - sliding_window + 1),
+                                                                                       t + 1)
+                s = kk[js] @ qq[t] * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                scores[b, h, t, js] = s
+                if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())):
+                    bad[b, h, t] = True
+                    out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t], gap[b, h, t] = nan, -1, nan, nan, nan
+                    gram[h] = nan
+                    continue
+                p = torch.softmax(s, dim=0)
+                ctx = p @ vv[js]
+                in_s, in_r = js < n, js >= n
+                r_finite = bool(torch.isfinite(s[in_r]).any())
+                pool = in_r if r_finite else torch.ones_like(in_r)  # the keys the argmax is taken over
+                pool_s = torch.where(pool, s, -math.inf)
+                pick = int(torch.nonzero(pool_s == pool_s.max())[0])  # the largest score, first index on ties
+                top2 = pool_s.topk(min(2, len(js))).values
+                gap[b, h, t] = top2[0] - top2[1] if len(top2) > 1 and bool(torch.isfinite(top2[1])) else math.inf
+                if idx is not None:
+                    pick = int(torch.nonzero(js == int(idx[b, h, t]))[0])
+                if r_finite:
+                    m_s = p[in_s].sum()
+                    ground = p[in_s] @ vv[js[in_s]] + (1.0 - m_s) * vv[js[pick]]
+                else:
+                    ground, m_s = ctx, 1.0
+                eps = ctx - ground
+                if mode == "top1":
+                    o = ground
+                elif mode == "full":
+                    o = ctx
+                else:
+                    P = basis[h, :, :d_r].double().cpu()
+                    o = ground + eps @ P @ P.T
+                out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t] = o, js[pick], p[pick], m_s
+                gram[h] += torch.outer(eps, eps)
+                ctx_gram[h] += torch.outer(ctx, ctx)
+    return SinkPlain(out, arg, gram, ctx_gram, top1, mass, gap, scores, bad)
+
+
+# Tolerances against float64 for the output (in the input dtype), the probabilities, and the Gram.
+SINK_TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-2, rtol=5e-3),
+    torch.bfloat16: dict(atol=6e-2, rtol=2e-2),
+}
+SINK_GRAM_RTOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+SINK_CLEAR_GAP = 1e-3  # float64 top-2 gap above which the argmax must match exactly
+
+
+def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None,
+                           softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9) -> SinkPlain:
+    """Compare a ResidualAttentionResult (argmax, top1_prob and sink_mass asked for) with ``sink_plain``.
+
+    The argmax must equal float64's on every row whose top-2 gap (over the keys it is taken over) exceeds
+    SINK_CLEAR_GAP — at least ``min_clear`` of the finite rows, a property of the inputs — and be a
+    near-maximum of those keys elsewhere; then outputs, top1_prob, sink_mass and the Gram are compared with
+    float64 following the backend's own index. Returns the float64 result (with its own argmax).
+    """
+    dtype = q.dtype
+    T = q.shape[2]
+    kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
+              sink_tokens=sink_tokens)
+    first = sink_plain(q, k, v, mode, **kw)
+    idx = res.argmax.cpu()
+    ok = ~first.bad
+    assert idx.dtype == torch.int64 and idx.shape == q.shape[:3]
+    assert torch.equal(idx == -1, first.bad), "non-finite rows need argmax -1, and only they"
+    clear = ok & (first.gap > SINK_CLEAR_GAP)
+    assert int(clear.sum()) >= min_clear * int(ok.sum()), "test inputs are not well-conditioned"
+    assert torch.equal(idx[clear], first.argmax[clear]), "argmax differs on rows with a clear maximum"
+    rows = torch.arange(T).expand_as(idx)
+    assert bool((idx <= rows).all()), "index out of range"
+    r_rows = ok & (rows >= sink_tokens)  # R holds key t itself: the argmax is in R
+    assert bool((idx[r_rows] >= sink_tokens).all()), "the argmax must skip the sink on rows t >= n"
+    s_at = first.scores.gather(-1, idx.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    s_best = first.scores.gather(-1, first.argmax.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    assert bool((s_at[ok] >= s_best[ok] - SINK_CLEAR_GAP).all()), "argmax is not a near-maximum"
+    want = sink_plain(q, k, v, mode, idx=idx, **kw)
+    out = res.out.transpose(1, 2) if out_layout == "bthd" else res.out
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double().cpu(), want.out, **SINK_TOL[dtype], check_dtype=False, equal_nan=True)
+    assert res.top1_prob.dtype == torch.float32 and res.sink_mass.dtype == torch.float32
+    for name in ("top1_prob", "sink_mass"):
+        torch.testing.assert_close(getattr(res, name).double().cpu(), getattr(want, name), atol=2e-6, rtol=2e-5,
+                                   equal_nan=True, msg=name)
+    if res.gram is not None:
+        finite = torch.isfinite(want.gram).all(-1).all(-1)
+        assert torch.equal(torch.isfinite(res.gram.cpu()).all(-1).all(-1), finite)
+        if bool(finite.any()):
+            # ε = ctx − ground is a difference of two vectors of ctx's size, so its rounding is relative to ctx:
+            # where ε vanishes in exact math (a row seeing one key of R: ground = ctx) the Gram is ~0 and only
+            # that scale is meaningful.
+            g, w, size = res.gram.cpu()[finite], want.gram[finite], want.ctx_gram[finite].abs().max()
+            assert float((g - w).abs().max() / torch.maximum(w.abs().max(), size)) < SINK_GRAM_RTOL[dtype]
+    return first

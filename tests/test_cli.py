@@ -29,8 +29,8 @@ REPORT_LINES = ("PPL baseline", "[A] Top-1", "[B]", "d_r=", "VERDICT")
 def sweep_args(model_dir, text_file, out, *extra):
     args = ["sweep", "--model", str(model_dir), "--text-file", str(text_file),
             "--layers", *map(str, LAYERS), "--d-r", *map(str, D_RS), "--n-blocks", str(N_BLOCKS),
-            "--seq-len", str(SEQ_LEN), "--calib-blocks", str(CALIB), "--device", "cpu", "--batch-size", "4",
-            "--no-progress"]
+            "--seq-len", str(SEQ_LEN), "--calib-blocks", str(CALIB), "--calib-from", "eval", "--device", "cpu",
+            "--batch-size", "4", "--no-progress"]
     if out is not None:
         args += ["--out", str(out)]
     return args + list(extra)
@@ -203,6 +203,11 @@ BAD_INPUTS = {
     "text_is_dir": (["--text-file", "/"], ["--text-file"]),
     "batch_size": (["--batch-size", "0"], ["--batch-size"]),
     "dtype": (["--dtype", "int8"], ["--dtype"]),
+    "calib_from": (["--calib-from", "test"], ["--calib-from 'test'", "heldout, eval"]),
+    "calib_text_missing": (["--calib-from", "heldout", "--calib-text-file", "/nonexistent/c.raw"],
+                           ["--calib-text-file", "/nonexistent/c.raw"]),
+    "heldout_too_short": (["--calib-from", "heldout", "--calib-blocks", "1000"],
+                          ["held-out calibration", "needs 1006 blocks", "the text has"]),
 }
 
 
@@ -212,6 +217,15 @@ def test_bad_input_clean_error(case, saved_model, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(sweep_args(*saved_model, out, *extra))
     assert_clean_error(code, capsys.readouterr().err, out, *needles)
+
+
+def test_calibration_text_too_short(saved_model, tmp_path, capsys):
+    short = tmp_path / "short.raw"
+    short.write_text(" = Title = \n Few words here . \n", encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(sweep_args(*saved_model, out, "--calib-from", "heldout", "--calib-text-file", str(short)))
+    assert_clean_error(code, capsys.readouterr().err, out, "--calib-text-file", str(short), "need 64 tokens",
+                       "the text has")
 
 
 def test_undecodable_text_file(saved_model, tmp_path, capsys):
@@ -261,6 +275,44 @@ def test_torchrun_gloo_matches_single_process(sweep_run, saved_model, tmp_path):
         assert rel(b["ppl"], a["ppl"]) <= 1e-6, a["d_r"]
     assert [s["r90"] for s in two["spectrum"]] == [s["r90"] for s in one["spectrum"]]
     assert result.stdout.count("PPL baseline") == 1  # only rank 0 reports
+    assert_same_intervals(one, two)
+
+
+def assert_same_intervals(one: dict, two: dict) -> None:
+    """The bootstrap intervals of two runs whose block losses agree to rounding (same seed, same indices)."""
+    def close(a, b, scale):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6 * scale)
+
+    close(two["top1_delta_ppl_ci95"], one["top1_delta_ppl_ci95"], one["ppl_baseline"])
+    for a, b in zip(one["curve"], two["curve"], strict=True):
+        close(b["delta_ppl_ci95"], a["delta_ppl_ci95"], one["ppl_baseline"])
+        close(b["recovered_pct_ci95"], a["recovered_pct_ci95"], 100.0)
+        assert b["block_losses"] == pytest.approx(a["block_losses"], rel=1e-6)
+
+
+def test_torchrun_heldout_draws_match_single_process(saved_model, tmp_path, capsys):
+    """Held-out calibration blocks split across 2 ranks (odd count: 3 per draw) give one process's bases, PPLs
+    and intervals."""
+    extra = ["--calib-from", "heldout", "--calib-blocks", "3", "--calib-draws", "2"]
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    assert main(sweep_args(*saved_model, out1, *extra)) == 0
+    capsys.readouterr()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "nqpq",
+               *sweep_args(*saved_model, out2, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((d / "results.json").read_text()) for d in (out1, out2))
+    assert two["config"]["world_size"] == 2 and two["config"]["calibration"]["first_blocks"] == [N_BLOCKS, N_BLOCKS + 3]
+    for a, b in zip(one["draws"], two["draws"], strict=True):
+        for ca, cb in zip(a["curve"], b["curve"], strict=True):
+            assert rel(cb["ppl"], ca["ppl"]) <= 1e-6, (a["draw"], ca["d_r"])
+    for sa, sb in zip(one["spectrum"], two["spectrum"]):
+        assert sb["cumulative_variance"] == pytest.approx(sa["cumulative_variance"], abs=1e-6)
+    assert_same_intervals(one, two)
 
 
 def test_sweep_on_shared_data(shared_data, tmp_path, capsys):
@@ -280,7 +332,8 @@ def test_sweep_on_shared_data(shared_data, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     ids = text_ids(shared_data / "wiki.valid.raw", tokenizer)
     assert results["config"]["n_tokens"] == 3 * 64
-    assert results["config"]["calib_blocks"] == 3  # default: 4, capped at --n-blocks
+    assert results["config"]["calib_blocks"] == 4  # default: 4 held-out blocks, after the 3 scored ones
+    assert results["config"]["calibration"]["first_blocks"] == [3]
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     assert rel(results["ppl_baseline"], perplexity(model, ids, 64, 3)) <= 1e-6
     assert math.isfinite(results["ppl_top1"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,102 @@ def test_bare_gpt2_tokenizer_files_load(shared_data):
     text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles"
     assert load_tokenizer(str(shared_data)).encode(text) == GPT2TokenizerFast.from_pretrained(
         str(shared_data)).encode(text)
+
+
+# --- GGUF files (nqpq.checkpoints): refused before anything is built, never taken for a hub name ---
+
+
+def write_gguf(path: Path, arch: str, n_floats: int = 4096) -> Path:
+    """A small, well-formed GGUF file (gguf's own writer) naming ``arch``, holding one F32 tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.arange(n_floats, dtype=np.float32).reshape(-1, 64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """{case: (a .gguf path nqpq must refuse, a regex its error must match)}."""
+    not_gguf = tmp_path / "not-gguf.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 this is a zip file, not a GGUF one" * 10)
+    cut_data = write_gguf(tmp_path / "cut-data.gguf", "llama")
+    with open(cut_data, "r+b") as f:
+        f.truncate(cut_data.stat().st_size - 100)  # the tensor's last 100 bytes are gone
+    cut_header = write_gguf(tmp_path / "cut-header.gguf", "llama")
+    with open(cut_header, "r+b") as f:
+        f.truncate(40)  # magic and version survive, the metadata does not
+    return {
+        "not_gguf": (not_gguf, r"is not a GGUF file \(it starts with b'PK"),
+        "truncated_data": (cut_data, r"truncated or corrupt GGUF file"),
+        "truncated_header": (cut_header, r"truncated or corrupt GGUF file"),
+        "unsupported_arch": (write_gguf(tmp_path / "rwkv.gguf", "rwkv7"),
+                             r"GGUF architecture 'rwkv7' is not supported by transformers .*'s GGUF loader"),
+        "missing": (tmp_path / "no-such-file.gguf", r"no such GGUF file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not_gguf", "truncated_data", "truncated_header", "unsupported_arch", "missing"])
+def test_bad_gguf_files_refused(tmp_path, case):
+    """The model loader and the tokenizer loader both refuse, with one line and never the hub's error."""
+    from nqpq.data import load_tokenizer
+
+    path, pattern = gguf_cases(tmp_path)[case]
+    for load in (lambda: load_model(str(path), "cpu", torch.float32), lambda: load_tokenizer(str(path))):
+        with pytest.raises(NqpqError, match=pattern) as info:
+            load()
+        message = str(info.value)
+        assert "\n" not in message and "hub" not in message
+
+
+def test_gguf_architecture_check_follows_transformers():
+    """Every architecture transformers' GGUF loader lists is accepted (its config sections are not)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from nqpq.checkpoints import supported_architectures
+
+    names = supported_architectures()
+    assert {"llama", "qwen2", "gemma2", "gpt2"} <= names
+    assert set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"} <= names
+    assert not {"general", "tokenizer"} & names
+
+
+def test_gguf_file_info(tmp_path):
+    """results.json's record of a GGUF file: its name, size, sha256 and tensor types, from the file itself."""
+    import hashlib
+
+    from nqpq.checkpoints import gguf_file_info
+
+    path = write_gguf(tmp_path / "tiny.gguf", "llama")
+    assert gguf_file_info(path) == {"file": "tiny.gguf", "size_bytes": path.stat().st_size,
+                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                    "quantization_types": ["F32"]}
+
+
+def test_bad_gguf_refused_by_the_cli_before_writing(tmp_path, capsys, saved_model):
+    """`nqpq sweep --model bad.gguf`: exit 2, one line, and the --out directory it would create never appears."""
+    from nqpq.cli import main
+
+    _, text_file = saved_model
+    path, _ = gguf_cases(tmp_path)["unsupported_arch"]
+    out = tmp_path / "runs" / "gguf"
+    code = main(["sweep", "--model", str(path), "--text-file", str(text_file), "--n-blocks", "2", "--seq-len", "16",
+                 "--device", "cpu", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nqpq: error: ") and "rwkv7" in lines[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("package", ["gguf", "accelerate"])
+def test_missing_gguf_package_named_with_the_install_command(tmp_path, monkeypatch, package):
+    path = write_gguf(tmp_path / "tiny.gguf", "llama")
+    monkeypatch.setitem(sys.modules, package, None)  # `import gguf` now raises ImportError
+    with pytest.raises(NqpqError, match=rf"needs the '{package}' package: pip install -e \"\.\[gguf\]\""):
+        load_model(str(path), "cpu", torch.float32)

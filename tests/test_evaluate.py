@@ -163,3 +163,37 @@ def test_bad_batch_sizes(eager_model, token_ids):
             perplexity(eager_model, token_ids, SEQ_LEN, 2, batch_size=bad)
     with pytest.raises(ValueError, match="batch_size must be an int"):
         perplexity(eager_model, token_ids, SEQ_LEN, 2, batch_size=1.5)
+
+
+@pytest.mark.parametrize("scale, cap", [(None, None), (0.5, 30.0)])
+@torch.no_grad()
+def test_lm_losses_exact_on_a_large_vocabulary(scale, cap):
+    """Over 50k logits an fp32 log-sum-exp errs by ~1e-7 per token; lm_losses' equals a float64 cross-entropy of
+    the very same fp32 logits to float64 rounding (it keeps the fp32 logits: only the loss is taken exactly)."""
+    from types import SimpleNamespace
+
+    vocab, width, n_blocks, seq_len = 50_000, 64, 2, 65
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(width, vocab, bias=True)
+    head.weight.copy_(torch.randn(vocab, width, generator=g) * 0.3)
+    head.bias.copy_(torch.randn(vocab, generator=g))
+    hidden = torch.randn(n_blocks, seq_len, width, generator=g) * 2  # logits spread over tens, as trained LMs'
+    labels = torch.randint(0, vocab, (n_blocks, seq_len), generator=g)
+    parts = SimpleNamespace(lm_head=head, logit_scale=scale, final_logit_softcap=cap)
+    got = lm_losses(head, hidden, labels, parts=parts)  # one chunk holds every row: the same fp32 GEMM as below
+
+    # The reference: the same fp32 logits (same ops, same shapes), their cross-entropy in float64.
+    logits = torch.nn.functional.linear(hidden[:, :-1].reshape(-1, width), head.weight, head.bias)
+    if scale is not None:
+        logits = logits * scale
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    assert logits.abs().max() > 10
+    targets = labels[:, 1:].reshape(-1)
+    exact = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")
+    want = exact.view(n_blocks, seq_len - 1).mean(dim=1)
+    assert got.dtype == torch.float64
+    assert ((got - want).abs() / want.abs()).max() <= 1e-12
+    # The fp32 loss this replaced is measurably off on these very logits: the check above has teeth.
+    fp32 = torch.nn.functional.cross_entropy(logits, targets, reduction="none").double()
+    assert ((fp32 - exact).abs() / exact.abs()).max() > 1e-8

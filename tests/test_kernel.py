@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import nqpq_kernels  # noqa: E402
+from f64_reference import check_sink_against_f64  # noqa: E402
 from nqpq_kernels import residual_attention as ra_mod  # noqa: E402
 from nqpq_kernels import residual_attention_triton  # noqa: E402
 from plain_attention import GRAM_RTOL, TOL, check_against_plain, plain_scores  # noqa: E402
@@ -198,10 +199,10 @@ def test_exact_ties_first_index(dtype):
     v = torch.randn(B, H, T, D, generator=g).to(device=DEV, dtype=dtype)
     for mode in MODES:
         basis = make_basis(H, D) if mode == "lowrank" else None
-        out, idx, _, _ = residual_attention_triton(
+        out, idx, _, _, _ = residual_attention_triton(
             q, k, v, mode=mode, basis=basis, d_r=3 if mode == "lowrank" else None, return_argmax=True
         )
-        r_out, r_idx, _, _ = residual_attention_reference(
+        r_out, r_idx, _, _, _ = residual_attention_reference(
             q, k, v, mode=mode, basis=basis, d_r=3 if mode == "lowrank" else None, return_argmax=True
         )
         assert torch.equal(idx, r_idx)
@@ -250,11 +251,11 @@ def test_allow_tf32_and_custom_scale():
     B, H, T, D = 1, 2, 30, 16
     q, k, v = rand_qkv(B, H, T, D, torch.float32, seed=4)
     basis = make_basis(H, D)
-    out, idx, gram, _ = residual_attention_triton(
+    out, idx, gram, _, _ = residual_attention_triton(
         q, k, v, mode="lowrank", basis=basis, d_r=4, scale=0.7, allow_tf32=True,
         return_argmax=True, return_gram=True,
     )
-    r_out, r_idx, r_gram, _ = residual_attention_reference(
+    r_out, r_idx, r_gram, _, _ = residual_attention_reference(
         q, k, v, mode="lowrank", basis=basis, d_r=4, scale=0.7, return_argmax=True, return_gram=True
     )
     same = idx == r_idx
@@ -265,8 +266,8 @@ def test_allow_tf32_and_custom_scale():
 
 def test_exports():
     assert nqpq_kernels.residual_attention_triton is residual_attention_triton
-    out, a, g, t = residual_attention_triton(*rand_qkv(1, 1, 3, 16, torch.float32), mode="full")
-    assert a is None and g is None and t is None and out.shape == (1, 1, 3, 16)
+    out, a, g, t, m = residual_attention_triton(*rand_qkv(1, 1, 3, 16, torch.float32), mode="full")
+    assert a is None and g is None and t is None and m is None and out.shape == (1, 1, 3, 16)
 
 
 # --------------------------------------------------------------------------- #
@@ -452,6 +453,249 @@ def test_argmax_on_scores_not_rounded_p():
 
 
 # --------------------------------------------------------------------------- #
+# The sink kept apart (sink_tokens=n): against the float64 definitions and the package reference
+# --------------------------------------------------------------------------- #
+def run_sink(q, k, v, mode, n, d_r=None, basis=None, return_gram=True, out_layout="bhtd", min_clear=0.9, **opts):
+    """The kernel with sink_tokens=n and everything asked, checked against float64 and against the reference."""
+    kw = dict(mode=mode, basis=basis, d_r=d_r, sink_tokens=n, return_argmax=True, return_gram=return_gram,
+              return_top1_prob=True, return_sink_mass=True, out_layout=out_layout, **opts)
+    res = residual_attention_triton(q, k, v, **kw)
+    assert (res.gram is not None) == return_gram
+    first = check_sink_against_f64(res, q, k, v, mode, basis, d_r, sink_tokens=n, out_layout=out_layout,
+                                   min_clear=min_clear, **opts)
+    ref = residual_attention_reference(q, k, v, **kw)
+    assert torch.equal(res.argmax == -1, ref.argmax == -1)
+    same = res.argmax == ref.argmax
+    rows = same if mode != "full" else torch.ones_like(same)
+    out_rows = rows.transpose(1, 2) if out_layout == "bthd" else rows
+    torch.testing.assert_close(res.out[out_rows].float(), ref.out[out_rows].float(), **TOL[q.dtype], equal_nan=True)
+    torch.testing.assert_close(res.top1_prob[same], ref.top1_prob[same], atol=2e-6, rtol=2e-5, equal_nan=True)
+    torch.testing.assert_close(res.sink_mass, ref.sink_mass, atol=2e-6, rtol=2e-5, equal_nan=True)
+    if return_gram and bool(torch.isfinite(ref.gram).all()):
+        assert float((res.gram - ref.gram).abs().max() / ref.gram.abs().max().clamp_min(1e-12)) < GRAM_RTOL[q.dtype]
+    # Rows t < n see only sink keys: all the mass is the sink's, exactly.
+    T = q.shape[2]
+    early = (torch.arange(T, device=res.argmax.device) < n).expand_as(res.argmax) & (res.argmax >= 0)
+    assert bool((res.sink_mass[early] == 1).all())
+    return res, first
+
+
+SINK_CORE = [
+    (mode, dtype, T, n)
+    for mode in MODES
+    for dtype in (torch.float32, torch.float16)
+    for T in (2, 17, 65, 130)
+    for n in (0, 1, 4)
+]
+
+
+@pytest.mark.parametrize("mode,dtype,T,n", SINK_CORE)
+def test_sink_core(mode, dtype, T, n):
+    B, H, D = 2, 2, 16
+    q, k, v = rand_qkv(B, H, T, D, dtype, seed=T + 7 * n, sharp=2.0)
+    basis = make_basis(H, D) if mode == "lowrank" else None
+    res, _ = run_sink(q, k, v, mode, n, d_r=5 if mode == "lowrank" else None, basis=basis, return_gram=(T % 2 == 1))
+    if n == 0:  # n = 0 is the spec: the kernel without any sink code, bit for bit
+        plain_res = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=5 if mode == "lowrank" else None,
+                                              return_argmax=True, return_top1_prob=True)
+        for name in ("out", "argmax", "top1_prob"):
+            assert torch.equal(getattr(res, name), getattr(plain_res, name)), name
+        assert bool((res.sink_mass == 0).all())
+
+
+# (B, Hq, Hkv, T, D, dtype, window, softcap, out_layout, min_clear); BLOCK_M=32, BLOCK_N=16 in the interpreter.
+SINK_GEOMETRIES = {
+    "gqa-fp16": (2, 4, 2, 40, 16, torch.float16, None, None, "bhtd", 0.9),
+    "mqa-window-5": (1, 4, 1, 70, 16, torch.float32, 5, None, "bhtd", 0.9),  # the sink leaves the view early
+    "window-23-D32": (1, 2, 2, 70, 32, torch.float32, 23, None, "bhtd", 0.9),
+    "softcap-30": (1, 2, 1, 50, 32, torch.float32, None, 30.0, "bhtd", 0.8),
+    "softcap-window": (1, 2, 1, 50, 16, torch.float16, 30, 5.0, "bhtd", 0.5),
+    "padded-48": (1, 2, 1, 40, 48, torch.float32, None, None, "bhtd", 0.9),
+    "padded-80-bthd": (1, 2, 1, 40, 80, torch.float32, None, None, "bthd", 0.9),
+    "padded-96-fp16-window": (1, 2, 1, 40, 96, torch.float16, 9, None, "bhtd", 0.9),
+    "bf16": (1, 2, 2, 33, 16, torch.bfloat16, None, None, "bhtd", 0.9),
+}
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", list(SINK_GEOMETRIES))
+def test_sink_gqa_window_softcap_padded(geometry, mode, n):
+    B, Hq, Hkv, T, D, dtype, window, softcap, layout, min_clear = SINK_GEOMETRIES[geometry]
+    q, k, v = rand_qkv(B, Hq, T, D, dtype, seed=D + T + n, Hkv=Hkv, sharp=2.0)
+    basis = make_basis(Hq, D) if mode == "lowrank" else None
+    d_r = min(D, 20) if mode == "lowrank" else None
+    res, _ = run_sink(q, k, v, mode, n, d_r=d_r, basis=basis, out_layout=layout, min_clear=min_clear,
+                      sliding_window=window, softcap=softcap)
+    if window is not None:
+        # Rows past n + w − 1 see no sink key: no sink mass, and the top-1 ground state is V[i*ᴿ] exactly.
+        late = (torch.arange(T, device=DEV) >= n + window - 1).expand_as(res.argmax)
+        assert bool(late.any()) and bool((res.sink_mass[late] == 0).all())
+        if mode == "top1" and layout == "bhtd":
+            v_rep = v.repeat_interleave(Hq // Hkv, dim=1)
+            v_star = torch.gather(v_rep, 2, res.argmax.clamp_min(0).unsqueeze(-1).expand(B, Hq, T, D))
+            assert torch.equal(res.out[late], v_star[late])
+    if Hkv < Hq:  # grouped heads read their kv head in place: the same as MHA on repeated K/V
+        rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+        mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, return_argmax=True,
+                                        return_top1_prob=True, return_sink_mass=True, out_layout=layout,
+                                        sliding_window=window, softcap=softcap)
+        for name in ("out", "argmax", "top1_prob", "sink_mass"):
+            assert torch.equal(getattr(res, name), getattr(mha, name)), name
+
+
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 16), (64, 16), (32, 32)])
+@pytest.mark.parametrize("n", [15, 16, 17, 37, 100])
+def test_sink_many_keys_other_tilings(monkeypatch, block_m, block_n, n):
+    """n across tile and block boundaries (one and several sink tiles, the diagonal block inside the sink),
+    and n >= T (every key is a sink key: ground = ctx on every row)."""
+    monkeypatch.setattr(
+        ra_mod, "_pick_config",
+        lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
+    )
+    B, H, T, D = 1, 2, 70, 16
+    q, k, v = rand_qkv(B, H, T, D, torch.float32, seed=n + block_m, Hkv=1, sharp=2.0)
+    res, _ = run_sink(q, k, v, "lowrank", n, d_r=5, basis=make_basis(H, D))
+    if n >= T:
+        full = residual_attention_triton(q, k, v, mode="full").out
+        torch.testing.assert_close(res.out, full, **TOL[torch.float32])
+        assert bool((res.sink_mass == 1).all()) and float(res.gram.abs().max()) == 0.0
+    run_sink(q, k, v, "top1", n, return_gram=False, sliding_window=20)
+
+
+def test_sink_rows_before_n_are_ctx():
+    """Rows t < n: ground = ctx, so top1 and lowrank equal full there, ε = 0 (the Gram ignores those rows), and
+    the argmax is the first maximum over the visible (sink) keys."""
+    B, H, T, D, n = 1, 2, 40, 16, 6
+    q, k, v = rand_qkv(B, H, T, D, torch.float32, seed=31, sharp=2.0)
+    basis = make_basis(H, D)
+    kw = dict(sink_tokens=n, return_argmax=True, return_top1_prob=True, return_sink_mass=True)
+    full = residual_attention_triton(q, k, v, mode="full", **kw)
+    for mode in ("top1", "lowrank"):
+        res = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=4, **kw)
+        torch.testing.assert_close(res.out[:, :, :n], full.out[:, :, :n], **TOL[torch.float32])
+        assert torch.equal(res.argmax, full.argmax)
+    s = plain_scores(q, k)[0]
+    assert torch.equal(full.argmax[:, :, :n].cpu(), s[:, :, :n].argmax(-1))
+    assert bool((full.argmax[:, :, n:] >= n).all())
+    torch.testing.assert_close(full.top1_prob[:, :, :n].double().cpu(), s[:, :, :n].softmax(-1).amax(-1),
+                               atol=2e-6, rtol=2e-5)
+    # The Gram of rows t >= n only equals the Gram of every row: rows t < n add ε = 0.
+    g_all = residual_attention_triton(q, k, v, mode="top1", sink_tokens=n, return_gram=True).gram
+    ctx = full.out.double()
+    ground = residual_attention_triton(q, k, v, mode="top1", sink_tokens=n).out.double()
+    eps = (ctx - ground)[:, :, n:]
+    torch.testing.assert_close(g_all, torch.einsum("bhti,bhtj->hij", eps, eps), rtol=1e-4, atol=1e-9)
+
+
+def test_sink_requests_change_no_output():
+    """Asking for the Gram, top1_prob or the sink mass (which switch on ctx or the softmax denominator) changes
+    neither the output nor the argmax, with a sink too (rows t < n included)."""
+    q, k, v = rand_qkv(2, 2, 45, 16, torch.float32, seed=13, sharp=2.0)
+    for mode in MODES:
+        basis = make_basis(2, 16) if mode == "lowrank" else None
+        kw = dict(mode=mode, basis=basis, d_r=3 if mode == "lowrank" else None, sink_tokens=4, return_argmax=True)
+        a = residual_attention_triton(q, k, v, **kw)
+        b = residual_attention_triton(q, k, v, **kw, return_gram=True, return_top1_prob=True, return_sink_mass=True)
+        assert torch.equal(a.out, b.out) and torch.equal(a.argmax, b.argmax), mode
+
+
+def test_sink_one_compiled_variant_for_every_n(monkeypatch):
+    """sink_tokens is a runtime argument (not specialized): every n >= 1 launches the same compile-time
+    constants, so one compiled kernel serves n = 1, 4, 16, 37; n = 0 compiles the kernel without sink code."""
+    launches = []
+    real = ra_mod._residual_attn_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ra_mod, "_residual_attn_fwd", Spy())
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)
+    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, seed=5)
+    for n in (0, 1, 4, 16, 37):
+        residual_attention_triton(q, k, v, mode="lowrank", basis=make_basis(2, 16), d_r=3, sink_tokens=n,
+                                  return_sink_mass=True)
+    assert launches[0]["HAS_SINK"] is False and all(kw["HAS_SINK"] is True for kw in launches[1:])
+    assert all(kw == launches[1] for kw in launches[1:])
+    dns = real.kwargs["do_not_specialize"] if hasattr(real, "kwargs") else real.do_not_specialize
+    assert "n_sink" in dns
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (True, TypeError, "^sink_tokens must be an int, got bool$"),
+    (1.0, TypeError, "^sink_tokens must be an int, got float$"),
+    (-1, ValueError, "^sink_tokens must be >= 0"),
+])
+def test_sink_tokens_errors(bad, exc, match):
+    q, k, v = rand_qkv(1, 1, 4, 16, torch.float32)
+    with pytest.raises(exc, match=match):
+        residual_attention_triton(q, k, v, mode="full", sink_tokens=bad)
+
+
+# --------------------------------------------------------------------------- #
+# Every launch runs under the tensors' device (issue 21): Triton launches on the *current* CUDA device
+# --------------------------------------------------------------------------- #
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    import contextlib
+
+    entered = []
+
+    class Recorder:  # stands in for torch.cuda.device: records which device the launcher selects
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            entered.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            entered.append(("exit", self.device))
+            return False
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "device", Recorder)
+        with ra_mod._launch_device(torch.device("cuda", 1)):
+            entered.append(("inside", None))
+        assert entered == [("enter", torch.device("cuda", 1)), ("inside", None), ("exit", torch.device("cuda", 1))]
+        entered.clear()
+        with ra_mod._launch_device(torch.device("cpu")):  # the interpreter: nothing of CUDA is touched
+            pass
+        assert entered == []
+
+    # The launcher builds the guard from q's device and launches every chunk inside it.
+    real_guard, real_kernel = ra_mod._launch_device, ra_mod._residual_attn_fwd
+    guards, inside_at_launch = [], []
+    state = {"inside": False}
+
+    @contextlib.contextmanager
+    def spy_guard(device):
+        guards.append(device)
+        with real_guard(device):
+            state["inside"] = True
+            try:
+                yield
+            finally:
+                state["inside"] = False
+
+    class Spy:
+        def __getitem__(self, grid):
+            inside_at_launch.append(state["inside"])
+            return real_kernel[grid]
+
+    monkeypatch.setattr(ra_mod, "_launch_device", spy_guard)
+    monkeypatch.setattr(ra_mod, "_residual_attn_fwd", Spy())
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)
+    monkeypatch.setattr(ra_mod, "MAX_GRID_Y", 3)  # 4 (b, h) pairs: two launches
+    q, k, v = rand_qkv(2, 2, 20, 16, torch.float32, seed=9)
+    res = residual_attention_triton(q, k, v, mode="full", return_argmax=True)
+    assert guards == [q.device] and inside_at_launch == [True, True]
+    check_against_plain(res, q, k, v, "full")
+
+
+# --------------------------------------------------------------------------- #
 # Non-finite rows (run in a subprocess: an out-of-range load would crash the interpreter, not fail a test)
 # --------------------------------------------------------------------------- #
 _NAN_SCRIPT = """
@@ -464,7 +708,8 @@ for name, case in cases.items():
     q, k, v = (case.pop(x).to(sys.argv[3]) for x in "qkv")
     if case.get("basis") is not None:
         case["basis"] = case["basis"].to(sys.argv[3])
-    res = residual_attention_triton(q, k, v, return_argmax=True, return_gram=True, return_top1_prob=True, **case)
+    res = residual_attention_triton(q, k, v, return_argmax=True, return_gram=True, return_top1_prob=True,
+                                    return_sink_mass=True, **case)
     results[name] = tuple(None if t is None else t.cpu() for t in res)
 torch.save(results, sys.argv[2])
 """
@@ -495,6 +740,21 @@ def _nan_cases():
     qi[0, 0, 5, 0] = 1e30
     ki[0, 0, 5, 0] = 1e30  # row 5: +inf
     cases["inf-full"] = dict(q=qi, k=ki, v=vi, mode="full")
+    # The sink: NaN rows as above, with n = 1 and 4; a NaN key inside the sink (key 2, window 4: rows 2..5);
+    # fp16 overflow with n = 4.
+    k_sink = k.clone()
+    k_sink[0, 0, 2, 5] = float("nan")
+    for mode in MODES:
+        lowrank = dict(basis=make_basis(2, 16) if mode == "lowrank" else None, d_r=4 if mode == "lowrank" else None)
+        for n in (1, 4):
+            for window in (None, 4, 20):
+                cases[f"sink-nan-{mode}-{window}-{n}"] = dict(
+                    q=q, k=k, v=v, mode=mode, sliding_window=window, softcap=5.0 if window == 20 else None,
+                    sink_tokens=n, **lowrank)
+        cases[f"sink-nankey-{mode}"] = dict(q=q, k=k_sink, v=v, mode=mode, sliding_window=4, softcap=None,
+                                            sink_tokens=4, **lowrank)
+        cases[f"sink-overflow-{mode}"] = dict(q=q16, k=k16, v=v16, mode=mode, sliding_window=None, softcap=None,
+                                              sink_tokens=4, **lowrank)
     return {name: {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in case.items()}
             for name, case in cases.items()}
 
@@ -559,6 +819,43 @@ def test_overflow_and_infinite_scores(nan_results):
             bad = check_against_plain(res, q, k, v, case["mode"], case.get("basis"), case.get("d_r"),
                                       min_clear=0).bad
             assert 0 < int(bad.sum()) < bad.numel()
+
+
+def test_sink_nan_and_overflow_rows(nan_results):
+    """With a sink: exactly the non-finite rows are NaN (out, top1_prob, sink_mass) with argmax -1, a NaN key
+    inside the sink poisons only the rows that see it, and every other row matches float64."""
+    cases, results = nan_results
+    names = [n for n in cases if n.startswith("sink-")]
+    assert len(names) == 24
+    for name in names:
+        case = dict(cases[name])
+        q, k, v = case.pop("q"), case.pop("k"), case.pop("v")
+        res = ResidualAttentionResult(*results[name])
+        window = case["sliding_window"]
+        if name.startswith("sink-nan-"):
+            bad = torch.zeros(1, 2, 40, dtype=torch.bool)
+            bad[0, 1, 7] = bad[0, 0, 33] = True
+            bad[0, :, 12: (40 if window is None else 12 + window)] = True
+        elif name.startswith("sink-nankey-"):
+            bad = torch.zeros(1, 2, 40, dtype=torch.bool)
+            bad[0, 1, 7] = bad[0, 0, 33] = True
+            bad[0, :, 12:16] = True
+            bad[0, :, 2:6] = True  # the rows that see key 2 through the window of 4
+        else:
+            bad = None
+        if bad is not None:
+            assert torch.equal(torch.isnan(res.out).any(-1), bad) and torch.equal(torch.isnan(res.out).all(-1), bad)
+            assert torch.equal(res.argmax == -1, bad), name
+            assert torch.equal(torch.isnan(res.top1_prob), bad) and torch.equal(torch.isnan(res.sink_mass), bad)
+        ref = residual_attention_reference(q, k, v, return_argmax=True, return_gram=True, return_top1_prob=True,
+                                           return_sink_mass=True, **case)
+        assert torch.equal(ref.argmax == -1, res.argmax == -1), name
+        assert torch.equal(torch.isnan(ref.sink_mass), torch.isnan(res.sink_mass)), name
+        first = check_sink_against_f64(res, q, k, v, case["mode"], case["basis"], case["d_r"],
+                                       sliding_window=window, softcap=case["softcap"],
+                                       sink_tokens=case["sink_tokens"], min_clear=0 if bad is None else 0.9)
+        if bad is None:
+            assert 0 < int(first.bad.sum()) < first.bad.numel(), name
 
 
 # --------------------------------------------------------------------------- #
@@ -797,10 +1094,10 @@ def test_gpu_packed_bthd(dtype):
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=-1))
     basis = torch.linalg.qr(torch.randn(H, D, D, device="cuda"))[0]
     poisoned = torch.full((B, T, H, D), float("nan"), device="cuda", dtype=dtype)
-    out, idx, _, _ = residual_attention_triton(
+    out, idx, _, _, _ = residual_attention_triton(
         q, k, v, mode="lowrank", basis=basis, d_r=8, return_argmax=True, out_layout="bthd", out=poisoned
     )
-    r_out, r_idx, _, _ = residual_attention_reference(
+    r_out, r_idx, _, _, _ = residual_attention_reference(
         q.float(), k.float(), v.float(), mode="lowrank", basis=basis, d_r=8, return_argmax=True,
         out_layout="bthd",
     )
@@ -821,6 +1118,66 @@ def test_gpu_grid_y_chunks():
     torch.cuda.synchronize()
     assert float((res.argmax[-2:] == ref.argmax).float().mean()) > 0.99  # the last chunk ran
     assert bool(torch.isfinite(res.gram).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("geometry", [(2, 4, 4, 1024, 64, None, None), (1, 8, 2, 1024, 128, 256, None),
+                                      (1, 4, 2, 700, 256, 300, 50.0), (1, 4, 2, 512, 96, 40, None)],
+                         ids=lambda g: "B{}-Hq{}-Hkv{}-T{}-D{}-w{}-c{}".format(*g))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_sink_vs_reference(mode, dtype, geometry, n):
+    """Compiled kernel with sink_tokens=n vs the fp32 reference on the same (upcast) inputs: argmax exact on rows
+    whose fp32 top-2 gap over R exceeds 1e-3, outputs and top1_prob on rows with the same index, sink mass on
+    every row."""
+    B, Hq, Hkv, T, D, window, softcap = geometry
+    g = torch.Generator(device="cuda").manual_seed(T + D + n)
+    q = torch.randn(B, Hq, T, D, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    basis = torch.linalg.qr(torch.randn(Hq, D, D, device="cuda", generator=g))[0] if mode == "lowrank" else None
+    kw = dict(mode=mode, basis=basis, d_r=D // 4 if mode == "lowrank" else None, sliding_window=window,
+              softcap=softcap, sink_tokens=n, return_argmax=True, return_top1_prob=True, return_sink_mass=True)
+    res = residual_attention_triton(q, k, v, **kw)
+    torch.cuda.synchronize()
+    ref = residual_attention_reference(q.float(), k.float(), v.float(), **kw)
+    assert not torch.isnan(res.out).any() and bool((res.argmax >= 0).all())
+    t = torch.arange(T, device="cuda")
+    assert bool((res.argmax[..., n:] >= n).all())
+    s = torch.matmul(q.float(), k.float().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * D**-0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    visible = (t[None, :] <= t[:, None]) & (True if window is None else (t[None, :] > t[:, None] - window))
+    s.masked_fill_(~visible | (t[None, :] < n), float("-inf"))  # R only
+    top2 = s.topk(2, dim=-1).values
+    del s
+    gap = torch.where(torch.isfinite(top2[..., 1]), top2[..., 0] - top2[..., 1], torch.inf)
+    clear = (gap > 1e-3) & (t >= n)
+    assert float(clear.float().mean()) > 0.5
+    assert torch.equal(res.argmax[clear], ref.argmax[clear])
+    same = res.argmax == ref.argmax
+    rows = same if mode != "full" else torch.ones_like(same)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(res.out[rows].float(), ref.out[rows], **tol)
+    torch.testing.assert_close(res.top1_prob[same], ref.top1_prob[same], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(res.sink_mass, ref.sink_mass, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_non_current_device():
+    """Tensors on cuda:1 while the current device is cuda:0: the launch runs on cuda:1 (issue 21)."""
+    torch.cuda.set_device(0)
+    q, k, v = (torch.randn(2, 4, 300, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    kw = dict(mode="top1", sink_tokens=1, return_argmax=True, return_gram=True)
+    res = residual_attention_triton(q, k, v, **kw)
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0 and res.out.device == q.device
+    ref = residual_attention_reference(q.float(), k.float(), v.float(), **kw)
+    same = res.argmax == ref.argmax
+    assert float(same.float().mean()) > 0.95
+    torch.testing.assert_close(res.out[same].float(), ref.out[same], **TOL[torch.bfloat16])
 
 
 # --------------------------------------------------------------------------- #

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from f64_reference import check_sink_against_f64
 from plain_attention import check_against_plain, plain
 
 from nqpq import ResidualAttentionResult, residual_attention, residual_attention_reference
@@ -161,7 +162,7 @@ def test_return_gram(mode):
     q, k, v = random_qkv(B, H, T, D, seed=13)
     basis = random_basis(H, D)
     kw = {"basis": basis, "d_r": 4} if mode == "lowrank" else {}
-    out, _, gram, _ = residual_attention_reference(q, k, v, mode=mode, return_gram=True, **kw)
+    out, _, gram, _, _ = residual_attention_reference(q, k, v, mode=mode, return_gram=True, **kw)
     want = plain(q, k, v, mode, basis, 4).gram
     assert gram.dtype == torch.float64 and gram.shape == (H, D, D)
     torch.testing.assert_close(gram, want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
@@ -264,7 +265,7 @@ def reference_all(q, k, v, mode, **kw):
     basis = random_basis(q.shape[1], q.shape[3]) if mode == "lowrank" else None
     d_r = 5 if mode == "lowrank" else None
     res = residual_attention_reference(q, k, v, mode=mode, basis=basis, d_r=d_r, return_argmax=True,
-                                       return_gram=True, return_top1_prob=True, **kw)
+                                       return_gram=True, return_top1_prob=True, return_sink_mass=True, **kw)
     return res, basis, d_r
 
 
@@ -277,7 +278,7 @@ def test_gqa_mqa_matches_plain(mode, Hkv):
     # Same as multi-head attention on K/V repeated in transformers' repeat_kv order.
     rep = [t.repeat_interleave(4 // Hkv, dim=1) for t in (k, v)]
     mha = residual_attention_reference(q, *rep, mode=mode, basis=basis, d_r=d_r, return_argmax=True,
-                                       return_gram=True, return_top1_prob=True)
+                                       return_gram=True, return_top1_prob=True, return_sink_mass=True)
     for a, b in zip(res, mha, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
@@ -568,3 +569,162 @@ def test_window_beyond_int64_is_plain_causal():
         causal, _, _ = reference_all(q, k, v, "full")
         for a, b in zip(res, causal, strict=True):
             assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- #
+# The sink kept apart (sink_tokens=n) against the float64 definitions (tests/f64_reference.sink_plain)
+# --------------------------------------------------------------------------- #
+def reference_sink(q, k, v, mode, n, **kw):
+    basis = random_basis(q.shape[1], q.shape[3]) if mode == "lowrank" else None
+    d_r = 5 if mode == "lowrank" else None
+    res = residual_attention_reference(q, k, v, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, return_argmax=True,
+                                       return_gram=True, return_top1_prob=True, return_sink_mass=True, **kw)
+    return res, basis, d_r
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+@pytest.mark.parametrize("B,H,D", SHAPES)
+@pytest.mark.parametrize("T", [1, 2, 63, 77])
+@pytest.mark.parametrize("mode", MODES)
+def test_sink_matches_f64(mode, T, B, H, D, n):
+    q, k, v = gqa_qkv(B, H, H, T, D, seed=T + D + n, sharp=3.0)
+    res, basis, d_r = reference_sink(q, k, v, mode, n)
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, sink_tokens=n)
+    # The public op (torch backend) returns the same numbers, appended in order.
+    out, arg, top1, mass = residual_attention(q, k, v, mode=mode, basis=basis, d_r=d_r, backend="torch",
+                                              sink_tokens=n, return_argmax=True, return_top1_prob=True,
+                                              return_sink_mass=True)
+    for a, b in ((out, res.out), (arg, res.argmax), (top1, res.top1_prob), (mass, res.sink_mass)):
+        assert torch.equal(a, b)
+
+
+# (Hq, Hkv, T, D, dtype, window, softcap, min_clear)
+SINK_CASES = {
+    "gqa": (4, 2, 37, 16, torch.float32, None, None, 0.9),
+    "mqa-window-1": (4, 1, 37, 16, torch.float32, 1, None, 0.9),
+    "window-3": (4, 2, 37, 16, torch.float32, 3, None, 0.9),
+    "window-16": (4, 2, 37, 16, torch.float32, 16, None, 0.9),
+    "softcap-window": (2, 1, 33, 16, torch.float32, 20, 5.0, 0.5),
+    "padded-48": (2, 1, 30, 48, torch.float32, None, None, 0.9),
+    "fp16-gqa-window-softcap": (4, 2, 30, 32, torch.float16, 9, 20.0, 0.9),
+    "bf16": (2, 2, 30, 32, torch.bfloat16, None, None, 0.9),
+}
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(SINK_CASES))
+def test_sink_gqa_window_softcap(case, mode, n):
+    Hq, Hkv, T, D, dtype, window, softcap, min_clear = SINK_CASES[case]
+    q, k, v = gqa_qkv(2, Hq, Hkv, T, D, dtype=dtype, seed=T + n, sharp=3.0)
+    res, basis, d_r = reference_sink(q, k, v, mode, n, sliding_window=window, softcap=softcap)
+    assert res.out.dtype == dtype
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, sliding_window=window, softcap=softcap, sink_tokens=n,
+                           min_clear=min_clear)
+    rows = torch.arange(T)
+    assert bool((res.argmax[..., n:] >= n).all()) and bool((res.sink_mass[..., :n] == 1).all())
+    if window is not None:
+        # Rows past n + w − 1 see no sink key: no sink mass, and the ground state is V[i*ᴿ] exactly.
+        late = (rows >= n + window - 1).expand_as(res.argmax)
+        assert bool((res.sink_mass[late] == 0).all())
+        if mode == "top1":
+            v_star = torch.gather(v.repeat_interleave(Hq // Hkv, 1), 2, res.argmax.unsqueeze(-1).expand(-1, -1, -1, D))
+            assert torch.equal(res.out[late], v_star[late])
+    rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+    mha = residual_attention_reference(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, return_argmax=True,
+                                       return_gram=True, return_top1_prob=True, return_sink_mass=True,
+                                       sliding_window=window, softcap=softcap)
+    for a, b in zip(res, mha, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_sink_zero_is_the_spec():
+    """sink_tokens=0 is today's op bit for bit; its sink mass is 0 (NaN on a non-finite row)."""
+    q, k, v = gqa_qkv(1, 4, 2, 30, 16, seed=5, sharp=3.0)
+    q[0, 1, 7, 0] = float("nan")
+    for mode in MODES:
+        res, basis, d_r = reference_sink(q, k, v, mode, 0, sliding_window=12)
+        spec, _, _ = reference_all(q, k, v, mode, sliding_window=12)
+        for a, b in zip(res, spec, strict=True):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+        bad = res.argmax == -1
+        assert int(bad.sum()) == 1 and bool(res.sink_mass[bad].isnan().all()) and bool((res.sink_mass[~bad] == 0).all())
+
+
+def test_sink_winner_share_of_the_rest():
+    """top1_prob / (1 − sink_mass) is the winner's share of the non-sink mass, p[i*ᴿ] / Σ_R p (float64 by hand)."""
+    q, k, v = gqa_qkv(2, 2, 1, 40, 16, seed=8, sharp=3.0)
+    n = 2
+    res, _, _ = reference_sink(q, k, v, "top1", n)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    s.masked_fill_(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    p = s.softmax(-1)
+    rest = p[..., n:]
+    share = rest.amax(-1) / rest.sum(-1)
+    got = res.top1_prob.double() / (1 - res.sink_mass.double())
+    torch.testing.assert_close(got[..., n:], share[..., n:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(res.sink_mass[..., n:].double(), p[..., n:, :n].sum(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [9, 2**40])
+def test_sink_covering_the_sequence_is_ctx(n):
+    """n >= T: every key is a sink key, every ground state is ctx: top1 and lowrank are full, ε = 0, mass 1."""
+    q, k, v = gqa_qkv(1, 2, 1, 9, 16, seed=3, sharp=3.0)
+    full = residual_attention_reference(q, k, v, mode="full").out
+    for mode in MODES:
+        res, basis, d_r = reference_sink(q, k, v, mode, n)
+        torch.testing.assert_close(res.out, full, atol=1e-6, rtol=1e-6)
+        assert float(res.gram.abs().max()) == 0.0 and bool((res.sink_mass == 1).all())
+        check_sink_against_f64(res, q, k, v, mode, basis, d_r, sink_tokens=min(n, 9))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sink_nan_rows(mode):
+    """NaN in q row t or in key j (a sink key too): exactly the rows that see it are non-finite."""
+    q, k, v = gqa_qkv(1, 2, 1, 20, 16, seed=2, sharp=3.0)
+    q[0, 1, 7, 3] = float("nan")
+    k[0, 0, 12, 0] = float("nan")
+    k[0, 0, 1, 2] = float("nan")  # in the sink (n = 4): rows 1..4 with a window of 4
+    res, basis, d_r = reference_sink(q, k, v, mode, 4, sliding_window=4)
+    bad = torch.zeros(1, 2, 20, dtype=torch.bool)
+    bad[0, 1, 7] = True
+    bad[0, :, 12:16] = True
+    bad[0, :, 1:5] = True
+    assert torch.equal(torch.isnan(res.out).all(-1), bad) and torch.equal(torch.isnan(res.out).any(-1), bad)
+    assert torch.equal(res.argmax == -1, bad) and torch.equal(torch.isnan(res.top1_prob), bad)
+    assert torch.equal(torch.isnan(res.sink_mass), bad) and bool(torch.isnan(res.gram).all())
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, sliding_window=4, sink_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (True, TypeError, "^sink_tokens must be an int, got bool$"),
+        (2.0, TypeError, "^sink_tokens must be an int, got float$"),
+        ("1", TypeError, "^sink_tokens must be an int, got str$"),
+        (-1, ValueError, r"^sink_tokens must be >= 0 \(keys j < sink_tokens are the sink\), got -1$"),
+    ],
+)
+def test_sink_tokens_errors(bad, exc, match):
+    q, k, v = random_qkv(1, 2, 8, 16)
+    for fn in (residual_attention_reference, lambda *a, **kw: residual_attention(*a, **kw, backend="torch")):
+        with pytest.raises(exc, match=match):
+            fn(q, k, v, mode="full", sink_tokens=bad)
+
+
+def test_sink_tokens_numpy_int_and_return_order():
+    np = pytest.importorskip("numpy")
+    q, k, v = gqa_qkv(1, 4, 2, 12, 16, seed=1, sharp=3.0)
+    res = residual_attention_reference(q, k, v, mode="top1", sink_tokens=2, return_argmax=True, return_top1_prob=True,
+                                       return_sink_mass=True)
+    same = residual_attention_reference(q, k, v, mode="top1", sink_tokens=np.int64(2), return_sink_mass=True)
+    assert torch.equal(res.out, same.out) and torch.equal(res.sink_mass, same.sink_mass)
+    assert same.argmax is None and same.top1_prob is None and same.gram is None
+    kw = dict(mode="top1", backend="torch", sink_tokens=2)
+    out, mass = residual_attention(q, k, v, **kw, return_sink_mass=True)
+    assert torch.equal(out, res.out) and torch.equal(mass, res.sink_mass) and mass.dtype == torch.float32
+    out, arg, mass = residual_attention(q, k, v, **kw, return_argmax=True, return_sink_mass=True)
+    assert torch.equal(arg, res.argmax) and torch.equal(mass, res.sink_mass)
+    out, arg, top1 = residual_attention(q, k, v, **kw, return_argmax=True, return_top1_prob=True)
+    assert torch.equal(top1, res.top1_prob)
+    assert torch.equal(residual_attention(q, k, v, **kw), res.out)

@@ -34,7 +34,7 @@ def build(family: str, vocab_size: int) -> torch.nn.Module:
 
 def scan_config(layers=None, **kw) -> SweepConfig:
     return SweepConfig(model="tiny", layers=layers, d_r=D_R, n_blocks=N_BLOCKS, seq_len=SEQ_LEN,
-                       calib_blocks=CALIB, device="cpu", backend="torch", progress=False, **kw)
+                       calib_blocks=CALIB, calib_from="eval", device="cpu", backend="torch", progress=False, **kw)
 
 
 def reference_scan(model, blocks, layers) -> tuple[dict, F64Reference]:
@@ -156,16 +156,19 @@ def test_cli_scan_then_report_on_a_saved_llama(tmp_path, tokenizer, capsys):
     text.write_text(wikitext_text(seed=3), encoding="utf-8")
     run = run_cli("scan", "--model", str(model_dir), "--text-file", str(text), "--layers", "1", "3",
                   "--d-r", *map(str, D_R), "--n-blocks", str(N_BLOCKS), "--seq-len", str(SEQ_LEN),
-                  "--calib-blocks", str(CALIB), "--device", "cpu", "--backend", "torch", "--out", str(out),
-                  "--no-progress")
+                  "--calib-blocks", str(CALIB), "--calib-from", "eval", "--device", "cpu", "--backend", "torch",
+                  "--out", str(out), "--no-progress")
     assert run.returncode == 0, run.stderr
     names = {"results.json", "recovered_heatmap.png", "top1_prob_heatmap.png", "delta_ppl_top1.png"}
     assert names <= set(os.listdir(out))
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"kind", "format_version", "ppl_baseline", "layers", "crystallinity", "config",
                             "timings"}
-    assert set(results["layers"][0]) == {"layer", "ppl_top1", "curve", "r90_mean", "top1_prob_mean"}
-    assert set(results["layers"][0]["curve"][0]) == {"d_r", "ppl", "recovered_pct"}
+    assert set(results["layers"][0]) == {"layer", "ppl_top1", "top1_delta_ppl_ci95", "top1_block_losses", "curve",
+                                         "draws", "r90_mean", "top1_prob_mean"}
+    assert set(results["layers"][0]["curve"][0]) == {"d_r", "ppl", "delta_ppl", "recovered_pct", "delta_ppl_ci95",
+                                                     "recovered_pct_ci95", "block_losses", "recovered_pct_draws",
+                                                     "recovered_pct_spread"}
 
     # The numbers are the definition's, computed in float64 on the same tokens.
     from nqpq.data import ids_for_blocks, rows_from_file
@@ -185,14 +188,14 @@ def test_cli_scan_then_report_on_a_saved_llama(tmp_path, tokenizer, capsys):
 
 
 def test_report_refuses_broken_or_foreign_results(tmp_path, capsys):
-    good = {"kind": "scan", "format_version": 1, "ppl_baseline": 1.0, "layers": [], "crystallinity": [],
+    good = {"kind": "scan", "format_version": 2, "ppl_baseline": 1.0, "layers": [], "crystallinity": [],
             "config": {}}
     cases = {
         "missing": (None, "no such file"),
         "not-json": ("{not json", "cannot be read as JSON"),
         "list": ("[1, 2]", "expected a JSON object, got list"),
         "old": (json.dumps({"ppl_baseline": 1.0}), "'kind' is None, not 'sweep' or 'scan'"),
-        "newer": (json.dumps({**good, "format_version": 99}), "format version 99; this nqpq reads version 1"),
+        "newer": (json.dumps({**good, "format_version": 99}), "format version 99; this nqpq reads version 2"),
         "no-layers": (json.dumps({k: v for k, v in good.items() if k != "layers"}), r"without \['layers'\]"),
         "bad-entry": (json.dumps({**good, "layers": [{"layer": 0}]}), "is broken .*nothing was redrawn"),
     }

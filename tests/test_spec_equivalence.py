@@ -27,8 +27,8 @@ def test_sweep_matches_spec_implementation(attn):
         ref = run_spec_sweep(spec, model, ids, layers=layers, d_r_sweep=d_rs, n_blocks=6, seq_len=32,
                              calib_blocks=2, device="cpu")
     assert_clear_argmax(gaps)
-    cfg = SweepConfig(layers=layers, d_r=d_rs, n_blocks=6, seq_len=32, calib_blocks=2, device="cpu",
-                      batch_size=4, backend="torch", progress=False)
+    cfg = SweepConfig(layers=layers, d_r=d_rs, n_blocks=6, seq_len=32, calib_blocks=2, calib_from="eval",
+                      device="cpu", batch_size=4, backend="torch", progress=False)
     ours = run_sweep(cfg, model=model, ids=ids, log=lambda *_: None)
 
     def close(a, b):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import HEAD_DIM, build_model
+from conftest import HEAD_DIM, REL_SCORE_MARGIN, build_model
 
 from nqpq.data import NqpqError
 from nqpq.report import write_results
@@ -109,7 +110,8 @@ def test_non_finite_crystallized_perplexity_is_inconclusive():
     for top1, ppls in ((math.nan, (21.0, 20.5)), (25.0, (21.0, math.inf)), (25.0, (math.nan, 20.5))):
         assert _verdict(curve(top1, ppls), 20.0, top1) == {
             "compressible": None, "d_r_min": None, "best_d_r": None, "best_recovered_pct": None,
-            "explanation": NOT_FINITE}
+            "recovered_pct": None, "ci95": None, "settled": None, "draws_agree": None, "n_blocks": None,
+            "draws_d_r_min": None, "explanation": NOT_FINITE}
 
 
 def test_results_record_the_models_real_dtype(tokenizer, token_ids):
@@ -300,3 +302,199 @@ def test_model_without_attention_interface_refused(tokenizer, saved_model, tmp_p
     err = [line for line in capsys.readouterr().err.splitlines() if "nqpq" in line or "Traceback" in line]
     assert code == 2 and len(err) == 1 and "AttentionInterface" in err[0] and "MambaForCausalLM" in err[0]
     assert not out.exists()
+
+
+# --- calibration apart from evaluation, draws, intervals (issue 18) ----------------------------------------------
+
+CAL_LAYERS, CAL_T, CAL_N, CAL_C = (2, 3), 16, 4, 2
+
+
+def cal_config(**kw) -> SweepConfig:
+    base = dict(layers=CAL_LAYERS, d_r=(1, 4, HEAD_DIM), n_blocks=CAL_N, seq_len=CAL_T, calib_blocks=CAL_C,
+                device="cpu", batch_size=3, backend="torch", progress=False)
+    return SweepConfig(**{**base, **kw})
+
+
+def test_heldout_basis_is_the_float64_basis_of_the_blocks_after_the_scored_ones(tokenizer, token_ids):
+    from f64_reference import F64Reference
+
+    model = build_model(vocab_size=len(tokenizer))
+    results = run_sweep(cal_config(), model=model, ids=token_ids, log=lambda *_: None)
+    assert results["config"]["calibration"] == {
+        "source": "heldout", "text": "ids given by the caller", "blocks_per_draw": CAL_C, "draws": 1,
+        "first_blocks": [CAL_N], "scored_blocks_seen": 0}
+    # Σ εεᵀ in float64 over exactly the held-out blocks (the reference scores one more block after its calibration).
+    heldout_and_one = token_ids[CAL_N * CAL_T:(CAL_N + CAL_C + 1) * CAL_T].view(CAL_C + 1, CAL_T)
+    ref = F64Reference(model)
+    ref.baseline(heldout_and_one, CAL_C, CAL_LAYERS)
+    assert min(ref.gaps) > REL_SCORE_MARGIN, "near-tie in the held-out blocks"
+    scored = F64Reference(model)
+    scored.baseline(token_ids[: CAL_N * CAL_T].view(CAL_N, CAL_T), CAL_C, CAL_LAYERS)
+    for s in results["spectrum"]:
+        want = ref.cv[s["layer"]][s["head"]]
+        assert ((want - 0.9).abs() > 1e-4).all(), "a cumulative variance at ~0.9: r90 would hinge on rounding"
+        torch.testing.assert_close(torch.tensor(s["cumulative_variance"], dtype=torch.float64), want, rtol=0,
+                                   atol=1e-6)
+        assert s["r90"] == int(ref.r90[s["layer"]][s["head"]])
+    # ... and not the basis of the first scored blocks (the spec's choice): the two spectra differ.
+    assert max((ref.cv[li] - scored.cv[li]).abs().max().item() for li in CAL_LAYERS) > 1e-3
+    for li in CAL_LAYERS:
+        for h in range(ref.basis[li].shape[0]):
+            got, want = results["basis"].basis[li][h].double(), ref.basis[li][h]
+            share = torch.diff(ref.cv[li][h], prepend=ref.cv[li][h].new_zeros(1))  # eigenvalue / total, descending
+            for r in (1, 4):
+                if (share[r - 1] - share[r]) / share[r - 1] > 1e-2:  # the top-r subspace is well defined
+                    torch.testing.assert_close(got[:, :r] @ got[:, :r].T, want[:, :r] @ want[:, :r].T, rtol=0,
+                                               atol=1e-4, msg=f"layer {li} head {h} r={r}")
+
+
+def test_calibration_draws_are_the_disjoint_held_out_sets(tokenizer, token_ids):
+    """Draw k's basis is calibrate() on blocks n + k·c .. n + (k+1)·c − 1; its low-rank PPLs are the plain ones."""
+    from conftest import assert_clear_argmax, score_margins
+
+    from nqpq import calibrate, crystallize, make_blocks, perplexity
+
+    model = build_model(vocab_size=len(tokenizer))
+    results = run_sweep(cal_config(calib_draws=2, d_r=(1, 4)), model=model, ids=token_ids, log=lambda *_: None)
+    assert [d["first_block"] for d in results["draws"]] == [CAL_N, CAL_N + CAL_C]
+    assert results["config"]["calibration"]["first_blocks"] == [CAL_N, CAL_N + CAL_C]
+    gaps = []
+    for draw in results["draws"]:
+        blocks = make_blocks(token_ids, CAL_T, CAL_C, first_block=draw["first_block"])
+        with score_margins(model, CAL_LAYERS) as call_gaps:
+            basis = calibrate(model, blocks, CAL_LAYERS, backend="torch")
+            for entry in draw["curve"]:
+                with crystallize(model, CAL_LAYERS, mode="lowrank", basis=basis.basis, d_r=entry["d_r"],
+                                 backend="torch"):
+                    want = perplexity(model, token_ids, CAL_T, CAL_N)
+                assert abs(entry["ppl"] - want) <= 1e-6 * want, (draw["draw"], entry["d_r"])
+        gaps.extend(call_gaps)
+    assert_clear_argmax(gaps)
+    for j, entry in enumerate(results["curve"]):
+        per_draw = [d["curve"][j]["recovered_pct"] for d in results["draws"]]
+        assert entry["recovered_pct_draws"] == per_draw and entry["recovered_pct"] == per_draw[0]
+        assert entry["recovered_pct_spread"] == pytest.approx(max(per_draw) - min(per_draw))
+    assert results["verdict"]["draws_d_r_min"] == [d["d_r_min"] for d in results["draws"]]
+
+
+def test_spec_choice_intervals_hold_their_estimates_and_come_from_the_block_losses(tokenizer, token_ids):
+    from nqpq.stats import delta_ppl_ci, recovered_pct_ci, resample_indices
+
+    model = build_model(vocab_size=len(tokenizer))
+    lines: list[str] = []
+    results = run_sweep(cal_config(calib_from="eval", n_blocks=8), model=model, ids=token_ids, log=lines.append)
+    assert results["config"]["calibration"]["scored_blocks_seen"] == CAL_C
+    assert any(f"the basis saw {CAL_C} of the 8 scored blocks, so recovered % may be optimistic" in ln
+               for ln in lines)
+    losses = results["block_losses"]
+    assert math.isclose(math.exp(statistics.fmean(losses["baseline"])), results["ppl_baseline"], rel_tol=1e-12)
+    indices = resample_indices(8, results["config"]["seed"])
+    lo, hi = results["top1_delta_ppl_ci95"]
+    assert lo <= results["ppl_top1"] - results["ppl_baseline"] <= hi
+    assert [lo, hi] == delta_ppl_ci(losses["baseline"], losses["top1"], indices)
+    checked = 0
+    for c in results["curve"]:
+        assert math.isclose(math.exp(statistics.fmean(c["block_losses"])), c["ppl"], rel_tol=1e-12)
+        assert c["delta_ppl_ci95"][0] <= c["delta_ppl"] <= c["delta_ppl_ci95"][1]
+        assert c["delta_ppl_ci95"] == delta_ppl_ci(losses["baseline"], c["block_losses"], indices)
+        if c["recovered_pct"] is not None:
+            assert c["recovered_pct_ci95"][0] <= c["recovered_pct"] <= c["recovered_pct_ci95"][1]
+            assert c["recovered_pct_ci95"] == recovered_pct_ci(losses["baseline"], losses["top1"], c["block_losses"],
+                                                               indices)
+            checked += 1
+    assert checked
+
+
+def test_intervals_shrink_as_the_scored_blocks_grow(tokenizer, token_ids):
+    model = build_model(vocab_size=len(tokenizer))
+
+    def widths(n):
+        r = run_sweep(cal_config(n_blocks=n, d_r=(1, 4), batch_size=16), model=model, ids=token_ids,
+                      log=lambda *_: None)
+        cis = [r["top1_delta_ppl_ci95"], *(c["delta_ppl_ci95"] for c in r["curve"])]
+        return [hi - lo for lo, hi in cis]
+
+    # The width's own estimate is noisy at a handful of blocks: compare 16 with 128 (8x: about 1/sqrt(8) the width).
+    for few, many in zip(widths(16), widths(128)):
+        assert many < 0.7 * few, (few, many)
+
+
+def test_one_scored_block_has_no_interval(tokenizer, token_ids):
+    model = build_model(vocab_size=len(tokenizer))
+    lines: list[str] = []
+    results = run_sweep(cal_config(n_blocks=1), model=model, ids=token_ids, log=lines.append)
+    assert results["top1_delta_ppl_ci95"] is None
+    assert all(c["delta_ppl_ci95"] is None and c["recovered_pct_ci95"] is None for c in results["curve"])
+    assert results["verdict"]["ci95"] is None and results["verdict"]["settled"] is False
+    assert any("no confidence intervals: 1 scored block" in ln for ln in lines)
+    assert any("calibration variability not measured" in ln for ln in lines)
+
+
+def entry(d_r, recovered, ci):
+    return {"d_r": d_r, "ppl": 21.0, "recovered_pct": recovered, "recovered_pct_ci95": ci}
+
+
+@pytest.mark.parametrize("curve, draws, want", [
+    ([entry(1, 50.0, [40.0, 60.0]), entry(8, 93.0, [91.0, 95.0])], None, (True, 8, True)),
+    ([entry(1, 50.0, [40.0, 60.0]), entry(8, 93.0, [84.0, 97.0])], None, (True, 8, False)),
+    ([entry(1, 50.0, [40.0, 60.0]), entry(8, 93.0, [91.0, 95.0])], [8, 16], (True, 8, False)),
+    ([entry(1, 50.0, [40.0, 60.0]), entry(8, 93.0, [91.0, 95.0])], [8, 8], (True, 8, True)),
+    ([entry(1, 50.0, [40.0, 60.0]), entry(8, 80.0, [70.0, 89.0])], None, (False, None, True)),
+    ([entry(1, 50.0, [40.0, 60.0]), entry(8, 80.0, [70.0, 92.0])], None, (False, None, False)),
+    ([entry(1, 50.0, None), entry(8, 80.0, None)], None, (False, None, False)),
+])
+def test_verdict_carries_its_interval_and_whether_it_is_settled(curve, draws, want):
+    verdict = _verdict(curve, 20.0, 25.0, n_blocks=30, draws_d_r_min=draws)
+    assert (verdict["compressible"], verdict["d_r_min"], verdict["settled"]) == want
+    chosen = curve[1]
+    assert verdict["recovered_pct"] == chosen["recovered_pct"] and verdict["ci95"] == chosen["recovered_pct_ci95"]
+    assert verdict["draws_agree"] == (None if draws is None else len(set(draws)) == 1)
+
+
+def test_verdict_lines_say_how_sure_they_are():
+    from nqpq.sweep import verdict_lines
+
+    def lines(curve, draws=None):
+        return "\n".join(verdict_lines(_verdict(curve, 20.0, 25.0, n_blocks=30, draws_d_r_min=draws), curve, 64, 5.0))
+
+    assert "YES: d_r=8/64 recovers 93% (95% CI 91–95)" in lines([entry(8, 93.0, [91.0, 95.0])])
+    assert ("YES at d_r=8/64 (93% of the Top-1 loss), but the 95% CI (84–97) reaches below 90%: not settled at 30 "
+            "blocks") in lines([entry(8, 93.0, [84.0, 97.0])])
+    assert "calibration draws disagree (d_r_min per draw: 8, none)" in lines([entry(8, 93.0, [91.0, 95.0])], [8, None])
+    assert "settled at 30 blocks" in lines([entry(8, 80.0, [70.0, 89.0])])
+    assert "the 95% CI of d_r=8 reaches 90%: not settled" in lines([entry(8, 80.0, [70.0, 92.0])])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(calib_from="test"), r"--calib-from 'test': must be one of heldout, eval"),
+    (dict(calib_from="eval", calib_draws=2), r"--calib-draws 2: the spec's choice"),
+    (dict(calib_from="eval", calib_blocks=5), r"--calib-blocks 5: must be in 1..--n-blocks \(4\) with --calib-from"),
+    (dict(calib_draws=0), r"--calib-draws 0: must be at least 1"),
+    (dict(calib_blocks=300), r"held-out calibration \(--calib-from heldout\) needs 304 blocks of 16 text tokens "
+                             r"\(4864 tokens\): --n-blocks 4 scored, then --calib-blocks 300 x --calib-draws 1 = 300 "
+                             r"calibration blocks; the text has 4342 tokens \(271 blocks\)"),
+])
+def test_bad_calibration_settings(kw, message, tokenizer, token_ids):
+    model = build_model(vocab_size=len(tokenizer))
+    with pytest.raises(NqpqError, match=message):
+        run_sweep(cal_config(**kw), model=model, ids=token_ids, log=lambda *_: None)
+
+
+def test_calibration_on_another_text(tokenizer, token_ids, tmp_path, monkeypatch):
+    """calib_ids: the basis of blocks 0..c−1 of that text; too short a text is an error naming both counts."""
+    from nqpq import calibrate, make_blocks
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.raw").write_text("the text the ids below stand for\n")  # the path labels the run
+    model = build_model(vocab_size=len(tokenizer))
+    other = token_ids.flip(0)
+    results = run_sweep(cal_config(calib_text_file="other.raw"), model=model, ids=token_ids, calib_ids=other,
+                        log=lambda *_: None)
+    assert results["config"]["calibration"]["source"] == "text"
+    want = calibrate(model, make_blocks(other, CAL_T, CAL_C), CAL_LAYERS, backend="torch")
+    for s in results["spectrum"]:
+        assert s["r90"] == int(want.r90[s["layer"]][s["head"]])
+    with pytest.raises(NqpqError, match=r"--calib-text-file 'other.raw': --calib-blocks 2 x --calib-draws 1 = 2 "
+                                        r"calibration blocks of 16 text tokens need 32 tokens; the text has 20 tokens"):
+        run_sweep(cal_config(calib_text_file="other.raw"), model=model, ids=token_ids, calib_ids=other[:20],
+                  log=lambda *_: None)
