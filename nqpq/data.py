@@ -132,8 +132,14 @@ def unloaded_weights(model: nn.Module, info: dict) -> list[str]:
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(info.get("missing_keys") or ())
-    loaded = {p.data_ptr() for n, p in params.items() if n not in missing}
-    really_missing = sorted(k for k in missing if k not in params or params[k].data_ptr() not in loaded)
+
+    def storage(p: torch.Tensor) -> tuple:
+        # Weights offloaded by a device map sit on the meta device, where every data_ptr is 0: there, a tied weight
+        # is the same Parameter object.
+        return ("meta", id(p)) if p.is_meta else ("data", p.data_ptr())
+
+    loaded = {storage(p) for n, p in params.items() if n not in missing}
+    really_missing = sorted(k for k in missing if k not in params or storage(params[k]) not in loaded)
     problems = []
     for label, keys in (("missing", really_missing), ("unexpected", sorted(info.get("unexpected_keys") or ())),
                         ("mismatched", sorted(str(k[0]) if isinstance(k, tuple) else str(k)

@@ -304,3 +304,19 @@ def test_missing_gguf_package_named_with_the_install_command(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, package, None)  # `import gguf` now raises ImportError
     with pytest.raises(NqpqError, match=rf"needs the '{package}' package: pip install -e \"\.\[gguf\]\""):
         load_model(str(path), "cpu", torch.float32)
+
+
+def test_a_missing_weight_on_the_meta_device_is_not_taken_for_a_tied_one():
+    """Offloaded weights sit on the meta device, where every data_ptr is 0: tying is told by the Parameter itself."""
+    from conftest import tiny_config
+    from transformers import GPT2LMHeadModel
+
+    from nqpq.data import unloaded_weights
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(tiny_config())
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    info = {"missing_keys": ["lm_head.weight"]}
+    assert unloaded_weights(model, info) == []
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied, still meta
+    assert unloaded_weights(model, info) == ["1 missing (lm_head.weight)"]
