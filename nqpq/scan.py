@@ -142,6 +142,7 @@ def run_scan(
     bases = [fit_bases(model, layers, cal, {n: g.grams for n, g in eval_grams.items()}, sinks, batch_size,
                        cfg.backend, bar) for cal in calibrations]
     crystallinity = {n: acc.results() for n, acc in stats.items()}
+    means = {n: layer_means(c) for n, c in crystallinity.items()}
     timings["calibration_s"] = time.perf_counter() - t  # calibration passes, eigendecompositions, stats reduction
     indices = resample_indices(cfg.n_blocks, cfg.seed)
 
@@ -164,7 +165,7 @@ def run_scan(
             "layer": layer, "ppl_top1": ppl_from_losses(top1_losses),
             "top1_delta_ppl_ci95": delta_ppl_ci(base_losses, top1_losses, indices),
             "top1_block_losses": top1_losses.tolist(), "curve": with_draws(draws), "draws": draws,
-            "r90_mean": draws[0]["r90_mean"], "top1_prob_mean": layer_means(crystallinity[n])[layer]["top1_prob_mean"],
+            "r90_mean": draws[0]["r90_mean"], "top1_prob_mean": means[n][layer]["top1_prob_mean"],
         }
 
     per_sink = {n: [] for n in sinks}
