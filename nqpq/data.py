@@ -241,27 +241,28 @@ def load_tokenizer(name: str):
     return tok
 
 
-def open_text_file(path: str):
-    """``path`` opened for reading as UTF-8 text, or a clear ``NqpqError`` (checked before any model loads)."""
+def open_text_file(path: str, flag: str = "--text-file"):
+    """``path`` opened for reading as UTF-8 text, or a clear ``NqpqError`` naming ``flag`` (checked before any model
+    loads)."""
     try:
         return open(path, encoding="utf-8")
     except OSError as err:
-        raise NqpqError(f"Could not read --text-file {path!r}: {err}") from err
+        raise NqpqError(f"Could not read {flag} {path!r}: {err}") from err
 
 
-def rows_from_file(path: str) -> Iterator[str]:
+def rows_from_file(path: str, flag: str = "--text-file") -> Iterator[str]:
     """The lines of ``path`` with their newline, as ``datasets`` gives WikiText rows, read lazily.
 
     The same rows as ``f.read().splitlines(keepends=True)``: universal newlines first, then
     ``str.splitlines``' other line boundaries within each line.
     """
-    f = open_text_file(path)
+    f = open_text_file(path, flag)
     with f:
         try:
             for line in f:
                 yield from line.splitlines(keepends=True)
         except (OSError, UnicodeDecodeError) as err:
-            raise NqpqError(f"Could not read --text-file {path!r}: {err}") from err
+            raise NqpqError(f"Could not read {flag} {path!r}: {err}") from err
 
 
 def rows_from_hub(batch_rows: int = 1024) -> Iterator[str]:

@@ -247,10 +247,7 @@ def check_flags(cfg: SweepConfig) -> None:
     if cfg.text_file:
         open_text_file(cfg.text_file).close()
     if cfg.calib_text_file:
-        try:
-            open(cfg.calib_text_file, encoding="utf-8").close()
-        except OSError as err:
-            raise NqpqError(f"Could not read --calib-text-file {cfg.calib_text_file!r}: {err}") from err
+        open_text_file(cfg.calib_text_file, "--calib-text-file").close()
 
 
 def _check_placement_flags(cfg: SweepConfig) -> None:
@@ -334,10 +331,7 @@ def _calib_text_ids(cfg: SweepConfig, tokenizer, bos_id: int | None) -> torch.Te
     if not cfg.calib_text_file:
         return None
     needed = cfg.calib_blocks * cfg.calib_draws * text_tokens_per_block(cfg.seq_len, bos_id)
-    try:
-        return ids_for_blocks(rows_from_file(cfg.calib_text_file), tokenizer, needed)
-    except NqpqError as err:  # rows_from_file names the flag it serves by default
-        raise NqpqError(str(err).replace("--text-file", "--calib-text-file", 1)) from err
+    return ids_for_blocks(rows_from_file(cfg.calib_text_file, "--calib-text-file"), tokenizer, needed)
 
 
 def _mapped_input_device(cfg: SweepConfig, model: torch.nn.Module) -> torch.device:
