@@ -28,13 +28,13 @@ from collections.abc import Callable
 
 import torch
 
-from .calibration import GramAccumulator
-from .crystallinity import CrystallinityAccumulator, format_table, layer_means
+from .crystallinity import format_table, layer_means
 from .evaluate import PrefixRunner, ppl_from_losses
-from .integration import Observer, crystallize, observe_residuals
+from .integration import crystallize
 from .stats import delta_ppl_ci, resample_indices
 from .sweep import (
     RECOVERY_TARGET,
+    BaselineObservation,
     SweepConfig,
     _check_model_fit,
     _gather_losses,
@@ -117,13 +117,10 @@ def run_scan(
     # batches (first) also the Gram matrices; the model's own attention output is kept. Each sink
     # setting observes the same calls with its own op call.
     sinks = sink_settings(cfg)
-    eval_grams = {n: GramAccumulator() for n in sinks}
-    stats = {n: CrystallinityAccumulator(layers, parts.n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
+    watch = BaselineObservation(model, layers, parts.n_heads, sinks, cfg.backend)
 
     def observe(i: int):
-        calib = i < n_calib_batches
-        observers = [Observer(n, eval_grams[n] if calib and n in eval_grams else None, acc) for n, acc in stats.items()]
-        return observe_residuals(model, layers, None, backend=cfg.backend, observers=observers)
+        return watch.context(calib=i < n_calib_batches)
 
     t = time.perf_counter()
     with tqdm(total=n_local, desc="baseline + calibration" if eval_calib else "baseline", unit="blk", leave=False,
@@ -139,9 +136,8 @@ def run_scan(
     def bar(total: int):
         return tqdm(total=total, desc="calibration", unit="blk", leave=False, disable=not show)
 
-    bases = [fit_bases(model, layers, cal, {n: g.grams for n, g in eval_grams.items()}, sinks, batch_size,
-                       cfg.backend, bar) for cal in calibrations]
-    crystallinity = {n: acc.results() for n, acc in stats.items()}
+    bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend, bar) for cal in calibrations]
+    crystallinity = watch.crystallinity()
     means = {n: layer_means(c) for n, c in crystallinity.items()}
     timings["calibration_s"] = time.perf_counter() - t  # calibration passes, eigendecompositions, stats reduction
     indices = resample_indices(cfg.n_blocks, cfg.seed)

@@ -214,12 +214,7 @@ def check_flags(cfg: SweepConfig) -> None:
         if cfg.calib_draws != 1:
             raise NqpqError(f"--calib-draws {cfg.calib_draws}: the spec's choice (--calib-from eval) has one set of "
                             "calibration blocks, the first scored ones; draws need --calib-from heldout")
-    sinks = (cfg.sink_tokens,) if isinstance(cfg.sink_tokens, int) else tuple(cfg.sink_tokens)
-    if not sinks:
-        raise NqpqError("--sink-tokens: give at least one setting (0 is the spec)")
-    bad = [n for n in sinks if isinstance(n, bool) or not isinstance(n, int) or n < 0]
-    if bad:
-        raise NqpqError(f"--sink-tokens {bad}: each must be an int >= 0 (the first keys kept apart; 0 is the spec)")
+    sink_settings(cfg)
     if cfg.calib_blocks < 1:
         raise NqpqError(f"--calib-blocks {cfg.calib_blocks}: must be at least 1")
     if cfg.calib_draws < 1:
@@ -459,13 +454,10 @@ def run_sweep(
     # own attention output kept. Each sink setting observes the same calls with its own op call.
     t_sweep = time.perf_counter()
     sinks = sink_settings(cfg)
-    eval_grams = {n: GramAccumulator() for n in sinks}
-    stats = {n: CrystallinityAccumulator(layers, parts.n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
+    watch = BaselineObservation(model, layers, parts.n_heads, sinks, cfg.backend)
 
     def observe_calibration(i):
-        calib = i < n_calib_batches
-        observers = [Observer(n, eval_grams[n] if calib and n in eval_grams else None, acc) for n, acc in stats.items()]
-        return observe_residuals(model, layers, None, backend=cfg.backend, observers=observers)
+        return watch.context(calib=i < n_calib_batches)
 
     base_losses = timed_losses(
         "baseline_s", "baseline + calibration" if eval_calib else "baseline",
@@ -476,9 +468,9 @@ def run_sweep(
     # One basis per calibration set and sink setting; held-out and other-text sets get a pass of their own (one
     # for every sink setting), up to max(layers).
     t = time.perf_counter()
-    bases = [fit_bases(model, layers, cal, {n: g.grams for n, g in eval_grams.items()}, sinks, batch_size,
-                       cfg.backend, lambda n: bar("calibration", n)) for cal in calibrations]
-    crystallinity = {n: acc.results() for n, acc in stats.items()}
+    bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend,
+                       lambda n: bar("calibration", n)) for cal in calibrations]
+    crystallinity = watch.crystallinity()
     timings["calibration_s"] = time.perf_counter() - t
 
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
@@ -865,6 +857,31 @@ def _rank_batches(n_blocks: int, batch_size: int) -> list[torch.Tensor]:
     return _plan_batches(n_blocks, 0, batch_size)[0]
 
 
+class BaselineObservation:
+    """What the baseline pass collects on the crystallized ``layers``, for each sink setting (every setting observes
+    the same attention calls with its own op call): the crystallinity counts of every batch (also of n = 0, the
+    spec's statistics, whatever the settings) and, on the spec's calibration batches, Σ εεᵀ."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], n_heads: int, sinks: Sequence[int],
+                 backend: str) -> None:
+        self.model, self.layers, self.backend = model, layers, backend
+        self._grams = {n: GramAccumulator() for n in sinks}
+        self._stats = {n: CrystallinityAccumulator(layers, n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
+
+    def context(self, calib: bool):
+        """The observation of one batch (``calib``: it is a calibration batch of the spec's choice)."""
+        observers = [Observer(n, self._grams.get(n) if calib else None, acc) for n, acc in self._stats.items()]
+        return observe_residuals(self.model, self.layers, None, backend=self.backend, observers=observers)
+
+    def grams(self) -> dict[int, dict]:
+        """{sink setting: {layer: Σ εεᵀ}} of the calibration batches (not yet summed across ranks)."""
+        return {n: acc.grams for n, acc in self._grams.items()}
+
+    def crystallinity(self) -> dict[int, list[dict]]:
+        """{sink setting: per (layer, head) statistics}, summed across ranks (a collective)."""
+        return {n: acc.results() for n, acc in self._stats.items()}
+
+
 def fit_bases(model: torch.nn.Module, layers: Sequence[int], cal: CalibrationSet, eval_grams: dict[int, dict],
               sinks: Sequence[int], batch_size: int, backend: str,
               bar: Callable[[int], object] | None = None) -> dict[int, ResidualBasis]:
@@ -880,9 +897,15 @@ def fit_bases(model: torch.nn.Module, layers: Sequence[int], cal: CalibrationSet
 
 
 def sink_settings(cfg: SweepConfig) -> tuple[int, ...]:
-    """``cfg.sink_tokens`` as a tuple of distinct ints in the order given (the first is the headline)."""
+    """``cfg.sink_tokens`` as a tuple of distinct ints in the order given (the first is the headline); an
+    ``NqpqError`` for none, or for a value that is not an int >= 0."""
     sinks = (cfg.sink_tokens,) if isinstance(cfg.sink_tokens, int) else tuple(cfg.sink_tokens)
-    return tuple(dict.fromkeys(int(n) for n in sinks))
+    if not sinks:
+        raise NqpqError("--sink-tokens: give at least one setting (0 is the spec)")
+    bad = [n for n in sinks if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:
+        raise NqpqError(f"--sink-tokens {bad}: each must be an int >= 0 (the first keys kept apart; 0 is the spec)")
+    return tuple(dict.fromkeys(sinks))
 
 
 def curve_entry(d_r: int, losses: torch.Tensor, base_losses: torch.Tensor, top1_losses: torch.Tensor,
