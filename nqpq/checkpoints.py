@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import NqpqError, _one_line, _quiet_transformers, check_architecture, unloaded_weights
+from .data import (
+    NqpqError,
+    _one_line,
+    _quiet_transformers,
+    _transformers_version,
+    check_architecture,
+    unloaded_weights,
+)
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 INSTALL_HINT = 'pip install -e ".[gguf]"'
@@ -27,11 +34,6 @@ INSTALL_HINT = 'pip install -e ".[gguf]"'
 # (modeling_gguf_pytorch_utils.load_gguf_checkpoint): refusing them would refuse files it loads.
 _TRANSFORMERS_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
                          "minimax-m2": "minimax_m2", "t5encoder": "t5"}
-
-
-def is_gguf(name: str | os.PathLike) -> bool:
-    """Whether ``name`` names a GGUF file (by its extension: the file may not exist yet, and is then refused)."""
-    return str(name).lower().endswith(".gguf")
 
 
 def _require_gguf_packages() -> None:
@@ -127,12 +129,6 @@ def check_gguf(path: str | os.PathLike) -> str:
         raise NqpqError(f"--model {str(path)!r}: GGUF architecture {arch!r} is not supported by transformers "
                         f"{_transformers_version()}'s GGUF loader (supported: {', '.join(sorted(supported))})")
     return arch
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _folder_and_file(path: str | os.PathLike) -> tuple[str, str]:

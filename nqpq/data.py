@@ -45,6 +45,11 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
+def is_gguf(name: str | os.PathLike) -> bool:
+    """Whether ``name`` names a GGUF file (by its extension: the file may not exist yet, and is then refused)."""
+    return str(name).lower().endswith(".gguf")
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise NqpqError(f"--dtype must be one of {sorted(set(DTYPES))}, got {name!r}")
@@ -163,7 +168,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | 
     checkpoints, and checkpoints whose weights do not all load (missing, unexpected or mismatched keys),
     so a model is never run with randomly initialised weights.
     """
-    if name.lower().endswith(".gguf"):  # a GGUF file, never a hub name (nqpq.checkpoints)
+    if is_gguf(name):  # a GGUF file, never a hub name (nqpq.checkpoints)
         from .checkpoints import load_gguf
 
         if device_map is not None:
@@ -216,7 +221,7 @@ def _bare_gpt2_files(name: str) -> bool:
 
 def load_tokenizer(name: str):
     """``AutoTokenizer.from_pretrained(name)`` (no remote code), refusing empty tokenizers."""
-    if name.lower().endswith(".gguf"):  # the tokenizer stored in a GGUF file (nqpq.checkpoints)
+    if is_gguf(name):  # the tokenizer stored in a GGUF file (nqpq.checkpoints)
         from .checkpoints import load_gguf_tokenizer
 
         return load_gguf_tokenizer(name)

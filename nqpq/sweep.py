@@ -32,6 +32,7 @@ from .data import (
     demo_model,
     demo_rows,
     ids_for_blocks,
+    is_gguf,
     load_model,
     load_tokenizer,
     open_text_file,
@@ -253,7 +254,7 @@ def _check_placement_flags(cfg: SweepConfig) -> None:
         if given:
             raise NqpqError(f"{' and '.join(given)} place a model loaded with --device-map; give --device-map too")
         return
-    if str(cfg.model).lower().endswith(".gguf"):
+    if is_gguf(cfg.model):
         raise NqpqError(GGUF_DEVICE_MAP)
     if cfg.demo:
         raise NqpqError("--device-map places a checkpoint's weights as they load; --demo builds a random model in "
@@ -795,7 +796,7 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
                   bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.head_dim, random_weights=cfg.demo,
                   **geometry(parts, layers), **_versions(run.device))
     config["calibration"] = calibration_config(cfg, run)
-    from .checkpoints import gguf_file_info, is_gguf
+    from .checkpoints import gguf_file_info
 
     # A GGUF file is named by what identifies it (its hash, its quantization types), not by its path alone.
     config["checkpoint"] = gguf_file_info(cfg.model) if not cfg.demo and is_gguf(cfg.model) else None
