@@ -5,11 +5,10 @@
 # GPT-2 tokenizer). Stage time limits keep the whole call inside the device tool's 10-minute command limit.
 set -u
 OUT=${OUT:-/tmp/nqpq_gpu}
-mkdir -p "$OUT" /tmp/site
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site" OMP_NUM_THREADS=8
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" OMP_NUM_THREADS=8
 [ -f .carry/spec/exp_q03_residual.py ] && export NQPQ_SPEC="$PWD/.carry/spec/exp_q03_residual.py"
 [ -d .carry/data ] && export NQPQ_SHARED_DATA="$PWD/.carry/data"
-ln -sfn "$PWD/kernels" /tmp/site/nqpq_kernels   # the import name pip install would give kernels/
 LOG="$OUT/run.log"
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

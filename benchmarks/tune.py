@@ -4,7 +4,7 @@
     python -m benchmarks.tune --dtype bf16 --T 1024 --H 32 --Hkv 8 --D 128   # Llama-3-8B heads
 
 Prints the median time of every (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode next to
-SDPA; the winners feed ``_pick_config`` in kernels/residual_attention.py.
+SDPA; the winners feed ``_pick_config`` in nqpq_kernels/residual_attention.py.
 
     python -m benchmarks.tune --compile-only [--arch 90]
 

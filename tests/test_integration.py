@@ -394,17 +394,20 @@ def run_python(code: str, cwd) -> str:
     return result.stdout.strip()
 
 
-def test_kernel_folder_installs_as_nqpq_kernels(tmp_path):
+@pytest.mark.parametrize("where", ["elsewhere", "checkout"])
+def test_kernel_folder_installs_as_nqpq_kernels(tmp_path, where):
+    # From the checkout's root too: the current directory comes first on sys.path there, and a folder named like
+    # Hugging Face's `kernels` package (which transformers imports) would shadow it.
     out = run_python("""
         import importlib.util, pathlib
         import nqpq_kernels
         print(pathlib.Path(nqpq_kernels.__file__).resolve())
         spec = importlib.util.find_spec("kernels")
         print(None if spec is None else spec.origin)
-    """, cwd=tmp_path)
+    """, cwd=tmp_path if where == "elsewhere" else REPO)
     ours, theirs = out.splitlines()
-    assert ours == str(REPO / "kernels" / "__init__.py")
-    assert theirs == "None" or (REPO / "kernels") not in __import__("pathlib").Path(theirs).resolve().parents
+    assert ours == str(REPO / "nqpq_kernels" / "__init__.py")
+    assert theirs == "None" or REPO not in __import__("pathlib").Path(theirs).resolve().parents
 
 
 def test_nqpq_does_not_change_kernels_probe(tmp_path):
