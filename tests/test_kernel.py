@@ -17,14 +17,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-import nqpq_kernels  # noqa: E402
 from f64_reference import check_sink_against_f64  # noqa: E402
-from nqpq_kernels import residual_attention as ra_mod  # noqa: E402
-from nqpq_kernels import residual_attention_triton  # noqa: E402
 from plain_attention import GRAM_RTOL, TOL, check_against_plain, plain_scores  # noqa: E402
 
+import nqpq_kernels  # noqa: E402
 from nqpq.reference import residual_attention_reference  # noqa: E402
 from nqpq.validate import ResidualAttentionResult  # noqa: E402
+from nqpq_kernels import residual_attention as ra_mod  # noqa: E402
+from nqpq_kernels import residual_attention_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")
