@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 
-from .data import NqpqError
+from .errors import NqpqError
 
 
 def build_parser() -> argparse.ArgumentParser:

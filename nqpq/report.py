@@ -18,7 +18,7 @@ REQUIRED_KEYS = {
 
 def check_out_dir(path: str) -> None:
     """Fail before the sweep runs, not after, if ``path`` cannot hold the results."""
-    from .data import NqpqError
+    from .errors import NqpqError
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise NqpqError(f"--out {path!r} exists and is not a directory")
@@ -175,7 +175,7 @@ def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> 
 
 def load_results(out_dir: str) -> dict:
     """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys."""
-    from .data import NqpqError
+    from .errors import NqpqError
     from .scan import SCAN_FORMAT_VERSION
     from .sweep import SWEEP_FORMAT_VERSION
 
@@ -220,7 +220,7 @@ def redraw(out_dir: str, say: Callable[[str], None] = print) -> list[str]:
     Nothing is printed or written unless all of it can be: a file whose entries do not hold
     what this version writes raises ``NqpqError``.
     """
-    from .data import NqpqError
+    from .errors import NqpqError
 
     results = load_results(out_dir)
     lines: list[str] = []

