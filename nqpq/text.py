@@ -1,4 +1,5 @@
-"""The evaluation text: rows (a file, the hub's WikiText, the demo's docstrings), tokenization, BOS, the ids blocks use.
+"""The evaluation text: rows (a file, WikiText packaged or from the hub, the demo's docstrings), tokenization, BOS,
+the ids blocks use.
 
 Nothing here loads a model: ``nqpq.checkpoints`` says where models and tokenizers come from; this module turns text
 into the token ids the blocks (``nqpq.evaluate.make_blocks``) are cut from.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Iterable, Iterator
+from importlib import resources
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,12 @@ from torch import Tensor, nn
 from .errors import NqpqError
 from .hub import OFFLINE_HINT, hub_reachable
 
+# WikiText-103 raw splits shipped inside the package (nqpq/wikitext/, CC BY-SA 3.0, source and license in its
+# README.md): the same bytes as the spec's `datasets` text, on machines without the hub.
+PACKAGED_TEXTS = {"wikitext-103-valid": ("wiki.valid.raw", "WikiText-103 raw validation"),
+                  "wikitext-103-test": ("wiki.test.raw", "WikiText-103 raw test")}
+HUB_TEXT = "wikitext/wikitext-103-raw-v1 validation"
+OFFLINE_TEXT = "wikitext-103-valid"  # what a run without --text-file/--text scores when the hub is unreachable
 
 def open_text_file(path: str, flag: str = "--text-file"):
     """``path`` opened for reading as UTF-8 text, or a clear ``NqpqError`` naming ``flag`` (checked before any model
@@ -57,6 +65,44 @@ def rows_from_hub(batch_rows: int = 1024) -> Iterator[str]:
         raise NqpqError(OFFLINE_HINT.format(what="dataset", name="wikitext/wikitext-103-raw-v1", err=err)) from err
     for batch in split.iter(batch_size=batch_rows):
         yield from batch["text"]
+
+
+def packaged_text(name: str, flag: str = "--text") -> str:
+    """The path of a packaged text by name; ``NqpqError`` naming ``flag`` and the known names otherwise."""
+    if name not in PACKAGED_TEXTS:
+        raise NqpqError(f"{flag} {name!r}: nqpq ships {', '.join(PACKAGED_TEXTS)} (or give a file with "
+                        f"{flag}-file)")
+    return str(resources.files(__package__) / "wikitext" / PACKAGED_TEXTS[name][0])
+
+
+def packaged_label(name: str) -> str:
+    """How results and reports name a packaged text: its name and what it is, never a local path."""
+    return f"{name} ({PACKAGED_TEXTS[name][1]}, packaged with nqpq)"
+
+
+def text_rows(text_file: str | None, text: str | None, demo: bool) -> tuple[Iterator[str], str]:
+    """(rows, label) of the evaluation text: ``text_file``, else the packaged ``text``, else the demo's docstrings
+    with ``demo``, else the hub's WikiText-103 validation split when the hub answers and the packaged copy of the
+    same split when it does not (the label says which)."""
+    if text_file:
+        return rows_from_file(text_file), text_file
+    if text:
+        return rows_from_file(packaged_text(text), "--text"), packaged_label(text)
+    if demo:
+        return iter(demo_rows()), "standard-library docstrings (demo)"
+    if not hub_reachable():
+        return (rows_from_file(packaged_text(OFFLINE_TEXT), "--text"),
+                f"{packaged_label(OFFLINE_TEXT)}: the Hugging Face hub is unreachable")
+    return rows_from_hub(), HUB_TEXT
+
+
+def calib_text_rows(calib_text_file: str | None, calib_text: str | None) -> tuple[Iterator[str], str] | None:
+    """(rows, label) of the text the basis is fitted on instead of the evaluation text's own blocks, or None."""
+    if calib_text_file:
+        return rows_from_file(calib_text_file, "--calib-text-file"), calib_text_file
+    if calib_text:
+        return rows_from_file(packaged_text(calib_text, "--calib-text"), "--calib-text"), packaged_label(calib_text)
+    return None
 
 
 def demo_rows() -> list[str]:
