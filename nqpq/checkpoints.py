@@ -284,14 +284,16 @@ def read_gguf(path: str | os.PathLike):
 
 @dataclass(frozen=True)
 class GgufSummary:
-    """What nqpq reads of a checked GGUF file: its ``general.architecture`` and its tensors' ggml type names."""
+    """What nqpq reads of a checked GGUF file: its ``general.architecture``, its ``general.name`` (None when the file
+    names none) and its tensors' ggml type names."""
 
     architecture: str
+    name: str | None
     tensor_types: tuple[str, ...]
 
 
 def gguf_summary(path: str | os.PathLike) -> GgufSummary:
-    """``read_gguf``'s checks and the file's architecture and tensor types, read once per file version.
+    """``read_gguf``'s checks and the file's architecture, name and tensor types, read once per file version.
 
     ``GGUFReader`` parses every metadata field in Python (seconds for a 49k-token vocabulary); a sweep asks three
     times (tokenizer, model, results.json), so the answer is kept per (path, size, modification time).
@@ -301,15 +303,22 @@ def gguf_summary(path: str | os.PathLike) -> GgufSummary:
     return _summary(*key)
 
 
+def _string_field(reader, key: str) -> str | None:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    # ReaderField.contents() is gguf >= 0.11; a string field's bytes are its part at data[0] in every version.
+    return str(field.contents() if hasattr(field, "contents") else bytes(field.parts[field.data[0]]).decode("utf-8"))
+
+
 @functools.lru_cache(maxsize=8)
 def _summary(path: str, size: int, mtime_ns: int) -> GgufSummary:
     reader = read_gguf(path)
-    field = reader.get_field("general.architecture")
-    if field is None:
+    arch = _string_field(reader, "general.architecture")
+    if arch is None:
         raise NqpqError(f"--model {path!r}: the GGUF file names no general.architecture")
-    # ReaderField.contents() is gguf >= 0.11; a string field's bytes are its part at data[0] in every version.
-    arch = field.contents() if hasattr(field, "contents") else bytes(field.parts[field.data[0]]).decode("utf-8")
-    return GgufSummary(str(arch), tuple(sorted({t.tensor_type.name for t in reader.tensors})))
+    return GgufSummary(arch, _string_field(reader, "general.name"),
+                       tuple(sorted({t.tensor_type.name for t in reader.tensors})))
 
 
 def check_gguf(path: str | os.PathLike) -> str:
@@ -397,11 +406,23 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def gguf_file_info(path: str | os.PathLike) -> dict:
-    """What results.json records of a GGUF checkpoint: ``{"file", "size_bytes", "sha256", "quantization_types"}``.
+def gguf_file_info(path: str | os.PathLike, registry_name: str | None = None) -> dict:
+    """What results.json records of a GGUF checkpoint, never its local path: ``{"name", "registry_name", "file",
+    "size_bytes", "sha256", "quantization_types"}``.
 
-    ``quantization_types`` are the sorted ggml type names of its tensors (e.g. ``["F32", "Q4_1", "Q8_0"]``).
+    ``name`` is the file's own ``general.name`` (None when it names none), ``registry_name`` the ``--model`` name it
+    was fetched by (``nqpq.registry``; None for a file given by path), ``quantization_types`` the sorted ggml type
+    names of its tensors (e.g. ``["F32", "Q4_1", "Q8_0"]``).
     """
-    types = list(gguf_summary(path).tensor_types)
-    return {"file": Path(path).name, "size_bytes": Path(path).stat().st_size, "sha256": sha256_of(path),
-            "quantization_types": types}
+    summary = gguf_summary(path)
+    return {"name": summary.name, "registry_name": registry_name, "file": Path(path).name,
+            "size_bytes": Path(path).stat().st_size, "sha256": sha256_of(path),
+            "quantization_types": list(summary.tensor_types)}
+
+
+def gguf_label(info: dict) -> str:
+    """How reports and plot titles name a GGUF checkpoint (``gguf_file_info``'s record): what it is, its registry
+    name, its file and the start of its sha256, e.g. ``Gemma 3 270m (gemma3-270m: gemma-3-270m-q4_k_m.gguf,
+    sha256 a5fd3b62230a)``."""
+    where = f"{info['registry_name']}: {info['file']}" if info.get("registry_name") else info["file"]
+    return f"{info.get('name') or info['file']} ({where}, sha256 {info['sha256'][:12]})"

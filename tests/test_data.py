@@ -212,12 +212,15 @@ def test_bare_gpt2_tokenizer_files_load(shared_data):
 # --- GGUF files (nqpq.checkpoints): refused before anything is built, never taken for a hub name ---
 
 
-def write_gguf(path: Path, arch: str, n_floats: int = 4096) -> Path:
-    """A small, well-formed GGUF file (gguf's own writer) naming ``arch``, holding one F32 tensor."""
+def write_gguf(path: Path, arch: str, n_floats: int = 4096, name: str | None = None) -> Path:
+    """A small, well-formed GGUF file (gguf's own writer) naming ``arch`` (and ``general.name``), holding one F32
+    tensor."""
     import numpy as np
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), arch=arch)
+    if name is not None:
+        writer.add_name(name)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.arange(n_floats, dtype=np.float32).reshape(-1, 64))
     writer.write_header_to_file()
@@ -276,12 +279,18 @@ def test_gguf_file_info(tmp_path):
     """results.json's record of a GGUF file: its name, size, sha256 and tensor types, from the file itself."""
     import hashlib
 
-    from nqpq.checkpoints import gguf_file_info
+    from nqpq.checkpoints import gguf_file_info, gguf_label
 
     path = write_gguf(tmp_path / "tiny.gguf", "llama")
-    assert gguf_file_info(path) == {"file": "tiny.gguf", "size_bytes": path.stat().st_size,
-                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                                    "quantization_types": ["F32"]}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert gguf_file_info(path) == {"name": None, "registry_name": None, "file": "tiny.gguf",
+                                    "size_bytes": path.stat().st_size, "sha256": digest, "quantization_types": ["F32"]}
+    assert gguf_label(gguf_file_info(path)) == f"tiny.gguf (tiny.gguf, sha256 {digest[:12]})"
+    named = write_gguf(tmp_path / "named.gguf", "llama", name="Tiny Llama 1K")
+    info = gguf_file_info(named, registry_name="tiny-1k")
+    assert info["name"] == "Tiny Llama 1K" and info["registry_name"] == "tiny-1k"
+    assert gguf_label(info) == f"Tiny Llama 1K (tiny-1k: named.gguf, sha256 {info['sha256'][:12]})"
+    assert str(tmp_path) not in f"{info} {gguf_label(info)}"  # never the local path
 
 
 def test_bad_gguf_refused_by_the_cli_before_writing(tmp_path, capsys, saved_model):

