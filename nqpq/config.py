@@ -92,7 +92,7 @@ def check_flags(cfg: SweepConfig) -> None:
     parse_dtype(cfg.dtype)
     if cfg.device is not None and not _DEVICE_RE.fullmatch(str(cfg.device)):
         raise NqpqError(f"--device {cfg.device!r}: nqpq runs on cpu, cuda or cuda:N")
-    check_placement_flags(cfg)
+    _check_placement_flags(cfg)
     if cfg.layers is not None:
         if not cfg.layers:
             raise NqpqError("--layers: choose at least one layer")
@@ -111,7 +111,7 @@ def check_flags(cfg: SweepConfig) -> None:
         open_text_file(cfg.calib_text_file, "--calib-text-file").close()
 
 
-def check_placement_flags(cfg: SweepConfig) -> None:
+def _check_placement_flags(cfg: SweepConfig) -> None:
     """``--device-map``, ``--max-memory``, ``--offload-folder``: parsed and checked before any model loads."""
     if cfg.device_map is None:
         given = [flag for flag, value in (("--max-memory", cfg.max_memory), ("--offload-folder", cfg.offload_folder))
