@@ -146,9 +146,9 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
     with where the basis was fitted, the 95 % intervals, the calibration draws and how settled the verdict is."""
     cfg = results["config"]
     d_head, ppl_fp = cfg["d_head"], results["ppl_baseline"]
-    say(f" model: {cfg['model']}")
     if "family" in cfg:
-        say(f" geometry: {describe_geometry(cfg)}")
+        say(f" model: {describe_geometry(cfg)}")
+    say(f" checkpoint: {cfg['model']}")
     if "text_source" in cfg:
         say(f" text: {cfg['text_source']}")
     say(f" blocks: {describe_blocks(cfg)}")
