@@ -161,7 +161,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | 
     except (OSError, ValueError) as err:
         if not local and is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="model", name=name, err=one_line(err))) from err
-        raise NqpqError(f"Could not load the model from {name!r}: {one_line(err)}") from err
+        raise NqpqError(f"Could not load the model from {name!r}: {one_line(err)}{_names_hint(name)}") from err
     except (SafetensorError, RuntimeError, KeyError) as err:  # truncated/corrupt weights, shape mismatches
         raise NqpqError(f"Could not load the model from {name!r}: {type(err).__name__}: {one_line(err)}") from err
     problems = unloaded_weights(model, info)
@@ -169,6 +169,13 @@ def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | 
         raise NqpqError(f"--model {name!r}: the checkpoint does not fit {type(model).__name__}: "
                         f"{'; '.join(problems)}. Refusing to run with randomly initialised weights.")
     return (model if device_map is not None else model.to(device)).eval()
+
+
+def _names_hint(name: str) -> str:
+    """For a name that is no local folder: the names nqpq fetches itself (a mistyped one lands here)."""
+    from .registry import MODELS
+
+    return "" if os.path.exists(name) else f" (nqpq fetches {', '.join(MODELS)} by name: nqpq models)"
 
 
 def _bare_gpt2_files(name: str) -> bool:
@@ -196,7 +203,7 @@ def load_tokenizer(name: str):
     except (OSError, ValueError, KeyError) as err:
         if not os.path.isdir(name) and is_offline_error(err):
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err=one_line(err))) from err
-        raise NqpqError(f"Could not load a tokenizer from {name!r}: {one_line(err)}") from err
+        raise NqpqError(f"Could not load a tokenizer from {name!r}: {one_line(err)}{_names_hint(name)}") from err
     if len(tok) <= 1:
         if not os.path.isdir(name):  # transformers 5 returns an empty tokenizer for an unreachable hub name
             raise NqpqError(OFFLINE_HINT.format(what="tokenizer", name=name, err="no tokenizer files found"))

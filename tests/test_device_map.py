@@ -19,8 +19,8 @@ from test_sweep import save_family, tiny_llama
 from nqpq.batching import default_batch_size
 from nqpq.cli import main
 from nqpq.config import SweepConfig
-from nqpq.errors import NqpqError
 from nqpq.devices import execution_device, input_device, parse_max_memory
+from nqpq.errors import NqpqError
 from nqpq.sweep import run_sweep
 
 GIB = 1 << 30
