@@ -38,4 +38,4 @@ run "sinks-$N_BLOCKS-heldout" sweep --text wikitext-103-valid --n-blocks "$N_BLO
 # shellcheck disable=SC2086
 run "scan-$SCAN_BLOCKS" scan --text wikitext-103-valid --n-blocks "$SCAN_BLOCKS" --d-r $SCAN_D_R
 mv "$OUT/times.tsv.part" "$OUT/times.tsv"
-python3 -m benchmarks.models_table "$OUT/sinks-$N_BLOCKS-heldout"
+python3 -m benchmarks.models_table "$OUT/sinks-$N_BLOCKS-heldout" --scan "$OUT/scan-$SCAN_BLOCKS"

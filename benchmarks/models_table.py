@@ -6,7 +6,8 @@
 One row per run and sink setting: the model, the scored blocks (every interval below is over them), baseline PPL,
 top-1 ΔPPL, the best d_r and what it recovers, the residual's mean 90 %-variance rank, the sink share (fraction of
 the crystallized layers' rows whose argmax is the block's first key: BOS where the tokenizer puts one first), and
-the verdict. Reads only what nqpq wrote (no model, no recomputation); prints Markdown.
+the verdict. With ``--scan DIR``, also the per-layer table of an ``nqpq scan`` run. Reads only what nqpq wrote (no
+model, no recomputation); prints Markdown.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.smollm2_table import scan_table
 from nqpq.report import verdict_summary
 
 
@@ -55,12 +57,16 @@ def rows(run_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="sweep output folders (each with results.json)")
+    parser.add_argument("--scan", default=None, metavar="DIR", help="also the per-layer table of this scan's output")
     args = parser.parse_args(argv)
     lines = ["| model | scored blocks | sink tokens n | baseline PPL | top-1 ΔPPL (95 % CI) "
              "| best d_r recovers (95 % CI) | mean r90 of ε | sink share | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for d in args.dirs:
         lines += rows(Path(d))
+    if args.scan:
+        scan = Path(args.scan)
+        lines += ["", *scan_table(scan.parent, scan.name)]
     print("\n".join(lines))
     return 0
 
