@@ -69,3 +69,23 @@ def test_calibration_text_by_name_or_file(tmp_path):
 def test_unknown_text_name_lists_the_known_ones():
     with pytest.raises(NqpqError, match=r"^--text 'wikitext-2': nqpq ships wikitext-103-valid, wikitext-103-test"):
         text.packaged_text("wikitext-2")
+
+
+def test_a_sweep_on_the_packaged_texts_equals_one_on_their_files(saved_model, shared_data):
+    """--text / --calib-text read the same bytes as --text-file / --calib-text-file on ../shared's copies: the same
+    results, number for number; results.json names the packaged texts, not a path."""
+    from nqpq import SweepConfig, run_sweep
+
+    model_dir, _ = saved_model
+    common = dict(model=str(model_dir), layers=[3], d_r=[2], n_blocks=2, seq_len=16, calib_blocks=1, device="cpu",
+                  batch_size=2, progress=False)
+    by_name = run_sweep(SweepConfig(**common, text="wikitext-103-valid", calib_text="wikitext-103-test"),
+                        log=lambda line: None)
+    by_file = run_sweep(SweepConfig(**common, text_file=str(shared_data / "wiki.valid.raw"),
+                                    calib_text_file=str(shared_data / "wiki.test.raw")), log=lambda line: None)
+    for key in ("ppl_baseline", "ppl_top1", "ppl_full", "curve", "spectrum", "block_losses"):
+        assert by_name[key] == by_file[key], key
+    cfg = by_name["config"]
+    assert cfg["text_source"] == "wikitext-103-valid (WikiText-103 raw validation, packaged with nqpq)"
+    assert cfg["calibration"]["source"] == "text"
+    assert cfg["calibration"]["text"] == "wikitext-103-test (WikiText-103 raw test, packaged with nqpq)"
