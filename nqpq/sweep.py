@@ -47,7 +47,6 @@ from .crystallinity import CrystallinityAccumulator
 from .devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
 from .errors import NqpqError
 from .evaluate import PrefixRunner, make_blocks, ppl_from_losses, text_tokens_per_block
-from .fetch import model_file
 from .integration import Observer, crystallize, observe_residuals
 from .registry import is_registry_name
 from .report import SWEEP_FORMAT_VERSION, print_sweep_report
@@ -87,6 +86,10 @@ def _load(cfg: SweepConfig, device: str, dtype: torch.dtype, say: Callable[[str]
         tok_name = cfg.tokenizer or "utf-8 bytes"
         path = None
     else:
+        # Imported here: `python -m nqpq.fetch` runs that module as __main__, and importing the package must not
+        # have imported it first (runpy warns, and there would be two copies).
+        from .fetch import model_file
+
         path = model_file(cfg.model, say)
         if is_gguf(path):  # named by what it is, its file and its hash, never by where it lies
             checkpoint = gguf_file_info(path, cfg.model if is_registry_name(cfg.model) else None)
