@@ -3,7 +3,13 @@
 The model under test is copied to float64, and its attention runs through a function registered here
 that computes every (batch, query head) with its own loop: masked scaled scores, softmax, i* = the
 first index of the maximal score, the top-1 probability max_j p[j], ε = p @ V − V[i*], and, on the one
-crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used. With
+crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used.
+The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a
+sliding window the layer passes is applied; a learned sink (``s_aux``, one logit s_h per head) is a key every
+row sees with logit s_h and value zero: p is the softmax over the visible scores and s_h, m_L = p_sink, and
+the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink tokens), the
+statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
+half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
 ``sink_tokens = n > 0`` the ground state is Σ_{j<n} p_j V_j + (1 − Σ_{j<n} p_j) V[i*ᴿ] (i*ᴿ the first maximum
 over j >= n; ctx on rows t < n) in place of V[i*], and the statistics are those of i*ᴿ and p[i*ᴿ].
 
@@ -29,41 +35,63 @@ VARIANCE_TARGET = 0.90
 
 def _f64_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     ref: F64Reference = module._nqpq_f64
-    B, Hq, T, D = query.shape
+    B, Hq, T, Dqk = query.shape
+    Dv = value.shape[-1]  # multi-head latent attention: v narrower than q/k
     group = Hq // key.shape[1]  # query head h reads kv head h // group (transformers' repeat_kv order)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    window = kwargs.get("sliding_window")
+    i = torch.arange(T)
+    visible = i[:, None] >= i[None, :]
+    if window is not None:
+        visible &= (i[:, None] - i[None, :]) < window
     if attention_mask is not None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        assert torch.equal(allowed, causal.expand_as(allowed)), "the reference handles plain causal masks only"
+        assert torch.equal(allowed, visible.expand_as(allowed)), "the reference handles plain causal masks only"
+    indices = kwargs.get("indices")  # DeepSeek V3.2's sparse selection: here it must select every key
+    assert indices is None or indices.shape[-1] >= T, "the reference handles dense attention only"
+    learned = kwargs.get("s_aux")  # [Hq] learned sink logits (gpt-oss), or None
     layer = module.layer_idx
+    # DiffLlama calls the function twice per forward with the same q and k (once per half of V): one softmax, so
+    # its rows are counted once in the statistics, while each call's ε (its half of V) joins the Gram.
+    repeat = getattr(module, "_nqpq_f64_last", (None, None))
+    repeat = repeat[0] is query and repeat[1] is key
+    module._nqpq_f64_last = (query, key)
     mode, P = ref.crystal.get(layer, (None, None))
-    out = torch.empty(B, T, Hq, D, dtype=torch.float64)
+    out = torch.empty(B, T, Hq, Dv, dtype=torch.float64)
     probs = torch.empty(B, Hq, T, T, dtype=torch.float64)
     for b in range(B):
         for h in range(Hq):
             q, k, v = query[b, h].double(), key[b, h // group].double(), value[b, h // group].double()
-            s = (q @ k.T * scaling).masked_fill(~causal, -math.inf)
-            p = torch.softmax(s, dim=-1)
+            s = (q @ k.T * scaling).masked_fill(~visible, -math.inf)
+            if learned is None:
+                p = torch.softmax(s, dim=-1)
+                m_l = torch.zeros(T, dtype=torch.float64)
+            else:  # a key every row sees, with logit s_h and value zero: it joins the softmax, not ctx
+                both = torch.softmax(torch.cat([s, learned[h].double().expand(T, 1)], dim=-1), dim=-1)
+                p, m_l = both[:, :T], both[:, T]
             n = ref.sink_tokens
             ctx = p @ v
             if n == 0:
-                i_star = s.argmax(dim=-1)  # first index of the max score
-                v_star = v[i_star]
-                mass = torch.zeros(T, dtype=torch.float64)
+                i_star = s.argmax(dim=-1)  # first index of the max score (real keys only)
+                v_star = (1 - m_l)[:, None] * v[i_star]
+                mass = m_l.clone()
             else:  # the sink kept apart: the winner among keys j >= n; rows t < n see only the sink
                 i_star = torch.cat([s[:n].argmax(dim=-1), n + s[n:, n:].argmax(dim=-1)])
-                mass = p[:, :n].sum(dim=-1)
+                mass = p[:, :n].sum(dim=-1) + m_l
                 v_star = p[:, :n] @ v[:n] + (1 - mass)[:, None] * v[i_star]
                 v_star[:n] = ctx[:n]
                 mass[:n] = 1.0
             eps = ctx - v_star
+            if mode is not None and not repeat:
+                top = s[1:].topk(2, dim=-1).values  # row 0 sees one key: its argmax cannot flip
+                ref.crystal_gaps.append(((top[:, 0] - top[:, 1]).min() / s[visible].abs().max()).item())
             if layer in ref.observed:
                 # Conditioning: the top-2 score gap relative to the scores' size (rounding is relative).
                 top = s[1:].topk(2, dim=-1).values  # row 0 sees one key: its argmax cannot flip
-                ref.gaps.append(((top[:, 0] - top[:, 1]).min() / s[causal].abs().max()).item())
-                ref.stats.setdefault(layer, []).append((h, i_star, p.gather(-1, i_star[:, None])[:, 0], mass))
+                ref.gaps.append(((top[:, 0] - top[:, 1]).min() / s[visible].abs().max()).item())
+                if not repeat:
+                    ref.stats.setdefault(layer, []).append((h, i_star, p.gather(-1, i_star[:, None])[:, 0], mass))
                 if ref.grams is not None:
-                    g = ref.grams.setdefault(layer, torch.zeros(Hq, D, D, dtype=torch.float64))
+                    g = ref.grams.setdefault(layer, torch.zeros(Hq, Dv, Dv, dtype=torch.float64))
                     g[h] += eps.T @ eps
             if mode is None:
                 o = ctx
@@ -92,6 +120,7 @@ class F64Reference:
         self.grams: dict[int, torch.Tensor] | None = None
         self.stats: dict[int, list] = {}
         self.gaps: list[float] = []  # per observed call: min top-2 score gap / max |score|
+        self.crystal_gaps: list[float] = []  # the same, per (batch, head) of every crystallized call
         self.sink_tokens = 0  # keys j < sink_tokens kept exactly in the ground state (0: the spec's V[i*])
 
     @torch.no_grad()
