@@ -222,8 +222,13 @@ class SinkPlain(NamedTuple):
 
 
 def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
-               idx=None) -> SinkPlain:
+               idx=None, learned_sink=None) -> SinkPlain:
     """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
+
+    v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq]
+    logits): a key every row sees with that raw logit and a zero value; p = softmax over the visible scores and
+    the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
+    (1 − m_S − m_L) V[i*ᴿ], sink_mass = m_S + m_L; a NaN or +inf logit makes the row non-finite.
 
     Per row t: visible keys j <= t (and j > t − w with a window); S = visible j < n, R = visible j >= n;
     p = softmax over all visible scores; i*ᴿ = first index of the largest score over R; ground = Σ_S p_j V_j
@@ -231,9 +236,10 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     score or a ±inf best score is non-finite: NaN out, argmax −1, NaN top1_prob and sink_mass. ``idx``
     overrides the argmax (to follow another backend on near-ties). Nothing of nqpq is used.
     """
-    B, Hq, T, D = q.shape
+    B, Hq, T, Dqk = q.shape
+    D = v.shape[-1]
     G = Hq // k.shape[1]
-    scale = D**-0.5 if scale is None else scale
+    scale = Dqk**-0.5 if scale is None else scale
     n = sink_tokens
     nan = float("nan")
     out = torch.empty(B, Hq, T, D, dtype=torch.float64)
@@ -255,12 +261,18 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
                 scores[b, h, t, js] = s
-                if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())):
+                sink = None if learned_sink is None else learned_sink[h].double().cpu().reshape(1)
+                sink_bad = sink is not None and not bool(sink[0] < math.inf)
+                if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
                     bad[b, h, t] = True
                     out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t], gap[b, h, t] = nan, -1, nan, nan, nan
                     gram[h] = nan
                     continue
-                p = torch.softmax(s, dim=0)
+                if sink is None:
+                    p, m_l = torch.softmax(s, dim=0), 0.0
+                else:  # the learned sink's column, softmaxed with the scores, then dropped
+                    p_all = torch.softmax(torch.cat([s, sink]), dim=0)
+                    p, m_l = p_all[:-1], p_all[-1]
                 ctx = p @ vv[js]
                 in_s, in_r = js < n, js >= n
                 r_finite = bool(torch.isfinite(s[in_r]).any())
@@ -272,7 +284,7 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 if idx is not None:
                     pick = int(torch.nonzero(js == int(idx[b, h, t]))[0])
                 if r_finite:
-                    m_s = p[in_s].sum()
+                    m_s = p[in_s].sum() + m_l  # all the mass kept apart
                     ground = p[in_s] @ vv[js[in_s]] + (1.0 - m_s) * vv[js[pick]]
                 else:
                     ground, m_s = ctx, 1.0
@@ -301,7 +313,8 @@ SINK_CLEAR_GAP = 1e-3  # float64 top-2 gap above which the argmax must match exa
 
 
 def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None,
-                           softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9) -> SinkPlain:
+                           softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9,
+                           learned_sink=None) -> SinkPlain:
     """Compare a ResidualAttentionResult (argmax, top1_prob and sink_mass asked for) with ``sink_plain``.
 
     The argmax must equal float64's on every row whose top-2 gap (over the keys it is taken over) exceeds
@@ -312,7 +325,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     dtype = q.dtype
     T = q.shape[2]
     kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
-              sink_tokens=sink_tokens)
+              sink_tokens=sink_tokens, learned_sink=learned_sink)
     first = sink_plain(q, k, v, mode, **kw)
     idx = res.argmax.cpu()
     ok = ~first.bad
@@ -330,7 +343,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     assert bool((s_at[ok] >= s_best[ok] - SINK_CLEAR_GAP).all()), "argmax is not a near-maximum"
     want = sink_plain(q, k, v, mode, idx=idx, **kw)
     out = res.out.transpose(1, 2) if out_layout == "bthd" else res.out
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
     torch.testing.assert_close(out.double().cpu(), want.out, **SINK_TOL[dtype], check_dtype=False, equal_nan=True)
     assert res.top1_prob.dtype == torch.float32 and res.sink_mass.dtype == torch.float32
     for name in ("top1_prob", "sink_mass"):
