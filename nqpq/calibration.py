@@ -170,12 +170,12 @@ def reduce_grams(grams: dict[int, Tensor], layers: Sequence[int], model: torch.n
     layers in the same order.
     """
     parts = model_parts(model)
-    D = parts.head_dim
     out = {}
     for li in layers:
         g = grams.get(li)
         if g is None:
             device = float64_device(execution_device(parts.attn[li]))
-            g = torch.zeros(parts.n_heads, D, D, dtype=torch.float64, device=device)
+            geo = parts.geometry[li]  # the Gram lives in value space: [Hq, D_v, D_v]
+            g = torch.zeros(geo.n_heads, geo.v_dim, geo.v_dim, dtype=torch.float64, device=device)
         out[li] = all_reduce_sum(g)
     return out

@@ -48,29 +48,26 @@ STAT_KEYS = ("top1_prob_mean", "sink_frac", "self_frac", "prev_frac", "sink_mass
 class CrystallinityAccumulator:
     """Per-(layer, head) sums of the top-1 probability and of the sink/self/prev counts.
 
-    ``layers``: the layers that will be observed; ``n_heads``: query heads per layer, one int for every layer
-    or a mapping layer → int (models whose layers differ). Both are fixed up front so that every rank of a
-    torchrun job (even one given no blocks) reduces tensors of the same shape.
+    ``layers``: the layers that will be observed; ``n_heads``: query heads per layer (one int for all, or a
+    mapping layer → heads where layers differ: dots3).
+    Both are fixed up front so that every rank of a torchrun job (even one given no
+    blocks) reduces tensors of the same shape.
     """
 
     def __init__(self, layers: Sequence[int], n_heads: int | Mapping[int, int], sink_tokens: int = 0) -> None:
         layers = sorted(set(int(li) for li in layers))
         if not layers:
             raise ValueError("CrystallinityAccumulator needs at least one layer")
-        per_layer = n_heads if isinstance(n_heads, Mapping) else dict.fromkeys(layers, n_heads)
-        missing = [li for li in layers if li not in per_layer]
-        if missing:
-            raise ValueError(f"n_heads gives no head count for layers {missing}")
-        for h in (per_layer[li] for li in layers):
+        heads = {li: n_heads[li] if isinstance(n_heads, Mapping) else n_heads for li in layers}
+        for h in heads.values():
             if isinstance(h, bool) or not isinstance(h, int) or h < 1:
                 raise ValueError(f"n_heads must be a positive int, got {h!r}")
         self.layers = layers
-        self.heads = {li: per_layer[li] for li in layers}
-        self.n_heads = n_heads if not isinstance(n_heads, Mapping) else max(self.heads.values())
+        self.n_heads = heads  # layer → query heads
         self.sink_tokens = sink_tokens  # the op's sink_tokens for the calls this accumulator is fed
         # One row per layer: [H, 8] = Σ top1_prob, #sink, #self, #prev, #rows, Σ sink mass, Σ winner share,
         # #rows with a key beyond the sink (float64: counts are exact to 2^53).
-        self._sums = {li: torch.zeros(self.heads[li], 8, dtype=torch.float64) for li in layers}
+        self._sums = {li: torch.zeros(heads[li], 8, dtype=torch.float64) for li in layers}
 
     def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None) -> None:
         """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]`` and,
@@ -82,8 +79,8 @@ class CrystallinityAccumulator:
         for name, t in (("argmax", argmax), ("top1_prob", top1_prob)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 3 or t.shape[1] != self.heads[layer]:
-                raise ValueError(f"{name} must be [B, Hq={self.heads[layer]}, T], got shape {tuple(t.shape)}")
+            if t.dim() != 3 or t.shape[1] != self.n_heads[layer]:
+                raise ValueError(f"{name} must be [B, Hq={self.n_heads[layer]}, T], got shape {tuple(t.shape)}")
         if argmax.shape != top1_prob.shape:
             raise ValueError(
                 f"argmax and top1_prob must have one shape, got {tuple(argmax.shape)} and {tuple(top1_prob.shape)}"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .devices import execution_device, input_device, weights_on_device
-from .models import ModelParts, UnsupportedModelError, as_index, model_parts
+from .models import ModelParts, UnsupportedModelError, after_layers, as_index, model_parts
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
 # never materialises [batch, T, vocab] at once.
@@ -184,10 +184,12 @@ class PrefixRunner:
 
     ``capture_baseline`` runs the untouched model once per batch and records the hidden states entering
     each start layer, together with the exact arguments the model hands each layer from the lowest start
-    up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks). It
-    returns the baseline losses. ``losses(start=s)`` then replays only layers ``s..`` + final norm + LM head
-    from that record, under whatever crystallization is active: the same computation as a full forward
-    pass, without the unchanged lower layers.
+    up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks; a hybrid
+    hands its linear-attention or SSM layers their own). It returns the baseline losses. ``losses(start=s)``
+    then replays only layers ``s..`` (every one, attention or not, from its own start, without a cache) + what
+    the body applies after its last layer (``nqpq.models.after_layers``: found from the baseline pass) + LM head
+    from that record, under whatever crystallization is active: the same computation as a full forward pass,
+    without the unchanged lower layers.
 
     Memory: layer arguments equal across batches of one shape (the masks, the rotary tables) are kept
     once, not once per batch. Recorded hidden states stay on the device up to ``record_budget`` bytes
@@ -228,6 +230,7 @@ class PrefixRunner:
         self._hidden: list[dict[int, Tensor]] = []  # per batch: start layer → hidden state entering it
         self._args: list[list[tuple[bool, tuple, dict]]] = []  # per batch, per layer from self.start
         self._shared: dict[tuple, list[list[tuple[bool, tuple, dict]]]] = {}  # batch shape → distinct records
+        self._after = None  # what the body applies after its last layer, found by the first baseline batch
 
     def _budget(self, device: torch.device) -> int:
         if self.record_budget is not None:
@@ -272,8 +275,14 @@ class PrefixRunner:
                 seen[index] = (positional, hidden, tuple(args[1:]), kwargs)
             return hook
 
+        last_out: list[Tensor] = []
+
+        def keep_last(module, args, kwargs, out):
+            last_out[:] = [out[0] if isinstance(out, tuple) else out]
+
         handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
                    for i in range(self.start, self.parts.n_layers)]
+        handles.append(layers[-1].register_forward_hook(keep_last, with_kwargs=True))
         budgets: dict[torch.device, int] = {}
         on_device: dict[torch.device, int] = {}
         losses = []
@@ -282,6 +291,9 @@ class PrefixRunner:
                 batch = self.blocks[sl].to(self.device)
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
                     hidden = self.parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
+                if self._after is None:
+                    self._after = after_layers(self.parts, last_out[0], hidden)
+                last_out.clear()
                 losses.append(head_losses(self.model, hidden, batch, self.parts))
                 moved: dict = {}  # one copy per (tensor, device): the layers share one mask object
                 layer_args = [(seen[j][0], _to_device(seen[j][2], self._layer_device[j], moved),
@@ -311,15 +323,17 @@ class PrefixRunner:
 
     @torch.no_grad()
     def upper_hidden(self, i: int, start: int | None = None) -> Tensor:
-        """Final hidden states (layers ``start..`` + final norm) of batch ``i``."""
+        """Final hidden states (layers ``start..`` + what the body applies after them) of batch ``i``."""
         start = self._check_start(start)
+        if self._after is None:
+            raise RuntimeError("PrefixRunner.capture_baseline must run before the replay")
         hidden = self._hidden[i][start].to(self._layer_device[start], non_blocking=True)
         for j in range(start, self.parts.n_layers):
             positional, rest, kwargs = self._args[i][j - self.start]
             layer = self.parts.layers[j]
             out = layer(hidden, *rest, **kwargs) if positional else layer(hidden_states=hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.parts.final_norm(hidden)
+        return self._after(hidden)
 
     @torch.no_grad()
     def losses(self, progress=None, start: int | None = None) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .devices import execution_device
-from .models import UnsupportedModelError, as_index, model_parts
+from .models import LayerGeometry, ModelParts, UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
 from .reference import visible_keys
 from .validate import MODES, check_choice
@@ -280,18 +280,20 @@ def crystallize_layers(
     bad = [li for li in layers if not 0 <= li < parts.n_layers]
     if bad:
         raise ValueError(f"layer index {bad[0]} out of range: the model has layers 0..{parts.n_layers - 1}")
+    parts.check_attention_layers(layers)
     if len(set(layers)) != len(layers):
         raise ValueError(f"layer indices repeat: {layers}")
-    Hq, D = parts.n_heads, parts.head_dim
+    _check_geometry(parts, layers)
     if mode == "lowrank":
         if d_r is not None:
             d_r = as_index(d_r, "d_r")
+        D = parts.smallest("v_dim", layers)
         if d_r is None or not 0 <= d_r <= D:
             raise ValueError(f"d_r must be an int in 0..{D} (the head dimension), got {d_r!r}")
         missing = [li for li in layers if basis is None or li not in basis]
         if missing:
             raise ValueError(f"mode='lowrank' needs a residual basis for layers {missing}")
-    if any(hasattr(a, _SPEC_ATTR) for a in parts.attn):
+    if any(hasattr(a, _SPEC_ATTR) for a in parts.attn.values()):
         raise RuntimeError("this model is already crystallized; leave the current context first")
     n_sink = check_sink_tokens(sink_tokens)
     watchers = tuple(observers)
@@ -312,7 +314,9 @@ def crystallize_layers(
         # Each layer computes on its own device under a device map (nqpq.devices): its basis lives there and
         # its backend is resolved for it (a map over cuda and cpu runs the kernel on one, the reference on the other).
         device = execution_device(parts.attn[li])
-        backend_name = resolve_backend(backend, device.type, D)
+        geo = parts.geometry[li]
+        Hq, D = geo.n_heads, geo.v_dim
+        backend_name = _layer_backend(backend, device.type, geo)
         layer_basis = None
         if mode == "lowrank":
             if not isinstance(basis[li], Tensor):
@@ -342,9 +346,31 @@ def crystallize_layers(
     return patch
 
 
+def _layer_backend(backend: str, device_type: str, geo: LayerGeometry) -> str:
+    """The backend for one layer: the kernel only where it takes both its widths (q/k and v)."""
+    names = {resolve_backend(backend, device_type, geo.qk_dim), resolve_backend(backend, device_type, geo.v_dim)}
+    return "torch" if "torch" in names else names.pop()
+
+
+def _check_geometry(parts: ModelParts, layers: Sequence[int]) -> None:
+    """Refuse, by name, the attention features the op does not compute yet."""
+    for li in layers:
+        geo = parts.geometry[li]
+        if geo.qk_dim != geo.v_dim:
+            raise UnsupportedModelError(
+                f"{parts.family}: layer {li}'s attention has q/k heads of width {geo.qk_dim} and v heads of width "
+                f"{geo.v_dim} (multi-head latent attention); nqpq needs one head dimension shared by q, k and v"
+            )
+        if geo.learned_sink:
+            raise UnsupportedModelError(
+                f"{parts.family}: layer {li}'s attention adds a learned sink logit per head (s_aux), which "
+                "crystallized attention does not implement"
+            )
+
+
 def uncrystallize(patch: Crystallization) -> None:
     """Restore the model exactly: each crystallized module's own config back, no layer specs left."""
-    for attn in model_parts(patch.model).attn:
+    for attn in model_parts(patch.model).attn.values():
         spec = getattr(attn, _SPEC_ATTR, None)
         if spec is not None:
             attn.config = spec.config

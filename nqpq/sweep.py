@@ -147,7 +147,7 @@ def batch_bytes_per_block(parts, hidden: int, seq_len: int, dtype: torch.dtype) 
     - the kernel's Gram partials: [Hq · ⌈T/16⌉, D, D] fp32 (the smallest row tile), when calibrating.
     """
     elem = torch.finfo(dtype).bits // 8
-    T, H, D = seq_len, parts.n_heads, parts.head_dim
+    T, H, D = seq_len, parts.largest("n_heads"), max(parts.largest("qk_dim"), parts.largest("v_dim"))
     activations = 16 * T * hidden * elem
     eager_scores = 2 * H * T * T * elem
     reference = 2 * H * T * T * 4 + 2 * H * T * D * 4
@@ -170,7 +170,7 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
     ``device``) and the tightest decides. Each device is charged a whole block's activations and, conservatively,
     the whole record and head copy. ``free``: bytes free, one number for every device or a mapping per device
     (measured with ``free_memory`` where missing)."""
-    hidden = hidden or parts.n_heads * parts.head_dim
+    hidden = hidden or parts.largest("n_heads") * parts.largest("v_dim")
     record = n_records * n_blocks * seq_len * hidden * (torch.finfo(dtype).bits // 8)
     head_fp32 = 0 if dtype == torch.float32 else parts.lm_head.weight.numel() * 4
     per_block = batch_bytes_per_block(parts, hidden, seq_len, dtype)
@@ -183,7 +183,7 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
         fits.append(budget // per_block)
     fit = min(fits)
     if any(dev.type == "cuda" for dev in used):
-        fit = min(fit, CUDA_GRID_Y // parts.n_heads)
+        fit = min(fit, CUDA_GRID_Y // parts.largest("n_heads"))
     return max(1, min(n_blocks, fit))
 
 
@@ -277,9 +277,11 @@ def _check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Seque
     bad = [li for li in layers if not 0 <= li < parts.n_layers]
     if bad:
         raise NqpqError(f"--layers {bad}: the model has layers 0..{parts.n_layers - 1}")
-    bad = [d for d in d_rs if not 0 <= d <= parts.head_dim]
+    parts.check_attention_layers(layers, "--layers")
+    D = parts.smallest("v_dim", layers)
+    bad = [d for d in d_rs if not 0 <= d <= D]
     if bad:
-        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{parts.head_dim} (the head dimension)")
+        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{D} (the head dimension)")
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
 
@@ -421,7 +423,8 @@ def run_sweep(
     model, ids, device, say, is_main = run.model, run.ids, run.device, run.say, run.is_main
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
-    d_rs = sweep_ranks(cfg, parts.head_dim)
+    _check_model_fit(cfg, parts, layers, [])
+    d_rs = sweep_ranks(cfg, parts.smallest("v_dim", layers))
     _check_model_fit(cfg, parts, layers, d_rs)
     blocks = make_blocks_checked(ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
     calibrations = calibration_sets(cfg, run)
@@ -455,7 +458,7 @@ def run_sweep(
     # own attention output kept. Each sink setting observes the same calls with its own op call.
     t_sweep = time.perf_counter()
     sinks = sink_settings(cfg)
-    watch = BaselineObservation(model, layers, parts.n_heads, sinks, cfg.backend)
+    watch = BaselineObservation(model, layers, {li: parts.geometry[li].n_heads for li in layers}, sinks, cfg.backend)
 
     def observe_calibration(i):
         return watch.context(calib=i < n_calib_batches)
@@ -793,7 +796,8 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
                   dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
                   world_size=distributed.world_size(), text_source=run.source, tokenizer=run.tokenizer,
                   n_tokens=int(blocks.numel()),
-                  bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.head_dim, random_weights=cfg.demo,
+                  bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.smallest("v_dim", layers),
+                  random_weights=cfg.demo,
                   **geometry(parts, layers), **_versions(run.device))
     config["calibration"] = calibration_config(cfg, run)
     from .checkpoints import gguf_file_info
@@ -863,8 +867,8 @@ class BaselineObservation:
     the same attention calls with its own op call): the crystallinity counts of every batch (also of n = 0, the
     spec's statistics, whatever the settings) and, on the spec's calibration batches, Σ εεᵀ."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], n_heads: int, sinks: Sequence[int],
-                 backend: str) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], n_heads: int | Mapping[int, int],
+                 sinks: Sequence[int], backend: str) -> None:
         self.model, self.layers, self.backend = model, layers, backend
         self._grams = {n: GramAccumulator() for n in sinks}
         self._stats = {n: CrystallinityAccumulator(layers, n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
@@ -1019,9 +1023,15 @@ def describe_geometry(cfg: dict) -> str:
 
 def geometry(parts, layers: Sequence[int]) -> dict:
     """What results.json says about the model: family, heads, head dim, and the window/softcaps in force."""
-    return {"family": parts.family, "n_layers": parts.n_layers, "n_heads": parts.n_heads,
-            "n_kv_heads": parts.n_kv_heads, "head_dim": parts.head_dim,
-            "sliding_window": {str(li): parts.sliding_window[li] for li in layers},
+    def per_layer(field):  # one number when the chosen layers agree, else one per layer
+        values = {str(li): getattr(parts.geometry[li], field) for li in layers}
+        return next(iter(values.values())) if len(set(values.values())) == 1 else values
+
+    return {"family": parts.family, "wrapper": parts.wrapper, "n_layers": parts.n_layers,
+            "attn_layers": list(parts.attn_layers), "n_heads": per_layer("n_heads"),
+            "n_kv_heads": per_layer("n_kv_heads"), "head_dim": per_layer("v_dim"), "qk_dim": per_layer("qk_dim"),
+            "v_dim": per_layer("v_dim"),
+            "sliding_window": {str(li): parts.geometry[li].sliding_window for li in layers},
             "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}
 
 
