@@ -373,8 +373,8 @@ def crystallize_layers(
             layer_basis = basis[li].to(device=device, dtype=torch.float32)
             if layer_basis.dim() != 3 or layer_basis.shape[:2] != (Hq, D) or layer_basis.shape[2] < d_r:
                 raise ValueError(
-                    f"basis for layer {li} must be [H={Hq}, D_v={D}, R] with R >= d_r={d_r}, "
-                    f"got {tuple(layer_basis.shape)}"
+                    f"basis for layer {li} must be [H={Hq}, D={D}, R] with R >= d_r={d_r} (D: the value head "
+                    f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
                               gram_sink, stats_sink, observe, n_sink, watchers)

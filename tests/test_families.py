@@ -9,6 +9,7 @@ DiffLlama's rows counted once per layer.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -104,7 +105,7 @@ def test_mla_geometry_and_rank_bound():
     assert_rel_close(got, full, 1e-5)  # d_r = D_v: the whole residual is kept
     with pytest.raises(ValueError, match=r"0\.\.12 \(the value head dimension D_v\)"):
         crystallize(model, [layer], mode="lowrank", basis={layer: basis}, d_r=13).__enter__()
-    with pytest.raises(ValueError, match=r"D_v=12"):
+    with pytest.raises(ValueError, match=r"\[H=4, D=12, R\]"):
         crystallize(model, [layer], mode="lowrank", basis={layer: random_basis(geo.n_heads, 24)}, d_r=4).__enter__()
 
 
@@ -193,3 +194,45 @@ def test_sparse_dsa_selection_is_refused_by_name():
     layer = model_parts(model).attn_layers[-1]
     with crystallize(model, [layer], mode="full"), pytest.raises(ValueError, match=r"selects 8 of 24 keys"):
         logits(model, token_ids())
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_sweep_and_scan_end_to_end(family, tokenizer, tmp_path, capsys):
+    """`nqpq sweep` and `nqpq scan` on a saved tiny MLA model and a tiny gpt-oss (learned sinks, a sliding layer):
+    exit 0, results.json naming both widths, d_r up to D_v and not beyond, finite perplexities."""
+    from conftest import wikitext_text
+
+    from nqpq.cli import main
+
+    model_dir, text = tmp_path / family, tmp_path / "wiki.valid.raw"
+    build_family(family, vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text.write_text(wikitext_text(seed=3), encoding="utf-8")
+    parts = model_parts(build_family(family, vocab_size=len(tokenizer)))
+    layer = parts.attn_layers[-1]
+    geo = parts.geometry[layer]
+    common = ["--model", str(model_dir), "--text-file", str(text), "--n-blocks", "4", "--seq-len", "24",
+              "--calib-blocks", "2", "--calib-from", "eval", "--device", "cpu", "--batch-size", "2", "--no-progress"]
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", *common, "--layers", str(layer), "--d-r", "0", "4", str(geo.v_dim), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    cfg = results["config"]
+    assert (cfg["qk_dim"], cfg["v_dim"]) == (geo.qk_dim, geo.v_dim)
+    assert [c["d_r"] for c in results["curve"]] == [0, 4, geo.v_dim]
+    assert all(math.isfinite(c["ppl"]) for c in results["curve"])
+    # d_r = D_v keeps the whole residual: the baseline's perplexity.
+    assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
+    if geo.learned_sink:
+        assert all(e["sink_mass_mean"] > 0 for e in results["crystallinity"])
+    report = capsys.readouterr().out
+    assert f"D_qk={geo.qk_dim}" in report if geo.qk_dim != geo.v_dim else f"D={geo.v_dim}" in report
+    assert main(["sweep", *common, "--layers", str(layer), "--d-r", str(geo.v_dim + 1),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert f"0..{geo.v_dim}" in capsys.readouterr().err
+
+    out = tmp_path / "scan"
+    assert main(["scan", *common, "--d-r", "2", "--out", str(out)]) == 0
+    scan = json.loads((out / "results.json").read_text())
+    assert [e["layer"] for e in scan["layers"]] == list(parts.attn_layers)
+    assert all(math.isfinite(e["ppl_top1"]) for e in scan["layers"])
