@@ -109,6 +109,37 @@ def test_mla_geometry_and_rank_bound():
         crystallize(model, [layer], mode="lowrank", basis={layer: random_basis(geo.n_heads, 24)}, d_r=4).__enter__()
 
 
+# The kernel takes widths that are multiples of 16: MLA with q/k 32 (nope 16 + rope 16) and v 16 for it.
+TRITON_CASES = {"gpt_oss": {}, "deepseek_v3": dict(qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
+                "mimo_v2_flash": dict(head_dim=32, v_head_dim=16)}
+
+
+@pytest.mark.parametrize("family", sorted(TRITON_CASES))
+def test_triton_kernel_in_the_model_matches_float64(family):
+    """The Triton kernel (the interpreter on CPU) in place of the reference: top-1 and low-rank on the last layer,
+    and full mode against the model, with MLA widths and learned sinks."""
+    model = build_family(family, **TRITON_CASES[family])
+    ids = token_ids()
+    parts = model_parts(model)
+    layer = parts.attn_layers[0] if family == "mimo_v2_flash" else parts.attn_layers[-1]  # MiMo: its sink layer
+    geo = parts.geometry[layer]
+    assert geo.qk_dim != geo.v_dim or geo.learned_sink
+    base = logits(model, ids)
+    with crystallize(model, [layer], mode="full", backend="triton"):
+        assert_rel_close(logits(model, ids), base, 1e-5)
+    ref = F64Reference(model)
+    basis = random_basis(geo.n_heads, geo.v_dim)
+    d_r = geo.v_dim // 2
+    for mode in ("top1", "lowrank"):
+        with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="triton"):
+            got = logits(model, ids)
+        ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
+        ref.crystal_gaps.clear()
+        want = logits(ref.model, ids)
+        assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+        assert_rel_close(got, want)
+
+
 def test_learned_sink_with_sink_tokens_matches_float64():
     """gpt-oss with the first two keys kept apart as well: ground = Σ_{j<2} p_j V_j + (1 − m_S − m_L) V[i*ᴿ]."""
     model = build_family("gpt_oss")
@@ -124,22 +155,24 @@ def test_learned_sink_with_sink_tokens_matches_float64():
         assert_rel_close(got, want)
 
 
-@pytest.mark.parametrize("family", ["diffllama", "gpt_oss", "mimo_v2_flash", "deepseek_v3"])
-def test_grams_and_crystallinity_match_float64(family):
-    """Calibration Grams ([Hq, D_v, D_v]) and crystallinity on every attention layer; DiffLlama's two calls per
-    layer are one attention: its rows are counted once, and both halves of V join the layer's Gram."""
+@pytest.mark.parametrize("family, n", [("diffllama", 0), ("gpt_oss", 0), ("gpt_oss", 2), ("mimo_v2_flash", 0),
+                                       ("deepseek_v3", 0)])
+def test_grams_and_crystallinity_match_float64(family, n):
+    """Calibration Grams ([Hq, D_v, D_v]) and crystallinity on every attention layer (with n sink tokens kept apart
+    besides the learned sink); DiffLlama's two calls per layer are one attention: its rows are counted once, and
+    both halves of V join the layer's Gram."""
     model = build_family(family)
     parts = model_parts(model)
     layers = list(parts.attn_layers)
     batches = [token_ids(1), token_ids(2)]
-    grams = gram_passes(model, batches, layers, (0,), backend="torch")[0]
-    acc = CrystallinityAccumulator(layers, {li: parts.geometry[li].n_heads for li in layers})
-    with torch.no_grad(), observe_residuals(model, layers, None, stats_sink=acc, backend="torch"):
+    grams = gram_passes(model, batches, layers, (n,), backend="torch")[n]
+    acc = CrystallinityAccumulator(layers, {li: parts.geometry[li].n_heads for li in layers}, sink_tokens=n)
+    with torch.no_grad(), observe_residuals(model, layers, None, stats_sink=acc, backend="torch", sink_tokens=n):
         for batch in batches:
             model(input_ids=batch, use_cache=False)
 
     ref = F64Reference(model)
-    ref.observed, ref.grams = set(layers), {}
+    ref.observed, ref.grams, ref.sink_tokens = set(layers), {}, n
     for batch in batches:
         logits(ref.model, batch)
     assert min(ref.gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"

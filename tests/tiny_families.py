@@ -47,10 +47,10 @@ SINK_FAMILIES = ("gpt_oss", "granite_swa", "granitemoe_swa", "mimo_v2_flash", "f
 
 
 def build_family(family: str, seed: int = 0, sharpen: float = 4.0, sink_std: float = 2.0,
-                 attn: str = "eager", vocab_size: int = VOCAB) -> torch.nn.Module:
+                 attn: str = "eager", vocab_size: int = VOCAB, **config_overrides) -> torch.nn.Module:
     """A tiny random ``family`` causal LM (float32, eval), its q/k projections scaled by ``sharpen`` and its learned
-    sinks (if any) drawn N(0, ``sink_std``²)."""
-    config = AutoConfig.for_model(family, **{**CONFIGS[family], "vocab_size": vocab_size})
+    sinks (if any) drawn N(0, ``sink_std``²); ``config_overrides`` replace entries of ``CONFIGS[family]``."""
+    config = AutoConfig.for_model(family, **{**CONFIGS[family], "vocab_size": vocab_size, **config_overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # The eager experts loop: the grouped-matmul one has no float64 (the float64 reference copies the model).
