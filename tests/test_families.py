@@ -268,3 +268,19 @@ def test_sweep_and_scan_end_to_end(family, tokenizer, tmp_path, capsys):
     scan = json.loads((out / "results.json").read_text())
     assert [e["layer"] for e in scan["layers"]] == list(parts.attn_layers)
     assert all(math.isfinite(e["ppl_top1"]) for e in scan["layers"])
+
+
+def test_output_attentions_with_a_learned_sink_are_the_models():
+    """A crystallized gpt-oss layer reports the model's own probabilities: the learned sink in the softmax, dropped
+    from p (each row sums to 1 − m_L)."""
+    model = build_family("gpt_oss")
+    ids = token_ids()
+    layers = model_parts(model).attn_layers
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+        with crystallize(model, layers, mode="full"):
+            got = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+    assert len(got) == len(want) == len(layers)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+        assert float(w.sum(-1).max()) < 1 - 1e-3  # the sink took a share: the check is not the plain softmax
