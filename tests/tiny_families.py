@@ -42,7 +42,23 @@ CONFIGS: dict[str, dict] = {
     "flint": dict(_BASE, num_key_value_heads=2, head_dim=16),
     "diffllama": dict(_BASE, num_key_value_heads=2),
 }
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "glm4_moe_lite")
+
+
+def _shrunk(family: str, **extra) -> dict:
+    """The shared small sizes, those the family's config has, and its per-layer type lists cut to three layers."""
+    default = AutoConfig.for_model(family)
+    sizes = {k: v for k, v in {**_BASE, **_MOE, **_MLA, **extra}.items() if hasattr(default, k)}
+    for key in ("layer_types", "mlp_layer_types"):
+        if getattr(default, key, None) is not None:
+            sizes[key] = (list(getattr(default, key)) * 3)[:3]
+    return sizes
+
+
+# The other MLA families (V3.2-style indexers dense at T <= index_topk; HY-V4 with learned sinks as well).
+for _family in ("glm_moe_dsa", "youtu", "hy_v4", "axk1", "axk2", "sarvam_mla"):
+    CONFIGS[_family] = _shrunk(_family, num_key_value_heads=4, index_n_heads=2, index_head_dim=16, index_topk=64)
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "glm4_moe_lite", "glm_moe_dsa", "youtu",
+                "hy_v4", "axk1", "axk2", "sarvam_mla")
 SINK_FAMILIES = ("gpt_oss", "granite_swa", "granitemoe_swa", "mimo_v2_flash", "flint")
 
 
