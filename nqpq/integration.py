@@ -39,6 +39,7 @@ _SPEC_ATTR = "_nqpq_layer_spec"
 _NEUTRAL_KWARGS = frozenset({
     "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "return_dict",
     "past_key_values", "cache", "layer_idx",
+    "logits_to_keep",  # which positions the LM head keeps: passed down with the model's kwargs by some families
 })
 _HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal"})
 
