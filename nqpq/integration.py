@@ -48,6 +48,7 @@ _SPEC_ATTR = "_nqpq_layer_spec"
 _NEUTRAL_KWARGS = frozenset({
     "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "return_dict",
     "past_key_values", "cache", "layer_idx",
+    "logits_to_keep",  # which positions the LM head keeps: passed down with the model's kwargs by some families
 })
 # s_aux: the learned sink logits [Hq] (the op's learned_sink); indices: DeepSeek V3.2's / GLM-DSA's selected keys
 # per row [B, T, k], passed when the implementation name is not eager/sdpa (ours): dense when k >= T.

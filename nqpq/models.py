@@ -137,6 +137,9 @@ def _passes_learned_sink(module: nn.Module) -> bool:
 
 def _decoder_layers(body: nn.Module, n_layers: int, name: str) -> nn.ModuleList:
     found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
+        found = [m for child in body.children() for m in child.children()
+                 if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if len(found) != 1:
         raise UnsupportedModelError(
             f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} "
@@ -163,21 +166,42 @@ def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Mo
     return found[0]
 
 
+def _is_cross_attention(module: nn.Module) -> bool:
+    """Whether the module attends to another sequence (its forward takes the states it attends to)."""
+    if getattr(module, "is_cross_attention", False) is True:
+        return True
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p in params for p in ("cross_attention_states", "encoder_hidden_states"))
+
+
 def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | None:
+    """The layer's self-attention module, or None for a layer without one (a hybrid's SSM layer, or Mllama's
+    cross-attention layers, which attend to image states and which a text-only forward skips)."""
     found = [m for m in layer.modules() if _uses_attention_interface(m)]
     if len(found) > 1:
         raise UnsupportedModelError(
             f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
             "transformers' AttentionInterface (a cross-attention beside the self-attention?); nqpq needs one"
         )
-    return found[0] if found else None
+    return found[0] if found and not _is_cross_attention(found[0]) else None
+
+
+def _get(owner, key: str):
+    """``getattr(owner, key, None)``, also None where a config refuses the read (dots3's per-layer values)."""
+    try:
+        return getattr(owner, key, None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _int_attr(owners, keys, index: int) -> int | None:
     """The first positive int among ``owner.key`` (a per-layer list is indexed by the layer)."""
     for owner in owners:
         for key in keys:
-            value = getattr(owner, key, None)
+            value = _get(owner, key)
             if isinstance(value, (list, tuple)) and len(value) > index:
                 value = value[index]
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -232,8 +256,8 @@ def _logit_scale(config) -> float | None:
 def _layer_window(attn: nn.Module, config, index: int) -> int | None:
     """The sliding window the layer's attention hands the attention function, as transformers decides it."""
     # Per layer on the module (Gemma 2, Qwen2/3: None on full-attention layers), else model-wide (Mistral).
-    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else _get(config, "sliding_window")
+    layer_types = _get(config, "layer_types")
     if layer_types is not None and index < len(layer_types) and layer_types[index] != "sliding_attention":
         window = None  # a full-attention layer, whatever its module keeps (EXAONE 4 keeps the window on every one)
     return None if isinstance(window, bool) or not isinstance(window, int) else int(window)
@@ -241,8 +265,8 @@ def _layer_window(attn: nn.Module, config, index: int) -> int | None:
 
 def _first_of(config, key: str, text_config):
     """``key`` from the model's config, else from its text config (a multimodal wrapper keeps it there)."""
-    value = getattr(config, key, None)
-    return getattr(text_config, key, None) if value is None else value
+    value = _get(config, key)
+    return _get(text_config, key) if value is None else value
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -267,6 +291,11 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(
             f"{name} has no language-model head (an encoder-only or base model); load it with AutoModelForCausalLM"
         )
+    if not any(child is lm_head for child in model.children()):
+        raise UnsupportedModelError(
+            f"{name}: its LM head ({type(lm_head).__name__}) sits inside a prediction head that transforms the "
+            "hidden state first (BERT-style); nqpq needs the LM head applied to the base model's output"
+        )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n_layers = getattr(text_config, "num_hidden_layers", None)
     if not isinstance(n_layers, int):
@@ -284,7 +313,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
     attn_layers = tuple(attn)
-    max_positions = getattr(text_config, "max_position_embeddings", None)
+    max_positions = _get(text_config, "max_position_embeddings")
     n_default = max(1, len(attn_layers) // 4)
     wrapper = None if text_config is config else str(config.model_type)
     return ModelParts(
@@ -297,7 +326,9 @@ def model_parts(model: nn.Module) -> ModelParts:
         body=body,
         lm_head=lm_head,
         logit_scale=_logit_scale(text_config) if wrapper is None else _logit_scale_of(config, text_config),
-        final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config),
+        # Gemma 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap (the same c·tanh(logits / c)).
+        final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config)
+        or _first_of(config, "logits_soft_cap", text_config),
         n_layers=n_layers,
         max_positions=None if not isinstance(max_positions, int) else max_positions,
         attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
