@@ -86,7 +86,7 @@ _FAMILY_KWARGS = {
 }
 # Sizes some configs take as keyword arguments only (not fields): Gemma 4's full-attention head width.
 _POPPED = {"global_head_dim": 32}
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
