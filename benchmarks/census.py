@@ -25,6 +25,7 @@ family charged a CRASH), ``--jobs`` at a time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -51,7 +52,6 @@ _SIZES = {
     "intermediate_size": 96, "ffn_dim": 96, "n_inner": 96, "ffn_hidden_size": 96, "d_ff": 96,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4, "encoder_attention_heads": 4,
     "decoder_attention_heads": 4, "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16,
-    "global_head_dim": 32,  # Gemma 4: its full-attention layers are wider than its sliding ones
     "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "seq_length": 128,
     "sliding_window": 8, "attention_window_size": 8, "attention_chunk_size": 8,
     # mixture of experts
@@ -84,7 +84,9 @@ _FAMILY_KWARGS = {
     "bamba": {"attn_layer_indices": [2, 5]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
 }
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
+# Sizes some configs take as keyword arguments only (not fields): Gemma 4's full-attention head width.
+_POPPED = {"global_head_dim": 32}
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
@@ -100,7 +102,7 @@ def _shrunk_kwargs(default, text: bool) -> dict:
         if value is None and key in _FILL_NONE:
             kwargs[key] = _FILL_NONE[key]
         elif key in _SIZES and value is not None and value > 0:
-            kwargs[key] = min(value, _SIZES[key]) if key not in ("head_dim", "global_head_dim") else _SIZES[key]
+            kwargs[key] = _SIZES[key] if key == "head_dim" else min(value, _SIZES[key])
         elif key in _LAYER_KEYS:
             kwargs[key] = min(value, MAX_LAYERS if text else 1)
         elif key in _TOKEN_IDS and text:
@@ -126,6 +128,13 @@ def _shrunk_kwargs(default, text: bool) -> dict:
                 "state_size" in values or "mamba_d_state" in values):
             kwargs[width] = 16
             kwargs[heads] = values[expand] * kwargs.get("hidden_size", values.get("hidden_size", 64)) // 16
+    for key, value in _POPPED.items():  # keyword-only sizes a config's __init__ pops (Gemma 4: global_head_dim)
+        try:
+            source = inspect.getsource(inspect.getmodule(type(default)))
+        except (OSError, TypeError):
+            break
+        if f'"{key}"' in source:
+            kwargs[key] = value
     if "first_k_dense_replace" in values and isinstance(values["first_k_dense_replace"], int):
         kwargs["first_k_dense_replace"] = min(values["first_k_dense_replace"], 1)
     return kwargs

@@ -168,8 +168,9 @@ def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Mo
 
 def _is_cross_attention(module: nn.Module) -> bool:
     """Whether the module attends to another sequence (its forward takes the states it attends to)."""
-    if getattr(module, "is_cross_attention", False) is True:
-        return True
+    own = getattr(module, "is_cross_attention", None)
+    if isinstance(own, bool):  # GPT-2's attention takes encoder_hidden_states but says which one it is
+        return own
     try:
         params = inspect.signature(type(module).forward).parameters
     except (TypeError, ValueError):
@@ -214,7 +215,7 @@ def _layer_geometry(attn: nn.Module, config, index: int, name: str) -> LayerGeom
     knows its own layer: Gemma 4's head_dim, dots3's head counts), then from the config."""
     own = getattr(attn, "config", None)
     owners = (attn,) if own is None or own is config else (attn, own)
-    head_dim = _int_attr(owners + (config,), ("head_dim", "head_size"), index)
+    head_dim = _int_attr(owners + (config,), ("head_dim", "head_size", "attention_head_size"), index)
     # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...): the module names both widths; its config's
     # head_dim is then the rotary width, not a head width.
     qk_dim = _int_attr((attn,), ("qk_head_dim",), index) or head_dim
@@ -297,10 +298,18 @@ def model_parts(model: nn.Module) -> ModelParts:
             "hidden state first (BERT-style); nqpq needs the LM head applied to the base model's output"
         )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_layers = getattr(text_config, "num_hidden_layers", None)
+    n_layers = _get(text_config, "num_hidden_layers")
     if not isinstance(n_layers, int):
         raise UnsupportedModelError(f"{name}: its text config {type(text_config).__name__} has no num_hidden_layers")
     body = _text_body(model, text_config, n_layers, name)
+    between = [child_name for child_name, child in model.named_children()
+               if child is not lm_head and not any(m is body for m in child.modules())
+               and any(True for _ in child.parameters())]
+    if between:
+        raise UnsupportedModelError(
+            f"{name}: {between} hold parameters beside its base model and LM head (a transform before the head?); "
+            "nqpq needs the LM head applied to the base model's output"
+        )
     layers = _decoder_layers(body, n_layers, name)
     found = {i: _attention_module(layer, i, name) for i, layer in enumerate(layers)}
     attn = {i: a for i, a in found.items() if a is not None}

@@ -437,3 +437,103 @@ def test_learned_sinks_read_from_the_module():
     parts = model_parts(model)
     assert all(parts.geometry[li].learned_sink for li in parts.attn_layers)
     assert {parts.geometry[li].n_heads for li in parts.attn_layers} == {4}
+
+
+def census_model(family: str, attn: str = "eager") -> torch.nn.Module:
+    """A tiny random model of ``family`` from its own default config, shrunk as the census shrinks it."""
+    from benchmarks.census import tiny_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn)
+    return model.float().eval()
+
+
+def census_blocks(n: int = 3) -> torch.Tensor:
+    return torch.randint(3, 256, (n, 24), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_hybrid_attention_layers_keep_the_models_indices():
+    """Qwen3-Next: linear-attention layers and attention layers; the attention layers are the candidates under the
+    model's own indices, the others are refused by name, and the replay runs the linear-attention layers too."""
+    model = census_model("qwen3_next")
+    parts = model_parts(model)
+    types = model.config.layer_types
+    assert parts.attn_layers == tuple(i for i, t in enumerate(types) if t == "full_attention") == (3,)
+    assert parts.default_layers == (3,)
+    with pytest.raises(UnsupportedModelError, match=r"layer 0 is not an attention layer .* attention layers are 3 "):
+        crystallize_layers_for(model, [0])
+    blocks = census_blocks()
+    runner = PrefixRunner(model, blocks, [slice(0, 2), slice(2, 3)], start=(0, 3))
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+    for start in (0, 3):
+        with crystallize(model, [3], mode="top1", backend="torch"):
+            torch.testing.assert_close(runner.losses(start=start), block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+
+
+def crystallize_layers_for(model, layers):
+    with crystallize(model, layers, mode="full", backend="torch"):
+        pass
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("family", "wrapper", "text"), [("gemma3", "gemma3", "gemma3_text"),
+                                                         ("got_ocr2", "got_ocr2", "qwen2")])
+def test_multimodal_wrapper_scores_its_text_model(family, wrapper, text):
+    """Gemma 3's ForConditionalGeneration (what AutoModelForCausalLM gives for Gemma 3 4B-27B): its language model's
+    layers and its LM head; the losses are the wrapper's own on text, replayed or not."""
+    model = census_model(family)
+    parts = model_parts(model)
+    assert (parts.wrapper, parts.family) == (wrapper, text)
+    assert parts.lm_head is model.get_output_embeddings()
+    blocks = census_blocks()
+    want = torch.tensor([model(input_ids=b[None], labels=b[None], use_cache=False).loss.item() for b in blocks],
+                        dtype=torch.float64)
+    torch.testing.assert_close(block_losses(model, blocks, 3), want, rtol=1e-5, atol=0)
+    runner = PrefixRunner(model, blocks, [slice(0, 3)], start=parts.attn_layers[-1])
+    torch.testing.assert_close(runner.capture_baseline(), want, rtol=1e-5, atol=0)
+
+
+@torch.no_grad()
+def test_per_layer_head_dim():
+    """Gemma 4: full-attention layers have wider heads (global_head_dim) than sliding ones; each layer's geometry
+    is its own and each layer takes a basis of its own width."""
+    model = census_model("gemma4_text")
+    parts = model_parts(model)
+    widths = {li: parts.geometry[li].v_dim for li in parts.attn_layers}
+    types = model.config.layer_types
+    assert widths == {li: 32 if types[li] == "full_attention" else 16 for li in parts.attn_layers}
+    assert len(set(widths.values())) == 2
+    layers = list(parts.attn_layers)
+    basis = {li: random_basis(parts.geometry[li].n_heads, widths[li], [li])[li] for li in layers}
+    ids = census_blocks(2)
+    with crystallize(model, layers, mode="lowrank", basis=basis, d_r=4, backend="torch"), \
+            recorded_calls(model) as calls:
+        logits(model, ids)
+    assert {v.shape[-1] for _, _, _, v, _, _ in calls} == {16, 32}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["olmo", "opt"])
+def test_what_follows_the_layers_is_replayed(family):
+    """OLMo's final LayerNorm has no parameters; OPT registers its final norm before its layers: the replay applies
+    what the body applies after its last layer, found from the baseline forward."""
+    model = census_model(family)
+    parts = model_parts(model)
+    blocks = census_blocks()
+    runner = PrefixRunner(model, blocks, [slice(0, 3)], start=parts.attn_layers[-1])
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 3), rtol=1e-6, atol=0)
+    torch.testing.assert_close(runner.losses(), baseline, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_body_that_changes_the_hidden_state_between_layers_is_refused():
+    """Dory loops its recurrent layers and mixes the input back in between loops: a layer-by-layer replay would
+    not be the model, so the runner refuses it by name."""
+    model = census_model("dory")
+    runner = PrefixRunner(model, census_blocks(2), [slice(0, 2)], start=0)
+    with pytest.raises(UnsupportedModelError, match="changes the hidden state between its layers"):
+        runner.capture_baseline()
