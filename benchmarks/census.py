@@ -73,16 +73,22 @@ _SIZES = {
     # per-layer inputs (Gemma 3n/4), byte-latent and XLM vocabularies, Kimi's linear heads
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "n_words": VOCAB,
     "encoder_hash_byte_group_vocab": 64, "hidden_size_global": 64, "linear_head_dim": 16, "qk_head_dim": 24,
-    "local_attention_window_len": 8,
+    "local_attention_window_len": 8, "adapter_in_dim": 64, "index_num_heads": 2, "num_expert_group": 1,
+    "linear_num_heads": 4,
 }
 # Attributes some families' defaults leave None for their checkpoints to fill (a model cannot be built without).
 _FILL_NONE = {"head_dim": 16, "num_key_value_heads": 2, "num_experts_per_tok": 2, "n_routed_experts": 4,
-              "n_shared_experts": 1, "moe_intermediate_size": 32, "rotary_dim": 8}
+              "n_shared_experts": 1, "moe_intermediate_size": 32, "rotary_dim": 8,
+              # Qwen4-exp's indexer
+              "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+              "indexer_compress_ratio": 2}
 # What a few families need to construct beyond their defaults (their defaults describe no buildable model).
 _FAMILY_KWARGS = {
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]},
     "bamba": {"attn_layer_indices": [2, 5]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
+    # the last two layers reuse the keys and values of the last layer of their type before them
+    "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"] * 3, "num_kv_shared_layers": 2},
 }
 # Sizes some configs take as keyword arguments only (not fields): Gemma 4's full-attention head width.
 _POPPED = {"global_head_dim": 32}
@@ -140,11 +146,16 @@ def _shrunk_kwargs(default, text: bool) -> dict:
     return kwargs
 
 
+def _model_class(model_type: str):
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
 def tiny_config(model_type: str):
     """The family's default config, shrunk (sub-configs too: the text config like the model, towers to 1 layer)."""
-    from transformers import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[model_type]
+    cls = _model_class(model_type).config_class  # Musicgen's causal LM takes its decoder's config, not the model's
     default = cls()
     # is_decoder: what a user sets to run a BERT-style model as a causal LM (their default is bidirectional).
     kwargs = {**_shrunk_kwargs(default, text=True), "is_decoder": True, **_FAMILY_KWARGS.get(model_type, {})}
@@ -333,7 +344,6 @@ def one_line(err: BaseException) -> str:
 def census_family(model_type: str) -> dict:
     """One family's outcome: {family, cls, outcome, detail, attn_layers, errors}."""
     import torch
-    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from nqpq.models import model_parts
@@ -347,9 +357,10 @@ def census_family(model_type: str) -> dict:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            model = _model_class(model_type)._from_config(config, attn_implementation="eager")
         model = model.float().eval()
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else VOCAB
+        head = model.get_output_embeddings()
+        vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else VOCAB
         ids = torch.randint(3, min(vocab, VOCAB), (B, T), generator=torch.Generator().manual_seed(0))
         _logits(model, ids)
     except Exception as err:  # noqa: BLE001
@@ -372,7 +383,7 @@ def census_family(model_type: str) -> dict:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                sdpa = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+                sdpa = _model_class(model_type)._from_config(config, attn_implementation="sdpa")
         except (ValueError, ImportError):  # the family has no sdpa path: eager alone decides
             sdpa = None
         if sdpa is not None:

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import run_tags, write_csv
+from nqpq.config import SweepConfig, sweep_ranks
 from nqpq.evaluate import lm_losses, ppl_from_losses
 from nqpq.models import after_layers, model_parts
-from nqpq.sweep import SweepConfig, make_blocks_checked, open_run, run_sweep, sweep_ranks
+from nqpq.sweep import make_blocks_checked, open_run, run_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wiki.valid.raw"

@@ -142,9 +142,10 @@ def _default_calib_blocks(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from . import distributed
+    from .config import SweepConfig, check_flags
     from .report import check_out_dir, write_results
     from .scan import run_scan
-    from .sweep import SweepConfig, check_flags, run_sweep
+    from .sweep import run_sweep
 
     if args.demo and args.model is not None:
         return _fail("--demo runs a random-init model of its own; it does not take --model")

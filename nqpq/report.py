@@ -1,4 +1,6 @@
-"""A run's results: ``results.json`` and PNG plots written whole or not at all, read back, re-printed, redrawn."""
+"""A run's report: ``results.json`` and the plots written whole or not at all, read back, re-printed, redrawn; and
+every line of the printed report of a sweep and of a scan, made from the results dict alone (the run and
+``nqpq report`` print the same text)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from .crystallinity import format_table
+from .stats import blocks_to_halve, half_width
+from .verdict import INCONCLUSIVE, NO_LOSS_REL, RECOVERY_TARGET, crosses_target
+
+# results.json layouts (sweep, scan); `nqpq report` refuses others. 2: calibration source and draws, bootstrap
+# intervals, block losses.
+SWEEP_FORMAT_VERSION = 2
+SCAN_FORMAT_VERSION = 2
 
 # What each kind of results.json must hold at the top level; a file without them is refused.
 REQUIRED_KEYS = {
@@ -35,113 +46,11 @@ def json_ready(results: dict) -> dict:
     return {k: v for k, v in results.items() if k != "basis"}
 
 
-def _plot_curve(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import error_bars
-
-    curve = results["curve"]
-    d_r = [c["d_r"] for c in curve]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.8))
-    delta = [c["delta_ppl"] for c in curve]
-    ax1.errorbar(d_r, delta, yerr=error_bars(delta, [c["delta_ppl_ci95"] for c in curve]), fmt="o-", capsize=3,
-                 label="C: top-1 + rank-d_r ε (95% CI)")
-    top1_delta = results["ppl_top1"] - results["ppl_baseline"]
-    ax1.axhline(top1_delta, color="tab:red", ls="--", label="A: top-1")
-    if results["top1_delta_ppl_ci95"] is not None:
-        ax1.axhspan(*results["top1_delta_ppl_ci95"], color="tab:red", alpha=0.12, label="A: 95% CI")
-    ax1.axhline(results["ppl_full"] - results["ppl_baseline"], color="tab:green", ls=":", label="B: full")
-    ax1.set(xlabel="d_r", ylabel="ΔPPL vs baseline", title="ΔPPL vs d_r")
-    recovered = [c["recovered_pct"] for c in curve]
-    if any(r is None for r in recovered):  # top-1 lost nothing: a percentage of no loss is not a number
-        ax2.text(0.5, 0.5, f"recovered %: n/a\n{results['verdict'].get('explanation', '')}", ha="center",
-                 va="center", transform=ax2.transAxes, wrap=True)
-    else:
-        cis = [c["recovered_pct_ci95"] for c in curve]
-        ax2.errorbar(d_r, recovered, yerr=error_bars(recovered, cis), fmt="o-", capsize=3, label="draw 0 (95% CI)")
-        for k in range(1, len(curve[0]["recovered_pct_draws"]) if curve else 0):  # the other calibration draws
-            ax2.plot(d_r, [c["recovered_pct_draws"][k] for c in curve], ".:", color="gray", alpha=0.7,
-                     label="other calibration draws" if k == 1 else None)
-        # Intervals from resamples where top-1 loses ~nothing have no scale: keep the axis on the estimates.
-        finite = [v for v in recovered if v is not None]
-        if finite:
-            ax2.set_ylim(min(-10.0, min(finite) - 20), max(110.0, max(finite) + 20))
-    # The other sink settings, side by side with the headline (each its own top-1 and basis).
-    head_sink = results.get("sink_tokens", 0)
-    for k, other in enumerate(e for e in results.get("sinks", ()) if e["sink_tokens"] != head_sink):
-        color = f"C{k + 3}"
-        label = f"n={other['sink_tokens']} sink tokens"
-        o_delta = [c["delta_ppl"] for c in other["curve"]]
-        ax1.errorbar(d_r, o_delta, yerr=error_bars(o_delta, [c["delta_ppl_ci95"] for c in other["curve"]]),
-                     fmt="s-", color=color, capsize=3, label=f"C, {label}")
-        ax1.axhline(other["ppl_top1"] - results["ppl_baseline"], color=color, ls="--", label=f"A, {label}")
-        o_rec = [c["recovered_pct"] for c in other["curve"]]
-        if all(r is not None for r in o_rec):
-            ax2.errorbar(d_r, o_rec, yerr=error_bars(o_rec, [c["recovered_pct_ci95"] for c in other["curve"]]),
-                         fmt="s-", color=color, capsize=3, label=label)
-    ax2.axhline(90, color="gray", ls="--", label="90 %")
-    ax2.set(xlabel="d_r", ylabel="recovered % of top-1 loss", title="Recovered % vs d_r")
-    for ax in (ax1, ax2):
-        if d_r and min(d_r) > 0:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(d_r, [str(d) for d in d_r])
-            ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(_title(results))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_spectrum(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    by_layer: dict[int, list[list[float]]] = {}
-    for s in results["spectrum"]:
-        by_layer.setdefault(s["layer"], []).append(s["cumulative_variance"])
-    for layer, curves in sorted(by_layer.items()):
-        mean = [sum(col) / len(col) for col in zip(*curves)]
-        ax.plot(range(1, len(mean) + 1), mean, label=f"layer {layer} (mean of {len(curves)} heads)")
-    ax.axhline(0.9, color="gray", ls="--")
-    ax.set(xlabel="r", ylabel="cumulative variance of ε", title="Residual spectrum", ylim=(0, 1.01))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.suptitle(_title(results), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _title(results: dict) -> str:
-    cfg = results["config"]
-    tag = "\nRANDOM WEIGHTS (demo): the numbers say nothing about GPT-2" if cfg.get("random_weights") else ""
-    shape = (f", {cfg['family']} Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} D={cfg['head_dim']}"
-             if "family" in cfg else "")
-    cal = cfg["calibration"]["source"]
-    return (f"EXP-Q03 {cfg['model']}\nlayers {cfg['layers']}, {cfg['n_blocks']}×{cfg['seq_len']} tokens{shape}, "
-            f"basis from {CALIBRATION_NAMES[cal]}{tag}")
-
-
-CALIBRATION_NAMES = {"heldout": "held-out blocks", "eval": "scored blocks (spec)", "text": "another text"}
-
-SWEEP_PLOTS = (("delta_ppl_vs_dr.png", _plot_curve), ("cumulative_variance.png", _plot_spectrum))
-
-
 def plots_for(results: dict) -> tuple:
     """``(file name, draw(results, path))`` for each plot of this kind of results."""
-    if results.get("kind") == "scan":
-        from .plots import SCAN_PLOTS
+    from .plots import SCAN_PLOTS, SWEEP_PLOTS
 
-        return SCAN_PLOTS
-    return SWEEP_PLOTS
+    return SCAN_PLOTS if results.get("kind") == "scan" else SWEEP_PLOTS
 
 
 def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> list[str]:
@@ -176,8 +85,6 @@ def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> 
 def load_results(out_dir: str) -> dict:
     """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys."""
     from .data import NqpqError
-    from .scan import SCAN_FORMAT_VERSION
-    from .sweep import SWEEP_FORMAT_VERSION
 
     path = os.path.join(out_dir, "results.json")
     try:
@@ -205,12 +112,8 @@ def load_results(out_dir: str) -> dict:
 def print_report(results: dict, say: Callable[[str], None] = print) -> None:
     """The report a sweep or a scan printed when it ran, from its results dict alone."""
     if results.get("kind") == "scan":
-        from .scan import print_scan_report
-
         print_scan_report(results, say)
     else:
-        from .sweep import print_sweep_report
-
         print_sweep_report(results, say)
 
 
@@ -233,3 +136,288 @@ def redraw(out_dir: str, say: Callable[[str], None] = print) -> list[str]:
     for line in lines:
         say(line)
     return written
+
+
+# The printed reports.
+
+
+def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> None:
+    """The spec's printed report, from a sweep's results dict alone (the run and ``nqpq report`` both call it),
+    with where the basis was fitted, the 95 % intervals, the calibration draws and how settled the verdict is."""
+    cfg = results["config"]
+    d_head, ppl_fp = cfg["d_head"], results["ppl_baseline"]
+    if "family" in cfg:
+        say(f" model: {describe_geometry(cfg)}")
+    say(f" blocks: {describe_blocks(cfg)}")
+    for line in describe_calibration(cfg):
+        say(line)
+    head_sink = results.get("sink_tokens", 0)
+    for line in describe_sink(head_sink, [e["sink_tokens"] for e in results.get("sinks", ())]):
+        say(line)
+    say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
+    say(f"[EXP-Q03] SVD of excitation residuals eps for layers {tuple(cfg['layers'])}...")
+    say(f"\n Residual effective dimension (cumulative variance, d_head={d_head}):")
+    say(f" {'layer/head':>12} | r=1 r=2 r=4 r=8 r=16")
+    for s in results["spectrum"]:
+        if s["head"] == 0:  # head 0 of each layer keeps the table short, as in the spec
+            cv = s["cumulative_variance"]
+
+            def at(r, cv=cv):
+                return cv[min(r - 1, len(cv) - 1)]
+
+            say(f" L{s['layer']:2d}H{s['head']:2d} | {at(1):.2f} {at(2):.2f} {at(4):.2f} {at(8):.2f} {at(16):.2f}")
+    say(f" mean effective dim (r for 90% var): {results['mean_eff_dim']:.1f} / {d_head}")
+    ppl_a, ppl_b = results["ppl_top1"], results["ppl_full"]
+    ground = "V_i*" if not head_sink else f"sink exact + V_i*R, n={head_sink}"
+    say(f" [A] Top-1 pure ({ground}) = {ppl_a:.3f} dPPL={ppl_a - ppl_fp:+.3f} "
+        f"95% CI {format_ci(results['top1_delta_ppl_ci95'])}")
+    say(f" [B] Top-1 + full eps (sanity) = {ppl_b:.3f} dPPL={ppl_b - ppl_fp:+.3f} (should ~ 0)")
+    say(f"\n [C] Top-1 + low-rank residual (d_head={d_head}):")
+    for c in results["curve"]:
+        recovered = "  n/a" if c["recovered_pct"] is None else f"{c['recovered_pct']:5.1f}%"
+        say(f" d_r={c['d_r']:2d}/{d_head}: PPL={c['ppl']:8.3f} dPPL={c['delta_ppl']:+7.3f} "
+            f"recovered={recovered} of Top-1 loss | 95% CI dPPL {format_ci(c['delta_ppl_ci95'])}, "
+            f"recovered {format_ci(c['recovered_pct_ci95'], '.1f')}")
+    for line in interval_notes(results["bootstrap"], [c["recovered_pct_ci95"] for c in results["curve"]]):
+        say(line)
+    for line in draw_lines(results["curve"], cfg["calibration"]):
+        say(line)
+    say(f"\n{'=' * 66}\n[EXP-Q03 VERDICT] is the excitation residual compressible?\n{'=' * 66}")
+    for line in verdict_lines(results["verdict"], results["curve"], d_head, ppl_a - ppl_fp):
+        say(line)
+    say("")
+    for line in format_table(results["crystallinity"]):
+        say(line)
+    sinks = results.get("sinks", [])
+    for entry in sinks:
+        if entry["sink_tokens"]:
+            for line in format_table(entry["crystallinity"], entry["sink_tokens"]):
+                say(line)
+    if len(sinks) > 1:
+        for line in sink_comparison(sinks, ppl_fp, cfg["d_r"]):
+            say(line)
+    if cfg["random_weights"]:
+        say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")
+
+
+def describe_sink(head: int, settings: Sequence[int]) -> list[str]:
+    """The report's line on the ground state: the spec's V[i*], or the sink kept apart; and the settings compared."""
+    lines = []
+    if head:
+        lines.append(f" ground state: the first {head} key(s) kept exactly (the sink), the rest of the mass on the "
+                     "winner among the other keys (--sink-tokens)")
+    if len(settings) > 1:
+        lines.append(f" sink settings compared side by side: {', '.join(map(str, settings))} (the report's numbers: "
+                     f"{head}; each setting has its own basis)")
+    return lines
+
+
+def describe_blocks(cfg: dict) -> str:
+    """One line for the report: how many blocks of what were scored, and whether each starts with BOS."""
+    if cfg.get("bos"):
+        return (f"{cfg['n_blocks']} x {cfg['seq_len']} tokens, each BOS (id {cfg['bos_token_id']}) + "
+                f"{cfg['seq_len'] - 1} text tokens (BOS is never scored; 'sink' = the BOS position)")
+    return (f"{cfg['n_blocks']} x {cfg['seq_len']} tokens cut from the text, no BOS ('sink' = the block's first "
+            "token)")
+
+
+def describe_geometry(cfg: dict) -> str:
+    """One line for the report: family, Hq/Hkv/D and the window/softcaps in force on the crystallized layers."""
+    windows = sorted({w for w in cfg["sliding_window"].values() if w is not None})
+    # A multimodal wrapper (Gemma 3's ForConditionalGeneration) is scored through its text model: name both.
+    family = f"{cfg['wrapper']} (text model {cfg['family']})" if cfg.get("wrapper") else cfg["family"]
+    return (f"{family}, {cfg['n_layers']} layers, Hq={cfg['n_heads']}, Hkv={cfg['n_kv_heads']}, "
+            f"D={cfg['head_dim']}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}, "
+            f"attention softcap {cfg['attn_softcap'] or 'none'}, logit softcap {cfg['final_logit_softcap'] or 'none'}"
+            f" ({cfg['dtype']})")
+
+
+def describe_calibration(cfg: dict) -> list[str]:
+    """The report's lines on where the basis was fitted (from results.json's ``config``)."""
+    cal = cfg["calibration"]
+    c, k, first = cal["blocks_per_draw"], cal["draws"], cal["first_blocks"][0]
+    span = f"block {first}" if c * k == 1 else f"blocks {first}..{first + c * k - 1}"
+    sets = f"{k} disjoint sets of {c} blocks ({span})" if k > 1 else span
+    if cal["source"] == "eval":
+        return [f" calibration: the spec's choice, the first {c} scored blocks ({span})",
+                f" NOTE: the basis saw {cal['scored_blocks_seen']} of the {cfg['n_blocks']} scored blocks, so "
+                "recovered % may be optimistic (--calib-from heldout fits it on blocks that are not scored)"]
+    if cal["source"] == "text":
+        return [f" calibration: another text, {cal['text']}: {sets}"]
+    return [f" calibration: held out, {sets} of the same text, after the scored ones (no scored token seen by "
+            "the basis)"]
+
+
+def verdict_summary(verdict: dict) -> str:
+    """The verdict in a few words, for side-by-side tables."""
+    if verdict["compressible"] is None:
+        return "INCONCLUSIVE"
+    if verdict["compressible"]:
+        return f"YES d_r={verdict['d_r_min']}" + ("" if verdict.get("settled") else " (not settled)")
+    return (f"PARTIAL best d_r={verdict['best_d_r']} {verdict['best_recovered_pct']:.0f}%"
+            + ("" if verdict.get("settled") else " (not settled)"))
+
+
+def sink_comparison(sinks: Sequence[dict], ppl_baseline: float, d_rs: Sequence[int]) -> list[str]:
+    """The sink settings side by side: top-1 ΔPPL with its interval, mean r90, recovered % per d_r, verdict."""
+    lines = ["", " Sink kept apart, side by side (n = sink tokens; each n its own basis, top-1 and low-rank runs):",
+             f" {'n':>3} | {'top-1 dPPL':>10} {'95% CI':>20} | {'r90':>5} | "
+             + " ".join(f"{f'd_r={d}':>7}" for d in d_rs) + " | verdict"]
+    for e in sinks:
+        recovered = " ".join("    n/a" if c["recovered_pct"] is None else f"{c['recovered_pct']:6.1f}%"
+                             for c in e["curve"])
+        lines.append(f" {e['sink_tokens']:3d} | {e['ppl_top1'] - ppl_baseline:+10.3f} "
+                     f"{format_ci(e['top1_delta_ppl_ci95']):>20} | {e['mean_eff_dim']:5.1f} | {recovered} | "
+                     f"{verdict_summary(e['verdict'])}")
+    return lines
+
+
+# A recovered-% bound beyond this is printed as "<-1000" / ">1000": it comes from resamples on which top-1 loses
+# (almost) nothing, where the ratio has no scale (results.json keeps the number).
+PCT_SHOWN = 1000.0
+
+
+def _bound(v: float, fmt: str) -> str:
+    if "+" not in fmt and abs(v) >= PCT_SHOWN:
+        return f"<-{PCT_SHOWN:.0f}" if v < 0 else f">{PCT_SHOWN:.0f}"
+    return format(v, fmt)
+
+
+def format_ci(ci: Sequence[float] | None, fmt: str = "+.3f") -> str:
+    """``[lo, hi]`` of a 95 % interval, or n/a (fmt "+..." for ΔPPL; otherwise a recovered %)."""
+    return "n/a" if ci is None else f"[{_bound(ci[0], fmt)}, {_bound(ci[1], fmt)}]"
+
+
+def _span(ci: Sequence[float]) -> str:
+    return f"{_bound(ci[0], '.0f')}–{_bound(ci[1], '.0f')}"
+
+
+def interval_notes(bootstrap: dict, recovered_cis: Sequence[Sequence[float] | None]) -> list[str]:
+    """How the intervals were made; that there are none with one block; how many blocks would halve wide ones."""
+    n = bootstrap["n_blocks"]
+    if n < 2:
+        return [f" no confidence intervals: {n} scored block (the bootstrap resamples the scored blocks; it needs 2 "
+                "or more)"]
+    lines = [f" 95% CI: {bootstrap['method']}, {bootstrap['resamples']} resamples of the {n} blocks "
+             f"(seed {bootstrap['seed']})"]
+    widths = [half_width(ci) for ci in recovered_cis if ci is not None]
+    if widths and max(widths) > 10:
+        lines.append(f" the widest interval of recovered % is ±{max(widths):.0f} points: about four times as many "
+                     f"blocks (--n-blocks {blocks_to_halve(n)}) would halve the intervals")
+    return lines
+
+
+def draw_lines(curve: list[dict], calibration: dict) -> list[str]:
+    """Each d_r's recovered % per calibration draw and their spread; or that calibration variability is unmeasured."""
+    if calibration["draws"] < 2:
+        return [" calibration variability not measured (one basis; --calib-draws K fits K bases on disjoint "
+                "held-out sets)"]
+    lines = [f" recovered % per calibration draw ({calibration['draws']} bases, {calibration['blocks_per_draw']} "
+             "blocks each; draw 0 above):"]
+    for c in curve:
+        values = " ".join("  n/a" if r is None else f"{r:5.1f}" for r in c["recovered_pct_draws"])
+        spread = "n/a" if c["recovered_pct_spread"] is None else f"{c['recovered_pct_spread']:.1f} points"
+        lines.append(f" d_r={c['d_r']:2d}: {values} | spread {spread}")
+    return lines
+
+
+def verdict_lines(verdict: dict, curve: list[dict], d_head: int, top1_delta: float) -> list[str]:
+    """The verdict, with d_r_min's (or the best d_r's) interval and, when not settled, why."""
+    if verdict["compressible"] is None and verdict["explanation"] != INCONCLUSIVE:
+        return [f" => INCONCLUSIVE: {verdict['explanation']}."]
+    if verdict["compressible"] is None:
+        return [f" => INCONCLUSIVE: {verdict['explanation']} (top-1 dPPL={top1_delta:+.3g} <= {NO_LOSS_REL:g} x "
+                "baseline): there is no loss for a low-rank residual to recover."]
+    ci, rec, n = verdict["ci95"], verdict["recovered_pct"], verdict["n_blocks"]
+    with_ci = f" (95% CI {_span(ci)})" if ci is not None else ""
+    reasons = []
+    if ci is None:
+        reasons.append(f"there is no interval ({n} scored block)")
+    elif verdict["compressible"] and ci[0] < RECOVERY_TARGET:
+        reasons.append(f"the 95% CI ({_span(ci)}) reaches below 90%")
+    elif not verdict["compressible"]:
+        reaching = [c["d_r"] for c in curve if c["recovered_pct_ci95"] and c["recovered_pct_ci95"][1] >= 90]
+        if reaching:
+            reasons.append(f"the 95% CI of d_r={', '.join(map(str, reaching))} reaches 90%")
+    if verdict["draws_agree"] is False:
+        mins = ", ".join("none" if d is None else str(d) for d in verdict["draws_d_r_min"])
+        reasons.append(f"the {len(verdict['draws_d_r_min'])} calibration draws disagree (d_r_min per draw: {mins})")
+    at = f"{n} block{'s' * (n != 1)}"
+    unsettled = f"but {'; '.join(reasons)}: not settled at {at}." if reasons else ""
+    if verdict["compressible"]:
+        dr_min = verdict["d_r_min"]
+        if reasons:
+            return [f" => YES at d_r={dr_min}/{d_head} ({rec:.0f}% of the Top-1 loss), {unsettled}"]
+        return [f" => YES: d_r={dr_min}/{d_head} recovers {rec:.0f}%{with_ci} of the Top-1 loss (>=90%). Deep layers "
+                f"are nearly crystalline + a rank-{dr_min} excitation. Compressible attention found."]
+    lines = [f" => PARTIAL: best is d_r={verdict['best_d_r']} recovering {rec:.0f}%{with_ci}. The residual is not "
+             "strongly low-rank; excitations are spread across many value dimensions."]
+    lines.append(f"    {unsettled}" if reasons else f"    Every d_r's 95% CI is below 90%: settled at {at}.")
+    return lines
+
+
+def _pct(pct: float | None) -> str:
+    return "n/a" if pct is None else f"{pct:.1f}%"
+
+
+def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None:
+    """The scan's printed report, from its results dict alone (the run and ``nqpq report`` both call it)."""
+    cfg = results["config"]
+    ppl_fp, d_rs = results["ppl_baseline"], cfg["d_r"]
+    say(f"[scan] {cfg['model']}: {cfg['family']}, Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} "
+        f"D={cfg['head_dim']}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
+    say(f" blocks: {describe_blocks(cfg)}")
+    for line in describe_calibration(cfg):
+        say(line)
+    sinks = results.get("sinks", [])
+    for line in describe_sink(results.get("sink_tokens", 0), [e["sink_tokens"] for e in sinks]):
+        say(line)
+    say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
+    say(" recovered % of the top-1 loss by d_r:")
+    say(f" {'layer':>5} | {'top-1 PPL':>9} {'dPPL':>8} | " + " ".join(f"{f'd_r={d}':>7}" for d in d_rs)
+        + f" | {'r90':>5} {'top-1 p':>7}")
+    for e in results["layers"]:
+        recovered = " ".join(f"{_pct(c['recovered_pct']):>7}" for c in e["curve"])
+        say(f" {e['layer']:5d} | {e['ppl_top1']:9.3f} {e['ppl_top1'] - ppl_fp:+8.3f} | {recovered} | "
+            f"{e['r90_mean']:5.1f} {e['top1_prob_mean']:7.4f}")
+    say(" 95% CI of top-1 dPPL and of recovered % by d_r (* : the interval crosses 90%):")
+    for e in results["layers"]:
+        cis = " ".join(f"d_r={c['d_r']} {format_ci(c['recovered_pct_ci95'], '.1f')}{crosses_target(c)}"
+                       for c in e["curve"])
+        say(f" {e['layer']:5d} | dPPL {format_ci(e['top1_delta_ppl_ci95'])} | {cis}")
+    for line in interval_notes(results["bootstrap"], [c["recovered_pct_ci95"] for e in results["layers"]
+                                                      for c in e["curve"]]):
+        say(line)
+    if cfg["calibration"]["draws"] > 1:
+        say(f" recovered % per calibration draw ({cfg['calibration']['draws']} bases; spread = max - min):")
+        for e in results["layers"]:
+            per_draw = " | ".join(
+                f"d_r={c['d_r']} " + " ".join(_pct(r) for r in c["recovered_pct_draws"])
+                + (f" (spread {c['recovered_pct_spread']:.1f})" if c["recovered_pct_spread"] is not None else "")
+                for c in e["curve"])
+            say(f" {e['layer']:5d} | {per_draw}")
+    else:
+        say(" calibration variability not measured (one basis; --calib-draws K fits K bases on disjoint held-out "
+            "sets)")
+    say("")
+    for line in format_table(results["crystallinity"]):
+        say(line)
+    for entry in sinks:
+        if entry["sink_tokens"]:
+            for line in format_table(entry["crystallinity"], entry["sink_tokens"]):
+                say(line)
+    if len(sinks) > 1:
+        say("")
+        say(" Sink kept apart, side by side (n = sink tokens; top-1 dPPL, then recovered % by d_r, then mean r90):")
+        say(f" {'layer':>5} | " + " | ".join(f"n={e['sink_tokens']}: dPPL " + " ".join(f"d_r={d}" for d in d_rs)
+                                             + " r90" for e in sinks))
+        for i, layer in enumerate(e["layer"] for e in results["layers"]):
+            cells = []
+            for e in sinks:
+                row = e["layers"][i]
+                cells.append(f"{row['ppl_top1'] - ppl_fp:+8.3f} " + " ".join(_pct(c["recovered_pct"])
+                                                                            for c in row["curve"])
+                             + f" {row['r90_mean']:.1f}")
+            say(f" {layer:5d} | " + " | ".join(cells))
+    if cfg["random_weights"]:
+        say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")

@@ -28,39 +28,22 @@ from collections.abc import Callable
 
 import torch
 
-from .crystallinity import format_table, layer_means
+from .batching import default_batch_size, gather_losses, plan_batches
+from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
+from .crystallinity import layer_means
 from .evaluate import PrefixRunner, ppl_from_losses
 from .integration import crystallize
+from .report import SCAN_FORMAT_VERSION, print_scan_report
 from .stats import delta_ppl_ci, resample_indices
 from .sweep import (
-    RECOVERY_TARGET,
     BaselineObservation,
-    SweepConfig,
-    _check_model_fit,
-    _gather_losses,
-    _plan_batches,
-    bootstrap_info,
     calibration_sets,
-    check_flags,
-    curve_entry,
-    default_batch_size,
-    describe_blocks,
-    describe_calibration,
-    describe_sink,
-    finite_baseline,
     fit_bases,
-    format_ci,
-    interval_notes,
     make_blocks_checked,
     open_run,
     results_config,
-    sink_settings,
-    sweep_ranks,
-    with_draws,
 )
-
-# results.json layout; `nqpq report` refuses others. 2: calibration source and draws, bootstrap intervals, block losses.
-SCAN_FORMAT_VERSION = 2
+from .verdict import bootstrap_info, curve_entry, finite_baseline, with_draws
 
 
 def run_scan(
@@ -89,9 +72,9 @@ def run_scan(
     model, device, say = run.model, run.device, run.say
     parts = model_parts(model)
     layers = tuple(sorted(parts.attn_layers if cfg.layers is None else cfg.layers))
-    _check_model_fit(cfg, parts, layers, [])
+    check_model_fit(cfg, parts, layers, [])
     d_rs = sweep_ranks(cfg, parts.smallest("v_dim", layers))
-    _check_model_fit(cfg, parts, layers, d_rs)
+    check_model_fit(cfg, parts, layers, d_rs)
     blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
     calibrations = calibration_sets(cfg, run)
     timings["load_s"] = time.perf_counter() - t0
@@ -103,13 +86,13 @@ def run_scan(
         n_records=len(layers))
     # The spec's choice calibrates on the leading scored blocks, in batches of their own during the baseline pass.
     eval_calib = cfg.calib_blocks if calibrations[0].blocks is None else 0
-    batches, n_calib_batches = _plan_batches(cfg.n_blocks, eval_calib, batch_size)
+    batches, n_calib_batches = plan_batches(cfg.n_blocks, eval_calib, batch_size)
     runner = PrefixRunner(model, blocks, batches, start=layers)
     n_local = sum(len(b) for b in batches)
     show = cfg.progress and run.is_main
 
     def synced_losses(local: torch.Tensor) -> torch.Tensor:
-        losses = _gather_losses(local, batches, cfg.n_blocks)
+        losses = gather_losses(local, batches, cfg.n_blocks)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return losses
@@ -190,75 +173,3 @@ def run_scan(
     print_scan_report(results, say)
     return results
 
-
-def crosses_target(entry: dict) -> str:
-    """"*" when the entry's recovered-% interval has 90 % inside it (the data cannot tell which side it is on)."""
-    ci = entry["recovered_pct_ci95"]
-    return "*" if ci is not None and ci[0] < RECOVERY_TARGET <= ci[1] else ""
-
-
-def _pct(pct: float | None) -> str:
-    return "n/a" if pct is None else f"{pct:.1f}%"
-
-
-def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None:
-    """The scan's printed report, from its results dict alone (the run and ``nqpq report`` both call it)."""
-    cfg = results["config"]
-    ppl_fp, d_rs = results["ppl_baseline"], cfg["d_r"]
-    say(f"[scan] {cfg['model']}: {cfg['family']}, Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} "
-        f"D={cfg['head_dim']}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
-    say(f" blocks: {describe_blocks(cfg)}")
-    for line in describe_calibration(cfg):
-        say(line)
-    sinks = results.get("sinks", [])
-    for line in describe_sink(results.get("sink_tokens", 0), [e["sink_tokens"] for e in sinks]):
-        say(line)
-    say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
-    say(" recovered % of the top-1 loss by d_r:")
-    say(f" {'layer':>5} | {'top-1 PPL':>9} {'dPPL':>8} | " + " ".join(f"{f'd_r={d}':>7}" for d in d_rs)
-        + f" | {'r90':>5} {'top-1 p':>7}")
-    for e in results["layers"]:
-        recovered = " ".join(f"{_pct(c['recovered_pct']):>7}" for c in e["curve"])
-        say(f" {e['layer']:5d} | {e['ppl_top1']:9.3f} {e['ppl_top1'] - ppl_fp:+8.3f} | {recovered} | "
-            f"{e['r90_mean']:5.1f} {e['top1_prob_mean']:7.4f}")
-    say(" 95% CI of top-1 dPPL and of recovered % by d_r (* : the interval crosses 90%):")
-    for e in results["layers"]:
-        cis = " ".join(f"d_r={c['d_r']} {format_ci(c['recovered_pct_ci95'], '.1f')}{crosses_target(c)}"
-                       for c in e["curve"])
-        say(f" {e['layer']:5d} | dPPL {format_ci(e['top1_delta_ppl_ci95'])} | {cis}")
-    for line in interval_notes(results["bootstrap"], [c["recovered_pct_ci95"] for e in results["layers"]
-                                                      for c in e["curve"]]):
-        say(line)
-    if cfg["calibration"]["draws"] > 1:
-        say(f" recovered % per calibration draw ({cfg['calibration']['draws']} bases; spread = max - min):")
-        for e in results["layers"]:
-            per_draw = " | ".join(
-                f"d_r={c['d_r']} " + " ".join(_pct(r) for r in c["recovered_pct_draws"])
-                + (f" (spread {c['recovered_pct_spread']:.1f})" if c["recovered_pct_spread"] is not None else "")
-                for c in e["curve"])
-            say(f" {e['layer']:5d} | {per_draw}")
-    else:
-        say(" calibration variability not measured (one basis; --calib-draws K fits K bases on disjoint held-out "
-            "sets)")
-    say("")
-    for line in format_table(results["crystallinity"]):
-        say(line)
-    for entry in sinks:
-        if entry["sink_tokens"]:
-            for line in format_table(entry["crystallinity"], entry["sink_tokens"]):
-                say(line)
-    if len(sinks) > 1:
-        say("")
-        say(" Sink kept apart, side by side (n = sink tokens; top-1 dPPL, then recovered % by d_r, then mean r90):")
-        say(f" {'layer':>5} | " + " | ".join(f"n={e['sink_tokens']}: dPPL " + " ".join(f"d_r={d}" for d in d_rs)
-                                             + " r90" for e in sinks))
-        for i, layer in enumerate(e["layer"] for e in results["layers"]):
-            cells = []
-            for e in sinks:
-                row = e["layers"][i]
-                cells.append(f"{row['ppl_top1'] - ppl_fp:+8.3f} " + " ".join(_pct(c["recovered_pct"])
-                                                                            for c in row["curve"])
-                             + f" {row['r90_mean']:.1f}")
-            say(f" {layer:5d} | " + " | ".join(cells))
-    if cfg["random_weights"]:
-        say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")

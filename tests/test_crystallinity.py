@@ -116,8 +116,9 @@ def test_sweep_reports_crystallinity_of_its_layers(family, tokenizer, token_ids,
     from conftest import REL_SCORE_MARGIN, build_model
     from f64_reference import F64Reference, build_llama
 
+    from nqpq.config import SweepConfig
     from nqpq.report import print_report
-    from nqpq.sweep import SweepConfig, run_sweep
+    from nqpq.sweep import run_sweep
 
     model = build_model("eager", vocab_size=len(tokenizer)) if family == "gpt2" else build_llama(len(tokenizer))
     n_blocks, seq_len = 3, 16

@@ -16,10 +16,12 @@ import torch
 from conftest import wikitext_text
 from test_sweep import save_family, tiny_llama
 
+from nqpq.batching import default_batch_size
 from nqpq.cli import main
+from nqpq.config import SweepConfig
 from nqpq.data import NqpqError
 from nqpq.devices import execution_device, input_device, parse_max_memory
-from nqpq.sweep import SweepConfig, default_batch_size, run_sweep
+from nqpq.sweep import run_sweep
 
 GIB = 1 << 30
 
@@ -219,14 +221,14 @@ def test_default_batch_size_finds_the_devices_of_a_mapped_model(saved, tmp_path,
     """Given a dispatched model's parts, every device its modules compute on is measured."""
     from transformers import AutoModelForCausalLM
 
-    from nqpq import sweep
+    from nqpq import batching
     from nqpq.models import model_parts
 
     _, dirs, _ = saved
     mapped = AutoModelForCausalLM.from_pretrained(dirs["llama"], device_map=MAPS["llama"],
                                                   offload_folder=str(tmp_path / "off")).eval()
     asked = []
-    monkeypatch.setattr(sweep, "free_memory", lambda dev: asked.append(dev) or 8 * GIB)
+    monkeypatch.setattr(batching, "free_memory", lambda dev: asked.append(dev) or 8 * GIB)
     default_batch_size(torch.device("cpu"), model_parts(mapped), 32, 4, torch.float32)
     assert asked == [torch.device("cpu")]  # disk-offloaded layers compute on the cpu: one device, measured once
 

@@ -537,3 +537,24 @@ def test_a_body_that_changes_the_hidden_state_between_layers_is_refused():
     runner = PrefixRunner(model, census_blocks(2), [slice(0, 2)], start=0)
     with pytest.raises(UnsupportedModelError, match="changes the hidden state between its layers"):
         runner.capture_baseline()
+
+
+@torch.no_grad()
+def test_hybrid_sweep_and_scan_take_the_attention_layers():
+    """The sweep's --layers defaults to the last quarter of the attention layers, the scan covers the attention
+    layers, and asking for another layer is a one-line error (CLI exit 2) naming the attention layers."""
+    from nqpq.config import SweepConfig
+    from nqpq.data import NqpqError
+    from nqpq.scan import run_scan
+    from nqpq.sweep import run_sweep
+
+    model = census_model("qwen3_next")
+    ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))
+    common = dict(d_r=(1, 4), n_blocks=4, seq_len=24, calib_blocks=2, device="cpu", batch_size=2, progress=False,
+                  backend="torch")
+    results = run_sweep(SweepConfig(**common), model=model, ids=ids, log=lambda *_: None)
+    assert results["config"]["layers"] == [3] and results["config"]["attn_layers"] == [3]
+    scan = run_scan(SweepConfig(**common), model=model, ids=ids, log=lambda *_: None)
+    assert [row["layer"] for row in scan["layers"]] == [3]
+    with pytest.raises(NqpqError, match=r"--layers 1 is not an attention layer .* attention layers are 3 "):
+        run_sweep(SweepConfig(layers=(1,), **common), model=model, ids=ids, log=lambda *_: None)

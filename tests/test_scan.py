@@ -16,9 +16,10 @@ from f64_reference import F64Reference, build_llama
 
 import nqpq.scan
 from nqpq import calibrate, crystallize, perplexity
+from nqpq.batching import default_batch_size
 from nqpq.cli import main as cli_main
+from nqpq.config import SweepConfig
 from nqpq.scan import run_scan
-from nqpq.sweep import SweepConfig, default_batch_size
 
 SEQ_LEN, N_BLOCKS, CALIB = 16, 4, 2
 D_R = (1, 4)

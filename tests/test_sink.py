@@ -108,7 +108,7 @@ def test_sink_tokens_checked_before_anything_is_attached(tokenizer):
 
 
 def sweep_config(**kwargs):
-    from nqpq.sweep import SweepConfig
+    from nqpq.config import SweepConfig
 
     settings = dict(model="tiny", layers=LAYERS, d_r=(2,), n_blocks=N_BLOCKS, seq_len=SEQ_LEN, calib_blocks=1,
                     calib_from="eval", batch_size=2, device="cpu", backend="torch", progress=False)

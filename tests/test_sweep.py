@@ -11,20 +11,14 @@ import pytest
 import torch
 from conftest import HEAD_DIM, REL_SCORE_MARGIN, build_model
 
+from nqpq.batching import default_batch_size, free_memory
+from nqpq.config import SweepConfig, sweep_ranks
 from nqpq.data import NqpqError
 from nqpq.report import write_results
 from nqpq.scan import run_scan
-from nqpq.sweep import (
-    INCONCLUSIVE,
-    NOT_FINITE,
-    SweepConfig,
-    _verdict,
-    default_batch_size,
-    free_memory,
-    recovered_pct,
-    run_sweep,
-    sweep_ranks,
-)
+from nqpq.sweep import run_sweep
+from nqpq.verdict import INCONCLUSIVE, NOT_FINITE, recovered_pct
+from nqpq.verdict import verdict as _verdict
 
 GIB = 1 << 30
 
@@ -458,7 +452,7 @@ def test_verdict_carries_its_interval_and_whether_it_is_settled(curve, draws, wa
 
 
 def test_verdict_lines_say_how_sure_they_are():
-    from nqpq.sweep import verdict_lines
+    from nqpq.report import verdict_lines
 
     def lines(curve, draws=None):
         return "\n".join(verdict_lines(_verdict(curve, 20.0, 25.0, n_blocks=30, draws_d_r_min=draws), curve, 64, 5.0))
