@@ -258,13 +258,18 @@ def test_sweep_and_scan_end_to_end(family, tokenizer, tmp_path, capsys):
     assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
     if geo.learned_sink:
         assert all(e["sink_mass_mean"] > 0 for e in results["crystallinity"])
-    capsys.readouterr()
+    report = capsys.readouterr().out
+    widths = f"D={geo.v_dim}" if geo.qk_dim == geo.v_dim else f"D_qk={geo.qk_dim}, D_v={geo.v_dim}"
+    widths += ", learned sinks" if geo.learned_sink else ""
+    assert widths in report
+    assert cfg["learned_sink"] is geo.learned_sink
     assert main(["sweep", *common, "--layers", str(layer), "--d-r", str(geo.v_dim + 1),
                  "--out", str(tmp_path / "bad")]) == 2
     assert f"0..{geo.v_dim}" in capsys.readouterr().err
 
     out = tmp_path / "scan"
     assert main(["scan", *common, "--d-r", "2", "--out", str(out)]) == 0
+    assert f"{widths}; " in capsys.readouterr().out
     scan = json.loads((out / "results.json").read_text())
     assert [e["layer"] for e in scan["layers"]] == list(parts.attn_layers)
     assert all(math.isfinite(e["ppl_top1"]) for e in scan["layers"])
