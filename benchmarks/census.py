@@ -86,6 +86,7 @@ _FILL_NONE = {"head_dim": 16, "num_key_value_heads": 2, "num_experts_per_tok": 2
 _FAMILY_KWARGS = {
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]},
     "bamba": {"attn_layer_indices": [2, 5]},
+    "zamba2": {"layers_block_type": ["linear_attention", "linear_attention", "hybrid"] * 2},
     "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
     # the last two layers reuse the keys and values of the last layer of their type before them
     "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"] * 3, "num_kv_shared_layers": 2},

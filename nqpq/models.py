@@ -318,6 +318,15 @@ def model_parts(model: nn.Module) -> ModelParts:
             f"{name}: its attention does not go through transformers' AttentionInterface, which nqpq hooks into "
             "(no module of its decoder layers looks its attention function up there)"
         )
+    shared = {}
+    for i, a in attn.items():
+        shared.setdefault(id(a), []).append(i)
+    shared = [layers_ for layers_ in shared.values() if len(layers_) > 1]
+    if shared:
+        raise UnsupportedModelError(
+            f"{name}: layers {shared[0]} share one attention module (a shared transformer block); crystallizing one "
+            "of them would crystallize them all, and nqpq crystallizes one layer's own module"
+        )
     if not all(getattr(a, "is_causal", True) for a in attn.values()):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
