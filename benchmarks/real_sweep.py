@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from benchmarks.common import run_tags, write_csv
 from nqpq.config import SweepConfig, sweep_ranks
 from nqpq.evaluate import lm_losses, ppl_from_losses
-from nqpq.models import model_parts
+from nqpq.models import after_layers, model_parts
 from nqpq.sweep import make_blocks_checked, open_run, run_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,7 +110,12 @@ def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int) -> d
     out = {"forward_body_s": 0.0, "forward_head_s": 0.0, "replay_layers_s": 0.0, "replay_head_s": 0.0,
            "lm_losses_s": 0.0}
     losses = []
+    def keep_last(module, args, output):
+        seen["last"] = output[0] if isinstance(output, tuple) else output
+
     handle = parts.layers[start].register_forward_pre_hook(grab, with_kwargs=True)
+    last_handle = parts.layers[-1].register_forward_hook(keep_last)
+    after = None
     try:
         for batch in batches:
             _sync(device)
@@ -118,6 +123,7 @@ def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int) -> d
             hidden = parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
             _sync(device)
             t1 = time.perf_counter()
+            after = after or after_layers(parts, seen.pop("last"), hidden)  # what follows the layers
             losses.append(head_losses(parts, hidden, batch))
             _sync(device)
             out["forward_body_s"] += t1 - t
@@ -126,6 +132,7 @@ def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int) -> d
             finals.append(hidden)
     finally:
         handle.remove()
+        last_handle.remove()
     out["ppl_forward"] = ppl_from_losses(torch.cat(losses))
 
     replay_ppls = []
@@ -137,7 +144,7 @@ def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int) -> d
             for layer in parts.layers[start:]:
                 o = layer(hidden, *rest, **kwargs)
                 hidden = o[0] if isinstance(o, tuple) else o
-            hidden = parts.final_norm(hidden)
+            hidden = after(hidden)
             _sync(device)
             t1 = time.perf_counter()
             losses.append(head_losses(parts, hidden, batch))
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks + n_calib, run.bos_id)
     load_s = time.perf_counter() - t
     parts = model_parts(run.model)
-    assert sweep_ranks(cfg, parts.head_dim) == d_rs
+    assert sweep_ranks(cfg, parts.smallest("v_dim", tuple(layers))) == d_rs
     cpu = time.process_time()
     fl = floor(run.model, blocks[: cfg.n_blocks], batch_size, min(layers), k)
     calib_s = calibration_pass(run.model, blocks[cfg.n_blocks :], batch_size, max(layers)) if n_calib else 0.0

@@ -67,7 +67,8 @@ def sizing_rows(g: Geometry, cards: list[int], card_gib: float, *, dtype: torch.
                 n_ranks: int, overhead_gib: float, tflops: float, efficiency: float) -> list[dict]:
     elem = torch.finfo(dtype).bits // 8
     weights = g.params() * elem
-    parts = SimpleNamespace(n_heads=g.heads, n_kv_heads=g.kv_heads, head_dim=g.head_dim,
+    widest = {"n_heads": g.heads, "n_kv_heads": g.kv_heads, "qk_dim": g.head_dim, "v_dim": g.head_dim}
+    parts = SimpleNamespace(largest=lambda field, layers=None: widest[field],
                             lm_head=SimpleNamespace(weight=torch.empty(g.vocab, g.hidden, device="meta")))
     crystallized = max(1, g.layers // 4)  # the sweep's default: the last quarter
     tokens = n_blocks * seq_len

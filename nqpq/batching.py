@@ -42,7 +42,7 @@ def batch_bytes_per_block(parts, hidden: int, seq_len: int, dtype: torch.dtype) 
     - the kernel's Gram partials: [Hq · ⌈T/16⌉, D, D] fp32 (the smallest row tile), when calibrating.
     """
     elem = torch.finfo(dtype).bits // 8
-    T, H, D = seq_len, parts.n_heads, parts.head_dim
+    T, H, D = seq_len, parts.largest("n_heads"), max(parts.largest("qk_dim"), parts.largest("v_dim"))
     activations = 16 * T * hidden * elem
     eager_scores = 2 * H * T * T * elem
     reference = 2 * H * T * T * 4 + 2 * H * T * D * 4
@@ -65,7 +65,7 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
     ``device``) and the tightest decides. Each device is charged a whole block's activations and, conservatively,
     the whole record and head copy. ``free``: bytes free, one number for every device or a mapping per device
     (measured with ``free_memory`` where missing)."""
-    hidden = hidden or parts.n_heads * parts.head_dim
+    hidden = hidden or parts.largest("n_heads") * parts.largest("v_dim")
     record = n_records * n_blocks * seq_len * hidden * (torch.finfo(dtype).bits // 8)
     head_fp32 = 0 if dtype == torch.float32 else parts.lm_head.weight.numel() * 4
     per_block = batch_bytes_per_block(parts, hidden, seq_len, dtype)
@@ -78,7 +78,7 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
         fits.append(budget // per_block)
     fit = min(fits)
     if any(dev.type == "cuda" for dev in used):
-        fit = min(fit, CUDA_GRID_Y // parts.n_heads)
+        fit = min(fit, CUDA_GRID_Y // parts.largest("n_heads"))
     return max(1, min(n_blocks, fit))
 
 

@@ -157,9 +157,11 @@ def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequen
     bad = [li for li in layers if not 0 <= li < parts.n_layers]
     if bad:
         raise NqpqError(f"--layers {bad}: the model has layers 0..{parts.n_layers - 1}")
-    bad = [d for d in d_rs if not 0 <= d <= parts.head_dim]
+    parts.check_attention_layers(layers, "--layers")
+    D = parts.smallest("v_dim", layers)
+    bad = [d for d in d_rs if not 0 <= d <= D]
     if bad:
-        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{parts.head_dim} (the head dimension)")
+        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{D} (the head dimension)")
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
 

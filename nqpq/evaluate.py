@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .devices import execution_device, input_device, weights_on_device
-from .models import ModelParts, UnsupportedModelError, as_index, model_parts
+from .models import ModelParts, UnsupportedModelError, after_layers, as_index, model_parts
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
 # never materialises [batch, T, vocab] at once.
@@ -184,10 +184,12 @@ class PrefixRunner:
 
     ``capture_baseline`` runs the untouched model once per batch and records the hidden states entering
     each start layer, together with the exact arguments the model hands each layer from the lowest start
-    up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks). It
-    returns the baseline losses. ``losses(start=s)`` then replays only layers ``s..`` + final norm + LM head
-    from that record, under whatever crystallization is active: the same computation as a full forward
-    pass, without the unchanged lower layers.
+    up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks; a hybrid
+    hands its linear-attention or SSM layers their own). It returns the baseline losses. ``losses(start=s)``
+    then replays only layers ``s..`` (every one, attention or not, from its own start, without a cache) + what
+    the body applies after its last layer (``nqpq.models.after_layers``: found from the baseline pass) + LM head
+    from that record, under whatever crystallization is active: the same computation as a full forward pass,
+    without the unchanged lower layers.
 
     Memory: layer arguments equal across batches of one shape (the masks, the rotary tables) are kept
     once, not once per batch. Recorded hidden states stay on the device up to ``record_budget`` bytes
@@ -226,8 +228,12 @@ class PrefixRunner:
         self._layer_device = [execution_device(layer) for layer in self.parts.layers]
         self.record_budget = record_budget
         self._hidden: list[dict[int, Tensor]] = []  # per batch: start layer → hidden state entering it
-        self._args: list[list[tuple[bool, tuple, dict]]] = []  # per batch, per layer from self.start
-        self._shared: dict[tuple, list[list[tuple[bool, tuple, dict]]]] = {}  # batch shape → distinct records
+        self._args: list[list[tuple[int, bool, tuple, dict]]] = []  # per batch: (layer, positional, rest, kwargs)
+        # per layer call from the lowest start on
+        self._shared: dict[tuple, list[list[tuple[int, bool, tuple, dict]]]] = {}  # batch shape → distinct records
+        self._after = None  # what the body applies after its last layer, found by the first baseline batch
+        self._order: tuple[int, ...] | None = None  # the layers the body calls, in order, from the lowest start
+        self._first: dict[int, int] = {}  # start layer → its first call in that order
 
     def _budget(self, device: torch.device) -> int:
         if self.record_budget is not None:
@@ -236,7 +242,7 @@ class PrefixRunner:
             return torch.cuda.mem_get_info(device)[0] // 4
         return 1 << 62  # the device is the host: nothing to move
 
-    def _share(self, shape: tuple, layer_args: list[tuple[bool, tuple, dict]]) -> list[tuple[bool, tuple, dict]]:
+    def _share(self, shape: tuple, layer_args: list[tuple]) -> list[tuple]:
         """One stored copy of equal per-layer arguments across batches of the same shape."""
         known = self._shared.setdefault(shape, [])
         for candidate in known:
@@ -260,20 +266,36 @@ class PrefixRunner:
 
     @torch.no_grad()
     def capture_baseline(self, progress=None, context_for=None) -> Tensor:
-        """Baseline losses of every batch; ``context_for(i)`` may wrap batch ``i`` (e.g. to observe residuals)."""
+        """Baseline losses of every batch; ``context_for(i)`` may wrap batch ``i`` (e.g. to observe residuals).
+
+        Records the calls the body makes into its layers from the first call of the lowest start layer on, in the
+        order it makes them (a layer the forward skips, as Mllama does its cross-attention layers on text, is
+        not replayed; a layer it calls again is replayed again), and checks that each call takes the previous
+        one's output: a body that changes the hidden state between its layers cannot be replayed and is refused.
+        """
         layers = self.parts.layers
-        seen: dict[int, tuple[bool, Tensor, tuple, dict]] = {}
+        calls: list[tuple[int, bool, Tensor, tuple, dict]] = []  # (layer, positional, hidden, rest, kwargs)
+        last_out: list[Tensor] = []  # the output of the latest layer call
+        broken: list[str] = []
 
         def grab(index):
             def hook(module, args, kwargs):
                 kwargs = dict(kwargs)
                 positional = bool(args)
                 hidden = args[0] if positional else kwargs.pop("hidden_states")
-                seen[index] = (positional, hidden, tuple(args[1:]), kwargs)
+                if not calls and index != self.start:
+                    return None
+                if calls and not broken and not (hidden is last_out[0] or _same(hidden, last_out[0])):
+                    broken.append(f"layer {index} does not take layer {calls[-1][0]}'s output")
+                calls.append((index, positional, hidden, tuple(args[1:]), kwargs))
+                return None
             return hook
 
-        handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True)
-                   for i in range(self.start, self.parts.n_layers)]
+        def keep(module, args, kwargs, out):
+            last_out[:] = [out[0] if isinstance(out, tuple) else out]
+
+        handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles += [layer.register_forward_hook(keep, with_kwargs=True) for layer in layers]
         budgets: dict[torch.device, int] = {}
         on_device: dict[torch.device, int] = {}
         losses = []
@@ -282,17 +304,21 @@ class PrefixRunner:
                 batch = self.blocks[sl].to(self.device)
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
                     hidden = self.parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
+                self._check_calls(calls, broken)
+                if self._after is None:
+                    self._after = after_layers(self.parts, last_out[0], hidden)
                 losses.append(head_losses(self.model, hidden, batch, self.parts))
                 moved: dict = {}  # one copy per (tensor, device): the layers share one mask object
-                layer_args = [(seen[j][0], _to_device(seen[j][2], self._layer_device[j], moved),
-                               _to_device(seen[j][3], self._layer_device[j], moved))
-                              for j in range(self.start, self.parts.n_layers)]
+                layer_args = [(j, positional, _to_device(rest, self._layer_device[j], moved),
+                               _to_device(kwargs, self._layer_device[j], moved))
+                              for j, positional, _, rest, kwargs in calls]
                 self._args.append(self._share(tuple(batch.shape), layer_args))
-                self._hidden.append({s: self._keep(seen[s][1], self._layer_device[s], on_device, budgets)
-                                     for s in self.starts})
+                self._hidden.append({s: self._keep(calls[self._first[s]][2], self._layer_device[s], on_device,
+                                                   budgets) for s in self.starts})
                 # Drop this batch's own copies (a mask _share found equal to the stored one) before the next
                 # forward, so they never coexist with the next batch's activations.
-                seen.clear()
+                calls.clear()
+                last_out.clear()
                 del layer_args, hidden, moved
                 if progress is not None:
                     progress.update(batch.shape[0])
@@ -300,6 +326,24 @@ class PrefixRunner:
             for handle in handles:
                 handle.remove()
         return _cat_losses(losses)
+
+    def _check_calls(self, calls: list, broken: list[str]) -> None:
+        """The recorded layer calls can be replayed: every start layer was run, in the same order each batch, and
+        each call took the previous one's output."""
+        name = type(self.parts.body).__name__
+        order = tuple(c[0] for c in calls)
+        missing = [s for s in self.starts if s not in order]
+        if missing:
+            raise UnsupportedModelError(f"{name}: its forward does not run layer {missing[0]} on text")
+        if broken:
+            raise UnsupportedModelError(
+                f"{name} changes the hidden state between its layers ({broken[0]}); its layers cannot be replayed "
+                "one after another")
+        if self._order is None:
+            self._order = order
+            self._first = {s: order.index(s) for s in self.starts}
+        elif order != self._order:
+            raise UnsupportedModelError(f"{name}: its layers run in a different order for another batch")
 
     def _check_start(self, start: int | None) -> int:
         if start is None:
@@ -311,15 +355,16 @@ class PrefixRunner:
 
     @torch.no_grad()
     def upper_hidden(self, i: int, start: int | None = None) -> Tensor:
-        """Final hidden states (layers ``start..`` + final norm) of batch ``i``."""
+        """Final hidden states (layers ``start..`` + what the body applies after them) of batch ``i``."""
         start = self._check_start(start)
+        if self._after is None:
+            raise RuntimeError("PrefixRunner.capture_baseline must run before the replay")
         hidden = self._hidden[i][start].to(self._layer_device[start], non_blocking=True)
-        for j in range(start, self.parts.n_layers):
-            positional, rest, kwargs = self._args[i][j - self.start]
+        for j, positional, rest, kwargs in self._args[i][self._first[start]:]:
             layer = self.parts.layers[j]
             out = layer(hidden, *rest, **kwargs) if positional else layer(hidden_states=hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.parts.final_norm(hidden)
+        return self._after(hidden)
 
     @torch.no_grad()
     def losses(self, progress=None, start: int | None = None) -> Tensor:

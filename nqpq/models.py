@@ -1,22 +1,27 @@
 """The pieces of a decoder-only Hugging Face model that nqpq needs, found without a table of class names.
 
-transformers already says most of it: ``get_decoder()`` is the body, ``get_output_embeddings()`` the LM
-head, the config carries the head counts (``attribute_map`` maps GPT-2's ``n_head`` and friends), the
-logit soft-caps and the sliding windows. What it does not say directly is found structurally:
+transformers already says most of it: ``get_decoder()`` is the body (under a multimodal wrapper: its language
+model), ``get_output_embeddings()`` the LM head, ``config.get_text_config(decoder=True)`` the text config with
+the layer count, the logit soft-caps and the sliding windows. What it does not say directly is found
+structurally:
 
-- the decoder layers are the body's ``nn.ModuleList`` with ``config.num_hidden_layers`` entries;
+- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries;
 - a layer's attention module is the submodule whose ``forward`` looks its function up in
-  ``ALL_ATTENTION_FUNCTIONS`` (that lookup is what crystallization hooks into; a model without it does
-  not go through the attention interface and is refused);
-- the final norm is the one child of the body with parameters registered after the layers.
-
-``head_dim`` comes from the attention module (Gemma 2: 256, not hidden 2304 / 8 heads).
+  ``ALL_ATTENTION_FUNCTIONS`` (that lookup is what crystallization hooks into). A layer without one is not an
+  attention layer (the linear-attention, SSM or recurrent layers of a hybrid); a model without any does not go
+  through the attention interface and is refused, and so is a layer with two (a cross-attention beside the
+  self-attention);
+- the geometry is read per attention layer from its module (Gemma 4: head_dim per layer; dots3: heads per
+  layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
+- what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
+  is found by ``after_layers`` from one forward's own values.
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,8 @@ from .errors import NqpqError
 
 # The name the attention modules of transformers look their attention function up in.
 _INTERFACE_LOOKUP = "ALL_ATTENTION_FUNCTIONS"
+# The keyword under which transformers' attention modules hand their function a learned sink logit per head.
+_SINK_KWARG = "s_aux"
 
 
 class UnsupportedModelError(NqpqError):
@@ -34,25 +41,69 @@ class UnsupportedModelError(NqpqError):
 
 
 @dataclass(frozen=True)
-class ModelParts:
-    """Where things are in a decoder-only causal LM, and its attention geometry."""
+class LayerGeometry:
+    """The attention geometry of one layer, as its module hands q, k, v to the attention function."""
 
-    family: str  # config.model_type
-    layers: nn.ModuleList  # the decoder layers
-    attn: list[nn.Module]  # the attention module of each layer
-    body: nn.Module  # the base model: body(input_ids=..., use_cache=False).last_hidden_state
-    final_norm: nn.Module  # applied to the last layer's output
+    n_heads: int  # query heads Hq
+    n_kv_heads: int  # key/value heads Hkv (Hq % Hkv == 0)
+    qk_dim: int  # width of q and k (multi-head latent attention: nope + rope width)
+    v_dim: int  # width of v, ctx, V[i*], ε, the residual basis and the Gram
+    sliding_window: int | None  # keys i − w < j <= i, or None for full causal
+    learned_sink: bool  # the module adds one learned logit per head to the softmax (gpt-oss ``sinks``)
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Where things are in a decoder-only causal LM, and the attention geometry of each attention layer.
+
+    Layer indices are the model's own (``layers[i]``); ``attn_layers`` are those whose attention goes through
+    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them.
+    """
+
+    family: str  # model_type of the text model (Gemma 3's wrapper: gemma3_text)
+    wrapper: str | None  # the multimodal wrapper's model_type when the text model sits inside one, else None
+    layers: nn.ModuleList  # every decoder layer
+    attn_layers: tuple[int, ...]  # the layers with an attention module going through the interface
+    attn: dict[int, nn.Module]  # attention layer → its attention module
+    geometry: dict[int, LayerGeometry]  # attention layer → its geometry
+    body: nn.Module  # the base (text) model: body(input_ids=..., use_cache=False).last_hidden_state
     lm_head: nn.Module  # model.get_output_embeddings()
     logit_scale: float | None  # logits → logits · scale (Cohere: logit_scale; Granite: 1 / logits_scaling)
     final_logit_softcap: float | None  # logits → c·tanh(logits / c) (Gemma 2)
-    n_layers: int
-    n_heads: int  # query heads Hq
-    n_kv_heads: int  # key/value heads Hkv (Hq % Hkv == 0)
-    head_dim: int  # D
+    n_layers: int  # len(layers)
     max_positions: int | None
-    sliding_window: list[int | None]  # per layer: keys i − w < j <= i, or None for full causal
     attn_softcap: float | None  # scores → c·tanh(s / c) before masking (Gemma 2)
-    default_layers: tuple[int, ...]  # the last quarter of the layers (GPT-2 small: 9, 10, 11)
+    default_layers: tuple[int, ...]  # the last quarter of the attention layers (GPT-2 small: 9, 10, 11)
+
+    def largest(self, field: str, layers: tuple[int, ...] | None = None) -> int:
+        """The largest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for sizing."""
+        return max(getattr(self.geometry[li], field) for li in (self.attn_layers if layers is None else layers))
+
+    def smallest(self, field: str, layers: tuple[int, ...] | None = None) -> int:
+        """The smallest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for bounds."""
+        return min(getattr(self.geometry[li], field) for li in (self.attn_layers if layers is None else layers))
+
+    def check_attention_layers(self, layers, what: str = "layer") -> None:
+        """Raise ``UnsupportedModelError`` naming the attention layers when one of ``layers`` is not one."""
+        bad = [li for li in layers if li not in self.attn]
+        if bad:
+            raise UnsupportedModelError(
+                f"{what} {bad[0]} is not an attention layer of this {self.family} model: its attention layers "
+                f"are {_ranges(self.attn_layers)} (of layers 0..{self.n_layers - 1})"
+            )
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """``0-3, 5, 7-9``: a compact list of layer indices."""
+    out, run = [], []
+    for i in indices:
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
 
 
 def as_index(value: object, what: str) -> int:
@@ -66,51 +117,128 @@ def as_index(value: object, what: str) -> int:
     raise ValueError(f"{what} must be an int, got {type(value).__name__}")
 
 
-def _uses_attention_interface(module: nn.Module) -> bool:
+def _forward_code(module: nn.Module):
     forward = inspect.unwrap(type(module).forward)
-    code = getattr(forward, "__code__", None)
+    return getattr(forward, "__code__", None)
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    code = _forward_code(module)
     return code is not None and _INTERFACE_LOOKUP in code.co_names
+
+
+def _passes_learned_sink(module: nn.Module) -> bool:
+    """Whether the module's forward hands its attention function ``s_aux=`` (a keyword name of one of its calls)."""
+    code = _forward_code(module)
+    if code is None:
+        return False
+    return any(_SINK_KWARG == c or (isinstance(c, tuple) and _SINK_KWARG in c) for c in code.co_consts)
 
 
 def _decoder_layers(body: nn.Module, n_layers: int, name: str) -> nn.ModuleList:
     found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
+        found = [m for child in body.children() for m in child.children()
+                 if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if len(found) != 1:
         raise UnsupportedModelError(
-            f"{name}: cannot find its decoder layers (one nn.ModuleList of config.num_hidden_layers={n_layers} "
+            f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} "
             f"modules in {type(body).__name__}); found {len(found)}"
         )
     return found[0]
 
 
-def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module:
-    found = [m for m in layer.modules() if _uses_attention_interface(m)]
+def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Module:
+    """The base text model: ``get_decoder()``, or (a causal LM whose ``base_model_prefix`` does not name its base
+    model: Llama 4) the one submodule holding the decoder layers under the text config."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(body, nn.Module) and body is not model:
+        return body
+    holders = [m for m in model.modules() if m is not model
+               and any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in m.children())]
+    own = [m for m in holders if getattr(m, "config", None) is text_config]
+    found = own if own else holders
     if len(found) != 1:
         raise UnsupportedModelError(
-            f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
-            "transformers' AttentionInterface; nqpq needs exactly one (attention computed outside the "
-            "interface cannot be crystallized)"
+            f"{name}: get_decoder() does not give the base model under the LM head, and {len(found)} of its "
+            f"submodules hold {n_layers} layers"
         )
     return found[0]
 
 
-def _final_norm(body: nn.Module, layers: nn.ModuleList, name: str) -> nn.Module:
-    children = list(body.children())
-    after = [m for m in children[children.index(layers) + 1 :] if any(True for _ in m.parameters())]
-    if len(after) != 1:
+def _is_cross_attention(module: nn.Module) -> bool:
+    """Whether the module attends to another sequence (its forward takes the states it attends to)."""
+    own = getattr(module, "is_cross_attention", None)
+    if isinstance(own, bool):  # GPT-2's attention takes encoder_hidden_states but says which one it is
+        return own
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p in params for p in ("cross_attention_states", "encoder_hidden_states"))
+
+
+def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | None:
+    """The layer's self-attention module, or None for a layer without one (a hybrid's SSM layer, or Mllama's
+    cross-attention layers, which attend to image states and which a text-only forward skips)."""
+    found = [m for m in layer.modules() if _uses_attention_interface(m)]
+    if len(found) > 1:
         raise UnsupportedModelError(
-            f"{name}: expected one module with parameters (the final norm) after the decoder layers in "
-            f"{type(body).__name__}, found {[type(m).__name__ for m in after]}"
+            f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
+            "transformers' AttentionInterface (a cross-attention beside the self-attention?); nqpq needs one"
         )
-    return after[0]
+    return found[0] if found and not _is_cross_attention(found[0]) else None
 
 
-def _head_dim(attn: nn.Module, config) -> int | None:
-    """The head dimension the attention module reshapes to (GPT-NeoX calls it head_size)."""
-    for owner, key in ((attn, "head_dim"), (attn, "head_size"), (config, "head_dim")):
-        value = getattr(owner, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+def _get(owner, key: str):
+    """``getattr(owner, key, None)``, also None where a config refuses the read (dots3's per-layer values)."""
+    try:
+        return getattr(owner, key, None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _int_attr(owners, keys, index: int) -> int | None:
+    """The first positive int among ``owner.key`` (a per-layer list is indexed by the layer)."""
+    for owner in owners:
+        for key in keys:
+            value = _get(owner, key)
+            if isinstance(value, (list, tuple)) and len(value) > index:
+                value = value[index]
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
+
+
+def _layer_geometry(attn: nn.Module, config, index: int, name: str) -> LayerGeometry:
+    """The geometry the layer's attention module hands the attention function, read from the module first (it
+    knows its own layer: Gemma 4's head_dim, dots3's head counts), then from the config."""
+    own = getattr(attn, "config", None)
+    owners = (attn,) if own is None or own is config else (attn, own)
+    head_dim = _int_attr(owners + (config,), ("head_dim", "head_size", "attention_head_size"), index)
+    # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...): the module names both widths; its config's
+    # head_dim is then the rotary width, not a head width.
+    qk_dim = _int_attr((attn,), ("qk_head_dim",), index) or head_dim
+    v_dim = _int_attr((attn,), ("v_head_dim",), index) or head_dim
+    n_heads = _int_attr((attn,), ("num_heads", "num_attention_heads", "n_heads"), index) or _int_attr(
+        owners[1:] + (config,), ("num_attention_heads",), index)
+    n_kv = _int_attr((attn,), ("num_key_value_heads", "num_kv_heads", "n_kv_heads"), index)
+    groups = _int_attr((attn,), ("num_key_value_groups",), index)
+    if n_kv is None and groups is not None and n_heads is not None:
+        n_kv = n_heads // groups
+    if n_kv is None:
+        n_kv = _int_attr(owners[1:] + (config,), ("num_key_value_heads",), index) or n_heads
+    if None in (qk_dim, v_dim, n_heads):
+        raise UnsupportedModelError(
+            f"{name}: cannot read layer {index}'s attention geometry from {type(attn).__name__} "
+            f"(heads {n_heads}, q/k width {qk_dim}, v width {v_dim})"
+        )
+    if n_kv < 1 or n_heads % n_kv:
+        raise UnsupportedModelError(
+            f"{name}: layer {index} has {n_heads} query heads, not a multiple of {n_kv} kv heads")
+    # The code passes s_aux on every layer; MiMo-V2-Flash's full-attention layers pass None (their ``sinks``).
+    learned_sink = _passes_learned_sink(attn) and getattr(attn, "sinks", True) is not None
+    return LayerGeometry(n_heads, n_kv, qk_dim, v_dim, _layer_window(attn, config, index), learned_sink)
 
 
 def _logit_scale(config) -> float | None:
@@ -129,18 +257,24 @@ def _logit_scale(config) -> float | None:
 def _layer_window(attn: nn.Module, config, index: int) -> int | None:
     """The sliding window the layer's attention hands the attention function, as transformers decides it."""
     # Per layer on the module (Gemma 2, Qwen2/3: None on full-attention layers), else model-wide (Mistral).
-    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and layer_types[index] != "sliding_attention":
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else _get(config, "sliding_window")
+    layer_types = _get(config, "layer_types")
+    if layer_types is not None and index < len(layer_types) and layer_types[index] != "sliding_attention":
         window = None  # a full-attention layer, whatever its module keeps (EXAONE 4 keeps the window on every one)
-    return None if window is None else int(window)
+    return None if isinstance(window, bool) or not isinstance(window, int) else int(window)
+
+
+def _first_of(config, key: str, text_config):
+    """``key`` from the model's config, else from its text config (a multimodal wrapper keeps it there)."""
+    value = _get(config, key)
+    return _get(text_config, key) if value is None else value
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """The layers, attention modules, norm, head and geometry of a decoder-only causal LM.
+    """The layers, attention modules, head and per-layer geometry of a decoder-only causal LM.
 
     Raises ``UnsupportedModelError`` for encoder-only and encoder-decoder models, models whose attention does
-    not go through transformers' ``AttentionInterface``, and bidirectional attention.
+    not go through transformers' ``AttentionInterface``, cross-attention, and bidirectional attention.
     """
     name = type(model).__name__
     config = getattr(model, "config", None)
@@ -158,52 +292,103 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(
             f"{name} has no language-model head (an encoder-only or base model); load it with AutoModelForCausalLM"
         )
-    if not getattr(model, "_supports_attention_backend", False):
+    if not any(child is lm_head for child in model.children()):
         raise UnsupportedModelError(
-            f"{name}: its attention does not go through transformers' AttentionInterface, which nqpq hooks into"
+            f"{name}: its LM head ({type(lm_head).__name__}) sits inside a prediction head that transforms the "
+            "hidden state first (BERT-style); nqpq needs the LM head applied to the base model's output"
         )
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if not isinstance(body, nn.Module) or body is model:
-        raise UnsupportedModelError(f"{name}: get_decoder() does not give the base model under the LM head")
-    n_layers = int(config.num_hidden_layers)
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n_layers = _get(text_config, "num_hidden_layers")
+    if not isinstance(n_layers, int):
+        raise UnsupportedModelError(f"{name}: its text config {type(text_config).__name__} has no num_hidden_layers")
+    body = _text_body(model, text_config, n_layers, name)
+    between = [child_name for child_name, child in model.named_children()
+               if child is not lm_head and not any(m is body for m in child.modules())
+               and any(True for _ in child.parameters())]
+    if between:
+        raise UnsupportedModelError(
+            f"{name}: {between} hold parameters beside its base model and LM head (a transform before the head?); "
+            "nqpq needs the LM head applied to the base model's output"
+        )
     layers = _decoder_layers(body, n_layers, name)
-    attn = [_attention_module(layer, i, name) for i, layer in enumerate(layers)]
-    if not all(getattr(a, "is_causal", True) for a in attn):
+    found = {i: _attention_module(layer, i, name) for i, layer in enumerate(layers)}
+    attn = {i: a for i, a in found.items() if a is not None}
+    if not attn:
+        raise UnsupportedModelError(
+            f"{name}: its attention does not go through transformers' AttentionInterface, which nqpq hooks into "
+            "(no module of its decoder layers looks its attention function up there)"
+        )
+    shared = {}
+    for i, a in attn.items():
+        shared.setdefault(id(a), []).append(i)
+    shared = [layers_ for layers_ in shared.values() if len(layers_) > 1]
+    if shared:
+        raise UnsupportedModelError(
+            f"{name}: layers {shared[0]} share one attention module (a shared transformer block); crystallizing one "
+            "of them would crystallize them all, and nqpq crystallizes one layer's own module"
+        )
+    if not all(getattr(a, "is_causal", True) for a in attn.values()):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
-
-    n_heads = int(config.num_attention_heads)
-    n_kv_heads = getattr(config, "num_key_value_heads", None)
-    n_kv_heads = n_heads if n_kv_heads is None else int(n_kv_heads)
-    head_dims = {_head_dim(a, config) for a in attn}
-    if len(head_dims) != 1 or None in head_dims:
-        raise UnsupportedModelError(f"{name}: cannot read one head_dim from its attention modules ({head_dims})")
-    head_dim = int(head_dims.pop())
-    for a in attn:  # DeepSeek's multi-head latent attention: q/k heads wider than v heads, no single head_dim
-        dims = {k: getattr(a, k) for k in ("qk_head_dim", "v_head_dim") if isinstance(getattr(a, k, None), int)}
-        if any(d != head_dim for d in dims.values()):
-            raise UnsupportedModelError(
-                f"{name}: its attention has heads of different widths ({dims}, head_dim {head_dim}); nqpq needs "
-                "one head dimension D shared by q, k and v"
-            )
-    if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise UnsupportedModelError(f"{name}: {n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
-    max_positions = getattr(config, "max_position_embeddings", None)
-    n_default = max(1, n_layers // 4)
+    geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
+    attn_layers = tuple(attn)
+    max_positions = _get(text_config, "max_position_embeddings")
+    n_default = max(1, len(attn_layers) // 4)
+    wrapper = None if text_config is config else str(config.model_type)
     return ModelParts(
-        family=str(config.model_type),
+        family=str(text_config.model_type),
+        wrapper=wrapper,
         layers=layers,
+        attn_layers=attn_layers,
         attn=attn,
+        geometry=geometry,
         body=body,
-        final_norm=_final_norm(body, layers, name),
         lm_head=lm_head,
-        logit_scale=_logit_scale(config),
-        final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+        logit_scale=_logit_scale(text_config) if wrapper is None else _logit_scale_of(config, text_config),
+        # Gemma 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap (the same c·tanh(logits / c)).
+        final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config)
+        or _first_of(config, "logits_soft_cap", text_config),
         n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        max_positions=None if max_positions is None else int(max_positions),
-        sliding_window=[_layer_window(a, config, i) for i, a in enumerate(attn)],
-        attn_softcap=getattr(config, "attn_logit_softcapping", None),
-        default_layers=tuple(range(n_layers - n_default, n_layers)),
+        max_positions=None if not isinstance(max_positions, int) else max_positions,
+        attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
+        default_layers=attn_layers[-n_default:],
     )
+
+
+def _logit_scale_of(config, text_config) -> float | None:
+    """A wrapper's logit scale: its own attributes if it has any, else its text model's."""
+    own = _logit_scale(config)
+    return own if own is not None else _logit_scale(text_config)
+
+
+def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -> Callable[[Tensor], Tensor]:
+    """What the body applies to its last layer's output to give ``last_hidden_state``, found from one forward:
+    ``last_output`` (the last layer's output) and ``final_hidden`` (the body's ``last_hidden_state``) of the
+    same call. Nothing (the identity), or the one child module of the body that maps the one to the other bit
+    for bit (a final norm with or without parameters, registered before or after the layers: OPT, OLMo).
+    """
+    if last_output.shape == final_hidden.shape and torch.equal(last_output, final_hidden):
+        return _identity
+    skip = {id(parts.layers)}
+    embeddings = parts.body.get_input_embeddings() if hasattr(parts.body, "get_input_embeddings") else None
+    if embeddings is not None:
+        skip.add(id(embeddings))
+    tried = []
+    for child_name, child in parts.body.named_children():
+        if id(child) in skip or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Embedding)):
+            continue
+        tried.append(child_name)
+        try:
+            with torch.no_grad():
+                out = child(last_output)
+        except Exception:  # noqa: BLE001 - a child that does not take a hidden state is not the final step
+            continue
+        if isinstance(out, Tensor) and out.shape == final_hidden.shape and torch.equal(out, final_hidden):
+            return child
+    raise UnsupportedModelError(
+        f"{type(parts.body).__name__}: cannot tell what it applies after its last layer (none of its children "
+        f"{tried} maps the last layer's output to its last_hidden_state); its layers cannot be replayed"
+    )
+
+
+def _identity(hidden: Tensor) -> Tensor:
+    return hidden

@@ -224,11 +224,22 @@ def describe_blocks(cfg: dict) -> str:
             "token)")
 
 
+def head_widths(cfg: dict) -> str:
+    """``D=…``, or ``D_qk=…, D_v=…`` where q/k and v heads differ (multi-head latent attention); a learned sink
+    is named (results written before these keys existed have one head_dim)."""
+    qk, v = cfg.get("qk_dim", cfg["head_dim"]), cfg.get("v_dim", cfg["head_dim"])
+    widths = f"D={v}" if qk == v else f"D_qk={qk}, D_v={v}"
+    sinks = cfg.get("learned_sink")
+    return widths + (", learned sinks" if sinks is True or (isinstance(sinks, dict) and any(sinks.values())) else "")
+
+
 def describe_geometry(cfg: dict) -> str:
     """One line for the report: family, Hq/Hkv/D and the window/softcaps in force on the crystallized layers."""
     windows = sorted({w for w in cfg["sliding_window"].values() if w is not None})
-    return (f"{cfg['family']}, {cfg['n_layers']} layers, Hq={cfg['n_heads']}, Hkv={cfg['n_kv_heads']}, "
-            f"D={cfg['head_dim']}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}, "
+    # A multimodal wrapper (Gemma 3's ForConditionalGeneration) is scored through its text model: name both.
+    family = f"{cfg['wrapper']} (text model {cfg['family']})" if cfg.get("wrapper") else cfg["family"]
+    return (f"{family}, {cfg['n_layers']} layers, Hq={cfg['n_heads']}, Hkv={cfg['n_kv_heads']}, "
+            f"{head_widths(cfg)}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}, "
             f"attention softcap {cfg['attn_softcap'] or 'none'}, logit softcap {cfg['final_logit_softcap'] or 'none'}"
             f" ({cfg['dtype']})")
 
@@ -366,7 +377,7 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
     cfg = results["config"]
     ppl_fp, d_rs = results["ppl_baseline"], cfg["d_r"]
     say(f"[scan] {cfg['model']}: {cfg['family']}, Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} "
-        f"D={cfg['head_dim']}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
+        f"{head_widths(cfg)}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
     if "text_source" in cfg:
         say(f" text: {cfg['text_source']}")
     say(f" blocks: {describe_blocks(cfg)}")

@@ -71,8 +71,9 @@ def run_scan(
     run = open_run(cfg, model, ids, log, "[scan]", calib_ids=calib_ids)
     model, device, say = run.model, run.device, run.say
     parts = model_parts(model)
-    layers = tuple(sorted(range(parts.n_layers) if cfg.layers is None else cfg.layers))
-    d_rs = sweep_ranks(cfg, parts.head_dim)
+    layers = tuple(sorted(parts.attn_layers if cfg.layers is None else cfg.layers))
+    check_model_fit(cfg, parts, layers, [])
+    d_rs = sweep_ranks(cfg, parts.smallest("v_dim", layers))
     check_model_fit(cfg, parts, layers, d_rs)
     blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
     calibrations = calibration_sets(cfg, run)
@@ -100,7 +101,7 @@ def run_scan(
     # batches (first) also the Gram matrices; the model's own attention output is kept. Each sink
     # setting observes the same calls with its own op call.
     sinks = sink_settings(cfg)
-    watch = BaselineObservation(model, layers, parts.n_heads, sinks, cfg.backend)
+    watch = BaselineObservation(model, layers, {li: parts.geometry[li].n_heads for li in layers}, sinks, cfg.backend)
 
     def observe(i: int):
         return watch.context(calib=i < n_calib_batches)

@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -188,7 +188,8 @@ def run_sweep(
     model, ids, device, say, is_main = run.model, run.ids, run.device, run.say, run.is_main
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
-    d_rs = sweep_ranks(cfg, parts.head_dim)
+    check_model_fit(cfg, parts, layers, [])
+    d_rs = sweep_ranks(cfg, parts.smallest("v_dim", layers))
     check_model_fit(cfg, parts, layers, d_rs)
     blocks = make_blocks_checked(ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
     calibrations = calibration_sets(cfg, run)
@@ -222,7 +223,7 @@ def run_sweep(
     # own attention output kept. Each sink setting observes the same calls with its own op call.
     t_sweep = time.perf_counter()
     sinks = sink_settings(cfg)
-    watch = BaselineObservation(model, layers, parts.n_heads, sinks, cfg.backend)
+    watch = BaselineObservation(model, layers, {li: parts.geometry[li].n_heads for li in layers}, sinks, cfg.backend)
 
     def observe_calibration(i):
         return watch.context(calib=i < n_calib_batches)
@@ -392,7 +393,8 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
                   dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
                   world_size=distributed.world_size(), text_source=run.source, tokenizer=run.tokenizer,
                   n_tokens=int(blocks.numel()),
-                  bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.head_dim, random_weights=cfg.demo,
+                  bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.smallest("v_dim", layers),
+                  random_weights=cfg.demo,
                   **geometry(parts, layers), **_versions(run.device))
     config["calibration"] = calibration_config(cfg, run)
     # A GGUF file is named by what identifies it (its name, hash and quantization types), never by its path.
@@ -447,8 +449,8 @@ class BaselineObservation:
     the same attention calls with its own op call): the crystallinity counts of every batch (also of n = 0, the
     spec's statistics, whatever the settings) and, on the spec's calibration batches, Σ εεᵀ."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], n_heads: int, sinks: Sequence[int],
-                 backend: str) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], n_heads: int | Mapping[int, int],
+                 sinks: Sequence[int], backend: str) -> None:
         self.model, self.layers, self.backend = model, layers, backend
         self._grams = {n: GramAccumulator() for n in sinks}
         self._stats = {n: CrystallinityAccumulator(layers, n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
@@ -493,7 +495,13 @@ def calibration_config(cfg: SweepConfig, run: RunInputs) -> dict:
 
 def geometry(parts, layers: Sequence[int]) -> dict:
     """What results.json says about the model: family, heads, head dim, and the window/softcaps in force."""
-    return {"family": parts.family, "n_layers": parts.n_layers, "n_heads": parts.n_heads,
-            "n_kv_heads": parts.n_kv_heads, "head_dim": parts.head_dim,
-            "sliding_window": {str(li): parts.sliding_window[li] for li in layers},
+    def per_layer(field):  # one number when the chosen layers agree, else one per layer
+        values = {str(li): getattr(parts.geometry[li], field) for li in layers}
+        return next(iter(values.values())) if len(set(values.values())) == 1 else values
+
+    return {"family": parts.family, "wrapper": parts.wrapper, "n_layers": parts.n_layers,
+            "attn_layers": list(parts.attn_layers), "n_heads": per_layer("n_heads"),
+            "n_kv_heads": per_layer("n_kv_heads"), "head_dim": per_layer("v_dim"), "qk_dim": per_layer("qk_dim"),
+            "v_dim": per_layer("v_dim"), "learned_sink": per_layer("learned_sink"),
+            "sliding_window": {str(li): parts.geometry[li].sliding_window for li in layers},
             "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}

@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from nqpq import PrefixRunner, block_losses, crystallize
 from nqpq.calibration import GramAccumulator
 from nqpq.integration import observe_residuals
-from nqpq.models import UnsupportedModelError, model_parts
+from nqpq.models import LayerGeometry, UnsupportedModelError, after_layers, model_parts
 
 VOCAB, T, B = 96, 40, 2
 SHARPEN = 256.0
@@ -67,7 +67,7 @@ def build(family: str, attn: str | None = None, seed: int | None = None) -> torc
         torch.manual_seed(SEEDS.get(family, 0) if seed is None else seed)
         model = tf.AutoModelForCausalLM.from_config(config_fn(), attn_implementation=attn or default_attn)
     model = model.float().eval()
-    for module in model_parts(model).attn:
+    for module in model_parts(model).attn.values():
         # The scale every family hands its attention function.
         module.scaling *= SHARPEN_QK_NORM if family == "qwen3" else SHARPEN
     return model
@@ -156,14 +156,16 @@ def test_model_parts_geometry(family_model):
     family, model = family_model
     parts = model_parts(model)
     Hq, Hkv, D, windows = GEOMETRY[family]
-    assert (parts.family, parts.n_heads, parts.n_kv_heads, parts.head_dim) == (family, Hq, Hkv, D)
-    assert parts.sliding_window == windows
+    assert (parts.family, parts.wrapper) == (family, None)
     assert parts.n_layers == len(parts.layers) == len(parts.attn) == model.config.num_hidden_layers
+    assert parts.attn_layers == tuple(range(parts.n_layers)) == tuple(parts.geometry)
+    assert [parts.geometry[li] for li in parts.attn_layers] == [
+        LayerGeometry(Hq, Hkv, D, D, w, False) for w in windows]
     assert parts.lm_head is model.get_output_embeddings()
     assert parts.default_layers == tuple(range(parts.n_layers - max(1, parts.n_layers // 4), parts.n_layers))
     assert (parts.attn_softcap, parts.final_logit_softcap) == ((50.0, 3.0) if family == "gemma2" else (None, None))
     assert parts.logit_scale is None
-    # The final norm is what the body applies to the last layer's output.
+    # after_layers finds the final norm: what the body applies to the last layer's output.
     with torch.no_grad():
         ids = token_blocks(1)
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
@@ -174,7 +176,9 @@ def test_model_parts_geometry(family_model):
             model(input_ids=ids, use_cache=False)
         finally:
             handle.remove()
-        torch.testing.assert_close(parts.final_norm(seen[0]), out.hidden_states[-1], rtol=0, atol=0)
+        final = after_layers(parts, seen[0], out.hidden_states[-1])
+        assert isinstance(final, torch.nn.Module) and any(True for _ in final.parameters())
+        torch.testing.assert_close(final(seen[0]), out.hidden_states[-1], rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -195,16 +199,17 @@ def test_residual_modes_match_float64(family_model, mode):
     family, model = family_model
     parts = model_parts(model)
     layers = list(range(parts.n_layers))
-    d_r = parts.head_dim // 4
-    basis = random_basis(parts.n_heads, parts.head_dim, layers)
+    geo = parts.geometry[0]
+    d_r = geo.v_dim // 4
+    basis = random_basis(geo.n_heads, geo.v_dim, layers)
     with crystallize(model, layers, mode=mode, basis=basis, d_r=d_r, backend="torch"), \
             recorded_calls(model) as calls:
         logits(model, token_blocks(B))
     assert len(calls) == len(layers)
     softcap = getattr(model.config, "attn_logit_softcapping", None)
     for module, q, k, v, scale, got in calls:
-        li = next(i for i, a in enumerate(parts.attn) if a is module)
-        assert k.shape[1] == parts.n_kv_heads  # grouped k/v reach the op unrepeated
+        li = next(i for i, a in parts.attn.items() if a is module)
+        assert k.shape[1] == parts.geometry[li].n_kv_heads  # grouped k/v reach the op unrepeated
         want, gap = hand_attention(q, k, v, scale, layer_window(model.config, li), softcap, mode, basis[li], d_r)
         assert gap > REL_SCORE_MARGIN, f"{family} layer {li}: near-tie in the test inputs (gap {gap:.1e}·max|s|)"
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"{family} layer {li} {mode}")
@@ -237,7 +242,7 @@ def test_sliding_window_is_the_one_each_layer_passes():
         real = AttentionInterface._global_mapping[name]
 
         def spy(module, *args, **kwargs):
-            seen[parts.attn.index(module)] = kwargs.get("sliding_window")
+            seen[next(i for i, a in parts.attn.items() if a is module)] = kwargs.get("sliding_window")
             return real(module, *args, **kwargs)
 
         AttentionInterface._global_mapping[name] = spy
@@ -245,7 +250,8 @@ def test_sliding_window_is_the_one_each_layer_passes():
             logits(model, token_blocks(1))
         finally:
             AttentionInterface._global_mapping[name] = real
-    assert [seen[i] for i in range(parts.n_layers)] == parts.sliding_window == [8, 8, 8, None]
+    windows = [parts.geometry[i].sliding_window for i in range(parts.n_layers)]
+    assert [seen[i] for i in range(parts.n_layers)] == windows == [8, 8, 8, None]
 
 
 @pytest.mark.parametrize("family", ["cohere", "granite"])
@@ -307,20 +313,21 @@ def test_calibration_grams_and_stats_per_query_head(family_model):
         assert torch.equal(logits(model, ids), base)
     softcap = getattr(model.config, "attn_logit_softcapping", None)
     for (module, q, k, v, scale, _), (layer, argmax, top1_prob) in zip(calls, stats.calls, strict=True):
-        li = next(i for i, a in enumerate(parts.attn) if a is module)
+        li = next(i for i, a in parts.attn.items() if a is module)
         assert li == layer
+        Hq, Hkv, D = parts.geometry[li].n_heads, parts.geometry[li].n_kv_heads, parts.geometry[li].v_dim
         window = layer_window(model.config, li)
         top1, gap = hand_attention(q, k, v, scale, window, softcap, "top1")
         full, _ = hand_attention(q, k, v, scale, window, softcap, "full")
         assert gap > REL_SCORE_MARGIN
-        eps = (full - top1).permute(2, 0, 1, 3).reshape(parts.n_heads, -1, parts.head_dim)  # [Hq, B·T, D]
+        eps = (full - top1).permute(2, 0, 1, 3).reshape(Hq, -1, D)  # [Hq, B·T, D]
         want = eps.transpose(1, 2) @ eps
         # ε is formed in fp32 by the op (~1e-7 of |V| per element): compare on the scale of the Gram.
         torch.testing.assert_close(grams.grams[li], want, rtol=0, atol=1e-5 * want.abs().max().item())
-        assert argmax.shape == top1_prob.shape == (B, parts.n_heads, T)
-        G = parts.n_heads // parts.n_kv_heads
-        for h in range(parts.n_heads):  # V[i*] of the reported argmax is the top-1 row
-            rows = v[:, h // G].double().gather(1, argmax[:, h, :, None].expand(-1, -1, parts.head_dim))
+        assert argmax.shape == top1_prob.shape == (B, Hq, T)
+        G = Hq // Hkv
+        for h in range(Hq):  # V[i*] of the reported argmax is the top-1 row
+            rows = v[:, h // G].double().gather(1, argmax[:, h, :, None].expand(-1, -1, D))
             torch.testing.assert_close(rows, top1[:, :, h], rtol=0, atol=0)
         assert bool(((top1_prob > 0) & (top1_prob <= 1)).all())
     assert len(calls) == len(layers)
@@ -340,7 +347,7 @@ def test_kernel_equals_reference(family, layers):
         pytest.skip(f"Triton kernel not runnable here: {err}")
     model = build(family)
     parts = model_parts(model)
-    basis = random_basis(parts.n_heads, parts.head_dim, layers)
+    basis = random_basis(parts.geometry[layers[0]].n_heads, parts.geometry[layers[0]].v_dim, layers)
     ids = token_blocks(1)
     softcap = getattr(model.config, "attn_logit_softcapping", None)
     got = {}
@@ -350,7 +357,7 @@ def test_kernel_equals_reference(family, layers):
             got[backend] = logits(model, ids)
         assert len(calls) == len(layers)
         for module, q, k, v, scale, _ in calls:
-            li = next(i for i, a in enumerate(parts.attn) if a is module)
+            li = next(i for i, a in parts.attn.items() if a is module)
             _, gap = hand_attention(q, k, v, scale, layer_window(model.config, li), softcap, "top1")
             assert gap > REL_SCORE_MARGIN
     torch.testing.assert_close(got["triton"], got["torch"], rtol=1e-5, atol=1e-5)
@@ -372,7 +379,7 @@ def test_flash_attention_2_config_crystallizes():
             got = logits(flash, ids)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert flash.config._attn_implementation == "flash_attention_2"
-    assert all(a.config is flash.config for a in model_parts(flash).attn)
+    assert all(a.config is flash.config for a in model_parts(flash).attn.values())
 
 
 def test_padding_and_custom_masks_refused():
@@ -387,7 +394,7 @@ def test_padding_and_custom_masks_refused():
             model(input_ids=ids, attention_mask=mask)
 
 
-@pytest.mark.parametrize("name", ["bloom", "t5", "bert", "gpt2-base", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["bloom", "t5", "bert", "gpt2-base"])
 def test_unsupported_models_refused(name):
     models = {
         "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=50)),
@@ -396,15 +403,9 @@ def test_unsupported_models_refused(name):
         "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(
             num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=32, vocab_size=50)),
         "gpt2-base": lambda: tf.GPT2Model(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)),
-        # Multi-head latent attention: q/k heads of 24, v heads of 8 (the op's v would not match; D was read as 8).
-        "deepseek_v3": lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
-            num_hidden_layers=2, hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8,
-            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
-            topk_group=1, vocab_size=50)),
     }
     expected = {"bloom": "AttentionInterface", "t5": "encoder-decoder", "bert": "not a causal",
-                "gpt2-base": "not a causal", "deepseek_v3": r"heads of different widths.*'v_head_dim': 8"}
+                "gpt2-base": "not a causal"}
     model = models[name]()
     with pytest.raises(UnsupportedModelError, match=expected[name]):
         model_parts(model)
@@ -412,17 +413,148 @@ def test_unsupported_models_refused(name):
         pass
 
 
+def test_latent_attention_widths_read_per_layer():
+    """DeepSeek V3's multi-head latent attention: q/k heads of 24 (nope 16 + rope 8), v heads of 8; the config's
+    head_dim is the rotary width, not a head width."""
+    model = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+        topk_group=1, vocab_size=50))
+    parts = model_parts(model)
+    assert [parts.geometry[li] for li in (0, 1)] == [LayerGeometry(4, 4, 24, 8, None, False)] * 2
+
+
 @torch.no_grad()
-def test_attention_sinks_refused_by_name():
-    """gpt-oss hands its attention function s_aux (sinks): refused by name, never silently ignored."""
+def test_learned_sinks_read_from_the_module():
+    """gpt-oss hands its attention function s_aux (one learned logit per head): the geometry says so."""
     config = tf.GptOssConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                              head_dim=8, intermediate_size=32, vocab_size=50, num_local_experts=2,
                              num_experts_per_tok=1, max_position_embeddings=64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = tf.GptOssForCausalLM(config).eval()
-    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
-    with crystallize(model, [1], mode="full", backend="torch"):
-        with pytest.raises(UnsupportedModelError, match=r"\['s_aux'\]"):
-            model(input_ids=ids, use_cache=False)
-    model(input_ids=ids, use_cache=False)  # restored: runs as before
+    parts = model_parts(model)
+    assert all(parts.geometry[li].learned_sink for li in parts.attn_layers)
+    assert {parts.geometry[li].n_heads for li in parts.attn_layers} == {4}
+
+
+def census_model(family: str, attn: str = "eager") -> torch.nn.Module:
+    """A tiny random model of ``family`` from its own default config, shrunk as the census shrinks it."""
+    from benchmarks.census import tiny_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn)
+    return model.float().eval()
+
+
+def census_blocks(n: int = 3) -> torch.Tensor:
+    return torch.randint(3, 256, (n, 24), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_hybrid_attention_layers_keep_the_models_indices():
+    """Qwen3-Next: linear-attention layers and attention layers; the attention layers are the candidates under the
+    model's own indices, the others are refused by name, and the replay runs the linear-attention layers too."""
+    model = census_model("qwen3_next")
+    parts = model_parts(model)
+    types = model.config.layer_types
+    assert parts.attn_layers == tuple(i for i, t in enumerate(types) if t == "full_attention") == (3,)
+    assert parts.default_layers == (3,)
+    with pytest.raises(UnsupportedModelError, match=r"layer 0 is not an attention layer .* attention layers are 3 "):
+        crystallize_layers_for(model, [0])
+    blocks = census_blocks()
+    runner = PrefixRunner(model, blocks, [slice(0, 2), slice(2, 3)], start=(0, 3))
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+    for start in (0, 3):
+        with crystallize(model, [3], mode="top1", backend="torch"):
+            torch.testing.assert_close(runner.losses(start=start), block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+
+
+def crystallize_layers_for(model, layers):
+    with crystallize(model, layers, mode="full", backend="torch"):
+        pass
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("family", "wrapper", "text"), [("gemma3", "gemma3", "gemma3_text"),
+                                                         ("got_ocr2", "got_ocr2", "qwen2")])
+def test_multimodal_wrapper_scores_its_text_model(family, wrapper, text):
+    """Gemma 3's ForConditionalGeneration (what AutoModelForCausalLM gives for Gemma 3 4B-27B): its language model's
+    layers and its LM head; the losses are the wrapper's own on text, replayed or not."""
+    model = census_model(family)
+    parts = model_parts(model)
+    assert (parts.wrapper, parts.family) == (wrapper, text)
+    assert parts.lm_head is model.get_output_embeddings()
+    blocks = census_blocks()
+    want = torch.tensor([model(input_ids=b[None], labels=b[None], use_cache=False).loss.item() for b in blocks],
+                        dtype=torch.float64)
+    torch.testing.assert_close(block_losses(model, blocks, 3), want, rtol=1e-5, atol=0)
+    runner = PrefixRunner(model, blocks, [slice(0, 3)], start=parts.attn_layers[-1])
+    torch.testing.assert_close(runner.capture_baseline(), want, rtol=1e-5, atol=0)
+
+
+@torch.no_grad()
+def test_per_layer_head_dim():
+    """Gemma 4: full-attention layers have wider heads (global_head_dim) than sliding ones; each layer's geometry
+    is its own and each layer takes a basis of its own width."""
+    model = census_model("gemma4_text")
+    parts = model_parts(model)
+    widths = {li: parts.geometry[li].v_dim for li in parts.attn_layers}
+    types = model.config.layer_types
+    assert widths == {li: 32 if types[li] == "full_attention" else 16 for li in parts.attn_layers}
+    assert len(set(widths.values())) == 2
+    layers = list(parts.attn_layers)
+    basis = {li: random_basis(parts.geometry[li].n_heads, widths[li], [li])[li] for li in layers}
+    ids = census_blocks(2)
+    with crystallize(model, layers, mode="lowrank", basis=basis, d_r=4, backend="torch"), \
+            recorded_calls(model) as calls:
+        logits(model, ids)
+    assert {v.shape[-1] for _, _, _, v, _, _ in calls} == {16, 32}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["olmo", "opt"])
+def test_what_follows_the_layers_is_replayed(family):
+    """OLMo's final LayerNorm has no parameters; OPT registers its final norm before its layers: the replay applies
+    what the body applies after its last layer, found from the baseline forward."""
+    model = census_model(family)
+    parts = model_parts(model)
+    blocks = census_blocks()
+    runner = PrefixRunner(model, blocks, [slice(0, 3)], start=parts.attn_layers[-1])
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 3), rtol=1e-6, atol=0)
+    torch.testing.assert_close(runner.losses(), baseline, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_body_that_changes_the_hidden_state_between_layers_is_refused():
+    """Dory loops its recurrent layers and mixes the input back in between loops: a layer-by-layer replay would
+    not be the model, so the runner refuses it by name."""
+    model = census_model("dory")
+    runner = PrefixRunner(model, census_blocks(2), [slice(0, 2)], start=0)
+    with pytest.raises(UnsupportedModelError, match="changes the hidden state between its layers"):
+        runner.capture_baseline()
+
+
+@torch.no_grad()
+def test_hybrid_sweep_and_scan_take_the_attention_layers():
+    """The sweep's --layers defaults to the last quarter of the attention layers, the scan covers the attention
+    layers, and asking for another layer is a one-line error (CLI exit 2) naming the attention layers."""
+    from nqpq.config import SweepConfig
+    from nqpq.errors import NqpqError
+    from nqpq.scan import run_scan
+    from nqpq.sweep import run_sweep
+
+    model = census_model("qwen3_next")
+    ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))
+    common = dict(d_r=(1, 4), n_blocks=4, seq_len=24, calib_blocks=2, device="cpu", batch_size=2, progress=False,
+                  backend="torch")
+    results = run_sweep(SweepConfig(**common), model=model, ids=ids, log=lambda *_: None)
+    assert results["config"]["layers"] == [3] and results["config"]["attn_layers"] == [3]
+    scan = run_scan(SweepConfig(**common), model=model, ids=ids, log=lambda *_: None)
+    assert [row["layer"] for row in scan["layers"]] == [3]
+    with pytest.raises(NqpqError, match=r"--layers 1 is not an attention layer .* attention layers are 3 "):
+        run_sweep(SweepConfig(layers=(1,), **common), model=model, ids=ids, log=lambda *_: None)

@@ -124,8 +124,14 @@ def head(vocab, hidden):
     return SimpleNamespace(weight=torch.empty(vocab, hidden, device="meta"))
 
 
-LLAMA_8B = SimpleNamespace(n_heads=32, n_kv_heads=8, head_dim=128, lm_head=head(128256, 4096))
-GPT2_SMALL = SimpleNamespace(n_heads=12, n_kv_heads=12, head_dim=64, lm_head=head(50257, 768))
+def sized(n_heads: int, n_kv_heads: int, head_dim: int, lm_head) -> SimpleNamespace:
+    """What the batch sizing reads of ModelParts: the largest geometry over the attention layers, the LM head."""
+    widest = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "qk_dim": head_dim, "v_dim": head_dim}
+    return SimpleNamespace(largest=lambda field, layers=None: widest[field], lm_head=lm_head)
+
+
+LLAMA_8B = sized(32, 8, 128, head(128256, 4096))
+GPT2_SMALL = sized(12, 12, 64, head(50257, 768))
 
 
 def test_batch_size_counts_the_reference_t2_buffers_on_cpu():
