@@ -658,10 +658,7 @@ def kernel_meta(
         DOT_F32=device_type != "cuda" and dtype == torch.bfloat16,
         HAS_SINK=sink,
         # The second [BLOCK_M, D] accumulator (Σ_S p V) costs registers: only where the ground state is used,
-        # i.e. not for "full" without a Gram. NOT MEASURED on a card: ptxas -v for sm_90 (window, softcap,
-        # top1_prob on) reports spill stores of 0 -> 1116 B (bf16 D=128 lowrank+Gram), 264 -> 1068 B (bf16
-        # D=128 full), 20 -> 980 B (bf16 D=64 lowrank+Gram) without -> with the sink, all at 255 registers;
-        # the *_sink1 rows of benchmarks.attention say what that costs.
+        # i.e. not for "full" without a Gram. Registers and spills per variant: python -m benchmarks.sm90.
         SINK_ACC=sink and (mode != "full" or return_gram),
         LEARNED=learned_sink,
     )
