@@ -180,7 +180,9 @@ def _specialize(fn, values: dict, constexprs: dict, pointers: dict, elem: str) -
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    dns = set(getattr(fn, "do_not_specialize", ()) or ())
+    # A JITFunction keeps do_not_specialize; an InterpretedFunction (TRITON_INTERPRET=1, e.g. under the tests'
+    # conftest) keeps its decorator's kwargs.
+    dns = set(getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize", ()))
     dns |= {fn.arg_names[i] for i in dns if isinstance(i, int)}
     sig, consts, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
