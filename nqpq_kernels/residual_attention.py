@@ -544,9 +544,10 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device) -> dict:
+def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device,
+                 sink: bool = False) -> dict:
     """Block sizes / launch options for a padded head dim ``D``. A fixed small config for the interpreter,
-    a table on CUDA."""
+    a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax state)."""
     if device.type != "cuda":
         # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages.
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -575,6 +576,13 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if D == 128 and heavy_epilogue and cfg["BLOCK_M"] > 64:
         cfg["BLOCK_M"] = 64
+    if sink and dtype in (torch.float16, torch.bfloat16) and D <= 128:
+        # The sink's second [BLOCK_M, D] accumulator and its argmax state: at 64/64/4 warps (D 64, lowrank + Gram
+        # + window + soft cap + top1_prob) and 128/64/8 warps (D 128) ptxas spilled 24-96 B at 255 registers
+        # (python -m benchmarks.sm90); 64 rows over 8 warps hold them in registers, with wgmma's M of 64 kept.
+        cfg = dict(cfg, BLOCK_M=64, num_warps=8)
+        if D == 128 and heavy_epilogue:
+            cfg["BLOCK_N"] = 32  # lowrank / Gram with every feature on: 65 local loads/stores at 64 x 64
     return cfg
 
 
@@ -618,7 +626,7 @@ def kernel_meta(
     dv_pad = _padded_head_dim(dv)
     # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
     # the table is read at the wider of the two.
-    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type))
+    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
@@ -650,10 +658,7 @@ def kernel_meta(
         DOT_F32=device_type != "cuda" and dtype == torch.bfloat16,
         HAS_SINK=sink,
         # The second [BLOCK_M, D] accumulator (Σ_S p V) costs registers: only where the ground state is used,
-        # i.e. not for "full" without a Gram. NOT MEASURED on a card: ptxas -v for sm_90 (window, softcap,
-        # top1_prob on) reports spill stores of 0 -> 1116 B (bf16 D=128 lowrank+Gram), 264 -> 1068 B (bf16
-        # D=128 full), 20 -> 980 B (bf16 D=64 lowrank+Gram) without -> with the sink, all at 255 registers;
-        # the *_sink1 rows of benchmarks.attention say what that costs.
+        # i.e. not for "full" without a Gram. Registers and spills per variant: python -m benchmarks.sm90.
         SINK_ACC=sink and (mode != "full" or return_gram),
         LEARNED=learned_sink,
     )
