@@ -326,7 +326,7 @@ def _sharpen(parts) -> None:
 def _nqpq_refusal(err: BaseException) -> bool:
     """Whether ``err`` is nqpq declining with a message: an NqpqError, or a ValueError/TypeError raised by nqpq's
     own code (a checked argument, an unsupported mask), never one from transformers or torch."""
-    from nqpq.data import NqpqError
+    from nqpq.errors import NqpqError
 
     if isinstance(err, NqpqError):
         return True

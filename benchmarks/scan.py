@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import run_tags, write_csv
 from nqpq import SweepConfig, calibrate, crystallize, make_blocks
-from nqpq.data import demo_model
+from nqpq.checkpoints import demo_model
 from nqpq.evaluate import block_losses, ppl_from_losses
 from nqpq.scan import run_scan
 

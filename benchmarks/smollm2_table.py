@@ -72,8 +72,8 @@ def sink_table(root: Path, name: str) -> list[str]:
     return rows
 
 
-def scan_table(root: Path) -> list[str]:
-    r = _load(root, "scan-8")
+def scan_table(root: Path, name: str = "scan-8") -> list[str]:
+    r = _load(root, name)
     if r is None:
         return []
     d_rs = r["config"]["d_r"]

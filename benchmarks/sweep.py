@@ -23,7 +23,8 @@ import torch
 from benchmarks.common import run_tags, write_csv
 from benchmarks.spec_baseline import load_spec, run_spec_sweep
 from nqpq import SweepConfig, run_sweep
-from nqpq.data import demo_model, ids_for_blocks, load_tokenizer, rows_from_file
+from nqpq.checkpoints import demo_model, load_tokenizer
+from nqpq.text import ids_for_blocks, rows_from_file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

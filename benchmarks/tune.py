@@ -45,6 +45,7 @@ def time_configs(q, k, v, basis, mode: str) -> tuple[float, list]:
             try:
                 run()
                 results.append((do_bench(run, warmup=10, rep=40, return_mode="median"), cfg))
+                print(f"    {mode} {results[-1][0]:.4f} ms {cfg}", flush=True)  # kept if a time limit cuts the run
             except Exception as err:  # out of shared memory / registers for this config
                 print(f"  {mode} {cfg}: {type(err).__name__}")
     finally:
@@ -61,7 +62,7 @@ def compile_check(arch: int, smem_limit: int, sink_only: bool = False) -> int:
 
     fn = ra._residual_attn_fwd
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
-                "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32"}
+                "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
     failures = 0
     # (window, softcap, top1_prob) all off or all on: each only adds code, so "all on" is the largest variant;
     # the sink (sink_tokens > 0, with its mass stored) adds code on top of that: a third variant, "all on + sink".
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--H", type=int, default=12, help="query heads")
     p.add_argument("--Hkv", type=int, default=None, help="kv heads (default: H)")
     p.add_argument("--D", type=int, default=64, help="head dim (a multiple of 16 up to 256)")
+    p.add_argument("--block-m", type=int, nargs="+", default=None,
+                   help="only configs with these BLOCK_M (a card session's time limit: fewer compiles)")
     p.add_argument("--compile-only", action="store_true", help="compile every variant for --arch; no GPU needed")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only (90: H100)")
     p.add_argument("--smem-kib", type=int, default=227, help="shared memory per block of --arch, KiB")
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.compile_only:
         return compile_check(args.arch, args.smem_kib * 1024, sink_only=args.sink_only)
+    if args.block_m:
+        CONFIGS[:] = [c for c in CONFIGS if c["BLOCK_M"] in args.block_m]
     dtype = DTYPES[args.dtype]
     Hkv = args.Hkv or args.H
     for T in args.T:

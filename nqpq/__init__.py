@@ -6,7 +6,7 @@ on first use (``backend="triton"``, or ``"auto"`` on CUDA tensors).
 
 from .calibration import GramAccumulator, ResidualBasis, basis_from_grams, calibrate
 from .config import SweepConfig
-from .data import NqpqError
+from .errors import NqpqError
 from .evaluate import PrefixRunner, block_losses, make_blocks, perplexity
 from .integration import crystallize, crystallize_layers, uncrystallize
 from .ops import residual_attention

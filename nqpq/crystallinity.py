@@ -8,9 +8,16 @@ sums, per (layer, head):
 - ``sink_frac``: the fraction of rows with i* = 0 (the attention sink);
 - ``self_frac``: i* = t (the token itself);
 - ``prev_frac``: i* = t − 1 (the previous token);
-- ``sink_mass_mean``: the mean over rows of the sink mass Σ_{j<n} p[t, j] (0 with n = 0 sink tokens);
+- ``sink_mass_mean``: the mean over rows of the sink mass Σ_{j<n} p[t, j] + p_sink[t] (0 with n = 0 sink tokens
+  and no learned sink);
 - ``winner_share_mean``: the mean of p[t, i*ᴿ] / (1 − sink mass), the winner's share of the attention that
-  is not on the sink, over the rows that see a key beyond the sink (= ``top1_prob_mean`` with n = 0).
+  is not on the sink, over the rows that see a key beyond the sink (= ``top1_prob_mean`` with n = 0 and no
+  learned sink).
+
+A model with learned attention sinks (gpt-oss's ``sinks``: one logit per head joining every row's softmax with
+a zero value) has p_sink[t] > 0 on every row, and p is that softmax (the model's own). With n = 0 sink tokens
+``sink_mass_mean`` is each head's mean learned-sink mass m_L, and ``winner_share_mean`` the winner's share of
+what the learned sink leaves; with n > 0 the mass is m_S + m_L, the sink keys' and the learned sink's together.
 
 With ``sink_tokens=n > 0`` (``nqpq.residual_attention``), i* is i*ᴿ, the winner among the keys j >= n, and
 ``top1_prob`` its probability: ``sink_frac`` then counts only the rows t < n, which see nothing else.
@@ -21,7 +28,9 @@ denominators, in none of the fractions, and turns its head's ``top1_prob_mean`` 
 NaN: a NaN is reported, never averaged away.
 
 It is fed by ``observe_residuals(..., stats_sink=acc)``, which rides along a baseline
-pass: the model's own attention output is kept.
+pass: the model's own attention output is kept. A module that calls its attention function more than once per
+forward on the same q and k (DiffLlama: once per half of V) is one attention with one softmax: its rows are
+counted once (``nqpq.integration`` feeds only the first such call).
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ class CrystallinityAccumulator:
 
     def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None) -> None:
         """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]`` and,
-        for ``sink_tokens > 0``, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0)."""
+        for ``sink_tokens > 0`` or a learned sink, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0)."""
         if sink_mass is None and self.sink_tokens:
             raise ValueError(f"sink_mass is needed for sink_tokens={self.sink_tokens}")
         if layer not in self._sums:
@@ -108,9 +117,12 @@ class CrystallinityAccumulator:
         Under torch.distributed this is a collective (the sums are added across ranks):
         every rank must call it, the same number of times.
         """
-        packed = all_reduce_sum(torch.stack([self._sums[li] for li in self.layers]).clone())
+        # One collective for every layer: the per-layer [H, 8] sums, flattened and concatenated.
+        packed = all_reduce_sum(torch.cat([self._sums[li].flatten() for li in self.layers]))
         out = []
-        for li, per_layer in zip(self.layers, packed):
+        sizes = [self._sums[li].numel() for li in self.layers]
+        for li, flat in zip(self.layers, packed.split(sizes)):
+            per_layer = flat.view(-1, 8)
             for head, (top1, sink, self_, prev, rows, mass, share, share_rows) in enumerate(per_layer.tolist()):
                 if rows == 0:
                     raise RuntimeError(f"crystallinity: layer {li} was never observed (no rows counted)")
@@ -135,10 +147,16 @@ def layer_means(crystallinity: list[dict]) -> dict[int, dict[str, float]]:
 
 def format_table(crystallinity: list[dict], sink_tokens: int = 0) -> list[str]:
     """The report's crystallinity table: mean top-1 probability and sink/self/prev fractions per layer; with
-    ``sink_tokens > 0``, where i* is the winner beyond the sink, also the sink mass and the winner's share."""
-    sink = sink_tokens > 0
+    ``sink_tokens > 0``, where i* is the winner beyond the sink, or with a learned sink (a layer whose sink mass
+    is not 0 with no sink tokens), also the sink mass and the winner's share."""
+    learned = any(e.get("sink_mass_mean", 0.0) != 0.0 for e in crystallinity)  # NaN counts: it is not 0
+    sink = sink_tokens > 0 or learned
     title = " Crystallinity (baseline model, all evaluation rows; mean over heads"
-    title += f"; first {sink_tokens} key(s) kept apart as the sink):" if sink else "):"
+    if sink_tokens > 0:
+        title += f"; first {sink_tokens} key(s) kept apart as the sink"
+    if learned:
+        title += "; sink mass includes the learned sink's"
+    title += "):"
     lines = [title, f" {'layer':>5} | top-1 p   sink   self   prev" + ("  sink mass  share" if sink else "")]
     for layer, m in layer_means(crystallinity).items():
         line = (f" {layer:5d} | {m['top1_prob_mean']:7.4f} {m['sink_frac']:6.3f} {m['self_frac']:6.3f} "

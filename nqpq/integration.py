@@ -9,8 +9,17 @@ a kernel) stay exactly as they were. No ``forward`` is replaced; leaving the con
 module's own config.
 
 The function accepts exactly the masks meaning "causal" or "causal plus this layer's sliding window",
-grouped-query k/v (handed to the op with their Hkv heads, never repeated), Gemma 2's ``softcap`` and the
-model's ``scaling``; any other argument that would change the math is refused by name.
+grouped-query k/v (handed to the op with their Hkv heads, never repeated), Gemma 2's ``softcap``, the
+model's ``scaling``, q/k and v of different widths (multi-head latent attention: the basis and the Gram live
+in v's width), learned attention sinks (``s_aux``: gpt-oss, Granite SWA, MiMo-V2-Flash, Flint; handed to the op
+as ``learned_sink``) and DeepSeek V3.2's sparse ``indices`` where they select every key (dense attention); any
+other argument that would change the math is refused by name.
+
+A module may call its attention function more than once per forward on the same q and k (DiffLlama: once per
+half of V). Those calls are one attention with one softmax and one argmax, and each call's V is a part of the
+layer's value: its output is exact per call (full, top-1, low-rank with the layer's basis), each call's ε
+joins the layer's Gram (the basis shared by the parts fits all of them), and the statistics (argmax, top-1
+probability, sink mass: the same for every part) are fed once, from the first call.
 """
 
 from __future__ import annotations
@@ -19,13 +28,13 @@ import copy
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .devices import execution_device
-from .models import LayerGeometry, ModelParts, UnsupportedModelError, as_index, model_parts
+from .models import LayerGeometry, UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
 from .reference import visible_keys
 from .validate import MODES, check_choice
@@ -34,14 +43,16 @@ _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
 
 # Arguments the models hand their attention function that do not change what a causal self-attention over
-# whole, unpadded sequences computes. Anything else with a value is refused by name (gpt-oss's ``s_aux``
-# sinks, packed-sequence ``cu_seq_lens_*``, ...): never silently ignored.
+# whole, unpadded sequences computes. Anything else with a value is refused by name (packed-sequence
+# ``cu_seq_lens_*``, ...): never silently ignored.
 _NEUTRAL_KWARGS = frozenset({
     "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "return_dict",
     "past_key_values", "cache", "layer_idx",
     "logits_to_keep",  # which positions the LM head keeps: passed down with the model's kwargs by some families
 })
-_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal"})
+# s_aux: the learned sink logits [Hq] (the op's learned_sink); indices: DeepSeek V3.2's / GLM-DSA's selected keys
+# per row [B, T, k], passed when the implementation name is not eager/sdpa (ours): dense when k >= T.
+_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal", "s_aux", "indices"})
 
 
 @dataclass
@@ -60,6 +71,10 @@ class LayerSpec:
     observe: bool = False  # keep the model's own output; only feed the sinks
     sink_tokens: int = 0  # the first keys kept exactly in the ground state (nqpq.residual_attention)
     observers: tuple[Observer, ...] = ()  # with observe: one op call per observer, each feeding its sinks
+    # The (query, key) of the module's calls in its current forward: a call on the same q and k as an earlier one
+    # is another part of V of the same attention (DiffLlama), and feeds no statistics. Reset by a forward pre-hook.
+    calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    hooks: list = field(default_factory=list)  # the module's forward hooks, removed by uncrystallize
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,21 @@ def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
         )
     if kwargs.get("is_causal", True) is not True or getattr(module, "is_causal", True) is not True:
         raise UnsupportedModelError(f"{type(module).__name__} asks for non-causal attention; nqpq is causal only")
+    indices = kwargs.get("indices")
+    if indices is not None and not (isinstance(indices, Tensor) and indices.dim() == 3):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} passes indices of an unknown form ({type(indices).__name__}); nqpq refuses")
+
+
+def _check_dense(module: nn.Module, indices: Tensor | None, T: int) -> None:
+    """DeepSeek V3.2's indexer selects min(index_topk, T) keys per row: with all T selected the attention is the
+    dense causal one nqpq computes; a sparse selection (T > index_topk) is refused by name."""
+    if indices is not None and indices.shape[-1] < T:
+        raise ValueError(
+            f"{type(module).__name__} selects {indices.shape[-1]} of {T} keys per row (sparse attention: DSA's "
+            f"index_topk < the sequence length); crystallized attention computes dense causal attention only: "
+            f"score blocks of at most {indices.shape[-1]} tokens"
+        )
 
 
 def _attentions_requested(kwargs: dict) -> bool:
@@ -124,9 +154,11 @@ def _attentions_requested(kwargs: dict) -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None) -> Tensor:
+def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
+                   learned_sink: Tensor | None = None) -> Tensor:
     """The attention probabilities p [B, Hq, T, T] (fp32 softmax, query dtype) that crystallized layers report
-    for ``output_attentions``; grouped kv heads are broadcast, not copied."""
+    for ``output_attentions``; grouped kv heads are broadcast, not copied. A learned sink joins the softmax and
+    is dropped from p (its probability is what the rows lack of 1), as the models report it."""
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     q = query.float().view(B, Hkv, Hq // Hkv, T, D)
@@ -134,7 +166,10 @@ def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None,
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible_keys(T, window, query.device), float("-inf"))
-    return scores.softmax(-1).to(query.dtype)
+    if learned_sink is None:
+        return scores.softmax(-1).to(query.dtype)
+    sink = learned_sink.float().view(1, Hq, 1, 1).expand(B, Hq, T, 1)
+    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :T].to(query.dtype)
 
 
 def _module_eager(module: nn.Module):
@@ -177,6 +212,9 @@ def _crystal_attention(
         raise RuntimeError(f"{type(module).__name__} carries nqpq's attention config but no layer spec")
     _check_kwargs(module, kwargs)
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    learned_sink = kwargs.get("s_aux")  # [Hq] logits (gpt-oss's sinks) or None
+    if learned_sink is not None:
+        learned_sink = learned_sink.detach().to(query.device)
     T = query.shape[2]
     if key.shape[2] != T:
         raise ValueError(
@@ -184,16 +222,24 @@ def _crystal_attention(
             "(a KV cache / generation is not supported)"
         )
     _check_mask(attention_mask, T, window)
-    impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1]))
-    stats = spec.stats_sink is not None
+    _check_dense(module, kwargs.get("indices"), T)
+    impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1], value.shape[-1]))
+    # Another part of V of an attention already counted in this forward (DiffLlama): the same argmax, top-1
+    # probability and sink mass, so no statistics; its ε still joins the Gram.
+    repeat = any(q is query and k is key for q, k in spec.calls)
+    spec.calls.append((query, key))
+    stats = spec.stats_sink is not None and not repeat
     if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
         result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
         for ob in spec.observers:
-            watch = ob.stats_sink is not None
+            watch = ob.stats_sink is not None and not repeat
+            if ob.gram_sink is None and not watch:
+                continue
             res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
-                       sink_tokens=ob.sink_tokens, return_gram=ob.gram_sink is not None, return_argmax=watch,
-                       return_top1_prob=watch, return_sink_mass=watch and ob.sink_tokens > 0)
-            _feed(spec.layer, ob.gram_sink, ob.stats_sink, res)
+                       sink_tokens=ob.sink_tokens, learned_sink=learned_sink, return_gram=ob.gram_sink is not None,
+                       return_argmax=watch, return_top1_prob=watch,
+                       return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
+            _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
@@ -205,15 +251,15 @@ def _crystal_attention(
                 "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
-        weights = _probabilities(query, key, scale, window, softcap)
+        weights = _probabilities(query, key, scale, window, softcap, learned_sink)
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
-        sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens,
+        sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
         return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
-        return_sink_mass=stats and spec.sink_tokens > 0, out_layout="bthd",
+        return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    _feed(spec.layer, spec.gram_sink, spec.stats_sink, res)
-    return res.out, weights  # [B, T, Hq, D], the layout transformers expects back
+    _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
+    return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
 
 
 def _feed(layer: int, gram_sink, stats_sink, res) -> None:
@@ -262,7 +308,9 @@ def crystallize_layers(
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
-    ``basis`` maps layer → ``[Hq, D, R]`` (e.g. ``ResidualBasis.basis``), needed for ``lowrank``.
+    ``basis`` maps layer → ``[Hq, Dv, R]`` (e.g. ``ResidualBasis.basis``; Dv the layer's value width, which
+    multi-head latent attention makes differ from q/k's), needed for ``lowrank``; ``d_r`` is at most each
+    chosen layer's Dv. Learned attention sinks (``s_aux``) go to the op as ``learned_sink``.
     ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_sink`` the argmax and
     top-1 probability. ``observe=True`` keeps the model's own attention output (only the sinks are fed).
     ``sink_tokens=n`` keeps the first n keys exactly in the ground state (``nqpq.residual_attention``; 0 is the
@@ -284,13 +332,14 @@ def crystallize_layers(
     parts.check_attention_layers(layers)
     if len(set(layers)) != len(layers):
         raise ValueError(f"layer indices repeat: {layers}")
-    _check_geometry(parts, layers)
     if mode == "lowrank":
         if d_r is not None:
             d_r = as_index(d_r, "d_r")
         D = parts.smallest("v_dim", layers)
         if d_r is None or not 0 <= d_r <= D:
-            raise ValueError(f"d_r must be an int in 0..{D} (the head dimension), got {d_r!r}")
+            raise ValueError(f"d_r must be an int in 0..{D} (the value head dimension D_v"
+                             f"{' of the narrowest chosen layer' if parts.largest('v_dim', layers) > D else ''}), "
+                             f"got {d_r!r}")
         missing = [li for li in layers if basis is None or li not in basis]
         if missing:
             raise ValueError(f"mode='lowrank' needs a residual basis for layers {missing}")
@@ -325,8 +374,8 @@ def crystallize_layers(
             layer_basis = basis[li].to(device=device, dtype=torch.float32)
             if layer_basis.dim() != 3 or layer_basis.shape[:2] != (Hq, D) or layer_basis.shape[2] < d_r:
                 raise ValueError(
-                    f"basis for layer {li} must be [H={Hq}, D={D}, R] with R >= d_r={d_r}, "
-                    f"got {tuple(layer_basis.shape)}"
+                    f"basis for layer {li} must be [H={Hq}, D={D}, R] with R >= d_r={d_r} (D: the value head "
+                    f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
                               gram_sink, stats_sink, observe, n_sink, watchers)
@@ -341,6 +390,9 @@ def crystallize_layers(
             own._attn_implementation = name
             setattr(attn, _SPEC_ATTR, spec)
             attn.config = own
+            # Each forward of the module starts (and ends) with no calls seen: see LayerSpec.calls.
+            spec.hooks = [attn.register_forward_pre_hook(_forget_calls(spec)),
+                          attn.register_forward_hook(_forget_calls(spec))]
     except BaseException:
         uncrystallize(patch)
         raise
@@ -349,24 +401,14 @@ def crystallize_layers(
 
 def _layer_backend(backend: str, device_type: str, geo: LayerGeometry) -> str:
     """The backend for one layer: the kernel only where it takes both its widths (q/k and v)."""
-    names = {resolve_backend(backend, device_type, geo.qk_dim), resolve_backend(backend, device_type, geo.v_dim)}
-    return "torch" if "torch" in names else names.pop()
+    return resolve_backend(backend, device_type, geo.qk_dim, geo.v_dim)
 
 
-def _check_geometry(parts: ModelParts, layers: Sequence[int]) -> None:
-    """Refuse, by name, the attention features the op does not compute yet."""
-    for li in layers:
-        geo = parts.geometry[li]
-        if geo.qk_dim != geo.v_dim:
-            raise UnsupportedModelError(
-                f"{parts.family}: layer {li}'s attention has q/k heads of width {geo.qk_dim} and v heads of width "
-                f"{geo.v_dim} (multi-head latent attention); nqpq needs one head dimension shared by q, k and v"
-            )
-        if geo.learned_sink:
-            raise UnsupportedModelError(
-                f"{parts.family}: layer {li}'s attention adds a learned sink logit per head (s_aux), which "
-                "crystallized attention does not implement"
-            )
+def _forget_calls(spec: LayerSpec):
+    """A forward (pre-)hook emptying ``spec.calls``: the q/k it held belong to the forward that ended."""
+    def forget(*_) -> None:
+        spec.calls.clear()
+    return forget
 
 
 def uncrystallize(patch: Crystallization) -> None:
@@ -375,6 +417,9 @@ def uncrystallize(patch: Crystallization) -> None:
         spec = getattr(attn, _SPEC_ATTR, None)
         if spec is not None:
             attn.config = spec.config
+            for handle in spec.hooks:
+                handle.remove()
+            spec.calls.clear()
             delattr(attn, _SPEC_ATTR)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .data import NqpqError
+from .errors import NqpqError
 
 # The name the attention modules of transformers look their attention function up in.
 _INTERFACE_LOOKUP = "ALL_ATTENTION_FUNCTIONS"
@@ -236,7 +236,9 @@ def _layer_geometry(attn: nn.Module, config, index: int, name: str) -> LayerGeom
     if n_kv < 1 or n_heads % n_kv:
         raise UnsupportedModelError(
             f"{name}: layer {index} has {n_heads} query heads, not a multiple of {n_kv} kv heads")
-    return LayerGeometry(n_heads, n_kv, qk_dim, v_dim, _layer_window(attn, config, index), _passes_learned_sink(attn))
+    # The code passes s_aux on every layer; MiMo-V2-Flash's full-attention layers pass None (their ``sinks``).
+    learned_sink = _passes_learned_sink(attn) and getattr(attn, "sinks", True) is not None
+    return LayerGeometry(n_heads, n_kv, qk_dim, v_dim, _layer_window(attn, config, index), learned_sink)
 
 
 def _logit_scale(config) -> float | None:

@@ -13,20 +13,21 @@ from .validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_choice, c
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device_type: str, head_dim: int | None = None) -> str:
+def resolve_backend(backend: str, device_type: str, head_dim: int | None = None, value_dim: int | None = None) -> str:
     """Map ``auto`` to the Triton kernel on CUDA and the reference elsewhere.
 
-    With ``head_dim`` given, ``auto`` also falls back to the reference on CUDA when the kernel does not
-    support that head dim (``TRITON_HEAD_DIMS``), and an explicit ``"triton"`` refuses it.
+    With ``head_dim`` (q/k's width) and/or ``value_dim`` (v's width, for MLA) given, ``auto`` also falls back
+    to the reference on CUDA when the kernel does not support one of them (``TRITON_HEAD_DIMS``), and an
+    explicit ``"triton"`` refuses it.
     """
     check_choice("backend", backend, BACKENDS)
-    supported = head_dim is None or head_dim in TRITON_HEAD_DIMS
+    unsupported = [d for d in (head_dim, value_dim) if d is not None and d not in TRITON_HEAD_DIMS]
     if backend == "auto":
-        return "triton" if device_type == "cuda" and supported else "torch"
+        return "triton" if device_type == "cuda" and not unsupported else "torch"
     if backend == "triton":
-        if not supported:
+        if unsupported:
             raise ValueError(
-                f"backend='triton' supports head dims that are multiples of 16 up to 256, got D={head_dim}; "
+                f"backend='triton' supports head dims that are multiples of 16 up to 256, got D={unsupported[0]}; "
                 "use backend='torch' (or 'auto', which falls back to it)"
             )
         if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -64,8 +65,12 @@ def residual_attention(
     return_top1_prob: bool = False,
     sink_tokens: int = 0,
     return_sink_mass: bool = False,
+    learned_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Causal residual attention, SDPA-like: q ``[B, Hq, T, D]``, k, v ``[B, Hkv, T, D]`` → ``[B, Hq, T, D]``.
+
+    Multi-head latent attention: v may be ``[B, Hkv, T, Dv]`` with Dv != D (q and k share D). The scores live
+    in D (``scale`` defaults to D**-0.5); out, ctx, V[i*], ε and the basis ``[Hq, Dv, R]`` in Dv, d_r <= Dv.
 
     Query head h reads kv head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
     ``mode``: ``"top1"`` → V[i*]; ``"full"`` → p @ V; ``"lowrank"`` → V[i*] + P_r P_rᵀ (p@V − V[i*])
@@ -82,21 +87,31 @@ def residual_attention(
     ground = ctx. Under a sliding window S holds only the sink keys the row still sees. n = 0 (the default)
     is the spec, bit for bit.
 
+    ``learned_sink`` (float ``[Hq]``, one raw logit s_h per query head: gpt-oss's ``sinks``) is a key every row
+    sees with logit s_h and value zero: p = the softmax over the visible scores and s_h, ctx = Σ_j p[j] V[j]
+    (the model's output), m_L = p_sink. It is always kept apart like the sink_tokens keys:
+    ``ground = Σ_{j∈S} p[j] V[j] + (1 − m_S − m_L) V[i*ᴿ]`` (``(1 − m_L) V[i*]`` with n = 0); top1 → ground,
+    lowrank → ground + P_r P_rᵀ (ctx − ground). The argmax stays over the real keys, top1_prob is p[argmax] in
+    the softmax with the sink, and sink_mass is m_S + m_L. A NaN or +inf logit makes its head's rows
+    non-finite. None (the default) is every number of today, bit for bit.
+
     Returns ``out``; with ``return_argmax``, ``return_top1_prob`` and/or ``return_sink_mass`` a tuple
     ``(out, argmax, top1_prob, sink_mass)`` holding only what was asked, in that order: argmax int64
     ``[B, Hq, T]`` = i* (i*ᴿ with n > 0; on rows t < n the first maximum over all visible keys; -1 on a
     non-finite row), top1_prob float32 ``[B, Hq, T]`` = p[argmax] (max_j p[j] for n = 0; NaN on a
-    non-finite row), sink_mass float32 ``[B, Hq, T]`` = m_S (0 for n = 0, exactly 1 where ground = ctx, NaN
-    on a non-finite row). A row whose scores contain NaN, or whose best score is ±inf, gives a NaN output
-    row.
+    non-finite row), sink_mass float32 ``[B, Hq, T]`` = m_S + m_L (0 for n = 0 without a learned sink, exactly
+    1 where ground = ctx, NaN on a non-finite row). A row whose scores contain NaN, or whose best score is
+    ±inf, gives a NaN output row.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
-    impl = residual_attention_impl(resolve_backend(backend, q.device.type, q.shape[-1] if q.dim() == 4 else None))
+    impl = residual_attention_impl(resolve_backend(
+        backend, q.device.type, q.shape[-1] if q.dim() == 4 else None, v.shape[-1] if v.dim() == 4 else None
+    ))
     res = impl(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
         return_argmax=return_argmax, return_top1_prob=return_top1_prob, sink_tokens=sink_tokens,
-        return_sink_mass=return_sink_mass,
+        return_sink_mass=return_sink_mass, learned_sink=learned_sink,
     )
     asked = ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob), (res.sink_mass, return_sink_mass))
     extra = [x for x, want in asked if want]

@@ -28,10 +28,32 @@ Under a sliding window S holds only the sink keys the row still sees (often none
 key), ``top1_prob`` the softmax probability of that index, p[argmax], and ``sink_mass`` m_S (exactly 1 on
 the rows where ground = ctx).
 
+The learned sink (``learned_sink``: one logit s_h per query head, gpt-oss's ``sinks``; None, the default, is
+every number of today bit for bit) is a key every row sees, with the raw logit s_h (not scaled, capped or
+masked) and the value ZERO, as transformers' gpt-oss attention concatenates it to the scaled, capped, masked
+scores, softmaxes, and drops its column:
+
+    p   = softmax over the visible scores and s_h      (Σ_j p[j] + m_L = 1)
+    m_L = p_sink = exp(s_h) / (exp(s_h) + Σ_j exp(s[j]))
+    ctx = Σ_j p[j] V[j]                               (the model's own output: the sink adds no value)
+
+It is always kept apart, like the ``sink_tokens`` keys: the argmax stays over the real keys (the rules above),
+and with m_S the ``sink_tokens`` mass of this p,
+
+    ground = Σ_{j∈S} p[j] V[j] + (1 − m_S − m_L) · V[i*ᴿ]     (sink_tokens = 0: ground = (1 − m_L) · V[i*])
+    ε = ctx − ground;   top1 → ground;  full → ctx;  lowrank → ground + P_r P_rᵀ ε
+
+(rows whose R has no finite score still have ground = ctx). ``top1_prob`` is p[argmax] in this softmax and
+``sink_mass`` is m_S + m_L, all the mass kept apart.
+
+Widths (multi-head latent attention): q and k may be Dqk wide and v Dv wide. The scores live in the q/k width
+(the default scale is Dqk**-0.5); ctx, V[i*], ε, out, the basis ``[Hq, Dv, R]`` and the Gram ``[Hq, Dv, Dv]``
+in the value width.
+
 Non-finite rows: a row whose visible scores contain NaN, or whose maximum score is +inf or -inf (e.g. fp16
-inputs that overflowed to inf), has no defined softmax. Its output row is NaN in every mode, its argmax
-is -1, its top1_prob and sink_mass NaN, and the Gram of its head is NaN. Every other row is computed as usual (a -inf
-score alone just gets zero weight).
+inputs that overflowed to inf), or whose head's learned sink logit is NaN or +inf, has no defined softmax. Its
+output row is NaN in every mode, its argmax is -1, its top1_prob and sink_mass NaN, and the Gram of its head is
+NaN. Every other row is computed as usual (a -inf score alone just gets zero weight; so does a -inf learned sink).
 """
 
 from __future__ import annotations
@@ -79,23 +101,27 @@ def residual_attention_reference(
     out_layout: str = "bhtd",
     sink_tokens: int = 0,
     return_sink_mass: bool = False,
+    learned_sink: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Residual attention in plain PyTorch, vectorized over batch and heads.
 
-    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``). Returns a
-    ``ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)``: ``out`` in the input dtype,
-    ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with ``out_layout="bthd"``); ``argmax`` int64
-    ``[B, Hq, T]``; ``gram`` float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ; ``top1_prob`` float32
-    ``[B, Hq, T]`` = p[argmax] (max_j p[j] for ``sink_tokens=0``); ``sink_mass`` float32 ``[B, Hq, T]`` =
-    Σ_{j<n} p[j] (module docstring). Fields not asked for are None. Holds one fp32 ``[B, Hq, T, T]`` buffer
-    (plus a transient bool one). On MPS, which has no float64, the Gram comes back on the CPU.
+    q ``[B, Hq, T, D]``, k ``[B, Hkv, T, D]`` and v ``[B, Hkv, T, Dv]`` (``Hq % Hkv == 0``; Dv = D but for
+    MLA). Returns a ``ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)``: ``out`` in the input
+    dtype, ``[B, Hq, T, Dv]`` (or ``[B, T, Hq, Dv]`` with ``out_layout="bthd"``); ``argmax`` int64
+    ``[B, Hq, T]``; ``gram`` float64 ``[Hq, Dv, Dv]`` = Σ_{b,t} ε εᵀ; ``top1_prob`` float32
+    ``[B, Hq, T]`` = p[argmax] (max_j p[j] for ``sink_tokens=0`` without a learned sink); ``sink_mass``
+    float32 ``[B, Hq, T]`` = Σ_{j<n} p[j] + m_L (module docstring). Fields not asked for are None. Holds one
+    fp32 ``[B, Hq, T, T]`` buffer (plus a transient bool one). On MPS, which has no float64, the Gram comes
+    back on the CPU.
     """
-    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens)
+    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
+                                           learned_sink)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
-    B, Hq, T, D = q.shape
+    B, Hq, T, Dqk = q.shape
+    D = args.value_dim  # everything after the scores is in v's width
     Hkv, G = k.shape[1], args.group
     # [B, Hkv, G, T, D] views: query head h = kv * G + g reads kv head kv, with no repeated K/V.
-    qf = q.float().reshape(B, Hkv, G, T, D)
+    qf = q.float().reshape(B, Hkv, G, T, Dqk)
     kf = k.float().unsqueeze(2)
     vf = v.float().unsqueeze(2)
 
@@ -119,6 +145,13 @@ def residual_attention_reference(
         bad = nan_rows | ~torch.isfinite(m.squeeze(-1))
     else:
         nan_rows = bad  # all False
+    sink_logit = None
+    if learned_sink is not None:
+        # The learned sink's logit, per query head in the [B, Hkv, G, T, 1] layout; a NaN or +inf logit makes
+        # its head's rows non-finite. m_all is the softmax's max over the real scores and the sink logit.
+        sink_logit = learned_sink.to(device=q.device, dtype=torch.float32).reshape(1, Hkv, G, 1, 1)
+        bad = bad | ~(sink_logit < float("inf")).squeeze(-1)
+        m_all = torch.maximum(m, sink_logit)
     if n > 0:
         # i*ᴿ over the keys j >= n; a row whose R holds no finite score (t < n) keeps the overall argmax,
         # and its ground state is ctx.
@@ -131,18 +164,28 @@ def residual_attention_reference(
         else:  # every key is a sink key
             r_empty = torch.ones_like(nan_rows)
     need_ctx = mode != "top1" or return_gram or n > 0
-    # top1 without its probability (the sweep's top-1 replay) needs only i*; top1 with it only Σ_j exp(s_j - m).
-    need_p = need_ctx or return_top1_prob
+    # top1 without its probability (the sweep's top-1 replay) needs only i*; top1 with it only Σ_j exp(s_j - m);
+    # with a learned sink the ground state needs its mass, so the denominator too.
+    need_p = need_ctx or return_top1_prob or sink_logit is not None
     p = denom = None
+    m_learned = None  # the learned sink's probability m_L, [B, Hkv, G, T, 1]
     if need_p:
-        p = s.sub_(m).exp_()  # the maximum's term is exp(0) = 1 exactly, so p[i*] = 1 / Σ_j exp(s_j - m)
-        denom = p.sum(dim=-1, keepdim=True)
+        if sink_logit is None:
+            p = s.sub_(m).exp_()  # the maximum's term is exp(0) = 1 exactly, so p[i*] = 1 / Σ_j exp(s_j - m)
+            denom = p.sum(dim=-1, keepdim=True)
+        else:
+            p = s.sub_(m_all).exp_()
+            sink_term = (sink_logit - m_all).exp_()
+            denom = p.sum(dim=-1, keepdim=True).add_(sink_term)
+            m_learned = sink_term.div_(denom)
         if need_ctx:
             p.div_(denom)
     top1_prob = None
     if return_top1_prob:
         if n > 0:  # p of the returned index, i*ᴿ (1 / denom only for the overall maximum)
             top1 = p.gather(-1, i_star.unsqueeze(-1)).squeeze(-1)
+        elif sink_logit is not None:  # p[i*] = exp(m − m_all) / denom: the sink may be the softmax's max
+            top1 = (m - m_all).exp_().div_(denom).squeeze(-1)
         else:
             top1 = denom.reciprocal_().squeeze(-1)
         top1_prob = top1.masked_fill_(bad, float("nan")).reshape(B, Hq, T)
@@ -155,6 +198,8 @@ def residual_attention_reference(
     if n > 0:
         p_sink = p[..., :n]
         mass = p_sink.sum(dim=-1)  # [B, Hkv, G, T]
+        if m_learned is not None:  # all the mass kept apart: m_S + m_L
+            mass.add_(m_learned.squeeze(-1))
         sink_ctx = torch.matmul(p_sink, vf[..., :n, :])
         # ground = Σ_S p V + (1 − m_S) V[i*ᴿ]; ctx on the rows whose R holds no finite score.
         ground = sink_ctx.add_(v_star * (1.0 - mass).unsqueeze(-1))
@@ -163,12 +208,17 @@ def residual_attention_reference(
             sink_mass = mass.reshape(B, Hq, T)
         del p_sink
     elif return_sink_mass:
-        sink_mass = torch.zeros(B, Hq, T, device=q.device, dtype=torch.float32)
-        sink_mass.masked_fill_(bad.reshape(B, Hq, T), float("nan"))
+        if m_learned is not None:
+            sink_mass = m_learned.squeeze(-1).masked_fill(bad, float("nan")).reshape(B, Hq, T)
+        else:
+            sink_mass = torch.zeros(B, Hq, T, device=q.device, dtype=torch.float32)
+            sink_mass.masked_fill_(bad.reshape(B, Hq, T), float("nan"))
     ctx = torch.matmul(p, vf).masked_fill_(bad.unsqueeze(-1), float("nan")) if need_ctx else None
     del p, s
     if n > 0:
         ground = torch.where(r_empty.unsqueeze(-1), ctx, ground).masked_fill_(bad.unsqueeze(-1), float("nan"))
+    elif m_learned is not None:
+        ground = v_star.mul_(1.0 - m_learned)  # the learned sink's mass kept apart: (1 − m_L) V[i*]
     else:
         ground = v_star  # the spec: V[i*]
 
@@ -180,7 +230,7 @@ def residual_attention_reference(
         out = ctx
     else:
         eps = ctx - ground
-        P = basis[:, :, : args.d_r].to(device=q.device, dtype=torch.float32)  # [Hq, D, d_r]
+        P = basis[:, :, : args.d_r].to(device=q.device, dtype=torch.float32)  # [Hq, Dv, d_r]
         coeff = torch.einsum("bhtd,hdr->bhtr", eps, P)
         out = ground + torch.einsum("bhtr,hdr->bhtd", coeff, P)
 

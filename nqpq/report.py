@@ -29,7 +29,7 @@ REQUIRED_KEYS = {
 
 def check_out_dir(path: str) -> None:
     """Fail before the sweep runs, not after, if ``path`` cannot hold the results."""
-    from .data import NqpqError
+    from .errors import NqpqError
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise NqpqError(f"--out {path!r} exists and is not a directory")
@@ -84,7 +84,7 @@ def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> 
 
 def load_results(out_dir: str) -> dict:
     """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys."""
-    from .data import NqpqError
+    from .errors import NqpqError
 
     path = os.path.join(out_dir, "results.json")
     try:
@@ -123,7 +123,7 @@ def redraw(out_dir: str, say: Callable[[str], None] = print) -> list[str]:
     Nothing is printed or written unless all of it can be: a file whose entries do not hold
     what this version writes raises ``NqpqError``.
     """
-    from .data import NqpqError
+    from .errors import NqpqError
 
     results = load_results(out_dir)
     lines: list[str] = []
@@ -148,6 +148,9 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
     d_head, ppl_fp = cfg["d_head"], results["ppl_baseline"]
     if "family" in cfg:
         say(f" model: {describe_geometry(cfg)}")
+    say(f" checkpoint: {cfg['model']}")
+    if "text_source" in cfg:
+        say(f" text: {cfg['text_source']}")
     say(f" blocks: {describe_blocks(cfg)}")
     for line in describe_calibration(cfg):
         say(line)
@@ -221,13 +224,22 @@ def describe_blocks(cfg: dict) -> str:
             "token)")
 
 
+def head_widths(cfg: dict) -> str:
+    """``D=…``, or ``D_qk=…, D_v=…`` where q/k and v heads differ (multi-head latent attention); a learned sink
+    is named (results written before these keys existed have one head_dim)."""
+    qk, v = cfg.get("qk_dim", cfg["head_dim"]), cfg.get("v_dim", cfg["head_dim"])
+    widths = f"D={v}" if qk == v else f"D_qk={qk}, D_v={v}"
+    sinks = cfg.get("learned_sink")
+    return widths + (", learned sinks" if sinks is True or (isinstance(sinks, dict) and any(sinks.values())) else "")
+
+
 def describe_geometry(cfg: dict) -> str:
     """One line for the report: family, Hq/Hkv/D and the window/softcaps in force on the crystallized layers."""
     windows = sorted({w for w in cfg["sliding_window"].values() if w is not None})
     # A multimodal wrapper (Gemma 3's ForConditionalGeneration) is scored through its text model: name both.
     family = f"{cfg['wrapper']} (text model {cfg['family']})" if cfg.get("wrapper") else cfg["family"]
     return (f"{family}, {cfg['n_layers']} layers, Hq={cfg['n_heads']}, Hkv={cfg['n_kv_heads']}, "
-            f"D={cfg['head_dim']}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}, "
+            f"{head_widths(cfg)}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}, "
             f"attention softcap {cfg['attn_softcap'] or 'none'}, logit softcap {cfg['final_logit_softcap'] or 'none'}"
             f" ({cfg['dtype']})")
 
@@ -365,7 +377,9 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
     cfg = results["config"]
     ppl_fp, d_rs = results["ppl_baseline"], cfg["d_r"]
     say(f"[scan] {cfg['model']}: {cfg['family']}, Hq={cfg['n_heads']} Hkv={cfg['n_kv_heads']} "
-        f"D={cfg['head_dim']}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
+        f"{head_widths(cfg)}; {cfg['n_blocks']}x{cfg['seq_len']} tokens, each layer crystallized alone")
+    if "text_source" in cfg:
+        say(f" text: {cfg['text_source']}")
     say(f" blocks: {describe_blocks(cfg)}")
     for line in describe_calibration(cfg):
         say(line)

@@ -24,6 +24,16 @@ import torch
 from . import distributed
 from .batching import default_batch_size, gather_losses, plan_batches, rank_batches
 from .calibration import GramAccumulator, ResidualBasis, basis_from_grams, gram_passes, reduce_grams
+from .checkpoints import (
+    ByteTokenizer,
+    demo_model,
+    gguf_file_info,
+    gguf_label,
+    is_gguf,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+)
 from .config import (
     SweepConfig,
     calibration_source,
@@ -34,26 +44,14 @@ from .config import (
     text_blocks_needed,
 )
 from .crystallinity import CrystallinityAccumulator
-from .data import (
-    ByteTokenizer,
-    NqpqError,
-    check_ids_fit,
-    choose_bos,
-    demo_model,
-    demo_rows,
-    ids_for_blocks,
-    is_gguf,
-    load_model,
-    load_tokenizer,
-    parse_dtype,
-    rows_from_file,
-    rows_from_hub,
-)
 from .devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
+from .errors import NqpqError
 from .evaluate import PrefixRunner, make_blocks, ppl_from_losses, text_tokens_per_block
 from .integration import Observer, crystallize, observe_residuals
+from .registry import is_registry_name
 from .report import SWEEP_FORMAT_VERSION, print_sweep_report
 from .stats import delta_ppl_ci, resample_indices
+from .text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
 from .verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
 
 
@@ -61,43 +59,65 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(cfg: SweepConfig, device: str, dtype: torch.dtype):
-    """(model, token ids, text source, tokenizer name).
+@dataclass
+class Loaded:
+    """What ``_load`` read: the model, the token ids, and how results name them (never by a local path)."""
+
+    model: torch.nn.Module
+    ids: torch.Tensor
+    source: str  # the evaluation text's label
+    tokenizer: str
+    bos_id: int | None
+    calib_ids: torch.Tensor | None  # ids of the calibration text (--calib-text-file / --calib-text), else None
+    calib_text: str | None  # that text's label
+    model_name: str  # results.json's config["model"]
+    checkpoint: dict | None  # gguf_file_info of a GGUF file, else None
+
+
+def _load(cfg: SweepConfig, device: str, dtype: torch.dtype, say: Callable[[str], None]) -> Loaded:
+    """The model, tokenizer and text of ``cfg``, a registry name fetched first (``nqpq.fetch``).
 
     Tokenizer and text come first (no model needed to find a bad text file), and only the
     ``n_blocks × seq_len`` tokens the blocks use are read and tokenized.
     """
+    checkpoint, model_name = None, cfg.model
     if cfg.demo:
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
         tok_name = cfg.tokenizer or "utf-8 bytes"
+        path = None
     else:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-        tok_name = cfg.tokenizer or cfg.model
+        # Imported here: `python -m nqpq.fetch` runs that module as __main__, and importing the package must not
+        # have imported it first (runpy warns, and there would be two copies).
+        from .fetch import model_file
+
+        path = model_file(cfg.model, say)
+        if is_gguf(path):  # named by what it is, its file and its hash, never by where it lies
+            checkpoint = gguf_file_info(path, cfg.model if is_registry_name(cfg.model) else None)
+            model_name = gguf_label(checkpoint)
+        tokenizer = load_tokenizer(cfg.tokenizer or path)
+        tok_name = cfg.tokenizer or model_name
     vocab = len(tokenizer) if cfg.tokenizer or not cfg.demo else ByteTokenizer.vocab_size
-    if cfg.text_file:
-        rows, source = rows_from_file(cfg.text_file), cfg.text_file
-    elif cfg.demo:
-        rows, source = demo_rows(), "standard-library docstrings (demo)"
-    else:
-        rows, source = rows_from_hub(), "wikitext/wikitext-103-raw-v1 validation"
+    rows, source = text_rows(cfg.text_file, cfg.text, cfg.demo)
     bos_id = choose_bos(tokenizer, cfg.bos)
     ids = ids_for_blocks(rows, tokenizer, text_blocks_needed(cfg) * text_tokens_per_block(cfg.seq_len, bos_id))
-    calib_ids = _calib_text_ids(cfg, tokenizer, bos_id)
+    calib_ids, calib_text = _calib_text_ids(cfg, tokenizer, bos_id)
     model = demo_model(vocab, cfg.seed, device, dtype) if cfg.demo else load_model(
-        cfg.model, device, dtype, device_map=parse_device_map(cfg.device_map),
+        path, device, dtype, device_map=parse_device_map(cfg.device_map),
         max_memory=parse_max_memory(cfg.max_memory), offload_folder=offload_folder_for_rank(cfg.offload_folder))
     check_ids_fit(ids, model, vocab)
     if calib_ids is not None:
         check_ids_fit(calib_ids, model, vocab)
-    return model, ids, source, tok_name, bos_id, calib_ids
+    return Loaded(model, ids, source, tok_name, bos_id, calib_ids, calib_text, model_name, checkpoint)
 
 
-def _calib_text_ids(cfg: SweepConfig, tokenizer, bos_id: int | None) -> torch.Tensor | None:
-    """The ids of ``--calib-text-file`` its calibration blocks use (None without one), read as the text is."""
-    if not cfg.calib_text_file:
-        return None
+def _calib_text_ids(cfg: SweepConfig, tokenizer, bos_id: int | None) -> tuple[torch.Tensor | None, str | None]:
+    """The ids of the calibration text its calibration blocks use, read as the text is, and its label; (None, None)
+    without one."""
+    found = calib_text_rows(cfg.calib_text_file, cfg.calib_text)
+    if found is None:
+        return None, None
     needed = cfg.calib_blocks * cfg.calib_draws * text_tokens_per_block(cfg.seq_len, bos_id)
-    return ids_for_blocks(rows_from_file(cfg.calib_text_file, "--calib-text-file"), tokenizer, needed)
+    return ids_for_blocks(found[0], tokenizer, needed), found[1]
 
 
 def _mapped_input_device(cfg: SweepConfig, model: torch.nn.Module) -> torch.device:
@@ -290,6 +310,9 @@ class RunInputs:
     tokenizer: str
     bos_id: int | None  # every block starts with this token (None: blocks are cut from the text as they are)
     calib_ids: torch.Tensor | None = None  # token ids of --calib-text-file (None: calibration blocks come from ids)
+    calib_text: str | None = None  # the calibration text's label
+    model_name: str | None = None  # how results name the model (None: cfg.model)
+    checkpoint: dict | None = None  # what a GGUF checkpoint was (gguf_file_info)
 
 
 def open_run(
@@ -322,7 +345,9 @@ def open_run(
     torch.manual_seed(cfg.seed)
     if model is None:
         say(f"{tag} Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else cfg.model}...")
-        model, ids, source, tok_name, bos_id, calib_ids = _load(cfg, str(device), dtype)
+        loaded = _load(cfg, str(device), dtype, say)
+        model, ids, source, tok_name, bos_id, calib_ids = (loaded.model, loaded.ids, loaded.source, loaded.tokenizer,
+                                                           loaded.bos_id, loaded.calib_ids)
         refuse_tensor_parallel(model)
         if mapped:
             device = _mapped_input_device(cfg, model)
@@ -344,11 +369,15 @@ def open_run(
             bos_id = int(bos_id)
         model.eval()
         check_ids_fit(ids, model)
-        if cfg.calib_text_file:
+        if cfg.calib_text_file or cfg.calib_text:
             if calib_ids is None:
-                raise NqpqError("a run given model=... with calib_text_file needs calib_ids (its 1-D token ids) too")
+                raise NqpqError("a run given model=... with calib_text_file or calib_text needs calib_ids (its 1-D "
+                                "token ids) too")
             check_ids_fit(calib_ids, model)
-    return RunInputs(model, ids, device, say, is_main, source, tok_name, bos_id, calib_ids)
+        loaded = None
+    return RunInputs(model, ids, device, say, is_main, source, tok_name, bos_id, calib_ids,
+                     **({} if loaded is None else {"calib_text": loaded.calib_text, "model_name": loaded.model_name,
+                                                   "checkpoint": loaded.checkpoint}))
 
 
 def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int], d_rs: Sequence[int],
@@ -358,6 +387,8 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
     config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     if cfg.demo:
         config["model"] = "demo: random-init GPT-2 small geometry"
+    elif run.model_name is not None:
+        config["model"] = run.model_name
     config.update(layers=list(layers), d_r=list(d_rs), device=str(run.device), batch_size=batch_size,
                   dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
                   world_size=distributed.world_size(), text_source=run.source, tokenizer=run.tokenizer,
@@ -366,10 +397,8 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
                   random_weights=cfg.demo,
                   **geometry(parts, layers), **_versions(run.device))
     config["calibration"] = calibration_config(cfg, run)
-    from .checkpoints import gguf_file_info
-
-    # A GGUF file is named by what identifies it (its hash, its quantization types), not by its path alone.
-    config["checkpoint"] = gguf_file_info(cfg.model) if not cfg.demo and is_gguf(cfg.model) else None
+    # A GGUF file is named by what identifies it (its name, hash and quantization types), never by its path.
+    config["checkpoint"] = run.checkpoint
     return config
 
 
@@ -404,7 +433,9 @@ def calibration_sets(cfg: SweepConfig, run: RunInputs) -> list[CalibrationSet]:
         have = f"the text has {ids.numel()} tokens ({available} blocks)"
         what = f"--calib-blocks {c} x --calib-draws {draws} = {c * draws} calibration blocks"
         if source == "text":
-            raise NqpqError(f"--calib-text-file {cfg.calib_text_file!r}: {what} of {per_block} text tokens need "
+            flag = (f"--calib-text-file {cfg.calib_text_file!r}" if cfg.calib_text_file
+                    else f"--calib-text {cfg.calib_text}")
+            raise NqpqError(f"{flag}: {what} of {per_block} text tokens need "
                             f"{c * draws * per_block} tokens; {have}")
         raise NqpqError(f"held-out calibration (--calib-from heldout) needs {needed} blocks of {per_block} text tokens "
                         f"({needed * per_block} tokens): --n-blocks {cfg.n_blocks} scored, then {what}; {have} (use "
@@ -456,7 +487,7 @@ def calibration_config(cfg: SweepConfig, run: RunInputs) -> dict:
     """results.json's ``config["calibration"]``: where the basis (of each draw) was fitted."""
     source, c = calibration_source(cfg), cfg.calib_blocks
     offset = cfg.n_blocks if source == "heldout" else 0
-    text = cfg.calib_text_file if source == "text" else run.source
+    text = (run.calib_text or cfg.calib_text_file or cfg.calib_text) if source == "text" else run.source
     return {"source": source, "text": text, "blocks_per_draw": c, "draws": cfg.calib_draws,
             "first_blocks": [offset + k * c for k in range(cfg.calib_draws)],
             "scored_blocks_seen": c if source == "eval" else 0}
@@ -471,6 +502,6 @@ def geometry(parts, layers: Sequence[int]) -> dict:
     return {"family": parts.family, "wrapper": parts.wrapper, "n_layers": parts.n_layers,
             "attn_layers": list(parts.attn_layers), "n_heads": per_layer("n_heads"),
             "n_kv_heads": per_layer("n_kv_heads"), "head_dim": per_layer("v_dim"), "qk_dim": per_layer("qk_dim"),
-            "v_dim": per_layer("v_dim"),
+            "v_dim": per_layer("v_dim"), "learned_sink": per_layer("learned_sink"),
             "sliding_window": {str(li): parts.geometry[li].sliding_window for li in layers},
             "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}

@@ -26,19 +26,21 @@ TRITON_HEAD_DIMS = tuple(range(16, 257, 16))
 class ResidualAttentionResult(NamedTuple):
     """What every residual-attention implementation returns; a field is None unless it was asked for.
 
-    - ``out``: the attention output in the input dtype, ``[B, Hq, T, D]`` (or ``[B, T, Hq, D]`` with
-      ``out_layout="bthd"``).
+    - ``out``: the attention output in the input dtype, ``[B, Hq, T, Dv]`` (or ``[B, T, Hq, Dv]`` with
+      ``out_layout="bthd"``); Dv is v's width (= D unless q/k and v have different widths, as in MLA).
     - ``argmax``: int64 ``[B, Hq, T]``, i* = the first index of the maximum of the row's masked, scaled
       (soft-capped) scores; −1 on a non-finite row. With ``sink_tokens=n > 0`` it is i*ᴿ, the maximum over
       the visible keys j >= n only; on a row that has no finite score among them (t < n: every visible key
       is a sink key) it falls back to the first maximum over all visible keys (a sink key, so < n).
-    - ``gram``: float64 ``[Hq, D, D]`` = Σ_{b,t} ε εᵀ with ε = ctx − ground (= p @ V − V[i*] for n = 0).
+    - ``gram``: float64 ``[Hq, Dv, Dv]`` = Σ_{b,t} ε εᵀ with ε = ctx − ground (= p @ V − V[i*] for n = 0 and
+      no learned sink).
     - ``top1_prob``: float32 ``[B, Hq, T]`` = p[argmax], the full softmax's probability of the returned
       index: max_j p[j] for n = 0, p[i*ᴿ] for n > 0 (so p[i*ᴿ] / (1 − sink_mass) is the winner's share of
       the non-sink mass); NaN on a non-finite row.
-    - ``sink_mass``: float32 ``[B, Hq, T]`` = Σ_{j<n visible} p[j], 0 for n = 0 and exactly 1 on a row
-      whose non-sink keys have no finite score (t < n); NaN on a non-finite row. A field added after the
-      others: code that unpacks four fields must index them by name instead.
+    - ``sink_mass``: float32 ``[B, Hq, T]`` = Σ_{j<n visible} p[j] + p_sink (the learned sink's probability,
+      0 without one): all the mass kept apart from the winner; 0 for n = 0 without a learned sink, exactly 1
+      on a row whose non-sink keys have no finite score (t < n); NaN on a non-finite row. A field added after
+      the others: code that unpacks four fields must index them by name instead.
     """
 
     out: Tensor
@@ -57,6 +59,8 @@ class ResolvedArgs(NamedTuple):
     softcap: float | None
     group: int  # query heads per kv head, Hq // Hkv
     sink_tokens: int = 0  # keys j < sink_tokens form the sink S, kept exactly in the ground state
+    learned_sink: Tensor | None = None  # [Hq] float logits of a zero-value key every row sees (gpt-oss's sinks)
+    value_dim: int = 0  # Dv, v's width (the width of out, ctx, V[i*], ε, the basis rows and the Gram)
 
 
 def _describe(x: Any) -> str:
@@ -102,14 +106,19 @@ def check_residual_attention_inputs(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sink_tokens: int = 0,
+    learned_sink: Tensor | None = None,
 ) -> ResolvedArgs:
     """Validate a residual-attention call; return the resolved arguments.
 
-    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` with ``Hq % Hkv == 0``. ``d_r`` resolves to 0 for
-    ``top1`` and ``D`` for ``full`` (neither reads it) and must be given for ``lowrank``; ``scale``
-    defaults to ``D**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i);
-    ``softcap`` a finite float > 0; ``sink_tokens`` an int >= 0 (bools and floats refused by type; any
-    value, also one >= T, is valid: n >= T makes every row's ground state its ctx).
+    q ``[B, Hq, T, Dqk]``, k ``[B, Hkv, T, Dqk]`` and v ``[B, Hkv, T, Dv]`` with ``Hq % Hkv == 0``; Dv may
+    differ from Dqk (multi-head latent attention: the scores live in the q/k width, ctx, V[i*], ε, the basis
+    and the Gram in the value width). ``d_r`` resolves to 0 for ``top1`` and ``Dv`` for ``full`` (neither
+    reads it) and must be given for ``lowrank`` (0..Dv, basis ``[Hq, Dv, R]``); ``scale`` defaults to
+    ``Dqk**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i); ``softcap`` a finite
+    float > 0; ``sink_tokens`` an int >= 0 (bools and floats refused by type; any value, also one >= T, is
+    valid: n >= T makes every row's ground state its ctx); ``learned_sink`` None or a floating-point tensor
+    ``[Hq]`` on q's device (one logit per query head; a NaN or +inf logit makes that head's rows non-finite,
+    -inf is a sink of no weight).
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -118,14 +127,17 @@ def check_residual_attention_inputs(
             raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} dtype must be float32, float16 or bfloat16, got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, Hkv, T, D], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must have the same shape [B, Hkv, T] (their widths may differ), got {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[3]
     if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
         raise ValueError(
-            "q [B, Hq, T, D] and k, v [B, Hkv, T, D] must agree on B, T and D (causal self-attention), got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            "q [B, Hq, T, D] and k [B, Hkv, T, D] must agree on B, T and D (causal self-attention; v may have "
+            f"another width), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
@@ -136,17 +148,21 @@ def check_residual_attention_inputs(
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if B == 0 or T == 0 or D == 0:
-        raise ValueError(f"q, k, v must have B >= 1, T >= 1 and D >= 1, got q shape {tuple(q.shape)}")
+    if B == 0 or T == 0 or D == 0 or Dv == 0:
+        raise ValueError(
+            f"q, k, v must have B >= 1, T >= 1 and widths >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}"
+        )
 
+    # The basis, d_r and the Gram live in value space (Dv; = D unless the widths differ).
     if mode == "lowrank":
         if d_r is None:
             raise ValueError("mode='lowrank' needs d_r (0..D)")
         if basis is None:
             raise ValueError("mode='lowrank' needs basis [Hq, D, R] with R >= d_r")
-    d_r = (0 if mode == "top1" else D) if d_r is None else _as_int("d_r", d_r)
-    if not 0 <= d_r <= D:
-        raise ValueError(f"d_r must be in 0..D (D={D}), got {d_r}")
+    d_r = (0 if mode == "top1" else Dv) if d_r is None else _as_int("d_r", d_r)
+    if not 0 <= d_r <= Dv:
+        width = f"D={Dv}" if Dv == D else f"D={Dv}, v's width; q and k have {D}"
+        raise ValueError(f"d_r must be in 0..D ({width}), got {d_r}")
 
     if basis is not None and mode == "lowrank":
         if not isinstance(basis, Tensor):
@@ -156,8 +172,11 @@ def check_residual_attention_inputs(
             )
         if basis.dim() != 3:
             raise ValueError(f"basis must be a tensor [H, D, R], got shape {tuple(basis.shape)}")
-        if basis.shape[0] != Hq or basis.shape[1] != D:
-            raise ValueError(f"basis must be [H={Hq}, D={D}, R] (one basis per query head), got {tuple(basis.shape)}")
+        if basis.shape[0] != Hq or basis.shape[1] != Dv:
+            raise ValueError(
+                f"basis must be [H={Hq}, D={Dv}, R] (one basis per query head, in v's width), got "
+                f"{tuple(basis.shape)}"
+            )
         if basis.shape[2] < d_r:
             raise ValueError(f"basis has R={basis.shape[2]} columns, fewer than d_r={d_r}")
         if not basis.is_floating_point():
@@ -186,5 +205,16 @@ def check_residual_attention_inputs(
     sink_tokens = _as_int("sink_tokens", sink_tokens)
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0 (keys j < sink_tokens are the sink), got {sink_tokens}")
+    if learned_sink is not None:
+        if not isinstance(learned_sink, Tensor):
+            raise TypeError(f"learned_sink must be a torch.Tensor [Hq] or None, got {_describe(learned_sink)}")
+        if not learned_sink.is_floating_point():
+            raise TypeError(f"learned_sink must be floating point, got {learned_sink.dtype}")
+        if tuple(learned_sink.shape) != (Hq,):
+            raise ValueError(
+                f"learned_sink must be [Hq={Hq}] (one logit per query head), got {tuple(learned_sink.shape)}"
+            )
+        if learned_sink.device != q.device:
+            raise ValueError(f"learned_sink is on {learned_sink.device} but q is on {q.device}")
     # Above T every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
-    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, T))
+    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, T), learned_sink, Dv)

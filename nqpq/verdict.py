@@ -14,7 +14,7 @@ import torch
 
 from .calibration import ResidualBasis
 from .config import SweepConfig
-from .data import NqpqError
+from .errors import NqpqError
 from .evaluate import ppl_from_losses
 from .stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, delta_ppl_ci, recovered_pct_ci
 

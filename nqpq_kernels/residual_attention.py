@@ -92,12 +92,13 @@ def _attn_fwd_inner(
     acc, l_i, m_i, best_idx, nan_row,
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
     q, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_n, offs_d, mask_d,
+    offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
     scale, softcap, window, n_sink, lo, hi, T,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # apply the causal / sequence-end (and window) mask to this range
     WINDOWED: tl.constexpr,
-    EVEN_D: tl.constexpr,  # D is a power of two: no head-dim mask
+    EVEN_D: tl.constexpr,  # q/k's width is a power of two: no head-dim mask on K
+    EVEN_DV: tl.constexpr,  # v's width is a power of two: no head-dim mask on V
     SOFTCAP: tl.constexpr,
     NEED_L: tl.constexpr,
     NEED_CTX: tl.constexpr,
@@ -185,17 +186,17 @@ def _attn_fwd_inner(
                 l_s = l_s * alpha + tl.sum(p_s, 1)
                 m_ref = m_base
             if NEED_CTX or (IN_SINK and SINK_ACC):
-                v_ptrs = v_base + rows64[:, None] * stride_vt + offs_d[None, :]
+                v_ptrs = v_base + rows64[:, None] * stride_vt + offs_dv[None, :]
                 if MASKED:
-                    if EVEN_D:
+                    if EVEN_DV:
                         v = tl.load(v_ptrs, mask=(cols < T)[:, None], other=0.0)
                     else:
-                        v = tl.load(v_ptrs, mask=(cols < T)[:, None] & mask_d[None, :], other=0.0)
+                        v = tl.load(v_ptrs, mask=(cols < T)[:, None] & mask_dv[None, :], other=0.0)
                 else:
-                    if EVEN_D:
+                    if EVEN_DV:
                         v = tl.load(v_ptrs)
                     else:
-                        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+                        v = tl.load(v_ptrs, mask=mask_dv[None, :], other=0.0)
                 if DOT_F32:
                     v = v.to(tl.float32)
                 if NEED_CTX:
@@ -213,12 +214,13 @@ def _attn_fwd_range(
     acc, l_i, m_i, best_idx, nan_row,
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
     q, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_n, offs_d, mask_d,
+    offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
     scale, softcap, window, n_sink, sink_end, lo, hi, T,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     WINDOWED: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
     SOFTCAP: tl.constexpr,
     NEED_L: tl.constexpr,
     NEED_CTX: tl.constexpr,
@@ -233,23 +235,25 @@ def _attn_fwd_range(
         split = tl.minimum(tl.maximum(sink_end, lo), hi)
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
-            q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d,
+            q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
             scale, softcap, window, n_sink, lo, split, T,
-            BLOCK_N, MASKED, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True, SINK_ACC,
+            BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True,
+            SINK_ACC,
         )
         lo = split
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
-        q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d,
+        q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
         scale, softcap, window, n_sink, lo, hi, T,
-        BLOCK_N, MASKED, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False, SINK_ACC,
+        BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False,
+        SINK_ACC,
     )
     return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
 
 
 @triton.jit(do_not_specialize=["bh_off", "d_r", "window", "n_sink"])
 def _residual_attn_fwd(
-    Q, K, V, Out, Argmax, Top1P, Basis, Gram, SinkMass,
+    Q, K, V, Out, Argmax, Top1P, Basis, Gram, SinkMass, LearnedSink,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -257,8 +261,10 @@ def _residual_attn_fwd(
     stride_ab, stride_ah,  # Argmax, Top1P and SinkMass: contiguous [B, Hq, T] buffers
     stride_ph, stride_pd, stride_pr,
     H, GROUP, T, bh_off, d_r, window, n_sink, scale, softcap,
-    HEAD_D: tl.constexpr,  # the real head dim
+    HEAD_D: tl.constexpr,  # q/k's real width
     D_PAD: tl.constexpr,  # next power of two (tl.arange / tl.dot shapes)
+    HEAD_DV: tl.constexpr,  # v's real width (= HEAD_D but for MLA): out, ctx, V[i*], ε, basis rows, Gram
+    DV_PAD: tl.constexpr,
     R_BLOCK: tl.constexpr,  # basis columns per epilogue step
     GRAM_COLS: tl.constexpr,  # Gram columns per atomic step
     BLOCK_M: tl.constexpr,
@@ -277,8 +283,10 @@ def _residual_attn_fwd(
     DOT_F32: tl.constexpr,  # upcast operands to fp32 (only for bf16 under the CPU interpreter)
     HAS_SINK: tl.constexpr,  # n_sink > 0 (n itself is a runtime argument: one compile serves every n >= 1)
     SINK_ACC: tl.constexpr,  # with HAS_SINK: the output or the Gram needs the ground state (Σ_S p V)
+    LEARNED: tl.constexpr,  # a learned sink: one logit per query head (LearnedSink, fp32 [H]), value zero
 ):
     EVEN_D: tl.constexpr = HEAD_D == D_PAD
+    EVEN_DV: tl.constexpr = HEAD_DV == DV_PAD
     start_m = tl.program_id(0)
     pid_bh = tl.program_id(1) + bh_off  # the launcher chunks B*Hq over CUDA's grid-y limit
     off_b = (pid_bh // H).to(tl.int64)
@@ -297,6 +305,9 @@ def _residual_attn_fwd(
     mask_m = offs_m < T
     offs_m64 = offs_m.to(tl.int64)
     mask_md = mask_m[:, None] & mask_d[None, :]
+    offs_dv = tl.arange(0, DV_PAD)
+    mask_dv = offs_dv < HEAD_DV
+    mask_mdv = mask_m[:, None] & mask_dv[None, :]
 
     q = tl.load(q_base + offs_m64[:, None] * stride_qt + offs_d[None, :], mask=mask_md, other=0.0)
     if DOT_F32:
@@ -305,7 +316,7 @@ def _residual_attn_fwd(
     LOG2E: tl.constexpr = 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
     nan_row = tl.zeros([BLOCK_M], dtype=tl.int1)
     # The sink's state (only touched with HAS_SINK): R's best score, S's best score and index, Σ_S p and
@@ -315,7 +326,7 @@ def _residual_attn_fwd(
     idx_s = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_ref = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_s = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     sink_end = ((n_sink + BLOCK_N - 1) // BLOCK_N) * BLOCK_N  # key tiles below hold a sink key
 
     lo = start_m * BLOCK_M  # first key of the diagonal block
@@ -330,8 +341,8 @@ def _residual_attn_fwd(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, mask_d, scale, softcap, window, n_sink, sink_end, lo_w, mid, T,
-            BLOCK_N, True, True, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, window, n_sink, sink_end, lo_w, mid,
+            T, BLOCK_N, True, True, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
         )
     else:
         mid = 0
@@ -339,22 +350,28 @@ def _residual_attn_fwd(
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
         q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, n_sink, sink_end, mid, lo, T,
-        BLOCK_N, False, False, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, window, n_sink, sink_end, mid, lo, T,
+        BLOCK_N, False, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
     )
     # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
     hi = tl.minimum(lo + BLOCK_M, T)
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
         q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, scale, softcap, window, n_sink, sink_end, lo, hi, T,
-        BLOCK_N, True, WINDOWED, EVEN_D, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, window, n_sink, sink_end, lo, hi, T,
+        BLOCK_N, True, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
     )
 
     # ---- epilogue ----------------------------------------------------------
     # Non-finite row: a visible NaN score, or a best score of ±inf (no softmax exists). Its index is
     # replaced by a valid one for the V load (never out of range), and every output is NaN.
     bad = nan_row | (m_i == float("inf")) | (m_i == float("-inf"))
+    if LEARNED:
+        # The learned sink is a key every row sees with this logit and value zero; it is merged into the
+        # online softmax here, once (a zero value adds nothing to acc): the loop is the same code as without it.
+        # A NaN or +inf logit makes every row of the head non-finite.
+        sink_l = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(LearnedSink + off_h)  # per row
+        bad = bad | (sink_l != sink_l) | (sink_l == float("inf"))
     if HAS_SINK:
         # R holds no finite score (every row t < n): the ground state is ctx, the argmax S's first maximum.
         r_empty = m_r == float("-inf")
@@ -364,20 +381,38 @@ def _residual_attn_fwd(
         arg_idx = best_idx
         safe_idx = tl.where(bad | (~mask_m), 0, best_idx)
     v_star = tl.load(
-        v_base + safe_idx.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=mask_md, other=0.0
+        v_base + safe_idx.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :], mask=mask_mdv, other=0.0
     ).to(tl.float32)
     v_star = tl.where(bad[:, None], float("nan"), v_star)
 
-    # l_i is 0 only on rows without a visible finite score (non-finite, or padding past T): divide by 1 there.
-    l_div = tl.where(l_i > 0, l_i, 1.0)
-    if NEED_CTX:
-        ctx = tl.where(bad[:, None], float("nan"), acc / l_div[:, None])
+    if LEARNED:
+        # With the sink's term: l = l_i·e^(m_i − m) + e^(s_h − m), m = max(m_i, s_h). ``norm`` takes a sum
+        # relative to m_i (acc, l_i, the sink_tokens sums) to a probability.
+        m_all = tl.where(bad, 0.0, tl.maximum(m_i, sink_l))  # finite on every row the epilogue keeps
+        c_real = tl.exp2((m_i - m_all) * LOG2E)  # 0 where m_i = -inf (rows past T)
+        e_sink = tl.exp2((sink_l - m_all) * LOG2E)
+        l_tot = l_i * c_real + e_sink
+        l_div = tl.where(l_tot > 0, l_tot, 1.0)
+        norm = c_real / l_div
+        m_learned = e_sink / l_div  # m_L
+        if NEED_CTX:
+            ctx = tl.where(bad[:, None], float("nan"), acc * norm[:, None])
+    else:
+        # l_i is 0 only on rows without a visible finite score (non-finite, or padding past T): divide by 1 there.
+        l_div = tl.where(l_i > 0, l_i, 1.0)
+        if NEED_CTX:
+            ctx = tl.where(bad[:, None], float("nan"), acc / l_div[:, None])
     if HAS_SINK:
         # The sink sums were last rescaled at the last sink tile (max m_ref): bring them to the final max.
         # l_s == 0 means no visible sink key had weight (acc_s is 0 too): factor 0, never exp of a big gap.
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        to_fin = tl.where(l_s > 0, tl.exp2((m_ref - m_fin) * LOG2E), 0.0) / l_div
+        if LEARNED:
+            to_fin = tl.where(l_s > 0, tl.exp2((m_ref - m_fin) * LOG2E), 0.0) * norm
+        else:
+            to_fin = tl.where(l_s > 0, tl.exp2((m_ref - m_fin) * LOG2E), 0.0) / l_div
         sink_mass = l_s * to_fin  # Σ_S p
+        if LEARNED:
+            sink_mass = sink_mass + m_learned  # all the mass kept apart: m_S + m_L
         if SINK_ACC:
             sink_part = acc_s * to_fin[:, None]  # Σ_S p V
             ground = sink_part + (1.0 - sink_mass)[:, None] * v_star
@@ -388,6 +423,8 @@ def _residual_attn_fwd(
         else:
             ground = v_star  # unused: "full" without a Gram outputs ctx
         sink_mass = tl.where(r_empty, 1.0, sink_mass)
+    elif LEARNED:
+        ground = (1.0 - m_learned)[:, None] * v_star  # the learned sink's mass kept apart
     else:
         ground = v_star  # the spec: V[i*]
     if NEED_CTX:
@@ -407,13 +444,13 @@ def _residual_attn_fwd(
         offs_r = tl.arange(0, R_BLOCK)
         for r0 in range(0, d_r, R_BLOCK):
             cols_r = r0 + offs_r
-            p_ptrs = Basis + off_h * stride_ph + offs_d[:, None] * stride_pd + cols_r[None, :] * stride_pr
-            P = tl.load(p_ptrs, mask=mask_d[:, None] & (cols_r < d_r)[None, :], other=0.0)  # [D_PAD, R_BLOCK]
+            p_ptrs = Basis + off_h * stride_ph + offs_dv[:, None] * stride_pd + cols_r[None, :] * stride_pr
+            P = tl.load(p_ptrs, mask=mask_dv[:, None] & (cols_r < d_r)[None, :], other=0.0)  # [DV_PAD, R_BLOCK]
             coeff = tl.dot(eps, P, input_precision=EPI_PREC)  # [BLOCK_M, R_BLOCK]
             out = tl.dot(coeff, tl.trans(P), out, input_precision=EPI_PREC)
 
-    o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_md)
+    o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_mdv)
 
     if STORE_ARGMAX:
         a_ptrs = Argmax + off_b * stride_ab + off_h * stride_ah + offs_m64
@@ -423,7 +460,12 @@ def _residual_attn_fwd(
         if HAS_SINK:
             # p of the returned index: exp(s[i*ᴿ] − m) / l (R's best is not the softmax max in general).
             s_arg = tl.where(r_empty, m_i, m_r)
-            top1 = tl.exp2((s_arg - m_fin) * LOG2E) / l_div
+            if LEARNED:
+                top1 = tl.exp2((s_arg - m_fin) * LOG2E) * norm
+            else:
+                top1 = tl.exp2((s_arg - m_fin) * LOG2E) / l_div
+        elif LEARNED:
+            top1 = norm  # p[i*] = e^(m_i − m) / l: the sink may be the softmax's max
         else:
             # The running max is the best score, whose term exp(m - m) = 1 is in l_i exactly: p[i*] = 1/l_i.
             top1 = 1.0 / l_div
@@ -432,28 +474,30 @@ def _residual_attn_fwd(
         s_ptrs = SinkMass + off_b * stride_ab + off_h * stride_ah + offs_m64
         if HAS_SINK:
             tl.store(s_ptrs, tl.where(bad, float("nan"), sink_mass), mask=mask_m)
+        elif LEARNED:
+            tl.store(s_ptrs, tl.where(bad, float("nan"), m_learned), mask=mask_m)
         else:
             tl.store(s_ptrs, tl.where(bad, float("nan"), 0.0), mask=mask_m)
     if STORE_GRAM:
         # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
         eps_t = tl.trans(eps)
-        g_base = Gram + off_h * (HEAD_D * HEAD_D)
-        if GRAM_COLS == D_PAD:
-            g = tl.dot(eps_t, eps, input_precision=EPI_PREC)  # [D_PAD, D_PAD]
-            tl.atomic_add(g_base + offs_d[:, None] * HEAD_D + offs_d[None, :], g,
-                          mask=mask_d[:, None] & mask_d[None, :])
+        g_base = Gram + off_h * (HEAD_DV * HEAD_DV)
+        if GRAM_COLS == DV_PAD:
+            g = tl.dot(eps_t, eps, input_precision=EPI_PREC)  # [DV_PAD, DV_PAD]
+            tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + offs_dv[None, :], g,
+                          mask=mask_dv[:, None] & mask_dv[None, :])
         else:
             # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
             # than an SM has): GRAM_COLS columns at a time. Registers cannot be sliced, so the column block
             # of ε is selected by a one-hot product, exact (1·x + 0s; under tf32 it rounds ε as the Gram dot does).
             offs_c = tl.arange(0, GRAM_COLS)
-            for c0 in tl.static_range(0, D_PAD, GRAM_COLS):
+            for c0 in tl.static_range(0, DV_PAD, GRAM_COLS):
                 cols_g = c0 + offs_c
-                select = (offs_d[:, None] == cols_g[None, :]).to(tl.float32)  # [D_PAD, GRAM_COLS]
+                select = (offs_dv[:, None] == cols_g[None, :]).to(tl.float32)  # [DV_PAD, GRAM_COLS]
                 eps_c = tl.dot(eps, select, input_precision=EPI_PREC)
-                g = tl.dot(eps_t, eps_c, input_precision=EPI_PREC)  # [D_PAD, GRAM_COLS]
-                tl.atomic_add(g_base + offs_d[:, None] * HEAD_D + cols_g[None, :], g,
-                              mask=mask_d[:, None] & (cols_g < HEAD_D)[None, :])
+                g = tl.dot(eps_t, eps_c, input_precision=EPI_PREC)  # [DV_PAD, GRAM_COLS]
+                tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
+                              mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
 
 
 # --------------------------------------------------------------------------- #
@@ -558,16 +602,23 @@ def kernel_meta(
     return_sink_mass: bool = False,
     sink: bool = False,
     allow_tf32: bool = False,
+    value_dim: int | None = None,
+    learned_sink: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
-    num_stages})``. One place, shared by the launcher and ``benchmarks.tune --compile-only``.
+    num_stages})``. One place, shared by the launcher, ``benchmarks.tune --compile-only`` and ``benchmarks.sm90``.
 
-    ``sink``: sink_tokens > 0. Only that flag is compiled in; the number of sink keys is a runtime argument,
-    so one compiled kernel serves every n >= 1 and n = 0 runs the kernel without any sink code.
+    ``D`` is q/k's width, ``value_dim`` v's (None: D). ``sink``: sink_tokens > 0. Only that flag is compiled
+    in; the number of sink keys is a runtime argument, so one compiled kernel serves every n >= 1 and n = 0
+    runs the kernel without any sink code. ``learned_sink``: a learned sink logit per head is passed.
     """
     need_ctx = mode != "top1" or return_gram
     d_pad = _padded_head_dim(D)
-    cfg = _pick_config(d_pad, dtype, mode, return_gram, torch.device(device_type))
+    dv = D if value_dim is None else value_dim
+    dv_pad = _padded_head_dim(dv)
+    # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
+    # the table is read at the wider of the two.
+    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type))
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
@@ -576,12 +627,15 @@ def kernel_meta(
     meta = dict(
         HEAD_D=D,
         D_PAD=d_pad,
-        R_BLOCK=min(d_pad, 64),
-        GRAM_COLS=min(d_pad, 128),
+        HEAD_DV=dv,
+        DV_PAD=dv_pad,
+        R_BLOCK=min(dv_pad, 64),
+        GRAM_COLS=min(dv_pad, 128),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         MODE=_MODE_IDS[mode],
-        NEED_L=need_ctx or return_top1_prob or sink,  # the sink mass Σ_S p needs the softmax denominator
+        # The sink masses (Σ_S p, m_L) need the softmax denominator.
+        NEED_L=need_ctx or return_top1_prob or sink or learned_sink,
         NEED_CTX=need_ctx,
         WINDOWED=windowed,
         SOFTCAP=softcap,
@@ -601,6 +655,7 @@ def kernel_meta(
         # D=128 full), 20 -> 980 B (bf16 D=64 lowrank+Gram) without -> with the sink, all at 255 registers;
         # the *_sink1 rows of benchmarks.attention say what that costs.
         SINK_ACC=sink and (mode != "full" or return_gram),
+        LEARNED=learned_sink,
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -624,11 +679,13 @@ def residual_attention_triton(
     out: Tensor | None = None,
     sink_tokens: int = 0,
     return_sink_mass: bool = False,
+    learned_sink: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Fused residual attention; same contract as ``nqpq.reference.residual_attention_reference``.
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``; the kernel reads kv head
-    ``h // (Hq // Hkv)`` in place, never a repeated copy). D: any multiple of 16 up to 256.
+    ``h // (Hq // Hkv)`` in place, never a repeated copy). D: any multiple of 16 up to 256. v may have
+    another width Dv (MLA; also a multiple of 16 up to 256): out, the basis rows and the Gram are then Dv wide.
     Returns ``ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)``: ``out`` in the input
     dtype, ``[B, Hq, T, D]`` (``out_layout="bhtd"``) or a contiguous ``[B, T, Hq, D]`` (``"bthd"``);
     ``argmax`` int64 ``[B, Hq, T]`` (-1 on a non-finite row); ``gram`` float64 ``[Hq, D, D]`` =
@@ -640,6 +697,9 @@ def residual_attention_triton(
     key tiles holding j < n a second accumulator sums Σ_S p V and Σ_S p under the same online rescaling,
     and the argmax skips j < n. Still one pass; n is a runtime argument.
 
+    ``learned_sink`` (float ``[Hq]``): a zero-value key per head with that logit, kept apart like the sink
+    (the reference's docstring); merged into the online softmax in the epilogue, the key loop is unchanged.
+
     Inputs whose last dimension is strided (stride(-1) != 1) are copied to a contiguous layout first
     (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
     projections are read in place.
@@ -647,12 +707,17 @@ def residual_attention_triton(
     ``out`` (keyword-only, optional) is a preallocated output of the right shape,
     dtype and device with a unit last stride; mainly a test hook.
     """
-    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens)
+    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
+                                           learned_sink)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
-    B, H, T, D = q.shape
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f'backend="triton" supports head dims that are multiples of 16 up to 256, got D={D}')
+    B, H, T, Dqk = q.shape
+    D = args.value_dim  # out's width
+    for width in (Dqk, D):
+        if width not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f'backend="triton" supports head dims that are multiples of 16 up to 256, got D={width}'
+            )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     device = q.device
@@ -676,10 +741,11 @@ def residual_attention_triton(
 
     # A window covering the whole sequence is plain causal attention: skip the window masks.
     windowed = args.sliding_window is not None and args.sliding_window < T
-    meta, launch = kernel_meta(D, q.dtype, mode, device.type, windowed=windowed, softcap=args.softcap is not None,
-                               return_argmax=return_argmax, return_gram=return_gram,
-                               return_top1_prob=return_top1_prob, return_sink_mass=return_sink_mass,
-                               sink=args.sink_tokens > 0, allow_tf32=allow_tf32)
+    meta, launch = kernel_meta(Dqk, q.dtype, mode, device.type, windowed=windowed,
+                               softcap=args.softcap is not None, return_argmax=return_argmax,
+                               return_gram=return_gram, return_top1_prob=return_top1_prob,
+                               return_sink_mass=return_sink_mass, sink=args.sink_tokens > 0,
+                               allow_tf32=allow_tf32, value_dim=D, learned_sink=learned_sink is not None)
     n_m = triton.cdiv(T, meta["BLOCK_M"])
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
@@ -690,6 +756,7 @@ def residual_attention_triton(
     # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
+    sink_f32 = learned_sink.to(dtype=torch.float32).contiguous() if learned_sink is not None else None
 
     # Unused pointer arguments get a valid tensor (the kernel never dereferences them).
     dummy = out
@@ -706,6 +773,7 @@ def residual_attention_triton(
                 basis_f32 if basis_f32 is not None else dummy,
                 gram32 if gram32 is not None else dummy,
                 sink_mass if sink_mass is not None else dummy,
+                sink_f32 if sink_f32 is not None else dummy,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),

@@ -3,7 +3,13 @@
 The model under test is copied to float64, and its attention runs through a function registered here
 that computes every (batch, query head) with its own loop: masked scaled scores, softmax, i* = the
 first index of the maximal score, the top-1 probability max_j p[j], ε = p @ V − V[i*], and, on the one
-crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used. With
+crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used.
+The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a
+sliding window the layer passes is applied; a learned sink (``s_aux``, one logit s_h per head) is a key every
+row sees with logit s_h and value zero: p is the softmax over the visible scores and s_h, m_L = p_sink, and
+the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink tokens), the
+statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
+half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
 ``sink_tokens = n > 0`` the ground state is Σ_{j<n} p_j V_j + (1 − Σ_{j<n} p_j) V[i*ᴿ] (i*ᴿ the first maximum
 over j >= n; ctx on rows t < n) in place of V[i*], and the statistics are those of i*ᴿ and p[i*ᴿ].
 
@@ -29,41 +35,63 @@ VARIANCE_TARGET = 0.90
 
 def _f64_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     ref: F64Reference = module._nqpq_f64
-    B, Hq, T, D = query.shape
+    B, Hq, T, Dqk = query.shape
+    Dv = value.shape[-1]  # multi-head latent attention: v narrower than q/k
     group = Hq // key.shape[1]  # query head h reads kv head h // group (transformers' repeat_kv order)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    window = kwargs.get("sliding_window")
+    i = torch.arange(T)
+    visible = i[:, None] >= i[None, :]
+    if window is not None:
+        visible &= (i[:, None] - i[None, :]) < window
     if attention_mask is not None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        assert torch.equal(allowed, causal.expand_as(allowed)), "the reference handles plain causal masks only"
+        assert torch.equal(allowed, visible.expand_as(allowed)), "the reference handles plain causal masks only"
+    indices = kwargs.get("indices")  # DeepSeek V3.2's sparse selection: here it must select every key
+    assert indices is None or indices.shape[-1] >= T, "the reference handles dense attention only"
+    learned = kwargs.get("s_aux")  # [Hq] learned sink logits (gpt-oss), or None
     layer = module.layer_idx
+    # DiffLlama calls the function twice per forward with the same q and k (once per half of V): one softmax, so
+    # its rows are counted once in the statistics, while each call's ε (its half of V) joins the Gram.
+    repeat = getattr(module, "_nqpq_f64_last", (None, None))
+    repeat = repeat[0] is query and repeat[1] is key
+    module._nqpq_f64_last = (query, key)
     mode, P = ref.crystal.get(layer, (None, None))
-    out = torch.empty(B, T, Hq, D, dtype=torch.float64)
+    out = torch.empty(B, T, Hq, Dv, dtype=torch.float64)
     probs = torch.empty(B, Hq, T, T, dtype=torch.float64)
     for b in range(B):
         for h in range(Hq):
             q, k, v = query[b, h].double(), key[b, h // group].double(), value[b, h // group].double()
-            s = (q @ k.T * scaling).masked_fill(~causal, -math.inf)
-            p = torch.softmax(s, dim=-1)
+            s = (q @ k.T * scaling).masked_fill(~visible, -math.inf)
+            if learned is None:
+                p = torch.softmax(s, dim=-1)
+                m_l = torch.zeros(T, dtype=torch.float64)
+            else:  # a key every row sees, with logit s_h and value zero: it joins the softmax, not ctx
+                both = torch.softmax(torch.cat([s, learned[h].double().expand(T, 1)], dim=-1), dim=-1)
+                p, m_l = both[:, :T], both[:, T]
             n = ref.sink_tokens
             ctx = p @ v
             if n == 0:
-                i_star = s.argmax(dim=-1)  # first index of the max score
-                v_star = v[i_star]
-                mass = torch.zeros(T, dtype=torch.float64)
+                i_star = s.argmax(dim=-1)  # first index of the max score (real keys only)
+                v_star = (1 - m_l)[:, None] * v[i_star]
+                mass = m_l.clone()
             else:  # the sink kept apart: the winner among keys j >= n; rows t < n see only the sink
                 i_star = torch.cat([s[:n].argmax(dim=-1), n + s[n:, n:].argmax(dim=-1)])
-                mass = p[:, :n].sum(dim=-1)
+                mass = p[:, :n].sum(dim=-1) + m_l
                 v_star = p[:, :n] @ v[:n] + (1 - mass)[:, None] * v[i_star]
                 v_star[:n] = ctx[:n]
                 mass[:n] = 1.0
             eps = ctx - v_star
+            if mode is not None and not repeat:
+                top = s[1:].topk(2, dim=-1).values  # row 0 sees one key: its argmax cannot flip
+                ref.crystal_gaps.append(((top[:, 0] - top[:, 1]).min() / s[visible].abs().max()).item())
             if layer in ref.observed:
                 # Conditioning: the top-2 score gap relative to the scores' size (rounding is relative).
                 top = s[1:].topk(2, dim=-1).values  # row 0 sees one key: its argmax cannot flip
-                ref.gaps.append(((top[:, 0] - top[:, 1]).min() / s[causal].abs().max()).item())
-                ref.stats.setdefault(layer, []).append((h, i_star, p.gather(-1, i_star[:, None])[:, 0], mass))
+                ref.gaps.append(((top[:, 0] - top[:, 1]).min() / s[visible].abs().max()).item())
+                if not repeat:
+                    ref.stats.setdefault(layer, []).append((h, i_star, p.gather(-1, i_star[:, None])[:, 0], mass))
                 if ref.grams is not None:
-                    g = ref.grams.setdefault(layer, torch.zeros(Hq, D, D, dtype=torch.float64))
+                    g = ref.grams.setdefault(layer, torch.zeros(Hq, Dv, Dv, dtype=torch.float64))
                     g[h] += eps.T @ eps
             if mode is None:
                 o = ctx
@@ -92,6 +120,7 @@ class F64Reference:
         self.grams: dict[int, torch.Tensor] | None = None
         self.stats: dict[int, list] = {}
         self.gaps: list[float] = []  # per observed call: min top-2 score gap / max |score|
+        self.crystal_gaps: list[float] = []  # the same, per (batch, head) of every crystallized call
         self.sink_tokens = 0  # keys j < sink_tokens kept exactly in the ground state (0: the spec's V[i*])
 
     @torch.no_grad()
@@ -193,8 +222,13 @@ class SinkPlain(NamedTuple):
 
 
 def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
-               idx=None) -> SinkPlain:
+               idx=None, learned_sink=None) -> SinkPlain:
     """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
+
+    v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq]
+    logits): a key every row sees with that raw logit and a zero value; p = softmax over the visible scores and
+    the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
+    (1 − m_S − m_L) V[i*ᴿ], sink_mass = m_S + m_L; a NaN or +inf logit makes the row non-finite.
 
     Per row t: visible keys j <= t (and j > t − w with a window); S = visible j < n, R = visible j >= n;
     p = softmax over all visible scores; i*ᴿ = first index of the largest score over R; ground = Σ_S p_j V_j
@@ -202,9 +236,10 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     score or a ±inf best score is non-finite: NaN out, argmax −1, NaN top1_prob and sink_mass. ``idx``
     overrides the argmax (to follow another backend on near-ties). Nothing of nqpq is used.
     """
-    B, Hq, T, D = q.shape
+    B, Hq, T, Dqk = q.shape
+    D = v.shape[-1]
     G = Hq // k.shape[1]
-    scale = D**-0.5 if scale is None else scale
+    scale = Dqk**-0.5 if scale is None else scale
     n = sink_tokens
     nan = float("nan")
     out = torch.empty(B, Hq, T, D, dtype=torch.float64)
@@ -226,12 +261,18 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
                 scores[b, h, t, js] = s
-                if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())):
+                sink = None if learned_sink is None else learned_sink[h].double().cpu().reshape(1)
+                sink_bad = sink is not None and not bool(sink[0] < math.inf)
+                if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
                     bad[b, h, t] = True
                     out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t], gap[b, h, t] = nan, -1, nan, nan, nan
                     gram[h] = nan
                     continue
-                p = torch.softmax(s, dim=0)
+                if sink is None:
+                    p, m_l = torch.softmax(s, dim=0), 0.0
+                else:  # the learned sink's column, softmaxed with the scores, then dropped
+                    p_all = torch.softmax(torch.cat([s, sink]), dim=0)
+                    p, m_l = p_all[:-1], p_all[-1]
                 ctx = p @ vv[js]
                 in_s, in_r = js < n, js >= n
                 r_finite = bool(torch.isfinite(s[in_r]).any())
@@ -243,7 +284,7 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 if idx is not None:
                     pick = int(torch.nonzero(js == int(idx[b, h, t]))[0])
                 if r_finite:
-                    m_s = p[in_s].sum()
+                    m_s = p[in_s].sum() + m_l  # all the mass kept apart
                     ground = p[in_s] @ vv[js[in_s]] + (1.0 - m_s) * vv[js[pick]]
                 else:
                     ground, m_s = ctx, 1.0
@@ -272,7 +313,8 @@ SINK_CLEAR_GAP = 1e-3  # float64 top-2 gap above which the argmax must match exa
 
 
 def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None,
-                           softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9) -> SinkPlain:
+                           softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9,
+                           learned_sink=None) -> SinkPlain:
     """Compare a ResidualAttentionResult (argmax, top1_prob and sink_mass asked for) with ``sink_plain``.
 
     The argmax must equal float64's on every row whose top-2 gap (over the keys it is taken over) exceeds
@@ -283,7 +325,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     dtype = q.dtype
     T = q.shape[2]
     kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
-              sink_tokens=sink_tokens)
+              sink_tokens=sink_tokens, learned_sink=learned_sink)
     first = sink_plain(q, k, v, mode, **kw)
     idx = res.argmax.cpu()
     ok = ~first.bad
@@ -301,7 +343,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     assert bool((s_at[ok] >= s_best[ok] - SINK_CLEAR_GAP).all()), "argmax is not a near-maximum"
     want = sink_plain(q, k, v, mode, idx=idx, **kw)
     out = res.out.transpose(1, 2) if out_layout == "bthd" else res.out
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
     torch.testing.assert_close(out.double().cpu(), want.out, **SINK_TOL[dtype], check_dtype=False, equal_nan=True)
     assert res.top1_prob.dtype == torch.float32 and res.sink_mass.dtype == torch.float32
     for name in ("top1_prob", "sink_mass"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nqpq.data import NqpqError
+from nqpq.errors import NqpqError
 
 SKIP_ENV = "NQPQ_SKIP_REAL_MODEL"
 

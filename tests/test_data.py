@@ -11,8 +11,10 @@ import torch
 from conftest import build_model, wikitext_lines
 from safetensors.torch import load_file, save_file
 
-from nqpq import data
-from nqpq.data import NqpqError, check_ids_fit, ids_for_blocks, join_rows, load_model, rows_from_file
+from nqpq import text as data
+from nqpq.checkpoints import load_model
+from nqpq.errors import NqpqError
+from nqpq.text import check_ids_fit, ids_for_blocks, join_rows, rows_from_file
 
 
 def spec_ids(rows, tokenizer) -> torch.Tensor:
@@ -200,7 +202,7 @@ def test_bare_gpt2_tokenizer_files_load(shared_data):
     """OpenAI's GPT-2 files alone (vocab.json + merges.txt, no config): GPT-2's byte-level BPE, as before."""
     from transformers import GPT2TokenizerFast
 
-    from nqpq.data import load_tokenizer
+    from nqpq.checkpoints import load_tokenizer
 
     text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles"
     assert load_tokenizer(str(shared_data)).encode(text) == GPT2TokenizerFast.from_pretrained(
@@ -210,12 +212,15 @@ def test_bare_gpt2_tokenizer_files_load(shared_data):
 # --- GGUF files (nqpq.checkpoints): refused before anything is built, never taken for a hub name ---
 
 
-def write_gguf(path: Path, arch: str, n_floats: int = 4096) -> Path:
-    """A small, well-formed GGUF file (gguf's own writer) naming ``arch``, holding one F32 tensor."""
+def write_gguf(path: Path, arch: str, n_floats: int = 4096, name: str | None = None) -> Path:
+    """A small, well-formed GGUF file (gguf's own writer) naming ``arch`` (and ``general.name``), holding one F32
+    tensor."""
     import numpy as np
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), arch=arch)
+    if name is not None:
+        writer.add_name(name)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.arange(n_floats, dtype=np.float32).reshape(-1, 64))
     writer.write_header_to_file()
@@ -248,7 +253,7 @@ def gguf_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("case", ["not_gguf", "truncated_data", "truncated_header", "unsupported_arch", "missing"])
 def test_bad_gguf_files_refused(tmp_path, case):
     """The model loader and the tokenizer loader both refuse, with one line and never the hub's error."""
-    from nqpq.data import load_tokenizer
+    from nqpq.checkpoints import load_tokenizer
 
     path, pattern = gguf_cases(tmp_path)[case]
     for load in (lambda: load_model(str(path), "cpu", torch.float32), lambda: load_tokenizer(str(path))):
@@ -274,12 +279,18 @@ def test_gguf_file_info(tmp_path):
     """results.json's record of a GGUF file: its name, size, sha256 and tensor types, from the file itself."""
     import hashlib
 
-    from nqpq.checkpoints import gguf_file_info
+    from nqpq.checkpoints import gguf_file_info, gguf_label
 
     path = write_gguf(tmp_path / "tiny.gguf", "llama")
-    assert gguf_file_info(path) == {"file": "tiny.gguf", "size_bytes": path.stat().st_size,
-                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                                    "quantization_types": ["F32"]}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert gguf_file_info(path) == {"name": None, "registry_name": None, "file": "tiny.gguf",
+                                    "size_bytes": path.stat().st_size, "sha256": digest, "quantization_types": ["F32"]}
+    assert gguf_label(gguf_file_info(path)) == f"tiny.gguf (tiny.gguf, sha256 {digest[:12]})"
+    named = write_gguf(tmp_path / "named.gguf", "llama", name="Tiny Llama 1K")
+    info = gguf_file_info(named, registry_name="tiny-1k")
+    assert info["name"] == "Tiny Llama 1K" and info["registry_name"] == "tiny-1k"
+    assert gguf_label(info) == f"Tiny Llama 1K (tiny-1k: named.gguf, sha256 {info['sha256'][:12]})"
+    assert str(tmp_path) not in f"{info} {gguf_label(info)}"  # never the local path
 
 
 def test_bad_gguf_refused_by_the_cli_before_writing(tmp_path, capsys, saved_model):
@@ -311,7 +322,7 @@ def test_a_missing_weight_on_the_meta_device_is_not_taken_for_a_tied_one():
     from conftest import tiny_config
     from transformers import GPT2LMHeadModel
 
-    from nqpq.data import unloaded_weights
+    from nqpq.checkpoints import unloaded_weights
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(tiny_config())

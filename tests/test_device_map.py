@@ -19,8 +19,8 @@ from test_sweep import save_family, tiny_llama
 from nqpq.batching import default_batch_size
 from nqpq.cli import main
 from nqpq.config import SweepConfig
-from nqpq.data import NqpqError
 from nqpq.devices import execution_device, input_device, parse_max_memory
+from nqpq.errors import NqpqError
 from nqpq.sweep import run_sweep
 
 GIB = 1 << 30
@@ -311,7 +311,7 @@ def test_device_cuda0_with_the_current_device_elsewhere(saved, tmp_path, capsys)
 
 def test_device_map_with_a_gguf_file_refused(saved, tmp_path, capsys):
     """transformers dequantizes a GGUF file whole before any placement: refused up front, pointing to a saved copy."""
-    from nqpq.data import load_model
+    from nqpq.checkpoints import load_model
 
     root, dirs, text = saved
     out = tmp_path / "out"

@@ -637,6 +637,141 @@ def test_sink_tokens_errors(bad, exc, match):
 
 
 # --------------------------------------------------------------------------- #
+# MLA widths (v narrower or wider than q/k) and the learned sink (issue 27): against float64 and the reference
+# --------------------------------------------------------------------------- #
+def mla_qkv(B, Hq, Hkv, T, Dqk, Dv, dtype, seed=0, sharp=2.0):
+    """q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, Dqk, generator=g) * sharp
+    k = torch.randn(B, Hkv, T, Dqk, generator=g)
+    v = torch.randn(B, Hkv, T, Dv, generator=g)
+    return [t.to(device=DEV, dtype=dtype) for t in (q, k, v)]
+
+
+def sink_logits(Hq, seed=0):
+    """One logit per query head over the scores' range: the learned sink takes a few % to most of a row."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return (torch.randn(Hq, generator=g) * 2.0 + 1.0).to(DEV)
+
+
+# (B, Hq, Hkv, T, Dqk, Dv, dtype, window, softcap, out_layout, min_clear); BLOCK_M=32, BLOCK_N=16 here.
+MLA_GEOMETRIES = {
+    "mla-32-16": (1, 2, 2, 40, 32, 16, torch.float32, None, None, "bhtd", 0.9),
+    "mla-48-32-gqa-fp16": (2, 4, 2, 40, 48, 32, torch.float16, None, None, "bhtd", 0.9),
+    "mla-16-48-wider-v-bthd": (1, 2, 1, 40, 16, 48, torch.float32, None, None, "bthd", 0.9),
+    "mla-64-32-window-softcap": (1, 2, 1, 50, 64, 32, torch.float32, 9, 20.0, "bhtd", 0.8),
+    "mla-192-128": (1, 2, 1, 33, 192, 128, torch.float32, None, None, "bhtd", 0.9),
+}
+
+
+@pytest.mark.parametrize("n,learned", [(0, False), (0, True), (3, True), (3, False)])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", list(MLA_GEOMETRIES))
+def test_mla_and_learned_sink(geometry, mode, n, learned):
+    B, Hq, Hkv, T, Dqk, Dv, dtype, window, softcap, layout, min_clear = MLA_GEOMETRIES[geometry]
+    q, k, v = mla_qkv(B, Hq, Hkv, T, Dqk, Dv, dtype, seed=Dqk + Dv + n)
+    basis = make_basis(Hq, Dv) if mode == "lowrank" else None
+    d_r = min(Dv, 20) if mode == "lowrank" else None
+    sink = sink_logits(Hq, seed=n) if learned else None
+    res, _ = run_sink(q, k, v, mode, n, d_r=d_r, basis=basis, out_layout=layout, min_clear=min_clear,
+                      sliding_window=window, softcap=softcap, learned_sink=sink)
+    shape = (B, Hq, T, Dv) if layout == "bhtd" else (B, T, Hq, Dv)
+    assert res.out.shape == shape and res.gram.shape == (Hq, Dv, Dv)
+    if learned:
+        assert float(res.sink_mass[..., n:].mean()) > 0.02  # the sink takes real mass on these inputs
+    if Hkv < Hq:  # grouped heads read their kv head in place: the same as MHA on repeated K/V
+        rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+        mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, learned_sink=sink,
+                                        return_argmax=True, return_top1_prob=True, return_sink_mass=True,
+                                        out_layout=layout, sliding_window=window, softcap=softcap)
+        for name in ("out", "argmax", "top1_prob", "sink_mass"):
+            assert torch.equal(getattr(res, name), getattr(mha, name)), name
+
+
+@pytest.mark.parametrize("n", [0, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", list(SINK_GEOMETRIES))
+def test_learned_sink_gqa_window_softcap_padded(geometry, mode, n):
+    """The learned sink over the sink_tokens grid: GQA, windows (the sink keys leave the view, the learned sink
+    never does), soft caps, padded widths, bf16; with and without sink_tokens."""
+    B, Hq, Hkv, T, D, dtype, window, softcap, layout, min_clear = SINK_GEOMETRIES[geometry]
+    q, k, v = rand_qkv(B, Hq, T, D, dtype, seed=D + T + n + 1, Hkv=Hkv, sharp=2.0)
+    basis = make_basis(Hq, D) if mode == "lowrank" else None
+    d_r = min(D, 20) if mode == "lowrank" else None
+    sink = sink_logits(Hq, seed=D + n)
+    res, _ = run_sink(q, k, v, mode, n, d_r=d_r, basis=basis, out_layout=layout, min_clear=min_clear,
+                      sliding_window=window, softcap=softcap, learned_sink=sink)
+    assert bool((res.sink_mass > 0).all())  # every row sees the learned sink
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32)])
+def test_learned_sink_and_mla_other_tilings(monkeypatch, block_m, block_n):
+    monkeypatch.setattr(
+        ra_mod, "_pick_config",
+        lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
+    )
+    q, k, v = mla_qkv(1, 2, 1, 70, 32, 16, torch.float32, seed=block_m + block_n)
+    sink = sink_logits(2, seed=block_m)
+    run_sink(q, k, v, "lowrank", 17, d_r=5, basis=make_basis(2, 16), learned_sink=sink)
+    run_sink(q, k, v, "top1", 0, return_gram=False, sliding_window=20, learned_sink=sink)
+
+
+def test_learned_sink_full_mode_is_gpt_oss_attention():
+    """Full mode with a learned sink is transformers' gpt-oss eager attention (sink column softmaxed, dropped)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    Hq, Hkv, T, D = 4, 2, 40, 16
+    q, k, v = rand_qkv(2, Hq, T, D, torch.float32, seed=4, Hkv=Hkv, sharp=2.0)
+    module = torch.nn.Module()
+    module.sinks = sink_logits(Hq).cpu()
+    module.num_key_value_groups = Hq // Hkv
+    mask = torch.full((T, T), float("-inf")).triu(1).double()
+    want, _ = eager_attention_forward(module, *(t.double().cpu() for t in (q, k, v)), mask, D**-0.5)
+    full = residual_attention_triton(q, k, v, mode="full", learned_sink=module.sinks.to(DEV)).out
+    torch.testing.assert_close(full.double().cpu(), want.transpose(1, 2), **TOL[torch.float32])
+
+
+def test_learned_sink_non_finite_logits():
+    """A NaN or +inf logit makes its head's rows non-finite (as the reference); the other heads are computed."""
+    q, k, v = rand_qkv(1, 4, 30, 16, torch.float32, seed=3, Hkv=2, sharp=2.0)
+    sink = sink_logits(4)
+    sink[1], sink[2] = float("nan"), float("inf")
+    for mode in MODES:
+        for n in (0, 3):
+            basis = make_basis(4, 16) if mode == "lowrank" else None
+            res, _ = run_sink(q, k, v, mode, n, d_r=4 if mode == "lowrank" else None, basis=basis,
+                              learned_sink=sink)
+            bad = torch.zeros(1, 4, 30, dtype=torch.bool, device=DEV)
+            bad[:, 1:3] = True
+            assert torch.equal(torch.isnan(res.out).all(-1), bad) and torch.equal(torch.isnan(res.out).any(-1), bad)
+            assert torch.equal(res.argmax == -1, bad) and torch.equal(torch.isnan(res.sink_mass), bad)
+
+
+def test_learned_sink_requests_change_no_output():
+    """Asking for the Gram, top1_prob or the sink mass changes neither the output nor the argmax."""
+    q, k, v = mla_qkv(2, 2, 1, 45, 32, 16, torch.float32, seed=13)
+    sink = sink_logits(2)
+    for n in (0, 4):
+        for mode in MODES:
+            basis = make_basis(2, 16) if mode == "lowrank" else None
+            kw = dict(mode=mode, basis=basis, d_r=3 if mode == "lowrank" else None, sink_tokens=n,
+                      learned_sink=sink, return_argmax=True)
+            a = residual_attention_triton(q, k, v, **kw)
+            b = residual_attention_triton(q, k, v, **kw, return_gram=True, return_top1_prob=True,
+                                          return_sink_mass=True)
+            assert torch.equal(a.out, b.out) and torch.equal(a.argmax, b.argmax), mode
+
+
+@pytest.mark.parametrize("Dqk,Dv", [(24, 16), (16, 24), (16, 272)])
+def test_error_bad_value_width(Dqk, Dv):
+    q, k, _ = _qkv(D=Dqk)
+    v = torch.randn(1, 2, 8, Dv, device=DEV)
+    bad = Dqk if Dqk % 16 else Dv
+    with pytest.raises(ValueError, match=f"head dims that are multiples of 16 up to 256, got D={bad}"):
+        residual_attention_triton(q, k, v, mode="full")
+
+
+# --------------------------------------------------------------------------- #
 # Every launch runs under the tensors' device (issue 21): Triton launches on the *current* CUDA device
 # --------------------------------------------------------------------------- #
 def test_launch_runs_under_the_tensors_device(monkeypatch):

@@ -544,7 +544,7 @@ def test_hybrid_sweep_and_scan_take_the_attention_layers():
     """The sweep's --layers defaults to the last quarter of the attention layers, the scan covers the attention
     layers, and asking for another layer is a one-line error (CLI exit 2) naming the attention layers."""
     from nqpq.config import SweepConfig
-    from nqpq.data import NqpqError
+    from nqpq.errors import NqpqError
     from nqpq.scan import run_scan
     from nqpq.sweep import run_sweep
 

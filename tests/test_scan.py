@@ -172,7 +172,7 @@ def test_cli_scan_then_report_on_a_saved_llama(tmp_path, tokenizer, capsys):
                                                      "recovered_pct_spread"}
 
     # The numbers are the definition's, computed in float64 on the same tokens.
-    from nqpq.data import ids_for_blocks, rows_from_file
+    from nqpq.text import ids_for_blocks, rows_from_file
 
     ids = ids_for_blocks(rows_from_file(str(text)), tokenizer, N_BLOCKS * SEQ_LEN)
     want, _ = reference_scan(model, ids[: N_BLOCKS * SEQ_LEN].view(N_BLOCKS, SEQ_LEN), [1, 3])
@@ -214,7 +214,7 @@ def test_report_refuses_broken_or_foreign_results(tmp_path, capsys):
 
 def test_scan_rejects_bad_layers(tokenizer, token_ids):
     ids = token_ids
-    from nqpq.data import NqpqError
+    from nqpq.errors import NqpqError
 
     model = build_model("eager", vocab_size=len(tokenizer))
     with pytest.raises(NqpqError, match=r"--layers \[4\]: the model has layers 0..3"):

@@ -13,7 +13,7 @@ from conftest import HEAD_DIM, REL_SCORE_MARGIN, build_model
 
 from nqpq.batching import default_batch_size, free_memory
 from nqpq.config import SweepConfig, sweep_ranks
-from nqpq.data import NqpqError
+from nqpq.errors import NqpqError
 from nqpq.report import write_results
 from nqpq.scan import run_scan
 from nqpq.sweep import run_sweep

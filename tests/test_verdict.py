@@ -13,7 +13,7 @@ import torch
 
 from nqpq.calibration import basis_from_grams
 from nqpq.config import SweepConfig
-from nqpq.data import NqpqError
+from nqpq.errors import NqpqError
 from nqpq.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, resample_indices
 from nqpq.verdict import (
     RECOVERY_TARGET,

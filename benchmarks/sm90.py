@@ -1,0 +1,383 @@
+"""Static report for Hopper without a card: what ptxas makes of every kernel variant the launcher can pick.
+
+    python -m benchmarks.sm90                      # every variant, writes benchmarks/results/sm90_static.csv
+    python -m benchmarks.sm90 --only "bf16 D64"    # variants whose name holds the string
+    python -m benchmarks.sm90 --check              # exit 1 unless every 16-bit D <= 128 variant has no local
+                                                   # memory, keeps wgmma for QKᵀ and PV and BLOCK_M >= 64, and
+                                                   # D = 256 / fp32 use no more local memory than the anchor
+
+No GPU is needed: each variant is compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (sm_90a) at
+the block sizes, warps and stages ``kernel_meta`` gives it, and its cubin is read with the tools the Triton wheel
+ships (``cuobjdump -res-usage``: registers, stack frame; ``nvdisasm``: LDL/STL local loads/stores and HGMMA,
+the wgmma instructions). From the TTGIR: how many dots became ``warp_group_dot`` (wgmma) and how many stayed
+``tt.dot`` (mma.sync). Beside each variant, a plain causal FlashAttention-2 forward with the same online argmax
+(first index of the running maximum; ``_plain_fa2_argmax_fwd`` below) compiled at the same tiles, warps and
+stages: the anchor of what the compiler does with attention alone.
+
+Variants: mode × dtype (fp16 compiles like bf16) × padded D × Gram × (window, soft cap, top1_prob) × sink_tokens
+× learned sink × MLA widths (q/k 192, v 128: DeepSeek-V2/V3's heads). Compiles run in ``--jobs`` processes
+(Triton caches them: a rerun of unchanged variants takes seconds). Run with TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ARCH = 90
+SASS_TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
+
+
+# --------------------------------------------------------------------------- #
+# The anchor: plain causal FlashAttention-2 forward with an online argmax (first index of the running max)
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _plain_tiles(acc, l_i, m_i, best_idx, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
+                 scale, lo, hi, T, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ARGMAX: tl.constexpr):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    BIG: tl.constexpr = 2147483647
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        rows64 = cols.to(tl.int64)
+        if MASKED:
+            k = tl.load(k_base + rows64[:, None] * stride_kt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + rows64[:, None] * stride_kt + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        if MASKED:
+            s = tl.where((cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T), s, float("-inf"))
+        if ARGMAX == 2:  # one reduction: the tile max and its first position
+            t_max, t_pos = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+            best_idx = tl.where(t_max > m_i, start_n + t_pos, best_idx)
+        elif ARGMAX == 1:  # the max, then the first column reaching it
+            t_max = tl.max(s, 1)
+            t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
+            best_idx = tl.where(t_max > m_i, t_idx, best_idx)  # tiles in key order: a tie keeps the earlier index
+        else:
+            t_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, t_max)
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_base) * LOG2E)
+        p = tl.exp2((s - m_base[:, None]) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_base + rows64[:, None] * stride_vt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + rows64[:, None] * stride_vt + offs_d[None, :])
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i, best_idx
+
+
+@triton.jit
+def _plain_fa2_argmax_fwd(Q, K, V, Out, Argmax, stride_qb, stride_qh, stride_qt, H, T, scale,
+                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_PREC: tl.constexpr, ARGMAX: tl.constexpr):
+    """Causal softmax(q kᵀ · scale) V and the first index of each row's maximal score; q, k, v, out [B, H, T, D]
+    sharing strides. The same tile walk as the residual kernel: tiles below the diagonal block unmasked, the
+    diagonal block masked."""
+    start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    base = off_b * stride_qb + off_h * stride_qh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    mask_m = offs_m < T
+    offs_m64 = offs_m.to(tl.int64)
+    q = tl.load(Q + base + offs_m64[:, None] * stride_qt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
+    lo = start_m * BLOCK_M
+    acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
+                                           offs_m, offs_n, offs_d, scale, 0, lo, T, BLOCK_N, False, DOT_PREC, ARGMAX)
+    acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
+                                           offs_m, offs_n, offs_d, scale, lo, tl.minimum(lo + BLOCK_M, T), T,
+                                           BLOCK_N, True, DOT_PREC, ARGMAX)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(Out + base + offs_m64[:, None] * stride_qt + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=mask_m[:, None])
+    tl.store(Argmax + off_b * H * T + off_h * T + offs_m64, best_idx.to(tl.int64), mask=mask_m)
+
+
+# --------------------------------------------------------------------------- #
+# Variants
+# --------------------------------------------------------------------------- #
+class Variant(NamedTuple):
+    dtype: str  # "bf16" or "fp32" (fp16 compiles like bf16)
+    D: int  # q/k width (padded to a power of two inside the kernel)
+    mode: str
+    gram: bool = False
+    features: bool = False  # sliding window + soft cap + top1_prob (each only adds code)
+    sink: bool = False  # sink_tokens > 0, with its mass stored
+    learned: bool = False  # a learned sink logit per head
+    Dv: int | None = None  # v's width (MLA); None: D
+
+    @property
+    def name(self) -> str:
+        parts = [self.dtype, f"D{self.D}" + (f"/v{self.Dv}" if self.Dv else ""), self.mode]
+        parts += [flag for flag, on in (("gram", self.gram), ("window+softcap+top1p", self.features),
+                                        ("sink", self.sink), ("learned", self.learned)) if on]
+        return " ".join(parts)
+
+
+def variants() -> list[Variant]:
+    """Every mode × Gram for each dtype and padded width, then the optional features, the sinks, and MLA."""
+    out = []
+    for dtype in ("bf16", "fp32"):
+        for D in (64, 128, 256):
+            for mode in ("top1", "full", "lowrank"):
+                for gram in (False, True):
+                    out.append(Variant(dtype, D, mode, gram))
+            out += [
+                Variant(dtype, D, "top1", sink=True),
+                Variant(dtype, D, "full", sink=True),
+                Variant(dtype, D, "lowrank", features=True),
+                Variant(dtype, D, "lowrank", gram=True, features=True, sink=True),
+                Variant(dtype, D, "top1", learned=True),
+                Variant(dtype, D, "lowrank", gram=True, features=True, sink=True, learned=True),
+            ]
+        out += [Variant(dtype, 192, mode, gram=mode == "lowrank", Dv=128) for mode in ("top1", "full", "lowrank")]
+        out.append(Variant(dtype, 192, "lowrank", gram=True, features=True, sink=True, learned=True, Dv=128))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Compilation and the cubin's numbers
+# --------------------------------------------------------------------------- #
+# The geometry whose strides a variant is compiled for: Triton specializes a launch on its integer arguments
+# (a value of 1 becomes a constant, a multiple of 16 is marked divisible by 16) and on 16-byte aligned pointers,
+# and that decides vector loads and address arithmetic. (B, Hq, Hkv, T) per q/k width: GPT-2 small at the sweep's
+# T 256, Llama-3-8B, Gemma 2, DeepSeek-V3 (MLA, no GQA).
+GEOMETRY = {64: (8, 12, 12, 256), 128: (4, 32, 8, 1024), 192: (4, 16, 16, 1024), 256: (4, 8, 4, 1024)}
+# --unspecialized: compile as ``benchmarks.tune --compile-only`` did (every int a plain i32, no pointer alignment),
+# which is not what a launch compiles: scalar loads and per-element address tensors, and spills that a launch
+# does not have (issue 26's table was made that way).
+SPECIALIZE = True
+
+
+def _specialize(fn, values: dict, constexprs: dict, pointers: dict, elem: str) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch with these argument values, as Triton's launcher builds them:
+    pointers 16-byte aligned, ints equal to 1 constant, multiples of 16 divisible; ``do_not_specialize`` left
+    alone."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    dns = set(getattr(fn, "do_not_specialize", ()) or ())
+    dns |= {fn.arg_names[i] for i in dns if isinstance(i, int)}
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name] or f"*{elem}"
+            if SPECIALIZE:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("scale", "softcap"):
+            sig[name] = "fp32"
+        elif name in dns or not SPECIALIZE:
+            sig[name] = "i32"
+        else:
+            kind, spec = native_specialize_impl(BaseBackend, values[name], False, True, True)
+            if kind == "constexpr":
+                sig[name] = "constexpr"
+                consts[name] = spec
+            else:
+                sig[name] = kind
+                if spec == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def _compile(fn, values: dict, constexprs: dict, pointers: dict, elem: str, options: dict):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, consts, attrs = _specialize(fn, values, constexprs, pointers, elem)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", ARCH, 32), options=options)
+
+
+def residual_values(v: Variant) -> dict:
+    """The integer arguments the launcher passes for contiguous [B, H, T, D] q, k, v and out at GEOMETRY."""
+    B, Hq, Hkv, T = GEOMETRY[v.D]
+    Dv = v.Dv or v.D
+    values = dict(stride_qb=Hq * T * v.D, stride_qh=T * v.D, stride_qt=v.D,
+                  stride_kb=Hkv * T * v.D, stride_kh=T * v.D, stride_kt=v.D,
+                  stride_vb=Hkv * T * Dv, stride_vh=T * Dv, stride_vt=Dv,
+                  stride_ob=Hq * T * Dv, stride_oh=T * Dv, stride_ot=Dv,
+                  stride_ab=Hq * T, stride_ah=T, H=Hq, GROUP=Hq // Hkv, T=T)
+    # The basis [Hq, Dv, Dv] fp32, contiguous; (0, 0, 0) when there is none.
+    values.update(dict(zip(("stride_ph", "stride_pd", "stride_pr"),
+                           (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)))
+    return values
+
+
+def cubin_stats(kernel) -> dict:
+    """Registers, stack frame, local loads/stores, wgmma instructions and dots of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([str(SASS_TOOLS / "cuobjdump"), "-res-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(SASS_TOOLS / "nvdisasm"), path], capture_output=True, text=True,
+                              check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    ttgir = kernel.asm["ttgir"]
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "stack_bytes": int(stack.group(1)) if stack else -1,
+        "local_loads": len(re.findall(r"\bLDL(\.[A-Z0-9]+)*\b", sass)),
+        "local_stores": len(re.findall(r"\bSTL(\.[A-Z0-9]+)*\b", sass)),
+        "shared_bytes": kernel.metadata.shared,
+        "hgmma_16bit": len(re.findall(r"\bHGMMA\.\S*\.(?:BF16|F16)\b", sass)),
+        "hgmma_tf32": len(re.findall(r"\bHGMMA\.\S*\.TF32\b", sass)),
+        "wgmma_dots": len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
+        "mma_sync_dots": len(re.findall(r"= tt\.dot ", ttgir)),
+    }
+
+
+def _elem(dtype: str) -> str:
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
+
+
+def compile_variant(v: Variant) -> dict:
+    import torch
+
+    from nqpq_kernels import residual_attention as ra
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v.dtype]
+    meta, launch = ra.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features, softcap=v.features,
+                                  return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
+                                  return_sink_mass=v.sink or v.learned, sink=v.sink, value_dim=v.Dv,
+                                  learned_sink=v.learned)
+    pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
+                "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
+    row = {"variant": v.name, "dtype": v.dtype, "D": v.D, "Dv": v.Dv or v.D, "mode": v.mode, "gram": v.gram,
+           "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned,
+           "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], **launch}
+    try:
+        row.update(cubin_stats(_compile(ra._residual_attn_fwd, residual_values(v), meta, pointers, _elem(v.dtype),
+                                        launch)))
+    except Exception as err:  # a lowering failure is a result: the row names it
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return row
+
+
+def compile_anchor(key: tuple) -> dict:
+    """The plain FA2 + online argmax at (dtype, padded D, BLOCK_M, BLOCK_N, num_warps, num_stages), at the
+    GEOMETRY of its width (MHA, B·H from it)."""
+    dtype, d_pad, block_m, block_n, warps, stages = key
+    meta = dict(HEAD_D=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+                ARGMAX=1)
+    B, H, _, T = GEOMETRY[d_pad]
+    values = dict(stride_qb=H * T * d_pad, stride_qh=T * d_pad, stride_qt=d_pad, H=H, T=T)
+    pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64"}
+    try:
+        return cubin_stats(_compile(_plain_fa2_argmax_fwd, values, meta, pointers, _elem(dtype),
+                                    dict(num_warps=warps, num_stages=stages)))
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+
+
+def _anchor_key(row: dict) -> tuple:
+    d_pad = max(16, triton.next_power_of_2(max(row["D"], row["Dv"])))
+    return (row["dtype"], d_pad, row["BLOCK_M"], row["BLOCK_N"], row["num_warps"], row["num_stages"])
+
+
+def check(rows: list[dict]) -> list[str]:
+    """The issue-26 targets; one line per variant that misses one."""
+    problems = []
+    for r in rows:
+        if "error" in r:
+            problems.append(f"{r['variant']}: does not compile ({r['error']})")
+            continue
+        local = r["local_loads"] + r["local_stores"]
+        if r["dtype"] != "fp32" and max(r["D"], r["Dv"]) <= 128:
+            if r["stack_bytes"] or local:
+                problems.append(f"{r['variant']}: {r['stack_bytes']} B stack, {local} local loads/stores")
+            if r["BLOCK_M"] < 64:
+                problems.append(f"{r['variant']}: BLOCK_M {r['BLOCK_M']} < 64")
+            if r["mma_sync_dots"] or r["hgmma_16bit"] == 0:
+                problems.append(f"{r['variant']}: QKᵀ / PV not all on wgmma")
+        else:
+            anchor = r.get("anchor_local_loads", 0) + r.get("anchor_local_stores", 0)
+            if local > anchor:
+                problems.append(f"{r['variant']}: {local} local loads/stores, the anchor {anchor}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(RESULTS / "sm90_static.csv"))
+    p.add_argument("--only", default=None, help="only the variants whose name holds this string")
+    p.add_argument("--jobs", type=int, default=2, help="compile processes")
+    p.add_argument("--check", action="store_true", help="exit 1 if a variant misses the issue-26 targets")
+    p.add_argument("--unspecialized", action="store_true",
+                   help="compile without the launcher's argument specialization (how issue 26 measured)")
+    args = p.parse_args(argv)
+    global SPECIALIZE
+    SPECIALIZE = not args.unspecialized
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: benchmarks.sm90 compiles for sm_90: unset TRITON_INTERPRET (the interpreter's kernels "
+              "cannot be compiled)", file=sys.stderr)
+        return 2
+    todo = [v for v in variants() if args.only is None or args.only in v.name]
+    if not todo:
+        print(f"error: no variant name holds {args.only!r}", file=sys.stderr)
+        return 2
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(compile_variant, todo))
+        keys = sorted({_anchor_key(r) for r in rows})
+        anchors = dict(zip(keys, pool.map(compile_anchor, keys), strict=True))
+    from benchmarks.common import write_csv
+
+    for r in rows:
+        a = anchors[_anchor_key(r)]
+        r.update({f"anchor_{k}": val for k, val in a.items() if k in ("registers", "stack_bytes", "local_loads",
+                                                                     "local_stores", "error")})
+        r.update({"specialized": SPECIALIZE, "geometry_B_Hq_Hkv_T": "x".join(map(str, GEOMETRY[r["D"]])),
+                  "arch": f"sm_{ARCH}a", "triton": triton.__version__})
+    write_csv(args.out, rows)
+    print(f"{'variant':58} {'tiles':>9} {'w/s':>4} {'regs':>4} {'stack':>5} {'LDL+STL':>7} {'smem KiB':>8} "
+          f"{'wgmma':>5} {'anchor stack/LDL+STL':>20}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:58} ERROR {r['error']}")
+            continue
+        a_local = r.get("anchor_local_loads", 0) + r.get("anchor_local_stores", 0)
+        anchor = f"{r.get('anchor_stack_bytes', '?')} / {a_local}"
+        print(f"{r['variant']:58} {r['BLOCK_M']:>4}/{r['BLOCK_N']:<4} {r['num_warps']}/{r['num_stages']} "
+              f"{r['registers']:>4} {r['stack_bytes']:>5} {r['local_loads'] + r['local_stores']:>7} "
+              f"{r['shared_bytes'] // 1024:>8} {r['wgmma_dots']:>5} {anchor:>20}")
+    print(f"wrote {args.out}")
+    if args.check:
+        problems = check(rows)
+        for line in problems:
+            print("MISS", line)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

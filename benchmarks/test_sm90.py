@@ -1,0 +1,47 @@
+"""The static report's bookkeeping (no compile: compiling for sm_90 stays off the test paths)."""
+
+import itertools
+
+from benchmarks import sm90
+from nqpq_kernels import residual_attention as ra
+
+
+def test_variants_cover_the_launcher_choices():
+    names = [v.name for v in sm90.variants()]
+    assert len(names) == len(set(names))
+    have = {(v.dtype, v.D, v.mode, v.gram) for v in sm90.variants()}
+    for dtype, D, mode, gram in itertools.product(("bf16", "fp32"), (64, 128, 256), ("top1", "full", "lowrank"),
+                                                  (False, True)):
+        assert (dtype, D, mode, gram) in have
+    flags = {(v.features, v.sink, v.learned, v.Dv is not None) for v in sm90.variants()}
+    assert (True, True, True, False) in flags and (True, True, True, True) in flags
+
+
+def test_specialization_is_the_launchers():
+    """Aligned pointers and multiple-of-16 ints are marked divisible, 1 becomes a constant, do_not_specialize
+    arguments (d_r, window, n_sink, bh_off) stay plain i32."""
+    v = sm90.Variant("bf16", 64, "lowrank", gram=True)
+    meta, _ = ra.kernel_meta(64, __import__("torch").bfloat16, "lowrank", "cuda", return_gram=True)
+    fn = ra._residual_attn_fwd
+    pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32", "Basis": "*fp32",
+                "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
+    sig, consts, attrs = sm90._specialize(fn, sm90.residual_values(v), meta, pointers, "bf16")
+    idx = {name: (i,) for i, name in enumerate(fn.arg_names)}
+    assert sig["Q"] == "*bf16" and attrs[idx["Q"]] == [["tt.divisibility", 16]]
+    assert consts["GROUP"] == 1 and consts["stride_pr"] == 1  # MHA; the basis is contiguous
+    assert sig["T"] == "i32" and attrs[idx["T"]] == [["tt.divisibility", 16]]  # T = 256
+    assert sig["H"] == "i32" and idx["H"] not in attrs  # H = 12
+    for name in ("d_r", "window", "n_sink", "bh_off"):
+        assert sig[name] == "i32" and idx[name] not in attrs
+
+
+def test_check_names_every_miss():
+    base = dict(variant="x", dtype="bf16", D=64, Dv=64, BLOCK_M=64, stack_bytes=0, local_loads=0, local_stores=0,
+                mma_sync_dots=0, hgmma_16bit=8, anchor_local_loads=0, anchor_local_stores=0)
+    assert sm90.check([base]) == []
+    assert len(sm90.check([dict(base, stack_bytes=8, local_stores=2)])) == 1
+    assert len(sm90.check([dict(base, BLOCK_M=32)])) == 1
+    assert len(sm90.check([dict(base, mma_sync_dots=1)])) == 1
+    big = dict(base, D=256, Dv=256, local_loads=4, anchor_local_loads=4)
+    assert sm90.check([big]) == [] and len(sm90.check([dict(big, local_loads=5)])) == 1
+    assert len(sm90.check([dict(base, error="boom")])) == 1

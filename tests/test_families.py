@@ -1,0 +1,299 @@
+"""Multi-head latent attention, learned attention sinks and DiffLlama's two-call attention, against float64.
+
+Tiny random models of each family (tests/tiny_families.py, fixed seeds): full mode on every attention layer equals
+the model's own logits; top-1 and low-rank on one layer equal tests/f64_reference.py's per-head float64
+computation from the q/k/v that layer received (scores in q/k's width, ε and the basis in v's; the learned sink a
+zero-value key in the softmax); the calibration Grams and the crystallinity statistics equal float64's, with
+DiffLlama's rows counted once per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REL_SCORE_MARGIN
+from f64_reference import F64Reference
+from tiny_families import MLA_FAMILIES, SINK_FAMILIES, VOCAB, build_family
+
+from nqpq.calibration import gram_passes
+from nqpq.crystallinity import CrystallinityAccumulator
+from nqpq.integration import crystallize, observe_residuals
+from nqpq.models import model_parts
+
+FAMILIES = (*MLA_FAMILIES, *SINK_FAMILIES, "diffllama")
+B, T = 2, 24
+# fp32 against float64 through three layers (MoE routers included): rounding is ~1e-7 relative to the logits;
+# a crystallized layer moves them by 1e-2 or more (asserted), so the comparison is far from both.
+REL_TOL = 2e-5
+
+
+def token_ids(seed: int = 1) -> torch.Tensor:
+    """[B, T] ids, no token twice in a row: in a layer without positions (Flint's NoPE layers) a repeated token
+    repeats a key, and its exact score tie would hide a near-tie check behind a zero gap."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([1 + torch.randperm(VOCAB - 1, generator=g)[:T] for _ in range(B)])
+
+
+@torch.no_grad()
+def logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.double()
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float = REL_TOL) -> None:
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= rel, f"max |got − want| / max |want| = {err:.2e} > {rel:.0e}"
+
+
+def random_basis(n_heads: int, dim: int, seed: int = 3) -> torch.Tensor:
+    """[Hq, dim, dim] orthonormal columns (fixed seed): the low-rank check needs a basis, not a good one."""
+    g = torch.randn(n_heads, dim, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.linalg.qr(g).Q.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_mode_on_every_layer_equals_the_model(family):
+    model = build_family(family)
+    ids = token_ids()
+    want = logits(model, ids)
+    parts = model_parts(model)
+    with crystallize(model, parts.attn_layers, mode="full"):
+        got = logits(model, ids)
+    assert_rel_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["top1", "lowrank"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_crystallized_layer_matches_float64(family, mode):
+    model = build_family(family)
+    ids = token_ids()
+    parts = model_parts(model)
+    base = logits(model, ids)
+    ref = F64Reference(model)
+    # The first layer (a sliding-window one in the SWA families: window 8 < T) and the last.
+    for layer in (parts.attn_layers[0], parts.attn_layers[-1]):
+        geo = parts.geometry[layer]
+        basis = random_basis(geo.n_heads, geo.v_dim)  # [Hq, D_v, D_v]: the value width, not q/k's
+        d_r = geo.v_dim // 2
+        with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="torch"):
+            got = logits(model, ids)
+        ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
+        ref.crystal_gaps.clear()
+        want = logits(ref.model, ids)
+        assert len(ref.crystal_gaps) == B * geo.n_heads, "the float64 layer was called once per forward"
+        assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+        assert_rel_close(got, want)
+        # Crystallizing the layer matters far beyond the tolerance: the comparison is not between two baselines.
+        assert float((got - base).abs().max() / base.abs().max()) > 100 * REL_TOL
+
+
+def test_mla_geometry_and_rank_bound():
+    """q/k 24 wide, v 12: the basis is [Hq, 12, R], d_r goes up to 12 (the value width) and not beyond."""
+    model = build_family("deepseek_v3")
+    parts = model_parts(model)
+    layer = parts.attn_layers[-1]
+    geo = parts.geometry[layer]
+    assert (geo.qk_dim, geo.v_dim) == (24, 12)
+    basis = random_basis(geo.n_heads, 12)
+    ids = token_ids()
+    with crystallize(model, [layer], mode="lowrank", basis={layer: basis}, d_r=12):
+        got = logits(model, ids)
+    with crystallize(model, [layer], mode="full"):
+        full = logits(model, ids)
+    assert_rel_close(got, full, 1e-5)  # d_r = D_v: the whole residual is kept
+    with pytest.raises(ValueError, match=r"0\.\.12 \(the value head dimension D_v\)"):
+        crystallize(model, [layer], mode="lowrank", basis={layer: basis}, d_r=13).__enter__()
+    with pytest.raises(ValueError, match=r"\[H=4, D=12, R\]"):
+        crystallize(model, [layer], mode="lowrank", basis={layer: random_basis(geo.n_heads, 24)}, d_r=4).__enter__()
+
+
+# The kernel takes widths that are multiples of 16: MLA with q/k 32 (nope 16 + rope 16) and v 16 for it.
+TRITON_CASES = {"gpt_oss": {}, "deepseek_v3": dict(qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
+                "mimo_v2_flash": dict(head_dim=32, v_head_dim=16)}
+
+
+@pytest.mark.parametrize("family", sorted(TRITON_CASES))
+def test_triton_kernel_in_the_model_matches_float64(family):
+    """The Triton kernel (compiled on CUDA, the interpreter on CPU) in place of the reference: top-1 and low-rank on
+    one layer, and full mode against the model, with MLA widths and learned sinks."""
+    from nqpq.ops import resolve_backend
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolve_backend("triton", dev)
+    except RuntimeError as err:
+        pytest.skip(f"Triton kernel not runnable here: {err}")
+    model = build_family(family, **TRITON_CASES[family])
+    ref = F64Reference(model)  # a float64 copy on the CPU
+    model.to(dev)
+    ids = token_ids()
+    parts = model_parts(model)
+    layer = parts.attn_layers[0] if family == "mimo_v2_flash" else parts.attn_layers[-1]  # MiMo: its sink layer
+    geo = parts.geometry[layer]
+    assert geo.qk_dim != geo.v_dim or geo.learned_sink
+    base = logits(model, ids.to(dev)).cpu()
+    with crystallize(model, [layer], mode="full", backend="triton"):
+        assert_rel_close(logits(model, ids.to(dev)).cpu(), base, 1e-5)
+    basis = random_basis(geo.n_heads, geo.v_dim)
+    d_r = geo.v_dim // 2
+    for mode in ("top1", "lowrank"):
+        with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="triton"):
+            got = logits(model, ids.to(dev)).cpu()
+        ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
+        ref.crystal_gaps.clear()
+        want = logits(ref.model, ids)
+        assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+        assert_rel_close(got, want)
+
+
+def test_learned_sink_with_sink_tokens_matches_float64():
+    """gpt-oss with the first two keys kept apart as well: ground = Σ_{j<2} p_j V_j + (1 − m_S − m_L) V[i*ᴿ]."""
+    model = build_family("gpt_oss")
+    ids = token_ids()
+    parts = model_parts(model)
+    ref = F64Reference(model)
+    ref.sink_tokens = 2
+    for layer in parts.attn_layers:
+        with crystallize(model, [layer], mode="top1", sink_tokens=2, backend="torch"):
+            got = logits(model, ids)
+        ref.crystal = {layer: ("top1", None)}
+        want = logits(ref.model, ids)
+        assert_rel_close(got, want)
+
+
+@pytest.mark.parametrize("family, n", [("diffllama", 0), ("gpt_oss", 0), ("gpt_oss", 2), ("mimo_v2_flash", 0),
+                                       ("deepseek_v3", 0)])
+def test_grams_and_crystallinity_match_float64(family, n):
+    """Calibration Grams ([Hq, D_v, D_v]) and crystallinity on every attention layer (with n sink tokens kept apart
+    besides the learned sink); DiffLlama's two calls per layer are one attention: its rows are counted once, and
+    both halves of V join the layer's Gram."""
+    model = build_family(family)
+    parts = model_parts(model)
+    layers = list(parts.attn_layers)
+    batches = [token_ids(1), token_ids(2)]
+    grams = gram_passes(model, batches, layers, (n,), backend="torch")[n]
+    acc = CrystallinityAccumulator(layers, {li: parts.geometry[li].n_heads for li in layers}, sink_tokens=n)
+    with torch.no_grad(), observe_residuals(model, layers, None, stats_sink=acc, backend="torch", sink_tokens=n):
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+
+    ref = F64Reference(model)
+    ref.observed, ref.grams, ref.sink_tokens = set(layers), {}, n
+    for batch in batches:
+        logits(ref.model, batch)
+    assert min(ref.gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+    for li in layers:
+        geo = parts.geometry[li]
+        assert grams[li].shape == (geo.n_heads, geo.v_dim, geo.v_dim)
+        assert_rel_close(grams[li], ref.grams[li], 1e-5)
+        # Every row counted once: B·T per batch and head, also where the layer calls its attention twice.
+        assert acc._sums[li][:, 4].tolist() == [float(len(batches) * B * T)] * geo.n_heads
+    got, want = acc.results(), ref.crystallinity()
+    assert [(e["layer"], e["head"]) for e in got] == [(e["layer"], e["head"]) for e in want]
+    for g, w in zip(got, want):
+        for key, value in w.items():
+            assert math.isclose(g[key], value, rel_tol=1e-5, abs_tol=1e-6), (g["layer"], g["head"], key)
+    if family in SINK_FAMILIES:  # the learned sink holds a real share of the sink layers' rows, and only theirs
+        sink_layers = {li for li in layers if parts.geometry[li].learned_sink}
+        assert sink_layers
+        for li in layers:
+            masses = [e["sink_mass_mean"] for e in got if e["layer"] == li]
+            if li in sink_layers:
+                assert min(masses) > 0 and sum(masses) / len(masses) > 0.05, (li, masses)
+            else:  # MiMo-V2-Flash's full-attention layers have no sink
+                assert max(masses) == 0, (li, masses)
+
+
+def test_diffllama_calls_its_attention_twice_per_layer():
+    """The premise of the once-per-layer counting: DiffLlama's module calls the function twice, on the same q and k."""
+    model = build_family("diffllama")
+    parts = model_parts(model)
+    layer = parts.attn_layers[-1]
+    seen = []
+
+    class Count:
+        def add(self, li, argmax, top1_prob, sink_mass=None):
+            seen.append(("stats", li))
+
+    class Gram:
+        def add(self, li, gram):
+            seen.append(("gram", li))
+
+    with torch.no_grad(), crystallize(model, [layer], mode="top1", gram_sink=Gram(), stats_sink=Count()):
+        model(input_ids=token_ids(), use_cache=False)
+    assert seen == [("gram", layer), ("stats", layer), ("gram", layer)]
+
+
+def test_sparse_dsa_selection_is_refused_by_name():
+    """DeepSeek V3.2 with index_topk 8 < T: sparse attention, which nqpq does not compute; refused, not ignored."""
+    model = build_family("deepseek_v32")
+    for module in model.modules():
+        if hasattr(module, "index_topk"):
+            module.index_topk = 8
+    layer = model_parts(model).attn_layers[-1]
+    with crystallize(model, [layer], mode="full"), pytest.raises(ValueError, match=r"selects 8 of 24 keys"):
+        logits(model, token_ids())
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_sweep_and_scan_end_to_end(family, tokenizer, tmp_path, capsys):
+    """`nqpq sweep` and `nqpq scan` on a saved tiny MLA model and a tiny gpt-oss (learned sinks, a sliding layer):
+    exit 0, results.json naming both widths, d_r up to D_v and not beyond, finite perplexities."""
+    from conftest import wikitext_text
+
+    from nqpq.cli import main
+
+    model_dir, text = tmp_path / family, tmp_path / "wiki.valid.raw"
+    build_family(family, vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text.write_text(wikitext_text(seed=3), encoding="utf-8")
+    parts = model_parts(build_family(family, vocab_size=len(tokenizer)))
+    layer = parts.attn_layers[-1]
+    geo = parts.geometry[layer]
+    common = ["--model", str(model_dir), "--text-file", str(text), "--n-blocks", "4", "--seq-len", "24",
+              "--calib-blocks", "2", "--calib-from", "eval", "--device", "cpu", "--batch-size", "2", "--no-progress"]
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", *common, "--layers", str(layer), "--d-r", "0", "4", str(geo.v_dim), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    cfg = results["config"]
+    assert (cfg["qk_dim"], cfg["v_dim"]) == (geo.qk_dim, geo.v_dim)
+    assert [c["d_r"] for c in results["curve"]] == [0, 4, geo.v_dim]
+    assert all(math.isfinite(c["ppl"]) for c in results["curve"])
+    # d_r = D_v keeps the whole residual: the baseline's perplexity.
+    assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
+    if geo.learned_sink:
+        assert all(e["sink_mass_mean"] > 0 for e in results["crystallinity"])
+    report = capsys.readouterr().out
+    widths = f"D={geo.v_dim}" if geo.qk_dim == geo.v_dim else f"D_qk={geo.qk_dim}, D_v={geo.v_dim}"
+    widths += ", learned sinks" if geo.learned_sink else ""
+    assert widths in report
+    assert cfg["learned_sink"] is geo.learned_sink
+    assert main(["sweep", *common, "--layers", str(layer), "--d-r", str(geo.v_dim + 1),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert f"0..{geo.v_dim}" in capsys.readouterr().err
+
+    out = tmp_path / "scan"
+    assert main(["scan", *common, "--d-r", "2", "--out", str(out)]) == 0
+    assert f"{widths}; " in capsys.readouterr().out
+    scan = json.loads((out / "results.json").read_text())
+    assert [e["layer"] for e in scan["layers"]] == list(parts.attn_layers)
+    assert all(math.isfinite(e["ppl_top1"]) for e in scan["layers"])
+
+
+def test_output_attentions_with_a_learned_sink_are_the_models():
+    """A crystallized gpt-oss layer reports the model's own probabilities: the learned sink in the softmax, dropped
+    from p (each row sums to 1 − m_L)."""
+    model = build_family("gpt_oss")
+    ids = token_ids()
+    layers = model_parts(model).attn_layers
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+        with crystallize(model, layers, mode="full"):
+            got = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+    assert len(got) == len(want) == len(layers)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+        assert float(w.sum(-1).max()) < 1 - 1e-3  # the sink took a share: the check is not the plain softmax
