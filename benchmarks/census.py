@@ -62,7 +62,8 @@ _SIZES = {
     "topk_group": 1,
     # multi-head latent attention: q/k heads 16 + 8 wide, v heads 16
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-    "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
+    # index_topk at least the census's 24 tokens: DSA then attends densely, as it does on blocks up to index_topk
+    "index_head_dim": 16, "index_n_heads": 2, "index_topk": 32,
     # linear attention, SSM and recurrent layers of hybrids
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "mamba_d_state": 16, "state_size": 16, "ssm_state_size": 16, "mamba_n_heads": 4, "mamba_d_head": 16,

@@ -285,7 +285,7 @@ class PrefixRunner:
                 hidden = args[0] if positional else kwargs.pop("hidden_states")
                 if not calls and index != self.start:
                     return None
-                if calls and not broken and not (hidden is last_out[0] or _same(hidden, last_out[0])):
+                if calls and not broken and not _continues(hidden, last_out[0]):
                     broken.append(f"layer {index} does not take layer {calls[-1][0]}'s output")
                 calls.append((index, positional, hidden, tuple(args[1:]), kwargs))
                 return None
@@ -376,6 +376,15 @@ class PrefixRunner:
             if progress is not None:
                 progress.update(out[-1].numel())
         return _cat_losses(out)
+
+
+def _continues(hidden: object, previous: Tensor) -> bool:
+    """Whether a layer's input is the previous layer's output (the same values; a device map may have moved it)."""
+    if hidden is previous:
+        return True
+    if not isinstance(hidden, Tensor) or hidden.shape != previous.shape or hidden.dtype != previous.dtype:
+        return False
+    return bool(torch.equal(hidden.to(previous.device), previous))
 
 
 def _to_device(obj: object, device: torch.device, memo: dict) -> object:

@@ -193,8 +193,10 @@ def test_max_memory_forms():
 
 
 class _Parts:
-    n_heads, n_kv_heads, head_dim = 32, 8, 128
     lm_head = torch.nn.Linear(1, 1)  # no body: the devices are those given
+
+    def largest(self, field, layers=None):  # what batching reads of ModelParts: the widest attention layer
+        return {"n_heads": 32, "n_kv_heads": 8, "qk_dim": 128, "v_dim": 128}[field]
 
 
 def test_default_batch_size_the_tightest_device_decides():
