@@ -190,7 +190,7 @@ def _rel(got, want) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
 
 
-def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r):
+def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=None):
     """The float64 per-head definition of top-1 / low-rank on one call's q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk],
     v [B, Hkv, T, Dv]; a learned sink (``s_aux`` [Hq]) is a key of value zero whose mass joins the ground state.
     Returns (out [B, T, Hq, Dv], mask [B, T, Hq] of the rows whose argmax has a clear margin)."""
@@ -207,6 +207,8 @@ def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r):
     visible = i[None, :] <= i[:, None]
     if window is not None:
         visible &= i[None, :] > i[:, None] - window
+    if chunk is not None:  # Llama 4's chunked layers: only the keys of the query's own chunk
+        visible &= i[None, :] // chunk == i[:, None] // chunk
     s = s.masked_fill(~visible, float("-inf"))
     if s_aux is not None:
         sink = s_aux.double().view(1, Hq, 1, 1).expand(Bq, Hq, Tq, 1)
@@ -305,7 +307,7 @@ def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
             for _module, q, k, v, scaling, kwargs, got in spy.calls:
                 scale = scaling if scaling is not None else q.shape[-1] ** -0.5
                 want_out, clear = _reference(q, k, v, scale, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                             kwargs.get("s_aux"), mode, basis, d_r)
+                                             kwargs.get("s_aux"), mode, basis, d_r, geo.attention_chunk)
                 if clear.float().mean().item() < 0.5:
                     raise RuntimeError(f"{tag} {mode}: fewer than half the rows have a clear argmax")
                 diff = (got.double() - want_out).abs().amax(-1)[clear]

@@ -24,7 +24,8 @@ The sink (``sink_tokens=n``; n = 0, the default, is the spec exactly and every n
     ε = ctx − ground;   top1 → ground;  full → ctx;  lowrank → ground + P_r P_rᵀ ε
 
 Chunked attention (``attention_chunk=C``, Llama 4): query i sees the keys j <= i with j // C == i // C, its own
-chunk only. Under a sliding window or a chunk S holds only the sink keys the row still sees (often none: then ground = V[i*ᴿ]).
+chunk only. Under a sliding window or a chunk S holds only the sink keys the row still sees (often none: then
+ground = V[i*ᴿ]).
 ``argmax`` is i*ᴿ (on rows where R has no finite score: the first maximum over all visible keys, a sink
 key), ``top1_prob`` the softmax probability of that index, p[argmax], and ``sink_mass`` m_S (exactly 1 on
 the rows where ground = ctx).

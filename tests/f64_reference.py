@@ -230,7 +230,8 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
     (1 − m_S − m_L) V[i*ᴿ], sink_mass = m_S + m_L; a NaN or +inf logit makes the row non-finite.
 
-    Per row t: visible keys j <= t (and j > t − w with a window, j >= (t // C)·C with a chunk C); S = visible j < n, R = visible j >= n;
+    Per row t: visible keys j <= t (and j > t − w with a window, j >= (t // C)·C with a chunk C);
+    S = visible j < n, R = visible j >= n;
     p = softmax over all visible scores; i*ᴿ = first index of the largest score over R; ground = Σ_S p_j V_j
     + (1 − Σ_S p_j) V[i*ᴿ], or ctx where R has no finite score; ε = ctx − ground. A row with a NaN visible
     score or a ±inf best score is non-finite: NaN out, argmax −1, NaN top1_prob and sink_mass. ``idx``
