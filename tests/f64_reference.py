@@ -5,7 +5,7 @@ that computes every (batch, query head) with its own loop: masked scaled scores,
 first index of the maximal score, the top-1 probability max_j p[j], ε = p @ V − V[i*], and, on the one
 crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used.
 The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a
-sliding window the layer passes is applied; a learned sink (``s_aux``, one logit s_h per head) is a key every
+sliding window the layer passes is applied, and so is a Llama 4 layer's chunk; a learned sink (``s_aux``, one logit s_h per head) is a key every
 row sees with logit s_h and value zero: p is the softmax over the visible scores and s_h, m_L = p_sink, and
 the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink tokens), the
 statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
@@ -43,6 +43,12 @@ def _f64_attention(module, query, key, value, attention_mask, scaling=None, drop
     visible = i[:, None] >= i[None, :]
     if window is not None:
         visible &= (i[:, None] - i[None, :]) < window
+    # Llama 4's chunked layers: the chunk is in the mask the model builds, not an argument; read it as the model
+    # does, from its config (layer_types[layer] == "chunked_attention", attention_chunk_size C): j // C == i // C.
+    layer_types = getattr(module.config, "layer_types", None)
+    if layer_types is not None and layer_types[module.layer_idx] == "chunked_attention":
+        chunk = module.config.attention_chunk_size
+        visible &= (i[:, None] // chunk) == (i[None, :] // chunk)
     if attention_mask is not None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         assert torch.equal(allowed, visible.expand_as(allowed)), "the reference handles plain causal masks only"
