@@ -7,8 +7,8 @@ crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing o
 The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a
 sliding window the layer passes is applied, and so is a Llama 4 layer's chunk; a learned sink (``s_aux``, one
 logit s_h per head) is a key every row sees with logit s_h and value zero: p is the softmax over the visible
-scores and s_h, m_L = p_sink, and the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink tokens), the
-statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
+scores and s_h, m_L = p_sink, and the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ]
+with sink tokens), the statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
 half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
 ``sink_tokens = n > 0`` the ground state is Σ_{j<n} p_j V_j + (1 − Σ_{j<n} p_j) V[i*ᴿ] (i*ᴿ the first maximum
 over j >= n; ctx on rows t < n) in place of V[i*], and the statistics are those of i*ᴿ and p[i*ᴿ].
