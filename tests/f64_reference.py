@@ -4,12 +4,12 @@ The model under test is copied to float64, and its attention runs through a func
 that computes every (batch, query head) with its own loop: masked scaled scores, softmax, i* = the
 first index of the maximal score, the top-1 probability max_j p[j], ε = p @ V − V[i*], and, on the one
 crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used.
-The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a
-sliding window the layer passes is applied, and so is a Llama 4 layer's chunk; a learned sink (``s_aux``, one
-logit s_h per head) is a key every row sees with logit s_h and value zero: p is the softmax over the visible
-scores and s_h, m_L = p_sink, and the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ]
-with sink tokens), the statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
-half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
+The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a sliding
+window the layer passes is applied, and so is a Llama 4 layer's chunk; a learned sink (``s_aux``, one logit s_h
+per head) is a key every row sees with logit s_h and value zero: p is the softmax over the visible scores and
+s_h, m_L = p_sink, and the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink
+tokens), the statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k
+(DiffLlama, once per half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
 ``sink_tokens = n > 0`` the ground state is Σ_{j<n} p_j V_j + (1 − Σ_{j<n} p_j) V[i*ᴿ] (i*ᴿ the first maximum
 over j >= n; ctx on rows t < n) in place of V[i*], and the statistics are those of i*ᴿ and p[i*ᴿ].
 
