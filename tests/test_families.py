@@ -325,3 +325,25 @@ def test_llama4_chunked_layers(attn):
         parts.attn[0]._nqpq_layer_spec.attention_chunk = None
         with pytest.raises(ValueError, match="plain causal masking only"):
             logits(model, ids)
+
+
+def test_llama4_sweep_end_to_end(tokenizer, tmp_path, capsys):
+    """`nqpq sweep` on a saved tiny Llama 4, crystallizing a chunked layer: exit 0, results.json and the printed report
+    name the chunk, d_r = D gives the baseline's perplexity."""
+    from conftest import wikitext_text
+
+    from nqpq.cli import main
+
+    model_dir, text = tmp_path / "llama4", tmp_path / "wiki.valid.raw"
+    build_family("llama4_text", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text.write_text(wikitext_text(seed=3), encoding="utf-8")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(model_dir), "--text-file", str(text), "--n-blocks", "4", "--seq-len", "24",
+                 "--calib-blocks", "2", "--calib-from", "eval", "--device", "cpu", "--batch-size", "2",
+                 "--no-progress", "--layers", "2", "--d-r", "0", "16", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["attention_chunk"] == {"2": 8}
+    assert all(math.isfinite(c["ppl"]) for c in results["curve"])
+    assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
+    assert "attention chunks 8" in capsys.readouterr().out  # the report's model line
