@@ -1453,3 +1453,28 @@ def test_attention_chunk_errors(kw, exc, match):
     for fn in (residual_attention_triton, residual_attention_reference):
         with pytest.raises(exc, match=match):
             fn(q, k, v, mode="full", **kw)
+
+
+def test_attention_chunk_one_compiled_variant_for_every_c(monkeypatch):
+    """attention_chunk is a runtime argument (not specialized): every C < T launches the same compile-time constants
+    as a sliding window (the per-row first-key path), so one compiled kernel serves every chunk size and window."""
+    launches = []
+    real = ra_mod._residual_attn_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ra_mod, "_residual_attn_fwd", Spy())
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)
+    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, seed=5)
+    for kw in (dict(attention_chunk=3), dict(attention_chunk=16), dict(attention_chunk=39), dict(sliding_window=8),
+               dict(attention_chunk=40)):
+        residual_attention_triton(q, k, v, mode="full", **kw)
+    assert all(kw == launches[0] for kw in launches[:4]) and launches[0]["WINDOWED"] is True
+    assert launches[4]["WINDOWED"] is False  # C >= T: plain causal
+    dns = real.kwargs["do_not_specialize"] if hasattr(real, "kwargs") else real.do_not_specialize
+    assert "chunk" in dns
