@@ -45,7 +45,7 @@ def _f64_attention(module, query, key, value, attention_mask, scaling=None, drop
         visible &= (i[:, None] - i[None, :]) < window
     # Llama 4's chunked layers: the chunk is in the mask the model builds, not an argument; read it as the model
     # does, from its config (layer_types[layer] == "chunked_attention", attention_chunk_size C): j // C == i // C.
-    layer_types = getattr(module.config, "layer_types", None)
+    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
     if layer_types is not None and layer_types[module.layer_idx] == "chunked_attention":
         chunk = module.config.attention_chunk_size
         visible &= (i[:, None] // chunk) == (i[None, :] // chunk)
