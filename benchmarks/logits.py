@@ -21,7 +21,7 @@ The loss alone (``--losses``), on given fp32 logits ``[2040, V]``: ``smollm2``, 
 ``peaked``, synthetic logits over GPT-2's vocabulary (50257): N(0, 2.5²) with one token per row raised by
 5–20, the label that token 40% of the time (a random GPT-2 model's logits are flat, not an LM's). Paths:
 
-- ``cross_entropy_fp32``: ``F.cross_entropy`` in fp32 (it writes a log-softmax; fast exp);
+- ``cross_entropy_fp32``: ``F.cross_entropy`` in fp32 (it writes a log-softmax the size of the logits);
 - ``logsumexp_fp32``: ``torch.logsumexp`` in fp32 minus the target logit, in fp32 (rounded at |logit|);
 - ``float64_exp_sum``: lm_losses of issue 17: fp32 max, exp / sum / log in float64 on a copy;
 - ``lm_losses``: nqpq's (``nqpq.evaluate._fp32_logit_losses``): fp32 max, shift, exp and sum in place,

@@ -81,13 +81,24 @@ def lm_losses(
     over tokens is taken in float64. Error per token: ~u·(E_p[m − z] + log2 V) absolute, u = 2^-24 (the
     shift z − m rounds by u·|z − m|, exp by ~u, the sum by ~u per level), never the ~u·|m| of an fp32
     ``m + log s`` or of fp32 log-softmax values near |logit| ~ 40; summing per-token losses in float64 keeps
-    that error from growing with the token count. Measured (``python -m benchmarks.logits``, 2040 tokens):
-    on SmolLM2-135M's real logits (vocabulary 49152) at most 5.6e-7 per token and 2e-8 relative in PPL
-    against the float64 cross-entropy of the same fp32 logits (fp32 ``F.cross_entropy``: 2e-5 per token,
-    7.8e-6 in PPL, a bias from its fast exp); the same on peaked synthetic logits over GPT-2's 50257. The
-    requirement is 1e-6 relative in PPL (issue 26). Cost on 2 CPU cores: ~0.6x ``F.cross_entropy``'s (it
-    writes a log-softmax the size of the logits; this writes nothing new), where exp / sum / log in float64
-    (issue 17, 5.6e-16 per token) took ~3x and made the LM head most of a sweep configuration's time.
+    that error from growing with the token count. Measured on 2040 tokens (``python -m benchmarks.logits
+    --dtypes --losses smollm2 peaked``, against the float64 cross-entropy of the same fp32 logits, 2 CPU cores):
+
+    ======================================  =====================  ======================  ===================
+    path                                    SmolLM2-135M's logits  peaked synthetic over   time vs fp32
+                                            (V 49152): per token   GPT-2's V 50257: per    F.cross_entropy
+                                            max / PPL rel. error   token max / PPL rel.
+    ======================================  =====================  ======================  ===================
+    fp32 ``F.cross_entropy``                2.0e-5 / 7.8e-6        2.2e-5 / 2.7e-6         1
+    fp32 ``torch.logsumexp`` − target       2.1e-6 / 1.7e-8        1.9e-6 / 1.1e-8         1.2–1.5x
+    float64 exp / sum / log (issue 17)      1.6e-14 / 5e-17        1.2e-14 / 6e-17         2.1–2.3x
+    this                                    5.7e-7 / 1.9e-8        5.3e-7 / 1.7e-8         0.40–0.56x
+    ======================================  =====================  ======================  ===================
+
+    The requirement is 1e-6 relative in PPL (issue 26). fp32 ``F.cross_entropy`` misses it by a systematic
+    bias (its per-token errors average −7.8e-6 and −2.7e-6 here); ``torch.logsumexp`` rounds each loss at the
+    logits' magnitude and allocates a shifted copy; the float64 path pays for converting copies. This writes
+    nothing the size of the logits.
     """
     parts = parts or model_parts(model)
     N, T, C = hidden.shape
