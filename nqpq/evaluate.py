@@ -82,7 +82,8 @@ def lm_losses(
     shift z − m rounds by u·|z − m|, exp by ~u, the sum by ~u per level), never the ~u·|m| of an fp32
     ``m + log s`` or of fp32 log-softmax values near |logit| ~ 40; summing per-token losses in float64 keeps
     that error from growing with the token count. Measured on 2040 tokens (``python -m benchmarks.logits
-    --dtypes --losses smollm2 peaked``, against the float64 cross-entropy of the same fp32 logits, 2 CPU cores):
+    --device cpu --dtypes fp32``, against the float64 cross-entropy of the same fp32 logits, 2 CPU cores shared
+    with other jobs, two runs: the times are noisy, the errors deterministic):
 
     ======================================  =====================  ======================  ===================
     path                                    SmolLM2-135M's logits  peaked synthetic over   time vs fp32
@@ -90,15 +91,17 @@ def lm_losses(
                                             max / PPL rel. error   token max / PPL rel.
     ======================================  =====================  ======================  ===================
     fp32 ``F.cross_entropy``                2.0e-5 / 7.8e-6        2.2e-5 / 2.7e-6         1
-    fp32 ``torch.logsumexp`` − target       2.1e-6 / 1.7e-8        1.9e-6 / 1.1e-8         1.2–1.5x
-    float64 exp / sum / log (issue 17)      1.6e-14 / 5e-17        1.2e-14 / 6e-17         2.1–2.3x
-    this                                    5.7e-7 / 1.9e-8        5.3e-7 / 1.7e-8         0.40–0.56x
+    fp32 ``torch.logsumexp`` − target       2.1e-6 / 1.7e-8        1.9e-6 / 1.1e-8         1.2–1.7x
+    float64 exp / sum / log (issue 17)      1.6e-14 / 5e-17        1.2e-14 / 6e-17         2.1–3.8x
+    this                                    5.7e-7 / 1.9e-8        5.3e-7 / 1.7e-8         0.40–0.62x (*)
     ======================================  =====================  ======================  ===================
 
     The requirement is 1e-6 relative in PPL (issue 26). fp32 ``F.cross_entropy`` misses it by a systematic
     bias (its per-token errors average −7.8e-6 and −2.7e-6 here); ``torch.logsumexp`` rounds each loss at the
     logits' magnitude and allocates a shifted copy; the float64 path pays for converting copies. This writes
-    nothing the size of the logits.
+    nothing the size of the logits. (*) One run measured 1.57x on the peaked logits under load; with the GEMM
+    (GPT-2's head on 2040 tokens) the whole ``lm_losses`` took 0.95x the fp32 head + ``F.cross_entropy``, where
+    issue 17's float64 loss took 1.18x (``benchmarks/results/logits_cpu.csv``, then and now).
     """
     parts = parts or model_parts(model)
     N, T, C = hidden.shape
