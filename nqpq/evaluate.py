@@ -72,13 +72,36 @@ def lm_losses(
 
     The logits are formed in fp32 whatever the model's dtype (16-bit logits would round |logit| ~ 64 to
     steps of 0.25–0.5 before the loss): the LM head's weight is upcast once per call and the hidden states
-    one chunk at a time. The model's logit scale (Cohere, Granite) and final logit soft-cap (Gemma 2) are
-    applied, as its own forward does.
+    one chunk of ``max_logits`` logits at a time. The model's logit scale (Cohere, Granite) and final logit
+    soft-cap (Gemma 2) are applied, as its own forward does.
 
-    The loss of those fp32 logits is exact to float64 rounding (~1e-15 relative): log-sum-exp in fp32 errs by
-    ~1e-7 per token, which over a 49k–262k vocabulary shifts a PPL by 1e-5 relative, more than the tests'
-    tolerance against float64. Each row's max is taken in fp32 (exact), then exp and sum run in float64 on a
-    copy made at most ``max_logits / 2`` elements at a time (the same bytes as the fp32 chunk).
+    The loss of those fp32 logits: loss = m + log s − z_target with m = max_j z_j (exact in fp32) and
+    s = Σ_j exp(z_j − m), taken in fp32 in place on the chunk (a max, a subtract, an exp and a sum: no
+    temporary the size of the logits); m, log s and z_target are then combined in float64, and every mean
+    over tokens is taken in float64. Error per token: ~u·(E_p[m − z] + log2 V) absolute, u = 2^-24 (the
+    shift z − m rounds by u·|z − m|, exp by ~u, the sum by ~u per level), never the ~u·|m| of an fp32
+    ``m + log s`` or of fp32 log-softmax values near |logit| ~ 40; summing per-token losses in float64 keeps
+    that error from growing with the token count. Measured on 2040 tokens (``python -m benchmarks.logits
+    --device cpu --dtypes fp32``, against the float64 cross-entropy of the same fp32 logits, 2 CPU cores shared
+    with other jobs, two runs: the times are noisy, the errors deterministic):
+
+    ======================================  =====================  ======================  ===================
+    path                                    SmolLM2-135M's logits  peaked synthetic over   time vs fp32
+                                            (V 49152): per token   GPT-2's V 50257: per    F.cross_entropy
+                                            max / PPL rel. error   token max / PPL rel.
+    ======================================  =====================  ======================  ===================
+    fp32 ``F.cross_entropy``                2.0e-5 / 7.8e-6        2.2e-5 / 2.7e-6         1
+    fp32 ``torch.logsumexp`` − target       2.1e-6 / 1.7e-8        1.9e-6 / 1.1e-8         1.2–1.7x
+    float64 exp / sum / log (issue 17)      1.6e-14 / 5e-17        1.2e-14 / 6e-17         2.1–3.8x
+    this                                    5.7e-7 / 1.9e-8        5.3e-7 / 1.7e-8         0.40–0.62x (*)
+    ======================================  =====================  ======================  ===================
+
+    The requirement is 1e-6 relative in PPL (issue 26). fp32 ``F.cross_entropy`` misses it by a systematic
+    bias (its per-token errors average −7.8e-6 and −2.7e-6 here); ``torch.logsumexp`` rounds each loss at the
+    logits' magnitude and allocates a shifted copy; the float64 path pays for converting copies. This writes
+    nothing the size of the logits. (*) One run measured 1.57x on the peaked logits under load; with the GEMM
+    (GPT-2's head on 2040 tokens) the whole ``lm_losses`` took 0.95x the fp32 head + ``F.cross_entropy``, where
+    issue 17's float64 loss took 1.18x (``benchmarks/results/logits_cpu.csv``, then and now).
     """
     parts = parts or model_parts(model)
     N, T, C = hidden.shape
@@ -91,28 +114,30 @@ def lm_losses(
     bias = None if head.bias is None else head.bias.float()
     scale, cap = parts.logit_scale, parts.final_logit_softcap
     chunk = max(1, max_logits // weight.shape[0])
-    rows64 = max(1, max_logits // (2 * weight.shape[0]))  # rows per float64 copy: its bytes = the fp32 chunk's
     nll = torch.empty(flat_labels.numel(), dtype=torch.float64, device=hidden.device)
     for s in range(0, flat_labels.numel(), chunk):
-        logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)
+        logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)  # a fresh chunk: ours to overwrite
         if scale is not None:
-            logits = logits * scale
+            logits.mul_(scale)
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        # loss = log Σ_j exp(z_j) − z_target = m + log Σ_j exp(z_j − m) − z_target, m = max_j z_j. The difference
-        # of two fp32 numbers is exact in float64, so only exp, the sum and the log round, each in float64.
-        # In place on one copy: 1.8x the fp32 cross-entropy's time on CPU, where a plain logsumexp of
-        # logits.double() (its temporaries) takes 3.7x (benchmarks/logits.py).
-        row_max = logits.amax(dim=1, keepdim=True)
-        sum_exp = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
-        for r in range(0, logits.shape[0], rows64):
-            shifted = logits[r : r + rows64].double()
-            shifted.sub_(row_max[r : r + rows64]).exp_()
-            sum_exp[r : r + rows64] = shifted.sum(dim=1)
-            del shifted
-        target = logits.gather(1, flat_labels[s : s + chunk, None])[:, 0]
-        nll[s : s + chunk] = row_max[:, 0].double() + sum_exp.log() - target.double()
+            logits.div_(cap).tanh_().mul_(cap)
+        nll[s : s + chunk] = _fp32_logit_losses(logits, flat_labels[s : s + chunk])
     return nll.view(N, T - 1).mean(dim=1)
+
+
+def _fp32_logit_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row cross-entropy (float64) of fp32 ``logits`` ``[rows, V]``, overwriting them (see ``lm_losses``).
+
+    One pass each for the max, the shift, the exp and the sum, all in place: on CPU the cost of an fp32
+    log-sum-exp is in memory passes and fresh allocations (``torch.logsumexp`` allocates a shifted copy,
+    ``F.cross_entropy`` writes a log-softmax), not in the arithmetic. Row-blocks that fit in cache measured
+    slower on 2 cores (per-call overhead and thread start-up outweigh the saved memory traffic).
+    """
+    target = logits.gather(1, targets[:, None])[:, 0].double()
+    row_max = logits.amax(dim=1, keepdim=True)
+    # z − m ≤ 0 is exact when z is within a factor of 2 of m (the terms that carry the sum); exp runs in place.
+    sum_exp = logits.sub_(row_max).exp_().sum(dim=1)
+    return row_max[:, 0].double() + sum_exp.double().log() - target
 
 
 def check_batch_size(batch_size: object) -> int:
