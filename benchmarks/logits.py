@@ -140,9 +140,10 @@ def smollm2_logits(n_blocks: int = 8, seq_len: int = 256) -> tuple[torch.Tensor,
     """SmolLM2-135M's fp32 logits ``[n_blocks·(seq_len − 1), 49152]`` and labels on WikiText validation's first
     tokens (the converted model from ``nqpq.fetch``; as the sweep's blocks: no BOS)."""
     from benchmarks.real_sweep import DEFAULT_TEXT, default_model
-    from nqpq.data import ids_for_blocks, load_model, load_tokenizer, rows_from_file
+    from nqpq.checkpoints import load_model, load_tokenizer
     from nqpq.evaluate import make_blocks
     from nqpq.models import model_parts
+    from nqpq.text import ids_for_blocks, rows_from_file
 
     name = default_model()
     model = load_model(name, "cpu", torch.float32)
