@@ -306,7 +306,8 @@ class PrefixRunner:
         not replayed; a layer it calls again is replayed again), and checks that each call takes the previous
         one's output. The first batch decides the replay: direct where that chain holds and ``after_layers``
         finds what follows the last layer, else by the body's own forward (the class docstring), for which the
-        output of every call before the highest start layer's first call is recorded.
+        output of every call before the highest start layer's first call is recorded (the first batch then runs
+        once more to record them, outside ``context_for``).
         """
         layers = self.parts.layers
         calls: list[tuple[int, bool, Tensor, tuple, dict]] = []  # (layer, positional, hidden, rest, kwargs)
@@ -321,14 +322,14 @@ class PrefixRunner:
             def hook(module, args, kwargs):
                 below_top = top not in every  # no call of the highest start layer yet
                 every.append(index)
-                if below_top and index != top and self._via_body is not False:
+                if below_top and index != top and self._via_body:
                     pending[:] = [_mappings_before(args, kwargs)]
                 kwargs = dict(kwargs)
                 positional = bool(args)
                 hidden = args[0] if positional else kwargs.pop("hidden_states")
                 if not calls and index != self.start:
                     return None
-                if calls and not broken and not _continues(hidden, last_out[0]):
+                if calls and not broken and not self._via_body and not _continues(hidden, last_out[0]):
                     broken.append(f"layer {index} does not take layer {calls[-1][0]}'s output")
                 calls.append((index, positional, hidden, tuple(args[1:]), kwargs))
                 return None
@@ -352,6 +353,13 @@ class PrefixRunner:
                 self._check_calls(calls, broken, tuple(every))
                 if self._via_body is None:
                     self._choose_replay(broken, last_out[0], hidden)
+                    if self._via_body:
+                        # The first batch again, now recording the lower calls' outputs (not kept on the first
+                        # run: a direct replay never needs them, and they would cost one hidden state per call).
+                        for recorded in (calls, last_out, every, lower, pending, broken):
+                            recorded.clear()
+                        self.parts.body(input_ids=batch, use_cache=False, return_dict=True)
+                        self._check_calls(calls, broken, tuple(every))
                 losses.append(head_losses(self.model, hidden, batch, self.parts))
                 if self._via_body:
                     order = self._calls_all
