@@ -139,3 +139,30 @@ def test_body_replay_under_an_offloading_hook(tmp_path):
             torch.testing.assert_close(runner.losses(start=s), block_losses(model, ids, 2), rtol=1e-6, atol=0)
     # accelerate's wrappers are back in place, no short-circuit left
     assert all(layer.__dict__.get("forward") is f for layer, f in zip(parts.layers, hooked))
+
+
+@torch.no_grad()
+def test_sweep_and_scan_on_a_looping_body():
+    """The sweep on Dory (baseline and top-1 by the body-forward replay) gives the model's own block losses, plain
+    and with the default layer crystallized; the scan covers its attention layers."""
+    from nqpq import make_blocks
+    from nqpq.config import SweepConfig
+    from nqpq.scan import run_scan
+    from nqpq.sweep import run_sweep
+
+    model = tiny_model("dory")
+    ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))
+    common = dict(d_r=(1, 4), n_blocks=4, seq_len=24, calib_blocks=2, device="cpu", batch_size=2, progress=False,
+                  backend="torch")
+    results = run_sweep(SweepConfig(**common), model=model, ids=ids, log=lambda *_: None)
+    layers = results["config"]["layers"]
+    assert layers == [4]
+    scored = make_blocks(ids, 24, 4)
+    torch.testing.assert_close(torch.tensor(results["block_losses"]["baseline"], dtype=torch.float64),
+                               block_losses(model, scored, 2), rtol=1e-6, atol=0)
+    with crystallize(model, layers, mode="top1", backend="torch"):
+        want = block_losses(model, scored, 2)
+    torch.testing.assert_close(torch.tensor(results["block_losses"]["top1"], dtype=torch.float64), want,
+                               rtol=1e-6, atol=0)
+    scan = run_scan(SweepConfig(**common), model=model, ids=ids, log=lambda *_: None)
+    assert [row["layer"] for row in scan["layers"]] == list(model_parts(model).attn_layers)
