@@ -10,7 +10,10 @@ k = 2 + len(d_r)), the crystallized layers, the final norm and the LM head. This
   the loss), and k times the layers from the lowest crystallized one up + final norm + LM head + loss from
   the recorded hidden states, which is what the sweep's prefix replay costs with plain attention;
 - nqpq's own ``lm_losses`` on the same final hidden states (the LM head as the sweep computes it);
-- the ratio sweep / floor and the LM head's share of each.
+- the ratio sweep / floor (whole passes and per configuration) and the LM head's share of each.
+
+The spec's own code (the seed's, ``benchmarks/spec_baseline.py``) patches GPT-2's modules only: the ratio
+against it is ``benchmarks.sweep``'s (GPT-2 small geometry), which also times this floor on that model.
 
 Default model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) from ``nqpq.fetch`` (its converted
 ``save_pretrained`` folder, which loads in about a second); default text ``../shared/data/wiki.valid.raw``.
@@ -92,10 +95,11 @@ def calibration_pass(model, calib: torch.Tensor, batch_size: int, last: int) -> 
 
 
 @torch.no_grad()
-def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int) -> dict:
+def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int, with_lm_losses: bool = True) -> dict:
     """The floor's parts, in seconds: one full forward (body, head + loss), then k replays of layers
     ``start..`` + final norm (layers) and head + loss (head) from the hidden states the forward recorded;
-    nqpq's ``lm_losses`` on the same final hidden states; and the PPLs each computes (all the baseline's)."""
+    nqpq's ``lm_losses`` on the same final hidden states (unless ``with_lm_losses`` is False); and the PPLs
+    each computes (all the baseline's)."""
     parts = model_parts(model)
     device = next(model.parameters()).device
     batches = [blocks[s : s + batch_size].to(device) for s in range(0, blocks.shape[0], batch_size)]
@@ -153,6 +157,8 @@ def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int) -> d
             out["replay_head_s"] += time.perf_counter() - t1
         replay_ppls.append(ppl_from_losses(torch.cat(losses)))
     out["ppl_replay"] = replay_ppls
+    if not with_lm_losses:
+        return out
 
     losses = []
     for batch, hidden in zip(batches, finals):
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         ("cpu_sweep_whole_run", sweep_cpu, None),
         ("cpu_floor_whole", floor_cpu, None),
         ("ratio_sweep_passes_over_floor", None, sweep_s / floor_s),
+        ("ratio_sweep_per_config_over_floor_per_config", None,
+         sum(timings[key] for key in config_keys) / k / replay_s),
         ("ratio_sweep_passes_over_floor_with_calibration_pass", None, sweep_s / floor_cal_s),
         ("ratio_sweep_total_over_floor_plus_load", None, timings["total_s"] / (floor_cal_s + load_s)),
         ("share_head_in_floor", None, floor_head_s / floor_s),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +72,36 @@ def lm_losses(
 
     The logits are formed in fp32 whatever the model's dtype (16-bit logits would round |logit| ~ 64 to
     steps of 0.25–0.5 before the loss): the LM head's weight is upcast once per call and the hidden states
-    one chunk at a time. The model's logit scale (Cohere, Granite) and final logit soft-cap (Gemma 2) are
-    applied, as its own forward does.
+    one chunk of ``max_logits`` logits at a time. The model's logit scale (Cohere, Granite) and final logit
+    soft-cap (Gemma 2) are applied, as its own forward does.
 
-    The loss of those fp32 logits is exact to float64 rounding (~1e-15 relative): log-sum-exp in fp32 errs by
-    ~1e-7 per token, which over a 49k–262k vocabulary shifts a PPL by 1e-5 relative, more than the tests'
-    tolerance against float64. Each row's max is taken in fp32 (exact), then exp and sum run in float64 on a
-    copy made at most ``max_logits / 2`` elements at a time (the same bytes as the fp32 chunk).
+    The loss of those fp32 logits: loss = m + log s − z_target with m = max_j z_j (exact in fp32) and
+    s = Σ_j exp(z_j − m), taken in fp32 in place on the chunk (a max, a subtract, an exp and a sum: no
+    temporary the size of the logits); m, log s and z_target are then combined in float64, and every mean
+    over tokens is taken in float64. Error per token: ~u·(E_p[m − z] + log2 V) absolute, u = 2^-24 (the
+    shift z − m rounds by u·|z − m|, exp by ~u, the sum by ~u per level), never the ~u·|m| of an fp32
+    ``m + log s`` or of fp32 log-softmax values near |logit| ~ 40; summing per-token losses in float64 keeps
+    that error from growing with the token count. Measured on 2040 tokens (``python -m benchmarks.logits
+    --device cpu --dtypes fp32``, against the float64 cross-entropy of the same fp32 logits, 2 CPU cores shared
+    with other jobs, two runs: the times are noisy, the errors deterministic):
+
+    ======================================  =====================  ======================  ===================
+    path                                    SmolLM2-135M's logits  peaked synthetic over   time vs fp32
+                                            (V 49152): per token   GPT-2's V 50257: per    F.cross_entropy
+                                            max / PPL rel. error   token max / PPL rel.
+    ======================================  =====================  ======================  ===================
+    fp32 ``F.cross_entropy``                2.0e-5 / 7.8e-6        2.2e-5 / 2.7e-6         1
+    fp32 ``torch.logsumexp`` − target       2.1e-6 / 1.7e-8        1.9e-6 / 1.1e-8         1.2–1.7x
+    float64 exp / sum / log (issue 17)      1.6e-14 / 5e-17        1.2e-14 / 6e-17         2.1–3.8x
+    this                                    5.7e-7 / 1.9e-8        5.3e-7 / 1.7e-8         0.40–0.62x (*)
+    ======================================  =====================  ======================  ===================
+
+    The requirement is 1e-6 relative in PPL (issue 26). fp32 ``F.cross_entropy`` misses it by a systematic
+    bias (its per-token errors average −7.8e-6 and −2.7e-6 here); ``torch.logsumexp`` rounds each loss at the
+    logits' magnitude and allocates a shifted copy; the float64 path pays for converting copies. This writes
+    nothing the size of the logits. (*) One run measured 1.57x on the peaked logits under load; with the GEMM
+    (GPT-2's head on 2040 tokens) the whole ``lm_losses`` took 0.95x the fp32 head + ``F.cross_entropy``, where
+    issue 17's float64 loss took 1.18x (``benchmarks/results/logits_cpu.csv``, then and now).
     """
     parts = parts or model_parts(model)
     N, T, C = hidden.shape
@@ -91,28 +114,30 @@ def lm_losses(
     bias = None if head.bias is None else head.bias.float()
     scale, cap = parts.logit_scale, parts.final_logit_softcap
     chunk = max(1, max_logits // weight.shape[0])
-    rows64 = max(1, max_logits // (2 * weight.shape[0]))  # rows per float64 copy: its bytes = the fp32 chunk's
     nll = torch.empty(flat_labels.numel(), dtype=torch.float64, device=hidden.device)
     for s in range(0, flat_labels.numel(), chunk):
-        logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)
+        logits = F.linear(flat_hidden[s : s + chunk].float(), weight, bias)  # a fresh chunk: ours to overwrite
         if scale is not None:
-            logits = logits * scale
+            logits.mul_(scale)
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        # loss = log Σ_j exp(z_j) − z_target = m + log Σ_j exp(z_j − m) − z_target, m = max_j z_j. The difference
-        # of two fp32 numbers is exact in float64, so only exp, the sum and the log round, each in float64.
-        # In place on one copy: 1.8x the fp32 cross-entropy's time on CPU, where a plain logsumexp of
-        # logits.double() (its temporaries) takes 3.7x (benchmarks/logits.py).
-        row_max = logits.amax(dim=1, keepdim=True)
-        sum_exp = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
-        for r in range(0, logits.shape[0], rows64):
-            shifted = logits[r : r + rows64].double()
-            shifted.sub_(row_max[r : r + rows64]).exp_()
-            sum_exp[r : r + rows64] = shifted.sum(dim=1)
-            del shifted
-        target = logits.gather(1, flat_labels[s : s + chunk, None])[:, 0]
-        nll[s : s + chunk] = row_max[:, 0].double() + sum_exp.log() - target.double()
+            logits.div_(cap).tanh_().mul_(cap)
+        nll[s : s + chunk] = _fp32_logit_losses(logits, flat_labels[s : s + chunk])
     return nll.view(N, T - 1).mean(dim=1)
+
+
+def _fp32_logit_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row cross-entropy (float64) of fp32 ``logits`` ``[rows, V]``, overwriting them (see ``lm_losses``).
+
+    One pass each for the max, the shift, the exp and the sum, all in place: on CPU the cost of an fp32
+    log-sum-exp is in memory passes and fresh allocations (``torch.logsumexp`` allocates a shifted copy,
+    ``F.cross_entropy`` writes a log-softmax), not in the arithmetic. Row-blocks that fit in cache measured
+    slower on 2 cores (per-call overhead and thread start-up outweigh the saved memory traffic).
+    """
+    target = logits.gather(1, targets[:, None])[:, 0].double()
+    row_max = logits.amax(dim=1, keepdim=True)
+    # z − m ≤ 0 is exact when z is within a factor of 2 of m (the terms that carry the sum); exp runs in place.
+    sum_exp = logits.sub_(row_max).exp_().sum(dim=1)
+    return row_max[:, 0].double() + sum_exp.double().log() - target
 
 
 def check_batch_size(batch_size: object) -> int:
@@ -200,6 +225,20 @@ class PrefixRunner:
     states and that layer's arguments; ``record_budget`` then applies per device, and each CUDA device's
     default is a quarter of its own free memory), replays move the hidden state from layer to layer as the
     model's own forward does, and the losses are formed on the LM head's device (``head_losses``).
+
+    Two replays. The direct one above (layer after layer, then ``after_layers``) is the cheaper: no embedding,
+    mask or rotary work per replay, and only the hidden state entering each start layer is recorded. It needs a
+    body that does nothing between its layers and one step after them. A body that does more (Dory loops its
+    recurrent layers and mixes the input section's output back in; HY-V4 folds its hyper-connection streams with
+    ``hc_head``; Gemma 3n unstacks its AltUp streams after the last layer) is replayed by its own forward instead,
+    decided on the first baseline batch when the direct replay's checks refuse: every layer call before the start
+    layer's first call is short-circuited (the layer's ``forward`` is swapped for one that returns the output that
+    call gave in the baseline, and writes into a mapping argument the entries the call wrote there: Gemma 3n's
+    shared key/value states), and everything from there on, including whatever the body does between and after
+    its layers, runs as the model runs it. The output of every short-circuited call is recorded, not only the
+    last: the body may keep an earlier one (Dory's loops restart from the input section's output), and only
+    recording them all is right for any body. That costs one hidden state per lower layer call and batch, under
+    ``record_budget`` like the direct replay's records, each on the device of the layer that produced it.
     """
 
     def __init__(
@@ -234,6 +273,12 @@ class PrefixRunner:
         self._after = None  # what the body applies after its last layer, found by the first baseline batch
         self._order: tuple[int, ...] | None = None  # the layers the body calls, in order, from the lowest start
         self._first: dict[int, int] = {}  # start layer → its first call in that order
+        # The body-forward replay (None until the first baseline batch decides; see the class docstring).
+        self._via_body: bool | None = None
+        self._calls_all: tuple[int, ...] | None = None  # every layer call of the body, from its first, in order
+        self._first_all: dict[int, int] = {}  # start layer → its first call in that order
+        self._lower: list[list[tuple[object, list]]] = []  # per batch: (output, writes) of each call before the
+        # highest start layer's first call
 
     def _budget(self, device: torch.device) -> int:
         if self.record_budget is not None:
@@ -264,6 +309,19 @@ class PrefixRunner:
         on_device[device] = on_device.get(device, 0) + size
         return hidden.to(device)
 
+    def _keep_all(self, obj: object, device: torch.device, on_device: dict, budgets: dict) -> object:
+        """``obj`` (a layer output or written entry: tensors in tuples, lists and dicts) with each tensor kept as
+        ``_keep`` keeps a hidden state."""
+        if isinstance(obj, Tensor):
+            return self._keep(obj, device, on_device, budgets)
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*(self._keep_all(x, device, on_device, budgets) for x in obj))
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self._keep_all(x, device, on_device, budgets) for x in obj)
+        if isinstance(obj, dict):
+            return {k: self._keep_all(v, device, on_device, budgets) for k, v in obj.items()}
+        return obj
+
     @torch.no_grad()
     def capture_baseline(self, progress=None, context_for=None) -> Tensor:
         """Baseline losses of every batch; ``context_for(i)`` may wrap batch ``i`` (e.g. to observe residuals).
@@ -271,21 +329,32 @@ class PrefixRunner:
         Records the calls the body makes into its layers from the first call of the lowest start layer on, in the
         order it makes them (a layer the forward skips, as Mllama does its cross-attention layers on text, is
         not replayed; a layer it calls again is replayed again), and checks that each call takes the previous
-        one's output: a body that changes the hidden state between its layers cannot be replayed and is refused.
+        one's output. The first batch decides the replay: direct where that chain holds and ``after_layers``
+        finds what follows the last layer, else by the body's own forward (the class docstring), for which the
+        output of every call before the highest start layer's first call is recorded (the first batch then runs
+        once more to record them, outside ``context_for``).
         """
         layers = self.parts.layers
         calls: list[tuple[int, bool, Tensor, tuple, dict]] = []  # (layer, positional, hidden, rest, kwargs)
         last_out: list[Tensor] = []  # the output of the latest layer call
         broken: list[str] = []
+        every: list[int] = []  # every layer call of this batch, from the body's first
+        lower: list[tuple[object, list]] = []  # (output, writes) of each call before the highest start's first
+        pending: list[list] = []  # the mapping arguments of the current lower call, as they were before it
+        top = self.starts[-1]
 
         def grab(index):
             def hook(module, args, kwargs):
+                below_top = top not in every  # no call of the highest start layer yet
+                every.append(index)
+                if below_top and index != top and self._via_body:
+                    pending[:] = [_mappings_before(args, kwargs)]
                 kwargs = dict(kwargs)
                 positional = bool(args)
                 hidden = args[0] if positional else kwargs.pop("hidden_states")
                 if not calls and index != self.start:
                     return None
-                if calls and not broken and not _continues(hidden, last_out[0]):
+                if calls and not broken and not self._via_body and not _continues(hidden, last_out[0]):
                     broken.append(f"layer {index} does not take layer {calls[-1][0]}'s output")
                 calls.append((index, positional, hidden, tuple(args[1:]), kwargs))
                 return None
@@ -293,6 +362,8 @@ class PrefixRunner:
 
         def keep(module, args, kwargs, out):
             last_out[:] = [out[0] if isinstance(out, tuple) else out]
+            if pending:  # a call before the highest start's first: its output and what it wrote, copied now
+                lower.append((_clone(out), _writes(pending.pop(), args, kwargs)))
 
         handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
         handles += [layer.register_forward_hook(keep, with_kwargs=True) for layer in layers]
@@ -304,22 +375,41 @@ class PrefixRunner:
                 batch = self.blocks[sl].to(self.device)
                 with context_for(i) if context_for is not None else contextlib.nullcontext():
                     hidden = self.parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
-                self._check_calls(calls, broken)
-                if self._after is None:
-                    self._after = after_layers(self.parts, last_out[0], hidden)
+                self._check_calls(calls, broken, tuple(every))
+                if self._via_body is None:
+                    self._choose_replay(broken, last_out[0], hidden)
+                    if self._via_body:
+                        # The first batch again, now recording the lower calls' outputs (not kept on the first
+                        # run: a direct replay never needs them, and they would cost one hidden state per call).
+                        for recorded in (calls, last_out, every, lower, pending, broken):
+                            recorded.clear()
+                        self.parts.body(input_ids=batch, use_cache=False, return_dict=True)
+                        self._check_calls(calls, broken, tuple(every))
                 losses.append(head_losses(self.model, hidden, batch, self.parts))
-                moved: dict = {}  # one copy per (tensor, device): the layers share one mask object
-                layer_args = [(j, positional, _to_device(rest, self._layer_device[j], moved),
-                               _to_device(kwargs, self._layer_device[j], moved))
-                              for j, positional, _, rest, kwargs in calls]
-                self._args.append(self._share(tuple(batch.shape), layer_args))
-                self._hidden.append({s: self._keep(calls[self._first[s]][2], self._layer_device[s], on_device,
-                                                   budgets) for s in self.starts})
+                if self._via_body:
+                    order = self._calls_all
+                    self._lower.append([
+                        (self._keep_all(out, self._layer_device[order[k]], on_device, budgets),
+                         [(where, self._keep_all(entries, self._layer_device[order[k]], on_device, budgets))
+                          for where, entries in writes])
+                        for k, (out, writes) in enumerate(lower)])
+                else:
+                    moved: dict = {}  # one copy per (tensor, device): the layers share one mask object
+                    layer_args = [(j, positional, _to_device(rest, self._layer_device[j], moved),
+                                   _to_device(kwargs, self._layer_device[j], moved))
+                                  for j, positional, _, rest, kwargs in calls]
+                    self._args.append(self._share(tuple(batch.shape), layer_args))
+                    self._hidden.append({s: self._keep(calls[self._first[s]][2], self._layer_device[s], on_device,
+                                                       budgets) for s in self.starts})
+                    del layer_args, moved
                 # Drop this batch's own copies (a mask _share found equal to the stored one) before the next
                 # forward, so they never coexist with the next batch's activations.
                 calls.clear()
                 last_out.clear()
-                del layer_args, hidden, moved
+                every.clear()
+                lower.clear()
+                pending.clear()
+                del hidden
                 if progress is not None:
                     progress.update(batch.shape[0])
         finally:
@@ -327,22 +417,32 @@ class PrefixRunner:
                 handle.remove()
         return _cat_losses(losses)
 
-    def _check_calls(self, calls: list, broken: list[str]) -> None:
+    def _choose_replay(self, broken: list[str], last_output: Tensor, final_hidden: Tensor) -> None:
+        """Direct replay where it is the model (a chain of layers, then ``after_layers``), else the body's own."""
+        if not broken:
+            try:
+                self._after = after_layers(self.parts, last_output, final_hidden)
+            except UnsupportedModelError:
+                self._after = None
+        self._via_body = self._after is None
+
+    def _check_calls(self, calls: list, broken: list[str], every: tuple[int, ...]) -> None:
         """The recorded layer calls can be replayed: every start layer was run, in the same order each batch, and
-        each call took the previous one's output."""
+        (direct replay) each call took the previous one's output."""
         name = type(self.parts.body).__name__
         order = tuple(c[0] for c in calls)
         missing = [s for s in self.starts if s not in order]
         if missing:
             raise UnsupportedModelError(f"{name}: its forward does not run layer {missing[0]} on text")
-        if broken:
+        if broken and self._via_body is False:
             raise UnsupportedModelError(
-                f"{name} changes the hidden state between its layers ({broken[0]}); its layers cannot be replayed "
-                "one after another")
+                f"{name} changes the hidden state between its layers for another batch ({broken[0]}); its layers "
+                "cannot be replayed one after another")
         if self._order is None:
-            self._order = order
+            self._order, self._calls_all = order, every
             self._first = {s: order.index(s) for s in self.starts}
-        elif order != self._order:
+            self._first_all = {s: every.index(s) for s in self.starts}
+        elif order != self._order or every != self._calls_all:
             raise UnsupportedModelError(f"{name}: its layers run in a different order for another batch")
 
     def _check_start(self, start: int | None) -> int:
@@ -357,14 +457,62 @@ class PrefixRunner:
     def upper_hidden(self, i: int, start: int | None = None) -> Tensor:
         """Final hidden states (layers ``start..`` + what the body applies after them) of batch ``i``."""
         start = self._check_start(start)
-        if self._after is None:
+        if self._via_body is None:
             raise RuntimeError("PrefixRunner.capture_baseline must run before the replay")
+        if self._via_body:
+            return self._body_hidden(i, start)
         hidden = self._hidden[i][start].to(self._layer_device[start], non_blocking=True)
         for j, positional, rest, kwargs in self._args[i][self._first[start]:]:
             layer = self.parts.layers[j]
             out = layer(hidden, *rest, **kwargs) if positional else layer(hidden_states=hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return self._after(hidden)
+
+    def _body_hidden(self, i: int, start: int) -> Tensor:
+        """The body's own forward on batch ``i`` with every layer call before ``start``'s first short-circuited:
+        each returns (a fresh copy of) its baseline output and writes its baseline entries into its mapping
+        arguments; the calls from there on run."""
+        n = self._first_all[start]
+        order = self._calls_all
+        records = self._lower[i]
+        served = [0]
+        name = type(self.parts.body).__name__
+
+        def short(j: int, real):
+            def forward(*args, **kwargs):
+                if served[0] >= n:
+                    return real(*args, **kwargs)
+                k = served[0]
+                if order[k] != j:
+                    raise UnsupportedModelError(f"{name}: its layers run in a different order on replay")
+                served[0] += 1
+                out, writes = records[k]
+                device = self._layer_device[j]
+                for where, entries in writes:
+                    target = args[where] if isinstance(where, int) else kwargs[where]
+                    for key, value in entries.items():
+                        target[key] = _clone(value, device)
+                return _clone(out, device)
+            return forward
+
+        swapped = []
+        try:
+            for j in sorted(set(order[:n])):
+                layer = self.parts.layers[j]
+                own = layer.__dict__.get("forward")  # accelerate's hook keeps its wrapper there
+                swapped.append((layer, own))
+                layer.forward = short(j, layer.forward)
+            batch = self.blocks[self.batches[i]].to(self.device)
+            hidden = self.parts.body(input_ids=batch, use_cache=False, return_dict=True).last_hidden_state
+        finally:
+            for layer, own in swapped:
+                if own is None:
+                    del layer.forward
+                else:
+                    layer.forward = own
+        if served[0] != n:
+            raise UnsupportedModelError(f"{name}: its layers run in a different order on replay")
+        return hidden
 
     @torch.no_grad()
     def losses(self, progress=None, start: int | None = None) -> Tensor:
@@ -376,6 +524,35 @@ class PrefixRunner:
             if progress is not None:
                 progress.update(out[-1].numel())
         return _cat_losses(out)
+
+
+def _mappings_before(args: tuple, kwargs: dict) -> list[tuple[int | str, MutableMapping, dict]]:
+    """The mapping arguments of a layer call (Gemma 3n's shared key/value states), with a copy of their entries."""
+    found = [(k, v) for k, v in enumerate(args)] + list(kwargs.items())
+    return [(where, v, dict(v)) for where, v in found if isinstance(v, MutableMapping)]
+
+
+def _writes(before: list, args: tuple, kwargs: dict) -> list[tuple[int | str, dict]]:
+    """What a layer call wrote into its mapping arguments (new or replaced entries), copied."""
+    out = []
+    for where, mapping, old in before:
+        entries = {k: _clone(v) for k, v in mapping.items() if k not in old or old[k] is not v}
+        if entries:
+            out.append((where, entries))
+    return out
+
+
+def _clone(obj: object, device: torch.device | None = None) -> object:
+    """``obj`` with every tensor copied (onto ``device`` if given): a record the body cannot change in place."""
+    if isinstance(obj, Tensor):
+        return obj.to(device if device is not None else obj.device, copy=True)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_clone(x, device) for x in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_clone(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _clone(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _continues(hidden: object, previous: Tensor) -> bool:
