@@ -190,7 +190,17 @@ def _rel(got, want) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
 
 
-def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r):
+def _chunk_of(module, layer: int) -> int | None:
+    """The chunk size of a Llama 4 chunked-attention layer, read from the module's config as the model's forward
+    reads it to build the mask (not from nqpq's geometry: the reference stays independent), else None."""
+    config = module.config
+    types = getattr(config, "layer_types", None)
+    if types is None or layer >= len(types) or types[layer] != "chunked_attention":
+        return None
+    return config.attention_chunk_size
+
+
+def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=None):
     """The float64 per-head definition of top-1 / low-rank on one call's q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk],
     v [B, Hkv, T, Dv]; a learned sink (``s_aux`` [Hq]) is a key of value zero whose mass joins the ground state.
     Returns (out [B, T, Hq, Dv], mask [B, T, Hq] of the rows whose argmax has a clear margin)."""
@@ -207,6 +217,8 @@ def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r):
     visible = i[None, :] <= i[:, None]
     if window is not None:
         visible &= i[None, :] > i[:, None] - window
+    if chunk is not None:  # Llama 4's chunked layers: only the keys of the query's own chunk
+        visible &= i[None, :] // chunk == i[:, None] // chunk
     s = s.masked_fill(~visible, float("-inf"))
     if s_aux is not None:
         sink = s_aux.double().view(1, Hq, 1, 1).expand(Bq, Hq, Tq, 1)
@@ -291,26 +303,29 @@ def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
         with crystallize(model, [li for li in attn if li >= s], mode="full", backend="torch"):
             out[f"{tag} replay full from {s}"] = _rel(runner.losses(start=s), want)
     if modes:
-        li = attn[-1]
-        geo = parts.geometry[li]
-        g = torch.Generator().manual_seed(li)
-        basis = torch.linalg.qr(torch.randn(geo.n_heads, geo.v_dim, geo.v_dim, generator=g))[0]
-        d_r = max(1, geo.v_dim // 4)
-        for mode in ("top1", "lowrank"):
-            with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"), _Spy(model) as spy:
-                _logits(model, ids)
-            if not spy.calls:
-                raise RuntimeError(f"layer {li} was crystallized but its attention function was never called")
-            worst = 0.0
-            for _module, q, k, v, scaling, kwargs, got in spy.calls:
-                scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-                want_out, clear = _reference(q, k, v, scale, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                             kwargs.get("s_aux"), mode, basis, d_r)
-                if clear.float().mean().item() < 0.5:
-                    raise RuntimeError(f"{tag} {mode}: fewer than half the rows have a clear argmax")
-                diff = (got.double() - want_out).abs().amax(-1)[clear]
-                worst = max(worst, diff.max().item() / max(want_out.abs().max().item(), 1e-30))
-            out[f"{tag} {mode} layer {li}"] = worst
+        # The last attention layer, and the last chunked one where it is another (Llama 4's last layer is a full one).
+        chunked = [li for li in attn if parts.geometry[li].attention_chunk is not None]
+        for li in sorted({attn[-1], *chunked[-1:]}):
+            geo = parts.geometry[li]
+            g = torch.Generator().manual_seed(li)
+            basis = torch.linalg.qr(torch.randn(geo.n_heads, geo.v_dim, geo.v_dim, generator=g))[0]
+            d_r = max(1, geo.v_dim // 4)
+            for mode in ("top1", "lowrank"):
+                with (crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"),
+                      _Spy(model) as spy):
+                    _logits(model, ids)
+                if not spy.calls:
+                    raise RuntimeError(f"layer {li} was crystallized but its attention function was never called")
+                worst = 0.0
+                for module, q, k, v, scaling, kwargs, got in spy.calls:
+                    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+                    want_out, clear = _reference(q, k, v, scale, kwargs.get("sliding_window"), kwargs.get("softcap"),
+                                                 kwargs.get("s_aux"), mode, basis, d_r, _chunk_of(module, li))
+                    if clear.float().mean().item() < 0.5:
+                        raise RuntimeError(f"{tag} {mode}: fewer than half the rows have a clear argmax")
+                    diff = (got.double() - want_out).abs().amax(-1)[clear]
+                    worst = max(worst, diff.max().item() / max(want_out.abs().max().item(), 1e-30))
+                out[f"{tag} {mode} layer {li}"] = worst
     return out
 
 
@@ -378,6 +393,7 @@ def census_family(model_type: str) -> dict:
             "per-layer geometry" if len(geos) > 1 else "",
             "learned sinks" if any(g.learned_sink for g in parts.geometry.values()) else "",
             "q/k width ≠ v width" if any(g.qk_dim != g.v_dim for g in parts.geometry.values()) else "",
+            "attention chunks" if any(g.attention_chunk for g in parts.geometry.values()) else "",
         ]))
         errors.update(_checks(model, parts, ids, "eager", modes=True))
         _sharpen(parts)

@@ -8,7 +8,8 @@ which it takes only when the name is exactly ``"eager"``; the flash wrappers, wh
 a kernel) stay exactly as they were. No ``forward`` is replaced; leaving the context restores each
 module's own config.
 
-The function accepts exactly the masks meaning "causal" or "causal plus this layer's sliding window",
+The function accepts exactly the masks meaning "causal", "causal plus this layer's sliding window" or "causal
+in this layer's chunks" (Llama 4's chunked layers: the chunk size is read from the layer's geometry),
 grouped-query k/v (handed to the op with their Hkv heads, never repeated), Gemma 2's ``softcap``, the
 model's ``scaling``, q/k and v of different widths (multi-head latent attention: the basis and the Gram live
 in v's width), learned attention sinks (``s_aux``: gpt-oss, Granite SWA, MiMo-V2-Flash, Flint; handed to the op
@@ -75,6 +76,9 @@ class LayerSpec:
     # is another part of V of the same attention (DiffLlama), and feeds no statistics. Reset by a forward pre-hook.
     calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     hooks: list = field(default_factory=list)  # the module's forward hooks, removed by uncrystallize
+    # Llama 4's chunked layers: query i sees keys j <= i with j // C == i // C. Not an argument the model passes
+    # (it is in the mask it builds), so read from the layer's geometry; the mask is checked against it.
+    attention_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,19 +99,20 @@ def check_sink_tokens(sink_tokens: object) -> int:
     return n
 
 
-def _check_mask(mask: Tensor | None, T: int, window: int | None) -> None:
-    """Accept no mask, or exactly the causal (+ window) mask the layer computes; refuse anything else."""
-    if mask is None:  # causality (and the window, passed as an argument) is ours to apply
+def _check_mask(mask: Tensor | None, T: int, window: int | None, chunk: int | None = None) -> None:
+    """Accept no mask, or exactly the causal (+ window, or + chunk) mask the layer computes; refuse anything else."""
+    if mask is None:  # causality (and the window or the chunk, the layer's own) is ours to apply
         return
     if mask.dim() == 2:  # a flash-style [B, T] key mask: only "no padding" is accepted
         if mask.shape[-1] == T and bool(mask.bool().all()):
             return
     else:
         allowed = mask if mask.dtype == torch.bool else mask == 0
-        want = visible_keys(T, window, mask.device)
+        want = visible_keys(T, window, mask.device, chunk)
         if allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed)):
             return
     what = "causal" if window is None else f"causal with a sliding window of {window}"
+    what += "" if chunk is None else f" in chunks of {chunk}"
     raise ValueError(
         f"crystallized attention supports plain {what} masking only: the model was given a padding or custom "
         f"attention mask ({tuple(mask.shape)} {mask.dtype}). Score unpadded blocks (no attention_mask with zeros)."
@@ -155,7 +160,7 @@ def _attentions_requested(kwargs: dict) -> bool:
 
 
 def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
-                   learned_sink: Tensor | None = None) -> Tensor:
+                   learned_sink: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """The attention probabilities p [B, Hq, T, T] (fp32 softmax, query dtype) that crystallized layers report
     for ``output_attentions``; grouped kv heads are broadcast, not copied. A learned sink joins the softmax and
     is dropped from p (its probability is what the rows lack of 1), as the models report it."""
@@ -165,7 +170,7 @@ def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None,
     scores = (q @ key.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, T) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~visible_keys(T, window, query.device), float("-inf"))
+    scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk), float("-inf"))
     if learned_sink is None:
         return scores.softmax(-1).to(query.dtype)
     sink = learned_sink.float().view(1, Hq, 1, 1).expand(B, Hq, T, 1)
@@ -221,7 +226,8 @@ def _crystal_attention(
             f"crystallized attention scores whole sequences; got {T} queries for {key.shape[2]} keys "
             "(a KV cache / generation is not supported)"
         )
-    _check_mask(attention_mask, T, window)
+    chunk = spec.attention_chunk
+    _check_mask(attention_mask, T, window, chunk)
     _check_dense(module, kwargs.get("indices"), T)
     impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1], value.shape[-1]))
     # Another part of V of an attention already counted in this forward (DiffLlama): the same argmax, top-1
@@ -236,7 +242,8 @@ def _crystal_attention(
             if ob.gram_sink is None and not watch:
                 continue
             res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
-                       sink_tokens=ob.sink_tokens, learned_sink=learned_sink, return_gram=ob.gram_sink is not None,
+                       attention_chunk=chunk, sink_tokens=ob.sink_tokens, learned_sink=learned_sink,
+                       return_gram=ob.gram_sink is not None,
                        return_argmax=watch, return_top1_prob=watch,
                        return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
             _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res)
@@ -251,11 +258,11 @@ def _crystal_attention(
                 "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
-        weights = _probabilities(query, key, scale, window, softcap, learned_sink)
+        weights = _probabilities(query, key, scale, window, softcap, learned_sink, chunk)
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
         sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
+        attention_chunk=chunk, return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
     _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
@@ -378,7 +385,7 @@ def crystallize_layers(
                     f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
-                              gram_sink, stats_sink, observe, n_sink, watchers)
+                              gram_sink, stats_sink, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)

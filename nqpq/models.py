@@ -50,6 +50,7 @@ class LayerGeometry:
     v_dim: int  # width of v, ctx, V[i*], ε, the residual basis and the Gram
     sliding_window: int | None  # keys i − w < j <= i, or None for full causal
     learned_sink: bool  # the module adds one learned logit per head to the softmax (gpt-oss ``sinks``)
+    attention_chunk: int | None = None  # Llama 4's chunked layers: keys j <= i with j // C == i // C, or None
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ def _layer_geometry(attn: nn.Module, config, index: int, name: str) -> LayerGeom
             f"{name}: layer {index} has {n_heads} query heads, not a multiple of {n_kv} kv heads")
     # The code passes s_aux on every layer; MiMo-V2-Flash's full-attention layers pass None (their ``sinks``).
     learned_sink = _passes_learned_sink(attn) and getattr(attn, "sinks", True) is not None
-    return LayerGeometry(n_heads, n_kv, qk_dim, v_dim, _layer_window(attn, config, index), learned_sink)
+    return LayerGeometry(n_heads, n_kv, qk_dim, v_dim, _layer_window(attn, config, index), learned_sink,
+                         _layer_chunk(attn, config, index))
 
 
 def _logit_scale(config) -> float | None:
@@ -262,6 +264,29 @@ def _layer_window(attn: nn.Module, config, index: int) -> int | None:
     if layer_types is not None and index < len(layer_types) and layer_types[index] != "sliding_attention":
         window = None  # a full-attention layer, whatever its module keeps (EXAONE 4 keeps the window on every one)
     return None if isinstance(window, bool) or not isinstance(window, int) else int(window)
+
+
+def _layer_chunk(attn: nn.Module, config, index: int) -> int | None:
+    """The chunk size C of a layer of type ``"chunked_attention"`` (Llama 4: its mask is transformers'
+    ``create_chunked_causal_mask``, query i sees keys j <= i with j // C == i // C), else None. Read as the
+    model's forward reads it: ``layer_types[index]`` and ``attention_chunk_size`` of the config it builds masks
+    from (the layer's own config first: a multimodal wrapper keeps both in its text config)."""
+    own = getattr(attn, "config", None)
+    for owner in (own, config):
+        if owner is None:
+            continue
+        layer_types = _get(owner, "layer_types")
+        if layer_types is None or index >= len(layer_types):
+            continue
+        if layer_types[index] != "chunked_attention":
+            return None
+        chunk = _get(owner, "attention_chunk_size")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise UnsupportedModelError(
+                f"layer {index} is a chunked-attention layer but its config has no attention_chunk_size >= 1 "
+                f"(got {chunk!r})")
+        return int(chunk)
+    return None
 
 
 def _first_of(config, key: str, text_config):

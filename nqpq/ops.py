@@ -66,6 +66,7 @@ def residual_attention(
     sink_tokens: int = 0,
     return_sink_mass: bool = False,
     learned_sink: Tensor | None = None,
+    attention_chunk: int | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Causal residual attention, SDPA-like: q ``[B, Hq, T, D]``, k, v ``[B, Hkv, T, D]`` → ``[B, Hq, T, D]``.
 
@@ -76,7 +77,8 @@ def residual_attention(
     ``mode``: ``"top1"`` → V[i*]; ``"full"`` → p @ V; ``"lowrank"`` → V[i*] + P_r P_rᵀ (p@V − V[i*])
     with ``P_r = basis[:, :, :d_r]`` (``basis`` ``[Hq, D, R]``, R ≥ d_r). ``scale`` defaults to D**-0.5.
     ``sliding_window=w``: query i sees keys i - w < j <= i. ``softcap=c``: scores become c·tanh(s/c)
-    before masking. i* is the first index of the maximum of those scores (argmax p is argmax s).
+    before masking. ``attention_chunk=C`` (Llama 4's chunked layers): query i sees keys j <= i with
+    j // C == i // C (not with a window). i* is the first index of the maximum of those scores (argmax p is argmax s).
     Computes in float32 and returns the input dtype.
 
     ``sink_tokens=n`` keeps the first n keys (the attention sink) apart: with S the visible keys j < n and
@@ -84,7 +86,7 @@ def residual_attention(
     maximal score over R, the sink mass m_S = Σ_{j∈S} p[j], and the ground state
     ``ground = Σ_{j∈S} p[j] V[j] + (1 − m_S) V[i*ᴿ]`` replaces V[i*]: top1 → ground, lowrank → ground +
     P_r P_rᵀ (ctx − ground); full is unchanged. A row whose R holds no finite score (every row t < n) has
-    ground = ctx. Under a sliding window S holds only the sink keys the row still sees. n = 0 (the default)
+    ground = ctx. Under a sliding window or a chunk S holds only the sink keys the row still sees. n = 0 (the default)
     is the spec, bit for bit.
 
     ``learned_sink`` (float ``[Hq]``, one raw logit s_h per query head: gpt-oss's ``sinks``) is a key every row
@@ -111,7 +113,7 @@ def residual_attention(
     res = impl(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
         return_argmax=return_argmax, return_top1_prob=return_top1_prob, sink_tokens=sink_tokens,
-        return_sink_mass=return_sink_mass, learned_sink=learned_sink,
+        return_sink_mass=return_sink_mass, learned_sink=learned_sink, attention_chunk=attention_chunk,
     )
     asked = ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob), (res.sink_mass, return_sink_mass))
     extra = [x for x, want in asked if want]

@@ -23,7 +23,9 @@ The sink (``sink_tokens=n``; n = 0, the default, is the spec exactly and every n
                                                        score (every row t < n)
     ε = ctx − ground;   top1 → ground;  full → ctx;  lowrank → ground + P_r P_rᵀ ε
 
-Under a sliding window S holds only the sink keys the row still sees (often none: then ground = V[i*ᴿ]).
+Chunked attention (``attention_chunk=C``, Llama 4): query i sees the keys j <= i with j // C == i // C, its own
+chunk only. Under a sliding window or a chunk S holds only the sink keys the row still sees (often none: then
+ground = V[i*ᴿ]).
 ``argmax`` is i*ᴿ (on rows where R has no finite score: the first maximum over all visible keys, a sink
 key), ``top1_prob`` the softmax probability of that index, p[argmax], and ``sink_mass`` m_S (exactly 1 on
 the rows where ground = ctx).
@@ -66,22 +68,29 @@ from torch import Tensor
 from .validate import OUT_LAYOUTS, ResidualAttentionResult, check_choice, check_residual_attention_inputs
 
 
-def visible_keys(T: int, sliding_window: int | None, device: torch.device | str) -> Tensor:
-    """bool ``[T, T]``: query i sees key j iff ``j <= i`` and (with a window w) ``j > i - w``."""
+def visible_keys(T: int, sliding_window: int | None, device: torch.device | str,
+                 attention_chunk: int | None = None) -> Tensor:
+    """bool ``[T, T]``: query i sees key j iff ``j <= i`` and (with a window w) ``j > i - w`` and (with a chunk C,
+    Llama 4's chunked attention) ``j // C == i // C``. The one definition of visibility every path uses."""
     i = torch.arange(T, device=device)
     diff = i[:, None] - i[None, :]  # i - j
     visible = diff >= 0
     if sliding_window is not None and sliding_window < T:  # a window of T or more is plain causal (any int)
         visible &= diff < sliding_window
+    if attention_chunk is not None and attention_chunk < T:  # so is a chunk of T or more
+        chunk = i // attention_chunk
+        visible &= chunk[:, None] == chunk[None, :]
     return visible
 
 
 @functools.lru_cache(maxsize=16)
-def _hidden_keys(T: int, sliding_window: int | None, device: torch.device) -> Tensor:
-    """``~visible_keys(T, sliding_window, device)``, built once per shape and device (read-only: never modify it).
+def _hidden_keys(T: int, sliding_window: int | None, device: torch.device,
+                 attention_chunk: int | None = None) -> Tensor:
+    """``~visible_keys(T, sliding_window, device, attention_chunk)``, built once per shape and device (read-only:
+    never modify it).
 
     Every crystallized layer of every batch masks with it; rebuilding it per call cost 7 % of the op on CPU."""
-    return ~visible_keys(T, sliding_window, device)
+    return ~visible_keys(T, sliding_window, device, attention_chunk)
 
 
 def residual_attention_reference(
@@ -102,6 +111,7 @@ def residual_attention_reference(
     sink_tokens: int = 0,
     return_sink_mass: bool = False,
     learned_sink: Tensor | None = None,
+    attention_chunk: int | None = None,
 ) -> ResidualAttentionResult:
     """Residual attention in plain PyTorch, vectorized over batch and heads.
 
@@ -115,7 +125,7 @@ def residual_attention_reference(
     back on the CPU.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink)
+                                           learned_sink, attention_chunk)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, T, Dqk = q.shape
     D = args.value_dim  # everything after the scores is in v's width
@@ -129,7 +139,7 @@ def residual_attention_reference(
     s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(args.scale)
     if args.softcap is not None:
         s.div_(args.softcap).tanh_().mul_(args.softcap)
-    s.masked_fill_(_hidden_keys(T, args.sliding_window, q.device), float("-inf"))
+    s.masked_fill_(_hidden_keys(T, args.sliding_window, q.device, args.attention_chunk), float("-inf"))
     n = args.sink_tokens
     i_star = s.argmax(dim=-1)  # torch.argmax returns the first maximal index
     m = s.gather(-1, i_star.unsqueeze(-1))

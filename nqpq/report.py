@@ -236,10 +236,13 @@ def head_widths(cfg: dict) -> str:
 def describe_geometry(cfg: dict) -> str:
     """One line for the report: family, Hq/Hkv/D and the window/softcaps in force on the crystallized layers."""
     windows = sorted({w for w in cfg["sliding_window"].values() if w is not None})
+    # Llama 4's chunked layers (results files written before the field have none): named only where in force.
+    chunk_sizes = sorted({c for c in (cfg.get("attention_chunk") or {}).values() if c is not None})
+    chunks = f", attention chunks {'/'.join(map(str, chunk_sizes))}" if chunk_sizes else ""
     # A multimodal wrapper (Gemma 3's ForConditionalGeneration) is scored through its text model: name both.
     family = f"{cfg['wrapper']} (text model {cfg['family']})" if cfg.get("wrapper") else cfg["family"]
     return (f"{family}, {cfg['n_layers']} layers, Hq={cfg['n_heads']}, Hkv={cfg['n_kv_heads']}, "
-            f"{head_widths(cfg)}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}, "
+            f"{head_widths(cfg)}, sliding window {'/'.join(map(str, windows)) if windows else 'none'}{chunks}, "
             f"attention softcap {cfg['attn_softcap'] or 'none'}, logit softcap {cfg['final_logit_softcap'] or 'none'}"
             f" ({cfg['dtype']})")
 

@@ -504,4 +504,5 @@ def geometry(parts, layers: Sequence[int]) -> dict:
             "n_kv_heads": per_layer("n_kv_heads"), "head_dim": per_layer("v_dim"), "qk_dim": per_layer("qk_dim"),
             "v_dim": per_layer("v_dim"), "learned_sink": per_layer("learned_sink"),
             "sliding_window": {str(li): parts.geometry[li].sliding_window for li in layers},
+            "attention_chunk": {str(li): parts.geometry[li].attention_chunk for li in layers},
             "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}

@@ -61,6 +61,7 @@ class ResolvedArgs(NamedTuple):
     sink_tokens: int = 0  # keys j < sink_tokens form the sink S, kept exactly in the ground state
     learned_sink: Tensor | None = None  # [Hq] float logits of a zero-value key every row sees (gpt-oss's sinks)
     value_dim: int = 0  # Dv, v's width (the width of out, ctx, V[i*], ε, the basis rows and the Gram)
+    attention_chunk: int | None = None  # C: query i sees keys j <= i with j // C == i // C (Llama 4's chunks)
 
 
 def _describe(x: Any) -> str:
@@ -107,6 +108,7 @@ def check_residual_attention_inputs(
     softcap: float | None = None,
     sink_tokens: int = 0,
     learned_sink: Tensor | None = None,
+    attention_chunk: int | None = None,
 ) -> ResolvedArgs:
     """Validate a residual-attention call; return the resolved arguments.
 
@@ -118,7 +120,8 @@ def check_residual_attention_inputs(
     float > 0; ``sink_tokens`` an int >= 0 (bools and floats refused by type; any value, also one >= T, is
     valid: n >= T makes every row's ground state its ctx); ``learned_sink`` None or a floating-point tensor
     ``[Hq]`` on q's device (one logit per query head; a NaN or +inf logit makes that head's rows non-finite,
-    -inf is a sink of no weight).
+    -inf is a sink of no weight); ``attention_chunk`` None or an int C >= 1 (query i sees keys j <= i with
+    j // C == i // C; not together with ``sliding_window``; C >= T is plain causal and resolves to None).
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -216,5 +219,15 @@ def check_residual_attention_inputs(
             )
         if learned_sink.device != q.device:
             raise ValueError(f"learned_sink is on {learned_sink.device} but q is on {q.device}")
+    if attention_chunk is not None:
+        attention_chunk = _as_int("attention_chunk", attention_chunk)
+        if attention_chunk < 1:
+            raise ValueError(
+                f"attention_chunk must be >= 1 (query i sees keys j <= i with j // C == i // C), got {attention_chunk}")
+        if sliding_window is not None:
+            raise ValueError("attention_chunk and sliding_window cannot be combined (no model masks with both)")
+        if attention_chunk >= T:  # one chunk holds the whole sequence: plain causal attention
+            attention_chunk = None
     # Above T every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
-    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, T), learned_sink, Dv)
+    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, T), learned_sink, Dv,
+                        attention_chunk)

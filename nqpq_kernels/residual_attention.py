@@ -93,10 +93,10 @@ def _attn_fwd_inner(
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
     q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-    scale, softcap, window, n_sink, lo, hi, T,
+    scale, softcap, row_lo, n_sink, lo, hi, T,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,  # apply the causal / sequence-end (and window) mask to this range
-    WINDOWED: tl.constexpr,
+    MASKED: tl.constexpr,  # apply the causal / sequence-end (and window / chunk) mask to this range
+    WINDOWED: tl.constexpr,  # a per-row first visible key row_lo [BLOCK_M] (a sliding window or a chunk)
     EVEN_D: tl.constexpr,  # q/k's width is a power of two: no head-dim mask on K
     EVEN_DV: tl.constexpr,  # v's width is a power of two: no head-dim mask on V
     SOFTCAP: tl.constexpr,
@@ -142,7 +142,7 @@ def _attn_fwd_inner(
         if MASKED:
             valid = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
             if WINDOWED:
-                valid = valid & (cols[None, :] > offs_m[:, None] - window)
+                valid = valid & (cols[None, :] >= row_lo[:, None])
             s = tl.where(valid, s, float("-inf"))
         # A NaN among the visible scores marks the row non-finite (the epilogue writes NaN there);
         # dropping it from the max keeps the index search in range.
@@ -215,7 +215,7 @@ def _attn_fwd_range(
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
     q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-    scale, softcap, window, n_sink, sink_end, lo, hi, T,
+    scale, softcap, row_lo, n_sink, sink_end, lo, hi, T,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     WINDOWED: tl.constexpr,
@@ -236,7 +236,7 @@ def _attn_fwd_range(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-            scale, softcap, window, n_sink, lo, split, T,
+            scale, softcap, row_lo, n_sink, lo, split, T,
             BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True,
             SINK_ACC,
         )
@@ -244,14 +244,14 @@ def _attn_fwd_range(
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
         q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-        scale, softcap, window, n_sink, lo, hi, T,
+        scale, softcap, row_lo, n_sink, lo, hi, T,
         BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False,
         SINK_ACC,
     )
     return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
 
 
-@triton.jit(do_not_specialize=["bh_off", "d_r", "window", "n_sink"])
+@triton.jit(do_not_specialize=["bh_off", "d_r", "window", "chunk", "n_sink"])
 def _residual_attn_fwd(
     Q, K, V, Out, Argmax, Top1P, Basis, Gram, SinkMass, LearnedSink,
     stride_qb, stride_qh, stride_qt,
@@ -260,7 +260,7 @@ def _residual_attn_fwd(
     stride_ob, stride_oh, stride_ot,
     stride_ab, stride_ah,  # Argmax, Top1P and SinkMass: contiguous [B, Hq, T] buffers
     stride_ph, stride_pd, stride_pr,
-    H, GROUP, T, bh_off, d_r, window, n_sink, scale, softcap,
+    H, GROUP, T, bh_off, d_r, window, chunk, n_sink, scale, softcap,
     HEAD_D: tl.constexpr,  # q/k's real width
     D_PAD: tl.constexpr,  # next power of two (tl.arange / tl.dot shapes)
     HEAD_DV: tl.constexpr,  # v's real width (= HEAD_D but for MLA): out, ctx, V[i*], ε, basis rows, Gram
@@ -272,7 +272,7 @@ def _residual_attn_fwd(
     MODE: tl.constexpr,  # 0 top1, 1 full, 2 lowrank
     NEED_L: tl.constexpr,  # accumulate the softmax denominator (ctx or top1_prob)
     NEED_CTX: tl.constexpr,  # accumulate p @ V
-    WINDOWED: tl.constexpr,
+    WINDOWED: tl.constexpr,  # a sliding window (window > 0) or a chunk (chunk > 0): a per-row first visible key
     SOFTCAP: tl.constexpr,
     STORE_ARGMAX: tl.constexpr,
     STORE_TOP1P: tl.constexpr,
@@ -331,26 +331,36 @@ def _residual_attn_fwd(
 
     lo = start_m * BLOCK_M  # first key of the diagonal block
     if WINDOWED:
-        # Key tiles wholly before every row's window are skipped: cost grows as T·w, not T².
-        # [lo_w, mid): tiles some row of the block cannot fully see (window mask);
+        # Each row's first visible key: i - w + 1 under a sliding window, (i // C) * C under a chunk (Llama 4's
+        # chunked attention: i sees j <= i with j // C == i // C). Both rise with i, so the block's first row has
+        # the smallest and its last row the largest; one runtime branch, no compile per window or chunk size.
+        chunk_safe = tl.maximum(chunk, 1)
+        row_lo = tl.where(chunk > 0, (offs_m // chunk_safe) * chunk_safe, offs_m - window + 1)
+        first_row = lo
+        last_row = lo + BLOCK_M - 1
+        first = tl.where(chunk > 0, (first_row // chunk_safe) * chunk_safe, first_row - window + 1)
+        last = tl.where(chunk > 0, (last_row // chunk_safe) * chunk_safe, last_row - window + 1)
+        # Key tiles wholly before every row's first visible key are skipped: cost grows as T·w (T·C), not T².
+        # [lo_w, mid): tiles some row of the block cannot fully see (masked);
         # [mid, lo): tiles every row sees completely (no mask).
-        first = tl.maximum(lo - window + 1, 0)
-        lo_w = (first // BLOCK_N) * BLOCK_N
-        mid = tl.maximum(lo + BLOCK_M - window, 0)
+        first = tl.maximum(first, 0)
+        lo_w = tl.minimum((first // BLOCK_N) * BLOCK_N, lo)
+        mid = tl.maximum(last, 0)
         mid = tl.minimum(((mid + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, window, n_sink, sink_end, lo_w, mid,
+            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo_w, mid,
             T, BLOCK_N, True, True, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
         )
     else:
         mid = 0
+        row_lo = offs_m  # unused without WINDOWED
     # Key tiles strictly below the diagonal block, all visible to every row.
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
         q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, window, n_sink, sink_end, mid, lo, T,
+        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, mid, lo, T,
         BLOCK_N, False, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
     )
     # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
@@ -358,7 +368,7 @@ def _residual_attn_fwd(
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
         q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, window, n_sink, sink_end, lo, hi, T,
+        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo, hi, T,
         BLOCK_N, True, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
     )
 
@@ -685,6 +695,7 @@ def residual_attention_triton(
     sink_tokens: int = 0,
     return_sink_mass: bool = False,
     learned_sink: Tensor | None = None,
+    attention_chunk: int | None = None,
 ) -> ResidualAttentionResult:
     """Fused residual attention; same contract as ``nqpq.reference.residual_attention_reference``.
 
@@ -702,6 +713,9 @@ def residual_attention_triton(
     key tiles holding j < n a second accumulator sums Σ_S p V and Σ_S p under the same online rescaling,
     and the argmax skips j < n. Still one pass; n is a runtime argument.
 
+    ``attention_chunk=C`` (Llama 4): query i sees keys j <= i with j // C == i // C; the key loop starts at the
+    block's first row's chunk and masks per row, as under a sliding window (C is a runtime argument).
+
     ``learned_sink`` (float ``[Hq]``): a zero-value key per head with that logit, kept apart like the sink
     (the reference's docstring); merged into the online softmax in the epilogue, the key loop is unchanged.
 
@@ -713,7 +727,7 @@ def residual_attention_triton(
     dtype and device with a unit last stride; mainly a test hook.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink)
+                                           learned_sink, attention_chunk)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, Dqk = q.shape
@@ -746,7 +760,8 @@ def residual_attention_triton(
 
     # A window covering the whole sequence is plain causal attention: skip the window masks.
     windowed = args.sliding_window is not None and args.sliding_window < T
-    meta, launch = kernel_meta(Dqk, q.dtype, mode, device.type, windowed=windowed,
+    chunk = args.attention_chunk or 0  # validated: None for C >= T (plain causal), never with a window
+    meta, launch = kernel_meta(Dqk, q.dtype, mode, device.type, windowed=windowed or chunk > 0,
                                softcap=args.softcap is not None, return_argmax=return_argmax,
                                return_gram=return_gram, return_top1_prob=return_top1_prob,
                                return_sink_mass=return_sink_mass, sink=args.sink_tokens > 0,
@@ -785,7 +800,8 @@ def residual_attention_triton(
                 stride_ob, stride_oh, stride_ot,
                 H * T, T,  # argmax / top1_prob / sink_mass are contiguous [B, Hq, T]
                 *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
-                H, args.group, T, bh_off, args.d_r, args.sliding_window if windowed else 0, args.sink_tokens,
+                H, args.group, T, bh_off, args.d_r, args.sliding_window if windowed else 0, chunk,
+                args.sink_tokens,
                 args.scale, args.softcap if args.softcap is not None else 1.0,
                 **meta,
                 **launch,

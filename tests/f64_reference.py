@@ -4,12 +4,12 @@ The model under test is copied to float64, and its attention runs through a func
 that computes every (batch, query head) with its own loop: masked scaled scores, softmax, i* = the
 first index of the maximal score, the top-1 probability max_j p[j], ε = p @ V − V[i*], and, on the one
 crystallized layer, V[i*] (top-1) or V[i*] + P_r P_rᵀ ε (low-rank). Nothing of nqpq is used.
-The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a
-sliding window the layer passes is applied; a learned sink (``s_aux``, one logit s_h per head) is a key every
-row sees with logit s_h and value zero: p is the softmax over the visible scores and s_h, m_L = p_sink, and
-the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink tokens), the
-statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k (DiffLlama, once per
-half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
+The scores live in q/k's width and ctx, V[i*], ε and the Gram in v's (multi-head latent attention); a sliding
+window the layer passes is applied, and so is a Llama 4 layer's chunk; a learned sink (``s_aux``, one logit s_h
+per head) is a key every row sees with logit s_h and value zero: p is the softmax over the visible scores and
+s_h, m_L = p_sink, and the ground state is (1 − m_L) V[i*] (Σ_{j<n} p_j V_j + (1 − m_S − m_L) V[i*ᴿ] with sink
+tokens), the statistics' sink mass m_S + m_L. A module calling the function twice on the same q and k
+(DiffLlama, once per half of V) has its rows counted once in the statistics; each call's ε joins the Gram. With
 ``sink_tokens = n > 0`` the ground state is Σ_{j<n} p_j V_j + (1 − Σ_{j<n} p_j) V[i*ᴿ] (i*ᴿ the first maximum
 over j >= n; ctx on rows t < n) in place of V[i*], and the statistics are those of i*ᴿ and p[i*ᴿ].
 
@@ -43,6 +43,12 @@ def _f64_attention(module, query, key, value, attention_mask, scaling=None, drop
     visible = i[:, None] >= i[None, :]
     if window is not None:
         visible &= (i[:, None] - i[None, :]) < window
+    # Llama 4's chunked layers: the chunk is in the mask the model builds, not an argument; read it as the model
+    # does, from its config (layer_types[layer] == "chunked_attention", attention_chunk_size C): j // C == i // C.
+    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
+    if layer_types is not None and layer_types[module.layer_idx] == "chunked_attention":
+        chunk = module.config.attention_chunk_size
+        visible &= (i[:, None] // chunk) == (i[None, :] // chunk)
     if attention_mask is not None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         assert torch.equal(allowed, visible.expand_as(allowed)), "the reference handles plain causal masks only"
@@ -222,7 +228,7 @@ class SinkPlain(NamedTuple):
 
 
 def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
-               idx=None, learned_sink=None) -> SinkPlain:
+               idx=None, learned_sink=None, attention_chunk=None) -> SinkPlain:
     """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
 
     v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq]
@@ -230,7 +236,8 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
     (1 − m_S − m_L) V[i*ᴿ], sink_mass = m_S + m_L; a NaN or +inf logit makes the row non-finite.
 
-    Per row t: visible keys j <= t (and j > t − w with a window); S = visible j < n, R = visible j >= n;
+    Per row t: visible keys j <= t (and j > t − w with a window, j >= (t // C)·C with a chunk C);
+    S = visible j < n, R = visible j >= n;
     p = softmax over all visible scores; i*ᴿ = first index of the largest score over R; ground = Σ_S p_j V_j
     + (1 − Σ_S p_j) V[i*ᴿ], or ctx where R has no finite score; ε = ctx − ground. A row with a NaN visible
     score or a ±inf best score is non-finite: NaN out, argmax −1, NaN top1_prob and sink_mass. ``idx``
@@ -255,8 +262,10 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
         for h in range(Hq):
             qq, kk, vv = (x.double().cpu() for x in (q[b, h], k[b, h // G], v[b, h // G]))
             for t in range(T):
-                js = torch.arange(t + 1) if sliding_window is None else torch.arange(max(0, t - sliding_window + 1),
-                                                                                       t + 1)
+                first_key = 0 if sliding_window is None else max(0, t - sliding_window + 1)
+                if attention_chunk is not None:  # Llama 4's chunks: only the keys of t's own chunk
+                    first_key = max(first_key, t // attention_chunk * attention_chunk)
+                js = torch.arange(first_key, t + 1)
                 s = kk[js] @ qq[t] * scale
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
@@ -314,7 +323,7 @@ SINK_CLEAR_GAP = 1e-3  # float64 top-2 gap above which the argmax must match exa
 
 def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None,
                            softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9,
-                           learned_sink=None) -> SinkPlain:
+                           learned_sink=None, attention_chunk=None) -> SinkPlain:
     """Compare a ResidualAttentionResult (argmax, top1_prob and sink_mass asked for) with ``sink_plain``.
 
     The argmax must equal float64's on every row whose top-2 gap (over the keys it is taken over) exceeds
@@ -325,7 +334,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     dtype = q.dtype
     T = q.shape[2]
     kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
-              sink_tokens=sink_tokens, learned_sink=learned_sink)
+              sink_tokens=sink_tokens, learned_sink=learned_sink, attention_chunk=attention_chunk)
     first = sink_plain(q, k, v, mode, **kw)
     idx = res.argmax.cpu()
     ok = ~first.bad

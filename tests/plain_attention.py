@@ -23,7 +23,7 @@ class Plain(NamedTuple):
     bad: torch.Tensor  # bool [B, Hq, T]
 
 
-def plain_scores(q, k, scale=None, sliding_window=None, softcap=None):
+def plain_scores(q, k, scale=None, sliding_window=None, softcap=None, attention_chunk=None):
     """float64 masked (capped) scores [B, Hq, T, T] and the non-finite-row mask [B, Hq, T]."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
@@ -33,6 +33,8 @@ def plain_scores(q, k, scale=None, sliding_window=None, softcap=None):
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
     visible = (j <= i) & (True if sliding_window is None else (j > i - sliding_window))
+    if attention_chunk is not None:  # Llama 4's chunks: query i sees only the keys of its own chunk
+        visible = visible & (j // attention_chunk == i // attention_chunk)
     for b in range(B):
         for h in range(Hq):
             s = q[b, h].double().cpu() @ k[b, h // G].double().cpu().T * scale
@@ -45,11 +47,12 @@ def plain_scores(q, k, scale=None, sliding_window=None, softcap=None):
     return out, bad
 
 
-def plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, idx=None) -> Plain:
+def plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, idx=None,
+          attention_chunk=None) -> Plain:
     """Everything the op returns, in float64. ``idx`` overrides i* (to follow another backend on near-ties)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
-    scores, bad = plain_scores(q, k, scale, sliding_window, softcap)
+    scores, bad = plain_scores(q, k, scale, sliding_window, softcap, attention_chunk)
     out = torch.empty(B, Hq, T, D, dtype=torch.float64)
     arg = torch.empty(B, Hq, T, dtype=torch.long)
     top1 = torch.empty(B, Hq, T, dtype=torch.float64)
@@ -104,7 +107,7 @@ CLEAR_GAP = 1e-3  # float64 top-2 score gap above which a row's argmax must matc
 
 
 def check_against_plain(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None,
-                        out_layout="bhtd", min_clear=0.9):
+                        out_layout="bhtd", min_clear=0.9, attention_chunk=None):
     """Compare a ResidualAttentionResult with the float64 definitions, well-conditioned by construction.
 
     The argmax must equal the float64 one on every row whose top-2 score gap exceeds CLEAR_GAP (and those
@@ -114,7 +117,8 @@ def check_against_plain(res, q, k, v, mode, basis=None, d_r=None, scale=None, sl
     Returns the float64 ``Plain``.
     """
     dtype = q.dtype
-    kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap)
+    kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
+              attention_chunk=attention_chunk)
     first = plain(q, k, v, mode, **kw)
     if res.argmax is not None:
         idx = res.argmax.cpu()

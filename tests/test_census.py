@@ -66,6 +66,16 @@ def test_reference_is_the_definition():
     m = torch.tensor([0.0, 2.0, 0.0]).exp().sum().add(torch.tensor(0.5).exp()).reciprocal() * torch.tensor(0.5).exp()
     torch.testing.assert_close(out[0, 2, 0, 0], ((1 - m) * 3.0).double())
 
+    # Llama 4's chunks of 2: row 2 starts a chunk and sees only key 2.
+    out, _ = census._reference(q, k, v, 1.0, None, None, None, "top1", None, None, chunk=2)
+    assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 5.0]
+
+
+def test_llama4_chunked_layers_are_exact():
+    """Llama 4 (chunked attention on most layers): exact, with top-1 / low-rank checked on a chunked layer."""
+    row = census.census_family("llama4_text")
+    assert row["outcome"] == "EXACT" and "attention chunks" in row["structure"], row
+    assert {"eager top1 layer 5", "eager lowrank layer 5"} <= set(row["errors"])
 
 @pytest.mark.skipif(os.environ.get("NQPQ_CENSUS") != "1", reason="the full census is its own CI tier: NQPQ_CENSUS=1")
 def test_census_every_family_exact_or_refused():

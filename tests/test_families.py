@@ -23,7 +23,7 @@ from nqpq.crystallinity import CrystallinityAccumulator
 from nqpq.integration import crystallize, observe_residuals
 from nqpq.models import model_parts
 
-FAMILIES = (*MLA_FAMILIES, *SINK_FAMILIES, "diffllama")
+FAMILIES = (*MLA_FAMILIES, *SINK_FAMILIES, "diffllama", "llama4_text")
 B, T = 2, 24
 # fp32 against float64 through three layers (MoE routers included): rounding is ~1e-7 relative to the logits;
 # a crystallized layer moves them by 1e-2 or more (asserted), so the comparison is far from both.
@@ -111,7 +111,7 @@ def test_mla_geometry_and_rank_bound():
 
 # The kernel takes widths that are multiples of 16: MLA with q/k 32 (nope 16 + rope 16) and v 16 for it.
 TRITON_CASES = {"gpt_oss": {}, "deepseek_v3": dict(qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
-                "mimo_v2_flash": dict(head_dim=32, v_head_dim=16)}
+                "mimo_v2_flash": dict(head_dim=32, v_head_dim=16), "llama4_text": {}}
 
 
 @pytest.mark.parametrize("family", sorted(TRITON_CASES))
@@ -130,9 +130,10 @@ def test_triton_kernel_in_the_model_matches_float64(family):
     model.to(dev)
     ids = token_ids()
     parts = model_parts(model)
-    layer = parts.attn_layers[0] if family == "mimo_v2_flash" else parts.attn_layers[-1]  # MiMo: its sink layer
+    # MiMo: its sink layer; Llama 4: a chunked one.
+    layer = parts.attn_layers[0] if family in ("mimo_v2_flash", "llama4_text") else parts.attn_layers[-1]
     geo = parts.geometry[layer]
-    assert geo.qk_dim != geo.v_dim or geo.learned_sink
+    assert geo.qk_dim != geo.v_dim or geo.learned_sink or geo.attention_chunk
     base = logits(model, ids.to(dev)).cpu()
     with crystallize(model, [layer], mode="full", backend="triton"):
         assert_rel_close(logits(model, ids.to(dev)).cpu(), base, 1e-5)
@@ -164,7 +165,7 @@ def test_learned_sink_with_sink_tokens_matches_float64():
 
 
 @pytest.mark.parametrize("family, n", [("diffllama", 0), ("gpt_oss", 0), ("gpt_oss", 2), ("mimo_v2_flash", 0),
-                                       ("deepseek_v3", 0)])
+                                       ("deepseek_v3", 0), ("llama4_text", 0), ("llama4_text", 3)])
 def test_grams_and_crystallinity_match_float64(family, n):
     """Calibration Grams ([Hq, D_v, D_v]) and crystallinity on every attention layer (with n sink tokens kept apart
     besides the learned sink); DiffLlama's two calls per layer are one attention: its rows are counted once, and
@@ -297,3 +298,52 @@ def test_output_attentions_with_a_learned_sink_are_the_models():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
         assert float(w.sum(-1).max()) < 1 - 1e-3  # the sink took a share: the check is not the plain softmax
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llama4_chunked_layers(attn):
+    """Llama 4: layers 0-2 are chunked (C = 8 < T = 24: query i sees keys j <= i with j // 8 == i // 8), layer 3 is a
+    NoPE full-attention layer. The geometry says so; the chunked mask the model builds is accepted (eager, sdpa) and
+    full mode equals the model; top-1 on a chunked layer with two sink keys kept apart equals float64 (rows of later
+    chunks see no sink key)."""
+    model = build_family("llama4_text", attn=attn)
+    parts = model_parts(model)
+    assert [parts.geometry[li].attention_chunk for li in parts.attn_layers] == [8, 8, 8, None]
+    ids = token_ids()
+    want = logits(model, ids)
+    for layers in ([0], [3], list(parts.attn_layers)):
+        with crystallize(model, layers, mode="full"):
+            assert_rel_close(logits(model, ids), want, 1e-5)
+    ref = F64Reference(model)
+    ref.sink_tokens = 2
+    with crystallize(model, [1], mode="top1", sink_tokens=2, backend="torch"):
+        got = logits(model, ids)
+    ref.crystal = {1: ("top1", None)}
+    assert_rel_close(got, logits(ref.model, ids))
+    # The mask is checked against the layer's chunk: taken for a plain causal layer, the chunked mask is refused.
+    with crystallize(model, [0], mode="full", backend="torch"):
+        parts.attn[0]._nqpq_layer_spec.attention_chunk = None
+        with pytest.raises(ValueError, match="plain causal masking only"):
+            logits(model, ids)
+
+
+def test_llama4_sweep_end_to_end(tokenizer, tmp_path, capsys):
+    """`nqpq sweep` on a saved tiny Llama 4, crystallizing a chunked layer: exit 0, results.json and the printed report
+    name the chunk, d_r = D gives the baseline's perplexity."""
+    from conftest import wikitext_text
+
+    from nqpq.cli import main
+
+    model_dir, text = tmp_path / "llama4", tmp_path / "wiki.valid.raw"
+    build_family("llama4_text", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text.write_text(wikitext_text(seed=3), encoding="utf-8")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(model_dir), "--text-file", str(text), "--n-blocks", "4", "--seq-len", "24",
+                 "--calib-blocks", "2", "--calib-from", "eval", "--device", "cpu", "--batch-size", "2",
+                 "--no-progress", "--layers", "2", "--d-r", "0", "16", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["attention_chunk"] == {"2": 8}
+    assert all(math.isfinite(c["ppl"]) for c in results["curve"])
+    assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
+    assert "attention chunks 8" in capsys.readouterr().out  # the report's model line

@@ -1341,3 +1341,140 @@ def test_gpt2_forward_triton_equals_torch(attn):
                 with crystallize(model, [1, 2], mode=mode, basis=basis.basis, d_r=d_r, backend=backend):
                     logits[backend] = model(ids).logits
             torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Chunked attention (attention_chunk=C, Llama 4's chunked layers): query i sees keys j <= i with j // C == i // C
+# --------------------------------------------------------------------------- #
+# BLOCK_M=32, BLOCK_N=16 under the interpreter: C=1, C below a key tile, a tile, between a tile and the query
+# block (chunk boundaries inside query blocks), a block, longer than a block, T - 1, T and longer than T.
+@pytest.mark.parametrize("chunk", [1, 5, 8, 16, 23, 32, 40, 69, 70, 100])
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_chunk(mode, chunk):
+    B, H, T, D = 1, 4, 70, 16
+    q, k, v = rand_qkv(B, H, T, D, torch.float32, seed=chunk, Hkv=2, sharp=2.0)
+    basis = make_basis(H, D) if mode == "lowrank" else None
+    res, _ = run_sink(q, k, v, mode, 0, d_r=4 if mode == "lowrank" else None, basis=basis,
+                      return_gram=mode != "top1", attention_chunk=chunk)
+    check_against_plain(res, q, k, v, mode, basis, 4 if mode == "lowrank" else None, attention_chunk=chunk)
+    t = torch.arange(T, device=DEV)
+    assert bool((res.argmax >= t // chunk * chunk).all()) and bool((res.argmax <= t).all())
+    if chunk == 1:
+        assert torch.equal(res.argmax, t.expand(B, H, T)) and bool((res.top1_prob == 1).all())
+    if chunk >= T:  # one chunk: plain causal attention, the same kernel variant, bit for bit
+        plain_res = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=4 if mode == "lowrank" else None,
+                                              return_argmax=True, return_top1_prob=True)
+        for name in ("out", "argmax", "top1_prob"):
+            assert torch.equal(getattr(res, name), getattr(plain_res, name)), name
+
+
+# (B, Hq, Hkv, T, Dqk, Dv, dtype, chunk, softcap, sink_tokens, learned, out_layout, min_clear)
+CHUNK_GEOMETRIES = {
+    "gqa-fp16-sink": (2, 4, 2, 40, 16, 16, torch.float16, 8, None, 3, False, "bhtd", 0.9),
+    "sink-beyond-chunk": (1, 2, 1, 50, 16, 16, torch.float32, 8, None, 12, False, "bhtd", 0.9),
+    "softcap-learned-bthd": (1, 2, 1, 50, 32, 32, torch.float32, 13, 20.0, 0, True, "bthd", 0.8),
+    "mla-48-32-sink-learned": (1, 4, 2, 40, 48, 32, torch.float32, 24, None, 4, True, "bhtd", 0.9),
+    "padded-80-fp16": (1, 2, 1, 40, 80, 80, torch.float16, 17, None, 0, False, "bhtd", 0.9),
+    "bf16": (1, 2, 2, 33, 16, 16, torch.bfloat16, 8, None, 2, False, "bhtd", 0.9),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", list(CHUNK_GEOMETRIES))
+def test_attention_chunk_with_everything(geometry, mode):
+    """Chunks with sink keys (a row sees only its own chunk's sink keys), learned sinks, soft caps, GQA, MLA widths,
+    padded widths, 16-bit inputs: against float64 and the reference."""
+    B, Hq, Hkv, T, Dqk, Dv, dtype, chunk, softcap, n, learned, layout, min_clear = CHUNK_GEOMETRIES[geometry]
+    q, k, v = mla_qkv(B, Hq, Hkv, T, Dqk, Dv, dtype, seed=Dqk + T + chunk)
+    basis = make_basis(Hq, Dv) if mode == "lowrank" else None
+    d_r = min(Dv, 20) if mode == "lowrank" else None
+    sink = sink_logits(Hq, seed=chunk) if learned else None
+    res, _ = run_sink(q, k, v, mode, n, d_r=d_r, basis=basis, out_layout=layout, min_clear=min_clear,
+                      softcap=softcap, learned_sink=sink, attention_chunk=chunk)
+    if n > 0 and not learned:
+        # Rows of a later chunk than the sink keys' see none of them: no sink mass.
+        late = (torch.arange(T, device=DEV) // chunk * chunk >= n).expand_as(res.argmax)
+        assert bool(late.any()) and bool((res.sink_mass[late] == 0).all())
+    if Hkv < Hq:  # grouped heads read their kv head in place: the same as MHA on repeated K/V
+        rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+        mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, learned_sink=sink,
+                                        return_argmax=True, return_top1_prob=True, return_sink_mass=True,
+                                        out_layout=layout, softcap=softcap, attention_chunk=chunk)
+        for name in ("out", "argmax", "top1_prob", "sink_mass"):
+            assert torch.equal(getattr(res, name), getattr(mha, name)), name
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32), (64, 32)])
+@pytest.mark.parametrize("chunk", [7, 16, 24, 48])
+def test_attention_chunk_other_tilings(monkeypatch, block_m, block_n, chunk):
+    """Chunk boundaries inside and on query blocks and key tiles of other sizes (the per-row first key)."""
+    monkeypatch.setattr(
+        ra_mod, "_pick_config",
+        lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
+    )
+    q, k, v = rand_qkv(1, 2, 70, 16, torch.float32, seed=chunk + block_m, Hkv=1, sharp=2.0)
+    run_sink(q, k, v, "lowrank", 0, d_r=5, basis=make_basis(2, 16), attention_chunk=chunk)
+    run_sink(q, k, v, "top1", 3, return_gram=False, attention_chunk=chunk)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="counts tiles through the interpreter")
+@pytest.mark.parametrize("chunk", [5, 16, 23, 40])
+def test_attention_chunk_skips_tiles(monkeypatch, chunk):
+    """Only key tiles some row of the query block can see are visited: cost ~ T·C, not T²."""
+    T = 200
+    q, k, v = rand_qkv(1, 1, T, 16, torch.float32, seed=chunk)
+    visits = []
+    real_tanh = ra_mod._tanh
+
+    def counting_tanh(x):  # called once per visited key tile when a soft cap is set
+        visits.append(1)
+        return real_tanh(x)
+
+    monkeypatch.setattr(ra_mod, "_tanh", counting_tanh)
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)  # it inspects the (now wrapped) helpers
+    res = residual_attention_triton(q, k, v, mode="full", softcap=50.0, attention_chunk=chunk, return_argmax=True)
+    block_m, block_n = 32, 16  # the interpreter's tiles
+    i = torch.arange(T)
+    visible = (i[None, :] <= i[:, None]) & (i[None, :] // chunk == i[:, None] // chunk)
+    needed = sum(bool(visible[m: m + block_m, n: n + block_n].any())
+                 for m in range(0, T, block_m) for n in range(0, T, block_n))
+    assert len(visits) == needed
+    check_against_plain(res, q, k, v, "full", softcap=50.0, attention_chunk=chunk)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(attention_chunk=True), TypeError, "^attention_chunk must be an int, got bool$"),
+    (dict(attention_chunk=2.0), TypeError, "^attention_chunk must be an int, got float$"),
+    (dict(attention_chunk=0), ValueError, "^attention_chunk must be >= 1"),
+    (dict(attention_chunk=4, sliding_window=3), ValueError, "^attention_chunk and sliding_window cannot be combined"),
+])
+def test_attention_chunk_errors(kw, exc, match):
+    q, k, v = rand_qkv(1, 1, 8, 16, torch.float32)
+    for fn in (residual_attention_triton, residual_attention_reference):
+        with pytest.raises(exc, match=match):
+            fn(q, k, v, mode="full", **kw)
+
+
+def test_attention_chunk_one_compiled_variant_for_every_c(monkeypatch):
+    """attention_chunk is a runtime argument (not specialized): every C < T launches the same compile-time constants
+    as a sliding window (the per-row first-key path), so one compiled kernel serves every chunk size and window."""
+    launches = []
+    real = ra_mod._residual_attn_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ra_mod, "_residual_attn_fwd", Spy())
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)
+    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, seed=5)
+    for kw in (dict(attention_chunk=3), dict(attention_chunk=16), dict(attention_chunk=39), dict(sliding_window=8),
+               dict(attention_chunk=40)):
+        residual_attention_triton(q, k, v, mode="full", **kw)
+    assert all(kw == launches[0] for kw in launches[:4]) and launches[0]["WINDOWED"] is True
+    assert launches[4]["WINDOWED"] is False  # C >= T: plain causal
+    dns = real.kwargs["do_not_specialize"] if hasattr(real, "kwargs") else real.do_not_specialize
+    assert "chunk" in dns

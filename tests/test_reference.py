@@ -889,3 +889,49 @@ def test_resolve_backend_value_width():
     assert resolve_backend("auto", "cuda", 64, 24) == "torch"
     with pytest.raises(ValueError, match="multiples of 16 up to 256, got D=24"):
         resolve_backend("triton", "cuda", 64, 24)
+
+
+# Chunked attention (attention_chunk=C, Llama 4): query i sees keys j <= i with j // C == i // C.
+# (Hq, Hkv, T, D, dtype, chunk, softcap, sink_tokens, learned)
+CHUNK_CASES = {
+    "c1": (2, 1, 20, 16, torch.float32, 1, None, 0, False),
+    "c5-gqa": (4, 2, 37, 16, torch.float32, 5, None, 0, False),
+    "c8-sink3": (4, 2, 37, 16, torch.float32, 8, None, 3, False),
+    "c8-sink12": (2, 1, 37, 16, torch.float32, 8, None, 12, False),  # sink keys in two chunks
+    "c16-softcap-learned": (2, 1, 33, 16, torch.float32, 16, 5.0, 2, True),
+    "c36-below-T": (2, 2, 37, 32, torch.float32, 36, None, 0, False),
+    "c37-equal-T": (2, 2, 37, 32, torch.float32, 37, None, 0, False),
+    "c99-above-T": (2, 2, 37, 32, torch.float32, 99, None, 1, False),
+    "fp16-c7-sink2": (4, 2, 30, 32, torch.float16, 7, 20.0, 2, False),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_attention_chunk_against_float64(case, mode):
+    Hq, Hkv, T, D, dtype, chunk, softcap, n, learned = CHUNK_CASES[case]
+    q, k, v = gqa_qkv(2, Hq, Hkv, T, D, dtype=dtype, seed=T + chunk, sharp=3.0)
+    sink = torch.linspace(-1.0, 2.0, Hq) if learned else None
+    res, basis, d_r = reference_sink(q, k, v, mode, n, softcap=softcap, learned_sink=sink, attention_chunk=chunk)
+    assert res.out.dtype == dtype
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, softcap=softcap, sink_tokens=n, learned_sink=sink,
+                           attention_chunk=chunk)
+    rows = torch.arange(T)
+    assert bool((res.argmax >= rows // chunk * chunk).all())  # never a key of an earlier chunk
+    if chunk >= T:  # one chunk: plain causal attention, bit for bit
+        plain_res, _, _ = reference_sink(q, k, v, mode, n, softcap=softcap, learned_sink=sink)
+        for name in ("out", "argmax", "gram", "top1_prob", "sink_mass"):
+            assert torch.equal(getattr(res, name), getattr(plain_res, name)), name
+    # The public op passes the chunk through.
+    op = residual_attention(q, k, v, mode=mode, basis=basis, d_r=d_r, backend="torch", sink_tokens=n,
+                            softcap=softcap, learned_sink=sink, attention_chunk=chunk)
+    assert torch.equal(op, res.out)
+
+
+def test_visible_keys_chunk():
+    from nqpq.reference import visible_keys
+
+    i = torch.arange(10)
+    want = (i[None, :] <= i[:, None]) & (i[None, :] // 4 == i[:, None] // 4)
+    assert torch.equal(visible_keys(10, None, "cpu", 4), want)
+    assert torch.equal(visible_keys(10, None, "cpu", 10), visible_keys(10, None, "cpu"))

@@ -1,5 +1,5 @@
 """Tiny random models (fixed seeds) of the families with multi-head latent attention, learned attention sinks and
-DiffLlama's two-call differential attention (test helper).
+DiffLlama's two-call differential attention, and Llama 4's chunked attention (test helper).
 
 Each is built from the family's own config class with shrunk sizes (float32, eval mode, eager attention), and
 its attention sharpened so that crystallizing a layer changes the logits far beyond rounding: the query and key
@@ -41,6 +41,10 @@ CONFIGS: dict[str, dict] = {
                           mlp_layer_types=["dense", "sparse", "sparse"]),
     "flint": dict(_BASE, num_key_value_heads=2, head_dim=16),
     "diffllama": dict(_BASE, num_key_value_heads=2),
+    # Llama 4: chunked attention (chunks of 8 < T) on layers 0-2, a NoPE full-attention layer 3; MoE and dense MLPs.
+    "llama4_text": dict(_BASE, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, intermediate_size_mlp=64,
+                        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                        attention_chunk_size=8),
 }
 
 
