@@ -7,9 +7,10 @@ on first use (``backend="triton"``, or ``"auto"`` on CUDA tensors).
 from .calibration import GramAccumulator, ResidualBasis, basis_from_grams, calibrate
 from .config import SweepConfig
 from .errors import NqpqError
-from .evaluate import PrefixRunner, block_losses, make_blocks, perplexity
+from .evaluate import block_losses, make_blocks, perplexity
 from .integration import crystallize, crystallize_layers, uncrystallize
 from .ops import residual_attention
+from .prefix import PrefixRunner
 from .reference import residual_attention_reference
 from .sweep import run_sweep
 from .validate import ResidualAttentionResult

@@ -1,14 +1,18 @@
 """A run's report: ``results.json`` and the plots written whole or not at all, read back, re-printed, redrawn; and
 every line of the printed report of a sweep and of a scan, made from the results dict alone (the run and
-``nqpq report`` print the same text)."""
+``nqpq report`` print the same text); and what results.json says about the model's geometry and the software."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
+
+import torch
 
 from .crystallinity import format_table
 from .stats import blocks_to_halve, half_width
@@ -438,3 +442,33 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
             say(f" {layer:5d} | " + " | ".join(cells))
     if cfg["random_weights"]:
         say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")
+
+
+def geometry_config(parts, layers: Sequence[int]) -> dict:
+    """What results.json says about the model: family, heads, head dim, and the window/softcaps in force."""
+    def per_layer(field):  # one number when the chosen layers agree, else one per layer
+        values = {str(li): getattr(parts.geometry[li], field) for li in layers}
+        return next(iter(values.values())) if len(set(values.values())) == 1 else values
+
+    return {"family": parts.family, "wrapper": parts.wrapper, "n_layers": parts.n_layers,
+            "attn_layers": list(parts.attn_layers), "n_heads": per_layer("n_heads"),
+            "n_kv_heads": per_layer("n_kv_heads"), "head_dim": per_layer("v_dim"), "qk_dim": per_layer("qk_dim"),
+            "v_dim": per_layer("v_dim"), "learned_sink": per_layer("learned_sink"),
+            "sliding_window": {str(li): parts.geometry[li].sliding_window for li in layers},
+            "attention_chunk": {str(li): parts.geometry[li].attention_chunk for li in layers},
+            "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}
+
+
+def versions(device: torch.device) -> dict:
+    """results.json's software versions and the device's name."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+            "python": sys.version.split()[0], "device_name": name}

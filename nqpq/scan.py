@@ -31,8 +31,9 @@ import torch
 from .batching import default_batch_size, gather_losses, plan_batches
 from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
 from .crystallinity import layer_means
-from .evaluate import PrefixRunner, ppl_from_losses
+from .evaluate import ppl_from_losses
 from .integration import crystallize
+from .prefix import PrefixRunner
 from .report import SCAN_FORMAT_VERSION, print_scan_report
 from .stats import delta_ppl_ci, resample_indices
 from .sweep import (

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -46,10 +44,11 @@ from .config import (
 from .crystallinity import CrystallinityAccumulator
 from .devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
 from .errors import NqpqError
-from .evaluate import PrefixRunner, make_blocks, ppl_from_losses, text_tokens_per_block
+from .evaluate import make_blocks, ppl_from_losses, text_tokens_per_block
 from .integration import Observer, crystallize, observe_residuals
+from .prefix import PrefixRunner
 from .registry import is_registry_name
-from .report import SWEEP_FORMAT_VERSION, print_sweep_report
+from .report import SWEEP_FORMAT_VERSION, geometry_config, print_sweep_report, versions
 from .stats import delta_ppl_ci, resample_indices
 from .text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
 from .verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
@@ -140,20 +139,6 @@ def offload_folder_for_rank(folder: str | None) -> str | None:
         return folder
     return os.path.join(folder, f"rank{distributed.rank()}")
 
-
-
-def _versions(device: torch.device) -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
-            "python": sys.version.split()[0], "device_name": name}
 
 
 def run_sweep(
@@ -395,7 +380,7 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
                   n_tokens=int(blocks.numel()),
                   bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.smallest("v_dim", layers),
                   random_weights=cfg.demo,
-                  **geometry(parts, layers), **_versions(run.device))
+                  **geometry_config(parts, layers), **versions(run.device))
     config["calibration"] = calibration_config(cfg, run)
     # A GGUF file is named by what identifies it (its name, hash and quantization types), never by its path.
     config["checkpoint"] = run.checkpoint
@@ -491,18 +476,3 @@ def calibration_config(cfg: SweepConfig, run: RunInputs) -> dict:
     return {"source": source, "text": text, "blocks_per_draw": c, "draws": cfg.calib_draws,
             "first_blocks": [offset + k * c for k in range(cfg.calib_draws)],
             "scored_blocks_seen": c if source == "eval" else 0}
-
-
-def geometry(parts, layers: Sequence[int]) -> dict:
-    """What results.json says about the model: family, heads, head dim, and the window/softcaps in force."""
-    def per_layer(field):  # one number when the chosen layers agree, else one per layer
-        values = {str(li): getattr(parts.geometry[li], field) for li in layers}
-        return next(iter(values.values())) if len(set(values.values())) == 1 else values
-
-    return {"family": parts.family, "wrapper": parts.wrapper, "n_layers": parts.n_layers,
-            "attn_layers": list(parts.attn_layers), "n_heads": per_layer("n_heads"),
-            "n_kv_heads": per_layer("n_kv_heads"), "head_dim": per_layer("v_dim"), "qk_dim": per_layer("qk_dim"),
-            "v_dim": per_layer("v_dim"), "learned_sink": per_layer("learned_sink"),
-            "sliding_window": {str(li): parts.geometry[li].sliding_window for li in layers},
-            "attention_chunk": {str(li): parts.geometry[li].attention_chunk for li in layers},
-            "attn_softcap": parts.attn_softcap, "final_logit_softcap": parts.final_logit_softcap}
