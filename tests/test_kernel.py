@@ -306,31 +306,40 @@ def test_sliding_window(mode, window):
         assert bool((res.top1_prob == 1).all())
 
 
-@pytest.mark.skipif(DEV != "cpu", reason="counts tiles through the interpreter")
-@pytest.mark.parametrize("window", [1, 5, 16, 23, 40])
-def test_sliding_window_skips_tiles(monkeypatch, window):
-    """Only key tiles that some row of the query block can see are visited: cost ~ T·w, not T²."""
+def visited_tiles_equal_needed(monkeypatch, band, **mask) -> int:
+    """Runs the interpreter kernel with a soft cap (its ``_tanh`` is called once per visited key tile) under the
+    mask ``mask`` (a window or a chunk), asserts it visits exactly the tiles where some row sees a key (``band(i)``:
+    the mask's rule beside causality, on row/key indices ``i``) and that its output is right; returns the count."""
     T = 200
-    q, k, v = rand_qkv(1, 1, T, 16, torch.float32, seed=window)
+    q, k, v = rand_qkv(1, 1, T, 16, torch.float32, seed=sum(mask.values()))
     visits = []
     real_tanh = ra_mod._tanh
 
-    def counting_tanh(x):  # called once per visited key tile when a soft cap is set
+    def counting_tanh(x):
         visits.append(1)
         return real_tanh(x)
 
     monkeypatch.setattr(ra_mod, "_tanh", counting_tanh)
     monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)  # it inspects the (now wrapped) helpers
-    res = residual_attention_triton(q, k, v, mode="full", softcap=50.0, sliding_window=window, return_argmax=True)
+    res = residual_attention_triton(q, k, v, mode="full", softcap=50.0, return_argmax=True, **mask)
     block_m, block_n = 32, 16  # the interpreter's tiles
     i = torch.arange(T)
-    visible = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    visible = (i[None, :] <= i[:, None]) & band(i)
     needed = sum(bool(visible[m: m + block_m, n: n + block_n].any())
                  for m in range(0, T, block_m) for n in range(0, T, block_n))
     assert len(visits) == needed
-    n_m = -(-T // block_m)
-    assert needed <= n_m * ((window + block_m) // block_n + 2)  # linear in T·w
-    check_against_plain(res, q, k, v, "full", softcap=50.0, sliding_window=window)
+    check_against_plain(res, q, k, v, "full", softcap=50.0, **mask)
+    return needed
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="counts tiles through the interpreter")
+@pytest.mark.parametrize("window", [1, 5, 16, 23, 40])
+def test_sliding_window_skips_tiles(monkeypatch, window):
+    """Only key tiles that some row of the query block can see are visited: cost ~ T·w, not T²."""
+    needed = visited_tiles_equal_needed(monkeypatch, lambda i: i[None, :] > i[:, None] - window,
+                                        sliding_window=window)
+    n_m = -(-200 // 32)
+    assert needed <= n_m * ((window + 32) // 16 + 2)  # linear in T·w
 
 
 def test_sliding_window_fp16_other_tilings(monkeypatch):
@@ -1421,25 +1430,8 @@ def test_attention_chunk_other_tilings(monkeypatch, block_m, block_n, chunk):
 @pytest.mark.parametrize("chunk", [5, 16, 23, 40])
 def test_attention_chunk_skips_tiles(monkeypatch, chunk):
     """Only key tiles some row of the query block can see are visited: cost ~ T·C, not T²."""
-    T = 200
-    q, k, v = rand_qkv(1, 1, T, 16, torch.float32, seed=chunk)
-    visits = []
-    real_tanh = ra_mod._tanh
-
-    def counting_tanh(x):  # called once per visited key tile when a soft cap is set
-        visits.append(1)
-        return real_tanh(x)
-
-    monkeypatch.setattr(ra_mod, "_tanh", counting_tanh)
-    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)  # it inspects the (now wrapped) helpers
-    res = residual_attention_triton(q, k, v, mode="full", softcap=50.0, attention_chunk=chunk, return_argmax=True)
-    block_m, block_n = 32, 16  # the interpreter's tiles
-    i = torch.arange(T)
-    visible = (i[None, :] <= i[:, None]) & (i[None, :] // chunk == i[:, None] // chunk)
-    needed = sum(bool(visible[m: m + block_m, n: n + block_n].any())
-                 for m in range(0, T, block_m) for n in range(0, T, block_n))
-    assert len(visits) == needed
-    check_against_plain(res, q, k, v, "full", softcap=50.0, attention_chunk=chunk)
+    visited_tiles_equal_needed(monkeypatch, lambda i: i[None, :] // chunk == i[:, None] // chunk,
+                               attention_chunk=chunk)
 
 
 @pytest.mark.parametrize("kw,exc,match", [
