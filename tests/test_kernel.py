@@ -609,9 +609,8 @@ def test_sink_requests_change_no_output():
         assert torch.equal(a.out, b.out) and torch.equal(a.argmax, b.argmax), mode
 
 
-def test_sink_one_compiled_variant_for_every_n(monkeypatch):
-    """sink_tokens is a runtime argument (not specialized): every n >= 1 launches the same compile-time
-    constants, so one compiled kernel serves n = 1, 4, 16, 37; n = 0 compiles the kernel without sink code."""
+def record_launch_kwargs(monkeypatch) -> list[dict]:
+    """The keyword arguments (compile-time constants included) of every launch of the kernel from now on."""
     launches = []
     real = ra_mod._residual_attn_fwd
 
@@ -623,7 +622,15 @@ def test_sink_one_compiled_variant_for_every_n(monkeypatch):
             return launch
 
     monkeypatch.setattr(ra_mod, "_residual_attn_fwd", Spy())
-    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)
+    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)  # it inspects the (now wrapped) kernel
+    return launches
+
+
+def test_sink_one_compiled_variant_for_every_n(monkeypatch):
+    """sink_tokens is a runtime argument (not specialized): every n >= 1 launches the same compile-time
+    constants, so one compiled kernel serves n = 1, 4, 16, 37; n = 0 compiles the kernel without sink code."""
+    real = ra_mod._residual_attn_fwd
+    launches = record_launch_kwargs(monkeypatch)
     q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, seed=5)
     for n in (0, 1, 4, 16, 37):
         residual_attention_triton(q, k, v, mode="lowrank", basis=make_basis(2, 16), d_r=3, sink_tokens=n,
@@ -1450,18 +1457,8 @@ def test_attention_chunk_errors(kw, exc, match):
 def test_attention_chunk_one_compiled_variant_for_every_c(monkeypatch):
     """attention_chunk is a runtime argument (not specialized): every C < T launches the same compile-time constants
     as a sliding window (the per-row first-key path), so one compiled kernel serves every chunk size and window."""
-    launches = []
     real = ra_mod._residual_attn_fwd
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ra_mod, "_residual_attn_fwd", Spy())
-    monkeypatch.setattr(ra_mod, "interpreter_active", lambda: True)
+    launches = record_launch_kwargs(monkeypatch)
     q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, seed=5)
     for kw in (dict(attention_chunk=3), dict(attention_chunk=16), dict(attention_chunk=39), dict(sliding_window=8),
                dict(attention_chunk=40)):
