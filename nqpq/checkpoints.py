@@ -26,6 +26,11 @@ from .hub import OFFLINE_HINT, cache_only, is_offline_error
 
 # transformers dequantizes a GGUF file whole, in host memory, before any placement: a device map would not spread
 # the load, only the result. Save the dequantized model once and map that.
+# How both loaders call from_pretrained. Mismatched shapes are listed in the loading info (and refused by
+# unloaded_weights) rather than raised with a pointer to transformers' load report. use_kernels=False:
+# transformers >= 5.25 swaps layers for Hugging Face hub kernels by default, which is not the model nqpq measures
+# (and, with a weight left on the meta device, fails before the loading info can be read).
+LOAD_AS_STORED = {"ignore_mismatched_sizes": True, "output_loading_info": True, "use_kernels": False}
 GGUF_DEVICE_MAP = ("--device-map with a .gguf file: the file is dequantized whole before any placement; save it "
                    "with save_pretrained first (python -m nqpq.fetch --converted does it for SmolLM2) and map that "
                    "directory")
@@ -151,11 +156,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | 
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
                 name, config=config, dtype=dtype, local_files_only=offline, trust_remote_code=False,
-                # Mismatched shapes are listed in the loading info (and refused below) rather than raised
-                # with a pointer to transformers' load report. use_kernels=False: transformers >= 5.25 swaps
-                # layers for Hugging Face hub kernels by default, which is not the model nqpq measures (and,
-                # with a weight left on the meta device, fails before the loading info can be read).
-                ignore_mismatched_sizes=True, output_loading_info=True, use_kernels=False,
+                **LOAD_AS_STORED,
                 **({} if device_map is None else
                    {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}))
     except NqpqError:
@@ -369,7 +370,7 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
                 # Plain dense weights: nqpq forms the logits from the LM head's weight and patches attention,
                 # neither of which works on weights left packed in GGUF blocks (transformers' other mode).
                 quantization_config=GgufConfig(gguf_file=file, dequantize=True),
-                ignore_mismatched_sizes=True, output_loading_info=True, use_kernels=False)
+                **LOAD_AS_STORED)
     except NqpqError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
