@@ -200,9 +200,13 @@ def _chunk_of(module, layer: int) -> int | None:
     return config.attention_chunk_size
 
 
-def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=None):
-    """The float64 per-head definition of top-1 / low-rank on one call's q [B, Hq, T, Dqk], k [B, Hkv, T, Dqk],
-    v [B, Hkv, T, Dv]; a learned sink (``s_aux`` [Hq]) is a key of value zero whose mass joins the ground state.
+def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=None, mask=None, position_bias=None):
+    """The float64 per-head definition of top-1 / low-rank on one call's q [B, Hq, T, Dqk], k [B, Hkv, Tk, Dqk],
+    v [B, Hkv, Tk, Dv]; a learned sink (``s_aux`` [Hq]) is a key of value zero whose mass joins the ground state.
+    ``mask``, the attention mask the call received (the model's, or one its attention module built), is applied as
+    transformers' eager attention applies it: scores (+ ``position_bias``) + mask, or -inf where a bool mask is
+    False; it alone decides the keys a row sees (a key masked to the float32 minimum, as transformers masks, is
+    hidden). Without one: causal over Tk = T keys (the window, the chunk).
     Returns (out [B, T, Hq, Dv], mask [B, T, Hq] of the rows whose argmax has a clear margin)."""
     import torch
 
@@ -213,12 +217,20 @@ def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=N
     s = q.double() @ kk.transpose(-1, -2) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(Tq)
-    visible = i[None, :] <= i[:, None]
-    if window is not None:
-        visible &= i[None, :] > i[:, None] - window
-    if chunk is not None:  # Llama 4's chunked layers: only the keys of the query's own chunk
-        visible &= i[None, :] // chunk == i[:, None] // chunk
+    if position_bias is not None:
+        s = s + position_bias.double()
+    if mask is None:
+        i = torch.arange(Tq)
+        visible = i[None, :] <= i[:, None]
+        if window is not None:
+            visible &= i[None, :] > i[:, None] - window
+        if chunk is not None:  # Llama 4's chunked layers: only the keys of the query's own chunk
+            visible &= i[None, :] // chunk == i[:, None] // chunk
+    elif mask.dtype == torch.bool:
+        visible = mask.expand_as(s)
+    else:
+        s = s + mask.double()
+        visible = (s > torch.finfo(torch.float32).min / 2).expand_as(s)
     s = s.masked_fill(~visible, float("-inf"))
     if s_aux is not None:
         sink = s_aux.double().view(1, Hq, 1, 1).expand(Bq, Hq, Tq, 1)
@@ -227,7 +239,7 @@ def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=N
     else:
         p, mass = s.softmax(-1), torch.zeros(Bq, Hq, Tq, 1, dtype=torch.float64)
     ctx = p @ vv
-    top2 = s.topk(min(2, Tq), dim=-1)
+    top2 = s.topk(min(2, s.shape[-1]), dim=-1)
     star = s.argmax(-1, keepdim=True)  # the first maximum, as the op takes it
     ground = (1 - mass) * vv.gather(2, star.expand(-1, -1, -1, vv.shape[-1]))
     out = ground
@@ -235,7 +247,7 @@ def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=N
         P = basis[:, :, :d_r].double()  # [Hq, Dv, r]
         out = ground + ((ctx - ground) @ P) @ P.transpose(-1, -2)
     # Rows 1..: a clear maximum (row 0 sees one key). Margin relative to the call's largest |score|.
-    gap = (top2.values[..., 0] - top2.values[..., -1]) if Tq > 1 else torch.ones(Bq, Hq, Tq)
+    gap = (top2.values[..., 0] - top2.values[..., -1]) if s.shape[-1] > 1 else torch.ones(Bq, Hq, Tq)
     finite = s.masked_fill(~visible, 0).abs().amax()
     # A row whose visible scores are all equal (Zaya's keys are zero at init) ties in every precision: first key.
     flat = s.masked_fill(~visible, float("inf")).amin(-1) == top2.values[..., 0]
@@ -258,7 +270,8 @@ class _Spy:
 
         def spy(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             out = self.real(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            self.calls.append((module, query, key, value, scaling, kwargs, out[0]))
+            self.calls.append((module, query, key, value, scaling, {**kwargs, "attention_mask": attention_mask},
+                               out[0]))
             return out
 
         self.mapping[self.name] = spy
@@ -320,7 +333,8 @@ def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
                 for module, q, k, v, scaling, kwargs, got in spy.calls:
                     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
                     want_out, clear = _reference(q, k, v, scale, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                                 kwargs.get("s_aux"), mode, basis, d_r, _chunk_of(module, li))
+                                                 kwargs.get("s_aux"), mode, basis, d_r, _chunk_of(module, li),
+                                                 kwargs["attention_mask"], kwargs.get("position_bias"))
                     if clear.float().mean().item() < 0.5:
                         raise RuntimeError(f"{tag} {mode}: fewer than half the rows have a clear argmax")
                     diff = (got.double() - want_out).abs().amax(-1)[clear]

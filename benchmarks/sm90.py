@@ -230,6 +230,8 @@ def residual_values(v: Variant) -> dict:
     # The basis [Hq, Dv, Dv] fp32, contiguous; (0, 0, 0) when there is none.
     values.update(dict(zip(("stride_ph", "stride_pd", "stride_pr"),
                            (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)))
+    # No attn_mask: the launcher leaves the bias arguments at their defaults.
+    values.update(dict(Bias=None, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, T_K=0))
     return values
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .devices import execution_device
 from .models import LayerGeometry, UnsupportedModelError, as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
-from .reference import visible_keys
+from .reference import _hidden_keys, visible_keys
 from .validate import MODES, check_choice
 
 _PREFIX = "nqpq_"
@@ -52,8 +52,9 @@ _NEUTRAL_KWARGS = frozenset({
     "logits_to_keep",  # which positions the LM head keeps: passed down with the model's kwargs by some families
 })
 # s_aux: the learned sink logits [Hq] (the op's learned_sink); indices: DeepSeek V3.2's / GLM-DSA's selected keys
-# per row [B, T, k], passed when the implementation name is not eager/sdpa (ours): dense when k >= T.
-_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal", "s_aux", "indices"})
+# per row [B, T, k], passed when the implementation name is not eager/sdpa (ours): dense when k >= T;
+# position_bias: an additive score bias [B, Hq, T, Tk] (Inkling's relative logits), part of the op's attn_mask.
+_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal", "s_aux", "indices", "position_bias"})
 
 
 @dataclass
@@ -76,6 +77,11 @@ class LayerSpec:
     # is another part of V of the same attention (DiffLlama), and feeds no statistics. Reset by a forward pre-hook.
     calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     hooks: list = field(default_factory=list)  # the module's forward hooks, removed by uncrystallize
+    # The attention mask the module itself was given in its current forward (None if none), set by its forward
+    # pre-hook: a mask the module hands its attention function that is not this one is the module's own making
+    # (Doge's dynamic mask, Qwen4-exp's key selection, DeepSeek V4's compressed keys), accepted as it is when this
+    # one, the model's, is plain causal (never a padding mask).
+    received_mask: Tensor | None = None
     # Llama 4's chunked layers: query i sees keys j <= i with j // C == i // C. Not an argument the model passes
     # (it is in the mask it builds), so read from the layer's geometry; the mask is checked against it.
     attention_chunk: int | None = None
@@ -119,6 +125,52 @@ def _check_mask(mask: Tensor | None, T: int, window: int | None, chunk: int | No
     )
 
 
+def _plain_mask(mask: Tensor | None, T: int, window: int | None, chunk: int | None) -> bool:
+    """Whether ``mask`` is no mask, or exactly the causal (+ window, or + chunk) mask of T keys the layer computes."""
+    if mask is None:
+        return True
+    if mask.dim() == 2:  # a flash-style [B, T] key mask: only "no padding"
+        return mask.shape[-1] == T and bool(mask.bool().all())
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    want = visible_keys(T, window, mask.device, chunk)
+    return allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed))
+
+
+def _score_mask(module: nn.Module, spec: LayerSpec, attention_mask: Tensor | None, position_bias: Tensor | None,
+                T: int, Tk: int, window: int | None, chunk: int | None) -> Tensor | None:
+    """The op's ``attn_mask`` for this call, or None for the plain causal path (the mask checked either way).
+
+    None when the call is plain causal attention over its own T keys (the layer's window / chunk). Otherwise the
+    mask the module built itself (not the one it was given: that one must be plain, so a user's padding mask is
+    still refused) and/or its ``position_bias``, combined as transformers' eager attention combines them:
+    scores + position_bias + mask (a bool mask: -inf where False; no mask: the layer's causal visibility)."""
+    own = (attention_mask is not None and attention_mask is not spec.received_mask
+           and not (Tk == T and _plain_mask(attention_mask, T, window, chunk)))
+    if not own:
+        _check_mask(attention_mask, T, window, chunk)  # the plain causal mask, or refused (padding, custom)
+        if Tk != T:
+            raise ValueError(
+                f"crystallized attention scores whole sequences; got {T} queries for {Tk} keys "
+                "(a KV cache / generation is not supported)"
+            )
+        if position_bias is None:
+            return None
+        attention_mask = ~_hidden_keys(T, window, position_bias.device, chunk)
+    else:
+        _check_mask(spec.received_mask, T, window, chunk)  # what the module made its mask from: no padding
+        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (T, Tk):
+            raise ValueError(
+                f"{type(module).__name__} builds an attention mask of shape {tuple(attention_mask.shape)}; "
+                f"crystallized attention takes [B, H, T={T}, Tk={Tk}] masks only"
+            )
+    if position_bias is None:
+        return attention_mask.detach()
+    position_bias = position_bias.detach()
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, float("-inf"))
+    return position_bias + attention_mask.detach()
+
+
 def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
     # None or False: the feature is off (e.g. MoE models pass output_router_logits=False).
     unknown = sorted(k for k, v in kwargs.items()
@@ -160,21 +212,28 @@ def _attentions_requested(kwargs: dict) -> bool:
 
 
 def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
-                   learned_sink: Tensor | None = None, chunk: int | None = None) -> Tensor:
-    """The attention probabilities p [B, Hq, T, T] (fp32 softmax, query dtype) that crystallized layers report
+                   learned_sink: Tensor | None = None, chunk: int | None = None,
+                   attn_mask: Tensor | None = None) -> Tensor:
+    """The attention probabilities p [B, Hq, T, Tk] (fp32 softmax, query dtype) that crystallized layers report
     for ``output_attentions``; grouped kv heads are broadcast, not copied. A learned sink joins the softmax and
-    is dropped from p (its probability is what the rows lack of 1), as the models report it."""
+    is dropped from p (its probability is what the rows lack of 1), as the models report it. ``attn_mask`` (the
+    op's) replaces the causal mask: added to the scores, or -inf where a bool mask is False."""
     B, Hq, T, D = query.shape
-    Hkv = key.shape[1]
+    Hkv, Tk = key.shape[1], key.shape[2]
     q = query.float().view(B, Hkv, Hq // Hkv, T, D)
-    scores = (q @ key.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, T) * scale
+    scores = (q @ key.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, Tk) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk), float("-inf"))
+    if attn_mask is None:
+        scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk), float("-inf"))
+    elif attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    else:
+        scores = scores + attn_mask.float()
     if learned_sink is None:
         return scores.softmax(-1).to(query.dtype)
     sink = learned_sink.float().view(1, Hq, 1, 1).expand(B, Hq, T, 1)
-    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :T].to(query.dtype)
+    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :Tk].to(query.dtype)
 
 
 def _module_eager(module: nn.Module):
@@ -221,13 +280,11 @@ def _crystal_attention(
     if learned_sink is not None:
         learned_sink = learned_sink.detach().to(query.device)
     T = query.shape[2]
-    if key.shape[2] != T:
-        raise ValueError(
-            f"crystallized attention scores whole sequences; got {T} queries for {key.shape[2]} keys "
-            "(a KV cache / generation is not supported)"
-        )
     chunk = spec.attention_chunk
-    _check_mask(attention_mask, T, window, chunk)
+    attn_mask = _score_mask(module, spec, attention_mask, kwargs.get("position_bias"), T, key.shape[2], window,
+                            chunk)
+    if attn_mask is not None:  # the mask alone decides visibility: it holds the window / chunk already
+        window = chunk = None
     _check_dense(module, kwargs.get("indices"), T)
     impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1], value.shape[-1]))
     # Another part of V of an attention already counted in this forward (DiffLlama): the same argmax, top-1
@@ -242,7 +299,8 @@ def _crystal_attention(
             if ob.gram_sink is None and not watch:
                 continue
             res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
-                       attention_chunk=chunk, sink_tokens=ob.sink_tokens, learned_sink=learned_sink,
+                       attention_chunk=chunk, attn_mask=attn_mask, sink_tokens=ob.sink_tokens,
+                       learned_sink=learned_sink,
                        return_gram=ob.gram_sink is not None,
                        return_argmax=watch, return_top1_prob=watch,
                        return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
@@ -258,11 +316,12 @@ def _crystal_attention(
                 "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
-        weights = _probabilities(query, key, scale, window, softcap, learned_sink, chunk)
+        weights = _probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask)
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
         sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        attention_chunk=chunk, return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
+        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_sink is not None, return_argmax=stats,
+        return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
     _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
@@ -399,7 +458,8 @@ def crystallize_layers(
             attn.config = own
             # Each forward of the module starts (and ends) with no calls seen: see LayerSpec.calls.
             spec.hooks = [attn.register_forward_pre_hook(_forget_calls(spec)),
-                          attn.register_forward_hook(_forget_calls(spec))]
+                          attn.register_forward_hook(_forget_calls(spec)),
+                          attn.register_forward_pre_hook(_receive_mask(spec, attn), with_kwargs=True)]
     except BaseException:
         uncrystallize(patch)
         raise
@@ -415,7 +475,21 @@ def _forget_calls(spec: LayerSpec):
     """A forward (pre-)hook emptying ``spec.calls``: the q/k it held belong to the forward that ended."""
     def forget(*_) -> None:
         spec.calls.clear()
+        spec.received_mask = None
     return forget
+
+
+def _receive_mask(spec: LayerSpec, module: nn.Module):
+    """A forward pre-hook recording in ``spec.received_mask`` the attention mask the module is called with."""
+    signature = inspect.signature(module.forward)
+
+    def receive(_module, args, kwargs) -> None:
+        try:
+            mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        except TypeError:  # a call its signature does not describe: read the keyword
+            mask = kwargs.get("attention_mask")
+        spec.received_mask = mask if isinstance(mask, Tensor) else None
+    return receive
 
 
 def uncrystallize(patch: Crystallization) -> None:

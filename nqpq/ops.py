@@ -67,6 +67,7 @@ def residual_attention(
     return_sink_mass: bool = False,
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
+    attn_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Causal residual attention, SDPA-like: q ``[B, Hq, T, D]``, k, v ``[B, Hkv, T, D]`` → ``[B, Hq, T, D]``.
 
@@ -97,6 +98,15 @@ def residual_attention(
     the softmax with the sink, and sink_mass is m_S + m_L. A NaN or +inf logit makes its head's rows
     non-finite. None (the default) is every number of today, bit for bit.
 
+    ``attn_mask`` (None: the causal mask above) is torch SDPA's: a bool tensor (True: the key takes part) or a
+    floating-point one added to the scaled, capped scores (as transformers' eager attention adds the mask a model
+    builds: learned biases, a dynamic or a sparse selection), broadcastable to ``[B, Hq, Tq, Tk]``. It alone
+    decides which keys a row sees: no causal mask is applied and ``sliding_window`` / ``attention_chunk`` must be
+    None; k and v may hold Tk != Tq keys (keys a model appends, DeepSeek V4's compressed entries). i* is the first
+    index of the maximum of the masked scores, over all Tk keys (so argmax may be >= Tq); sink_tokens, the learned
+    sink and the statistics are as above with "visible" read as "a finite masked score" (a key masked with a
+    finite very negative value, as transformers' float masks do, takes part with weight 0).
+
     Returns ``out``; with ``return_argmax``, ``return_top1_prob`` and/or ``return_sink_mass`` a tuple
     ``(out, argmax, top1_prob, sink_mass)`` holding only what was asked, in that order: argmax int64
     ``[B, Hq, T]`` = i* (i*ᴿ with n > 0; on rows t < n the first maximum over all visible keys; -1 on a
@@ -114,6 +124,7 @@ def residual_attention(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
         return_argmax=return_argmax, return_top1_prob=return_top1_prob, sink_tokens=sink_tokens,
         return_sink_mass=return_sink_mass, learned_sink=learned_sink, attention_chunk=attention_chunk,
+        attn_mask=attn_mask,
     )
     asked = ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob), (res.sink_mass, return_sink_mass))
     extra = [x for x, want in asked if want]

@@ -112,6 +112,7 @@ def residual_attention_reference(
     return_sink_mass: bool = False,
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
+    attn_mask: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Residual attention in plain PyTorch, vectorized over batch and heads.
 
@@ -125,9 +126,10 @@ def residual_attention_reference(
     back on the CPU.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink, attention_chunk)
+                                           learned_sink, attention_chunk, attn_mask)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, T, Dqk = q.shape
+    Tk = k.shape[2]  # = T but under an attn_mask
     D = args.value_dim  # everything after the scores is in v's width
     Hkv, G = k.shape[1], args.group
     # [B, Hkv, G, T, D] views: query head h = kv * G + g reads kv head kv, with no repeated K/V.
@@ -139,7 +141,15 @@ def residual_attention_reference(
     s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(args.scale)
     if args.softcap is not None:
         s.div_(args.softcap).tanh_().mul_(args.softcap)
-    s.masked_fill_(_hidden_keys(T, args.sliding_window, q.device, args.attention_chunk), float("-inf"))
+    if args.attn_mask is None:
+        s.masked_fill_(_hidden_keys(T, args.sliding_window, q.device, args.attention_chunk), float("-inf"))
+    else:  # the mask alone: added to the scores (eager attention's order), or True = the key takes part
+        mask = args.attn_mask.reshape(B, Hkv, G, T, Tk)  # a view where it can (a broadcast is never copied)
+        if mask.dtype == torch.bool:
+            s.masked_fill_(~mask, float("-inf"))
+        else:
+            s.add_(mask.float())
+        del mask
     n = args.sink_tokens
     i_star = s.argmax(dim=-1)  # torch.argmax returns the first maximal index
     m = s.gather(-1, i_star.unsqueeze(-1))
@@ -165,7 +175,7 @@ def residual_attention_reference(
     if n > 0:
         # i*ᴿ over the keys j >= n; a row whose R holds no finite score (t < n) keeps the overall argmax,
         # and its ground state is ctx.
-        if n < T:
+        if n < Tk:
             s_rest = s[..., n:]
             i_rest = s_rest.argmax(dim=-1)
             r_empty = s_rest.gather(-1, i_rest.unsqueeze(-1)).squeeze(-1) == float("-inf")
@@ -201,7 +211,7 @@ def residual_attention_reference(
         top1_prob = top1.masked_fill_(bad, float("nan")).reshape(B, Hq, T)
 
     i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are overwritten with NaN below
-    v_star = torch.gather(vf.expand(B, Hkv, G, T, D), 3, i_star.unsqueeze(-1).expand(B, Hkv, G, T, D))
+    v_star = torch.gather(vf.expand(B, Hkv, G, Tk, D), 3, i_star.unsqueeze(-1).expand(B, Hkv, G, T, D))
     v_star.masked_fill_(bad.unsqueeze(-1), float("nan"))
 
     sink_mass = None

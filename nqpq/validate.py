@@ -62,6 +62,9 @@ class ResolvedArgs(NamedTuple):
     learned_sink: Tensor | None = None  # [Hq] float logits of a zero-value key every row sees (gpt-oss's sinks)
     value_dim: int = 0  # Dv, v's width (the width of out, ctx, V[i*], ε, the basis rows and the Gram)
     attention_chunk: int | None = None  # C: query i sees keys j <= i with j // C == i // C (Llama 4's chunks)
+    # An explicit mask (SDPA's attn_mask: bool, True = the key takes part, or float, added to the scores),
+    # expanded to [B, Hq, Tq, Tk] (a view: broadcast dims have stride 0); None: the implicit causal mask.
+    attn_mask: Tensor | None = None
 
 
 def _describe(x: Any) -> str:
@@ -109,6 +112,7 @@ def check_residual_attention_inputs(
     sink_tokens: int = 0,
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
+    attn_mask: Tensor | None = None,
 ) -> ResolvedArgs:
     """Validate a residual-attention call; return the resolved arguments.
 
@@ -122,6 +126,12 @@ def check_residual_attention_inputs(
     ``[Hq]`` on q's device (one logit per query head; a NaN or +inf logit makes that head's rows non-finite,
     -inf is a sink of no weight); ``attention_chunk`` None or an int C >= 1 (query i sees keys j <= i with
     j // C == i // C; not together with ``sliding_window``; C >= T is plain causal and resolves to None).
+
+    ``attn_mask`` None (the implicit causal mask above) or, as torch's SDPA takes it, a bool tensor (True: the
+    key takes part) or a floating-point one added to the scaled (capped) scores, broadcastable to
+    ``[B, Hq, Tq, Tk]`` (each dim its size or 1) on q's device. With a mask, the mask alone defines which keys a
+    row sees (no causal mask, window or chunk is applied: they must not be given), and k and v may hold
+    Tk != Tq keys (a model that appends keys of its own, DeepSeek V4's compressed entries); without one Tk = Tq.
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -137,10 +147,12 @@ def check_residual_attention_inputs(
         )
     B, Hq, T, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
-    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
+    Tk = k.shape[2] if attn_mask is not None else T  # keys of their own only under an explicit mask
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, Tk, D):
         raise ValueError(
             "q [B, Hq, T, D] and k [B, Hkv, T, D] must agree on B, T and D (causal self-attention; v may have "
-            f"another width), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"another width; k may hold other keys only under an attn_mask), got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
@@ -151,7 +163,7 @@ def check_residual_attention_inputs(
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if B == 0 or T == 0 or D == 0 or Dv == 0:
+    if B == 0 or T == 0 or Tk == 0 or D == 0 or Dv == 0:
         raise ValueError(
             f"q, k, v must have B >= 1, T >= 1 and widths >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}"
         )
@@ -228,6 +240,26 @@ def check_residual_attention_inputs(
             raise ValueError("attention_chunk and sliding_window cannot be combined (no model masks with both)")
         if attention_chunk >= T:  # one chunk holds the whole sequence: plain causal attention
             attention_chunk = None
+    if attn_mask is not None:
+        attn_mask = _check_attn_mask(attn_mask, (B, Hq, T, Tk), q.device)
+        if sliding_window is not None or attention_chunk is not None:
+            raise ValueError("attn_mask defines visibility alone: pass no sliding_window or attention_chunk with it "
+                             "(fold them into the mask)")
     # Above T every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
-    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, T), learned_sink, Dv,
-                        attention_chunk)
+    return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, Tk), learned_sink, Dv,
+                        attention_chunk, attn_mask)
+
+
+def _check_attn_mask(mask: Any, shape: tuple[int, int, int, int], device: torch.device) -> Tensor:
+    """``mask`` checked (a bool or floating-point tensor on ``device``, each dim of ``shape`` [B, Hq, Tq, Tk] or 1,
+    with 2-3 dims read as SDPA reads them: the leading ones are 1) and expanded to ``shape`` (a view)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {_describe(mask)}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True: the key takes part) or floating point, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"attn_mask is on {mask.device} but q is on {device}")
+    if not 2 <= mask.dim() <= 4 or any(m not in (1, n) for m, n in zip(mask.shape[::-1], shape[::-1], strict=False)):
+        raise ValueError(f"attn_mask must broadcast to [B, Hq, Tq, Tk] = {list(shape)} (each dim its size or 1), "
+                         f"got shape {tuple(mask.shape)}")
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(shape)

@@ -107,6 +107,10 @@ def _attn_fwd_inner(
     HAS_SINK: tl.constexpr,  # sink_tokens > 0: the argmax state (m_r, best_idx) is over the keys j >= n only
     IN_SINK: tl.constexpr,  # this range holds the key tiles with j < n (always the first tiles walked)
     SINK_ACC: tl.constexpr,  # accumulate Σ_S p V (the ground state is needed: not for "full" without a Gram)
+    bias_rows=None,  # HAS_BIAS: [BLOCK_M] pointers to each query row of attn_mask's fp32 bias
+    row_ok=None,  # HAS_BIAS: [BLOCK_M] the query rows < Tq (the others read no bias)
+    stride_bn=0,  # HAS_BIAS: the bias's key stride (0 where the mask broadcasts over keys)
+    HAS_BIAS: tl.constexpr = False,  # add attn_mask's tile to the scores (T is then the key count Tk)
 ):
     """Walk key tiles [lo, hi).
 
@@ -139,6 +143,11 @@ def _attn_fwd_inner(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
         if SOFTCAP:
             s = _tanh(s / softcap) * softcap  # Gemma 2's order: divide, tanh, multiply; then mask
+        if HAS_BIAS:
+            # attn_mask, added to the scaled (capped) scores as transformers' eager attention adds it (a hidden key
+            # is -inf here); keys past Tk are masked below, rows past Tq are never stored.
+            b_ptrs = bias_rows[:, None] + rows64[None, :] * stride_bn
+            s = s + tl.load(b_ptrs, mask=row_ok[:, None] & (cols < T)[None, :], other=0.0)
         if MASKED:
             valid = (cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T)
             if WINDOWED:
@@ -284,6 +293,10 @@ def _residual_attn_fwd(
     HAS_SINK: tl.constexpr,  # n_sink > 0 (n itself is a runtime argument: one compile serves every n >= 1)
     SINK_ACC: tl.constexpr,  # with HAS_SINK: the output or the Gram needs the ground state (Σ_S p V)
     LEARNED: tl.constexpr,  # a learned sink: one logit per query head (LearnedSink, fp32 [H]), value zero
+    Bias=None,  # HAS_BIAS: attn_mask as an fp32 additive bias, read through its strides [B, Hq, Tq, Tk] (0: broadcast)
+    stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0,
+    T_K=0,  # HAS_BIAS: the number of keys (k and v may hold keys of the model's own past Tq)
+    HAS_BIAS: tl.constexpr = False,  # attn_mask given: it alone decides visibility (no causal walk)
 ):
     EVEN_D: tl.constexpr = HEAD_D == D_PAD
     EVEN_DV: tl.constexpr = HEAD_DV == DV_PAD
@@ -356,6 +369,31 @@ def _residual_attn_fwd(
     else:
         mid = 0
         row_lo = offs_m  # unused without WINDOWED
+    if HAS_BIAS:
+        # An explicit mask decides alone which keys a row sees: every key tile [0, Tk) is walked, masked only past
+        # the last key (each row's causal bound is set past it), with the bias added; the sink's tiles first. The
+        # causal walks below are then empty ([T, T)).
+        bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m64 * stride_bm
+        no_bound = tl.zeros([BLOCK_M], dtype=tl.int32) + T_K
+        split = 0
+        if HAS_SINK:
+            split = tl.minimum(sink_end, T_K)
+            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
+                acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+                q, k_base, v_base, stride_kt, stride_vt, no_bound, offs_n, offs_d, mask_d, offs_dv, mask_dv,
+                scale, softcap, row_lo, n_sink, 0, split, T_K,
+                BLOCK_N, True, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True,
+                SINK_ACC, bias_rows, mask_m, stride_bn, True,
+            )
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
+            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+            q, k_base, v_base, stride_kt, stride_vt, no_bound, offs_n, offs_d, mask_d, offs_dv, mask_dv,
+            scale, softcap, row_lo, n_sink, split, T_K, T_K,
+            BLOCK_N, True, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False,
+            SINK_ACC, bias_rows, mask_m, stride_bn, True,
+        )
+        mid = T
+        lo = T
     # Key tiles strictly below the diagonal block, all visible to every row.
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
@@ -622,6 +660,7 @@ def kernel_meta(
     allow_tf32: bool = False,
     value_dim: int | None = None,
     learned_sink: bool = False,
+    bias: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
     num_stages})``. One place, shared by the launcher, ``benchmarks.tune --compile-only`` and ``benchmarks.sm90``.
@@ -629,6 +668,7 @@ def kernel_meta(
     ``D`` is q/k's width, ``value_dim`` v's (None: D). ``sink``: sink_tokens > 0. Only that flag is compiled
     in; the number of sink keys is a runtime argument, so one compiled kernel serves every n >= 1 and n = 0
     runs the kernel without any sink code. ``learned_sink``: a learned sink logit per head is passed.
+    ``bias``: an attn_mask is passed (read as an fp32 bias tile per key tile; every key tile is walked).
     """
     need_ctx = mode != "top1" or return_gram
     d_pad = _padded_head_dim(D)
@@ -671,6 +711,7 @@ def kernel_meta(
         # i.e. not for "full" without a Gram. Registers and spills per variant: python -m benchmarks.sm90.
         SINK_ACC=sink and (mode != "full" or return_gram),
         LEARNED=learned_sink,
+        HAS_BIAS=bias,
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -696,6 +737,7 @@ def residual_attention_triton(
     return_sink_mass: bool = False,
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
+    attn_mask: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Fused residual attention; same contract as ``nqpq.reference.residual_attention_reference``.
 
@@ -719,6 +761,11 @@ def residual_attention_triton(
     ``learned_sink`` (float ``[Hq]``): a zero-value key per head with that logit, kept apart like the sink
     (the reference's docstring); merged into the online softmax in the epilogue, the key loop is unchanged.
 
+    ``attn_mask`` (SDPA's: bool, True = the key takes part, or float, added to the scores; broadcastable to
+    ``[B, Hq, Tq, Tk]``): it alone decides visibility; k and v may then hold Tk != Tq keys. Passed to the kernel
+    as an fp32 bias read through its strides (a broadcast dim is never copied; a bool mask becomes 0 / -inf), and
+    every key tile is walked (no causal tile skipping).
+
     Inputs whose last dimension is strided (stride(-1) != 1) are copied to a contiguous layout first
     (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
     projections are read in place.
@@ -727,7 +774,7 @@ def residual_attention_triton(
     dtype and device with a unit last stride; mainly a test hook.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink, attention_chunk)
+                                           learned_sink, attention_chunk, attn_mask)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, Dqk = q.shape
@@ -765,7 +812,8 @@ def residual_attention_triton(
                                softcap=args.softcap is not None, return_argmax=return_argmax,
                                return_gram=return_gram, return_top1_prob=return_top1_prob,
                                return_sink_mass=return_sink_mass, sink=args.sink_tokens > 0,
-                               allow_tf32=allow_tf32, value_dim=D, learned_sink=learned_sink is not None)
+                               allow_tf32=allow_tf32, value_dim=D, learned_sink=learned_sink is not None,
+                               bias=attn_mask is not None)
     n_m = triton.cdiv(T, meta["BLOCK_M"])
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
@@ -777,6 +825,15 @@ def residual_attention_triton(
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
     sink_f32 = learned_sink.to(dtype=torch.float32).contiguous() if learned_sink is not None else None
+    bias_args = {}
+    if attn_mask is not None:
+        # fp32, converted before the broadcast is expanded (a [1, 1, Tq, Tk] mask stays that size); the expanded
+        # view's stride is 0 on every broadcast dim.
+        bias = attn_mask.to(torch.float32) if attn_mask.dtype != torch.bool else \
+            torch.zeros(attn_mask.shape, device=device, dtype=torch.float32).masked_fill_(~attn_mask, float("-inf"))
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(args.attn_mask.shape)
+        bias_args = dict(Bias=bias, stride_bb=bias.stride(0), stride_bh=bias.stride(1), stride_bm=bias.stride(2),
+                         stride_bn=bias.stride(3), T_K=k.shape[2])
 
     # Unused pointer arguments get a valid tensor (the kernel never dereferences them).
     dummy = out
@@ -805,6 +862,7 @@ def residual_attention_triton(
                 args.scale, args.softcap if args.softcap is not None else 1.0,
                 **meta,
                 **launch,
+                **bias_args,
             )
 
     gram = gram32.double() if return_gram else None

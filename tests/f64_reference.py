@@ -228,7 +228,7 @@ class SinkPlain(NamedTuple):
 
 
 def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
-               idx=None, learned_sink=None, attention_chunk=None) -> SinkPlain:
+               idx=None, learned_sink=None, attention_chunk=None, attn_mask=None) -> SinkPlain:
     """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
 
     v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq]
@@ -242,10 +242,16 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     + (1 − Σ_S p_j) V[i*ᴿ], or ctx where R has no finite score; ε = ctx − ground. A row with a NaN visible
     score or a ±inf best score is non-finite: NaN out, argmax −1, NaN top1_prob and sink_mass. ``idx``
     overrides the argmax (to follow another backend on near-ties). Nothing of nqpq is used.
+
+    ``attn_mask`` (torch SDPA's: bool, True = the key takes part, or float, added to the capped scores; broadcast
+    to [B, Hq, T, Tk]; k and v then hold Tk keys): it alone decides the keys of row t, in place of the causal rule.
     """
     B, Hq, T, Dqk = q.shape
     D = v.shape[-1]
     G = Hq // k.shape[1]
+    Tk = k.shape[2]
+    if attn_mask is not None:
+        attn_mask = attn_mask.cpu().expand(B, Hq, T, Tk)
     scale = Dqk**-0.5 if scale is None else scale
     n = sink_tokens
     nan = float("nan")
@@ -256,7 +262,7 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     gap = torch.empty(B, Hq, T, dtype=torch.float64)
     gram = torch.zeros(Hq, D, D, dtype=torch.float64)
     ctx_gram = torch.zeros(Hq, D, D, dtype=torch.float64)
-    scores = torch.full((B, Hq, T, T), -math.inf, dtype=torch.float64)
+    scores = torch.full((B, Hq, T, Tk), -math.inf, dtype=torch.float64)
     bad = torch.zeros(B, Hq, T, dtype=torch.bool)
     for b in range(B):
         for h in range(Hq):
@@ -266,13 +272,18 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 if attention_chunk is not None:  # Llama 4's chunks: only the keys of t's own chunk
                     first_key = max(first_key, t // attention_chunk * attention_chunk)
                 js = torch.arange(first_key, t + 1)
+                if attn_mask is not None:  # the mask alone: its True keys, or every key with the mask added
+                    row_mask = attn_mask[b, h, t]
+                    js = torch.nonzero(row_mask)[:, 0] if row_mask.dtype == torch.bool else torch.arange(Tk)
                 s = kk[js] @ qq[t] * scale
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
+                if attn_mask is not None and attn_mask.dtype != torch.bool:
+                    s = s + attn_mask[b, h, t].double()
                 scores[b, h, t, js] = s
                 sink = None if learned_sink is None else learned_sink[h].double().cpu().reshape(1)
                 sink_bad = sink is not None and not bool(sink[0] < math.inf)
-                if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
+                if len(js) == 0 or bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
                     bad[b, h, t] = True
                     out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t], gap[b, h, t] = nan, -1, nan, nan, nan
                     gram[h] = nan
@@ -323,7 +334,7 @@ SINK_CLEAR_GAP = 1e-3  # float64 top-2 gap above which the argmax must match exa
 
 def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None,
                            softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9,
-                           learned_sink=None, attention_chunk=None) -> SinkPlain:
+                           learned_sink=None, attention_chunk=None, attn_mask=None) -> SinkPlain:
     """Compare a ResidualAttentionResult (argmax, top1_prob and sink_mass asked for) with ``sink_plain``.
 
     The argmax must equal float64's on every row whose top-2 gap (over the keys it is taken over) exceeds
@@ -334,7 +345,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     dtype = q.dtype
     T = q.shape[2]
     kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
-              sink_tokens=sink_tokens, learned_sink=learned_sink, attention_chunk=attention_chunk)
+              sink_tokens=sink_tokens, learned_sink=learned_sink, attention_chunk=attention_chunk, attn_mask=attn_mask)
     first = sink_plain(q, k, v, mode, **kw)
     idx = res.argmax.cpu()
     ok = ~first.bad
@@ -344,9 +355,12 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     assert int(clear.sum()) >= min_clear * int(ok.sum()), "test inputs are not well-conditioned"
     assert torch.equal(idx[clear], first.argmax[clear]), "argmax differs on rows with a clear maximum"
     rows = torch.arange(T).expand_as(idx)
-    assert bool((idx <= rows).all()), "index out of range"
-    r_rows = ok & (rows >= sink_tokens)  # R holds key t itself: the argmax is in R
-    assert bool((idx[r_rows] >= sink_tokens).all()), "the argmax must skip the sink on rows t >= n"
+    if attn_mask is None:
+        assert bool((idx <= rows).all()), "index out of range"
+        r_rows = ok & (rows >= sink_tokens)  # R holds key t itself: the argmax is in R
+        assert bool((idx[r_rows] >= sink_tokens).all()), "the argmax must skip the sink on rows t >= n"
+    else:
+        assert bool((idx < k.shape[2]).all()), "index out of range"
     s_at = first.scores.gather(-1, idx.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     s_best = first.scores.gather(-1, first.argmax.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     assert bool((s_at[ok] >= s_best[ok] - SINK_CLEAR_GAP).all()), "argmax is not a near-maximum"
