@@ -252,7 +252,7 @@ def check_model(model, ids, layer=None, min_rel_change=1e-3):
             got_logits = census._logits(model, ids)
         assert census._rel(got_logits, base) > min_rel_change  # crystallizing moved the logits
         assert spy.calls
-        for module, q, k, v, scaling, kwargs, got in spy.calls:
+        for _module, q, k, v, scaling, kwargs, got in spy.calls:
             want, clear = census._reference(q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
                                             kwargs.get("s_aux"), mode, basis, d_r, None, kwargs["attention_mask"],
                                             kwargs.get("position_bias"))
