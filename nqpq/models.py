@@ -246,14 +246,21 @@ def _layer_geometry(attn: nn.Module, config, index: int, name: str) -> LayerGeom
 def _logit_scale(config) -> float | None:
     """The factor the causal LM's own forward multiplies its logits by, from the config attributes transformers
     reads for it: Cohere's ``logit_scale`` (``logits * logit_scale``), Granite's ``logits_scaling``
-    (``logits / logits_scaling``). Without it the sweep's perplexities would not be the model's."""
+    (``logits / logits_scaling``), Inkling's ``logits_mup_width_multiplier`` (``lm_head(hidden / multiplier)``).
+    Without it the sweep's perplexities would not be the model's."""
     scale = getattr(config, "logit_scale", None)
     divisor = getattr(config, "logits_scaling", None)
     if scale is not None and divisor is not None:
         raise UnsupportedModelError(f"{type(config).__name__} has both logit_scale and logits_scaling")
+    # Inkling divides the final hidden state by logits_mup_width_multiplier before its (bias-free) head: the logits
+    # divided by it.
+    mup = getattr(config, "logits_mup_width_multiplier", None)
+    mup = 1.0 if mup is None else 1.0 / float(mup)
     if divisor is not None:
-        return 1.0 / float(divisor)
-    return None if scale is None else float(scale)
+        return mup / float(divisor)
+    if scale is None:
+        return None if mup == 1.0 else mup
+    return float(scale) * mup
 
 
 def _layer_window(attn: nn.Module, config, index: int) -> int | None:
@@ -355,6 +362,12 @@ def model_parts(model: nn.Module) -> ModelParts:
     if not all(getattr(a, "is_causal", True) for a in attn.values()):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
+    unpadded = getattr(text_config, "unpadded_vocab_size", None)  # Inkling drops the head's padding rows' logits
+    if unpadded is not None and isinstance(lm_head, nn.Linear) and unpadded < lm_head.out_features:
+        raise UnsupportedModelError(
+            f"{name}: its LM head's logits are cut to unpadded_vocab_size={unpadded} of {lm_head.out_features}; "
+            "nqpq's losses use the whole head"
+        )
     attn_layers = tuple(attn)
     max_positions = _get(text_config, "max_position_embeddings")
     n_default = max(1, len(attn_layers) // 4)

@@ -23,8 +23,9 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 
 from benchmarks import census  # noqa: E402
 from nqpq import residual_attention  # noqa: E402
+from nqpq.evaluate import lm_losses  # noqa: E402
 from nqpq.integration import crystallize  # noqa: E402
-from nqpq.models import model_parts  # noqa: E402
+from nqpq.models import UnsupportedModelError, model_parts  # noqa: E402
 from nqpq.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,8 +294,20 @@ def test_deepseek_v4_compressed_keys():
 
 
 def test_inkling_position_bias():
-    calls = check_model(tiny_model("inkling_text"), ids_for())
+    model = tiny_model("inkling_text")
+    calls = check_model(model, ids_for())
     assert all(c[5].get("position_bias") is not None for c in calls)
+    # Its head reads the final hidden state divided by logits_mup_width_multiplier: nqpq's losses are the model's.
+    ids = ids_for()
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        got = lm_losses(model, hidden, ids)
+    want = census._model_losses(census._logits(model, ids), ids)
+    assert model.config.logits_mup_width_multiplier != 1.0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    model.config.unpadded_vocab_size = model.config.vocab_size - 8
+    with pytest.raises(UnsupportedModelError, match="unpadded_vocab_size"):
+        model_parts(model)
 
 
 def test_qwen4_exp_key_selection():
