@@ -146,13 +146,15 @@ def _score_mask(module: nn.Module, spec: LayerSpec, attention_mask: Tensor | Non
     scores + position_bias + mask (a bool mask: -inf where False; no mask: the layer's causal visibility)."""
     own = (attention_mask is not None and attention_mask is not spec.received_mask
            and not (Tk == T and _plain_mask(attention_mask, T, window, chunk)))
+    received = spec.received_mask
+    cached = received is not None and received.dim() == 4 and received.shape[-1] != T  # the model's mask: past keys
+    if (not own and Tk != T) or cached:
+        raise ValueError(
+            f"crystallized attention scores whole sequences; got {T} queries for {Tk} keys "
+            "(a KV cache / generation is not supported)"
+        )
     if not own:
         _check_mask(attention_mask, T, window, chunk)  # the plain causal mask, or refused (padding, custom)
-        if Tk != T:
-            raise ValueError(
-                f"crystallized attention scores whole sequences; got {T} queries for {Tk} keys "
-                "(a KV cache / generation is not supported)"
-            )
         if position_bias is None:
             return None
         attention_mask = ~_hidden_keys(T, window, position_bias.device, chunk)
