@@ -31,6 +31,11 @@ epilogue). ``HAS_SINK`` (n > 0) is the only compile-time switch, n itself a runt
 kernel serves every n >= 1, and n = 0 runs the kernel without any sink code (the spec, bit for bit).
 In top1 mode with a sink the exponentials are needed (m_S) but ``P @ V`` only over the sink tiles.
 
+An explicit mask (``attn_mask``: ``HAS_BIAS``, one more compiled variant) decides visibility alone: the program
+walks every key tile [0, Tk) (Tk may exceed T: keys a model appends) and adds the mask's fp32 [BLOCK_M, BLOCK_N]
+tile (int64 offsets, masked loads, stride 0 on broadcast dims) to the capped scores; the causal walks are then
+empty ranges, and the epilogue is the same code.
+
 Head dims that are not a power of two (80, 96, ...) are padded to one inside the
 kernel (masked loads and stores). Non-finite rows (a NaN score, or a best score
 of ±inf) give NaN outputs, argmax -1, top1_prob and sink_mass NaN, and never an
