@@ -312,3 +312,48 @@ def test_inkling_position_bias():
 
 def test_qwen4_exp_key_selection():
     check_model(tiny_model("qwen4_exp_text"), ids_for())
+
+
+class _Collect:
+    """A gram_sink / stats_sink: keeps what it is given."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, layer, *tensors):
+        self.items.append((layer, *tensors))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v4", "doge"])
+def test_observed_gram_and_statistics_with_a_module_mask(family):
+    """Calibration's Gram and the statistics under a module-built mask: Σ εεᵀ equals float64's ε = ctx − ground on
+    each call's q, k, v and mask, every argmax is a key index < Tk (an appended key counts as none of crystallinity's
+    sink / self / previous), and the model's output is left bit for bit."""
+    from nqpq.integration import observe_residuals
+
+    model = tiny_model(family, **({"keep_window_size": 8} if family == "doge" else {}))
+    ids = ids_for()
+    parts = model_parts(model)
+    li = parts.attn_layers[-1]
+    geo = parts.geometry[li]
+    base = census._logits(model, ids)
+    grams, stats = _Collect(), _Collect()
+    with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
+        assert torch.equal(census._logits(model, ids), base)
+    eye = torch.eye(geo.v_dim).expand(geo.n_heads, -1, -1)
+    want = torch.zeros(geo.n_heads, geo.v_dim, geo.v_dim, dtype=torch.float64)
+    with torch.no_grad():
+        for _module, q, k, v, scaling, kwargs, _out in spy.calls:
+            args = (q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
+            rest = (None, kwargs["attention_mask"], kwargs.get("position_bias"))
+            ground, _ = census._reference(*args, "top1", None, None, *rest)
+            ctx, _ = census._reference(*args, "lowrank", eye, geo.v_dim, *rest)
+            eps = ctx - ground  # [B, T, Hq, Dv]
+            want += torch.einsum("bthi,bthj->hij", eps, eps)
+    got = sum(g for _, g in grams.items)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    (_, argmax, top1, *mass), = stats.items
+    Tk = spy.calls[0][2].shape[2]
+    assert bool((argmax >= 0).all()) and bool((argmax < Tk).all()) and bool(((top1 > 0) & (top1 <= 1)).all())
+    if geo.learned_sink:
+        assert mass and bool(((mass[0] > 0) & (mass[0] < 1)).all())
