@@ -48,6 +48,11 @@ and with m_S the ``sink_tokens`` mass of this p,
 (rows whose R has no finite score still have ground = ctx). ``top1_prob`` is p[argmax] in this softmax and
 ``sink_mass`` is m_S + m_L, all the mass kept apart.
 
+An explicit mask (``attn_mask``, torch SDPA's: bool, True = the key takes part, or float, added; broadcast to
+``[B, Hq, Tq, Tk]``) replaces the causal rule: s = q kᵀ · scale (capped) + mask (−inf where a bool mask is False),
+over all Tk keys (k and v may hold Tk != Tq keys: keys the model appends); every rule above then reads "visible"
+as "a finite score", and i* may be a key >= Tq.
+
 Widths (multi-head latent attention): q and k may be Dqk wide and v Dv wide. The scores live in the q/k width
 (the default scale is Dqk**-0.5); ctx, V[i*], ε, out, the basis ``[Hq, Dv, R]`` and the Gram ``[Hq, Dv, Dv]``
 in the value width.
