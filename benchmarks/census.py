@@ -91,6 +91,22 @@ _FAMILY_KWARGS = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
     # the last two layers reuse the keys and values of the last layer of their type before them
     "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"] * 3, "num_kv_shared_layers": 2},
+    # Zamba ties every hybrid layer's shared transformer to the first one's: the default pattern's first 6 layers
+    # hold one hybrid layer, and the tie then has no other layer to match (post_init refuses it). Two, as at scale.
+    "zamba": {"layers_block_type": ["linear_attention", "linear_attention", "hybrid"] * 2},
+    # Its default config leaves the per-layer-type rotary parameters to the checkpoint (the rotary module reads
+    # rope_parameters[layer type]); text positions are the same on the three M-RoPE axes, split 4/2/2 of 8.
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}}},
+    # Its attention reads attn_config.rope_theta, which DbrxAttentionConfig no longer declares, and clamps q, k, v
+    # to ±clip_qkv unconditionally (torch.clamp refuses two None bounds); the checkpoints' attn_config (and
+    # transformers' own DBRX test) carry both. Entries for a sub-config join that sub-config.
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},
+    # Axial position embeddings: the widths of the two axes sum to hidden_size (the default's 64 + 192 of 256).
+    "reformer": {"axial_pos_embds_dim": [16, 48]},
+    # X-MOD routes every token through one language adapter: the input's, else the config's default language,
+    # which the default config leaves unset (users call set_default_language); its one language, as set there.
+    "xmod": {"default_language": "en_XX"},
 }
 # Sizes some configs take as keyword arguments only (not fields): Gemma 4's full-attention head width.
 _POPPED = {"global_head_dim": 32}
@@ -160,16 +176,18 @@ def tiny_config(model_type: str):
     cls = _model_class(model_type).config_class  # Musicgen's causal LM takes its decoder's config, not the model's
     default = cls()
     # is_decoder: what a user sets to run a BERT-style model as a causal LM (their default is bidirectional).
-    kwargs = {**_shrunk_kwargs(default, text=True), "is_decoder": True, **_FAMILY_KWARGS.get(model_type, {})}
+    family = _FAMILY_KWARGS.get(model_type, {})
+    kwargs = {**_shrunk_kwargs(default, text=True), "is_decoder": True, **family}
     for name in getattr(cls, "sub_configs", {}) or {}:
         sub = getattr(default, name, None)
         if sub is None or not hasattr(sub, "to_dict"):
             continue
         text = name in ("text_config", "language_config", "llm_config", "decoder_config")
+        extra = family.get(name, {})  # the family's own entries for this sub-config (DBRX: attn_config.rope_theta)
         try:  # the instance the parent built, shrunk
-            small = type(sub)(**{**sub.to_dict(), **_shrunk_kwargs(sub, text=text)})
+            small = type(sub)(**{**sub.to_dict(), **_shrunk_kwargs(sub, text=text), **extra})
         except Exception:  # noqa: BLE001 - else the sub-config's own defaults, shrunk
-            small = type(sub)(**_shrunk_kwargs(type(sub)(), text=text))
+            small = type(sub)(**_shrunk_kwargs(type(sub)(), text=text), **extra)
         for key, value in vars(sub).items():  # values the parent handed it outside its fields (DBRX: rope_theta)
             if key not in vars(small):
                 setattr(small, key, value)
