@@ -6,7 +6,9 @@
 For each entry of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random config is built from the family's own
 defaults (shrunk: hidden 64, 4 heads of 16, at most 6 layers, 4 experts, ...), the model is built from it in
 float32 and run on 2 × 24 random tokens, no mask, under eager (at the default weight scale and with the
-attention weights made sharper) and sdpa (default scale). Outcomes:
+attention weights made sharper) and sdpa (default scale). A family whose forward takes more than a row of tokens
+is fed what it takes (``model_inputs``; Musicgen: one row per codebook; the Gemma 4 assistants: their target
+model's state). Outcomes:
 
 - EXACT: full mode on the last attention layer and on every attention layer gives the model's logits
   (rel ≤ 1e-5, max |Δ| / max |logit|); the prefix replay (``PrefixRunner``, every layer from the first attention
@@ -202,7 +204,7 @@ def tiny_config(model_type: str):
             small = type(sub)(**{**built, **_shrunk_kwargs(sub, text=text), **extra})
         except Exception:  # noqa: BLE001 - else the sub-config's own defaults, shrunk
             small = type(sub)(**_shrunk_kwargs(type(sub)(), text=text), **extra)
-        for key, value in vars(sub).items():  # values the parent handed it outside its fields (DBRX: rope_theta)
+        for key, value in vars(sub).items():  # values the parent set on it outside its fields
             if key not in vars(small):
                 setattr(small, key, value)
         kwargs[name] = small
@@ -323,7 +325,7 @@ def model_inputs(model, ids) -> dict:
         "shared_kv_states": {kind: (torch.randn(n_rows, h, n_keys, d, generator=g),
                                     torch.randn(n_rows, h, n_keys, d, generator=g))
                              for kind, (h, d) in shapes.items()},
-        "position_ids": torch.full((n_rows, 1), n_keys, dtype=torch.long),
+        "position_ids": torch.full((n_rows, 1), n_keys - 1, dtype=torch.long),  # the last target token's, as there
     }
 
 
