@@ -472,10 +472,19 @@ class UpToHead:
         try:
             self.holder(hidden)
         except _HeadInput as got:
+            self._finish_hooks()
             return got.hidden
         finally:
             handle.remove()
         raise UnsupportedModelError(f"{type(self.holder).__name__} did not call its LM head")
+
+    def _finish_hooks(self) -> None:
+        """The accelerate hooks of the modules around the head, whose forward the stop left: their post-forward (an
+        offloaded module's own weights, BERT's output bias, back off the device) as a completed call would run it."""
+        for module in self.holder.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and module is not self.lm_head and any(m is self.lm_head for m in module.modules()):
+                hook.post_forward(module, None)
 
     def __repr__(self) -> str:
         return f"UpToHead({type(self.holder).__name__} up to its {type(self.lm_head).__name__})"

@@ -134,3 +134,26 @@ def test_heads_nqpq_cannot_follow_are_refused_by_name():
     config.asm_div_value = 4.0  # the model reads it; transformers 5.25's XLMConfig no longer sets it
     with pytest.raises(UnsupportedModelError, match="adaptive softmax"):
         model_parts(tf.XLMWithLMHeadModel(config))
+
+
+@torch.no_grad()
+def test_an_offloaded_prediction_head(tmp_path):
+    """BERT's prediction head offloaded to disk (accelerate loads its weights per call): the transform runs under its
+    hooks, the head's weight is loaded for lm_losses, and every weight of the head is back off the device after."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("bert")
+    ids = blocks(3)
+    want = model_losses(model, ids)
+    device_map = {"bert.embeddings": "cpu", "bert.encoder": "cpu", "cls": "disk"}
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path / "off"))
+    offloaded = lambda: {n for n, p in model.cls.named_parameters() if p.device.type == "meta"}  # noqa: E731
+    names = offloaded()  # all but the decoder's weight, tied to the input embedding (on the cpu)
+    assert {"predictions.bias", "predictions.transform.dense.weight"} <= names
+    parts = model_parts(model)
+    assert isinstance(parts.head_transform, UpToHead)
+    torch.testing.assert_close(block_losses(model, ids, 2), want, rtol=1e-6, atol=0)
+    runner = PrefixRunner(model, ids, [slice(0, 2), slice(2, 3)], start=[parts.attn_layers[-1]])
+    torch.testing.assert_close(runner.capture_baseline(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(runner.losses(), want, rtol=1e-6, atol=0)
+    assert names <= offloaded()  # the stop at the head left no weight loaded (BERT's output bias included)
