@@ -459,6 +459,7 @@ def census_family(model_type: str) -> dict:
             "learned sinks" if any(g.learned_sink for g in parts.geometry.values()) else "",
             "q/k width ≠ v width" if any(g.qk_dim != g.v_dim for g in parts.geometry.values()) else "",
             "attention chunks" if any(g.attention_chunk for g in parts.geometry.values()) else "",
+            "a transform before the LM head" if parts.head_transform is not None else "",
         ]))
         errors.update(_checks(model, parts, ids, "eager", modes=True))
         _sharpen(parts)

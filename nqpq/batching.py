@@ -37,7 +37,9 @@ def free_memory(device: torch.device) -> int:
 def batch_bytes_per_block(parts, hidden: int, seq_len: int, dtype: torch.dtype) -> int:
     """Peak bytes one block adds to a batch, for the model's real dtype.
 
-    - the layer's activations: ~16 tensors of [T, hidden] (attention projections, MLP at 4x hidden);
+    - the layer's activations: ~16 tensors of [T, hidden] (attention projections, MLP at 4x hidden); a BERT-style
+      head transform (``ModelParts.head_transform``: dense, activation, LayerNorm, ~4 tensors of [T, hidden]) runs
+      after the layers, on memory they no longer hold;
     - the model's own eager attention: scores and probabilities, [Hq, T, T] each, in the model dtype;
     - the reference op (CPU and the "torch" backend): two fp32 [Hq, T, T] buffers, and ε [Hq, T, D] fp32;
     - the kernel's Gram partials: [Hq · ⌈T/16⌉, D, D] fp32 (the smallest row tile), when calibrating.

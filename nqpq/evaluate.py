@@ -104,6 +104,11 @@ def lm_losses(
     issue 17's float64 loss took 1.18x (``benchmarks/results/logits_cpu.csv``, then and now).
     """
     parts = parts or model_parts(model)
+    transform = getattr(parts, "head_transform", None)  # a bare head description (benchmarks.logits) has none
+    if transform is not None:
+        # A BERT-style prediction head's transform (dense, activation, LayerNorm) first, as the model's forward
+        # applies it: in the model's dtype, where its modules compute (a device map moves the result back).
+        hidden = transform(hidden).to(hidden.device)
     N, T, C = hidden.shape
     flat_hidden = hidden[:, :-1].reshape(-1, C)
     flat_labels = labels[:, 1:].reshape(-1).to(hidden.device)

@@ -14,7 +14,10 @@ structurally:
 - the geometry is read per attention layer from its module (Gemma 4: head_dim per layer; dots3: heads per
   layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
 - what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
-  is found by ``after_layers`` from one forward's own values.
+  is found by ``after_layers`` from one forward's own values;
+- what the causal LM applies between the body's output and the LM head (a BERT-style prediction head's dense,
+  activation and LayerNorm) is found by ``head_transform``: among the modules beside the body and the head, the
+  one that maps the body's output to what the head receives bit for bit in the model's own forward.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
+from .devices import execution_device, input_device
 from .errors import NqpqError
 
 # The name the attention modules of transformers look their attention function up in.
@@ -75,6 +80,9 @@ class ModelParts:
     max_positions: int | None
     attn_softcap: float | None  # scores → c·tanh(s / c) before masking (Gemma 2)
     default_layers: tuple[int, ...]  # the last quarter of the attention layers (GPT-2 small: 9, 10, 11)
+    # What the causal LM applies to the body's last_hidden_state before the LM head: None (the head takes it as it
+    # is), or a BERT-style prediction head's transform (``head_transform``); lm_losses applies it.
+    head_transform: Callable[[Tensor], Tensor] | None = None
 
     def largest(self, field: str, layers: tuple[int, ...] | None = None) -> int:
         """The largest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for sizing."""
@@ -153,7 +161,8 @@ def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Mo
     """The base text model: ``get_decoder()``, or (a causal LM whose ``base_model_prefix`` does not name its base
     model: Llama 4) the one submodule holding the decoder layers under the text config."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if isinstance(body, nn.Module) and body is not model:
+    # ModernBERT-decoder names its LM head ``decoder``, which get_decoder() then returns.
+    if isinstance(body, nn.Module) and body is not model and body is not model.get_output_embeddings():
         return body
     holders = [m for m in model.modules() if m is not model
                and any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in m.children())]
@@ -317,24 +326,16 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(
             f"{name} has no language-model head (an encoder-only or base model); load it with AutoModelForCausalLM"
         )
-    if not any(child is lm_head for child in model.children()):
+    if isinstance(lm_head, nn.AdaptiveLogSoftmaxWithLoss):
         raise UnsupportedModelError(
-            f"{name}: its LM head ({type(lm_head).__name__}) sits inside a prediction head that transforms the "
-            "hidden state first (BERT-style); nqpq needs the LM head applied to the base model's output"
+            f"{name}: its LM head is an adaptive softmax (AdaptiveLogSoftmaxWithLoss: XLM's asm=True), not a Linear "
+            "giving logits over the vocabulary; nqpq forms the loss from a Linear LM head's logits"
         )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n_layers = _get(text_config, "num_hidden_layers")
     if not isinstance(n_layers, int):
         raise UnsupportedModelError(f"{name}: its text config {type(text_config).__name__} has no num_hidden_layers")
     body = _text_body(model, text_config, n_layers, name)
-    between = [child_name for child_name, child in model.named_children()
-               if child is not lm_head and not any(m is body for m in child.modules())
-               and any(True for _ in child.parameters())]
-    if between:
-        raise UnsupportedModelError(
-            f"{name}: {between} hold parameters beside its base model and LM head (a transform before the head?); "
-            "nqpq needs the LM head applied to the base model's output"
-        )
     layers = _decoder_layers(body, n_layers, name)
     found = {i: _attention_module(layer, i, name) for i, layer in enumerate(layers)}
     attn = {i: a for i, a in found.items() if a is not None}
@@ -354,6 +355,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         )
     if not all(getattr(a, "is_causal", True) for a in attn.values()):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
+    transform = head_transform(model, body, lm_head, config, text_config)
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
     attn_layers = tuple(attn)
     max_positions = _get(text_config, "max_position_embeddings")
@@ -376,6 +378,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         max_positions=None if not isinstance(max_positions, int) else max_positions,
         attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
         default_layers=attn_layers[-n_default:],
+        head_transform=transform,
     )
 
 
@@ -401,6 +404,10 @@ def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -
     for child_name, child in parts.body.named_children():
         if id(child) in skip or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Embedding)):
             continue
+        if any(m is parts.layers for m in child.modules()):
+            # The module around the layers (BERT's encoder): calling it would run every layer again, under the
+            # recording hooks of the replay's capture.
+            continue
         tried.append(child_name)
         try:
             with torch.no_grad():
@@ -417,3 +424,171 @@ def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -
 
 def _identity(hidden: Tensor) -> Tensor:
     return hidden
+
+
+# ---------------------------------------------------------------------------------------------- head transform
+
+# The probe of ``head_transform``: one sequence of this many positions, a fixed seed for its hidden state.
+_PROBE_TOKENS = 5
+_PROBE_SEED = 0
+
+
+@dataclass
+class _ProbeOutput(ModelOutput):
+    """The stubbed body's output in ``head_transform``'s probe: the given last_hidden_state, None for any other
+    field the model's forward passes on (its cache, hidden states, attentions)."""
+
+    last_hidden_state: Tensor | None = None
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return None
+
+
+class _HeadInput(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by the LM head's pre-hook inside ``UpToHead``: carries what the head was handed, so its GEMM over the
+    vocabulary never runs."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+class UpToHead:
+    """A prediction head holding the LM head (BERT's ``cls``, RoBERTa's ``lm_head``), run up to its call of the LM
+    head: ``UpToHead(holder, lm_head)(hidden)`` is what ``holder(hidden)`` hands ``lm_head`` (BERT: its dense,
+    activation and LayerNorm). The holder's own forward computes it, whatever it does before the head."""
+
+    def __init__(self, holder: nn.Module, lm_head: nn.Module):
+        self.holder, self.lm_head = holder, lm_head
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        def stop(module, args, kwargs):
+            raise _HeadInput(args[0] if args else next(iter(kwargs.values())))
+
+        # A torch pre-hook runs before accelerate's wrapper of the head's forward: an offloaded head is not loaded.
+        handle = self.lm_head.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.holder(hidden)
+        except _HeadInput as got:
+            self._finish_hooks()
+            return got.hidden
+        finally:
+            handle.remove()
+        raise UnsupportedModelError(f"{type(self.holder).__name__} did not call its LM head")
+
+    def _finish_hooks(self) -> None:
+        """The accelerate hooks of the modules around the head, whose forward the stop left: their post-forward (an
+        offloaded module's own weights, BERT's output bias, back off the device) as a completed call would run it."""
+        for module in self.holder.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and module is not self.lm_head and any(m is self.lm_head for m in module.modules()):
+                hook.post_forward(module, None)
+
+    def __repr__(self) -> str:
+        return f"UpToHead({type(self.holder).__name__} up to its {type(self.lm_head).__name__})"
+
+
+def head_transform(model: nn.Module, body: nn.Module, lm_head: nn.Module, config=None,
+                   text_config=None) -> Callable[[Tensor], Tensor] | None:
+    """What ``model``'s forward applies to the body's ``last_hidden_state`` before its LM head: None where the head
+    takes it as it is, else the one module (or ``UpToHead`` of the one module holding the head) that computes it.
+
+    The usual causal LM (the head a child of the model, nothing else beside the body with parameters) is taken as
+    it is, without running anything. Otherwise the candidates are the model's children with parameters beside the
+    body and the head (ELECTRA's ``generator_predictions``, ModernBERT-decoder's ``lm_head``), a child holding the
+    head taken up to its call of the head (BERT's ``cls``, RoBERTa's ``lm_head``, XLM's ``pred_layer``); the model's
+    own forward, with the body stubbed to return a fixed hidden state h (no attention runs: an active
+    crystallization sees nothing), says which: the head must be called once, its output must be the model's logits
+    (where the model has no logit scale or soft-cap), and exactly one candidate (or nothing) must map h to what the
+    head received, bit for bit. Anything else is refused.
+    """
+    name = type(model).__name__
+    outside = [(child_name, child) for child_name, child in model.named_children()
+               if child is not lm_head and not any(m is body for m in child.modules())
+               and any(True for _ in child.parameters())]
+    if any(child is lm_head for child in model.children()) and not outside:
+        return None
+    candidates = [(child_name, UpToHead(child, lm_head) if any(m is lm_head for m in child.modules()) else child)
+                  for child_name, child in outside]
+    h, received, calls, head_out, logits = _probe_head(model, body, lm_head, text_config or config, name)
+    if calls != 1:
+        raise UnsupportedModelError(
+            f"{name}: its forward calls its LM head {calls} times on one hidden state; nqpq needs one call")
+    plain = config is None or (_logit_scale_of(config, text_config or config) is None and not (
+        _first_of(config, "final_logit_softcapping", text_config) or _first_of(config, "logits_soft_cap", text_config)))
+    if plain and not _equal(head_out, logits):
+        raise UnsupportedModelError(
+            f"{name}: its logits are not its LM head's output (something acts after the head); nqpq forms the loss "
+            "from the LM head's logits")
+    if _equal(received, h):
+        return None
+    matches = []
+    for child_name, candidate in candidates:
+        try:
+            with torch.no_grad():
+                out = candidate(h)
+        except Exception:  # noqa: BLE001 - a child that does not take the hidden state is not the transform
+            continue
+        if _equal(out, received):
+            matches.append((child_name, candidate))
+    if len(matches) != 1:
+        raise UnsupportedModelError(
+            f"{name}: cannot tell what it applies between its base model and its LM head "
+            f"({len(matches)} of its modules {[n for n, _ in candidates]} map the base model's output to what the "
+            "head receives); nqpq needs the LM head applied to the base model's output, or to one module's output")
+    return matches[0][1]
+
+
+def _equal(a: object, b: object) -> bool:
+    """Two tensors of the same shape and dtype with the same values (on whichever devices)."""
+    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and bool(torch.equal(a.to(b.device), b)))
+
+
+def _probe_head(model: nn.Module, body: nn.Module, lm_head: nn.Module, text_config, name: str):
+    """The model's own forward from a body output to its logits, with ``body`` stubbed to return a fixed hidden
+    state h ``[1, 5, hidden_size]``: (h, what the LM head received, how often it was called, its output, the
+    model's logits)."""
+    width = _get(text_config, "hidden_size")
+    params = [p for p in body.parameters() if p.is_floating_point()]
+    if not isinstance(width, int) or not params:
+        raise UnsupportedModelError(
+            f"{name}: its config gives no hidden_size of its base model's output; cannot find what it applies "
+            "between its base model and its LM head")
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    h = torch.randn(1, _PROBE_TOKENS, width, generator=generator).to(execution_device(lm_head), params[0].dtype)
+    vocab = _get(text_config, "vocab_size")
+    ids = (torch.arange(_PROBE_TOKENS) % (vocab if isinstance(vocab, int) and vocab > 0 else 1))[None]
+    seen: list = []
+
+    def record(module, args, kwargs, out):
+        seen.append((args[0] if args else next(iter(kwargs.values())), out))
+
+    def stub(*args, **kwargs):
+        return _ProbeOutput(last_hidden_state=h)
+
+    own = body.__dict__.get("forward")  # accelerate's hook keeps its wrapper there
+    body.forward = stub
+    handle = lm_head.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids.to(input_device(model)), use_cache=False)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the stubbed body's output lacked something the forward reads
+        raise UnsupportedModelError(
+            f"{name}: cannot run its forward from a given base-model output to find what it applies between its "
+            f"base model and its LM head ({type(err).__name__}: {err})") from err
+    finally:
+        handle.remove()
+        if own is None:
+            del body.forward
+        else:
+            body.forward = own
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    received, head_out = seen[0] if seen else (None, None)
+    return h, received, len(seen), head_out, logits
