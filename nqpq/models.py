@@ -331,6 +331,11 @@ def model_parts(model: nn.Module) -> ModelParts:
             f"{name}: its LM head is an adaptive softmax (AdaptiveLogSoftmaxWithLoss: XLM's asm=True), not a Linear "
             "giving logits over the vocabulary; nqpq forms the loss from a Linear LM head's logits"
         )
+    if not isinstance(lm_head, nn.Linear):  # Musicgen Melody: one head per codebook (a ModuleList)
+        raise UnsupportedModelError(
+            f"{name}: its LM head is a {type(lm_head).__name__}, not one Linear giving logits over the vocabulary; "
+            "nqpq forms the loss from a Linear LM head's logits"
+        )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n_layers = _get(text_config, "num_hidden_layers")
     if not isinstance(n_layers, int):

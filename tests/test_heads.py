@@ -134,6 +134,11 @@ def test_heads_nqpq_cannot_follow_are_refused_by_name():
     config.asm_div_value = 4.0  # the model reads it; transformers 5.25's XLMConfig no longer sets it
     with pytest.raises(UnsupportedModelError, match="adaptive softmax"):
         model_parts(tf.XLMWithLMHeadModel(config))
+    # Musicgen Melody's heads: one Linear per codebook. Refused by model_parts, before any forward runs.
+    config = tf.MusicgenMelodyDecoderConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                            num_attention_heads=4, num_codebooks=2)
+    with pytest.raises(UnsupportedModelError, match="its LM head is a ModuleList, not one Linear"):
+        model_parts(tf.MusicgenMelodyForCausalLM(config))
 
 
 @torch.no_grad()
