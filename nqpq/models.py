@@ -136,20 +136,56 @@ def _passes_learned_sink(module: nn.Module) -> bool:
     return any(_SINK_KWARG == c or (isinstance(c, tuple) and _SINK_KWARG in c) for c in code.co_consts)
 
 
-def _decoder_layers(body: nn.Module, n_layers: int, name: str) -> nn.ModuleList:
-    found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
-        found = [m for child in body.children() for m in child.children()
-                 if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if len(found) != 1:
-        raise UnsupportedModelError(
-            f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} "
-            f"modules in {type(body).__name__}); found {len(found)}"
-        )
-    return found[0]
+def _decoder_layers(body: nn.Module, n_layers: int | None, name: str) -> nn.ModuleList:
+    """The body's decoder layers: its one ``nn.ModuleList`` of ``num_hidden_layers`` entries, else (a config whose
+    ``num_hidden_layers`` counts something else, or none) the layers transformers marks as such."""
+    found = []
+    if n_layers is not None:
+        found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+        if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
+            found = [m for child in body.children() for m in child.children()
+                     if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(found) == 1:
+        return found[0]
+    stacks = _layer_stacks(body) if not found else []
+    if len(stacks) == 1:
+        return stacks[0]
+    if stacks:  # several stacks of layers (HRM's high- and low-level modules): one index over all, in module order
+        return nn.ModuleList([layer for stack in stacks for layer in stack])
+    raise UnsupportedModelError(
+        f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} modules in "
+        f"{type(body).__name__}, or of transformers' decoder layers); found {len(found)}"
+    )
 
 
-def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Module:
+def _layer_stacks(body: nn.Module) -> list[nn.ModuleList]:
+    """The ``nn.ModuleList``s under ``body`` whose entries are transformers' layers (``GradientCheckpointingLayer``:
+    the class every decoder layer of transformers derives from) with at least one attention module among them, in
+    module order; never one inside a layer. Where ``num_hidden_layers`` does not count the modules: Blenderbot's
+    counts its encoder's layers, LongCat-Flash's its attention blocks (two per layer), HRM's the layer calls of its
+    recurrent forward (two stacks run in cycles)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers before the class
+        return []
+    stacks: list[nn.ModuleList] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, GradientCheckpointingLayer):
+                continue
+            if (isinstance(child, nn.ModuleList) and len(child)
+                    and all(isinstance(m, GradientCheckpointingLayer) for m in child)
+                    and any(_uses_attention_interface(m) for layer in child for m in layer.modules())):
+                stacks.append(child)
+            else:
+                visit(child)
+
+    visit(body)
+    return stacks
+
+
+def _text_body(model: nn.Module, text_config, n_layers: int | None, name: str) -> nn.Module:
     """The base text model: ``get_decoder()``, or (a causal LM whose ``base_model_prefix`` does not name its base
     model: Llama 4) the one submodule holding the decoder layers under the text config."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -179,15 +215,62 @@ def _is_cross_attention(module: nn.Module) -> bool:
     return any(p in params for p in ("cross_attention_states", "encoder_hidden_states"))
 
 
+def _takes_other_states(module: nn.Module) -> bool:
+    """Whether the module's forward takes states to attend to besides its own (Bart-style ``key_value_states``:
+    the same class serves as self- and cross-attention, told apart by ``is_causal``)."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return _is_cross_attention(module) or "key_value_states" in params
+
+
+def _takes_mask(module: nn.Module) -> bool:
+    """Whether the module's forward takes an attention mask: every attention over a layer's tokens does; one over
+    something else (Inkling 2's block attention residuals: a learned query over the stacked states of earlier
+    blocks, per position, maskless) does not."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "attention_mask" in params or any(p.kind is p.VAR_POSITIONAL for p in params.values())
+
+
 def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | None:
     """The layer's self-attention module, or None for a layer without one (a hybrid's SSM layer, or Mllama's
-    cross-attention layers, which attend to image states and which a text-only forward skips)."""
+    cross-attention layers, which attend to image states and which a text-only forward skips).
+
+    A layer with several modules going through the interface keeps its one causal attention over its tokens;
+    a non-causal one that takes no attention mask attends over something other than the tokens (Inkling 2's
+    attention over the states of earlier blocks) and is left to run the model's own function. A cross-attention
+    beside the self-attention (Bart-style decoder layers), a second causal attention (LongCat-Flash: two
+    attention blocks per layer) or a bidirectional one are refused by name."""
     found = [m for m in layer.modules() if _uses_attention_interface(m)]
     if len(found) > 1:
-        raise UnsupportedModelError(
-            f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
-            "transformers' AttentionInterface (a cross-attention beside the self-attention?); nqpq needs one"
-        )
+        names = {id(m): n for n, m in layer.named_modules()}
+        label = {id(m): f"{names[id(m)]} ({type(m).__name__})" for m in found}
+        causal = [m for m in found if getattr(m, "is_causal", True) is not False]
+        others = [m for m in found if m not in causal]
+        cross = [m for m in others if _takes_other_states(m)]
+        if len(causal) == 1 and cross:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) holds a cross-attention, "
+                f"{label[id(cross[0])]}, beside its self-attention {label[id(causal[0])]} (an encoder-decoder's "
+                "decoder layer); nqpq handles decoder-only causal LMs with one self-attention per layer"
+            )
+        if len(causal) > 1:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) runs {len(causal)} causal self-attentions, "
+                f"{', '.join(label[id(m)] for m in causal)}; nqpq crystallizes one attention per layer"
+            )
+        token = [m for m in found if _takes_mask(m)]
+        if len(causal) != 1 or token != causal:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
+                f"transformers' AttentionInterface ({', '.join(label.values())}), not one causal attention over "
+                "its tokens beside attentions over other states; nqpq needs one"
+            )
+        found = causal  # the others (no mask, not causal) attend over something else: the model's own function
     return found[0] if found and not _is_cross_attention(found[0]) else None
 
 
@@ -323,9 +406,8 @@ def model_parts(model: nn.Module) -> ModelParts:
             "hidden state first (BERT-style); nqpq needs the LM head applied to the base model's output"
         )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_layers = _get(text_config, "num_hidden_layers")
-    if not isinstance(n_layers, int):
-        raise UnsupportedModelError(f"{name}: its text config {type(text_config).__name__} has no num_hidden_layers")
+    n_layers = _get(text_config, "num_hidden_layers")  # None (BLT): the layers are found structurally
+    n_layers = n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None
     body = _text_body(model, text_config, n_layers, name)
     between = [child_name for child_name, child in model.named_children()
                if child is not lm_head and not any(m is body for m in child.modules())
@@ -372,7 +454,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         # Gemma 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap (the same c·tanh(logits / c)).
         final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config)
         or _first_of(config, "logits_soft_cap", text_config),
-        n_layers=n_layers,
+        n_layers=len(layers),
         max_positions=None if not isinstance(max_positions, int) else max_positions,
         attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
         default_layers=attn_layers[-n_default:],
