@@ -172,7 +172,7 @@ def _layer_stacks(body: nn.Module) -> list[nn.ModuleList]:
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
-            if isinstance(child, GradientCheckpointingLayer):
+            if isinstance(child, GradientCheckpointingLayer) or _own_head(child):
                 continue
             if (isinstance(child, nn.ModuleList) and len(child)
                     and all(isinstance(m, GradientCheckpointingLayer) for m in child)
@@ -183,6 +183,16 @@ def _layer_stacks(body: nn.Module) -> list[nn.ModuleList]:
 
     visit(body)
     return stacks
+
+
+def _own_head(module: nn.Module) -> bool:
+    """Whether ``module`` is a language model of its own inside the body, with its own LM head (BLT's entropy
+    patcher, run before the body's layers to choose the patch boundaries): its layers are not the body's."""
+    get = getattr(module, "get_output_embeddings", None)
+    try:
+        return callable(get) and isinstance(get(), nn.Module)
+    except Exception:  # noqa: BLE001 - a model that cannot say has none
+        return False
 
 
 def _text_body(model: nn.Module, text_config, n_layers: int | None, name: str) -> nn.Module:
