@@ -5,12 +5,17 @@ model), ``get_output_embeddings()`` the LM head, ``config.get_text_config(decode
 the layer count, the logit soft-caps and the sliding windows. What it does not say directly is found
 structurally:
 
-- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries;
+- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries; where that count is of
+  something else (Blenderbot: its encoder's layers; LongCat-Flash: attention blocks; HRM: layer calls of its
+  recurrent forward) or missing (BLT), the lists of transformers' layer class (``GradientCheckpointingLayer``) under
+  the body, one index over all of them in module order (HRM's low then high stack; BLT's local encoder, global
+  transformer, local decoder);
 - a layer's attention module is the submodule whose ``forward`` looks its function up in
   ``ALL_ATTENTION_FUNCTIONS`` (that lookup is what crystallization hooks into). A layer without one is not an
   attention layer (the linear-attention, SSM or recurrent layers of a hybrid); a model without any does not go
-  through the attention interface and is refused, and so is a layer with two (a cross-attention beside the
-  self-attention);
+  through the attention interface and is refused. Beside its causal self-attention a layer may hold an attention
+  over other states that takes no mask (Inkling 2's over earlier blocks): that one keeps the model's own function.
+  A cross-attention beside the self-attention, or two causal self-attentions in one layer, are refused by name;
 - the geometry is read per attention layer from its module (Gemma 4: head_dim per layer; dots3: heads per
   layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
 - what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
