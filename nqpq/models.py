@@ -282,8 +282,8 @@ def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | No
         if len(causal) != 1 or token != causal:
             raise UnsupportedModelError(
                 f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
-                f"transformers' AttentionInterface ({', '.join(label.values())}), not one causal attention over "
-                "its tokens beside attentions over other states; nqpq needs one"
+                f"transformers' AttentionInterface ({', '.join(label.values())}): {len(causal)} causal, {len(cross)} "
+                "taking other states to attend to (a cross-attention); nqpq needs one causal self-attention per layer"
             )
         found = causal  # the others (no mask, not causal) attend over something else: the model's own function
     return found[0] if found and not _is_cross_attention(found[0]) else None
