@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,9 @@ class ModelParts:
     """Where things are in a decoder-only causal LM, and the attention geometry of each attention layer.
 
     Layer indices are the model's own (``layers[i]``); ``attn_layers`` are those whose attention goes through
-    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them.
+    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them. A layer may run several causal
+    self-attentions of one geometry (LongCat-Flash: two attention blocks per layer): ``attn`` holds the first,
+    ``attn_more`` the others, and crystallizing the layer crystallizes them all (``attention_modules``).
     """
 
     family: str  # model_type of the text model (Gemma 3's wrapper: gemma3_text)
@@ -80,6 +82,12 @@ class ModelParts:
     max_positions: int | None
     attn_softcap: float | None  # scores → c·tanh(s / c) before masking (Gemma 2)
     default_layers: tuple[int, ...]  # the last quarter of the attention layers (GPT-2 small: 9, 10, 11)
+    attn_more: dict[int, tuple[nn.Module, ...]] = field(default_factory=dict)  # layer → its further self-attentions
+
+    def attention_modules(self, layer: int) -> tuple[nn.Module, ...]:
+        """Every causal self-attention module of attention layer ``layer``, in the layer's order: ``attn[layer]``,
+        then the further ones of a layer that runs several (LongCat-Flash's second attention block)."""
+        return (self.attn[layer], *self.attn_more.get(layer, ()))
 
     def largest(self, field: str, layers: tuple[int, ...] | None = None) -> int:
         """The largest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for sizing."""
@@ -251,15 +259,15 @@ def _takes_mask(module: nn.Module) -> bool:
     return "attention_mask" in params or any(p.kind is p.VAR_POSITIONAL for p in params.values())
 
 
-def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | None:
-    """The layer's self-attention module, or None for a layer without one (a hybrid's SSM layer, or Mllama's
-    cross-attention layers, which attend to image states and which a text-only forward skips).
+def _attention_modules(layer: nn.Module, index: int, name: str) -> tuple[nn.Module, ...]:
+    """The layer's self-attention modules: none for a layer without one (a hybrid's SSM layer, or Mllama's
+    cross-attention layers, which attend to image states and which a text-only forward skips), usually one.
 
-    A layer with several modules going through the interface keeps its one causal attention over its tokens;
-    a non-causal one that takes no attention mask attends over something other than the tokens (Inkling 2's
-    attention over the states of earlier blocks) and is left to run the model's own function. A cross-attention
-    beside the self-attention (Bart-style decoder layers), a second causal attention (LongCat-Flash: two
-    attention blocks per layer) or a bidirectional one are refused by name."""
+    A layer with several modules going through the interface keeps its causal attentions over its tokens (one, or
+    LongCat-Flash's two attention blocks); a non-causal one that takes no attention mask attends over something
+    other than the tokens (Inkling 2's attention over the states of earlier blocks) and is left to run the model's
+    own function. A cross-attention beside the self-attention (Bart-style decoder layers) or a bidirectional one
+    are refused by name."""
     found = [m for m in layer.modules() if _uses_attention_interface(m)]
     if len(found) > 1:
         names = {id(m): n for n, m in layer.named_modules()}
@@ -273,20 +281,15 @@ def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | No
                 f"{label[id(cross[0])]}, beside its self-attention {label[id(causal[0])]} (an encoder-decoder's "
                 "decoder layer); nqpq handles decoder-only causal LMs with one self-attention per layer"
             )
-        if len(causal) > 1:
-            raise UnsupportedModelError(
-                f"{name}: layer {index} ({type(layer).__name__}) runs {len(causal)} causal self-attentions, "
-                f"{', '.join(label[id(m)] for m in causal)}; nqpq crystallizes one attention per layer"
-            )
         token = [m for m in found if _takes_mask(m)]
-        if len(causal) != 1 or token != causal:
+        if not causal or cross or token != causal:
             raise UnsupportedModelError(
                 f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
                 f"transformers' AttentionInterface ({', '.join(label.values())}): {len(causal)} causal, {len(cross)} "
-                "taking other states to attend to (a cross-attention); nqpq needs one causal self-attention per layer"
+                "taking other states to attend to (a cross-attention); nqpq needs causal self-attentions"
             )
         found = causal  # the others (no mask, not causal) attend over something else: the model's own function
-    return found[0] if found and not _is_cross_attention(found[0]) else None
+    return tuple(found) if found and not _is_cross_attention(found[0]) else ()
 
 
 def _get(owner, key: str):
@@ -433,25 +436,34 @@ def model_parts(model: nn.Module) -> ModelParts:
             "nqpq needs the LM head applied to the base model's output"
         )
     layers = _decoder_layers(body, n_layers, name)
-    found = {i: _attention_module(layer, i, name) for i, layer in enumerate(layers)}
-    attn = {i: a for i, a in found.items() if a is not None}
+    found = {i: _attention_modules(layer, i, name) for i, layer in enumerate(layers)}
+    attn = {i: modules[0] for i, modules in found.items() if modules}
+    attn_more = {i: modules[1:] for i, modules in found.items() if len(modules) > 1}
     if not attn:
         raise UnsupportedModelError(
             f"{name}: its attention does not go through transformers' AttentionInterface, which nqpq hooks into "
             "(no module of its decoder layers looks its attention function up there)"
         )
     shared = {}
-    for i, a in attn.items():
-        shared.setdefault(id(a), []).append(i)
+    for i, modules in found.items():
+        for a in modules:
+            shared.setdefault(id(a), []).append(i)
     shared = [layers_ for layers_ in shared.values() if len(layers_) > 1]
     if shared:
         raise UnsupportedModelError(
             f"{name}: layers {shared[0]} share one attention module (a shared transformer block); crystallizing one "
             "of them would crystallize them all, and nqpq crystallizes one layer's own module"
         )
-    if not all(getattr(a, "is_causal", True) for a in attn.values()):
+    if not all(getattr(a, "is_causal", True) for modules in found.values() for a in modules):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
+    for i, more in attn_more.items():  # one basis and one geometry per layer: its attention blocks must share it
+        other = [g for g in (_layer_geometry(a, text_config, i, name) for a in more) if g != geometry[i]]
+        if other:
+            raise UnsupportedModelError(
+                f"{name}: layer {i} runs {len(more) + 1} self-attentions of different geometries ({geometry[i]} and "
+                f"{other[0]}); nqpq crystallizes a layer's attentions with one basis"
+            )
     attn_layers = tuple(attn)
     max_positions = _get(text_config, "max_position_embeddings")
     n_default = max(1, len(attn_layers) // 4)
@@ -473,6 +485,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         max_positions=None if not isinstance(max_positions, int) else max_positions,
         attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
         default_layers=attn_layers[-n_default:],
+        attn_more=attn_more,
     )
 
 
