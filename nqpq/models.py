@@ -279,7 +279,7 @@ def _attention_modules(layer: nn.Module, index: int, name: str) -> tuple[nn.Modu
             raise UnsupportedModelError(
                 f"{name}: layer {index} ({type(layer).__name__}) holds a cross-attention, "
                 f"{label[id(cross[0])]}, beside its self-attention {label[id(causal[0])]} (an encoder-decoder's "
-                "decoder layer); nqpq handles decoder-only causal LMs with one self-attention per layer"
+                "decoder layer); nqpq handles decoder-only causal LMs"
             )
         token = [m for m in found if _takes_mask(m)]
         if not causal or cross or token != causal:
