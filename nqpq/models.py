@@ -5,12 +5,17 @@ model), ``get_output_embeddings()`` the LM head, ``config.get_text_config(decode
 the layer count, the logit soft-caps and the sliding windows. What it does not say directly is found
 structurally:
 
-- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries;
+- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries; where that count is of
+  something else (Blenderbot: its encoder's layers; LongCat-Flash: attention blocks; HRM: layer calls of its
+  recurrent forward) or missing (BLT), the lists of transformers' layer class (``GradientCheckpointingLayer``) under
+  the body, one index over all of them in module order (HRM's low then high stack; BLT's local encoder, global
+  transformer, local decoder);
 - a layer's attention module is the submodule whose ``forward`` looks its function up in
   ``ALL_ATTENTION_FUNCTIONS`` (that lookup is what crystallization hooks into). A layer without one is not an
   attention layer (the linear-attention, SSM or recurrent layers of a hybrid); a model without any does not go
-  through the attention interface and is refused, and so is a layer with two (a cross-attention beside the
-  self-attention);
+  through the attention interface and is refused. Beside its causal self-attention a layer may hold an attention
+  over other states that takes no mask (Inkling 2's over earlier blocks): that one keeps the model's own function.
+  A cross-attention beside the self-attention, or two causal self-attentions in one layer, are refused by name;
 - the geometry is read per attention layer from its module (Gemma 4: head_dim per layer; dots3: heads per
   layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
 - what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
@@ -25,7 +30,7 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +68,9 @@ class ModelParts:
     """Where things are in a decoder-only causal LM, and the attention geometry of each attention layer.
 
     Layer indices are the model's own (``layers[i]``); ``attn_layers`` are those whose attention goes through
-    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them.
+    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them. A layer may run several causal
+    self-attentions of one geometry (LongCat-Flash: two attention blocks per layer): ``attn`` holds the first,
+    ``attn_more`` the others, and crystallizing the layer crystallizes them all (``attention_modules``).
     """
 
     family: str  # model_type of the text model (Gemma 3's wrapper: gemma3_text)
@@ -83,6 +90,12 @@ class ModelParts:
     # What the causal LM applies to the body's last_hidden_state before the LM head: None (the head takes it as it
     # is), or a BERT-style prediction head's transform (``head_transform``); lm_losses applies it.
     head_transform: Callable[[Tensor], Tensor] | None = None
+    attn_more: dict[int, tuple[nn.Module, ...]] = field(default_factory=dict)  # layer → its further self-attentions
+
+    def attention_modules(self, layer: int) -> tuple[nn.Module, ...]:
+        """Every causal self-attention module of attention layer ``layer``, in the layer's order: ``attn[layer]``,
+        then the further ones of a layer that runs several (LongCat-Flash's second attention block)."""
+        return (self.attn[layer], *self.attn_more.get(layer, ()))
 
     def largest(self, field: str, layers: tuple[int, ...] | None = None) -> int:
         """The largest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for sizing."""
@@ -144,20 +157,66 @@ def _passes_learned_sink(module: nn.Module) -> bool:
     return any(_SINK_KWARG == c or (isinstance(c, tuple) and _SINK_KWARG in c) for c in code.co_consts)
 
 
-def _decoder_layers(body: nn.Module, n_layers: int, name: str) -> nn.ModuleList:
-    found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
-        found = [m for child in body.children() for m in child.children()
-                 if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if len(found) != 1:
-        raise UnsupportedModelError(
-            f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} "
-            f"modules in {type(body).__name__}); found {len(found)}"
-        )
-    return found[0]
+def _decoder_layers(body: nn.Module, n_layers: int | None, name: str) -> nn.ModuleList:
+    """The body's decoder layers: its one ``nn.ModuleList`` of ``num_hidden_layers`` entries, else (a config whose
+    ``num_hidden_layers`` counts something else, or none) the layers transformers marks as such."""
+    found = []
+    if n_layers is not None:
+        found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+        if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
+            found = [m for child in body.children() for m in child.children()
+                     if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(found) == 1:
+        return found[0]
+    stacks = _layer_stacks(body) if not found else []
+    if len(stacks) == 1:
+        return stacks[0]
+    if stacks:  # several stacks of layers (HRM's high- and low-level modules): one index over all, in module order
+        return nn.ModuleList([layer for stack in stacks for layer in stack])
+    raise UnsupportedModelError(
+        f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} modules in "
+        f"{type(body).__name__}, or of transformers' decoder layers); found {len(found)}"
+    )
 
 
-def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Module:
+def _layer_stacks(body: nn.Module) -> list[nn.ModuleList]:
+    """The ``nn.ModuleList``s under ``body`` whose entries are transformers' layers (``GradientCheckpointingLayer``:
+    the class every decoder layer of transformers derives from) with at least one attention module among them, in
+    module order; never one inside a layer. Where ``num_hidden_layers`` does not count the modules: Blenderbot's
+    counts its encoder's layers, LongCat-Flash's its attention blocks (two per layer), HRM's the layer calls of its
+    recurrent forward (two stacks run in cycles)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers before the class
+        return []
+    stacks: list[nn.ModuleList] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, GradientCheckpointingLayer) or _own_head(child):
+                continue
+            if (isinstance(child, nn.ModuleList) and len(child)
+                    and all(isinstance(m, GradientCheckpointingLayer) for m in child)
+                    and any(_uses_attention_interface(m) for layer in child for m in layer.modules())):
+                stacks.append(child)
+            else:
+                visit(child)
+
+    visit(body)
+    return stacks
+
+
+def _own_head(module: nn.Module) -> bool:
+    """Whether ``module`` is a language model of its own inside the body, with its own LM head (BLT's entropy
+    patcher, run before the body's layers to choose the patch boundaries): its layers are not the body's."""
+    get = getattr(module, "get_output_embeddings", None)
+    try:
+        return callable(get) and isinstance(get(), nn.Module)
+    except Exception:  # noqa: BLE001 - a model that cannot say has none
+        return False
+
+
+def _text_body(model: nn.Module, text_config, n_layers: int | None, name: str) -> nn.Module:
     """The base text model: ``get_decoder()``, or (a causal LM whose ``base_model_prefix`` does not name its base
     model: Llama 4) the one submodule holding the decoder layers under the text config."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -188,16 +247,58 @@ def _is_cross_attention(module: nn.Module) -> bool:
     return any(p in params for p in ("cross_attention_states", "encoder_hidden_states"))
 
 
-def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | None:
-    """The layer's self-attention module, or None for a layer without one (a hybrid's SSM layer, or Mllama's
-    cross-attention layers, which attend to image states and which a text-only forward skips)."""
+def _takes_other_states(module: nn.Module) -> bool:
+    """Whether the module's forward takes states to attend to besides its own (Bart-style ``key_value_states``:
+    the same class serves as self- and cross-attention, told apart by ``is_causal``)."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return _is_cross_attention(module) or "key_value_states" in params
+
+
+def _takes_mask(module: nn.Module) -> bool:
+    """Whether the module's forward takes an attention mask: every attention over a layer's tokens does; one over
+    something else (Inkling 2's block attention residuals: a learned query over the stacked states of earlier
+    blocks, per position, maskless) does not."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "attention_mask" in params or any(p.kind is p.VAR_POSITIONAL for p in params.values())
+
+
+def _attention_modules(layer: nn.Module, index: int, name: str) -> tuple[nn.Module, ...]:
+    """The layer's self-attention modules: none for a layer without one (a hybrid's SSM layer, or Mllama's
+    cross-attention layers, which attend to image states and which a text-only forward skips), usually one.
+
+    A layer with several modules going through the interface keeps its causal attentions over its tokens (one, or
+    LongCat-Flash's two attention blocks); a non-causal one that takes no attention mask attends over something
+    other than the tokens (Inkling 2's attention over the states of earlier blocks) and is left to run the model's
+    own function. A cross-attention beside the self-attention (Bart-style decoder layers) or a bidirectional one
+    are refused by name."""
     found = [m for m in layer.modules() if _uses_attention_interface(m)]
     if len(found) > 1:
-        raise UnsupportedModelError(
-            f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
-            "transformers' AttentionInterface (a cross-attention beside the self-attention?); nqpq needs one"
-        )
-    return found[0] if found and not _is_cross_attention(found[0]) else None
+        names = {id(m): n for n, m in layer.named_modules()}
+        label = {id(m): f"{names[id(m)]} ({type(m).__name__})" for m in found}
+        causal = [m for m in found if getattr(m, "is_causal", True) is not False]
+        others = [m for m in found if m not in causal]
+        cross = [m for m in others if _takes_other_states(m)]
+        if len(causal) == 1 and cross:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) holds a cross-attention, "
+                f"{label[id(cross[0])]}, beside its self-attention {label[id(causal[0])]} (an encoder-decoder's "
+                "decoder layer); nqpq handles decoder-only causal LMs"
+            )
+        token = [m for m in found if _takes_mask(m)]
+        if not causal or cross or token != causal:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
+                f"transformers' AttentionInterface ({', '.join(label.values())}): {len(causal)} causal, {len(cross)} "
+                "taking other states to attend to (a cross-attention); nqpq needs causal self-attentions"
+            )
+        found = causal  # the others (no mask, not causal) attend over something else: the model's own function
+    return tuple(found) if found and not _is_cross_attention(found[0]) else ()
 
 
 def _get(owner, key: str):
@@ -337,31 +438,39 @@ def model_parts(model: nn.Module) -> ModelParts:
             "nqpq forms the loss from a Linear LM head's logits"
         )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_layers = _get(text_config, "num_hidden_layers")
-    if not isinstance(n_layers, int):
-        raise UnsupportedModelError(f"{name}: its text config {type(text_config).__name__} has no num_hidden_layers")
+    n_layers = _get(text_config, "num_hidden_layers")  # None (BLT): the layers are found structurally
+    n_layers = n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None
     body = _text_body(model, text_config, n_layers, name)
     layers = _decoder_layers(body, n_layers, name)
-    found = {i: _attention_module(layer, i, name) for i, layer in enumerate(layers)}
-    attn = {i: a for i, a in found.items() if a is not None}
+    found = {i: _attention_modules(layer, i, name) for i, layer in enumerate(layers)}
+    attn = {i: modules[0] for i, modules in found.items() if modules}
+    attn_more = {i: modules[1:] for i, modules in found.items() if len(modules) > 1}
     if not attn:
         raise UnsupportedModelError(
             f"{name}: its attention does not go through transformers' AttentionInterface, which nqpq hooks into "
             "(no module of its decoder layers looks its attention function up there)"
         )
     shared = {}
-    for i, a in attn.items():
-        shared.setdefault(id(a), []).append(i)
+    for i, modules in found.items():
+        for a in modules:
+            shared.setdefault(id(a), []).append(i)
     shared = [layers_ for layers_ in shared.values() if len(layers_) > 1]
     if shared:
         raise UnsupportedModelError(
             f"{name}: layers {shared[0]} share one attention module (a shared transformer block); crystallizing one "
             "of them would crystallize them all, and nqpq crystallizes one layer's own module"
         )
-    if not all(getattr(a, "is_causal", True) for a in attn.values()):
+    if not all(getattr(a, "is_causal", True) for modules in found.values() for a in modules):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
     transform = head_transform(model, body, lm_head, config, text_config)
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
+    for i, more in attn_more.items():  # one basis and one geometry per layer: its attention blocks must share it
+        other = [g for g in (_layer_geometry(a, text_config, i, name) for a in more) if g != geometry[i]]
+        if other:
+            raise UnsupportedModelError(
+                f"{name}: layer {i} runs {len(more) + 1} self-attentions of different geometries ({geometry[i]} and "
+                f"{other[0]}); nqpq crystallizes a layer's attentions with one basis"
+            )
     attn_layers = tuple(attn)
     max_positions = _get(text_config, "max_position_embeddings")
     n_default = max(1, len(attn_layers) // 4)
@@ -379,11 +488,12 @@ def model_parts(model: nn.Module) -> ModelParts:
         # Gemma 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap (the same c·tanh(logits / c)).
         final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config)
         or _first_of(config, "logits_soft_cap", text_config),
-        n_layers=n_layers,
+        n_layers=len(layers),
         max_positions=None if not isinstance(max_positions, int) else max_positions,
         attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
         default_layers=attn_layers[-n_default:],
         head_transform=transform,
+        attn_more=attn_more,
     )
 
 
