@@ -6,7 +6,9 @@
 For each entry of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random config is built from the family's own
 defaults (shrunk: hidden 64, 4 heads of 16, at most 6 layers, 4 experts, ...), the model is built from it in
 float32 and run on 2 × 24 random tokens, no mask, under eager (at the default weight scale and with the
-attention weights made sharper) and sdpa (default scale). Outcomes:
+attention weights made sharper) and sdpa (default scale). A family whose forward takes more than a row of tokens
+is fed what it takes (``model_inputs``; Musicgen: one row per codebook; the Gemma 4 assistants: their target
+model's state). Outcomes:
 
 - EXACT: full mode on the last attention layer and on every attention layer gives the model's logits
   (rel ≤ 1e-5, max |Δ| / max |logit|); the prefix replay (``PrefixRunner``, every layer from the first attention
@@ -91,6 +93,28 @@ _FAMILY_KWARGS = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
     # the last two layers reuse the keys and values of the last layer of their type before them
     "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"] * 3, "num_kv_shared_layers": 2},
+    # Zamba ties every hybrid layer's shared transformer to the first one's: the default pattern's first 6 layers
+    # hold one hybrid layer, and the tie then has no other layer to match (post_init refuses it). Two, as at scale.
+    "zamba": {"layers_block_type": ["linear_attention", "linear_attention", "hybrid"] * 2},
+    # Its default config leaves the per-layer-type rotary parameters to the checkpoint (the rotary module reads
+    # rope_parameters[layer type]); text positions are the same on the three M-RoPE axes, split 4/2/2 of 8.
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}}},
+    # Its attention reads attn_config.rope_theta, which DbrxAttentionConfig no longer declares, and clamps q, k, v
+    # to ±clip_qkv unconditionally (torch.clamp refuses two None bounds); the checkpoints' attn_config (and
+    # transformers' own DBRX test) carry both. Entries for a sub-config join that sub-config.
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},
+    # Axial position embeddings: the widths of the two axes sum to hidden_size (the default's 64 + 192 of 256).
+    "reformer": {"axial_pos_embds_dim": [16, 48]},
+    # X-MOD routes every token through one language adapter: the input's, else the config's default language,
+    # which the default config leaves unset (users call set_default_language); its one language, as set there.
+    "xmod": {"default_language": "en_XX"},
+}
+# What a few families' default configs need to be valid at all (the config refuses its own defaults).
+_DEFAULT_KWARGS = {
+    # Gemma 4's assistant (drafter) builds a default gemma4_text config with per-layer inputs, which it then
+    # refuses (its inputs are the target model's embedding and hidden state): no per-layer inputs, as checkpoints.
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
 }
 # Sizes some configs take as keyword arguments only (not fields): Gemma 4's full-attention head width.
 _POPPED = {"global_head_dim": 32}
@@ -143,6 +167,11 @@ def _shrunk_kwargs(default, text: bool) -> dict:
             break
         if f'"{key}"' in source:
             kwargs[key] = value
+    # A count of layers that is the whole stack stays the whole stack (the Gemma 4 assistants share the key/value
+    # states of every layer with their target model).
+    old_n = next((values[k] for k in _LAYER_KEYS if k in values), None)
+    if n_layers and old_n and values.get("num_kv_shared_layers") == old_n:
+        kwargs["num_kv_shared_layers"] = n_layers
     if "first_k_dense_replace" in values and isinstance(values["first_k_dense_replace"], int):
         kwargs["first_k_dense_replace"] = min(values["first_k_dense_replace"], 1)
     return kwargs
@@ -158,19 +187,24 @@ def _model_class(model_type: str):
 def tiny_config(model_type: str):
     """The family's default config, shrunk (sub-configs too: the text config like the model, towers to 1 layer)."""
     cls = _model_class(model_type).config_class  # Musicgen's causal LM takes its decoder's config, not the model's
-    default = cls()
+    default = cls(**_DEFAULT_KWARGS.get(model_type, {}))
     # is_decoder: what a user sets to run a BERT-style model as a causal LM (their default is bidirectional).
-    kwargs = {**_shrunk_kwargs(default, text=True), "is_decoder": True, **_FAMILY_KWARGS.get(model_type, {})}
+    family = _FAMILY_KWARGS.get(model_type, {})
+    kwargs = {**_shrunk_kwargs(default, text=True), "is_decoder": True, **family}
     for name in getattr(cls, "sub_configs", {}) or {}:
         sub = getattr(default, name, None)
         if sub is None or not hasattr(sub, "to_dict"):
             continue
         text = name in ("text_config", "language_config", "llm_config", "decoder_config")
-        try:  # the instance the parent built, shrunk
-            small = type(sub)(**{**sub.to_dict(), **_shrunk_kwargs(sub, text=text)})
+        extra = family.get(name, {})  # the family's own entries for this sub-config (DBRX: attn_config.rope_theta)
+        # The instance the parent built, shrunk; without its per-layer overrides (Gemma 4's per_layer_config): keyed
+        # by the indices of the full stack, they are derived from the fields the shrinking sets (rebuilt, not kept).
+        built = {k: v for k, v in sub.to_dict().items() if k != "per_layer_config"}
+        try:
+            small = type(sub)(**{**built, **_shrunk_kwargs(sub, text=text), **extra})
         except Exception:  # noqa: BLE001 - else the sub-config's own defaults, shrunk
-            small = type(sub)(**_shrunk_kwargs(type(sub)(), text=text))
-        for key, value in vars(sub).items():  # values the parent handed it outside its fields (DBRX: rope_theta)
+            small = type(sub)(**_shrunk_kwargs(type(sub)(), text=text), **extra)
+        for key, value in vars(sub).items():  # values the parent set on it outside its fields
             if key not in vars(small):
                 setattr(small, key, value)
         kwargs[name] = small
@@ -281,11 +315,38 @@ class _Spy:
         self.mapping[self.name] = self.real
 
 
-def _logits(model, ids):
+def model_inputs(model, ids) -> dict:
+    """What the model's forward takes for the token ids ``ids``: the ids, except for a drafter that runs on its target
+    model's state (a config with ``backbone_hidden_size``: the Gemma 4 assistants). That one is fed as transformers'
+    candidate generator feeds it: one query per row, its input the target's token embedding beside the target's
+    last hidden state, and every layer's keys and values the target's of its layer type, for the ``T`` tokens before
+    it (random here, seeded, like the model's weights: the census has no target model)."""
+    import torch
+
+    backbone = getattr(model.config, "backbone_hidden_size", None)
+    if backbone is None:
+        return {"input_ids": ids}
+    g = torch.Generator().manual_seed(1)
+    n_rows, n_keys = ids.shape
+    shapes = {}  # layer type → (kv heads, head width) of the layers that reuse the target's key/value states
+    for module in model.modules():
+        if getattr(module, "is_kv_shared_layer", False):
+            kv_heads = module.config.num_attention_heads // module.num_key_value_groups
+            shapes[module.layer_type] = (kv_heads, module.head_dim)
+    return {
+        "inputs_embeds": torch.randn(n_rows, 1, 2 * backbone, generator=g),
+        "shared_kv_states": {kind: (torch.randn(n_rows, h, n_keys, d, generator=g),
+                                    torch.randn(n_rows, h, n_keys, d, generator=g))
+                             for kind, (h, d) in shapes.items()},
+        "position_ids": torch.full((n_rows, 1), n_keys - 1, dtype=torch.long),  # the last target token's, as there
+    }
+
+
+def _logits(model, inputs: dict):
     import torch
 
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
+        return model(**inputs, use_cache=False).logits
 
 
 def _model_losses(logits, ids):
@@ -296,21 +357,23 @@ def _model_losses(logits, ids):
 
 
 def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
-    """rel errors of every check under the model's current implementation and weights."""
+    """rel errors of every check under the model's current implementation and weights, on the token ids ``ids``
+    (fed as ``model_inputs`` feeds them)."""
     import torch
 
     from nqpq import PrefixRunner, crystallize
 
     out: dict[str, float] = {}
     attn = parts.attn_layers
-    base = _logits(model, ids)
+    inputs = model_inputs(model, ids)
+    base = _logits(model, inputs)
     with crystallize(model, [attn[-1]], mode="full", backend="torch"):
-        out[f"{tag} full last"] = _rel(_logits(model, ids), base)
+        out[f"{tag} full last"] = _rel(_logits(model, inputs), base)
     with crystallize(model, attn, mode="full", backend="torch"):
-        out[f"{tag} full all"] = _rel(_logits(model, ids), base)
+        out[f"{tag} full all"] = _rel(_logits(model, inputs), base)
     want = _model_losses(base, ids)
     starts = sorted({attn[0], attn[-1]})
-    runner = PrefixRunner(model, ids, [slice(0, B)], start=starts)
+    runner = PrefixRunner(model, ids, [slice(0, ids.shape[0])], start=starts)
     out[f"{tag} replay baseline"] = _rel(runner.capture_baseline(), want)
     for s in starts:
         with crystallize(model, [li for li in attn if li >= s], mode="full", backend="torch"):
@@ -326,7 +389,7 @@ def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
             for mode in ("top1", "lowrank"):
                 with (crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"),
                       _Spy(model) as spy):
-                    _logits(model, ids)
+                    _logits(model, inputs)
                 if not spy.calls:
                     raise RuntimeError(f"layer {li} was crystallized but its attention function was never called")
                 worst = 0.0
@@ -392,8 +455,10 @@ def census_family(model_type: str) -> dict:
         model = model.float().eval()
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else VOCAB
-        ids = torch.randint(3, min(vocab, VOCAB), (B, T), generator=torch.Generator().manual_seed(0))
-        _logits(model, ids)
+        # Musicgen's decoders take one row of codes per codebook: [B · num_codebooks, T] (their documented shape).
+        rows = B * getattr(config, "num_codebooks", 1)
+        ids = torch.randint(3, min(vocab, VOCAB), (rows, T), generator=torch.Generator().manual_seed(0))
+        _logits(model, model_inputs(model, ids))
     except Exception as err:  # noqa: BLE001
         return {**row, "outcome": "UNBUILT", "detail": f"model: {type(err).__name__}: {one_line(err)}"}
     errors: dict[str, float] = {}
@@ -408,6 +473,7 @@ def census_family(model_type: str) -> dict:
             "learned sinks" if any(g.learned_sink for g in parts.geometry.values()) else "",
             "q/k width ≠ v width" if any(g.qk_dim != g.v_dim for g in parts.geometry.values()) else "",
             "attention chunks" if any(g.attention_chunk for g in parts.geometry.values()) else "",
+            "a transform before the LM head" if parts.head_transform is not None else "",
         ]))
         errors.update(_checks(model, parts, ids, "eager", modes=True))
         _sharpen(parts)

@@ -13,6 +13,7 @@ import torch
 
 from . import distributed
 from .devices import compute_devices, execution_device
+from .evaluate import HEAD_ROWS_MULTIPLE
 
 # The CUDA grid's y dimension is at most 65535: keep batch · Hq (one program row per block and head) under it.
 CUDA_GRID_Y = 65535
@@ -36,7 +37,9 @@ def free_memory(device: torch.device) -> int:
 def batch_bytes_per_block(parts, hidden: int, seq_len: int, dtype: torch.dtype) -> int:
     """Peak bytes one block adds to a batch, for the model's real dtype.
 
-    - the layer's activations: ~16 tensors of [T, hidden] (attention projections, MLP at 4x hidden);
+    - the layer's activations: ~16 tensors of [T, hidden] (attention projections, MLP at 4x hidden); a BERT-style
+      head transform (``ModelParts.head_transform``: dense, activation, LayerNorm, ~4 tensors of [T, hidden]) runs
+      after the layers, on memory they no longer hold;
     - the model's own eager attention: scores and probabilities, [Hq, T, T] each, in the model dtype;
     - the reference op (CPU and the "torch" backend): two fp32 [Hq, T, T] buffers, and ε [Hq, T, D] fp32;
     - the kernel's Gram partials: [Hq · ⌈T/16⌉, D, D] fp32 (the smallest row tile), when calibrating.
@@ -56,9 +59,9 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
     """Blocks per batch: as many as fit ``BATCH_MEMORY_FRACTION`` of the free memory (CUDA memory, or the
     host's available RAM on CPU), per ``batch_bytes_per_block``, after the prefix record of every block
     (the hidden state entering each of ``n_records`` replay start layers, [n_blocks, T, hidden] each, kept
-    for the whole run) and, for a 16-bit model, the fp32 copy of the LM head's weight that ``lm_losses`` forms
-    the logits with (2 GiB at Llama-3-8B's 128256 × 4096) are set aside; on CUDA also batch · Hq <= 65535 (the
-    grid limit).
+    for the whole run) and the fp32 copy of the LM head's weight that ``lm_losses`` forms the logits with (a
+    16-bit model's; or an odd vocabulary's, padded: 2 GiB at Llama-3-8B's 128256 × 4096) are set aside; on CUDA
+    also batch · Hq <= 65535 (the grid limit).
 
     A model spread over several devices (a device map) runs each batch through every one of them: the fit is
     computed for each device the model computes on (``devices``; default: those of ``parts``' modules and
@@ -67,7 +70,9 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
     (measured with ``free_memory`` where missing)."""
     hidden = hidden or parts.largest("n_heads") * parts.largest("v_dim")
     record = n_records * n_blocks * seq_len * hidden * (torch.finfo(dtype).bits // 8)
-    head_fp32 = 0 if dtype == torch.float32 else parts.lm_head.weight.numel() * 4
+    vocab, width = parts.lm_head.weight.shape
+    padded = -(-vocab // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE  # lm_losses' padded copy (an odd vocabulary)
+    head_fp32 = 0 if dtype == torch.float32 and padded == vocab else padded * width * 4
     per_block = batch_bytes_per_block(parts, hidden, seq_len, dtype)
     used = list(dict.fromkeys([device, *(model_devices(parts) if devices is None else devices)]))
     fits = []

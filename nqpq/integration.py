@@ -16,6 +16,11 @@ in v's width), learned attention sinks (``s_aux``: gpt-oss, Granite SWA, MiMo-V2
 as ``learned_sink``) and DeepSeek V3.2's sparse ``indices`` where they select every key (dense attention); any
 other argument that would change the math is refused by name.
 
+A layer may run several self-attention modules (LongCat-Flash: two attention blocks per layer; see
+``ModelParts.attention_modules``): crystallizing the layer crystallizes each, with the layer's mode and basis, each
+module's calls attentions of their own (statistics fed per call, every ε joining the layer's Gram), as are the
+repeated calls of a module run more than once per forward (HRM's recurrent stacks).
+
 A module may call its attention function more than once per forward on the same q and k (DiffLlama: once per
 half of V). Those calls are one attention with one softmax and one argmax, and each call's V is a part of the
 layer's value: its output is exact per call (full, top-1, low-rank with the layer's basis), each call's ε
@@ -26,6 +31,7 @@ probability, sink mass: the same for every part) are fed once, from the first ca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -411,7 +417,7 @@ def crystallize_layers(
         missing = [li for li in layers if basis is None or li not in basis]
         if missing:
             raise ValueError(f"mode='lowrank' needs a residual basis for layers {missing}")
-    if any(hasattr(a, _SPEC_ATTR) for a in parts.attn.values()):
+    if any(hasattr(a, _SPEC_ATTR) for li in parts.attn_layers for a in parts.attention_modules(li)):
         raise RuntimeError("this model is already crystallized; leave the current context first")
     n_sink = check_sink_tokens(sink_tokens)
     watchers = tuple(observers)
@@ -452,16 +458,19 @@ def crystallize_layers(
     name = _register(original)
     patch = Crystallization(model, original, layers)
     try:
-        for li, spec in specs.items():
-            attn = parts.attn[li]
-            own = copy.deepcopy(attn.config)
-            own._attn_implementation = name
-            setattr(attn, _SPEC_ATTR, spec)
-            attn.config = own
-            # Each forward of the module starts (and ends) with no calls seen: see LayerSpec.calls.
-            spec.hooks = [attn.register_forward_pre_hook(_forget_calls(spec)),
-                          attn.register_forward_hook(_forget_calls(spec)),
-                          attn.register_forward_pre_hook(_receive_mask(spec, attn), with_kwargs=True)]
+        for li, layer_spec in specs.items():
+            # A layer of several self-attentions (LongCat-Flash's two blocks): each module its own spec (its config
+            # to restore, its calls), the same layer, mode and basis.
+            for k, attn in enumerate(parts.attention_modules(li)):
+                spec = layer_spec if k == 0 else dataclasses.replace(layer_spec, config=attn.config, calls=[], hooks=[])
+                own = copy.deepcopy(attn.config)
+                own._attn_implementation = name
+                setattr(attn, _SPEC_ATTR, spec)
+                attn.config = own
+                # Each forward of the module starts (and ends) with no calls seen: see LayerSpec.calls.
+                spec.hooks = [attn.register_forward_pre_hook(_forget_calls(spec)),
+                              attn.register_forward_hook(_forget_calls(spec)),
+                              attn.register_forward_pre_hook(_receive_mask(spec, attn), with_kwargs=True)]
     except BaseException:
         uncrystallize(patch)
         raise
@@ -496,7 +505,8 @@ def _receive_mask(spec: LayerSpec, module: nn.Module):
 
 def uncrystallize(patch: Crystallization) -> None:
     """Restore the model exactly: each crystallized module's own config back, no layer specs left."""
-    for attn in model_parts(patch.model).attn.values():
+    parts = model_parts(patch.model)
+    for attn in (a for li in parts.attn_layers for a in parts.attention_modules(li)):
         spec = getattr(attn, _SPEC_ATTR, None)
         if spec is not None:
             attn.config = spec.config

@@ -5,16 +5,24 @@ model), ``get_output_embeddings()`` the LM head, ``config.get_text_config(decode
 the layer count, the logit soft-caps and the sliding windows. What it does not say directly is found
 structurally:
 
-- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries;
+- the decoder layers are the body's ``nn.ModuleList`` with ``num_hidden_layers`` entries; where that count is of
+  something else (Blenderbot: its encoder's layers; LongCat-Flash: attention blocks; HRM: layer calls of its
+  recurrent forward) or missing (BLT), the lists of transformers' layer class (``GradientCheckpointingLayer``) under
+  the body, one index over all of them in module order (HRM's low then high stack; BLT's local encoder, global
+  transformer, local decoder);
 - a layer's attention module is the submodule whose ``forward`` looks its function up in
   ``ALL_ATTENTION_FUNCTIONS`` (that lookup is what crystallization hooks into). A layer without one is not an
   attention layer (the linear-attention, SSM or recurrent layers of a hybrid); a model without any does not go
-  through the attention interface and is refused, and so is a layer with two (a cross-attention beside the
-  self-attention);
+  through the attention interface and is refused. Beside its causal self-attention a layer may hold an attention
+  over other states that takes no mask (Inkling 2's over earlier blocks): that one keeps the model's own function.
+  A cross-attention beside the self-attention, or two causal self-attentions in one layer, are refused by name;
 - the geometry is read per attention layer from its module (Gemma 4: head_dim per layer; dots3: heads per
   layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
 - what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
-  is found by ``after_layers`` from one forward's own values.
+  is found by ``after_layers`` from one forward's own values;
+- what the causal LM applies between the body's output and the LM head (a BERT-style prediction head's dense,
+  activation and LayerNorm) is found by ``head_transform``: among the modules beside the body and the head, the
+  one that maps the body's output to what the head receives bit for bit in the model's own forward.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
+from .devices import execution_device, input_device
 from .errors import NqpqError
 
 # The name the attention modules of transformers look their attention function up in.
@@ -58,7 +68,9 @@ class ModelParts:
     """Where things are in a decoder-only causal LM, and the attention geometry of each attention layer.
 
     Layer indices are the model's own (``layers[i]``); ``attn_layers`` are those whose attention goes through
-    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them.
+    the interface (a hybrid has gaps), ``attn`` and ``geometry`` are keyed by them. A layer may run several causal
+    self-attentions of one geometry (LongCat-Flash: two attention blocks per layer): ``attn`` holds the first,
+    ``attn_more`` the others, and crystallizing the layer crystallizes them all (``attention_modules``).
     """
 
     family: str  # model_type of the text model (Gemma 3's wrapper: gemma3_text)
@@ -75,6 +87,15 @@ class ModelParts:
     max_positions: int | None
     attn_softcap: float | None  # scores → c·tanh(s / c) before masking (Gemma 2)
     default_layers: tuple[int, ...]  # the last quarter of the attention layers (GPT-2 small: 9, 10, 11)
+    # What the causal LM applies to the body's last_hidden_state before the LM head: None (the head takes it as it
+    # is), or a BERT-style prediction head's transform (``head_transform``); lm_losses applies it.
+    head_transform: Callable[[Tensor], Tensor] | None = None
+    attn_more: dict[int, tuple[nn.Module, ...]] = field(default_factory=dict)  # layer → its further self-attentions
+
+    def attention_modules(self, layer: int) -> tuple[nn.Module, ...]:
+        """Every causal self-attention module of attention layer ``layer``, in the layer's order: ``attn[layer]``,
+        then the further ones of a layer that runs several (LongCat-Flash's second attention block)."""
+        return (self.attn[layer], *self.attn_more.get(layer, ()))
 
     def largest(self, field: str, layers: tuple[int, ...] | None = None) -> int:
         """The largest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for sizing."""
@@ -136,24 +157,71 @@ def _passes_learned_sink(module: nn.Module) -> bool:
     return any(_SINK_KWARG == c or (isinstance(c, tuple) and _SINK_KWARG in c) for c in code.co_consts)
 
 
-def _decoder_layers(body: nn.Module, n_layers: int, name: str) -> nn.ModuleList:
-    found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
-        found = [m for child in body.children() for m in child.children()
-                 if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    if len(found) != 1:
-        raise UnsupportedModelError(
-            f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} "
-            f"modules in {type(body).__name__}); found {len(found)}"
-        )
-    return found[0]
+def _decoder_layers(body: nn.Module, n_layers: int | None, name: str) -> nn.ModuleList:
+    """The body's decoder layers: its one ``nn.ModuleList`` of ``num_hidden_layers`` entries, else (a config whose
+    ``num_hidden_layers`` counts something else, or none) the layers transformers marks as such."""
+    found = []
+    if n_layers is not None:
+        found = [m for m in body.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+        if not found:  # nested one level down (BERT-style models keep them in body.encoder.layer)
+            found = [m for child in body.children() for m in child.children()
+                     if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(found) == 1:
+        return found[0]
+    stacks = _layer_stacks(body) if not found else []
+    if len(stacks) == 1:
+        return stacks[0]
+    if stacks:  # several stacks of layers (HRM's high- and low-level modules): one index over all, in module order
+        return nn.ModuleList([layer for stack in stacks for layer in stack])
+    raise UnsupportedModelError(
+        f"{name}: cannot find its decoder layers (one nn.ModuleList of num_hidden_layers={n_layers} modules in "
+        f"{type(body).__name__}, or of transformers' decoder layers); found {len(found)}"
+    )
 
 
-def _text_body(model: nn.Module, text_config, n_layers: int, name: str) -> nn.Module:
+def _layer_stacks(body: nn.Module) -> list[nn.ModuleList]:
+    """The ``nn.ModuleList``s under ``body`` whose entries are transformers' layers (``GradientCheckpointingLayer``:
+    the class every decoder layer of transformers derives from) with at least one attention module among them, in
+    module order; never one inside a layer. Where ``num_hidden_layers`` does not count the modules: Blenderbot's
+    counts its encoder's layers, LongCat-Flash's its attention blocks (two per layer), HRM's the layer calls of its
+    recurrent forward (two stacks run in cycles)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers before the class
+        return []
+    stacks: list[nn.ModuleList] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, GradientCheckpointingLayer) or _own_head(child):
+                continue
+            if (isinstance(child, nn.ModuleList) and len(child)
+                    and all(isinstance(m, GradientCheckpointingLayer) for m in child)
+                    and any(_uses_attention_interface(m) for layer in child for m in layer.modules())):
+                stacks.append(child)
+            else:
+                visit(child)
+
+    visit(body)
+    return stacks
+
+
+def _own_head(module: nn.Module) -> bool:
+    """Whether ``module`` is a language model of its own inside the body, with its own LM head (BLT's entropy
+    patcher, run before the body's layers to choose the patch boundaries): its layers are not the body's."""
+    get = getattr(module, "get_output_embeddings", None)
+    try:
+        return callable(get) and isinstance(get(), nn.Module)
+    except Exception:  # noqa: BLE001 - a model that cannot say has none
+        return False
+
+
+def _text_body(model: nn.Module, text_config, n_layers: int | None, name: str) -> nn.Module:
     """The base text model: ``get_decoder()``, or (a causal LM whose ``base_model_prefix`` does not name its base
     model: Llama 4) the one submodule holding the decoder layers under the text config."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if isinstance(body, nn.Module) and body is not model:
+    # ModernBERT-decoder names its LM head ``decoder``, which get_decoder() then returns.
+    if isinstance(body, nn.Module) and body is not model and body is not model.get_output_embeddings():
         return body
     holders = [m for m in model.modules() if m is not model
                and any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in m.children())]
@@ -179,16 +247,58 @@ def _is_cross_attention(module: nn.Module) -> bool:
     return any(p in params for p in ("cross_attention_states", "encoder_hidden_states"))
 
 
-def _attention_module(layer: nn.Module, index: int, name: str) -> nn.Module | None:
-    """The layer's self-attention module, or None for a layer without one (a hybrid's SSM layer, or Mllama's
-    cross-attention layers, which attend to image states and which a text-only forward skips)."""
+def _takes_other_states(module: nn.Module) -> bool:
+    """Whether the module's forward takes states to attend to besides its own (Bart-style ``key_value_states``:
+    the same class serves as self- and cross-attention, told apart by ``is_causal``)."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return _is_cross_attention(module) or "key_value_states" in params
+
+
+def _takes_mask(module: nn.Module) -> bool:
+    """Whether the module's forward takes an attention mask: every attention over a layer's tokens does; one over
+    something else (Inkling 2's block attention residuals: a learned query over the stacked states of earlier
+    blocks, per position, maskless) does not."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "attention_mask" in params or any(p.kind is p.VAR_POSITIONAL for p in params.values())
+
+
+def _attention_modules(layer: nn.Module, index: int, name: str) -> tuple[nn.Module, ...]:
+    """The layer's self-attention modules: none for a layer without one (a hybrid's SSM layer, or Mllama's
+    cross-attention layers, which attend to image states and which a text-only forward skips), usually one.
+
+    A layer with several modules going through the interface keeps its causal attentions over its tokens (one, or
+    LongCat-Flash's two attention blocks); a non-causal one that takes no attention mask attends over something
+    other than the tokens (Inkling 2's attention over the states of earlier blocks) and is left to run the model's
+    own function. A cross-attention beside the self-attention (Bart-style decoder layers) or a bidirectional one
+    are refused by name."""
     found = [m for m in layer.modules() if _uses_attention_interface(m)]
     if len(found) > 1:
-        raise UnsupportedModelError(
-            f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
-            "transformers' AttentionInterface (a cross-attention beside the self-attention?); nqpq needs one"
-        )
-    return found[0] if found and not _is_cross_attention(found[0]) else None
+        names = {id(m): n for n, m in layer.named_modules()}
+        label = {id(m): f"{names[id(m)]} ({type(m).__name__})" for m in found}
+        causal = [m for m in found if getattr(m, "is_causal", True) is not False]
+        others = [m for m in found if m not in causal]
+        cross = [m for m in others if _takes_other_states(m)]
+        if len(causal) == 1 and cross:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) holds a cross-attention, "
+                f"{label[id(cross[0])]}, beside its self-attention {label[id(causal[0])]} (an encoder-decoder's "
+                "decoder layer); nqpq handles decoder-only causal LMs"
+            )
+        token = [m for m in found if _takes_mask(m)]
+        if not causal or cross or token != causal:
+            raise UnsupportedModelError(
+                f"{name}: layer {index} ({type(layer).__name__}) has {len(found)} attention modules going through "
+                f"transformers' AttentionInterface ({', '.join(label.values())}): {len(causal)} causal, {len(cross)} "
+                "taking other states to attend to (a cross-attention); nqpq needs causal self-attentions"
+            )
+        found = causal  # the others (no mask, not causal) attend over something else: the model's own function
+    return tuple(found) if found and not _is_cross_attention(found[0]) else ()
 
 
 def _get(owner, key: str):
@@ -324,43 +434,42 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise UnsupportedModelError(
             f"{name} has no language-model head (an encoder-only or base model); load it with AutoModelForCausalLM"
         )
-    if not any(child is lm_head for child in model.children()):
+    if isinstance(lm_head, nn.AdaptiveLogSoftmaxWithLoss):
         raise UnsupportedModelError(
-            f"{name}: its LM head ({type(lm_head).__name__}) sits inside a prediction head that transforms the "
-            "hidden state first (BERT-style); nqpq needs the LM head applied to the base model's output"
+            f"{name}: its LM head is an adaptive softmax (AdaptiveLogSoftmaxWithLoss: XLM's asm=True), not a Linear "
+            "giving logits over the vocabulary; nqpq forms the loss from a Linear LM head's logits"
+        )
+    if not isinstance(lm_head, nn.Linear):  # Musicgen Melody: one head per codebook (a ModuleList)
+        raise UnsupportedModelError(
+            f"{name}: its LM head is a {type(lm_head).__name__}, not one Linear giving logits over the vocabulary; "
+            "nqpq forms the loss from a Linear LM head's logits"
         )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_layers = _get(text_config, "num_hidden_layers")
-    if not isinstance(n_layers, int):
-        raise UnsupportedModelError(f"{name}: its text config {type(text_config).__name__} has no num_hidden_layers")
+    n_layers = _get(text_config, "num_hidden_layers")  # None (BLT): the layers are found structurally
+    n_layers = n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None
     body = _text_body(model, text_config, n_layers, name)
-    between = [child_name for child_name, child in model.named_children()
-               if child is not lm_head and not any(m is body for m in child.modules())
-               and any(True for _ in child.parameters())]
-    if between:
-        raise UnsupportedModelError(
-            f"{name}: {between} hold parameters beside its base model and LM head (a transform before the head?); "
-            "nqpq needs the LM head applied to the base model's output"
-        )
     layers = _decoder_layers(body, n_layers, name)
-    found = {i: _attention_module(layer, i, name) for i, layer in enumerate(layers)}
-    attn = {i: a for i, a in found.items() if a is not None}
+    found = {i: _attention_modules(layer, i, name) for i, layer in enumerate(layers)}
+    attn = {i: modules[0] for i, modules in found.items() if modules}
+    attn_more = {i: modules[1:] for i, modules in found.items() if len(modules) > 1}
     if not attn:
         raise UnsupportedModelError(
             f"{name}: its attention does not go through transformers' AttentionInterface, which nqpq hooks into "
             "(no module of its decoder layers looks its attention function up there)"
         )
     shared = {}
-    for i, a in attn.items():
-        shared.setdefault(id(a), []).append(i)
+    for i, modules in found.items():
+        for a in modules:
+            shared.setdefault(id(a), []).append(i)
     shared = [layers_ for layers_ in shared.values() if len(layers_) > 1]
     if shared:
         raise UnsupportedModelError(
             f"{name}: layers {shared[0]} share one attention module (a shared transformer block); crystallizing one "
             "of them would crystallize them all, and nqpq crystallizes one layer's own module"
         )
-    if not all(getattr(a, "is_causal", True) for a in attn.values()):
+    if not all(getattr(a, "is_causal", True) for modules in found.values() for a in modules):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
+    transform = head_transform(model, body, lm_head, config, text_config)
     geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
     unpadded = getattr(text_config, "unpadded_vocab_size", None)  # Inkling drops the head's padding rows' logits
     if unpadded is not None and isinstance(lm_head, nn.Linear) and unpadded < lm_head.out_features:
@@ -368,6 +477,13 @@ def model_parts(model: nn.Module) -> ModelParts:
             f"{name}: its LM head's logits are cut to unpadded_vocab_size={unpadded} of {lm_head.out_features}; "
             "nqpq's losses use the whole head"
         )
+    for i, more in attn_more.items():  # one basis and one geometry per layer: its attention blocks must share it
+        other = [g for g in (_layer_geometry(a, text_config, i, name) for a in more) if g != geometry[i]]
+        if other:
+            raise UnsupportedModelError(
+                f"{name}: layer {i} runs {len(more) + 1} self-attentions of different geometries ({geometry[i]} and "
+                f"{other[0]}); nqpq crystallizes a layer's attentions with one basis"
+            )
     attn_layers = tuple(attn)
     max_positions = _get(text_config, "max_position_embeddings")
     n_default = max(1, len(attn_layers) // 4)
@@ -385,10 +501,12 @@ def model_parts(model: nn.Module) -> ModelParts:
         # Gemma 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap (the same c·tanh(logits / c)).
         final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config)
         or _first_of(config, "logits_soft_cap", text_config),
-        n_layers=n_layers,
+        n_layers=len(layers),
         max_positions=None if not isinstance(max_positions, int) else max_positions,
         attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
         default_layers=attn_layers[-n_default:],
+        head_transform=transform,
+        attn_more=attn_more,
     )
 
 
@@ -414,6 +532,10 @@ def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -
     for child_name, child in parts.body.named_children():
         if id(child) in skip or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Embedding)):
             continue
+        if any(m is parts.layers for m in child.modules()):
+            # The module around the layers (BERT's encoder): calling it would run every layer again, under the
+            # recording hooks of the replay's capture.
+            continue
         tried.append(child_name)
         try:
             with torch.no_grad():
@@ -430,3 +552,171 @@ def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -
 
 def _identity(hidden: Tensor) -> Tensor:
     return hidden
+
+
+# ---------------------------------------------------------------------------------------------- head transform
+
+# The probe of ``head_transform``: one sequence of this many positions, a fixed seed for its hidden state.
+_PROBE_TOKENS = 5
+_PROBE_SEED = 0
+
+
+@dataclass
+class _ProbeOutput(ModelOutput):
+    """The stubbed body's output in ``head_transform``'s probe: the given last_hidden_state, None for any other
+    field the model's forward passes on (its cache, hidden states, attentions)."""
+
+    last_hidden_state: Tensor | None = None
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return None
+
+
+class _HeadInput(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by the LM head's pre-hook inside ``UpToHead``: carries what the head was handed, so its GEMM over the
+    vocabulary never runs."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+class UpToHead:
+    """A prediction head holding the LM head (BERT's ``cls``, RoBERTa's ``lm_head``), run up to its call of the LM
+    head: ``UpToHead(holder, lm_head)(hidden)`` is what ``holder(hidden)`` hands ``lm_head`` (BERT: its dense,
+    activation and LayerNorm). The holder's own forward computes it, whatever it does before the head."""
+
+    def __init__(self, holder: nn.Module, lm_head: nn.Module):
+        self.holder, self.lm_head = holder, lm_head
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        def stop(module, args, kwargs):
+            raise _HeadInput(args[0] if args else next(iter(kwargs.values())))
+
+        # A torch pre-hook runs before accelerate's wrapper of the head's forward: an offloaded head is not loaded.
+        handle = self.lm_head.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.holder(hidden)
+        except _HeadInput as got:
+            self._finish_hooks()
+            return got.hidden
+        finally:
+            handle.remove()
+        raise UnsupportedModelError(f"{type(self.holder).__name__} did not call its LM head")
+
+    def _finish_hooks(self) -> None:
+        """The accelerate hooks of the modules around the head, whose forward the stop left: their post-forward (an
+        offloaded module's own weights, BERT's output bias, back off the device) as a completed call would run it."""
+        for module in self.holder.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and module is not self.lm_head and any(m is self.lm_head for m in module.modules()):
+                hook.post_forward(module, None)
+
+    def __repr__(self) -> str:
+        return f"UpToHead({type(self.holder).__name__} up to its {type(self.lm_head).__name__})"
+
+
+def head_transform(model: nn.Module, body: nn.Module, lm_head: nn.Module, config=None,
+                   text_config=None) -> Callable[[Tensor], Tensor] | None:
+    """What ``model``'s forward applies to the body's ``last_hidden_state`` before its LM head: None where the head
+    takes it as it is, else the one module (or ``UpToHead`` of the one module holding the head) that computes it.
+
+    The usual causal LM (the head a child of the model, nothing else beside the body with parameters) is taken as
+    it is, without running anything. Otherwise the candidates are the model's children with parameters beside the
+    body and the head (ELECTRA's ``generator_predictions``, ModernBERT-decoder's ``lm_head``), a child holding the
+    head taken up to its call of the head (BERT's ``cls``, RoBERTa's ``lm_head``, XLM's ``pred_layer``); the model's
+    own forward, with the body stubbed to return a fixed hidden state h (no attention runs: an active
+    crystallization sees nothing), says which: the head must be called once, its output must be the model's logits
+    (where the model has no logit scale or soft-cap), and exactly one candidate (or nothing) must map h to what the
+    head received, bit for bit. Anything else is refused.
+    """
+    name = type(model).__name__
+    outside = [(child_name, child) for child_name, child in model.named_children()
+               if child is not lm_head and not any(m is body for m in child.modules())
+               and any(True for _ in child.parameters())]
+    if any(child is lm_head for child in model.children()) and not outside:
+        return None
+    candidates = [(child_name, UpToHead(child, lm_head) if any(m is lm_head for m in child.modules()) else child)
+                  for child_name, child in outside]
+    h, received, calls, head_out, logits = _probe_head(model, body, lm_head, text_config or config, name)
+    if calls != 1:
+        raise UnsupportedModelError(
+            f"{name}: its forward calls its LM head {calls} times on one hidden state; nqpq needs one call")
+    plain = config is None or (_logit_scale_of(config, text_config or config) is None and not (
+        _first_of(config, "final_logit_softcapping", text_config) or _first_of(config, "logits_soft_cap", text_config)))
+    if plain and not _equal(head_out, logits):
+        raise UnsupportedModelError(
+            f"{name}: its logits are not its LM head's output (something acts after the head); nqpq forms the loss "
+            "from the LM head's logits")
+    if _equal(received, h):
+        return None
+    matches = []
+    for child_name, candidate in candidates:
+        try:
+            with torch.no_grad():
+                out = candidate(h)
+        except Exception:  # noqa: BLE001 - a child that does not take the hidden state is not the transform
+            continue
+        if _equal(out, received):
+            matches.append((child_name, candidate))
+    if len(matches) != 1:
+        raise UnsupportedModelError(
+            f"{name}: cannot tell what it applies between its base model and its LM head "
+            f"({len(matches)} of its modules {[n for n, _ in candidates]} map the base model's output to what the "
+            "head receives); nqpq needs the LM head applied to the base model's output, or to one module's output")
+    return matches[0][1]
+
+
+def _equal(a: object, b: object) -> bool:
+    """Two tensors of the same shape and dtype with the same values (on whichever devices)."""
+    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and bool(torch.equal(a.to(b.device), b)))
+
+
+def _probe_head(model: nn.Module, body: nn.Module, lm_head: nn.Module, text_config, name: str):
+    """The model's own forward from a body output to its logits, with ``body`` stubbed to return a fixed hidden
+    state h ``[1, 5, hidden_size]``: (h, what the LM head received, how often it was called, its output, the
+    model's logits)."""
+    width = _get(text_config, "hidden_size")
+    params = [p for p in body.parameters() if p.is_floating_point()]
+    if not isinstance(width, int) or not params:
+        raise UnsupportedModelError(
+            f"{name}: its config gives no hidden_size of its base model's output; cannot find what it applies "
+            "between its base model and its LM head")
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    h = torch.randn(1, _PROBE_TOKENS, width, generator=generator).to(execution_device(lm_head), params[0].dtype)
+    vocab = _get(text_config, "vocab_size")
+    ids = (torch.arange(_PROBE_TOKENS) % (vocab if isinstance(vocab, int) and vocab > 0 else 1))[None]
+    seen: list = []
+
+    def record(module, args, kwargs, out):
+        seen.append((args[0] if args else next(iter(kwargs.values())), out))
+
+    def stub(*args, **kwargs):
+        return _ProbeOutput(last_hidden_state=h)
+
+    own = body.__dict__.get("forward")  # accelerate's hook keeps its wrapper there
+    body.forward = stub
+    handle = lm_head.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids.to(input_device(model)), use_cache=False)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the stubbed body's output lacked something the forward reads
+        raise UnsupportedModelError(
+            f"{name}: cannot run its forward from a given base-model output to find what it applies between its "
+            f"base model and its LM head ({type(err).__name__}: {err})") from err
+    finally:
+        handle.remove()
+        if own is None:
+            del body.forward
+        else:
+            body.forward = own
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    received, head_out = seen[0] if seen else (None, None)
+    return h, received, len(seen), head_out, logits

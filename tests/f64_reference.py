@@ -55,7 +55,9 @@ def _f64_attention(module, query, key, value, attention_mask, scaling=None, drop
     indices = kwargs.get("indices")  # DeepSeek V3.2's sparse selection: here it must select every key
     assert indices is None or indices.shape[-1] >= T, "the reference handles dense attention only"
     learned = kwargs.get("s_aux")  # [Hq] learned sink logits (gpt-oss), or None
-    layer = module.layer_idx
+    # The layer index the test numbers this module by (HRM: the high stack's modules count on after the low
+    # stack's, whose layer_idx they share), else the model's own.
+    layer = getattr(module, "_nqpq_f64_layer", module.layer_idx)
     # DiffLlama calls the function twice per forward with the same q and k (once per half of V): one softmax, so
     # its rows are counted once in the statistics, while each call's ε (its half of V) joins the Gram.
     repeat = getattr(module, "_nqpq_f64_last", (None, None))

@@ -231,6 +231,11 @@ def tiny_model(family: str, attn: str = "eager", **overrides):
     return model.float().eval()
 
 
+@torch.no_grad()
+def logits_of(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
 def ids_for(B=2, T=24, seed=0):
     return torch.randint(3, 200, (B, T), generator=torch.Generator().manual_seed(seed))
 
@@ -240,9 +245,9 @@ def check_model(model, ids, layer=None, min_rel_change=1e-3):
     """Full mode on every attention layer is the model; top-1 and low-rank on ``layer`` (default: the last) equal
     the census's float64 per-head computation on each call's q, k, v and mask."""
     parts = model_parts(model)
-    base = census._logits(model, ids)
+    base = logits_of(model, ids)
     with crystallize(model, parts.attn_layers, mode="full", backend="torch"):
-        assert census._rel(census._logits(model, ids), base) <= 1e-5
+        assert census._rel(logits_of(model, ids), base) <= 1e-5
     li = parts.attn_layers[-1] if layer is None else layer
     geo = parts.geometry[li]
     basis = basis_for(geo.n_heads, geo.v_dim).cpu()
@@ -250,7 +255,7 @@ def check_model(model, ids, layer=None, min_rel_change=1e-3):
     for mode in ("top1", "lowrank"):
         with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"), \
                 census._Spy(model) as spy:
-            got_logits = census._logits(model, ids)
+            got_logits = logits_of(model, ids)
         assert census._rel(got_logits, base) > min_rel_change  # crystallizing moved the logits
         assert spy.calls
         for _module, q, k, v, scaling, kwargs, got in spy.calls:
@@ -302,7 +307,7 @@ def test_inkling_position_bias():
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state
         got = lm_losses(model, hidden, ids)
-    want = census._model_losses(census._logits(model, ids), ids)
+    want = census._model_losses(logits_of(model, ids), ids)
     assert model.config.logits_mup_width_multiplier != 1.0
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     model.config.unpadded_vocab_size = model.config.vocab_size - 8
@@ -336,10 +341,10 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
     parts = model_parts(model)
     li = parts.attn_layers[-1]
     geo = parts.geometry[li]
-    base = census._logits(model, ids)
+    base = logits_of(model, ids)
     grams, stats = _Collect(), _Collect()
     with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
-        assert torch.equal(census._logits(model, ids), base)
+        assert torch.equal(logits_of(model, ids), base)
     eye = torch.eye(geo.v_dim).expand(geo.n_heads, -1, -1)
     want = torch.zeros(geo.n_heads, geo.v_dim, geo.v_dim, dtype=torch.float64)
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """The census (benchmarks/census.py): every causal LM of the installed transformers is exact or refused by name.
 
 The full census is a CI tier of its own (minutes; run once, with NQPQ_CENSUS=1): any WRONG or CRASH fails, and so
-does a family that the committed table (benchmarks/results/census.md) lists as EXACT and that no longer is.
+does a family that the committed table (benchmarks/results/census.md) lists as EXACT and that no longer is, or one
+it lists as built (any outcome but UNBUILT) that the census can no longer build.
 The checks below it run always: the census classifies a known-good family, a refused one, and sees an error.
 """
 
@@ -77,6 +78,21 @@ def test_llama4_chunked_layers_are_exact():
     assert row["outcome"] == "EXACT" and "attention chunks" in row["structure"], row
     assert {"eager top1 layer 5", "eager lowrank layer 5"} <= set(row["errors"])
 
+def test_families_are_fed_what_their_forward_takes():
+    """Musicgen (one row of codes per codebook) and a Gemma 4 assistant (its target model's embedding, hidden state
+    and key/value states) build and run under the census: nqpq's verdict on them, not UNBUILT."""
+    for family in ("musicgen", "gemma4_assistant"):
+        row = census.census_family(family)
+        assert row["outcome"] != "UNBUILT", row
+    config = census.tiny_config("gemma4_assistant")
+    model = census._model_class("gemma4_assistant")._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(3, census.VOCAB, (census.B, census.T))
+    inputs = census.model_inputs(model, ids)
+    assert inputs["inputs_embeds"].shape == (census.B, 1, 2 * config.backbone_hidden_size)
+    assert {k.shape[2] for k, _ in inputs["shared_kv_states"].values()} == {census.T}
+    assert census._logits(model, inputs).shape[:2] == (census.B, 1)
+
+
 @pytest.mark.skipif(os.environ.get("NQPQ_CENSUS") != "1", reason="the full census is its own CI tier: NQPQ_CENSUS=1")
 def test_census_every_family_exact_or_refused():
     rows = census.run_census(census.all_families(), jobs=2, say=lambda _line: None)
@@ -86,3 +102,6 @@ def test_census_every_family_exact_or_refused():
     now = {r["family"]: r["outcome"] for r in rows}
     lost = [f"{f}: {now.get(f, 'missing')}" for f, o in committed.items() if o == "EXACT" and now.get(f) != "EXACT"]
     assert not lost, "families the committed census lists as EXACT and that no longer are:\n" + "\n".join(lost)
+    unbuilt = [f"{r['family']}: {r['detail']}" for r in rows
+               if r["outcome"] == "UNBUILT" and committed.get(r["family"], "UNBUILT") != "UNBUILT"]
+    assert not unbuilt, "families the committed census built and that it no longer can:\n" + "\n".join(unbuilt)

@@ -167,9 +167,11 @@ def test_bad_batch_sizes(eager_model, token_ids):
 
 # The capped case keeps logits near its cap (Gemma 2's 30), where fp32 rounding shows: with scale 0.5 they stay
 # under 13 and fp32 F.cross_entropy would pass the checks too (no teeth).
+# 50,257 (GPT-2's vocabulary) is not a multiple of 8: lm_losses pads the head's rows (nqpq.evaluate.fp32_head).
+@pytest.mark.parametrize("vocab", [50_000, 50_257])
 @pytest.mark.parametrize("scale, cap", [(None, None), (1.5, 30.0)])
 @torch.no_grad()
-def test_lm_losses_exact_on_a_large_vocabulary(scale, cap):
+def test_lm_losses_exact_on_a_large_vocabulary(scale, cap, vocab):
     """Issue 26 (4): lm_losses takes the loss of the fp32 logits with an fp32 log-sum-exp whose pieces (max, sum of
     exps, target logit) are combined in float64, and means in float64. Against a float64 cross-entropy of the very
     same fp32 logits, each token's loss is within the rounding bound of that computation (u = 2^-24: u·|z − m| for
@@ -178,7 +180,7 @@ def test_lm_losses_exact_on_a_large_vocabulary(scale, cap):
     counts (its per-token errors are larger and biased)."""
     from types import SimpleNamespace
 
-    vocab, width, n_blocks, seq_len = 50_000, 64, 2, 65
+    width, n_blocks, seq_len = 64, 2, 65
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(width, vocab, bias=True)
     head.weight.copy_(torch.randn(vocab, width, generator=g) * 0.3)
@@ -214,3 +216,35 @@ def test_lm_losses_exact_on_a_large_vocabulary(scale, cap):
     fp32 = torch.nn.functional.cross_entropy(logits, targets, reduction="none").double()
     assert ((fp32 - exact).abs() > bound).any()
     assert ((fp32.view(n_blocks, seq_len - 1).mean(dim=1) - want).abs() > 1e-6).any()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_lm_losses_padded_head_rows_carry_no_probability(bias):
+    """The zero rows ``fp32_head`` pads an odd vocabulary with give logit 0; lm_losses must drop them, not score
+    them. With every real logit far below 0 (a bias of -60; a head without bias: negative weights on positive
+    states), a padding logit left in would hold almost all the probability; the losses equal a float64
+    cross-entropy over the real vocabulary only. A changed weight is picked up (the padded copy is rebuilt)."""
+    from types import SimpleNamespace
+
+    from nqpq.evaluate import fp32_head
+
+    vocab, width = 1_003, 16
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(width, vocab, bias=bias)
+    head.weight.copy_(torch.rand(vocab, width, generator=g) * -4.0 - (0.0 if bias else 2.0))
+    if bias:
+        head.bias.copy_(torch.full((vocab,), -60.0) + torch.randn(vocab, generator=g))
+    hidden = torch.rand(2, 9, width, generator=g) + (0.0 if bias else 1.0)
+    labels = torch.randint(0, vocab, (2, 9), generator=g)
+    parts = SimpleNamespace(lm_head=head, logit_scale=None, final_logit_softcap=None)
+
+    def want() -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden[:, :-1].double(), head.weight.double(),
+                                            None if head.bias is None else head.bias.double())
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none").mean(1)
+
+    assert fp32_head(head)[0].shape[0] == 1_008
+    torch.testing.assert_close(lm_losses(head, hidden, labels, parts=parts), want(), rtol=1e-6, atol=0)
+    head.weight.mul_(0.5)  # in place: the same storage, a new version
+    torch.testing.assert_close(lm_losses(head, hidden, labels, parts=parts), want(), rtol=1e-6, atol=0)

@@ -1,4 +1,5 @@
-"""Multi-head latent attention, learned attention sinks and DiffLlama's two-call attention, against float64.
+"""Multi-head latent attention, learned attention sinks, DiffLlama's two-call attention and HRM's recurrent stacks,
+against float64.
 
 Tiny random models of each family (tests/tiny_families.py, fixed seeds): full mode on every attention layer equals
 the model's own logits; top-1 and low-rank on one layer equal tests/f64_reference.py's per-head float64
@@ -18,6 +19,7 @@ from conftest import REL_SCORE_MARGIN
 from f64_reference import F64Reference
 from tiny_families import MLA_FAMILIES, SINK_FAMILIES, VOCAB, build_family
 
+from nqpq import PrefixRunner, block_losses
 from nqpq.calibration import gram_passes
 from nqpq.crystallinity import CrystallinityAccumulator
 from nqpq.integration import crystallize, observe_residuals
@@ -347,3 +349,102 @@ def test_llama4_sweep_end_to_end(tokenizer, tmp_path, capsys):
     assert all(math.isfinite(c["ppl"]) for c in results["curve"])
     assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
     assert "attention chunks 8" in capsys.readouterr().out  # the report's model line
+
+
+def hrm_reference(model) -> F64Reference:
+    """The float64 copy of a tiny HRM, its modules numbered as the model's code lays them out: the low stack's
+    layers 0..n-1, then the high stack's n..2n-1 (both stacks' modules carry layer_idx 0..n-1)."""
+    ref = F64Reference(model)
+    body = ref.model.model
+    n = len(body.L_module.layers)
+    for i, layer in enumerate([*body.L_module.layers, *body.H_module.layers]):
+        layer.self_attn._nqpq_f64_layer = i
+    assert n == model.config.num_layers_per_stack
+    return ref
+
+
+@torch.no_grad()
+def test_hrm_layers_are_both_stacks():
+    """HRM: num_hidden_layers counts the layer calls of its recurrent forward (2 per stack × H_cycles·(L_cycles+1)),
+    not modules; its layers are the low stack's then the high stack's, every one an attention layer."""
+    model = build_family("hrm_text")
+    body = model.model
+    parts = model_parts(model)
+    assert model.config.num_hidden_layers == 2 * 2 * 3
+    assert list(parts.layers) == [*body.L_module.layers, *body.H_module.layers]
+    assert parts.n_layers == 4 and parts.attn_layers == (0, 1, 2, 3)
+    assert [parts.attn[li] for li in parts.attn_layers] == [layer.self_attn for layer in parts.layers]
+
+
+@pytest.mark.parametrize("mode", ["top1", "lowrank"])
+def test_hrm_crystallized_layer_matches_float64_on_every_call(mode):
+    """A crystallized HRM layer is crystallized on every call of its module (the low stack's 2 × 2 per forward, the
+    high stack's 2): top-1 and low-rank equal float64 on each; full mode on every layer equals the model."""
+    model = build_family("hrm_text")
+    ids = token_ids()
+    parts = model_parts(model)
+    base = logits(model, ids)
+    with crystallize(model, parts.attn_layers, mode="full"):
+        assert_rel_close(logits(model, ids), base, 1e-5)
+    ref = hrm_reference(model)
+    calls = {0: 4, 1: 4, 2: 2, 3: 2}  # per forward: L_cycles · H_cycles for the low stack, H_cycles for the high
+    for layer in (0, 3):
+        geo = parts.geometry[layer]
+        basis = random_basis(geo.n_heads, geo.v_dim)
+        d_r = geo.v_dim // 2
+        with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="torch"):
+            got = logits(model, ids)
+        ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
+        ref.crystal_gaps.clear()
+        want = logits(ref.model, ids)
+        assert len(ref.crystal_gaps) == calls[layer] * B * geo.n_heads
+        assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+        assert_rel_close(got, want)
+        assert float((got - base).abs().max() / base.abs().max()) > 100 * REL_TOL
+
+
+def test_hrm_grams_and_crystallinity_count_every_call():
+    """Each call of an HRM layer's module is an attention: its rows join the statistics and its ε the Gram."""
+    model = build_family("hrm_text")
+    parts = model_parts(model)
+    layers = list(parts.attn_layers)
+    batches = [token_ids(1), token_ids(2)]
+    grams = gram_passes(model, batches, layers, (0,), backend="torch")[0]
+    acc = CrystallinityAccumulator(layers, {li: parts.geometry[li].n_heads for li in layers})
+    with torch.no_grad(), observe_residuals(model, layers, None, stats_sink=acc, backend="torch"):
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    ref = hrm_reference(model)
+    ref.observed, ref.grams = set(layers), {}
+    for batch in batches:
+        logits(ref.model, batch)
+    assert min(ref.gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+    calls = {0: 4, 1: 4, 2: 2, 3: 2}
+    for li in layers:
+        assert_rel_close(grams[li], ref.grams[li], 1e-5)
+        assert acc._sums[li][:, 4].tolist() == [float(calls[li] * len(batches) * B * T)] * parts.geometry[li].n_heads
+    got, want = acc.results(), ref.crystallinity()
+    assert [(e["layer"], e["head"]) for e in got] == [(e["layer"], e["head"]) for e in want]
+    for g, w in zip(got, want):
+        for key, value in w.items():
+            assert math.isclose(g[key], value, rel_tol=1e-5, abs_tol=1e-6), (g["layer"], g["head"], key)
+
+
+@torch.no_grad()
+def test_hrm_prefix_replay_runs_the_recurrent_forward():
+    """HRM's body adds one stack's output to the other's input between cycles: the prefix replay runs its own forward
+    with the calls before the start layer's first served from the baseline, and gives the model's losses, plain and
+    crystallized from a low-stack and a high-stack layer."""
+    model = build_family("hrm_text")
+    blocks = torch.cat([token_ids(1), token_ids(2)])
+    runner = PrefixRunner(model, blocks, [slice(0, 2), slice(2, 4)], start=(1, 2))
+    baseline = runner.capture_baseline()
+    torch.testing.assert_close(baseline, block_losses(model, blocks, 2), rtol=1e-6, atol=0)
+    assert runner._via_body
+    for start in (1, 2):
+        torch.testing.assert_close(runner.losses(start=start), baseline, rtol=1e-6, atol=0)
+        with crystallize(model, range(start, 4), mode="top1", backend="torch"):
+            want = block_losses(model, blocks, 2)
+            torch.testing.assert_close(runner.losses(start=start), want, rtol=1e-6, atol=0)
+        # Crystallizing moves the losses ~50x the comparison's tolerance (rtol 1e-6 of losses ~4.6).
+        assert float((want - baseline).abs().max()) > 1e-4

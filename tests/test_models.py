@@ -549,3 +549,123 @@ def test_hybrid_sweep_and_scan_take_the_attention_layers():
     assert [row["layer"] for row in scan["layers"]] == [3]
     with pytest.raises(NqpqError, match=r"--layers 1 is not an attention layer .* attention layers are 3 "):
         run_sweep(SweepConfig(layers=(1,), **common), model=model, ids=ids, log=lambda *_: None)
+
+
+@pytest.mark.parametrize(("family", "expected"), [
+    # Bart-style decoder layers: one attention class for both, the cross-attention the non-causal one; Blenderbot's
+    # num_hidden_layers counts its encoder's layers, so its decoder layers are found as transformers' layers.
+    ("blenderbot", r"layer 0 \(BlenderbotDecoderLayer\) holds a cross-attention, encoder_attn \(BlenderbotAttention\), "
+                   r"beside its self-attention self_attn \(BlenderbotAttention\)"),
+    ("bart", r"layer 0 \(BartDecoderLayer\) holds a cross-attention, encoder_attn \(BartAttention\)"),
+])
+def test_layers_with_several_attentions_refused_by_name(family, expected):
+    model = census_model(family)
+    with pytest.raises(UnsupportedModelError, match=expected):
+        model_parts(model)
+
+
+@torch.no_grad()
+def test_attention_over_block_states_runs_the_models_own_function():
+    """Inkling 2's layers mix the states of earlier blocks with an attention of their own (a learned query over the
+    stacked block states, maskless, not causal) beside the causal self-attention over the tokens: the self-attention
+    is the layer's attention module, and the block attentions run the model's own function under crystallization."""
+    model = census_model("inkling2_text")
+    parts = model_parts(model)
+    layers = model.model.layers
+    assert parts.attn_layers == tuple(range(len(layers)))
+    assert [parts.attn[li] for li in parts.attn_layers] == [layer.self_attn for layer in layers]
+    block_attention = layers[1].attention_input
+    g = torch.Generator().manual_seed(0)
+    hidden = model.config.get_text_config().hidden_size
+    blocks, partial = torch.randn(2, 5, 1, hidden, generator=g), torch.randn(2, 5, hidden, generator=g)
+    want = block_attention(blocks, partial)
+    with crystallize(model, parts.attn_layers, mode="top1", backend="torch"):
+        assert layers[1].self_attn.config._attn_implementation == "nqpq_eager"
+        assert block_attention.config._attn_implementation == "eager"
+        got = block_attention(blocks, partial)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def blt_model(window: int | None) -> torch.nn.Module:
+    """The census's tiny BLT (1 local encoder layer, 1 global layer over patches, 6 local decoder layers, an entropy
+    patcher), its local layers' sliding window ``window`` (None: full causal attention over the bytes)."""
+    from benchmarks.census import tiny_config
+
+    config = tiny_config("blt")
+    config.local_attention_window_len = config.encoder_config.sliding_window = window
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.float().eval()
+
+
+@torch.no_grad()
+def test_byte_latent_transformer_layers():
+    """BLT's config has no num_hidden_layers: its layers are those of its local encoder, global transformer and local
+    decoder, in the order its forward runs them; the entropy patcher (a language model of its own, run first to set
+    the patch boundaries) holds none. Full mode on every layer equals the model, and the prefix replay (its own
+    forward: the cross-attentions between the stacks are not layers) gives the model's losses, crystallized too."""
+    model = blt_model(None)
+    body = model.model
+    parts = model_parts(model)
+    stacks = [body.local_encoder.layers, body.global_transformer.layers, body.local_decoder.layers]
+    assert list(parts.layers) == [layer for stack in stacks for layer in stack]
+    assert parts.attn_layers == tuple(range(8))
+    blocks = census_blocks()
+    want = block_losses(model, blocks, 3)
+    with crystallize(model, parts.attn_layers, mode="full", backend="torch"):
+        torch.testing.assert_close(block_losses(model, blocks, 3), want, rtol=1e-5, atol=0)
+    runner = PrefixRunner(model, blocks, [slice(0, 3)], start=(1, 7))
+    torch.testing.assert_close(runner.capture_baseline(), want, rtol=1e-6, atol=0)
+    for start in (1, 7):  # the global layer (over patches), the last local decoder layer (over bytes)
+        with crystallize(model, range(start, 8), mode="top1", backend="torch"):
+            crystal = block_losses(model, blocks, 3)
+            torch.testing.assert_close(runner.losses(start=start), crystal, rtol=1e-6, atol=0)
+        assert float((crystal - want).abs().max()) > 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["top1", "lowrank"])
+def test_layer_of_two_attention_blocks(mode):
+    """LongCat-Flash runs two attention blocks per layer (num_hidden_layers counts the blocks: twice the layers).
+    Crystallizing a layer crystallizes both, with the layer's mode and basis: full mode equals the model, top-1 and
+    low-rank equal float64 on each block (the blocks' layer_idx: 2·layer and 2·layer + 1), and the prefix replay
+    gives the model's losses."""
+    from f64_reference import F64Reference
+
+    from benchmarks.census import tiny_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # The eager experts loop: the grouped-matmul one has no float64 (the float64 reference copies the model).
+        model = tf.AutoModelForCausalLM.from_config(tiny_config("longcat_flash"), attn_implementation="eager",
+                                                    experts_implementation="eager").float().eval()
+    parts = model_parts(model)
+    layers = model.model.layers
+    assert model.config.num_hidden_layers == 2 * len(layers) == 2 * parts.n_layers
+    assert all(parts.attention_modules(li) == tuple(layers[li].self_attn) for li in parts.attn_layers)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))  # clear maxima in both blocks
+    base = logits(model, ids)
+    with crystallize(model, parts.attn_layers, mode="full", backend="torch"):
+        torch.testing.assert_close(logits(model, ids), base, rtol=1e-5, atol=1e-5 * float(base.abs().max()))
+    li = parts.attn_layers[-1]
+    geo = parts.geometry[li]
+    basis = random_basis(geo.n_heads, geo.v_dim, [li])[li]
+    d_r = geo.v_dim // 2
+    with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"):
+        assert all(hasattr(a, "_nqpq_layer_spec") for a in parts.attention_modules(li))
+        got = logits(model, ids)
+    assert not any(hasattr(a, "_nqpq_layer_spec") for a in parts.attention_modules(li))
+    ref = F64Reference(model)
+    P = basis.double()[:, :, :d_r] if mode == "lowrank" else None
+    ref.crystal = {2 * li: (mode, P), 2 * li + 1: (mode, P)}
+    want = logits(ref.model, ids)
+    assert len(ref.crystal_gaps) == 2 * ids.shape[0] * geo.n_heads  # both blocks, once each
+    assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+    err = float((got.double() - want).abs().max() / want.abs().max())
+    assert err <= 2e-5 and float((got - base).abs().max() / base.abs().max()) > 1e-3, err
+    blocks = census_blocks()
+    runner = PrefixRunner(model, blocks, [slice(0, 3)], start=li)
+    torch.testing.assert_close(runner.capture_baseline(), block_losses(model, blocks, 3), rtol=1e-6, atol=0)
+    with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"):
+        torch.testing.assert_close(runner.losses(), block_losses(model, blocks, 3), rtol=1e-6, atol=0)

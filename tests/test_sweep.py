@@ -176,7 +176,8 @@ def test_batch_size_sets_the_prefix_record_aside():
 
 
 def test_batch_size_sets_the_fp32_lm_head_aside_for_16_bit_models():
-    """lm_losses forms logits with an fp32 copy of the LM head (2 GiB at Llama-3-8B's head): 16-bit models only."""
+    """lm_losses forms logits with an fp32 copy of the LM head (2 GiB at Llama-3-8B's head): 16-bit models, and
+    fp32 models whose vocabulary it pads."""
     cpu = torch.device("cpu")
     small_head = SimpleNamespace(**{**vars(LLAMA_8B), "lm_head": head(1000, 4096)})
 
@@ -185,6 +186,11 @@ def test_batch_size_sets_the_fp32_lm_head_aside_for_16_bit_models():
 
     assert batch(LLAMA_8B, torch.bfloat16) < batch(small_head, torch.bfloat16)
     assert batch(LLAMA_8B, torch.float32) == batch(small_head, torch.float32)  # fp32: the head is used as it is
+    # ... unless its vocabulary is not a multiple of 8: lm_losses then keeps a padded fp32 copy (nqpq.evaluate)
+    odd_head = SimpleNamespace(**{**vars(LLAMA_8B), "lm_head": head(128257, 4096)})
+    few = {"hidden": 4096, "free": 16 * GIB}  # 100 blocks: the record leaves room for the head to matter
+    assert (default_batch_size(cpu, odd_head, 256, 100, torch.float32, **few)
+            < default_batch_size(cpu, LLAMA_8B, 256, 100, torch.float32, **few))
 
 
 def test_cpu_free_memory_is_the_available_ram():

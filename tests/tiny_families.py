@@ -1,5 +1,6 @@
 """Tiny random models (fixed seeds) of the families with multi-head latent attention, learned attention sinks and
-DiffLlama's two-call differential attention, and Llama 4's chunked attention (test helper).
+DiffLlama's two-call differential attention, Llama 4's chunked attention, and HRM's two recurrent stacks of layers
+(test helper).
 
 Each is built from the family's own config class with shrunk sizes (float32, eval mode, eager attention), and
 its attention sharpened so that crystallizing a layer changes the logits far beyond rounding: the query and key
@@ -45,6 +46,9 @@ CONFIGS: dict[str, dict] = {
     "llama4_text": dict(_BASE, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, intermediate_size_mlp=64,
                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
                         attention_chunk_size=8),
+    # HRM: two stacks of 2 layers (low- and high-level), each module called once per cycle: the low stack 2 × 2
+    # times per forward, the high stack 2 times, with the other stack's output added in between.
+    "hrm_text": dict(_BASE, num_hidden_layers=2, head_dim=16, H_cycles=2, L_cycles=2),
 }
 
 
