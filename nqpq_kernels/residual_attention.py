@@ -555,9 +555,11 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device,
-                 sink: bool = False) -> dict:
-    """Block sizes / launch options for a padded head dim ``D``. A fixed small config for the interpreter,
-    a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax state)."""
+                 sink: bool = False, value_width: int | None = None) -> dict:
+    """Block sizes / launch options for a padded head dim ``D`` (the wider of q/k and v). A fixed small config
+    for the interpreter, a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax
+    state). ``value_width``: v's padded width (None: D); optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the
+    epilogue's chunks (default 64 basis columns, 128 Gram columns)."""
     if device.type != "cuda":
         # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages.
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -570,14 +572,15 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         # spill 0.6-0.9 KiB where 32 rows and 128 columns spilled 1.1-1.8 KiB (mma.sync for QKᵀ and PV; MLA
         # 192/128 with every feature: 56 B at 64 rows, 160 B before). A sink without a Gram: 32 rows (no local
         # memory; 64 rows spilled 8-48 B); low-rank without a Gram: 32 rows (64 rows spilled 224 B).
-        # fp32: the projection R_BLOCK = 16 columns at a time (4.4 KiB of stack at 64) and the Gram 32 columns
-        # at a time (21 KiB at 128, 5.3 KiB at 32).
+        # fp32: the projection R_BLOCK = 16 columns at a time (4.4 KiB of stack at 64) and a 256-wide Gram 32
+        # columns at a time (21 KiB at 128, 5.3 KiB at 32); a 128-wide one (MLA) whole (1.4-2.3 KiB in chunks).
         if dtype in (torch.float16, torch.bfloat16):
             if return_gram:
                 return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, GRAM_COLS=64,
                             R_BLOCK=16)
             return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1, GRAM_COLS=32, R_BLOCK=16)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1, R_BLOCK=16,
+                    GRAM_COLS=128 if value_width is not None and value_width <= 128 else 32)
     if dtype in (torch.float16, torch.bfloat16):
         if D <= 64:
             # H100, bf16, B=32 H=12 D=64 (benchmarks.tune, 2026-11-27): 64/64/4 warps/3 stages was the
@@ -653,7 +656,8 @@ def kernel_meta(
     dv_pad = _padded_head_dim(dv)
     # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
     # the table is read at the wider of the two.
-    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink)
+    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink,
+                       value_width=dv_pad)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
