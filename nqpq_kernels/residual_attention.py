@@ -579,8 +579,11 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
                 return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, GRAM_COLS=64,
                             R_BLOCK=16)
             return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1, R_BLOCK=16,
-                    GRAM_COLS=128 if value_width is not None and value_width <= 128 else 32)
+        # Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every feature
+        # 2.3 KiB; two: none and 72 B) unless a 256-wide Gram is also there (not compiled at two stages).
+        narrow_v = value_width is not None and value_width <= 128
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink and (narrow_v or not return_gram) else 1,
+                    R_BLOCK=16, GRAM_COLS=128 if narrow_v else 32)
     if dtype in (torch.float16, torch.bfloat16):
         if D <= 64:
             # H100, bf16, B=32 H=12 D=64 (benchmarks.tune, 2026-11-27): 64/64/4 warps/3 stages was the
