@@ -598,21 +598,35 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device,
-                 sink: bool = False) -> dict:
-    """Block sizes / launch options for a padded head dim ``D``. A fixed small config for the interpreter,
-    a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax state)."""
+                 sink: bool = False, value_width: int | None = None) -> dict:
+    """Block sizes / launch options for a padded head dim ``D`` (the wider of q/k and v). A fixed small config
+    for the interpreter, a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax
+    state). ``value_width``: v's padded width (None: D); optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the
+    epilogue's chunks (default 64 basis columns, 128 Gram columns)."""
     if device.type != "cuda":
         # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages.
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     heavy_epilogue = mode == "lowrank" or return_gram  # fp32 [*, D] x [D, D] epilogue dots
     if D > 128:
-        # D = 144..256 (Gemma 2's 256), padded to 256. NOT MEASURED (no card in the session that added it):
-        # a conservative guess that keeps the [BLOCK_M, 256] fp32 accumulator and the K/V tiles within one
-        # SM's registers and shared memory. Compiled for sm_90 without a card: at most 164 KiB of shared
-        # memory (16-bit, lowrank/Gram at BLOCK_M=32) vs 197 KiB at BLOCK_M=64. Tune before trusting its speed.
+        # D = 144..256 (Gemma 2's 256, MLA's 192/128), padded to 256. Speed NOT MEASURED (no card yet): chosen
+        # from python -m benchmarks.sm90 (issue 26; ptxas's registers and local memory). With a Gram, 64 query
+        # rows keep every dot on wgmma
+        # and the Gram 64 columns at a time (GRAM_COLS) with the projection 16 basis columns at a time (R_BLOCK)
+        # spill 0.6-0.9 KiB where 32 rows and 128 columns spilled 1.1-1.8 KiB (mma.sync for QKᵀ and PV; MLA
+        # 192/128 with every feature: 56 B at 64 rows, 160 B before). A sink without a Gram: 32 rows (no local
+        # memory; 64 rows spilled 8-48 B); low-rank without a Gram: 32 rows (64 rows spilled 224 B).
+        # fp32: the projection R_BLOCK = 16 columns at a time (4.4 KiB of stack at 64) and a 256-wide Gram 32
+        # columns at a time (21 KiB at 128, 5.3 KiB at 32); a 128-wide one (MLA) whole (1.4-2.3 KiB in chunks).
         if dtype in (torch.float16, torch.bfloat16):
-            return dict(BLOCK_M=32 if heavy_epilogue else 64, BLOCK_N=32, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+            if return_gram:
+                return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, GRAM_COLS=64,
+                            R_BLOCK=16)
+            return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
+        # Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every feature
+        # 2.3 KiB; two: none and 72 B) unless a 256-wide Gram is also there (not compiled at two stages).
+        narrow_v = value_width is not None and value_width <= 128
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink and (narrow_v or not return_gram) else 1,
+                    R_BLOCK=16, GRAM_COLS=128 if narrow_v else 32)
     if dtype in (torch.float16, torch.bfloat16):
         if D <= 64:
             # H100, bf16, B=32 H=12 D=64 (benchmarks.tune, 2026-11-27): 64/64/4 warps/3 stages was the
@@ -622,11 +636,20 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         else:
             # D = 80..128 (80 and 96 padded to 128): the D=128 row; not measured for the padded dims.
             cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    else:  # fp32 operands: twice the bytes per tile
+    else:
+        # fp32 operands: twice the bytes per tile, and exact ("ieee") dots run on FMA, not wgmma, with their
+        # operands in registers. Chosen by python -m benchmarks.sm90 (ptxas's registers and local memory, no card):
+        # 64/32 over 4 warps spilled 80-1336 B at D 64 (the plain FA2 + argmax anchor too, 208 B), over 8 warps
+        # at most 48 B (Gram + sink + every feature) where the anchor has none; the low-rank projection
+        # R_BLOCK = 16 basis columns at a time (64 columns: a [D, 64] basis tile and [BLOCK_M, 64] coefficients
+        # spilled), and one stage for a Gram without a sink (two stages: 16-24 B). D 128: 32 query rows once
+        # P @ V is accumulated (64 rows spilled up to 1.6 KiB with a Gram, 56 B for full; the anchor 56 B).
         if D <= 64:
-            cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+            cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1 if return_gram and not sink else 2,
+                       R_BLOCK=16)
         else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+            cfg = dict(BLOCK_M=64 if mode == "top1" and not return_gram else 32, BLOCK_N=32, num_warps=8,
+                       num_stages=2, R_BLOCK=16)
     if D == 128 and heavy_epilogue and cfg["BLOCK_M"] > 64:
         cfg["BLOCK_M"] = 64
     if sink and dtype in (torch.float16, torch.bfloat16) and D <= 128:
@@ -681,7 +704,8 @@ def kernel_meta(
     dv_pad = _padded_head_dim(dv)
     # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
     # the table is read at the wider of the two.
-    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink)
+    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink,
+                       value_width=dv_pad)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
@@ -692,8 +716,8 @@ def kernel_meta(
         D_PAD=d_pad,
         HEAD_DV=dv,
         DV_PAD=dv_pad,
-        R_BLOCK=min(dv_pad, 64),
-        GRAM_COLS=min(dv_pad, 128),
+        R_BLOCK=min(dv_pad, cfg.get("R_BLOCK", 64)),
+        GRAM_COLS=min(dv_pad, cfg.get("GRAM_COLS", 128)),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         MODE=_MODE_IDS[mode],

@@ -247,6 +247,22 @@ def test_other_tilings(monkeypatch, block_m, block_n):
     run_and_check(q, k, v, "top1", return_gram=False)
 
 
+@pytest.mark.parametrize("gram_cols,r_block", [(16, 16), (32, 16)])
+def test_epilogue_chunks(monkeypatch, gram_cols, r_block):
+    """The Gram GRAM_COLS columns at a time and the projection R_BLOCK basis columns at a time (the CUDA table's
+    D 256 and fp32 choices) against float64, at a width the interpreter runs quickly; with the sink's ground."""
+    monkeypatch.setattr(
+        ra_mod, "_pick_config",
+        lambda *a, **k: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, GRAM_COLS=gram_cols,
+                             R_BLOCK=r_block),
+    )
+    meta, _ = ra_mod.kernel_meta(64, torch.float32, "lowrank", DEV, return_gram=True)
+    assert (meta["GRAM_COLS"], meta["R_BLOCK"]) == (gram_cols, r_block)
+    q, k, v = rand_qkv(1, 2, 40, 64, torch.float32, seed=gram_cols + r_block)
+    run_and_check(q, k, v, "lowrank", d_r=37, basis=make_basis(2, 64))
+    run_sink(q, k, v, "lowrank", 3, d_r=37, basis=make_basis(2, 64))
+
+
 def test_allow_tf32_and_custom_scale():
     B, H, T, D = 1, 2, 30, 16
     q, k, v = rand_qkv(B, H, T, D, torch.float32, seed=4)
