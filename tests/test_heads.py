@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
+from test_replay import blocks, model_losses  # the same blocks and float64 model losses as the replay tests
 
 from nqpq import PrefixRunner, block_losses, crystallize
 from nqpq.evaluate import lm_losses
@@ -34,17 +34,6 @@ def tiny_model(family: str) -> torch.nn.Module:
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
     return model.float().eval()
-
-
-def blocks(n: int) -> torch.Tensor:
-    return torch.randint(3, 256, (n, 24), generator=torch.Generator().manual_seed(0))
-
-
-def model_losses(model, ids: torch.Tensor) -> torch.Tensor:
-    """Per-block mean next-token loss of the model's own logits, in float64."""
-    logits = model(input_ids=ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].double().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
-        ids.shape[0], -1).mean(1)
 
 
 @torch.no_grad()
