@@ -45,7 +45,7 @@ SASS_TOOLS = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "b
 @triton.jit
 def _plain_tiles(acc, l_i, m_i, best_idx, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d,
                  scale, lo, hi, T, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-                 ARGMAX: tl.constexpr):
+                 ARGMAX: tl.constexpr, bias_rows=None, row_ok=None, stride_bn=0, BIAS: tl.constexpr = False):
     LOG2E: tl.constexpr = 1.4426950408889634
     BIG: tl.constexpr = 2147483647
     for start_n in range(lo, hi, BLOCK_N):
@@ -57,7 +57,11 @@ def _plain_tiles(acc, l_i, m_i, best_idx, q, k_base, v_base, stride_kt, stride_v
         else:
             k = tl.load(k_base + rows64[:, None] * stride_kt + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-        if MASKED:
+        if BIAS:  # an additive fp32 bias tile read through its strides (SDPA's attn_mask), as the kernel reads it
+            b_ptrs = bias_rows[:, None] + rows64[None, :] * stride_bn
+            s = s + tl.load(b_ptrs, mask=row_ok[:, None] & (cols < T)[None, :], other=0.0)
+            s = tl.where((cols < T)[None, :], s, float("-inf"))
+        elif MASKED:
             s = tl.where((cols[None, :] <= offs_m[:, None]) & (cols[None, :] < T), s, float("-inf"))
         if ARGMAX == 2:  # one reduction: the tile max and its first position
             t_max, t_pos = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -86,10 +90,12 @@ def _plain_tiles(acc, l_i, m_i, best_idx, q, k_base, v_base, stride_kt, stride_v
 @triton.jit
 def _plain_fa2_argmax_fwd(Q, K, V, Out, Argmax, stride_qb, stride_qh, stride_qt, H, T, scale,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_PREC: tl.constexpr, ARGMAX: tl.constexpr):
+                          DOT_PREC: tl.constexpr, ARGMAX: tl.constexpr,
+                          Bias=None, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, BIAS: tl.constexpr = False):
     """Causal softmax(q kᵀ · scale) V and the first index of each row's maximal score; q, k, v, out [B, H, T, D]
     sharing strides. The same tile walk as the residual kernel: tiles below the diagonal block unmasked, the
-    diagonal block masked."""
+    diagonal block masked. With ``BIAS`` (the kernel's attn_mask variant): every key tile [0, T) walked, each
+    masked past the last key, with an fp32 [B, H, T, T] bias tile (read through its strides) added to the scores."""
     start_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -106,11 +112,18 @@ def _plain_fa2_argmax_fwd(Q, K, V, Out, Argmax, stride_qb, stride_qh, stride_qt,
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
     lo = start_m * BLOCK_M
-    acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
-                                           offs_m, offs_n, offs_d, scale, 0, lo, T, BLOCK_N, False, DOT_PREC, ARGMAX)
-    acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
-                                           offs_m, offs_n, offs_d, scale, lo, tl.minimum(lo + BLOCK_M, T), T,
-                                           BLOCK_N, True, DOT_PREC, ARGMAX)
+    if BIAS:
+        bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m64 * stride_bm
+        acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
+                                               offs_m, offs_n, offs_d, scale, 0, T, T, BLOCK_N, True, DOT_PREC,
+                                               ARGMAX, bias_rows, mask_m, stride_bn, True)
+    else:
+        acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
+                                               offs_m, offs_n, offs_d, scale, 0, lo, T, BLOCK_N, False, DOT_PREC,
+                                               ARGMAX)
+        acc, l_i, m_i, best_idx = _plain_tiles(acc, l_i, m_i, best_idx, q, K + base, V + base, stride_qt, stride_qt,
+                                               offs_m, offs_n, offs_d, scale, lo, tl.minimum(lo + BLOCK_M, T), T,
+                                               BLOCK_N, True, DOT_PREC, ARGMAX)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + base + offs_m64[:, None] * stride_qt + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=mask_m[:, None])
@@ -129,13 +142,22 @@ class Variant(NamedTuple):
     sink: bool = False  # sink_tokens > 0, with its mass stored
     learned: bool = False  # a learned sink logit per head
     Dv: int | None = None  # v's width (MLA); None: D
+    bias: bool = False  # an attn_mask (fp32 additive bias, every key tile walked); features then lack the window
+    T: int | None = None  # the sequence length, when not GEOMETRY's (an unaligned one: no divisibility by 16)
 
     @property
     def name(self) -> str:
         parts = [self.dtype, f"D{self.D}" + (f"/v{self.Dv}" if self.Dv else ""), self.mode]
-        parts += [flag for flag, on in (("gram", self.gram), ("window+softcap+top1p", self.features),
-                                        ("sink", self.sink), ("learned", self.learned)) if on]
-        return " ".join(parts)
+        parts += [flag for flag, on in (("gram", self.gram),
+                                        ("softcap+top1p" if self.bias else "window+softcap+top1p", self.features),
+                                        ("sink", self.sink), ("learned", self.learned), ("bias", self.bias)) if on]
+        return " ".join(parts + ([f"T{self.T}"] if self.T else []))
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int]:
+        """(B, Hq, Hkv, T) it is compiled for."""
+        B, Hq, Hkv, T = GEOMETRY[self.D]
+        return B, Hq, Hkv, self.T or T
 
 
 def variants() -> list[Variant]:
@@ -156,6 +178,16 @@ def variants() -> list[Variant]:
             ]
         out += [Variant(dtype, 192, mode, gram=mode == "lowrank", Dv=128) for mode in ("top1", "full", "lowrank")]
         out.append(Variant(dtype, 192, "lowrank", gram=True, features=True, sink=True, learned=True, Dv=128))
+    # attn_mask (a model's own mask or position bias; no window or chunk with it): every mode × Gram, and every
+    # other feature at once.
+    for dtype in ("bf16", "fp32"):
+        for D in (64, 128, 256):
+            out += [Variant(dtype, D, mode, gram, bias=True) for mode in ("top1", "full", "lowrank")
+                    for gram in (False, True)]
+            out.append(Variant(dtype, D, "lowrank", gram=True, features=True, sink=True, learned=True, bias=True))
+    # A model's own mask comes at any prompt length: the 16-bit D <= 128 ones at an unaligned T too (T, Tk and the
+    # bias's row stride not multiples of 16: scalar bias loads).
+    out += [v._replace(T=UNALIGNED_T) for v in out if v.bias and v.dtype == "bf16" and v.D <= 128]
     return out
 
 
@@ -167,6 +199,7 @@ def variants() -> list[Variant]:
 # and that decides vector loads and address arithmetic. (B, Hq, Hkv, T) per q/k width: GPT-2 small at the sweep's
 # T 256, Llama-3-8B, Gemma 2, DeepSeek-V3 (MLA, no GQA).
 GEOMETRY = {64: (8, 12, 12, 256), 128: (4, 32, 8, 1024), 192: (4, 16, 16, 1024), 256: (4, 8, 4, 1024)}
+UNALIGNED_T = 1001
 # --unspecialized: compile as ``benchmarks.tune --compile-only`` did (every int a plain i32, no pointer alignment),
 # which is not what a launch compiles: scalar loads and per-element address tensors, and spills that a launch
 # does not have (issue 26's table was made that way).
@@ -220,7 +253,7 @@ def _compile(fn, values: dict, constexprs: dict, pointers: dict, elem: str, opti
 
 def residual_values(v: Variant) -> dict:
     """The integer arguments the launcher passes for contiguous [B, H, T, D] q, k, v and out at GEOMETRY."""
-    B, Hq, Hkv, T = GEOMETRY[v.D]
+    B, Hq, Hkv, T = v.geometry
     Dv = v.Dv or v.D
     values = dict(stride_qb=Hq * T * v.D, stride_qh=T * v.D, stride_qt=v.D,
                   stride_kb=Hkv * T * v.D, stride_kh=T * v.D, stride_kt=v.D,
@@ -230,9 +263,17 @@ def residual_values(v: Variant) -> dict:
     # The basis [Hq, Dv, Dv] fp32, contiguous; (0, 0, 0) when there is none.
     values.update(dict(zip(("stride_ph", "stride_pd", "stride_pr"),
                            (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)))
-    # No attn_mask: the launcher leaves the bias arguments at their defaults.
-    values.update(dict(Bias=None, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, T_K=0))
+    values.update(bias_values(v))
     return values
+
+
+def bias_values(v: Variant) -> dict:
+    """The bias arguments: none (their defaults) without an attn_mask; with one, the launcher's fp32 view of a
+    [B, 1, T, T] mask (transformers' 4-D masks) expanded over the heads (stride 0), keys as many as queries."""
+    B, Hq, _, T = v.geometry
+    if not v.bias:
+        return dict(Bias=None, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, T_K=0)
+    return dict(stride_bb=T * T, stride_bh=0, stride_bm=T, stride_bn=1, T_K=T)
 
 
 def cubin_stats(kernel) -> dict:
@@ -271,14 +312,18 @@ def compile_variant(v: Variant) -> dict:
     from nqpq_kernels import residual_attention as ra
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v.dtype]
-    meta, launch = ra.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features, softcap=v.features,
+    meta, launch = ra.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features and not v.bias,
+                                  softcap=v.features,
                                   return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
                                   return_sink_mass=v.sink or v.learned, sink=v.sink, value_dim=v.Dv,
-                                  learned_sink=v.learned)
+                                  learned_sink=v.learned, bias=v.bias)
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
                 "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
+    if v.bias:
+        pointers["Bias"] = "*fp32"
     row = {"variant": v.name, "dtype": v.dtype, "D": v.D, "Dv": v.Dv or v.D, "mode": v.mode, "gram": v.gram,
-           "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned,
+           "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned, "bias": v.bias,
+           "T": v.geometry[3], "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)),
            "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], **launch}
     try:
         row.update(cubin_stats(_compile(ra._residual_attn_fwd, residual_values(v), meta, pointers, _elem(v.dtype),
@@ -289,14 +334,20 @@ def compile_variant(v: Variant) -> dict:
 
 
 def compile_anchor(key: tuple) -> dict:
-    """The plain FA2 + online argmax at (dtype, padded D, BLOCK_M, BLOCK_N, num_warps, num_stages), at the
-    GEOMETRY of its width (MHA, B·H from it)."""
-    dtype, d_pad, block_m, block_n, warps, stages = key
+    """The plain FA2 + online argmax at (dtype, padded D, BLOCK_M, BLOCK_N, num_warps, num_stages, bias, T), at
+    the GEOMETRY of its width (MHA, B·H from it) and the variant's T; with ``bias`` it takes the same attn_mask
+    as the kernel's bias rows (an fp32 bias tile added to every key tile's scores, every key tile walked)."""
+    dtype, d_pad, block_m, block_n, warps, stages, bias, seq = key
     meta = dict(HEAD_D=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
-                ARGMAX=1)
-    B, H, _, T = GEOMETRY[d_pad]
+                ARGMAX=1, BIAS=bias)
+    B, H, _, _ = GEOMETRY[d_pad]
+    T = seq  # the variant's
     values = dict(stride_qb=H * T * d_pad, stride_qh=T * d_pad, stride_qt=d_pad, H=H, T=T)
+    values.update(bias_values(Variant(dtype, d_pad, "full", bias=bias, T=seq)))
+    values.pop("T_K")
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64"}
+    if bias:
+        pointers["Bias"] = "*fp32"
     try:
         return cubin_stats(_compile(_plain_fa2_argmax_fwd, values, meta, pointers, _elem(dtype),
                                     dict(num_warps=warps, num_stages=stages)))
@@ -306,7 +357,8 @@ def compile_anchor(key: tuple) -> dict:
 
 def _anchor_key(row: dict) -> tuple:
     d_pad = max(16, triton.next_power_of_2(max(row["D"], row["Dv"])))
-    return (row["dtype"], d_pad, row["BLOCK_M"], row["BLOCK_N"], row["num_warps"], row["num_stages"])
+    return (row["dtype"], d_pad, row["BLOCK_M"], row["BLOCK_N"], row["num_warps"], row["num_stages"], row["bias"],
+            row["T"])
 
 
 def check(rows: list[dict]) -> list[str]:
@@ -360,18 +412,18 @@ def main(argv: list[str] | None = None) -> int:
         a = anchors[_anchor_key(r)]
         r.update({f"anchor_{k}": val for k, val in a.items() if k in ("registers", "stack_bytes", "local_loads",
                                                                      "local_stores", "error")})
-        r.update({"specialized": SPECIALIZE, "geometry_B_Hq_Hkv_T": "x".join(map(str, GEOMETRY[r["D"]])),
+        r.update({"specialized": SPECIALIZE,
                   "arch": f"sm_{ARCH}a", "triton": triton.__version__})
     write_csv(args.out, rows)
-    print(f"{'variant':58} {'tiles':>9} {'w/s':>4} {'regs':>4} {'stack':>5} {'LDL+STL':>7} {'smem KiB':>8} "
+    print(f"{'variant':62} {'tiles':>9} {'w/s':>4} {'regs':>4} {'stack':>5} {'LDL+STL':>7} {'smem KiB':>8} "
           f"{'wgmma':>5} {'anchor stack/LDL+STL':>20}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:58} ERROR {r['error']}")
+            print(f"{r['variant']:62} ERROR {r['error']}")
             continue
         a_local = r.get("anchor_local_loads", 0) + r.get("anchor_local_stores", 0)
         anchor = f"{r.get('anchor_stack_bytes', '?')} / {a_local}"
-        print(f"{r['variant']:58} {r['BLOCK_M']:>4}/{r['BLOCK_N']:<4} {r['num_warps']}/{r['num_stages']} "
+        print(f"{r['variant']:62} {r['BLOCK_M']:>4}/{r['BLOCK_N']:<4} {r['num_warps']}/{r['num_stages']} "
               f"{r['registers']:>4} {r['stack_bytes']:>5} {r['local_loads'] + r['local_stores']:>7} "
               f"{r['shared_bytes'] // 1024:>8} {r['wgmma_dots']:>5} {anchor:>20}")
     print(f"wrote {args.out}")

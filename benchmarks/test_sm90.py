@@ -15,6 +15,24 @@ def test_variants_cover_the_launcher_choices():
         assert (dtype, D, mode, gram) in have
     flags = {(v.features, v.sink, v.learned, v.Dv is not None) for v in sm90.variants()}
     assert (True, True, True, False) in flags and (True, True, True, True) in flags
+    # attn_mask: every mode × Gram for each dtype and padded width, once with every other feature; never a window.
+    biased = {(v.dtype, v.D, v.mode, v.gram) for v in sm90.variants() if v.bias}
+    assert biased == have - {(dtype, 192, mode, gram) for dtype, _, mode, gram in have}
+    assert any(v.bias and v.sink and v.learned and v.features for v in sm90.variants())
+    assert {v.D for v in sm90.variants() if v.bias and v.T} == {64, 128}
+
+
+def test_bias_launch_arguments():
+    """A bias variant passes the launcher's [B, 1, T, T] fp32 mask strides (heads broadcast) and Tk = T; the anchor
+    compiled beside it takes the same bias."""
+    v = sm90.Variant("bf16", 128, "full", bias=True, T=sm90.UNALIGNED_T)
+    values = sm90.residual_values(v)
+    T = sm90.UNALIGNED_T
+    assert (values["stride_bb"], values["stride_bh"], values["stride_bm"], values["stride_bn"]) == (T * T, 0, T, 1)
+    assert values["T"] == values["T_K"] == T
+    assert sm90.residual_values(v._replace(bias=False))["T_K"] == 0
+    row = dict(dtype="bf16", D=128, Dv=128, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, bias=True, T=T)
+    assert sm90._anchor_key(row)[-2:] == (True, T)
 
 
 def test_specialization_is_the_launchers():

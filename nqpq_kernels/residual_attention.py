@@ -598,7 +598,7 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device,
-                 sink: bool = False, value_width: int | None = None) -> dict:
+                 sink: bool = False, value_width: int | None = None, bias: bool = False) -> dict:
     """Block sizes / launch options for a padded head dim ``D`` (the wider of q/k and v). A fixed small config
     for the interpreter, a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax
     state). ``value_width``: v's padded width (None: D); optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the
@@ -659,6 +659,14 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         cfg = dict(cfg, BLOCK_M=64, num_warps=8)
         if D == 128 and heavy_epilogue:
             cfg["BLOCK_N"] = 32  # lowrank / Gram with every feature on: 65 local loads/stores at 64 x 64
+    if bias and dtype in (torch.float16, torch.bfloat16) and D == 128:
+        # attn_mask: an fp32 [BLOCK_M, BLOCK_N] bias tile more per key tile. At 128/64 over 8 warps ptxas spilled
+        # 40-88 B where the sequence length is not a multiple of 16 (T = 1001: unaligned bias rows, scalar loads);
+        # 64 rows hold it (python -m benchmarks.sm90). With a sink and the low-rank/Gram epilogue (every feature
+        # on), 64/32 spilled 8 B at T = 1001: 16 keys per tile.
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
+        if sink and heavy_epilogue:
+            cfg["BLOCK_N"] = 16
     return cfg
 
 
@@ -705,7 +713,7 @@ def kernel_meta(
     # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
     # the table is read at the wider of the two.
     cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink,
-                       value_width=dv_pad)
+                       value_width=dv_pad, bias=bias)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
