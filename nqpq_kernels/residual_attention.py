@@ -158,11 +158,14 @@ def _attn_fwd_inner(
             if WINDOWED:
                 valid = valid & (cols[None, :] >= row_lo[:, None])
             s = tl.where(valid, s, float("-inf"))
-        # A NaN among the visible scores marks the row non-finite (the epilogue writes NaN there);
-        # dropping it from the max keeps the index search in range.
-        is_nan = s != s
-        nan_row = nan_row | (tl.max(is_nan.to(tl.int32), 1) > 0)
-        s = tl.where(is_nan, float("-inf"), s)
+        if not NEED_L:
+            # A NaN among the visible scores marks the row non-finite (the epilogue writes NaN there);
+            # dropping it from the max keeps the index search in range. With the softmax's sum this costs
+            # nothing in the loop: a NaN score makes its exponential, hence l_i, NaN (l_i only rescales by
+            # finite or NaN factors, never drops a term), and the epilogue reads the flag from l_i.
+            is_nan = s != s
+            nan_row = nan_row | (tl.max(is_nan.to(tl.int32), 1) > 0)
+            s = tl.where(is_nan, float("-inf"), s)
         # Tile maximum and the first key index reaching it; tiles come in increasing key order.
         t_max = tl.max(s, 1)
         if IN_SINK:
@@ -419,6 +422,8 @@ def _residual_attn_fwd(
     # Non-finite row: a visible NaN score, or a best score of ±inf (no softmax exists). Its index is
     # replaced by a valid one for the V load (never out of range), and every output is NaN.
     bad = nan_row | (m_i == float("inf")) | (m_i == float("-inf"))
+    if NEED_L:
+        bad = bad | (l_i != l_i)  # a visible NaN score (the loop keeps no flag then)
     if LEARNED:
         # The learned sink is a key every row sees with this logit and value zero; it is merged into the
         # online softmax here, once (a zero value adds nothing to acc): the loop is the same code as without it.
@@ -625,8 +630,13 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         # Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every feature
         # 2.3 KiB; two: none and 72 B) unless a 256-wide Gram is also there (not compiled at two stages).
         narrow_v = value_width is not None and value_width <= 128
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink and (narrow_v or not return_gram) else 1,
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink and (narrow_v or not return_gram) else 1,
                     R_BLOCK=16, GRAM_COLS=128 if narrow_v else 32)
+        if narrow_v and sink and heavy_epilogue:
+            # MLA with a sink and the low-rank/Gram epilogue (every feature on): 32 keys per tile spilled 16-32 B
+            # at 255 registers (R_BLOCK 32 too; one stage 2 KiB); 16 keys none.
+            cfg["BLOCK_N"] = 16
+        return cfg
     if dtype in (torch.float16, torch.bfloat16):
         if D <= 64:
             # H100, bf16, B=32 H=12 D=64 (benchmarks.tune, 2026-11-27): 64/64/4 warps/3 stages was the
@@ -647,6 +657,10 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         if D <= 64:
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1 if return_gram and not sink else 2,
                        R_BLOCK=16)
+            if sink and return_gram:
+                # Gram + sink (+ window, soft cap, top1_prob): 64 rows spilled 32-56 B at 255 registers whatever
+                # the stages or BLOCK_N; 32 rows none (164 registers).
+                cfg["BLOCK_M"] = 32
         else:
             cfg = dict(BLOCK_M=64 if mode == "top1" and not return_gram else 32, BLOCK_N=32, num_warps=8,
                        num_stages=2, R_BLOCK=16)
