@@ -93,6 +93,22 @@ def _tanh(x):
 
 
 @triton.jit
+def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """x [ROWS, WIDTH] -> its columns [0, WIDTH/2) and [WIDTH/2, WIDTH), exactly (no arithmetic)."""
+    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, WIDTH // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _gram_cols(g_base, eps_t, eps_c, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr, GRAM_COLS: tl.constexpr,
+               EPI_PREC: tl.constexpr):
+    """Add εᵀ ε_c (the Gram's columns [c0, c0 + GRAM_COLS)) into the head's fp32 [HEAD_DV, HEAD_DV] Gram."""
+    cols_g = c0 + tl.arange(0, GRAM_COLS)
+    g = tl.dot(eps_t, eps_c, input_precision=EPI_PREC)  # [DV_PAD, GRAM_COLS]
+    tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
+                  mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, best_idx, nan_row,
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
@@ -305,6 +321,7 @@ def _residual_attn_fwd(
     stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0,
     T_K=0,  # HAS_BIAS: the number of keys (k and v may hold keys of the model's own past Tq)
     HAS_BIAS: tl.constexpr = False,  # attn_mask given: it alone decides visibility (no causal walk)
+    SPLIT_GRAM: tl.constexpr = False,
 ):
     EVEN_D: tl.constexpr = HEAD_D == D_PAD
     EVEN_DV: tl.constexpr = HEAD_DV == DV_PAD
@@ -544,6 +561,20 @@ def _residual_attn_fwd(
             g = tl.dot(eps_t, eps, input_precision=EPI_PREC)  # [DV_PAD, DV_PAD]
             tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + offs_dv[None, :], g,
                           mask=mask_dv[:, None] & mask_dv[None, :])
+        elif SPLIT_GRAM and GRAM_COLS * 2 == DV_PAD:
+            # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
+            # than an SM has): GRAM_COLS columns at a time, ε's column blocks cut by reshape + split (exact).
+            e0, e1 = _halves(eps, BLOCK_M, DV_PAD)
+            _gram_cols(g_base, eps_t, e0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+            _gram_cols(g_base, eps_t, e1, GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+        elif SPLIT_GRAM and GRAM_COLS * 4 == DV_PAD:
+            h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
+            e0, e1 = _halves(h0, BLOCK_M, DV_PAD // 2)
+            _gram_cols(g_base, eps_t, e0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+            _gram_cols(g_base, eps_t, e1, GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+            e2, e3 = _halves(h1, BLOCK_M, DV_PAD // 2)
+            _gram_cols(g_base, eps_t, e2, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+            _gram_cols(g_base, eps_t, e3, 3 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
         else:
             # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
             # than an SM has): GRAM_COLS columns at a time. Registers cannot be sliced, so the column block
@@ -625,7 +656,7 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         if dtype in (torch.float16, torch.bfloat16):
             if return_gram:
                 return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, GRAM_COLS=64,
-                            R_BLOCK=16)
+                            R_BLOCK=16, SPLIT_GRAM=mode != "lowrank")
             return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
         # Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every feature
         # 2.3 KiB; two: none and 72 B) unless a 256-wide Gram is also there (not compiled at two stages).
@@ -664,6 +695,10 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         else:
             cfg = dict(BLOCK_M=64 if mode == "top1" and not return_gram else 32, BLOCK_N=32, num_warps=8,
                        num_stages=2, R_BLOCK=16)
+            if bias:
+                # attn_mask's fp32 bias tile: at 32 keys per tile top1 (64 rows) spilled 8 B, low-rank + Gram 24 B,
+                # with a sink and every feature 16 B (the anchor with the same bias none); 16 keys none.
+                cfg["BLOCK_N"] = 16
     if D == 128 and heavy_epilogue and cfg["BLOCK_M"] > 64:
         cfg["BLOCK_M"] = 64
     if sink and dtype in (torch.float16, torch.bfloat16) and D <= 128:
@@ -763,6 +798,8 @@ def kernel_meta(
         SINK_ACC=sink and (mode != "full" or return_gram),
         LEARNED=learned_sink,
         HAS_BIAS=bias,
+        # The Gram's column blocks of ε cut by reshape + split (else selected by one-hot products).
+        SPLIT_GRAM=cfg.get("SPLIT_GRAM", False),
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
