@@ -236,7 +236,8 @@ def _chunk_of(module, layer: int) -> int | None:
 
 def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=None, mask=None, position_bias=None):
     """The float64 per-head definition of top-1 / low-rank on one call's q [B, Hq, T, Dqk], k [B, Hkv, Tk, Dqk],
-    v [B, Hkv, Tk, Dv]; a learned sink (``s_aux`` [Hq]) is a key of value zero whose mass joins the ground state.
+    v [B, Hkv, Tk, Dv]; a learned sink (``s_aux`` [Hq], or Inkling 2's ``sinks`` [B, Hq, T, 1]) is a key of value
+    zero whose mass joins the ground state.
     ``mask``, the attention mask the call received (the model's, or one its attention module built), is applied as
     transformers' eager attention applies it: scores (+ ``position_bias``) + mask, or -inf where a bool mask is
     False; it alone decides the keys a row sees (a key masked to the float32 minimum, as transformers masks, is
@@ -267,7 +268,8 @@ def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=N
         visible = (s > torch.finfo(torch.float32).min / 2).expand_as(s)
     s = s.masked_fill(~visible, float("-inf"))
     if s_aux is not None:
-        sink = s_aux.double().view(1, Hq, 1, 1).expand(Bq, Hq, Tq, 1)
+        sink = s_aux.double()  # one logit per head (gpt-oss), or per row [B, Hq, T, 1] (Inkling 2's sinks)
+        sink = (sink.view(1, Hq, 1, 1) if sink.dim() == 1 else sink.reshape(Bq, Hq, Tq, 1)).expand(Bq, Hq, Tq, 1)
         p = torch.cat([s, sink], dim=-1).softmax(-1)
         mass, p = p[..., -1:], p[..., :-1]
     else:
@@ -396,7 +398,8 @@ def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
                 for module, q, k, v, scaling, kwargs, got in spy.calls:
                     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
                     want_out, clear = _reference(q, k, v, scale, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                                 kwargs.get("s_aux"), mode, basis, d_r, _chunk_of(module, li),
+                                                 kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r,
+                                                 _chunk_of(module, li),
                                                  kwargs["attention_mask"], kwargs.get("position_bias"))
                     if clear.float().mean().item() < 0.5:
                         raise RuntimeError(f"{tag} {mode}: fewer than half the rows have a clear argmax")

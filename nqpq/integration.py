@@ -57,10 +57,11 @@ _NEUTRAL_KWARGS = frozenset({
     "past_key_values", "cache", "layer_idx",
     "logits_to_keep",  # which positions the LM head keeps: passed down with the model's kwargs by some families
 })
-# s_aux: the learned sink logits [Hq] (the op's learned_sink); indices: DeepSeek V3.2's / GLM-DSA's selected keys
+# s_aux / sinks: learned sink logits, [Hq] (gpt-oss's s_aux) or [B, Hq, T, 1] (Inkling 2's per-row sinks), the op's
+# learned_sink; indices: DeepSeek V3.2's / GLM-DSA's selected keys
 # per row [B, T, k], passed when the implementation name is not eager/sdpa (ours): dense when k >= T;
 # position_bias: an additive score bias [B, Hq, T, Tk] (Inkling's relative logits), part of the op's attn_mask.
-_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal", "s_aux", "indices", "position_bias"})
+_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal", "s_aux", "sinks", "indices", "position_bias"})
 
 
 @dataclass
@@ -140,6 +141,19 @@ def _plain_mask(mask: Tensor | None, T: int, window: int | None, chunk: int | No
     allowed = mask if mask.dtype == torch.bool else mask == 0
     want = visible_keys(T, window, mask.device, chunk)
     return allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed))
+
+
+def _mask_window(mask: Tensor | None, T: int) -> int | None:
+    """The sliding window w < T of a mask that is exactly causal + window w (the same for every batch row and head),
+    else None. BLT's local layers get their window only this way: the model builds the mask from a sub-config
+    the attention module never reads, and passes no ``sliding_window``."""
+    if mask is None or mask.dim() != 4 or mask.shape[-2:] != (T, T) or T < 2:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    w = int(allowed[0, 0, -1].sum())  # the last row sees its w most recent keys
+    if w < 1 or w >= T or not torch.equal(allowed, visible_keys(T, w, mask.device).expand_as(allowed)):
+        return None
+    return w
 
 
 def _score_mask(module: nn.Module, spec: LayerSpec, attention_mask: Tensor | None, position_bias: Tensor | None,
@@ -240,8 +254,25 @@ def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None,
         scores = scores + attn_mask.float()
     if learned_sink is None:
         return scores.softmax(-1).to(query.dtype)
-    sink = learned_sink.float().view(1, Hq, 1, 1).expand(B, Hq, T, 1)
+    sink = learned_sink.float()
+    sink = (sink.view(1, Hq, 1, 1) if sink.dim() == 1 else sink.unsqueeze(-1)).expand(B, Hq, T, 1)
     return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :Tk].to(query.dtype)
+
+
+def _learned_sink(module: nn.Module, kwargs: dict, query: Tensor) -> Tensor | None:
+    """The op's ``learned_sink`` from what the module passes: gpt-oss's ``s_aux`` [Hq] (one logit per head) or
+    Inkling 2's ``sinks`` [B, Hq, T, 1] (one per query row, from its hidden state); None without either."""
+    sink = kwargs.get("s_aux")
+    if sink is None:
+        sink = kwargs.get("sinks")
+        if sink is not None:
+            B, Hq, T = query.shape[:3]
+            if not (isinstance(sink, Tensor) and tuple(sink.shape) in ((Hq,), (B, Hq, T, 1))):
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} passes sinks of an unknown form "
+                    f"({tuple(sink.shape) if isinstance(sink, Tensor) else type(sink).__name__}); nqpq refuses")
+            sink = sink.squeeze(-1) if sink.dim() == 4 else sink
+    return None if sink is None else sink.detach().to(query.device)
 
 
 def _module_eager(module: nn.Module):
@@ -284,11 +315,11 @@ def _crystal_attention(
         raise RuntimeError(f"{type(module).__name__} carries nqpq's attention config but no layer spec")
     _check_kwargs(module, kwargs)
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    learned_sink = kwargs.get("s_aux")  # [Hq] logits (gpt-oss's sinks) or None
-    if learned_sink is not None:
-        learned_sink = learned_sink.detach().to(query.device)
+    learned_sink = _learned_sink(module, kwargs, query)
     T = query.shape[2]
     chunk = spec.attention_chunk
+    if window is None and chunk is None and attention_mask is not None and attention_mask is spec.received_mask:
+        window = _mask_window(attention_mask, T)  # a window only the model's mask holds (BLT's local layers)
     attn_mask = _score_mask(module, spec, attention_mask, kwargs.get("position_bias"), T, key.shape[2], window,
                             chunk)
     if attn_mask is not None:  # the mask alone decides visibility: it holds the window / chunk already

@@ -42,7 +42,7 @@ from .errors import NqpqError
 # The name the attention modules of transformers look their attention function up in.
 _INTERFACE_LOOKUP = "ALL_ATTENTION_FUNCTIONS"
 # The keyword under which transformers' attention modules hand their function a learned sink logit per head.
-_SINK_KWARG = "s_aux"
+_SINK_KWARGS = ("s_aux", "sinks")  # gpt-oss's per-head logits, Inkling 2's per-row ones
 
 
 class UnsupportedModelError(NqpqError):
@@ -59,7 +59,7 @@ class LayerGeometry:
     qk_dim: int  # width of q and k (multi-head latent attention: nope + rope width)
     v_dim: int  # width of v, ctx, V[i*], ε, the residual basis and the Gram
     sliding_window: int | None  # keys i − w < j <= i, or None for full causal
-    learned_sink: bool  # the module adds one learned logit per head to the softmax (gpt-oss ``sinks``)
+    learned_sink: bool  # the module adds a learned logit to the softmax (gpt-oss s_aux per head, Inkling 2 per row)
     attention_chunk: int | None = None  # Llama 4's chunked layers: keys j <= i with j // C == i // C, or None
 
 
@@ -150,11 +150,13 @@ def _uses_attention_interface(module: nn.Module) -> bool:
 
 
 def _passes_learned_sink(module: nn.Module) -> bool:
-    """Whether the module's forward hands its attention function ``s_aux=`` (a keyword name of one of its calls)."""
+    """Whether the module's forward hands its attention function ``s_aux=`` or ``sinks=`` (a keyword name of one of
+    its calls)."""
     code = _forward_code(module)
     if code is None:
         return False
-    return any(_SINK_KWARG == c or (isinstance(c, tuple) and _SINK_KWARG in c) for c in code.co_consts)
+    return any(c in _SINK_KWARGS or (isinstance(c, tuple) and any(k in c for k in _SINK_KWARGS))
+               for c in code.co_consts)
 
 
 def _decoder_layers(body: nn.Module, n_layers: int | None, name: str) -> nn.ModuleList:

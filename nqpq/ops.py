@@ -90,12 +90,13 @@ def residual_attention(
     ground = ctx. Under a sliding window or a chunk S holds only the sink keys the row still sees. n = 0 (the default)
     is the spec, bit for bit.
 
-    ``learned_sink`` (float ``[Hq]``, one raw logit s_h per query head: gpt-oss's ``sinks``) is a key every row
-    sees with logit s_h and value zero: p = the softmax over the visible scores and s_h, ctx = Σ_j p[j] V[j]
-    (the model's output), m_L = p_sink. It is always kept apart like the sink_tokens keys:
+    ``learned_sink`` (float ``[Hq]``, one raw logit s_h per query head: gpt-oss's ``sinks``; or ``[B, Hq, T]``,
+    one per query row: Inkling 2's ``sink_proj``) is a key every row sees with logit s_h and value zero: p = the
+    softmax over the visible scores and s_h, ctx = Σ_j p[j] V[j] (the model's output), m_L = p_sink. It is always
+    kept apart like the sink_tokens keys:
     ``ground = Σ_{j∈S} p[j] V[j] + (1 − m_S − m_L) V[i*ᴿ]`` (``(1 − m_L) V[i*]`` with n = 0); top1 → ground,
     lowrank → ground + P_r P_rᵀ (ctx − ground). The argmax stays over the real keys, top1_prob is p[argmax] in
-    the softmax with the sink, and sink_mass is m_S + m_L. A NaN or +inf logit makes its head's rows
+    the softmax with the sink, and sink_mass is m_S + m_L. A NaN or +inf logit makes its rows
     non-finite. None (the default) is every number of today, bit for bit.
 
     ``attn_mask`` (None: the causal mask above) is torch SDPA's: a bool tensor (True: the key takes part) or a

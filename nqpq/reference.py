@@ -30,7 +30,8 @@ ground = V[i*ᴿ]).
 key), ``top1_prob`` the softmax probability of that index, p[argmax], and ``sink_mass`` m_S (exactly 1 on
 the rows where ground = ctx).
 
-The learned sink (``learned_sink``: one logit s_h per query head, gpt-oss's ``sinks``; None, the default, is
+The learned sink (``learned_sink``: one logit s_h per query head, gpt-oss's ``sinks``, or one per query row
+[B, Hq, T], Inkling 2's ``sink_proj`` of the row's hidden state; None, the default, is
 every number of today bit for bit) is a key every row sees, with the raw logit s_h (not scaled, capped or
 masked) and the value ZERO, as transformers' gpt-oss attention concatenates it to the scaled, capped, masked
 scores, softmaxes, and drops its column:
@@ -174,7 +175,9 @@ def residual_attention_reference(
     if learned_sink is not None:
         # The learned sink's logit, per query head in the [B, Hkv, G, T, 1] layout; a NaN or +inf logit makes
         # its head's rows non-finite. m_all is the softmax's max over the real scores and the sink logit.
-        sink_logit = learned_sink.to(device=q.device, dtype=torch.float32).reshape(1, Hkv, G, 1, 1)
+        sink_logit = learned_sink.to(device=q.device, dtype=torch.float32)
+        sink_logit = sink_logit.reshape(1, Hkv, G, 1, 1) if sink_logit.dim() == 1 else \
+            sink_logit.reshape(B, Hkv, G, T, 1)  # one logit per head, or per query row (Inkling 2)
         bad = bad | ~(sink_logit < float("inf")).squeeze(-1)
         m_all = torch.maximum(m, sink_logit)
     if n > 0:

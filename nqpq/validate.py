@@ -59,7 +59,7 @@ class ResolvedArgs(NamedTuple):
     softcap: float | None
     group: int  # query heads per kv head, Hq // Hkv
     sink_tokens: int = 0  # keys j < sink_tokens form the sink S, kept exactly in the ground state
-    learned_sink: Tensor | None = None  # [Hq] float logits of a zero-value key every row sees (gpt-oss's sinks)
+    learned_sink: Tensor | None = None  # [Hq] or [B, Hq, T] logits of a zero-value key (gpt-oss / Inkling 2 sinks)
     value_dim: int = 0  # Dv, v's width (the width of out, ctx, V[i*], ε, the basis rows and the Gram)
     attention_chunk: int | None = None  # C: query i sees keys j <= i with j // C == i // C (Llama 4's chunks)
     # An explicit mask (SDPA's attn_mask: bool, True = the key takes part, or float, added to the scores),
@@ -123,9 +123,10 @@ def check_residual_attention_inputs(
     ``Dqk**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i); ``softcap`` a finite
     float > 0; ``sink_tokens`` an int >= 0 (bools and floats refused by type; any value, also one >= T, is
     valid: n >= T makes every row's ground state its ctx); ``learned_sink`` None or a floating-point tensor
-    ``[Hq]`` on q's device (one logit per query head; a NaN or +inf logit makes that head's rows non-finite,
-    -inf is a sink of no weight); ``attention_chunk`` None or an int C >= 1 (query i sees keys j <= i with
-    j // C == i // C; not together with ``sliding_window``; C >= T is plain causal and resolves to None).
+    ``[Hq]`` (one logit per query head, gpt-oss) or ``[B, Hq, T]`` (one per query row, Inkling 2's
+    ``sink_proj``) on q's device (a NaN or +inf logit makes its rows non-finite, -inf is a sink of no weight);
+    ``attention_chunk`` None or an int C >= 1 (query i sees keys j <= i with j // C == i // C; not together with
+    ``sliding_window``; C >= T is plain causal and resolves to None).
 
     ``attn_mask`` None (the implicit causal mask above) or, as torch's SDPA takes it, a bool tensor (True: the
     key takes part) or a floating-point one added to the scaled (capped) scores, broadcastable to
@@ -222,12 +223,14 @@ def check_residual_attention_inputs(
         raise ValueError(f"sink_tokens must be >= 0 (keys j < sink_tokens are the sink), got {sink_tokens}")
     if learned_sink is not None:
         if not isinstance(learned_sink, Tensor):
-            raise TypeError(f"learned_sink must be a torch.Tensor [Hq] or None, got {_describe(learned_sink)}")
+            raise TypeError(
+                f"learned_sink must be a torch.Tensor [Hq] / [B, Hq, T] or None, got {_describe(learned_sink)}")
         if not learned_sink.is_floating_point():
             raise TypeError(f"learned_sink must be floating point, got {learned_sink.dtype}")
-        if tuple(learned_sink.shape) != (Hq,):
+        if tuple(learned_sink.shape) not in ((Hq,), (B, Hq, T)):
             raise ValueError(
-                f"learned_sink must be [Hq={Hq}] (one logit per query head), got {tuple(learned_sink.shape)}"
+                f"learned_sink must be [Hq={Hq}] (one logit per query head) or [B={B}, Hq={Hq}, T={T}] (one per "
+                f"query row: Inkling 2's sink_proj), got {tuple(learned_sink.shape)}"
             )
         if learned_sink.device != q.device:
             raise ValueError(f"learned_sink is on {learned_sink.device} but q is on {q.device}")

@@ -316,7 +316,8 @@ def _residual_attn_fwd(
     DOT_F32: tl.constexpr,  # upcast operands to fp32 (only for bf16 under the CPU interpreter)
     HAS_SINK: tl.constexpr,  # n_sink > 0 (n itself is a runtime argument: one compile serves every n >= 1)
     SINK_ACC: tl.constexpr,  # with HAS_SINK: the output or the Gram needs the ground state (Σ_S p V)
-    LEARNED: tl.constexpr,  # a learned sink: one logit per query head (LearnedSink, fp32 [H]), value zero
+    LEARNED: tl.constexpr,  # a learned sink: one logit per query row (LearnedSink, fp32), value zero
+    stride_lb=0, stride_lh=0, stride_lt=0,  # LEARNED: the logits' strides [B, Hq, T] (0: one per head, gpt-oss)
     Bias=None,  # HAS_BIAS: attn_mask as an fp32 additive bias, read through its strides [B, Hq, Tq, Tk] (0: broadcast)
     stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0,
     T_K=0,  # HAS_BIAS: the number of keys (k and v may hold keys of the model's own past Tq)
@@ -445,7 +446,8 @@ def _residual_attn_fwd(
         # The learned sink is a key every row sees with this logit and value zero; it is merged into the
         # online softmax here, once (a zero value adds nothing to acc): the loop is the same code as without it.
         # A NaN or +inf logit makes every row of the head non-finite.
-        sink_l = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(LearnedSink + off_h)  # per row
+        sink_l = tl.load(LearnedSink + off_b * stride_lb + off_h * stride_lh + offs_m64 * stride_lt,
+                         mask=mask_m, other=0.0)  # [BLOCK_M]: a head's logit is read with a row stride of 0
         bad = bad | (sink_l != sink_l) | (sink_l == float("inf"))
     if HAS_SINK:
         # R holds no finite score (every row t < n): the ground state is ctx, the argmax S's first maximum.
@@ -846,8 +848,9 @@ def residual_attention_triton(
     ``attention_chunk=C`` (Llama 4): query i sees keys j <= i with j // C == i // C; the key loop starts at the
     block's first row's chunk and masks per row, as under a sliding window (C is a runtime argument).
 
-    ``learned_sink`` (float ``[Hq]``): a zero-value key per head with that logit, kept apart like the sink
-    (the reference's docstring); merged into the online softmax in the epilogue, the key loop is unchanged.
+    ``learned_sink`` (float ``[Hq]``, or ``[B, Hq, T]`` one per query row): a zero-value key with that logit, kept
+    apart like the sink (the reference's docstring); merged into the online softmax in the epilogue, the key loop
+    is unchanged.
 
     ``attn_mask`` (SDPA's: bool, True = the key takes part, or float, added to the scores; broadcastable to
     ``[B, Hq, Tq, Tk]``): it alone decides visibility; k and v may then hold Tk != Tq keys. Passed to the kernel
@@ -912,7 +915,14 @@ def residual_attention_triton(
     # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
-    sink_f32 = learned_sink.to(dtype=torch.float32).contiguous() if learned_sink is not None else None
+    sink_args = {}
+    if learned_sink is not None:
+        # [Hq] (one logit per head) is read as [B, Hq, T] with strides (0, 1, 0); [B, Hq, T] as it is.
+        sink_f32 = learned_sink.to(dtype=torch.float32).contiguous()
+        strides = (0, 1, 0) if sink_f32.dim() == 1 else sink_f32.stride()
+        sink_args = dict(stride_lb=strides[0], stride_lh=strides[1], stride_lt=strides[2])
+    else:
+        sink_f32 = None
     bias_args = {}
     if attn_mask is not None:
         # fp32, converted before the broadcast is expanded (a [1, 1, Tq, Tk] mask stays that size); the expanded
@@ -951,6 +961,7 @@ def residual_attention_triton(
                 **meta,
                 **launch,
                 **bias_args,
+                **sink_args,
             )
 
     gram = gram32.double() if return_gram else None

@@ -233,9 +233,9 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                idx=None, learned_sink=None, attention_chunk=None, attn_mask=None) -> SinkPlain:
     """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
 
-    v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq]
-    logits): a key every row sees with that raw logit and a zero value; p = softmax over the visible scores and
-    the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
+    v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq] or
+    [B, Hq, T] logits): a key every row sees with that raw logit and a zero value; p = softmax over the visible
+    scores and the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
     (1 − m_S − m_L) V[i*ᴿ], sink_mass = m_S + m_L; a NaN or +inf logit makes the row non-finite.
 
     Per row t: visible keys j <= t (and j > t − w with a window, j >= (t // C)·C with a chunk C);
@@ -283,7 +283,8 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 if attn_mask is not None and attn_mask.dtype != torch.bool:
                     s = s + attn_mask[b, h, t].double()
                 scores[b, h, t, js] = s
-                sink = None if learned_sink is None else learned_sink[h].double().cpu().reshape(1)
+                sink = None if learned_sink is None else \
+                    (learned_sink[h] if learned_sink.dim() == 1 else learned_sink[b, h, t]).double().cpu().reshape(1)
                 sink_bad = sink is not None and not bool(sink[0] < math.inf)
                 if len(js) == 0 or bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
                     bad[b, h, t] = True

@@ -260,7 +260,8 @@ def check_model(model, ids, layer=None, min_rel_change=1e-3):
         assert spy.calls
         for _module, q, k, v, scaling, kwargs, got in spy.calls:
             want, clear = census._reference(q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                            kwargs.get("s_aux"), mode, basis, d_r, None, kwargs["attention_mask"],
+                                            kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r, None,
+                                            kwargs["attention_mask"],
                                             kwargs.get("position_bias"))
             assert float(clear.float().mean()) > 0.5
             diff = (got.double() - want).abs().amax(-1)[clear].max() / want.abs().max()
@@ -313,6 +314,57 @@ def test_inkling_position_bias():
     model.config.unpadded_vocab_size = model.config.vocab_size - 8
     with pytest.raises(UnsupportedModelError, match="unpadded_vocab_size"):
         model_parts(model)
+
+
+def test_inkling2_per_row_learned_sinks():
+    """Inkling 2 passes ``sinks`` [B, Hq, T, 1] (its sink_proj of each row's hidden state) and a position_bias: full
+    mode is the model, top-1 / low-rank equal float64 with each row's own sink logit; the statistics report each
+    row's learned-sink mass."""
+    from nqpq.integration import observe_residuals
+
+    model = tiny_model("inkling2_text")
+    ids = ids_for()
+    calls = check_model(model, ids)
+    sinks = [c[5]["sinks"] for c in calls]
+    assert all(s.shape == (*c[1].shape[:3], 1) for s, c in zip(sinks, calls, strict=True))
+    parts = model_parts(model)
+    li = parts.attn_layers[-1]
+    assert parts.geometry[li].learned_sink
+    stats = _Collect()
+    with observe_residuals(model, [li], None, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
+        logits_of(model, ids)
+    (_, _argmax, _top1, mass), = stats.items
+    (_module, q, k, _v, scaling, kwargs, _out), = spy.calls
+    # m_L of each row from the definition: exp(s) / (exp(s) + Σ_j exp(score_j)), scores + position bias + mask.
+    G = q.shape[1] // k.shape[1]
+    scores = q.double() @ k.double().repeat_interleave(G, dim=1).transpose(-1, -2) * scaling
+    scores = scores + kwargs["position_bias"].double() + kwargs["attention_mask"].double()
+    want = torch.cat([scores, kwargs["sinks"].double()], dim=-1).softmax(-1)[..., -1]
+    torch.testing.assert_close(mass.double(), want, rtol=1e-5, atol=1e-6)
+    assert float(want.std()) > 0.01  # the mass differs from row to row: a per-row logit, not a per-head one
+
+
+def test_blt_window_only_in_the_model_mask():
+    """BLT's local layers get their sliding window only from the mask the model builds (no sliding_window on the
+    module or in the kwargs): nqpq reads it from that mask, and runs them exactly."""
+    from nqpq.integration import _mask_window
+
+    model = tiny_model("blt")
+    window = model.config.local_attention_window_len
+    assert window is not None and window < 24
+    calls = check_model(model, ids_for())
+    assert {_mask_window(c[5]["attention_mask"], c[1].shape[2]) for c in calls} >= {window}
+    T = 12
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for w in (1, 3, T - 1):
+        sliding = causal & ~torch.ones(T, T, dtype=torch.bool).tril(-w)
+        assert _mask_window(sliding.expand(2, 1, T, T), T) == w
+        float_mask = torch.zeros(2, 1, T, T).masked_fill(~sliding, torch.finfo(torch.float32).min)
+        assert _mask_window(float_mask, T) == w
+    assert _mask_window(causal.expand(1, 1, T, T), T) is None  # plain causal: no window
+    padded = causal.expand(2, 1, T, T).clone()
+    padded[1, :, :, :3] = False
+    assert _mask_window(padded, T) is None  # padding is no window (and stays refused)
 
 
 def test_qwen4_exp_key_selection():

@@ -736,6 +736,65 @@ def test_learned_sink_gqa_window_softcap_padded(geometry, mode, n):
     assert bool((res.sink_mass > 0).all())  # every row sees the learned sink
 
 
+def row_sink_logits(B, Hq, T, seed=0):
+    """One logit per query row (Inkling 2's sink_proj of the row's hidden state), over the scores' range."""
+    g = torch.Generator().manual_seed(200 + seed)
+    return (torch.randn(B, Hq, T, generator=g) * 2.0 + 1.0).to(DEV)
+
+
+@pytest.mark.parametrize("n", [0, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", ["gqa-fp16", "mqa-window-5", "softcap-window", "padded-80-bthd"])
+def test_learned_sink_per_row(geometry, mode, n):
+    """A learned sink logit per query row [B, Hq, T] (Inkling 2) against float64, GQA / window / softcap / padded."""
+    B, Hq, Hkv, T, D, dtype, window, softcap, layout, min_clear = SINK_GEOMETRIES[geometry]
+    q, k, v = rand_qkv(B, Hq, T, D, dtype, seed=D + T + n + 5, Hkv=Hkv, sharp=2.0)
+    basis = make_basis(Hq, D) if mode == "lowrank" else None
+    d_r = min(D, 20) if mode == "lowrank" else None
+    sink = row_sink_logits(B, Hq, T, seed=D + n)
+    res, _ = run_sink(q, k, v, mode, n, d_r=d_r, basis=basis, out_layout=layout, min_clear=min_clear,
+                      sliding_window=window, softcap=softcap, learned_sink=sink)
+    assert bool((res.sink_mass > 0).all())
+    # A head's logit given per row is the per-head sink, bit for bit (the same kernel reads it with row stride 0).
+    per_head = sink_logits(Hq, seed=n)
+    kw = dict(mode=mode, basis=basis, d_r=d_r, sink_tokens=n, sliding_window=window, softcap=softcap,
+              return_argmax=True, return_top1_prob=True, return_sink_mass=True, return_gram=True, out_layout=layout)
+    a = residual_attention_triton(q, k, v, learned_sink=per_head, **kw)
+    b = residual_attention_triton(q, k, v, learned_sink=per_head[None, :, None].expand(B, Hq, T), **kw)
+    for name in ("out", "argmax", "top1_prob", "sink_mass", "gram"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_learned_sink_per_row_full_mode_is_inkling2_attention():
+    """Full mode with per-row sinks is transformers' Inkling 2 eager attention (sinks [B, Hq, T, 1])."""
+    from transformers.models.inkling2.modeling_inkling2 import eager_attention_forward
+
+    B, Hq, Hkv, T, D = 2, 4, 2, 40, 16
+    q, k, v = rand_qkv(B, Hq, T, D, torch.float32, seed=6, Hkv=Hkv, sharp=2.0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = Hq // Hkv, False
+    sink = row_sink_logits(B, Hq, T)
+    mask = torch.full((T, T), float("-inf")).triu(1).double()
+    want, _ = eager_attention_forward(module, *(t.double().cpu() for t in (q, k, v)), mask, D**-0.5,
+                                      sinks=sink.double().cpu().unsqueeze(-1))
+    full = residual_attention_triton(q, k, v, mode="full", learned_sink=sink).out
+    torch.testing.assert_close(full.double().cpu(), want.transpose(1, 2), **TOL[torch.float32])
+
+
+def test_learned_sink_per_row_non_finite_logit():
+    """A NaN or +inf logit on one row makes that row non-finite, no other."""
+    q, k, v = rand_qkv(1, 2, 30, 16, torch.float32, seed=8, Hkv=1, sharp=2.0)
+    sink = row_sink_logits(1, 2, 30)
+    sink[0, 0, 7], sink[0, 1, 20] = float("nan"), float("inf")
+    bad = torch.zeros(1, 2, 30, dtype=torch.bool, device=DEV)
+    bad[0, 0, 7] = bad[0, 1, 20] = True
+    for mode in MODES:
+        basis = make_basis(2, 16) if mode == "lowrank" else None
+        res, _ = run_sink(q, k, v, mode, 2, d_r=4 if mode == "lowrank" else None, basis=basis, learned_sink=sink)
+        assert torch.equal(torch.isnan(res.out).all(-1), bad) and torch.equal(torch.isnan(res.out).any(-1), bad)
+        assert torch.equal(res.argmax == -1, bad)
+
+
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32)])
 def test_learned_sink_and_mla_other_tilings(monkeypatch, block_m, block_n):
     monkeypatch.setattr(

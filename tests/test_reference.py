@@ -854,13 +854,42 @@ def test_learned_sink_non_finite_logits():
         check_sink_against_f64(res, q, k, v, mode, basis, d_r, sink_tokens=2, learned_sink=sink)
 
 
+@pytest.mark.parametrize("n", [0, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["mla-48-32-gqa", "equal-gqa-window", "mla-window-softcap"])
+def test_learned_sink_per_row_matches_f64(case, mode, n):
+    """One sink logit per query row [B, Hq, T] (Inkling 2's sink_proj): float64 from the definitions; a head's
+    logit repeated over its rows is the per-head sink bit for bit; a NaN / +inf logit spoils only its row."""
+    Hq, Hkv, T, Dqk, Dv, dtype, window, softcap, min_clear = MLA_CASES[case]
+    q, k, v = mla_qkv(2, Hq, Hkv, T, Dqk, Dv, dtype=dtype, seed=T + Dqk + n + 1)
+    g = torch.Generator().manual_seed(300 + n)
+    sink = torch.randn(2, Hq, T, generator=g) * 2.0 + 1.0
+    sink[1, 0, 5], sink[0, Hq - 1, T - 1] = float("nan"), float("inf")
+    res, basis, d_r = reference_mla(q, k, v, mode, n, sink, sliding_window=window, softcap=softcap)
+    bad = torch.zeros(2, Hq, T, dtype=torch.bool)
+    bad[1, 0, 5] = bad[0, Hq - 1, T - 1] = True
+    assert torch.equal(res.argmax == -1, bad) and torch.equal(torch.isnan(res.out).any(-1), bad)
+    sink[1, 0, 5] = sink[0, Hq - 1, T - 1] = 0.0
+    res, basis, d_r = reference_mla(q, k, v, mode, n, sink, sliding_window=window, softcap=softcap)
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, sliding_window=window, softcap=softcap, sink_tokens=n,
+                           min_clear=min_clear, learned_sink=sink)
+    per_head = sink_logits(Hq, seed=n)
+    a, _, _ = reference_mla(q, k, v, mode, n, per_head, sliding_window=window, softcap=softcap)
+    b, _, _ = reference_mla(q, k, v, mode, n, per_head[None, :, None].expand(2, Hq, T), sliding_window=window,
+                            softcap=softcap)
+    for x, y in zip(a, b, strict=True):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
 @pytest.mark.parametrize(
     "overrides,exc,match",
     [
-        (dict(learned_sink=[0.0, 1.0]), TypeError, r"^learned_sink must be a torch.Tensor \[Hq\] or None, got list$"),
+        (dict(learned_sink=[0.0, 1.0]), TypeError,
+         r"^learned_sink must be a torch.Tensor \[Hq\] / \[B, Hq, T\] or None, got list$"),
         (dict(learned_sink=torch.zeros(2, dtype=torch.int64)), TypeError, "^learned_sink must be floating point"),
         (dict(learned_sink=torch.zeros(3)), ValueError, r"^learned_sink must be \[Hq=2\] \(one logit per query head\)"),
         (dict(learned_sink=torch.zeros(1, 2)), ValueError, r"^learned_sink must be \[Hq=2\]"),
+        (dict(learned_sink=torch.zeros(1, 2, 9)), ValueError, r"or \[B=1, Hq=2, T=8\] \(one per query row"),
         (dict(v=torch.randn(1, 2, 9, 16)), ValueError, r"^k and v must have the same shape \[B, Hkv, T\]"),
         (dict(k=torch.randn(1, 2, 8, 24)), ValueError, "must agree on B, T and D"),
         (dict(v=torch.randn(1, 2, 8, 8), basis=random_basis(2, 16)), ValueError,
