@@ -263,6 +263,9 @@ def residual_values(v: Variant) -> dict:
     # The basis [Hq, Dv, Dv] fp32, contiguous; (0, 0, 0) when there is none.
     values.update(dict(zip(("stride_ph", "stride_pd", "stride_pr"),
                            (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)))
+    # A learned sink: one logit per head (gpt-oss), read as [B, Hq, T] with strides (0, 1, 0).
+    values.update(dict(zip(("stride_lb", "stride_lh", "stride_lt"), (0, 1, 0) if v.learned else (0, 0, 0),
+                           strict=True)))
     values.update(bias_values(v))
     return values
 

@@ -657,8 +657,11 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         # columns at a time (21 KiB at 128, 5.3 KiB at 32); a 128-wide one (MLA) whole (1.4-2.3 KiB in chunks).
         if dtype in (torch.float16, torch.bfloat16):
             if return_gram:
-                return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, GRAM_COLS=64,
-                            R_BLOCK=16, SPLIT_GRAM=mode != "lowrank")
+                # MLA (v 128 wide) with a sink and every feature: 32 keys per tile spilled 40 B once the learned
+                # logit became a per-row load (56 B before the NaN flag left the loop); 16 none.
+                narrow_v = value_width is not None and value_width <= 128
+                return dict(BLOCK_M=64, BLOCK_N=16 if sink and narrow_v else 32, num_warps=8,
+                            num_stages=2 if sink else 1, GRAM_COLS=64, R_BLOCK=16, SPLIT_GRAM=mode != "lowrank")
             return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
         # Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every feature
         # 2.3 KiB; two: none and 72 B) unless a 256-wide Gram is also there (not compiled at two stages).
@@ -708,8 +711,10 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         # + window + soft cap + top1_prob) and 128/64/8 warps (D 128) ptxas spilled 24-96 B at 255 registers
         # (python -m benchmarks.sm90); 64 rows over 8 warps hold them in registers, with wgmma's M of 64 kept.
         cfg = dict(cfg, BLOCK_M=64, num_warps=8)
-        if D == 128 and heavy_epilogue:
-            cfg["BLOCK_N"] = 32  # lowrank / Gram with every feature on: 65 local loads/stores at 64 x 64
+        if heavy_epilogue:
+            # lowrank / Gram with every feature on: 65 local loads/stores at 64 x 64 (D 128); D 64 with a learned
+            # sink read per row (a [BLOCK_M] logit load) 24 B at 64 x 64. 32 keys per tile: none.
+            cfg["BLOCK_N"] = 32
     if bias and dtype in (torch.float16, torch.bfloat16) and D == 128:
         # attn_mask: an fp32 [BLOCK_M, BLOCK_N] bias tile more per key tile. At 128/64 over 8 warps ptxas spilled
         # 40-88 B where the sequence length is not a multiple of 16 (T = 1001: unaligned bias rows, scalar loads);
