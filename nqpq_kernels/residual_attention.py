@@ -109,6 +109,15 @@ def _gram_cols(g_base, eps_t, eps_c, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr
 
 
 @triton.jit
+def _gram_halves(g_base, eps_t, x, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr, GRAM_COLS: tl.constexpr,
+                 EPI_PREC: tl.constexpr, ROWS: tl.constexpr):
+    """The Gram's columns [c0, c0 + 2·GRAM_COLS) from x = ε's columns there ([ROWS, 2·GRAM_COLS]), in two steps."""
+    e0, e1 = _halves(x, ROWS, 2 * GRAM_COLS)
+    _gram_cols(g_base, eps_t, e0, c0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+    _gram_cols(g_base, eps_t, e1, c0 + GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, best_idx, nan_row,
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
@@ -566,17 +575,19 @@ def _residual_attn_fwd(
         elif SPLIT_GRAM and GRAM_COLS * 2 == DV_PAD:
             # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
             # than an SM has): GRAM_COLS columns at a time, ε's column blocks cut by reshape + split (exact).
-            e0, e1 = _halves(eps, BLOCK_M, DV_PAD)
-            _gram_cols(g_base, eps_t, e0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
-            _gram_cols(g_base, eps_t, e1, GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+            _gram_halves(g_base, eps_t, eps, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
         elif SPLIT_GRAM and GRAM_COLS * 4 == DV_PAD:
             h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
-            e0, e1 = _halves(h0, BLOCK_M, DV_PAD // 2)
-            _gram_cols(g_base, eps_t, e0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
-            _gram_cols(g_base, eps_t, e1, GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
-            e2, e3 = _halves(h1, BLOCK_M, DV_PAD // 2)
-            _gram_cols(g_base, eps_t, e2, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
-            _gram_cols(g_base, eps_t, e3, 3 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+            _gram_halves(g_base, eps_t, h0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, h1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+        elif SPLIT_GRAM and GRAM_COLS * 8 == DV_PAD:
+            h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
+            q0, q1 = _halves(h0, BLOCK_M, DV_PAD // 2)
+            _gram_halves(g_base, eps_t, q0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, q1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            q2, q3 = _halves(h1, BLOCK_M, DV_PAD // 2)
+            _gram_halves(g_base, eps_t, q2, 4 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, q3, 6 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
         else:
             # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
             # than an SM has): GRAM_COLS columns at a time. Registers cannot be sliced, so the column block
@@ -642,32 +653,43 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
     state). ``value_width``: v's padded width (None: D); optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the
     epilogue's chunks (default 64 basis columns, 128 Gram columns)."""
     if device.type != "cuda":
-        # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages.
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+        # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages. A 256-wide Gram
+        # is cut in two column blocks by reshape + split, as CUDA's D 256 table cuts it (in 4 or 8).
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, SPLIT_GRAM=True)
     heavy_epilogue = mode == "lowrank" or return_gram  # fp32 [*, D] x [D, D] epilogue dots
     if D > 128:
         # D = 144..256 (Gemma 2's 256, MLA's 192/128), padded to 256. Speed NOT MEASURED (no card yet): chosen
-        # from python -m benchmarks.sm90 (issue 26; ptxas's registers and local memory). With a Gram, 64 query
-        # rows keep every dot on wgmma
-        # and the Gram 64 columns at a time (GRAM_COLS) with the projection 16 basis columns at a time (R_BLOCK)
-        # spill 0.6-0.9 KiB where 32 rows and 128 columns spilled 1.1-1.8 KiB (mma.sync for QKᵀ and PV; MLA
-        # 192/128 with every feature: 56 B at 64 rows, 160 B before). A sink without a Gram: 32 rows (no local
-        # memory; 64 rows spilled 8-48 B); low-rank without a Gram: 32 rows (64 rows spilled 224 B).
-        # fp32: the projection R_BLOCK = 16 columns at a time (4.4 KiB of stack at 64) and a 256-wide Gram 32
-        # columns at a time (21 KiB at 128, 5.3 KiB at 32); a 128-wide one (MLA) whole (1.4-2.3 KiB in chunks).
+        # from python -m benchmarks.sm90 (issue 26; ptxas's registers and local memory). The projection 16 basis
+        # columns at a time (R_BLOCK; fp32: 4.4 KiB of stack at 64). A sink without a Gram: 32 rows (no local
+        # memory; 64 rows spilled 8-48 B); low-rank without a Gram: 32 rows (64 rows spilled 224 B). A 256-wide
+        # Gram goes to the atomics GRAM_COLS columns at a time, ε's column blocks cut by reshape + split
+        # (SPLIT_GRAM); it fits only in narrow row blocks (below), where QKᵀ and PV leave wgmma.
         if dtype in (torch.float16, torch.bfloat16):
             if return_gram:
-                # MLA (v 128 wide) with a sink and every feature: 32 keys per tile spilled 40 B once the learned
-                # logit became a per-row load (56 B before the NaN flag left the loop); 16 none.
+                # MLA (v 128 wide): 64 rows keep every dot on wgmma, the Gram whole; with a sink and every
+                # feature 32 keys per tile spilled 40 B once the learned logit became a per-row load (56 B before
+                # the NaN flag left the loop), 16 none.
                 narrow_v = value_width is not None and value_width <= 128
-                return dict(BLOCK_M=64, BLOCK_N=16 if sink and narrow_v else 32, num_warps=8,
-                            num_stages=2 if sink else 1, GRAM_COLS=64, R_BLOCK=16, SPLIT_GRAM=mode != "lowrank")
+                if narrow_v:
+                    return dict(BLOCK_M=64, BLOCK_N=16 if sink else 32, num_warps=8, num_stages=2 if sink else 1,
+                                GRAM_COLS=64, R_BLOCK=16)
+                # A 256-wide Gram, 64 columns at a time: at 64 rows (QKᵀ and PV on wgmma) 600-712 B of stack
+                # with one-hot selection, split: top1 176 B, low-rank 1008 B; 32 rows split: top1/full none,
+                # low-rank 704 B (R_BLOCK 32: 112 B); low-rank at 16 rows: none (with a sink and every feature too).
+                rows = 16 if mode == "lowrank" else 32
+                return dict(BLOCK_M=rows, BLOCK_N=min(rows, 32), num_warps=8, num_stages=2 if sink else 1,
+                            GRAM_COLS=64, R_BLOCK=16, SPLIT_GRAM=True)
             return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
-        # Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every feature
-        # 2.3 KiB; two: none and 72 B) unless a 256-wide Gram is also there (not compiled at two stages).
+        # fp32. Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every
+        # feature 2.3 KiB). A 128-wide Gram (MLA) whole (1.4-2.3 KiB in chunks).
         narrow_v = value_width is not None and value_width <= 128
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink and (narrow_v or not return_gram) else 1,
-                    R_BLOCK=16, GRAM_COLS=128 if narrow_v else 32)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, R_BLOCK=16,
+                   GRAM_COLS=128 if narrow_v else 32)
+        if return_gram and not narrow_v:
+            # A 256-wide Gram, 32 columns at a time: one-hot selection spilled 5.3-5.6 KiB at 32 rows (21 KiB with
+            # 128 columns) and 2.9 KiB at 16; reshape + split 1.5-1.8 KiB at 32 rows, none at 16 (with a sink and
+            # every feature: 0.3 KiB at one stage, none at two).
+            cfg.update(BLOCK_M=16, BLOCK_N=16, SPLIT_GRAM=True)
         if narrow_v and sink and heavy_epilogue:
             # MLA with a sink and the low-rank/Gram epilogue (every feature on): 32 keys per tile spilled 16-32 B
             # at 255 registers (R_BLOCK 32 too; one stage 2 KiB); 16 keys none.
