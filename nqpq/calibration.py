@@ -81,11 +81,27 @@ class ResidualBasis:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the block on one intra-op thread, then restore the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def basis_from_grams(grams: dict[int, Tensor]) -> ResidualBasis:
-    """Eigendecompose each layer's ``[H, D, D]`` Gram into basis, spectrum and r90."""
+    """Eigendecompose each layer's ``[H, D, D]`` Gram into basis, spectrum and r90.
+
+    On one thread: MKL's threaded eigensolver on these small matrices (D <= 256) spends its time in OpenMP
+    barriers, catastrophically so when another process holds a core (12 Grams of 64 x 64 on 2 shared cores:
+    0.95 s on 2 threads, 5 ms on 1, torch 2.13 + MKL 2024.2)."""
     basis, eigenvalues, cumvar, r90 = {}, {}, {}, {}
     for layer, gram in grams.items():
-        evals, evecs = torch.linalg.eigh(gram.to(torch.float64).cpu())  # ascending
+        with _one_thread():
+            evals, evecs = torch.linalg.eigh(gram.to(torch.float64).cpu())  # ascending
         evals = evals.flip(-1).clamp_(min=0.0)
         evecs = evecs.flip(-1)
         cv = evals.cumsum(-1) / evals.sum(-1, keepdim=True).clamp(min=1e-12)
