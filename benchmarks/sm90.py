@@ -15,7 +15,10 @@ the wgmma instructions). From the TTGIR: how many dots became ``warp_group_dot``
 stages: the anchor of what the compiler does with attention alone.
 
 Variants: mode × dtype (fp16 compiles like bf16) × padded D × Gram × (window, soft cap, top1_prob) × sink_tokens
-× learned sink × MLA widths (q/k 192, v 128: DeepSeek-V2/V3's heads). Compiles run in ``--jobs`` processes
+× learned sink (one logit per head) × MLA widths (q/k 192, v 128: DeepSeek-V2/V3's heads), and with an attn_mask
+(``bias``: the kernel's HAS_BIAS variant, a [B, 1, T, T] fp32 mask broadcast over heads; no window with it) every
+mode × Gram and once every other feature, the 16-bit D <= 128 ones also at an unaligned T (1001). A bias row's
+anchor takes the same bias (every key tile walked, the bias tile added). Compiles run in ``--jobs`` processes
 (Triton caches them: a rerun of unchanged variants takes seconds). Run with TRITON_INTERPRET unset.
 """
 
