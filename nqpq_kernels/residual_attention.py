@@ -685,6 +685,8 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         narrow_v = value_width is not None and value_width <= 128
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, R_BLOCK=16,
                    GRAM_COLS=128 if narrow_v else 32)
+        if bias:
+            cfg["BLOCK_N"] = 16  # attn_mask's fp32 bias tile: "full" spilled 8 B at 32 keys (the anchor none), 16 none
         if return_gram and not narrow_v:
             # A 256-wide Gram, 32 columns at a time: one-hot selection spilled 5.3-5.6 KiB at 32 rows (21 KiB with
             # 128 columns) and 2.9 KiB at 16; reshape + split 1.5-1.8 KiB at 32 rows, none at 16 (with a sink and
@@ -722,6 +724,10 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
         else:
             cfg = dict(BLOCK_M=64 if mode == "top1" and not return_gram else 32, BLOCK_N=32, num_warps=8,
                        num_stages=2, R_BLOCK=16)
+            if sink and mode == "top1":
+                # 64 rows with a sink: 688 B of stack at 32 keys per tile once the NaN flag left the loop (0 before);
+                # 16 keys none.
+                cfg["BLOCK_N"] = 16
             if bias:
                 # attn_mask's fp32 bias tile: at 32 keys per tile top1 (64 rows) spilled 8 B, low-rank + Gram 24 B,
                 # with a sink and every feature 16 B (the anchor with the same bias none); 16 keys none.
