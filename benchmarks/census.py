@@ -93,6 +93,8 @@ _FAMILY_KWARGS = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
     # the last two layers reuse the keys and values of the last layer of their type before them
     "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"] * 3, "num_kv_shared_layers": 2},
+    "gemma3n": {"text_config": {"layer_types": ["sliding_attention", "full_attention"] * 3,
+                                "num_kv_shared_layers": 2}},
     # Zamba ties every hybrid layer's shared transformer to the first one's: the default pattern's first 6 layers
     # hold one hybrid layer, and the tie then has no other layer to match (post_init refuses it). Two, as at scale.
     "zamba": {"layers_block_type": ["linear_attention", "linear_attention", "hybrid"] * 2},
@@ -438,6 +440,54 @@ def one_line(err: BaseException) -> str:
     return text[:400]
 
 
+class _NoTimm:
+    """Stands in for ``AutoModel`` in a multimodal model's module while it is built: a sub-model whose class needs
+    timm (not installed here: it pulls torchvision; Gemma 3n's vision tower) is built as an empty module that
+    refuses to run. The census scores text only, so the tower is never called; everything else is the real code."""
+
+    def __init__(self, auto):
+        self.auto = auto
+
+    def from_config(self, config, *args, **kwargs):
+        import torch
+
+        try:
+            return self.auto.from_config(config, *args, **kwargs)
+        except ImportError as err:
+            if "timm" not in str(err):
+                raise
+
+            class TimmTowerNotBuilt(torch.nn.Module):
+                def forward(self, *args, **kwargs):
+                    raise RuntimeError(f"{type(config).__name__}'s tower was not built (timm is not installed)")
+
+            return TimmTowerNotBuilt()
+
+
+def _build(model_type: str, config):
+    """The family's model from ``config`` (eager attention, seed 0); a timm tower (only under a multimodal wrapper)
+    left unbuilt when timm is missing. Returns (model, the note for the table's structure column)."""
+    import torch
+
+    cls = _model_class(model_type)
+    module = sys.modules[cls.__module__]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return cls._from_config(config, attn_implementation="eager"), ""
+    except ImportError as err:
+        if "timm" not in str(err) or not hasattr(module, "AutoModel"):
+            raise
+    auto = module.AutoModel
+    module.AutoModel = _NoTimm(auto)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return cls._from_config(config, attn_implementation="eager"), "vision tower not built (needs timm)"
+    finally:
+        module.AutoModel = auto
+
+
 def census_family(model_type: str) -> dict:
     """One family's outcome: {family, cls, outcome, detail, attn_layers, errors}."""
     import torch
@@ -452,9 +502,7 @@ def census_family(model_type: str) -> dict:
     except Exception as err:  # noqa: BLE001
         return {**row, "outcome": "UNBUILT", "detail": f"config: {type(err).__name__}: {one_line(err)}"}
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = _model_class(model_type)._from_config(config, attn_implementation="eager")
+        model, note = _build(model_type, config)
         model = model.float().eval()
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else VOCAB
@@ -470,6 +518,7 @@ def census_family(model_type: str) -> dict:
         geos = {(g.n_heads, g.n_kv_heads, g.qk_dim, g.v_dim) for g in parts.geometry.values()}
         gaps = len(parts.attn_layers) < parts.n_layers
         row["structure"] = "; ".join(filter(None, [
+            note,
             f"wrapper {parts.wrapper} → {parts.family}" if parts.wrapper else "",
             f"attention layers {list(parts.attn_layers)} of {parts.n_layers}" if gaps else "",
             "per-layer geometry" if len(geos) > 1 else "",

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from benchmarks.common import run_tags, write_csv
 from nqpq.config import SweepConfig, sweep_ranks
 from nqpq.evaluate import lm_losses, ppl_from_losses
-from nqpq.models import after_layers, model_parts
+from nqpq.heads import after_layers
+from nqpq.models import model_parts
 from nqpq.sweep import make_blocks_checked, open_run, run_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"

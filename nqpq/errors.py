@@ -11,3 +11,9 @@ def one_line(err: BaseException) -> str:
     """The first non-blank line of ``err``'s message (its type name when it has none): errors stay one line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+class UnsupportedModelError(NqpqError):
+    """The model cannot be crystallized: not decoder-only, attention outside the interface, or an unsupported
+    attention feature."""
+

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .devices import execution_device, input_device, weights_on_device
-from .models import ModelParts, UnsupportedModelError, as_index, model_parts
+from .errors import UnsupportedModelError
+from .models import ModelParts, as_index, model_parts
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
 # never materialises [batch, T, vocab] at once.

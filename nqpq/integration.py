@@ -41,7 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from .devices import execution_device
-from .models import LayerGeometry, UnsupportedModelError, as_index, model_parts
+from .errors import UnsupportedModelError
+from .geometry import LayerGeometry
+from .models import as_index, model_parts
 from .ops import residual_attention_impl, resolve_backend
 from .reference import _hidden_keys, visible_keys
 from .validate import MODES, check_choice

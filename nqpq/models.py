@@ -16,13 +16,13 @@ structurally:
   through the attention interface and is refused. Beside its causal self-attention a layer may hold an attention
   over other states that takes no mask (Inkling 2's over earlier blocks): that one keeps the model's own function.
   A cross-attention beside the self-attention, or two causal self-attentions in one layer, are refused by name;
-- the geometry is read per attention layer from its module (Gemma 4: head_dim per layer; dots3: heads per
-  layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
+- the geometry is read per attention layer from its module (``nqpq.geometry``; Gemma 4: head_dim per layer;
+  dots3: heads per layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
 - what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
-  is found by ``after_layers`` from one forward's own values;
+  is found by ``nqpq.heads.after_layers`` from one forward's own values;
 - what the causal LM applies between the body's output and the LM head (a BERT-style prediction head's dense,
-  activation and LayerNorm) is found by ``head_transform``: among the modules beside the body and the head, the
-  one that maps the body's output to what the head receives bit for bit in the model's own forward.
+  activation and LayerNorm) is found by ``nqpq.heads.head_transform``: among the modules beside the body and the
+  head, the one that maps the body's output to what the head receives bit for bit in the model's own forward.
 """
 
 from __future__ import annotations
@@ -34,33 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers.utils import ModelOutput
 
-from .devices import execution_device, input_device
-from .errors import NqpqError
+from .errors import UnsupportedModelError
+from .geometry import LayerGeometry, config_value, first_of, layer_geometry, uses_attention_interface
+from .heads import head_transform, logit_scale
 
-# The name the attention modules of transformers look their attention function up in.
-_INTERFACE_LOOKUP = "ALL_ATTENTION_FUNCTIONS"
-# The keyword under which transformers' attention modules hand their function a learned sink logit per head.
-_SINK_KWARGS = ("s_aux", "sinks")  # gpt-oss's per-head logits, Inkling 2's per-row ones
-
-
-class UnsupportedModelError(NqpqError):
-    """The model cannot be crystallized: not decoder-only, attention outside the interface, or an unsupported
-    attention feature."""
-
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    """The attention geometry of one layer, as its module hands q, k, v to the attention function."""
-
-    n_heads: int  # query heads Hq
-    n_kv_heads: int  # key/value heads Hkv (Hq % Hkv == 0)
-    qk_dim: int  # width of q and k (multi-head latent attention: nope + rope width)
-    v_dim: int  # width of v, ctx, V[i*], ε, the residual basis and the Gram
-    sliding_window: int | None  # keys i − w < j <= i, or None for full causal
-    learned_sink: bool  # the module adds a learned logit to the softmax (gpt-oss s_aux per head, Inkling 2 per row)
-    attention_chunk: int | None = None  # Llama 4's chunked layers: keys j <= i with j // C == i // C, or None
+__all__ = ["ModelParts", "UnsupportedModelError", "as_index", "model_parts"]
 
 
 @dataclass(frozen=True)
@@ -139,26 +118,6 @@ def as_index(value: object, what: str) -> int:
     raise ValueError(f"{what} must be an int, got {type(value).__name__}")
 
 
-def _forward_code(module: nn.Module):
-    forward = inspect.unwrap(type(module).forward)
-    return getattr(forward, "__code__", None)
-
-
-def _uses_attention_interface(module: nn.Module) -> bool:
-    code = _forward_code(module)
-    return code is not None and _INTERFACE_LOOKUP in code.co_names
-
-
-def _passes_learned_sink(module: nn.Module) -> bool:
-    """Whether the module's forward hands its attention function ``s_aux=`` or ``sinks=`` (a keyword name of one of
-    its calls)."""
-    code = _forward_code(module)
-    if code is None:
-        return False
-    return any(c in _SINK_KWARGS or (isinstance(c, tuple) and any(k in c for k in _SINK_KWARGS))
-               for c in code.co_consts)
-
-
 def _decoder_layers(body: nn.Module, n_layers: int | None, name: str) -> nn.ModuleList:
     """The body's decoder layers: its one ``nn.ModuleList`` of ``num_hidden_layers`` entries, else (a config whose
     ``num_hidden_layers`` counts something else, or none) the layers transformers marks as such."""
@@ -199,7 +158,7 @@ def _layer_stacks(body: nn.Module) -> list[nn.ModuleList]:
                 continue
             if (isinstance(child, nn.ModuleList) and len(child)
                     and all(isinstance(m, GradientCheckpointingLayer) for m in child)
-                    and any(_uses_attention_interface(m) for layer in child for m in layer.modules())):
+                    and any(uses_attention_interface(m) for layer in child for m in layer.modules())):
                 stacks.append(child)
             else:
                 visit(child)
@@ -279,7 +238,7 @@ def _attention_modules(layer: nn.Module, index: int, name: str) -> tuple[nn.Modu
     other than the tokens (Inkling 2's attention over the states of earlier blocks) and is left to run the model's
     own function. A cross-attention beside the self-attention (Bart-style decoder layers) or a bidirectional one
     are refused by name."""
-    found = [m for m in layer.modules() if _uses_attention_interface(m)]
+    found = [m for m in layer.modules() if uses_attention_interface(m)]
     if len(found) > 1:
         names = {id(m): n for n, m in layer.named_modules()}
         label = {id(m): f"{names[id(m)]} ({type(m).__name__})" for m in found}
@@ -301,117 +260,6 @@ def _attention_modules(layer: nn.Module, index: int, name: str) -> tuple[nn.Modu
             )
         found = causal  # the others (no mask, not causal) attend over something else: the model's own function
     return tuple(found) if found and not _is_cross_attention(found[0]) else ()
-
-
-def _get(owner, key: str):
-    """``getattr(owner, key, None)``, also None where a config refuses the read (dots3's per-layer values)."""
-    try:
-        return getattr(owner, key, None)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _int_attr(owners, keys, index: int) -> int | None:
-    """The first positive int among ``owner.key`` (a per-layer list is indexed by the layer)."""
-    for owner in owners:
-        for key in keys:
-            value = _get(owner, key)
-            if isinstance(value, (list, tuple)) and len(value) > index:
-                value = value[index]
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
-def _layer_geometry(attn: nn.Module, config, index: int, name: str) -> LayerGeometry:
-    """The geometry the layer's attention module hands the attention function, read from the module first (it
-    knows its own layer: Gemma 4's head_dim, dots3's head counts), then from the config."""
-    own = getattr(attn, "config", None)
-    owners = (attn,) if own is None or own is config else (attn, own)
-    head_dim = _int_attr(owners + (config,), ("head_dim", "head_size", "attention_head_size"), index)
-    # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...): the module names both widths; its config's
-    # head_dim is then the rotary width, not a head width.
-    qk_dim = _int_attr((attn,), ("qk_head_dim",), index) or head_dim
-    v_dim = _int_attr((attn,), ("v_head_dim",), index) or head_dim
-    n_heads = _int_attr((attn,), ("num_heads", "num_attention_heads", "n_heads"), index) or _int_attr(
-        owners[1:] + (config,), ("num_attention_heads",), index)
-    n_kv = _int_attr((attn,), ("num_key_value_heads", "num_kv_heads", "n_kv_heads"), index)
-    groups = _int_attr((attn,), ("num_key_value_groups",), index)
-    if n_kv is None and groups is not None and n_heads is not None:
-        n_kv = n_heads // groups
-    if n_kv is None:
-        n_kv = _int_attr(owners[1:] + (config,), ("num_key_value_heads",), index) or n_heads
-    if None in (qk_dim, v_dim, n_heads):
-        raise UnsupportedModelError(
-            f"{name}: cannot read layer {index}'s attention geometry from {type(attn).__name__} "
-            f"(heads {n_heads}, q/k width {qk_dim}, v width {v_dim})"
-        )
-    if n_kv < 1 or n_heads % n_kv:
-        raise UnsupportedModelError(
-            f"{name}: layer {index} has {n_heads} query heads, not a multiple of {n_kv} kv heads")
-    # The code passes s_aux on every layer; MiMo-V2-Flash's full-attention layers pass None (their ``sinks``).
-    learned_sink = _passes_learned_sink(attn) and getattr(attn, "sinks", True) is not None
-    return LayerGeometry(n_heads, n_kv, qk_dim, v_dim, _layer_window(attn, config, index), learned_sink,
-                         _layer_chunk(attn, config, index))
-
-
-def _logit_scale(config) -> float | None:
-    """The factor the causal LM's own forward multiplies its logits by, from the config attributes transformers
-    reads for it: Cohere's ``logit_scale`` (``logits * logit_scale``), Granite's ``logits_scaling``
-    (``logits / logits_scaling``), Inkling's ``logits_mup_width_multiplier`` (``lm_head(hidden / multiplier)``).
-    Without it the sweep's perplexities would not be the model's."""
-    scale = getattr(config, "logit_scale", None)
-    divisor = getattr(config, "logits_scaling", None)
-    if scale is not None and divisor is not None:
-        raise UnsupportedModelError(f"{type(config).__name__} has both logit_scale and logits_scaling")
-    # Inkling divides the final hidden state by logits_mup_width_multiplier before its (bias-free) head: the logits
-    # divided by it.
-    mup = getattr(config, "logits_mup_width_multiplier", None)
-    mup = 1.0 if mup is None else 1.0 / float(mup)
-    if divisor is not None:
-        return mup / float(divisor)
-    if scale is None:
-        return None if mup == 1.0 else mup
-    return float(scale) * mup
-
-
-def _layer_window(attn: nn.Module, config, index: int) -> int | None:
-    """The sliding window the layer's attention hands the attention function, as transformers decides it."""
-    # Per layer on the module (Gemma 2, Qwen2/3: None on full-attention layers), else model-wide (Mistral).
-    window = attn.sliding_window if hasattr(attn, "sliding_window") else _get(config, "sliding_window")
-    layer_types = _get(config, "layer_types")
-    if layer_types is not None and index < len(layer_types) and layer_types[index] != "sliding_attention":
-        window = None  # a full-attention layer, whatever its module keeps (EXAONE 4 keeps the window on every one)
-    return None if isinstance(window, bool) or not isinstance(window, int) else int(window)
-
-
-def _layer_chunk(attn: nn.Module, config, index: int) -> int | None:
-    """The chunk size C of a layer of type ``"chunked_attention"`` (Llama 4: its mask is transformers'
-    ``create_chunked_causal_mask``, query i sees keys j <= i with j // C == i // C), else None. Read as the
-    model's forward reads it: ``layer_types[index]`` and ``attention_chunk_size`` of the config it builds masks
-    from (the layer's own config first: a multimodal wrapper keeps both in its text config)."""
-    own = getattr(attn, "config", None)
-    for owner in (own, config):
-        if owner is None:
-            continue
-        layer_types = _get(owner, "layer_types")
-        if layer_types is None or index >= len(layer_types):
-            continue
-        if layer_types[index] != "chunked_attention":
-            return None
-        chunk = _get(owner, "attention_chunk_size")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise UnsupportedModelError(
-                f"layer {index} is a chunked-attention layer but its config has no attention_chunk_size >= 1 "
-                f"(got {chunk!r})")
-        return int(chunk)
-    return None
-
-
-def _first_of(config, key: str, text_config):
-    """``key`` from the model's config, else from its text config (a multimodal wrapper keeps it there)."""
-    value = _get(config, key)
-    return _get(text_config, key) if value is None else value
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -447,7 +295,7 @@ def model_parts(model: nn.Module) -> ModelParts:
             "nqpq forms the loss from a Linear LM head's logits"
         )
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_layers = _get(text_config, "num_hidden_layers")  # None (BLT): the layers are found structurally
+    n_layers = config_value(text_config, "num_hidden_layers")  # None (BLT): the layers are found structurally
     n_layers = n_layers if isinstance(n_layers, int) and not isinstance(n_layers, bool) else None
     body = _text_body(model, text_config, n_layers, name)
     layers = _decoder_layers(body, n_layers, name)
@@ -472,7 +320,7 @@ def model_parts(model: nn.Module) -> ModelParts:
     if not all(getattr(a, "is_causal", True) for modules in found.values() for a in modules):
         raise UnsupportedModelError(f"{name}: its attention is bidirectional; nqpq handles causal attention only")
     transform = head_transform(model, body, lm_head, config, text_config)
-    geometry = {i: _layer_geometry(a, text_config, i, name) for i, a in attn.items()}
+    geometry = {i: layer_geometry(a, text_config, i, name) for i, a in attn.items()}
     unpadded = getattr(text_config, "unpadded_vocab_size", None)  # Inkling drops the head's padding rows' logits
     if unpadded is not None and isinstance(lm_head, nn.Linear) and unpadded < lm_head.out_features:
         raise UnsupportedModelError(
@@ -480,14 +328,14 @@ def model_parts(model: nn.Module) -> ModelParts:
             "nqpq's losses use the whole head"
         )
     for i, more in attn_more.items():  # one basis and one geometry per layer: its attention blocks must share it
-        other = [g for g in (_layer_geometry(a, text_config, i, name) for a in more) if g != geometry[i]]
+        other = [g for g in (layer_geometry(a, text_config, i, name) for a in more) if g != geometry[i]]
         if other:
             raise UnsupportedModelError(
                 f"{name}: layer {i} runs {len(more) + 1} self-attentions of different geometries ({geometry[i]} and "
                 f"{other[0]}); nqpq crystallizes a layer's attentions with one basis"
             )
     attn_layers = tuple(attn)
-    max_positions = _get(text_config, "max_position_embeddings")
+    max_positions = config_value(text_config, "max_position_embeddings")
     n_default = max(1, len(attn_layers) // 4)
     wrapper = None if text_config is config else str(config.model_type)
     return ModelParts(
@@ -499,226 +347,14 @@ def model_parts(model: nn.Module) -> ModelParts:
         geometry=geometry,
         body=body,
         lm_head=lm_head,
-        logit_scale=_logit_scale(text_config) if wrapper is None else _logit_scale_of(config, text_config),
+        logit_scale=logit_scale(config, None if wrapper is None else text_config),
         # Gemma 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap (the same c·tanh(logits / c)).
-        final_logit_softcap=_first_of(config, "final_logit_softcapping", text_config)
-        or _first_of(config, "logits_soft_cap", text_config),
+        final_logit_softcap=first_of(config, "final_logit_softcapping", text_config)
+        or first_of(config, "logits_soft_cap", text_config),
         n_layers=len(layers),
         max_positions=None if not isinstance(max_positions, int) else max_positions,
-        attn_softcap=_first_of(text_config, "attn_logit_softcapping", config),
+        attn_softcap=first_of(text_config, "attn_logit_softcapping", config),
         default_layers=attn_layers[-n_default:],
         head_transform=transform,
         attn_more=attn_more,
     )
-
-
-def _logit_scale_of(config, text_config) -> float | None:
-    """A wrapper's logit scale: its own attributes if it has any, else its text model's."""
-    own = _logit_scale(config)
-    return own if own is not None else _logit_scale(text_config)
-
-
-def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -> Callable[[Tensor], Tensor]:
-    """What the body applies to its last layer's output to give ``last_hidden_state``, found from one forward:
-    ``last_output`` (the last layer's output) and ``final_hidden`` (the body's ``last_hidden_state``) of the
-    same call. Nothing (the identity), or the one child module of the body that maps the one to the other bit
-    for bit (a final norm with or without parameters, registered before or after the layers: OPT, OLMo).
-    """
-    if last_output.shape == final_hidden.shape and torch.equal(last_output, final_hidden):
-        return _identity
-    skip = {id(parts.layers)}
-    embeddings = parts.body.get_input_embeddings() if hasattr(parts.body, "get_input_embeddings") else None
-    if embeddings is not None:
-        skip.add(id(embeddings))
-    tried = []
-    for child_name, child in parts.body.named_children():
-        if id(child) in skip or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Embedding)):
-            continue
-        if any(m is parts.layers for m in child.modules()):
-            # The module around the layers (BERT's encoder): calling it would run every layer again, under the
-            # recording hooks of the replay's capture.
-            continue
-        tried.append(child_name)
-        try:
-            with torch.no_grad():
-                out = child(last_output)
-        except Exception:  # noqa: BLE001 - a child that does not take a hidden state is not the final step
-            continue
-        if isinstance(out, Tensor) and out.shape == final_hidden.shape and torch.equal(out, final_hidden):
-            return child
-    raise UnsupportedModelError(
-        f"{type(parts.body).__name__}: cannot tell what it applies after its last layer (none of its children "
-        f"{tried} maps the last layer's output to its last_hidden_state); its layers cannot be replayed"
-    )
-
-
-def _identity(hidden: Tensor) -> Tensor:
-    return hidden
-
-
-# ---------------------------------------------------------------------------------------------- head transform
-
-# The probe of ``head_transform``: one sequence of this many positions, a fixed seed for its hidden state.
-_PROBE_TOKENS = 5
-_PROBE_SEED = 0
-
-
-@dataclass
-class _ProbeOutput(ModelOutput):
-    """The stubbed body's output in ``head_transform``'s probe: the given last_hidden_state, None for any other
-    field the model's forward passes on (its cache, hidden states, attentions)."""
-
-    last_hidden_state: Tensor | None = None
-
-    def __getattr__(self, key: str):
-        if key.startswith("_"):
-            raise AttributeError(key)
-        return None
-
-
-class _HeadInput(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by the LM head's pre-hook inside ``UpToHead``: carries what the head was handed, so its GEMM over the
-    vocabulary never runs."""
-
-    def __init__(self, hidden: Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-
-class UpToHead:
-    """A prediction head holding the LM head (BERT's ``cls``, RoBERTa's ``lm_head``), run up to its call of the LM
-    head: ``UpToHead(holder, lm_head)(hidden)`` is what ``holder(hidden)`` hands ``lm_head`` (BERT: its dense,
-    activation and LayerNorm). The holder's own forward computes it, whatever it does before the head."""
-
-    def __init__(self, holder: nn.Module, lm_head: nn.Module):
-        self.holder, self.lm_head = holder, lm_head
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        def stop(module, args, kwargs):
-            raise _HeadInput(args[0] if args else next(iter(kwargs.values())))
-
-        # A torch pre-hook runs before accelerate's wrapper of the head's forward: an offloaded head is not loaded.
-        handle = self.lm_head.register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            self.holder(hidden)
-        except _HeadInput as got:
-            self._finish_hooks()
-            return got.hidden
-        finally:
-            handle.remove()
-        raise UnsupportedModelError(f"{type(self.holder).__name__} did not call its LM head")
-
-    def _finish_hooks(self) -> None:
-        """The accelerate hooks of the modules around the head, whose forward the stop left: their post-forward (an
-        offloaded module's own weights, BERT's output bias, back off the device) as a completed call would run it."""
-        for module in self.holder.modules():
-            hook = getattr(module, "_hf_hook", None)
-            if hook is not None and module is not self.lm_head and any(m is self.lm_head for m in module.modules()):
-                hook.post_forward(module, None)
-
-    def __repr__(self) -> str:
-        return f"UpToHead({type(self.holder).__name__} up to its {type(self.lm_head).__name__})"
-
-
-def head_transform(model: nn.Module, body: nn.Module, lm_head: nn.Module, config=None,
-                   text_config=None) -> Callable[[Tensor], Tensor] | None:
-    """What ``model``'s forward applies to the body's ``last_hidden_state`` before its LM head: None where the head
-    takes it as it is, else the one module (or ``UpToHead`` of the one module holding the head) that computes it.
-
-    The usual causal LM (the head a child of the model, nothing else beside the body with parameters) is taken as
-    it is, without running anything. Otherwise the candidates are the model's children with parameters beside the
-    body and the head (ELECTRA's ``generator_predictions``, ModernBERT-decoder's ``lm_head``), a child holding the
-    head taken up to its call of the head (BERT's ``cls``, RoBERTa's ``lm_head``, XLM's ``pred_layer``); the model's
-    own forward, with the body stubbed to return a fixed hidden state h (no attention runs: an active
-    crystallization sees nothing), says which: the head must be called once, its output must be the model's logits
-    (where the model has no logit scale or soft-cap), and exactly one candidate (or nothing) must map h to what the
-    head received, bit for bit. Anything else is refused.
-    """
-    name = type(model).__name__
-    outside = [(child_name, child) for child_name, child in model.named_children()
-               if child is not lm_head and not any(m is body for m in child.modules())
-               and any(True for _ in child.parameters())]
-    if any(child is lm_head for child in model.children()) and not outside:
-        return None
-    candidates = [(child_name, UpToHead(child, lm_head) if any(m is lm_head for m in child.modules()) else child)
-                  for child_name, child in outside]
-    h, received, calls, head_out, logits = _probe_head(model, body, lm_head, text_config or config, name)
-    if calls != 1:
-        raise UnsupportedModelError(
-            f"{name}: its forward calls its LM head {calls} times on one hidden state; nqpq needs one call")
-    plain = config is None or (_logit_scale_of(config, text_config or config) is None and not (
-        _first_of(config, "final_logit_softcapping", text_config) or _first_of(config, "logits_soft_cap", text_config)))
-    if plain and not _equal(head_out, logits):
-        raise UnsupportedModelError(
-            f"{name}: its logits are not its LM head's output (something acts after the head); nqpq forms the loss "
-            "from the LM head's logits")
-    if _equal(received, h):
-        return None
-    matches = []
-    for child_name, candidate in candidates:
-        try:
-            with torch.no_grad():
-                out = candidate(h)
-        except Exception:  # noqa: BLE001 - a child that does not take the hidden state is not the transform
-            continue
-        if _equal(out, received):
-            matches.append((child_name, candidate))
-    if len(matches) != 1:
-        raise UnsupportedModelError(
-            f"{name}: cannot tell what it applies between its base model and its LM head "
-            f"({len(matches)} of its modules {[n for n, _ in candidates]} map the base model's output to what the "
-            "head receives); nqpq needs the LM head applied to the base model's output, or to one module's output")
-    return matches[0][1]
-
-
-def _equal(a: object, b: object) -> bool:
-    """Two tensors of the same shape and dtype with the same values (on whichever devices)."""
-    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-            and bool(torch.equal(a.to(b.device), b)))
-
-
-def _probe_head(model: nn.Module, body: nn.Module, lm_head: nn.Module, text_config, name: str):
-    """The model's own forward from a body output to its logits, with ``body`` stubbed to return a fixed hidden
-    state h ``[1, 5, hidden_size]``: (h, what the LM head received, how often it was called, its output, the
-    model's logits)."""
-    width = _get(text_config, "hidden_size")
-    params = [p for p in body.parameters() if p.is_floating_point()]
-    if not isinstance(width, int) or not params:
-        raise UnsupportedModelError(
-            f"{name}: its config gives no hidden_size of its base model's output; cannot find what it applies "
-            "between its base model and its LM head")
-    generator = torch.Generator().manual_seed(_PROBE_SEED)
-    h = torch.randn(1, _PROBE_TOKENS, width, generator=generator).to(execution_device(lm_head), params[0].dtype)
-    vocab = _get(text_config, "vocab_size")
-    ids = (torch.arange(_PROBE_TOKENS) % (vocab if isinstance(vocab, int) and vocab > 0 else 1))[None]
-    seen: list = []
-
-    def record(module, args, kwargs, out):
-        seen.append((args[0] if args else next(iter(kwargs.values())), out))
-
-    def stub(*args, **kwargs):
-        return _ProbeOutput(last_hidden_state=h)
-
-    own = body.__dict__.get("forward")  # accelerate's hook keeps its wrapper there
-    body.forward = stub
-    handle = lm_head.register_forward_hook(record, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids.to(input_device(model)), use_cache=False)
-    except UnsupportedModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the stubbed body's output lacked something the forward reads
-        raise UnsupportedModelError(
-            f"{name}: cannot run its forward from a given base-model output to find what it applies between its "
-            f"base model and its LM head ({type(err).__name__}: {err})") from err
-    finally:
-        handle.remove()
-        if own is None:
-            del body.forward
-        else:
-            body.forward = own
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out:
-        logits = out[0]
-    received, head_out = seen[0] if seen else (None, None)
-    return h, received, len(seen), head_out, logits

@@ -10,8 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from .devices import execution_device, input_device
+from .errors import UnsupportedModelError
 from .evaluate import cat_losses, head_losses
-from .models import UnsupportedModelError, after_layers, as_index, model_parts
+from .heads import after_layers
+from .models import as_index, model_parts
 
 
 def _same(a: object, b: object, memo: dict | None = None) -> bool:
@@ -48,7 +50,7 @@ class PrefixRunner:
     up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks; a hybrid
     hands its linear-attention or SSM layers their own). It returns the baseline losses. ``losses(start=s)``
     then replays only layers ``s..`` (every one, attention or not, from its own start, without a cache) + what
-    the body applies after its last layer (``nqpq.models.after_layers``: found from the baseline pass) + LM head
+    the body applies after its last layer (``nqpq.heads.after_layers``: found from the baseline pass) + LM head
     from that record, under whatever crystallization is active: the same computation as a full forward pass,
     without the unchanged lower layers.
 

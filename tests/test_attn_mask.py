@@ -23,9 +23,10 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 
 from benchmarks import census  # noqa: E402
 from nqpq import residual_attention  # noqa: E402
+from nqpq.errors import UnsupportedModelError  # noqa: E402
 from nqpq.evaluate import lm_losses  # noqa: E402
 from nqpq.integration import crystallize  # noqa: E402
-from nqpq.models import UnsupportedModelError, model_parts  # noqa: E402
+from nqpq.models import model_parts  # noqa: E402
 from nqpq.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

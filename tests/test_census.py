@@ -78,6 +78,17 @@ def test_llama4_chunked_layers_are_exact():
     assert row["outcome"] == "EXACT" and "attention chunks" in row["structure"], row
     assert {"eager top1 layer 5", "eager lowrank layer 5"} <= set(row["errors"])
 
+def test_gemma3n_wrapper_without_timm():
+    """Gemma 3n's wrapper builds its vision tower with timm: without timm the census builds the wrapper with that
+    tower left out (the text path is the real code) and nqpq runs its language model exactly."""
+    row = census.census_family("gemma3n")
+    assert row["outcome"] == "EXACT" and "wrapper gemma3n → gemma3n_text" in row["structure"], row
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        assert "vision tower not built (needs timm)" in row["structure"], row
+
+
 def test_families_are_fed_what_their_forward_takes():
     """Musicgen (one row of codes per codebook) and a Gemma 4 assistant (its target model's embedding, hidden state
     and key/value states) build and run under the census: nqpq's verdict on them, not UNBUILT."""

@@ -76,19 +76,24 @@ def test_crystallized_layer_matches_float64(family, mode):
     ref = F64Reference(model)
     # The first layer (a sliding-window one in the SWA families: window 8 < T) and the last.
     for layer in (parts.attn_layers[0], parts.attn_layers[-1]):
-        geo = parts.geometry[layer]
-        basis = random_basis(geo.n_heads, geo.v_dim)  # [Hq, D_v, D_v]: the value width, not q/k's
-        d_r = geo.v_dim // 2
-        with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="torch"):
-            got = logits(model, ids)
-        ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
-        ref.crystal_gaps.clear()
-        want = logits(ref.model, ids)
-        assert len(ref.crystal_gaps) == B * geo.n_heads, "the float64 layer was called once per forward"
-        assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
-        assert_rel_close(got, want)
-        # Crystallizing the layer matters far beyond the tolerance: the comparison is not between two baselines.
-        assert float((got - base).abs().max() / base.abs().max()) > 100 * REL_TOL
+        check_layer_against_f64(model, ref, parts.geometry[layer], layer, mode, ids, base)
+
+
+def check_layer_against_f64(model, ref, geo, layer: int, mode: str, ids, base, calls: int = 1) -> None:
+    """``layer`` crystallized in ``mode`` (a random basis in the value width, d_r = D_v / 2) gives the logits of
+    the float64 reference model crystallized the same way; its module is called ``calls`` times per forward."""
+    basis = random_basis(geo.n_heads, geo.v_dim)  # [Hq, D_v, D_v]: the value width, not q/k's
+    d_r = geo.v_dim // 2
+    with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="torch"):
+        got = logits(model, ids)
+    ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
+    ref.crystal_gaps.clear()
+    want = logits(ref.model, ids)
+    assert len(ref.crystal_gaps) == calls * B * geo.n_heads, "the float64 layer was not called once per call"
+    assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
+    assert_rel_close(got, want)
+    # Crystallizing the layer matters far beyond the tolerance: the comparison is not between two baselines.
+    assert float((got - base).abs().max() / base.abs().max()) > 100 * REL_TOL
 
 
 def test_mla_geometry_and_rank_bound():
@@ -389,18 +394,7 @@ def test_hrm_crystallized_layer_matches_float64_on_every_call(mode):
     ref = hrm_reference(model)
     calls = {0: 4, 1: 4, 2: 2, 3: 2}  # per forward: L_cycles · H_cycles for the low stack, H_cycles for the high
     for layer in (0, 3):
-        geo = parts.geometry[layer]
-        basis = random_basis(geo.n_heads, geo.v_dim)
-        d_r = geo.v_dim // 2
-        with crystallize(model, [layer], mode=mode, basis={layer: basis}, d_r=d_r, backend="torch"):
-            got = logits(model, ids)
-        ref.crystal = {layer: (mode, basis.double()[:, :, :d_r] if mode == "lowrank" else None)}
-        ref.crystal_gaps.clear()
-        want = logits(ref.model, ids)
-        assert len(ref.crystal_gaps) == calls[layer] * B * geo.n_heads
-        assert min(ref.crystal_gaps) > REL_SCORE_MARGIN, "a near-tie in the test inputs: choose another seed"
-        assert_rel_close(got, want)
-        assert float((got - base).abs().max() / base.abs().max()) > 100 * REL_TOL
+        check_layer_against_f64(model, ref, parts.geometry[layer], layer, mode, ids, base, calls[layer])
 
 
 def test_hrm_grams_and_crystallinity_count_every_call():

@@ -22,8 +22,11 @@ from transformers import AttentionInterface
 
 from nqpq import PrefixRunner, block_losses, crystallize
 from nqpq.calibration import GramAccumulator
+from nqpq.errors import UnsupportedModelError
+from nqpq.geometry import LayerGeometry
+from nqpq.heads import after_layers
 from nqpq.integration import observe_residuals
-from nqpq.models import LayerGeometry, UnsupportedModelError, after_layers, model_parts
+from nqpq.models import model_parts
 
 VOCAB, T, B = 96, 40, 2
 SHARPEN = 256.0
