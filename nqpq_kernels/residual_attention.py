@@ -650,8 +650,9 @@ def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, devic
                  sink: bool = False, value_width: int | None = None, bias: bool = False) -> dict:
     """Block sizes / launch options for a padded head dim ``D`` (the wider of q/k and v). A fixed small config
     for the interpreter, a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax
-    state). ``value_width``: v's padded width (None: D); optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the
-    epilogue's chunks (default 64 basis columns, 128 Gram columns)."""
+    state). ``value_width``: v's padded width (None: D). ``bias``: an attn_mask (an fp32 bias tile per key tile).
+    Optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the epilogue's chunks (default 64 basis columns, 128 Gram
+    columns), ``SPLIT_GRAM`` how the Gram's column blocks of ε are cut (reshape + split; default one-hot products)."""
     if device.type != "cuda":
         # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages. A 256-wide Gram
         # is cut in two column blocks by reshape + split, as CUDA's D 256 table cuts it (in 4 or 8).
