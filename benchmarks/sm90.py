@@ -15,11 +15,12 @@ the wgmma instructions). From the TTGIR: how many dots became ``warp_group_dot``
 stages: the anchor of what the compiler does with attention alone.
 
 Variants: mode × dtype (fp16 compiles like bf16) × padded D × Gram × (window, soft cap, top1_prob) × sink_tokens
-× learned sink (one logit per head) × MLA widths (q/k 192, v 128: DeepSeek-V2/V3's heads), and with an attn_mask
-(``bias``: the kernel's HAS_BIAS variant, a [B, 1, T, T] fp32 mask broadcast over heads; no window with it) every
-mode × Gram and once every other feature, the 16-bit D <= 128 ones also at an unaligned T (1001). A bias row's
-anchor takes the same bias (every key tile walked, the bias tile added). Compiles run in ``--jobs`` processes
-(Triton caches them: a rerun of unchanged variants takes seconds). Run with TRITON_INTERPRET unset.
+× learned sink (one logit per head; with every feature also one per query row) × MLA widths (q/k 192, v 128:
+DeepSeek-V2/V3's heads), and with an attn_mask (``bias``: the kernel's HAS_BIAS variant, a [B, 1, T, T] fp32 mask
+broadcast over heads; no window with it) every mode × Gram and once every other feature, the 16-bit D <= 128 ones
+also at an unaligned T (1001). A bias row's anchor takes the same bias (every key tile walked, the bias tile
+added). Compiles run in ``--jobs`` processes (Triton caches them: a rerun of unchanged variants takes seconds).
+Run with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -147,13 +148,16 @@ class Variant(NamedTuple):
     Dv: int | None = None  # v's width (MLA); None: D
     bias: bool = False  # an attn_mask (fp32 additive bias, every key tile walked); features then lack the window
     T: int | None = None  # the sequence length, when not GEOMETRY's (an unaligned one: no divisibility by 16)
+    per_row: bool = False  # with learned: one logit per query row ([B, Hq, T], Inkling 2), not one per head
 
     @property
     def name(self) -> str:
         parts = [self.dtype, f"D{self.D}" + (f"/v{self.Dv}" if self.Dv else ""), self.mode]
         parts += [flag for flag, on in (("gram", self.gram),
                                         ("softcap+top1p" if self.bias else "window+softcap+top1p", self.features),
-                                        ("sink", self.sink), ("learned", self.learned), ("bias", self.bias)) if on]
+                                        ("sink", self.sink),
+                                        ("learned/row" if self.per_row else "learned", self.learned),
+                                        ("bias", self.bias)) if on]
         return " ".join(parts + ([f"T{self.T}"] if self.T else []))
 
     @property
@@ -188,6 +192,9 @@ def variants() -> list[Variant]:
             out += [Variant(dtype, D, mode, gram, bias=True) for mode in ("top1", "full", "lowrank")
                     for gram in (False, True)]
             out.append(Variant(dtype, D, "lowrank", gram=True, features=True, sink=True, learned=True, bias=True))
+    # A learned logit per query row (Inkling 2) with every other feature.
+    out += [Variant(dtype, D, "lowrank", gram=True, features=True, sink=True, learned=True, per_row=True,
+                    Dv=128 if D == 192 else None) for dtype in ("bf16", "fp32") for D in (64, 128, 256, 192)]
     # A model's own mask comes at any prompt length: the 16-bit D <= 128 ones at an unaligned T too (T, Tk and the
     # bias's row stride not multiples of 16: scalar bias loads).
     out += [v._replace(T=UNALIGNED_T) for v in out if v.bias and v.dtype == "bf16" and v.D <= 128]
@@ -266,9 +273,10 @@ def residual_values(v: Variant) -> dict:
     # The basis [Hq, Dv, Dv] fp32, contiguous; (0, 0, 0) when there is none.
     values.update(dict(zip(("stride_ph", "stride_pd", "stride_pr"),
                            (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)))
-    # A learned sink: one logit per head (gpt-oss), read as [B, Hq, T] with strides (0, 1, 0).
-    values.update(dict(zip(("stride_lb", "stride_lh", "stride_lt"), (0, 1, 0) if v.learned else (0, 0, 0),
-                           strict=True)))
+    # A learned sink: one logit per head (gpt-oss), read as [B, Hq, T] with strides (0, 1, 0); or one per query
+    # row, a contiguous [B, Hq, T].
+    lstrides = ((Hq * T, T, 1) if v.per_row else (0, 1, 0)) if v.learned else (0, 0, 0)
+    values.update(dict(zip(("stride_lb", "stride_lh", "stride_lt"), lstrides, strict=True)))
     values.update(bias_values(v))
     return values
 

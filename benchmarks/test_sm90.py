@@ -20,6 +20,8 @@ def test_variants_cover_the_launcher_choices():
     assert biased == have - {(dtype, 192, mode, gram) for dtype, _, mode, gram in have}
     assert any(v.bias and v.sink and v.learned and v.features for v in sm90.variants())
     assert {v.D for v in sm90.variants() if v.bias and v.T} == {64, 128}
+    assert {(v.dtype, v.D) for v in sm90.variants() if v.per_row} == {(dtype, D) for dtype in ("bf16", "fp32")
+                                                                      for D in (64, 128, 192, 256)}
 
 
 def test_bias_launch_arguments():
@@ -31,6 +33,11 @@ def test_bias_launch_arguments():
     assert (values["stride_bb"], values["stride_bh"], values["stride_bm"], values["stride_bn"]) == (T * T, 0, T, 1)
     assert values["T"] == values["T_K"] == T
     assert sm90.residual_values(v._replace(bias=False))["T_K"] == 0
+    per_row = sm90.residual_values(sm90.Variant("bf16", 128, "top1", learned=True, per_row=True))
+    per_head = sm90.residual_values(sm90.Variant("bf16", 128, "top1", learned=True))
+    B, Hq, _, T = sm90.GEOMETRY[128]
+    assert (per_row["stride_lb"], per_row["stride_lh"], per_row["stride_lt"]) == (Hq * T, T, 1)
+    assert (per_head["stride_lb"], per_head["stride_lh"], per_head["stride_lt"]) == (0, 1, 0)
     row = dict(dtype="bf16", D=128, Dv=128, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, bias=True, T=T)
     assert sm90._anchor_key(row)[-2:] == (True, T)
 
