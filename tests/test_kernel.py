@@ -247,20 +247,22 @@ def test_other_tilings(monkeypatch, block_m, block_n):
     run_and_check(q, k, v, "top1", return_gram=False)
 
 
-@pytest.mark.parametrize("gram_cols,r_block", [(16, 16), (32, 16)])
-def test_epilogue_chunks(monkeypatch, gram_cols, r_block):
-    """The Gram GRAM_COLS columns at a time and the projection R_BLOCK basis columns at a time (the CUDA table's
-    D 256 and fp32 choices) against float64, at a width the interpreter runs quickly; with the sink's ground."""
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("D,gram_cols,r_block", [(64, 16, 16), (64, 32, 16), (128, 16, 16)])
+def test_epilogue_chunks(monkeypatch, D, gram_cols, r_block, split):
+    """The Gram GRAM_COLS columns at a time (ε's column blocks by one-hot products, or by reshape + split:
+    SPLIT_GRAM, 2 / 4 / 8 blocks) and the projection R_BLOCK basis columns at a time (the CUDA table's D 256 and
+    fp32 choices) against float64, at widths the interpreter runs quickly; with the sink's ground."""
     monkeypatch.setattr(
         ra_mod, "_pick_config",
         lambda *a, **k: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, GRAM_COLS=gram_cols,
-                             R_BLOCK=r_block),
+                             R_BLOCK=r_block, SPLIT_GRAM=split),
     )
-    meta, _ = ra_mod.kernel_meta(64, torch.float32, "lowrank", DEV, return_gram=True)
-    assert (meta["GRAM_COLS"], meta["R_BLOCK"]) == (gram_cols, r_block)
-    q, k, v = rand_qkv(1, 2, 40, 64, torch.float32, seed=gram_cols + r_block)
-    run_and_check(q, k, v, "lowrank", d_r=37, basis=make_basis(2, 64))
-    run_sink(q, k, v, "lowrank", 3, d_r=37, basis=make_basis(2, 64))
+    meta, _ = ra_mod.kernel_meta(D, torch.float32, "lowrank", DEV, return_gram=True)
+    assert (meta["GRAM_COLS"], meta["R_BLOCK"], meta["SPLIT_GRAM"]) == (gram_cols, r_block, split)
+    q, k, v = rand_qkv(1, 2, 40, D, torch.float32, seed=gram_cols + r_block + D)
+    run_and_check(q, k, v, "lowrank", d_r=37, basis=make_basis(2, D))
+    run_sink(q, k, v, "lowrank", 3, d_r=37, basis=make_basis(2, D))
 
 
 def test_allow_tf32_and_custom_scale():
