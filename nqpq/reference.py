@@ -173,11 +173,9 @@ def residual_attention_reference(
         nan_rows = bad  # all False
     sink_logit = None
     if learned_sink is not None:
-        # The learned sink's logit, per query head in the [B, Hkv, G, T, 1] layout; a NaN or +inf logit makes
-        # its head's rows non-finite. m_all is the softmax's max over the real scores and the sink logit.
-        sink_logit = learned_sink.to(device=q.device, dtype=torch.float32)
-        sink_logit = sink_logit.reshape(1, Hkv, G, 1, 1) if sink_logit.dim() == 1 else \
-            sink_logit.reshape(B, Hkv, G, T, 1)  # one logit per head, or per query row (Inkling 2)
+        # The learned sink's logit per row in the [B, Hkv, G, T, 1] layout (a view: one per head has row stride 0);
+        # a NaN or +inf logit makes its row non-finite. m_all is the softmax's max over the real scores and it.
+        sink_logit = args.learned_sink.to(dtype=torch.float32).reshape(B, Hkv, G, T, 1)
         bad = bad | ~(sink_logit < float("inf")).squeeze(-1)
         m_all = torch.maximum(m, sink_logit)
     if n > 0:

@@ -59,7 +59,9 @@ class ResolvedArgs(NamedTuple):
     softcap: float | None
     group: int  # query heads per kv head, Hq // Hkv
     sink_tokens: int = 0  # keys j < sink_tokens form the sink S, kept exactly in the ground state
-    learned_sink: Tensor | None = None  # [Hq] or [B, Hq, T] logits of a zero-value key (gpt-oss / Inkling 2 sinks)
+    # The logits of a zero-value key (gpt-oss's one per head, Inkling 2's one per row), as a [B, Hq, T] view (one
+    # per head: strides (0, 1, 0)); None: no learned sink.
+    learned_sink: Tensor | None = None
     value_dim: int = 0  # Dv, v's width (the width of out, ctx, V[i*], ε, the basis rows and the Gram)
     attention_chunk: int | None = None  # C: query i sees keys j <= i with j // C == i // C (Llama 4's chunks)
     # An explicit mask (SDPA's attn_mask: bool, True = the key takes part, or float, added to the scores),
@@ -234,6 +236,8 @@ def check_residual_attention_inputs(
             )
         if learned_sink.device != q.device:
             raise ValueError(f"learned_sink is on {learned_sink.device} but q is on {q.device}")
+        if learned_sink.dim() == 1:
+            learned_sink = learned_sink.view(1, Hq, 1).expand(B, Hq, T)
     if attention_chunk is not None:
         attention_chunk = _as_int("attention_chunk", attention_chunk)
         if attention_chunk < 1:

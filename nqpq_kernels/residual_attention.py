@@ -454,7 +454,7 @@ def _residual_attn_fwd(
     if LEARNED:
         # The learned sink is a key every row sees with this logit and value zero; it is merged into the
         # online softmax here, once (a zero value adds nothing to acc): the loop is the same code as without it.
-        # A NaN or +inf logit makes every row of the head non-finite.
+        # A NaN or +inf logit makes its row non-finite.
         sink_l = tl.load(LearnedSink + off_b * stride_lb + off_h * stride_lh + offs_m64 * stride_lt,
                          mask=mask_m, other=0.0)  # [BLOCK_M]: a head's logit is read with a row stride of 0
         bad = bad | (sink_l != sink_l) | (sink_l == float("inf"))
@@ -950,13 +950,11 @@ def residual_attention_triton(
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
     sink_args = {}
-    if learned_sink is not None:
-        # [Hq] (one logit per head) is read as [B, Hq, T] with strides (0, 1, 0); [B, Hq, T] as it is.
-        sink_f32 = learned_sink.to(dtype=torch.float32).contiguous()
-        strides = (0, 1, 0) if sink_f32.dim() == 1 else sink_f32.stride()
-        sink_args = dict(stride_lb=strides[0], stride_lh=strides[1], stride_lt=strides[2])
-    else:
-        sink_f32 = None
+    sink_f32 = None
+    if args.learned_sink is not None:
+        # [B, Hq, T] read through its strides (one fp32 logit per head: (0, 1, 0), not copied per row).
+        sink_f32 = args.learned_sink.to(dtype=torch.float32)
+        sink_args = dict(stride_lb=sink_f32.stride(0), stride_lh=sink_f32.stride(1), stride_lt=sink_f32.stride(2))
     bias_args = {}
     if attn_mask is not None:
         # fp32, converted before the broadcast is expanded (a [1, 1, Tq, Tk] mask stays that size); the expanded
