@@ -35,9 +35,10 @@ def spec_perplexity(model, ids, seq_len, device, n_blocks):
     return math.exp(sum(losses) / len(losses))
 
 
-def load_spec():
-    """Import the spec module, or return None if the file is not there (fresh clone without ../shared)."""
-    path = spec_path()
+def load_spec(path: str | os.PathLike | None = None):
+    """Import the spec module from ``path`` (default: ``spec_path()``), or return None if the file is not there
+    (fresh clone without ../shared; the tests import the copy in tests/data)."""
+    path = Path(path) if path is not None else spec_path()
     if not path.is_file():
         return None
     sys.modules.setdefault("crystallize", types.SimpleNamespace(perplexity=spec_perplexity))

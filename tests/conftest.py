@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random GPT-2, a tiny offline tokenizer, and both saved to disk with a text file."""
+"""Shared fixtures: a tiny random GPT-2, a tiny offline tokenizer, and both saved to disk with a text file; the real
+GPT-2 tokenizer and WikiText the checkout ships (tests/data, nqpq/wikitext)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,12 @@ if not torch.cuda.is_available():
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("NQPQ_SHARED_DATA", REPO.parent / "shared" / "data"))
+# What the tests read beyond what they build: GPT-2's tokenizer files and the spec's script, shipped in tests/data
+# (tests/data/README.md: source, sha256, licence), and WikiText, shipped with nqpq (nqpq/wikitext). A clean clone
+# holds them all: no test reads ../shared. NQPQ_SHARED_DATA, when set, names another folder holding vocab.json,
+# merges.txt, wiki.valid.raw and wiki.test.raw to test against instead (e.g. ../shared/data).
+TEST_DATA = REPO / "tests" / "data"
+SPEC_SCRIPT = TEST_DATA / "exp_q03_residual.py"
 
 N_LAYER, N_HEAD, N_EMBD, N_POSITIONS = 4, 4, 64, 128
 HEAD_DIM = N_EMBD // N_HEAD
@@ -175,10 +182,33 @@ def saved_model(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     return model_dir, text_file
 
 
+@dataclass(frozen=True)
+class RealData:
+    """Real files the tests read: the folder of GPT-2's vocab.json + merges.txt, and WikiText-103's raw splits."""
+
+    gpt2_tokenizer: Path
+    wiki_valid: Path
+    wiki_test: Path
+
+
+def real_data() -> RealData:
+    """The shipped files (tests/data, nqpq/wikitext), or those of $NQPQ_SHARED_DATA when it is set; a file missing
+    from an explicitly named folder fails the test rather than falling back unseen."""
+    override = os.environ.get("NQPQ_SHARED_DATA")
+    if override:
+        folder = Path(override)
+        data = RealData(folder, folder / "wiki.valid.raw", folder / "wiki.test.raw")
+    else:
+        wikitext = REPO / "nqpq" / "wikitext"
+        data = RealData(TEST_DATA, wikitext / "wiki.valid.raw", wikitext / "wiki.test.raw")
+    for path in (data.gpt2_tokenizer / "vocab.json", data.gpt2_tokenizer / "merges.txt", data.wiki_valid,
+                 data.wiki_test):
+        if not path.is_file():
+            where = "NQPQ_SHARED_DATA names a folder without it" if override else "the checkout ships it"
+            pytest.fail(f"{path} is missing ({where})", pytrace=False)
+    return data
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real GPT-2 tokenizer files and WikiText in ../shared/data; skip when absent."""
-    needed = ("vocab.json", "merges.txt", "wiki.valid.raw")
-    if not all((SHARED_DATA / name).is_file() for name in needed):
-        pytest.skip(f"shared data not found at {SHARED_DATA} (set NQPQ_SHARED_DATA)")
-    return SHARED_DATA
+def real_files() -> RealData:
+    return real_data()

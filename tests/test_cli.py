@@ -315,22 +315,22 @@ def test_torchrun_heldout_draws_match_single_process(saved_model, tmp_path, caps
     assert_same_intervals(one, two)
 
 
-def test_sweep_on_shared_data(shared_data, tmp_path, capsys):
+def test_sweep_on_real_tokenizer_and_wikitext(real_files, tmp_path, capsys):
     """The real GPT-2 tokenizer and WikiText validation text, with a tiny random model of GPT-2's vocabulary."""
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(shared_data))
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(real_files.gpt2_tokenizer))
     assert len(tokenizer) == 50257
-    raw = (shared_data / "wiki.valid.raw").read_text(encoding="utf-8")
-    assert len(tokenizer.encode(raw)) == 249_887  # the count shared/data/README.md publishes
+    raw = real_files.wiki_valid.read_text(encoding="utf-8")
+    assert len(tokenizer.encode(raw)) == 249_887  # the count tests/data/README.md publishes
     model_dir = tmp_path / "gpt2-vocab"
     build_model("eager", vocab_size=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
-    args = ["sweep", "--model", str(model_dir), "--text-file", str(shared_data / "wiki.valid.raw"),
+    args = ["sweep", "--model", str(model_dir), "--text-file", str(real_files.wiki_valid),
             "--layers", "3", "--d-r", "2", "--n-blocks", "3", "--seq-len", "64", "--device", "cpu", "--no-progress",
             "--out", str(out)]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    ids = text_ids(shared_data / "wiki.valid.raw", tokenizer)
+    ids = text_ids(real_files.wiki_valid, tokenizer)
     assert results["config"]["n_tokens"] == 3 * 64
     assert results["config"]["calib_blocks"] == 4  # default: 4 held-out blocks, after the 3 scored ones
     assert results["config"]["calibration"]["first_blocks"] == [3]

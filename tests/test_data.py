@@ -53,12 +53,12 @@ def test_streamed_ids_when_the_text_runs_out(tokenizer):
     torch.testing.assert_close(ids_for_blocks(rows, tokenizer, whole.numel() - 3), whole[:-3], rtol=0, atol=0)
 
 
-def test_streamed_ids_cut_everywhere_in_a_real_tokenizer(shared_data):
+def test_streamed_ids_cut_everywhere_in_a_real_tokenizer(real_files):
     """The GPT-2 tokenizer on WikiText: every cut inside a window of rows gives the whole text's ids."""
     from transformers import GPT2TokenizerFast
 
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(shared_data))
-    rows = list(rows_from_file(str(shared_data / "wiki.valid.raw")))[:400]
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(real_files.gpt2_tokenizer))
+    rows = list(rows_from_file(str(real_files.wiki_valid)))[:400]
     whole = spec_ids(rows, tokenizer)
     rng = random.Random(0)
     for needed in sorted(rng.sample(range(1, whole.numel() - 2 * data.CUT_MARGIN_TOKENS), 12)):
@@ -198,15 +198,15 @@ def test_encoder_models_refused(tmp_path, family):
         load_model(str(tmp_path / family), "cpu", torch.float32)
 
 
-def test_bare_gpt2_tokenizer_files_load(shared_data):
+def test_bare_gpt2_tokenizer_files_load(real_files):
     """OpenAI's GPT-2 files alone (vocab.json + merges.txt, no config): GPT-2's byte-level BPE, as before."""
     from transformers import GPT2TokenizerFast
 
     from nqpq.checkpoints import load_tokenizer
 
     text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles"
-    assert load_tokenizer(str(shared_data)).encode(text) == GPT2TokenizerFast.from_pretrained(
-        str(shared_data)).encode(text)
+    folder = str(real_files.gpt2_tokenizer)
+    assert load_tokenizer(folder).encode(text) == GPT2TokenizerFast.from_pretrained(folder).encode(text)
 
 
 # --- GGUF files (nqpq.checkpoints): refused before anything is built, never taken for a hub name ---

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REL_SCORE_MARGIN, SHARED_DATA, assert_clear_argmax
+from conftest import REL_SCORE_MARGIN, assert_clear_argmax, real_data
 from plain_attention import TOL, check_against_plain, plain
 from real_model import recorded_attention, smollm2_files
 
@@ -38,11 +38,12 @@ def smollm2() -> tuple:
 
 
 @pytest.fixture(scope="session")
-def wiki() -> str:
-    path = SHARED_DATA / "wiki.valid.raw"
-    if not path.is_file():
-        pytest.fail(f"the real-model tier scores WikiText: {path} is missing (set NQPQ_SHARED_DATA)", pytrace=False)
-    return str(path)
+def wiki(tmp_path_factory) -> str:
+    """WikiText-103 validation as a file given by path: a copy, outside the package, of the split shipped with nqpq
+    (or of $NQPQ_SHARED_DATA's)."""
+    import shutil
+
+    return shutil.copy(real_data().wiki_valid, tmp_path_factory.mktemp("wikitext"))
 
 
 @pytest.fixture(scope="session")
@@ -186,12 +187,12 @@ def test_gguf_and_converted_checkpoint_give_identical_sweeps(smollm2, wiki):
     """`nqpq sweep --model file.gguf` (tokenizer from the file, weights dequantized on load) and the converted
     checkpoint (model + the GGUF's tokenizer, save_pretrained) give the same results, bit for bit; results.json
     records the GGUF file itself, by name, never by its path. The registry name and the packaged text are the same
-    file and the same bytes as the path and ../shared's text."""
+    file and the same bytes as the path and a copy of the text elsewhere."""
     from nqpq.checkpoints import sha256_of
     from nqpq.fetch import SMOLLM2_SHA256
 
     gguf_path, converted = smollm2
-    # The GGUF by its registry name on the WikiText shipped with nqpq; the converted copy on ../shared's file.
+    # The GGUF by its registry name on the WikiText shipped with nqpq; the converted copy on a copy of that file.
     from_gguf = sweep_results("smollm2-135m", None, text="wikitext-103-valid")
     from_converted = sweep_results(str(converted), wiki)
     assert from_gguf["config"]["model"] == (

@@ -1,15 +1,15 @@
-"""Our sweep against the spec's own implementation (../shared/spec), when that file is present."""
+"""Our sweep against the spec's own implementation: its script as received, shipped in tests/data (see its README)."""
 
 import pytest
 import torch
-from conftest import assert_clear_argmax, score_margins
+from conftest import SPEC_SCRIPT, assert_clear_argmax, score_margins
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.spec_baseline import load_spec, run_spec_sweep
 from nqpq import SweepConfig, run_sweep
 
-spec = load_spec()
-pytestmark = pytest.mark.skipif(spec is None, reason="../shared/spec/exp_q03_residual.py not present")
+spec = load_spec(SPEC_SCRIPT)
+assert spec is not None, f"{SPEC_SCRIPT} is missing: the checkout ships it"
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

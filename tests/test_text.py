@@ -10,7 +10,7 @@ import pytest
 from nqpq import text
 from nqpq.errors import NqpqError
 
-# The published digests of WikiText-103 raw validation and test (../shared/data/README.md lists how they were checked).
+# The published digests of WikiText-103 raw validation and test (nqpq/wikitext/README.md lists how they were checked).
 SHA256 = {"wikitext-103-valid": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
           "wikitext-103-test": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"}
 LINES = {"wikitext-103-valid": 3760, "wikitext-103-test": 4358}
@@ -71,18 +71,20 @@ def test_unknown_text_name_lists_the_known_ones():
         text.packaged_text("wikitext-2")
 
 
-def test_a_sweep_on_the_packaged_texts_equals_one_on_their_files(saved_model, shared_data):
-    """--text / --calib-text read the same bytes as --text-file / --calib-text-file on ../shared's copies: the same
-    results, number for number; results.json names the packaged texts, not a path."""
+def test_a_sweep_on_the_packaged_texts_equals_one_on_their_files(saved_model, real_files, tmp_path):
+    """--text / --calib-text read the same bytes as --text-file / --calib-text-file on copies of the files elsewhere:
+    the same results, number for number; results.json names the packaged texts, not a path."""
+    import shutil
+
     from nqpq import SweepConfig, run_sweep
 
     model_dir, _ = saved_model
+    valid, test = shutil.copy(real_files.wiki_valid, tmp_path), shutil.copy(real_files.wiki_test, tmp_path)
     common = dict(model=str(model_dir), layers=[3], d_r=[2], n_blocks=2, seq_len=16, calib_blocks=1, device="cpu",
                   batch_size=2, progress=False)
     by_name = run_sweep(SweepConfig(**common, text="wikitext-103-valid", calib_text="wikitext-103-test"),
                         log=lambda line: None)
-    by_file = run_sweep(SweepConfig(**common, text_file=str(shared_data / "wiki.valid.raw"),
-                                    calib_text_file=str(shared_data / "wiki.test.raw")), log=lambda line: None)
+    by_file = run_sweep(SweepConfig(**common, text_file=str(valid), calib_text_file=str(test)), log=lambda line: None)
     for key in ("ppl_baseline", "ppl_top1", "ppl_full", "curve", "spectrum", "block_losses"):
         assert by_name[key] == by_file[key], key
     cfg = by_name["config"]
