@@ -26,7 +26,7 @@ from .devices import execution_device, input_device
 from .distributed import all_reduce_sum
 from .evaluate import check_batch_size
 from .integration import Observer, observe_residuals
-from .models import model_parts
+from .models import layer_indices, model_parts
 
 VARIANCE_TARGET = 0.90
 
@@ -128,11 +128,13 @@ def calibrate(
     Σ εεᵀ per query head on the way from the same q, k, v. ``sink_tokens=n`` fits the residual of the ground
     state that keeps the first n keys exactly (``nqpq.residual_attention``; 0: the spec's ε = ctx − V[i*]).
     Under torch.distributed, pass each rank its share of the blocks: the Gram matrices are summed across ranks.
+    ``layers`` is a list of layer indices, read as ``crystallize`` reads it (``nqpq.models.layer_indices``).
     """
     if not isinstance(blocks, Tensor) or blocks.dim() != 2:
         shape = tuple(blocks.shape) if isinstance(blocks, Tensor) else type(blocks).__name__
         raise ValueError(f"blocks must be [N, T] token ids (e.g. make_blocks(ids, seq_len, n)), got {shape}")
     batch_size = check_batch_size(batch_size)
+    layers = layer_indices(layers, model_parts(model).n_layers)  # read once, as crystallize reads them
     batches = [blocks[s : s + batch_size] for s in range(0, blocks.shape[0], batch_size)]
     grams = gram_passes(model, batches, layers, (sink_tokens,), backend=backend)[sink_tokens]
     return basis_from_grams(reduce_grams(grams, layers, model))

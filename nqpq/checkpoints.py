@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import NqpqError, one_line
-from .hub import OFFLINE_HINT, cache_only, is_offline_error
+from .hub import OFFLINE_HINT, OWNERLESS_HUB_MODELS, cache_only, in_hub_cache, is_offline_error
 
 # transformers dequantizes a GGUF file whole, in host memory, before any placement: a device map would not spread
 # the load, only the result. Save the dequantized model once and map that.
@@ -128,6 +128,69 @@ def unloaded_weights(model: nn.Module, info: dict) -> list[str]:
     return problems
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, in one line, a ``--model`` that names nothing nqpq could open.
+
+    A model is a name nqpq fetches (``nqpq.registry``), a .gguf file, a local directory, or a hub id. Hub ids are
+    ``owner/name`` but for a few legacy owner-less ones (``OWNERLESS_HUB_MODELS``, e.g. ``gpt2``). So a bare name
+    (no path separator) that is none of these, names no existing path and is not in the local hub cache is a
+    mistake (``smollm3-135m``): refused here, naming the known names, rather than by the tokenizer's long error
+    once the hub has been asked.
+    """
+    from .registry import MODELS, is_registry_name
+
+    if (is_registry_name(name) or is_gguf(name) or "/" in name or os.sep in name or os.path.exists(name)
+            or name in OWNERLESS_HUB_MODELS or in_hub_cache(name)):
+        return
+    raise NqpqError(f"unknown model name {name!r}; known: {', '.join(MODELS)} (or a local directory / hub id "
+                    "org/name; nqpq models lists the known names)")
+
+
+def load_config(name: str):
+    """The config of checkpoint ``name`` (a local directory, a hub name or a .gguf file), read without any weight,
+    checked to be a decoder-only causal LM (``check_architecture``); ``NqpqError`` otherwise, the load's own errors.
+
+    Never runs remote code. A .gguf file is checked first (``check_gguf``) and its metadata read (seconds).
+    """
+    from transformers import AutoConfig
+
+    if is_gguf(name):
+        _require_gguf_packages()
+        check_gguf(name)
+        folder, file = _folder_and_file(name)
+        try:
+            with _quiet_transformers():
+                config = AutoConfig.from_pretrained(folder, gguf_file=file, trust_remote_code=False)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise NqpqError(f"Could not load the model from {name!r}: {type(err).__name__}: {one_line(err)}") from err
+    else:
+        try:
+            with _quiet_transformers():
+                config = AutoConfig.from_pretrained(name, local_files_only=cache_only(name), trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as err:
+            if not os.path.isdir(name) and is_offline_error(err):
+                raise NqpqError(OFFLINE_HINT.format(what="model", name=name, err=one_line(err))) from err
+            raise NqpqError(f"Could not load the model from {name!r}: {one_line(err)}{_names_hint(name)}") from err
+    check_architecture(config, name)
+    return config
+
+
+def config_parts(config):
+    """``nqpq.models.model_parts`` of the model ``config`` describes, built on the meta device (no memory, no
+    weights): the geometry the loaded model will have, for checks made before loading. None where that model
+    cannot be built or read this way; the checks after loading then decide alone."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import model_parts
+
+    try:
+        with torch.device("meta"), _quiet_transformers():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        return model_parts(model)
+    except Exception:  # a shortcut only: whatever fails here (an op the meta device lacks), the load still checks
+        return None
+
+
 def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | dict | None = None,
                max_memory: dict | None = None, offload_folder: str | None = None) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(name)`` in eval mode on ``device``, every weight from the checkpoint.
@@ -145,14 +208,12 @@ def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | 
             raise NqpqError(GGUF_DEVICE_MAP)
         return load_gguf(name, device, dtype)
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     local = os.path.isdir(name)
     offline = cache_only(name)
+    config = load_config(name)
     try:
-        with _quiet_transformers():
-            config = AutoConfig.from_pretrained(name, local_files_only=offline, trust_remote_code=False)
-        check_architecture(config, name)
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
                 name, config=config, dtype=dtype, local_files_only=offline, trust_remote_code=False,
@@ -214,12 +275,19 @@ def load_tokenizer(name: str):
     return tok
 
 
+def demo_config(vocab_size: int):
+    """The demo's GPT-2 small geometry (12 layers, 12 heads, d_model 768, 1024 positions)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                      bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+
+
 def demo_model(vocab_size: int, seed: int, device: str, dtype: torch.dtype) -> nn.Module:
     """GPT-2 small geometry (12 layers, 12 heads, d_model 768) with RANDOM weights, fixed seed."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    config = demo_config(vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)

@@ -10,9 +10,27 @@ import sys
 from .errors import NqpqError
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: an argument no subcommand knows is reported by that subcommand's parser, with its
+    usage (argparse's own would print the top-level usage, which lists no flag of the subcommand)."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nqpq", description="Crystallized-attention research tools")
+    from . import __version__
+
+    parser = _Parser(prog="nqpq", description="Crystallized-attention research tools")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     p = sub.add_parser(
         "sweep",
         help="run the EXP-Q03 sweep (baseline, top-1, full, low-rank d_r sweep, verdict)",
@@ -165,7 +183,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.demo and args.model is not None:
         return _fail("--demo runs a random-init model of its own; it does not take --model")
     cfg = SweepConfig(
-        model=args.model or "gpt2", text_file=args.text_file, text=args.text, tokenizer=args.tokenizer,
+        model=args.model, text_file=args.text_file, text=args.text, tokenizer=args.tokenizer,
         layers=None if args.layers is None else tuple(args.layers),
         d_r=None if args.d_r is None else tuple(sorted(set(args.d_r))), n_blocks=args.n_blocks,
         seq_len=args.seq_len,

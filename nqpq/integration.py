@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .devices import execution_device
 from .errors import UnsupportedModelError
 from .geometry import LayerGeometry
-from .models import as_index, model_parts
+from .models import as_index, layer_indices, model_parts
 from .ops import residual_attention_impl, resolve_backend
 from .reference import _hidden_keys, visible_keys
 from .validate import MODES, check_choice
@@ -415,6 +415,10 @@ def crystallize_layers(
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
+    ``layers`` is a list of layer indices, every head of each crystallized: anything read otherwise (a mapping of
+    heads such as ``{25: [0, 1]}``, nested lists, repeats, bools, out of range) is refused with a
+    ``LayerChoiceError`` (an ``NqpqError`` and a ``ValueError``) naming it (``nqpq.models.layer_indices``).
+
     ``basis`` maps layer → ``[Hq, Dv, R]`` (e.g. ``ResidualBasis.basis``; Dv the layer's value width, which
     multi-head latent attention makes differ from q/k's), needed for ``lowrank``; ``d_r`` is at most each
     chosen layer's Dv. Learned attention sinks (``s_aux``) go to the op as ``learned_sink``.
@@ -430,15 +434,8 @@ def crystallize_layers(
     """
     parts = model_parts(model)
     check_choice("mode", mode, MODES)
-    layers = tuple(as_index(li, "layer index") for li in layers)
-    if not layers:
-        raise ValueError("choose at least one layer to crystallize")
-    bad = [li for li in layers if not 0 <= li < parts.n_layers]
-    if bad:
-        raise ValueError(f"layer index {bad[0]} out of range: the model has layers 0..{parts.n_layers - 1}")
+    layers = layer_indices(layers, parts.n_layers)
     parts.check_attention_layers(layers)
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layer indices repeat: {layers}")
     if mode == "lowrank":
         if d_r is not None:
             d_r = as_index(d_r, "d_r")

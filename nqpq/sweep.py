@@ -35,8 +35,10 @@ from .checkpoints import (
 from .config import (
     SweepConfig,
     calibration_source,
+    check_before_loading,
     check_flags,
     check_model_fit,
+    model_to_load,
     sink_settings,
     sweep_ranks,
     text_blocks_needed,
@@ -79,7 +81,7 @@ def _load(cfg: SweepConfig, device: str, dtype: torch.dtype, say: Callable[[str]
     Tokenizer and text come first (no model needed to find a bad text file), and only the
     ``n_blocks × seq_len`` tokens the blocks use are read and tokenized.
     """
-    checkpoint, model_name = None, cfg.model
+    checkpoint, model_name = None, model_to_load(cfg)
     if cfg.demo:
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
         tok_name = cfg.tokenizer or "utf-8 bytes"
@@ -89,9 +91,9 @@ def _load(cfg: SweepConfig, device: str, dtype: torch.dtype, say: Callable[[str]
         # have imported it first (runpy warns, and there would be two copies).
         from .fetch import model_file
 
-        path = model_file(cfg.model, say)
+        path = model_file(model_name, say)
         if is_gguf(path):  # named by what it is, its file and its hash, never by where it lies
-            checkpoint = gguf_file_info(path, cfg.model if is_registry_name(cfg.model) else None)
+            checkpoint = gguf_file_info(path, model_name if is_registry_name(model_name) else None)
             model_name = gguf_label(checkpoint)
         tokenizer = load_tokenizer(cfg.tokenizer or path)
         tok_name = cfg.tokenizer or model_name
@@ -152,7 +154,8 @@ def run_sweep(
     """Run EXP-Q03 as configured; print the spec's report; return the results dict.
 
     Pass ``model`` (a loaded decoder-only causal LM, on the device you want) and ``ids``
-    (1-D token ids) to skip loading; ``cfg.model`` / ``cfg.text_file`` then only label the run.
+    (1-D token ids) to skip loading; the run is then labelled by that model (``given_model_label``), or by
+    ``cfg.model`` when it is set, and ``cfg.text_file`` only labels the text.
     The residual basis is fitted where ``cfg.calib_from`` says: by default on the ``calib_blocks`` blocks
     of ``ids`` after the scored ones (``ids`` must hold them); with ``cfg.calib_text_file``, pass that
     text's ids as ``calib_ids``.
@@ -298,6 +301,7 @@ class RunInputs:
     calib_text: str | None = None  # the calibration text's label
     model_name: str | None = None  # how results name the model (None: cfg.model)
     checkpoint: dict | None = None  # what a GGUF checkpoint was (gguf_file_info)
+    model_given: bool = False  # the model was passed in (run_sweep(cfg, model=...)), not loaded by nqpq
 
 
 def open_run(
@@ -329,7 +333,8 @@ def open_run(
     dtype = parse_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     if model is None:
-        say(f"{tag} Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else cfg.model}...")
+        check_before_loading(cfg)  # --model, --layers, --d-r against the config alone: no weight read yet
+        say(f"{tag} Loading {'random-init GPT-2 (DEMO: random weights)' if cfg.demo else model_to_load(cfg)}...")
         loaded = _load(cfg, str(device), dtype, say)
         model, ids, source, tok_name, bos_id, calib_ids = (loaded.model, loaded.ids, loaded.source, loaded.tokenizer,
                                                            loaded.bos_id, loaded.calib_ids)
@@ -360,9 +365,22 @@ def open_run(
                                 "token ids) too")
             check_ids_fit(calib_ids, model)
         loaded = None
-    return RunInputs(model, ids, device, say, is_main, source, tok_name, bos_id, calib_ids,
-                     **({} if loaded is None else {"calib_text": loaded.calib_text, "model_name": loaded.model_name,
-                                                   "checkpoint": loaded.checkpoint}))
+    named = ({"model_name": cfg.model if cfg.model is not None else given_model_label(model), "model_given": True}
+             if loaded is None else {"calib_text": loaded.calib_text, "model_name": loaded.model_name,
+                                     "checkpoint": loaded.checkpoint})
+    return RunInputs(model, ids, device, say, is_main, source, tok_name, bos_id, calib_ids, **named)
+
+
+def given_model_label(model: torch.nn.Module) -> str:
+    """How results name a model passed in with no ``cfg.model``: its ``config.name_or_path`` (what it was loaded
+    from), its class and its layer count, e.g. ``meta-llama/Llama-3.2-1B (LlamaForCausalLM, 16 layers, passed
+    in)``; the report's ``model:`` line and results.json's geometry fields give the rest of its geometry."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "name_or_path", "") or "")
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text_config, "num_hidden_layers", None)
+    what = type(model).__name__ + (f", {n_layers} layers" if isinstance(n_layers, int) else "") + ", passed in"
+    return f"{name} ({what})" if name else f"unnamed {type(model).__name__} ({what}; config.name_or_path is empty)"
 
 
 def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int], d_rs: Sequence[int],
@@ -374,6 +392,8 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
         config["model"] = "demo: random-init GPT-2 small geometry"
     elif run.model_name is not None:
         config["model"] = run.model_name
+    config["model_class"] = type(run.model).__name__
+    config["model_given"] = run.model_given
     config.update(layers=list(layers), d_r=list(d_rs), device=str(run.device), batch_size=batch_size,
                   dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
                   world_size=distributed.world_size(), text_source=run.source, tokenizer=run.tokenizer,
