@@ -380,7 +380,7 @@ def given_model_label(model: torch.nn.Module) -> str:
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n_layers = getattr(text_config, "num_hidden_layers", None)
     what = type(model).__name__ + (f", {n_layers} layers" if isinstance(n_layers, int) else "") + ", passed in"
-    return f"{name} ({what})" if name else f"unnamed {type(model).__name__} ({what}; config.name_or_path is empty)"
+    return f"{name} ({what})" if name else f"unnamed model ({what}; config.name_or_path is empty)"
 
 
 def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int], d_rs: Sequence[int],

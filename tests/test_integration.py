@@ -421,3 +421,83 @@ def test_nqpq_does_not_change_kernels_probe(tmp_path):
     if without == "absent":
         pytest.skip("this transformers has no is_kernels_available")
     assert without.splitlines()[-1] == with_nqpq.splitlines()[-1]
+
+
+# --- layers read as they are meant (issue 32): a choice nqpq would misread is refused, the model left as it was ---
+
+BAD_LAYER_CHOICES = {
+    # A mapping iterates as its keys: {2: [0, 1]} would crystallize every head of layer 2, not heads 0 and 1.
+    "mapping": ({2: [0, 1]}, r"^layers \{2: \[0, 1\]\}: per-head crystallization is not supported yet; pass a list "
+                             r"of layer indices"),
+    "nested": ([[2, 0], [3, 1]], r"entry \[2, 0\] is not a layer index; per-head crystallization is not supported"),
+    "one_element_tensor": ([torch.tensor([2])], r"is not a layer index; per-head crystallization"),
+    "repeat": ([2, 3, 2], r"^layers repeats an index: \[2, 3, 2\]$"),
+    "bool": ([True], r"^layers \[True\]: layer index must be an int, got bool$"),
+    "float": ([2.0], r"^layers \[2.0\]: layer index must be an int, got float$"),
+    "out_of_range": ([1, N_LAYER], rf"^layers \[{N_LAYER}\]: the model has layers 0..{N_LAYER - 1}$"),
+    "negative": ([-1], r"^layers \[-1\]: layer indices start at 0 \(they are not counted from the end\)$"),
+    "empty": ([], r"^layers: choose at least one layer$"),
+    "string": ("23", r"^layers '23': pass a list of layer indices, e.g. \[9, 10, 11\]$"),
+    "bare_int": (2, r"^layers 2: pass a list of layer indices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LAYER_CHOICES))
+def test_layer_choices_that_would_be_misread_are_refused(case, eager_model):
+    """One NqpqError line (a ValueError too) from crystallize, crystallize_layers and calibrate alike; nothing is
+    attached to the model."""
+    from nqpq import NqpqError, calibrate
+
+    layers, message = BAD_LAYER_CHOICES[case]
+    attn = [block.attn.config._attn_implementation for block in eager_model.transformer.h]
+    blocks = batch(vocab=eager_model.config.vocab_size, B=2, T=16)
+    for attempt in (lambda: crystallize(eager_model, layers, mode="top1", backend="torch").__enter__(),
+                    lambda: crystallize_layers(eager_model, layers, mode="top1", backend="torch"),
+                    lambda: calibrate(eager_model, blocks, layers, backend="torch")):
+        with pytest.raises(NqpqError, match=message) as caught:
+            attempt()
+        assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+    assert [block.attn.config._attn_implementation for block in eager_model.transformer.h] == attn
+    assert not any(hasattr(block.attn, SPEC_ATTR) for block in eager_model.transformer.h)
+
+
+@torch.no_grad()
+def test_layer_choices_of_any_integer_iterable_are_read_as_lists(eager_model):
+    """A tuple, a range, a 1-D integer tensor or array, numpy/torch integer scalars: the same layers as the list."""
+    ids = batch(vocab=eager_model.config.vocab_size)
+    with crystallize(eager_model, [1, 3], mode="top1", backend="torch") as patch:
+        want = logits(eager_model, ids)
+        assert patch.layers == (1, 3)
+    for layers in ((1, 3), range(1, 4, 2), torch.tensor([1, 3]), np.array([1, 3]), [np.int64(1), torch.tensor(3)]):
+        with crystallize(eager_model, layers, mode="top1", backend="torch") as patch:
+            assert patch.layers == (1, 3) and all(type(li) is int for li in patch.layers)
+            assert torch.equal(logits(eager_model, ids), want)
+
+
+# --- a model passed to run_sweep / run_scan labels the run itself (issue 32) ---
+
+def test_a_model_passed_in_labels_the_run(eager_model, token_ids):
+    """results.json and the report's checkpoint line name the model that ran: its name_or_path, class and layer
+    count, never SweepConfig's default; a name the caller sets in SweepConfig.model is used as given."""
+    from nqpq import SweepConfig, run_sweep
+    from nqpq.scan import run_scan
+
+    common = dict(layers=[3], d_r=[2], n_blocks=2, seq_len=16, calib_blocks=1, calib_from="eval", device="cpu",
+                  backend="torch", batch_size=2, progress=False)
+    ids = token_ids[: 2 * 16]
+    eager_model.config.name_or_path = "someone/tiny-gpt2"
+    lines: list[str] = []
+    named = run_sweep(SweepConfig(**common), model=eager_model, ids=ids, log=lines.append)["config"]
+    assert named["model"] == f"someone/tiny-gpt2 (GPT2LMHeadModel, {N_LAYER} layers, passed in)"
+    assert named["model_class"] == "GPT2LMHeadModel" and named["model_given"] is True
+    assert (named["family"], named["n_layers"], named["n_heads"], named["head_dim"]) == ("gpt2", N_LAYER, N_HEAD,
+                                                                                         HEAD_DIM)
+    assert f" checkpoint: someone/tiny-gpt2 (GPT2LMHeadModel, {N_LAYER} layers, passed in)" in lines
+    assert not any("gpt2," in line and "checkpoint" in line and "someone" not in line for line in lines)
+    eager_model.config.name_or_path = ""
+    scan = run_scan(SweepConfig(**common), model=eager_model, ids=ids, log=lambda line: None)["config"]
+    assert scan["model"] == (f"unnamed model (GPT2LMHeadModel, {N_LAYER} layers, passed in; "
+                             "config.name_or_path is empty)")
+    given = run_sweep(SweepConfig(**common, model="my tiny GPT-2"), model=eager_model, ids=ids,
+                      log=lambda line: None)["config"]
+    assert given["model"] == "my tiny GPT-2" and given["model_class"] == "GPT2LMHeadModel"

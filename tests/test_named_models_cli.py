@@ -1,12 +1,16 @@
 """The CLI around named models and shipped texts: `nqpq models`, and the one-line refusals (exit 2, nothing written)
-of a mistyped model name offline, an unknown text name, and two flags naming the same text."""
+of a mistyped model name, flags the named model cannot take (before anything is fetched), an unknown text name, and
+two flags naming the same text."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from nqpq import hub
+from nqpq import checkpoints, fetch, hub, sweep
 from nqpq.cli import main
+from nqpq.registry import MODELS
 
 
 def test_models_lists_every_name(capsys):
@@ -27,14 +31,68 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
-def test_unknown_model_offline_names_the_first_command_and_the_names(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if anything is fetched, or any tokenizer, config or weight is read."""
+    def refuse(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} was called before the refusal")
+        return fail
+
+    monkeypatch.setattr(fetch, "fetch_model", refuse("fetch_model"))
+    monkeypatch.setattr(checkpoints, "load_config", refuse("load_config"))
+    for name in ("load_model", "load_tokenizer", "demo_model"):
+        monkeypatch.setattr(sweep, name, refuse(name))
+    monkeypatch.setattr(hub, "hub_reachable", refuse("hub_reachable"))
+
+
+@pytest.mark.parametrize("name", ["smollm3-135m", "smollm2-135", "gemma-270m"])
+def test_unknown_bare_model_name_is_refused_by_name(name, tmp_path, capsys, nothing_loads):
+    """A bare name (no '/') that is no registry name, no path, no owner-less hub model and not in the hub cache: one
+    line naming it and the known names, before the hub, a tokenizer or a weight is asked for."""
+    out = tmp_path / "runs" / "x"
+    line = one_line_error(capsys, ["sweep", "--model", name, "--text", "wikitext-103-valid", "--n-blocks", "1",
+                                   "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert line == (f"nqpq: error: unknown model name {name!r}; known: smollm2-135m, gemma3-270m (or a local "
+                    "directory / hub id org/name; nqpq models lists the known names)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_hub_id_offline_names_the_first_command_and_the_names(tmp_path, capsys, monkeypatch):
+    """A hub id (owner/name) the unreachable hub cannot give: the first command that works offline and the names."""
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     out = tmp_path / "runs" / "x"
-    line = one_line_error(capsys, ["sweep", "--model", "smollm2-135", "--text", "wikitext-103-valid", "--n-blocks",
-                                   "1", "--device", "cpu", "--no-progress", "--out", str(out)])
+    line = one_line_error(capsys, ["sweep", "--model", "HuggingFaceTB/smollm2-135", "--text", "wikitext-103-valid",
+                                   "--n-blocks", "1", "--device", "cpu", "--no-progress", "--out", str(out)])
     assert "nqpq sweep --model smollm2-135m --out runs/smollm2" in line
     assert "smollm2-135m, gemma3-270m" in line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "scan"])
+@pytest.mark.parametrize("model, flags, needle", [
+    ("smollm2-135m", ["--layers", "99"], "--layers [99]: the model has layers 0..29"),
+    ("smollm2-135m", ["--layers", "3", "30"], "--layers [30]: the model has layers 0..29"),
+    ("smollm2-135m", ["--d-r", "8", "65"], "--d-r [65]: each d_r must be in 0..64 (the head dimension)"),
+    ("gemma3-270m", ["--layers", "18"], "--layers [18]: the model has layers 0..17"),
+    ("gemma3-270m", ["--d-r", "257"], "--d-r [257]: each d_r must be in 0..256 (the head dimension)"),
+])
+def test_flags_a_named_model_cannot_take_are_refused_before_fetching(command, model, flags, needle, tmp_path, capsys,
+                                                                      nothing_loads):
+    """The registry's geometry answers --layers and --d-r: nothing is fetched, no tokenizer or weight read."""
+    out = tmp_path / "runs" / "x"
+    line = one_line_error(capsys, [command, "--model", model, *flags, "--n-blocks", "4", "--device", "cpu",
+                                   "--no-progress", "--out", str(out)])
+    assert line == f"nqpq: error: {needle}"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("model", list(MODELS.values()), ids=lambda m: m.name)
+def test_registry_geometry_fields_agree_with_its_description(model):
+    """n_layers and head_dim (what flags are checked against before fetching) are the numbers `nqpq models` shows;
+    tests/test_real_model.py checks SmolLM2's against the loaded checkpoint."""
+    assert re.match(rf"{model.n_layers} layers, ", model.geometry), model.geometry
+    assert f" D {model.head_dim}," in model.geometry, model.geometry
 
 
 @pytest.mark.parametrize("flags, needle", [
