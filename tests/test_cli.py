@@ -559,3 +559,91 @@ def test_report_into_a_closed_pipe_is_quiet(sweep_run, tmp_path):
         proc.kill()
     assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
     assert proc.returncode in (0, 141), err[-2000:]  # 0 only if everything fit the pipe buffer before the close
+
+
+# --- errors before work (issue 32): flags the model cannot take are refused from its config, before any weight ---
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if a tokenizer or any weight is read (the config alone must answer)."""
+    from nqpq import sweep
+
+    def refuse(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} was called before the refusal")
+        return fail
+
+    for name in ("load_model", "load_tokenizer", "demo_model"):
+        monkeypatch.setattr(sweep, name, refuse(name))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("from_pretrained"))
+
+
+@pytest.mark.parametrize("command", ["sweep", "scan"])
+@pytest.mark.parametrize("flags, line", [
+    (["--layers", "99"], "--layers [99]: the model has layers 0..3"),
+    (["--layers", "1", "4"], "--layers [4]: the model has layers 0..3"),
+    (["--d-r", "2", str(HEAD_DIM + 1)], f"--d-r [{HEAD_DIM + 1}]: each d_r must be in 0..{HEAD_DIM} (the head "
+                                        "dimension)"),
+    (["--seq-len", "129"], "--seq-len 129: must be in 2..128 (the model's positions)"),
+])
+def test_flags_refused_from_the_config_before_loading(command, flags, line, saved_model, tmp_path, capsys,
+                                                      no_weights):
+    model_dir, text_file = saved_model
+    out = tmp_path / "out"
+    args = [command, "--model", str(model_dir), "--text-file", str(text_file), "--n-blocks", "2", "--seq-len", "32",
+            "--device", "cpu", "--no-progress", "--out", str(out), *flags]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [f"nqpq: error: {line}"]
+    assert not out.exists()
+
+
+def test_demo_flags_refused_before_the_random_model_is_built(tmp_path, capsys, no_weights):
+    assert main(["sweep", "--demo", "--layers", "12", "--n-blocks", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["nqpq: error: --layers [12]: the model has layers 0..11"]
+    assert main(["sweep", "--demo", "--d-r", "65", "--n-blocks", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "nqpq: error: --d-r [65]: each d_r must be in 0..64 (the head dimension)"]
+
+
+def test_named_model_refusal_in_a_real_process_fetches_nothing(tmp_path):
+    """`nqpq sweep --model smollm2-135m --layers 99` in its own process, with an empty model cache and pip kept off
+    the registry: the layers line, exit 2, and the cache still empty (nothing fetched, nothing loaded)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NQPQ_CACHE": str(cache),
+           "PIP_NO_INDEX": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for flags, line in ((["--layers", "99"], "--layers [99]: the model has layers 0..29"),
+                        (["--d-r", "65"], "--d-r [65]: each d_r must be in 0..64 (the head dimension)")):
+        result = subprocess.run([sys.executable, "-m", "nqpq", "sweep", "--model", "smollm2-135m", *flags,
+                                 "--n-blocks", "4", "--out", str(tmp_path / "x")], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stderr.splitlines()) == (2, [f"nqpq: error: {line}"]), result.stderr
+    assert list(cache.iterdir()) == [] and not (tmp_path / "x").exists()
+
+
+def test_version_is_the_package_version(capsys):
+    """`nqpq --version` prints nqpq.__version__, the one the package's metadata reads too (pyproject: dynamic)."""
+    import tomllib
+
+    import nqpq
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"nqpq {nqpq.__version__}\n"
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "nqpq.__version__"}
+
+
+@pytest.mark.parametrize("argv, unknown", [(["sweep", "--layrs", "3"], "--layrs 3"),
+                                           (["scan", "--demo", "--d_r", "3"], "--d_r 3"),
+                                           (["report", "out", "--x"], "--x"), (["models", "--all"], "--all")])
+def test_a_mistyped_flag_prints_the_subcommands_usage(argv, unknown, capsys):
+    """The subcommand's own usage (its flags), not the top-level one, then one error line naming what was not known."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: nqpq {argv[0]} ")
+    assert err.splitlines()[-1] == f"nqpq {argv[0]}: error: unrecognized arguments: {unknown}"
