@@ -15,6 +15,7 @@ import math
 from contextlib import contextmanager
 
 import pytest
+import tiny_families
 import torch
 import transformers as tf
 from conftest import REL_SCORE_MARGIN
@@ -672,3 +673,24 @@ def test_layer_of_two_attention_blocks(mode):
     torch.testing.assert_close(runner.capture_baseline(), block_losses(model, blocks, 3), rtol=1e-6, atol=0)
     with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"):
         torch.testing.assert_close(runner.losses(), block_losses(model, blocks, 3), rtol=1e-6, atol=0)
+
+
+def _early_view(parts) -> tuple:
+    """What the checks before loading read of a ModelParts (nqpq.config.check_before_loading)."""
+    return (parts.family, parts.n_layers, parts.attn_layers, parts.default_layers, parts.max_positions,
+            parts.geometry)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *sorted(tiny_families.CONFIGS)])
+def test_geometry_before_loading_is_the_loaded_models(family):
+    """config_parts (the model its config describes, built on the meta device: no weights) gives the geometry the
+    model has once built: the flags checked before loading are checked against the model that will run."""
+    from nqpq.checkpoints import config_parts
+
+    model = build(family) if family in FAMILIES else tiny_families.build_family(family)
+    early = config_parts(model.config)
+    assert early is not None, family
+    # No weight is allocated: every projection is on the meta device (a few families draw small per-head vectors
+    # with an explicit generator, which the device context does not move; they are not weights read from a file).
+    assert all(m.weight.is_meta for m in early.body.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    assert _early_view(early) == _early_view(model_parts(model)), family

