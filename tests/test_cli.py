@@ -418,7 +418,8 @@ def refusal_cases(saved_model, tmp_path_factory):
 
     return {
         "swapped": (args(swapped, "--layers", "1", out=new_out), ["missing", "unexpected", "randomly initialised"]),
-        "headless": (args(headless, "--layers", "1", out=existing), ["lm_head.weight", "missing"]),
+        # (--d-r within its head width 8: a rank it cannot take would be refused from its config, before the load.)
+        "headless": (args(headless, "--layers", "1", "--d-r", "2", out=existing), ["lm_head.weight", "missing"]),
         "truncated": (args(truncated, out=existing), ["Could not load the model", "SafetensorError"]),
         "small_vocab": (args(small_vocab), ["(300 tokens)", "(100 rows)"]),
         "encoder": (args(encoder, "--layers", "0"), ["encoder", "bert"]),
