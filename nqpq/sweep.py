@@ -299,7 +299,7 @@ class RunInputs:
     bos_id: int | None  # every block starts with this token (None: blocks are cut from the text as they are)
     calib_ids: torch.Tensor | None = None  # token ids of --calib-text-file (None: calibration blocks come from ids)
     calib_text: str | None = None  # the calibration text's label
-    model_name: str | None = None  # how results name the model (None: cfg.model)
+    model_name: str | None = None  # how results name the model (results.json config["model"], the checkpoint line)
     checkpoint: dict | None = None  # what a GGUF checkpoint was (gguf_file_info)
     model_given: bool = False  # the model was passed in (run_sweep(cfg, model=...)), not loaded by nqpq
 
