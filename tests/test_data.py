@@ -331,3 +331,21 @@ def test_a_missing_weight_on_the_meta_device_is_not_taken_for_a_tied_one():
     assert unloaded_weights(model, info) == []
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied, still meta
     assert unloaded_weights(model, info) == ["1 missing (lm_head.weight)"]
+
+
+TEST_DATA_SHA256 = {"vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                    "exp_q03_residual.py": "bf93b6e52771856ed590e070f07f0907642c6dde52956e35e094e7fec9af1e5b"}
+
+
+@pytest.mark.parametrize("name", sorted(TEST_DATA_SHA256))
+def test_shipped_test_data_is_byte_for_byte(name):
+    """tests/data holds the files its README lists, unmodified (the GPT-2 digests are OpenAI's published ones)."""
+    import hashlib
+
+    from conftest import TEST_DATA
+
+    assert hashlib.sha256((TEST_DATA / name).read_bytes()).hexdigest() == TEST_DATA_SHA256[name]
+    readme = (TEST_DATA / "README.md").read_text(encoding="utf-8")
+    assert f"`{name}`" in readme and TEST_DATA_SHA256[name] in readme
+    assert "Modified MIT License" in (TEST_DATA / "LICENSE-gpt2.txt").read_text(encoding="utf-8")
