@@ -208,9 +208,10 @@ def _sweep(args: argparse.Namespace) -> int:
         # Validation errors from the ops (d_r, shapes, backends) reach here with a clear message.
         return _fail(f"{type(err).__name__}: {err}")
     except KeyboardInterrupt as err:
-        if checkpoint is not None and writer:
-            checkpoint.discard_incomplete()
-        print(resume.interrupted_line(checkpoint if writer else None, err), file=sys.stderr)
+        if writer:  # rank 0 speaks for a torchrun run (the others hold no files)
+            if checkpoint is not None:
+                checkpoint.discard_incomplete()
+            print(resume.interrupted_line(checkpoint, err), file=sys.stderr)
         return resume.exit_code(err)
     finally:
         if not ok and created is not None and checkpoint.kept() is None:

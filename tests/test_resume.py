@@ -277,6 +277,7 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # a real process: start-up, then a scan twice in this one
 def test_a_real_sigterm_to_a_scan_keeps_what_finished(saved_model, tmp_path):
     """``python -m nqpq scan`` sent a real SIGTERM (a scheduler's kill) once a configuration is kept: exit 143, the
     checkpoint kept as for Ctrl-C (whose real-process test is test_cli's); ``--resume`` then gives the uninterrupted
@@ -315,5 +316,57 @@ def test_a_real_sigterm_to_a_scan_keeps_what_finished(saved_model, tmp_path):
         assert f"resuming: {done} of {total} configurations done" in stdout
         code, _, err = run([*args, "--out", str(whole)])
         assert code == 0, err
+    assert comparable(out) == comparable(whole)
+    assert not (out / CHECKPOINT_DIR).exists()
+
+
+INTERRUPT_SCRIPT = '''
+import sys
+import nqpq.resume
+from nqpq.cli import main
+
+keep = nqpq.resume.Checkpoint.losses
+done = [0]
+
+
+def losses(self, key, compute):  # Ctrl-C on every rank once k configurations have finished
+    value = keep(self, key, compute)
+    done[0] += 1
+    if done[0] == int(sys.argv[1]):
+        raise KeyboardInterrupt
+    return value
+
+
+nqpq.resume.Checkpoint.losses = losses
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.slow  # three torchrun launches of two ranks each
+def test_torchrun_interrupted_then_resumed_equals_uninterrupted(saved_model, tmp_path):
+    """Two gloo ranks: rank 0 keeps the checkpoint, every rank learns it (and the automatic batch size the
+    interrupted run chose) from rank 0 on resume; the results equal an uninterrupted torchrun run's."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    # No --batch-size: the resumed run must take the interrupted one's.
+    args = [a for a in command("sweep", saved_model, out) if a not in ("--batch-size", "4")]
+
+    def launch(*extra):
+        return subprocess.run([*torchrun, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    interrupted = launch(str(script), "3", *args)
+    assert interrupted.returncode != 0
+    kept = [line for line in interrupted.stderr.splitlines() if line.startswith("nqpq: ")]
+    assert kept == [f"nqpq: interrupted; kept 4 of {SWEEP_UNITS} configurations in {out / CHECKPOINT_DIR}: rerun "
+                    "the same command with --resume to finish it"], interrupted.stderr[-3000:]
+    resumed = launch("-m", "nqpq", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count(f"resuming: 4 of {SWEEP_UNITS} configurations done") == 1  # rank 0 says it
+    uninterrupted = launch("-m", "nqpq", *[str(whole) if a == str(out) else a for a in args])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert comparable(out)["config"]["world_size"] == 2
     assert comparable(out) == comparable(whole)
     assert not (out / CHECKPOINT_DIR).exists()
