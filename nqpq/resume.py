@@ -252,11 +252,10 @@ class Checkpoint:
             self._refuse("the command", state.get("kind"), self.kind)
         if state.get("nqpq_version") != _nqpq_version():
             self._refuse("the nqpq version", state.get("nqpq_version"), _nqpq_version())
-        found = _first_difference(state.get("flags", {}), self._flags)
-        if found:
-            key, old, new = found
-            flag = key.split(".")[0]
-            self._refuse(f"--{flag.replace('_', '-')}" + key[len(flag):], old, new)
+        stored = state.get("flags", {})
+        for key in list(self._flags) + [k for k in stored if k not in self._flags]:
+            if stored.get(key) != self._flags.get(key):  # a flag is named whole (--d-r [1, 8], not its 2nd value)
+                self._refuse(f"--{key.replace('_', '-')}", stored.get(key), self._flags.get(key))
 
     # -- inside the run (every rank) --------------------------------------------------------------------------
     def batch_size(self, chosen: int) -> int:
