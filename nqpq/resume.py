@@ -391,7 +391,10 @@ class Checkpoint:
         return None if state is None else (done_count(state), int(state.get("total", 0)))
 
     def remove(self) -> None:
-        """The run's results are written: the checkpoint goes."""
+        """The run's results are written: the checkpoint goes, state.json first (a removal cut short leaves no
+        checkpoint that a later run would offer to resume)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.path, STATE_FILE))
         shutil.rmtree(self.path, ignore_errors=True)
 
     def discard_incomplete(self) -> None:
