@@ -119,6 +119,11 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
     p.add_argument("--out", default=None,
                    help="directory for results.json, plots and basis.pt, written at the end or not at all "
                         "(default: none, report only)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish a run that was interrupted (Ctrl-C, SIGTERM): an interrupt keeps each finished "
+                        "configuration in OUT/.nqpq-partial; rerun the same command with --resume and only the others "
+                        "run, giving the results an uninterrupted run gives (default: off; a run without it refuses "
+                        "an --out holding such a checkpoint)")
     p.add_argument("--demo", action="store_true",
                    help="no downloads: RANDOM-init GPT-2 small geometry (fixed seed), standard-library "
                         "docstrings as text and a byte tokenizer unless --text-file/--tokenizer are given; "
@@ -174,7 +179,7 @@ def _default_calib_blocks(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from . import distributed
+    from . import distributed, resume
     from .config import SweepConfig, check_flags
     from .report import check_out_dir, write_results
     from .scan import run_scan
@@ -199,26 +204,37 @@ def _sweep(args: argparse.Namespace) -> int:
     writer = int(os.environ.get("RANK", "0")) == 0
     created = _first_missing(cfg.out) if cfg.out and writer else None
     ok = False
+    # Each finished configuration is kept in OUT/.nqpq-partial until results.json is written (nqpq.resume).
+    checkpoint = resume.Checkpoint(cfg.out, args.command, cfg, resume=args.resume) if cfg.out else None
     try:
-        check_flags(cfg)
-        if cfg.out and writer:
-            check_out_dir(cfg.out)
-        results = (run_scan if args.command == "scan" else run_sweep)(cfg)
-        if cfg.out and distributed.is_main():
-            for path in write_results(cfg.out, results):
-                print(f"{'[scan]' if args.command == 'scan' else '[EXP-Q03]'} wrote {path}")
-        ok = True
+        with resume.sigterm_interrupts():  # SIGTERM (a scheduler's kill) keeps the checkpoint as Ctrl-C does
+            check_flags(cfg)
+            if args.resume and not cfg.out:
+                raise NqpqError("--resume needs the --out of the interrupted run (its checkpoint is kept there)")
+            if cfg.out and writer:
+                check_out_dir(cfg.out)
+                checkpoint.check()
+            results = (run_scan if args.command == "scan" else run_sweep)(cfg, checkpoint=checkpoint)
+            if cfg.out and distributed.is_main():
+                for path in write_results(cfg.out, results):
+                    print(f"{'[scan]' if args.command == 'scan' else '[EXP-Q03]'} wrote {path}")
+                checkpoint.remove()
+            ok = True
     except NqpqError as err:
         return _fail(str(err))
     except (ValueError, TypeError, RuntimeError) as err:
         # Validation errors from the ops (d_r, shapes, backends) reach here with a clear message.
         return _fail(f"{type(err).__name__}: {err}")
-    except KeyboardInterrupt:
-        print("nqpq: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        if writer:  # rank 0 speaks for a torchrun run (the others hold no files)
+            if checkpoint is not None:
+                checkpoint.discard_incomplete()
+            print(resume.interrupted_line(checkpoint, err), file=sys.stderr)
+        return resume.exit_code(err)
     finally:
-        if not ok and created is not None:
-            # All or nothing: a directory this run created goes; one that existed is left as it was.
+        if not ok and created is not None and checkpoint.kept() is None:
+            # All or nothing: a directory this run created goes (unless it holds the checkpoint of the configurations
+            # that finished); one that existed is left as it was.
             shutil.rmtree(created, ignore_errors=True)
         distributed.shutdown()
     return 0

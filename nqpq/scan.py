@@ -35,6 +35,7 @@ from .evaluate import ppl_from_losses
 from .integration import crystallize
 from .prefix import PrefixRunner
 from .report import SCAN_FORMAT_VERSION, print_scan_report
+from .resume import Checkpoint
 from .stats import delta_ppl_ci, resample_indices
 from .sweep import (
     BaselineObservation,
@@ -54,6 +55,7 @@ def run_scan(
     ids: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
     calib_ids: torch.Tensor | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> dict:
     """Scan ``cfg.layers`` (None: every layer) one at a time; print the report; return the results dict.
 
@@ -61,6 +63,7 @@ def run_scan(
     ``model`` and 1-D ``ids`` (and ``calib_ids`` with ``cfg.calib_text_file``).
     Raises ``NqpqError`` for bad settings or unavailable inputs.
     Writing files is the caller's job (``nqpq.report.write_results``).
+    ``checkpoint`` (``nqpq.resume``): keep each finished configuration there, and take those it holds.
     """
     from tqdm.auto import tqdm
 
@@ -85,6 +88,13 @@ def run_scan(
     batch_size = cfg.batch_size or default_batch_size(
         device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None),
         n_records=len(layers))
+    if checkpoint is not None:
+        batch_size = checkpoint.batch_size(batch_size)
+        checkpoint.begin(results_config(cfg, run, parts, layers, d_rs, batch_size, blocks), model,
+                         [blocks, *(c.blocks for c in calibrations if c.blocks is not None)],
+                         1 + len(layers) * len(sink_settings(cfg)) * (1 + len(calibrations) * len(d_rs)), timings,
+                         say)
+    resumed = None if checkpoint is None else checkpoint.resumed_baseline
     # The spec's choice calibrates on the leading scored blocks, in batches of their own during the baseline pass.
     eval_calib = cfg.calib_blocks if calibrations[0].blocks is None else 0
     batches, n_calib_batches = plan_batches(cfg.n_blocks, eval_calib, batch_size)
@@ -110,9 +120,12 @@ def run_scan(
     t = time.perf_counter()
     with tqdm(total=n_local, desc="baseline + calibration" if eval_calib else "baseline", unit="blk", leave=False,
               disable=not show) as pbar:
-        base_losses = synced_losses(runner.capture_baseline(pbar, context_for=observe))
+        # Resuming, the replay needs the baseline's record; its observations and the calibration are kept.
+        base_losses = synced_losses(runner.capture_baseline(pbar, context_for=None if resumed else observe))
+    timings["baseline_replay_s" if resumed else "baseline_s"] = time.perf_counter() - t
+    if resumed is not None:
+        base_losses, bases, crystallinity = resumed
     ppl_fp = finite_baseline(ppl_from_losses(base_losses), model_dtype)
-    timings["baseline_s"] = time.perf_counter() - t
 
     # One basis per calibration set and sink setting, every scanned layer's from the same pass (up to the highest
     # scanned layer).
@@ -121,16 +134,25 @@ def run_scan(
     def bar(total: int):
         return tqdm(total=total, desc="calibration", unit="blk", leave=False, disable=not show)
 
-    bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend, bar) for cal in calibrations]
-    crystallinity = watch.crystallinity()
+    if resumed is None:
+        bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend, bar)
+                 for cal in calibrations]
+        crystallinity = watch.crystallinity()
+        if checkpoint is not None:
+            checkpoint.save_baseline(base_losses, bases, crystallinity)
     means = {n: layer_means(c) for n, c in crystallinity.items()}
     timings["calibration_s"] = time.perf_counter() - t  # calibration passes, eigendecompositions, stats reduction
     indices = resample_indices(cfg.n_blocks, cfg.seed)
 
-    def layer_losses(layer: int, mode: str, d_r: int | None, pbar, n: int, basis=None) -> torch.Tensor:
-        with crystallize(model, [layer], mode=mode, basis=None if basis is None else {layer: basis.basis[layer]},
-                         d_r=d_r, backend=cfg.backend, sink_tokens=n):
-            return synced_losses(runner.losses(pbar, start=layer))
+    def layer_losses(layer: int, mode: str, d_r: int | None, pbar, n: int, basis=None, draw: int = 0) -> torch.Tensor:
+        def compute() -> torch.Tensor:
+            with crystallize(model, [layer], mode=mode, basis=None if basis is None else {layer: basis.basis[layer]},
+                             d_r=d_r, backend=cfg.backend, sink_tokens=n):
+                return synced_losses(runner.losses(pbar, start=layer))
+        if checkpoint is None:
+            return compute()
+        key = f"layer{layer}_{mode}" + (f"_d{d_r}" if d_r is not None else "") + f"_sink{n}_draw{draw}"
+        return checkpoint.losses(key, compute)
 
     def scan_layer(layer: int, n: int, pbar) -> dict:
         """Layer ``layer`` crystallized alone with ``n`` sink tokens: top-1, then low-rank once per basis."""
@@ -138,7 +160,7 @@ def run_scan(
         draws = []
         for cal, per_sink in zip(calibrations, bases):  # the low-rank configurations, once per basis
             basis = per_sink[n]
-            draw_curve = [curve_entry(d_r, layer_losses(layer, "lowrank", d_r, pbar, n, basis), base_losses,
+            draw_curve = [curve_entry(d_r, layer_losses(layer, "lowrank", d_r, pbar, n, basis, cal.draw), base_losses,
                                       top1_losses, indices) for d_r in d_rs]
             draws.append({"draw": cal.draw, "first_block": cal.first_block, "curve": draw_curve,
                           "r90_mean": basis.r90[layer].double().mean().item()})

@@ -51,6 +51,7 @@ from .integration import Observer, crystallize, observe_residuals
 from .prefix import PrefixRunner
 from .registry import is_registry_name
 from .report import SWEEP_FORMAT_VERSION, geometry_config, print_sweep_report, versions
+from .resume import Checkpoint
 from .stats import delta_ppl_ci, resample_indices
 from .text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
 from .verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
@@ -150,6 +151,7 @@ def run_sweep(
     ids: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
     calib_ids: torch.Tensor | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> dict:
     """Run EXP-Q03 as configured; print the spec's report; return the results dict.
 
@@ -164,6 +166,7 @@ def run_sweep(
 
     Raises ``NqpqError`` for bad settings or unavailable inputs (the CLI prints it).
     Writing files is the caller's job (``nqpq.report.write_results``).
+    ``checkpoint`` (``nqpq.resume``): keep each finished configuration there, and take those it holds.
     """
     from tqdm.auto import tqdm
 
@@ -186,6 +189,12 @@ def run_sweep(
     model_dtype = next(model.parameters()).dtype
     batch_size = cfg.batch_size or default_batch_size(
         device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None))
+    if checkpoint is not None:
+        batch_size = checkpoint.batch_size(batch_size)
+        checkpoint.begin(results_config(cfg, run, parts, layers, d_rs, batch_size, blocks), model,
+                         [blocks, *(c.blocks for c in calibrations if c.blocks is not None)],
+                         2 + len(sink_settings(cfg)) * (1 + len(calibrations) * len(d_rs)), timings, say)
+    resumed = None if checkpoint is None else checkpoint.resumed_baseline
     # The spec's choice calibrates on the leading scored blocks, in batches of their own during the baseline pass.
     eval_calib = cfg.calib_blocks if calibrations[0].blocks is None else 0
     batches, n_calib_batches = plan_batches(cfg.n_blocks, eval_calib, batch_size)
@@ -216,24 +225,33 @@ def run_sweep(
     def observe_calibration(i):
         return watch.context(calib=i < n_calib_batches)
 
-    base_losses = timed_losses(
-        "baseline_s", "baseline + calibration" if eval_calib else "baseline",
-        lambda pbar: runner.capture_baseline(pbar, context_for=observe_calibration),
-    )
+    if resumed is not None:  # the replay needs the baseline's record; its observations and the calibration are kept
+        timed_losses("baseline_replay_s", "baseline", runner.capture_baseline)
+        base_losses, bases, crystallinity = resumed
+    else:
+        base_losses = timed_losses(
+            "baseline_s", "baseline + calibration" if eval_calib else "baseline",
+            lambda pbar: runner.capture_baseline(pbar, context_for=observe_calibration),
+        )
     ppl_fp = finite_baseline(ppl_from_losses(base_losses), model_dtype)
 
-    # One basis per calibration set and sink setting; held-out and other-text sets get a pass of their own (one
-    # for every sink setting), up to max(layers).
-    t = time.perf_counter()
-    bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend,
-                       lambda n: bar("calibration", n)) for cal in calibrations]
-    crystallinity = watch.crystallinity()
-    timings["calibration_s"] = time.perf_counter() - t
+    if resumed is None:
+        # One basis per calibration set and sink setting; held-out and other-text sets get a pass of their own (one
+        # for every sink setting), up to max(layers).
+        t = time.perf_counter()
+        bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend,
+                           lambda n: bar("calibration", n)) for cal in calibrations]
+        crystallinity = watch.crystallinity()
+        timings["calibration_s"] = time.perf_counter() - t
+        if checkpoint is not None:
+            checkpoint.save_baseline(base_losses, bases, crystallinity)
 
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
-        with crystallize(model, layers, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
-                         backend=cfg.backend, sink_tokens=sink_tokens):
-            return timed_losses(f"{key}_s", key, runner.losses)
+        def compute():
+            with crystallize(model, layers, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
+                             backend=cfg.backend, sink_tokens=sink_tokens):
+                return timed_losses(f"{key}_s", key, runner.losses)
+        return compute() if checkpoint is None else checkpoint.losses(key, compute)
 
     full_losses = config_losses("full", None, "full")  # ctx whatever the sink: once
     ppl_b = ppl_from_losses(full_losses)
