@@ -1,0 +1,392 @@
+"""The README and the documentation site say what the code does (issue 33 item 4).
+
+Every fenced block of README.md and docs/*.md is held to the code:
+- a Python block runs as written (offline, in a fresh process, on the checkout's code) and must exit 0;
+- a shell block's commands are checked without running them: each ``nqpq ...`` line (also ``python -m nqpq``,
+  ``torchrun ... -m nqpq``) must parse with the real parser, each ``python -m MODULE --flag`` must name a module of
+  the checkout and flags that module defines, each ``bash FILE`` / ``pytest PATH`` a file that exists, each
+  ``pip install -e ".[extra]"`` an extra that pyproject.toml defines; any other command fails until this file is
+  taught how to check it;
+- ``<!-- table-from: CMD -->`` before a Markdown table: CMD (a printing benchmark module) is run and must print that
+  table, line for line;
+- ``<!-- numbers-from: FILE -->`` before an output block: its number lines (baseline, [A], each d_r, the verdict)
+  must be FILE's;
+- ``<!-- keys-of: PATH -->`` before a table in docs/results-json.md: its first column must name exactly the keys of
+  that part of a real results.json (a sweep and a scan run here on a tiny model);
+- docs/api.md documents every name of ``nqpq.__all__``, and docs/hooks.py renders every flag of the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from nqpq.cli import build_parser
+
+DOCS = REPO / "docs"
+# The printing-only benchmark modules a table-from marker may run (the others write CSVs into benchmarks/results).
+TABLE_COMMANDS = ("benchmarks.models_table", "benchmarks.sizing")
+# Commands a block may use that need no check of their own.
+PLAIN_COMMANDS = {"cd", "cp", "mkdir", "export", "mkdocs", "git", "ls", "cat", "rm"}
+FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+MARKER = re.compile(r"<!--\s*([\w-]+):\s*(.*?)\s*-->\s*\Z", re.S)
+
+
+@dataclass(frozen=True)
+class Block:
+    where: str       # file:line, for messages
+    lang: str
+    body: str
+    marker: tuple[str, str] | None  # (kind, argument) of an HTML comment right before the block
+
+
+def markdown_files() -> list[Path]:
+    return [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+def fenced_blocks(path: Path, text: str | None = None) -> list[Block]:
+    text = path.read_text(encoding="utf-8") if text is None else text
+    blocks = []
+    for match in FENCE.finditer(text):
+        before = text[:match.start()].rstrip()
+        marker = MARKER.search(before[-2000:])
+        line = text.count("\n", 0, match.start()) + 1
+        blocks.append(Block(f"{path.name}:{line}", match.group(1).lower(), match.group(2),
+                            (marker.group(1), marker.group(2)) if marker else None))
+    return blocks
+
+
+def all_blocks() -> list[Block]:
+    return [block for path in markdown_files() for block in fenced_blocks(path)]
+
+
+# ---- shell blocks: every command checked against the code ------------------------------------------------------
+
+
+def logical_lines(body: str) -> list[str]:
+    """The block's commands: backslash continuations joined, blank lines dropped."""
+    return [line for line in body.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def commands(line: str) -> list[list[str]]:
+    """The simple commands of one shell line (split at &&, ||, ;, |), comments dropped, VAR=value prefixes dropped."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    out, current = [], []
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            out.append(current)
+            current = []
+        else:
+            current.append(token)
+    out.append(current)
+    result = []
+    for words in out:
+        while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
+            words = words[1:]
+        if words:
+            result.append(words)
+    return result
+
+
+def pyproject_extras() -> set[str]:
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([\w-]+)\s*=", section, re.M))
+
+
+def module_flags_problem(module: str, args: list[str]) -> str | None:
+    """A module run with ``python -m`` must be the checkout's, and every --flag it is given a literal in its source."""
+    if module == "nqpq":
+        return nqpq_args_problem(args)
+    if module == "pytest":
+        return paths_problem(args)
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return f"python -m {module}: no such module"
+    if not Path(spec.origin).resolve().is_relative_to(REPO):
+        return f"python -m {module}: not a module of this checkout"
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and f'"{flag}"' not in source and f"'{flag}'" not in source:
+            return f"python -m {module}: {flag} is not a flag of {Path(spec.origin).relative_to(REPO)}"
+    return None
+
+
+def nqpq_args_problem(args: list[str]) -> str | None:
+    """The nqpq command line must parse with the real parser (argparse's own message when it does not)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args(args)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):  # --help exits 0
+            return f"nqpq {' '.join(args)}: {stderr.getvalue().strip().splitlines()[-1]}"
+    return None
+
+
+def paths_problem(args: list[str]) -> str | None:
+    for arg in args:
+        if not arg.startswith("-") and not (REPO / arg.split("::")[0]).exists():
+            return f"pytest {arg}: no such path"
+    return None
+
+
+def command_problem(words: list[str]) -> str | None:
+    """What is wrong with one documented command, or None."""
+    name, args = Path(words[0]).name, words[1:]
+    if name == "nice":  # nice [-n N] COMMAND: the command is what is checked
+        return command_problem(args[2:] if args[:1] == ["-n"] else args)
+    if name == "nqpq":
+        return nqpq_args_problem(args)
+    if name in ("python", "python3", "torchrun"):
+        if "-m" not in args:
+            return f"{' '.join(words)}: only `{name} -m MODULE` is checked"
+        at = args.index("-m")
+        return module_flags_problem(args[at + 1], args[at + 2:])
+    if name == "pytest":
+        return paths_problem(args)
+    if name == "bash":
+        script = next((a for a in args if not a.startswith("-")), None)
+        return None if script and (REPO / script).is_file() else f"bash {script}: no such file"
+    if name == "pip":
+        extras = pyproject_extras()
+        for arg in args:
+            for extra in re.findall(r"\.\[([\w,-]+)\]", arg):
+                unknown = set(extra.split(",")) - extras
+                if unknown:
+                    return f"pip install {arg}: pyproject.toml has no extra {sorted(unknown)}"
+        return None
+    if name in PLAIN_COMMANDS:
+        return None
+    return f"{' '.join(words)}: a command tests/test_docs.py does not know how to check"
+
+
+def shell_problems(block: Block) -> list[str]:
+    problems = []
+    for line in logical_lines(block.body):
+        for words in commands(line):
+            problem = command_problem(words)
+            if problem:
+                problems.append(f"{block.where}: {problem}")
+    return problems
+
+
+SHELL_BLOCKS = [b for b in all_blocks() if b.lang in ("bash", "sh", "shell", "console")]
+PYTHON_BLOCKS = list({b.body: b for b in all_blocks() if b.lang == "python"}.values())  # identical blocks once
+
+
+def test_docs_have_blocks_to_check():
+    assert SHELL_BLOCKS and PYTHON_BLOCKS
+    assert {b.lang for b in all_blocks()} <= {"bash", "python", "text", "json", "yaml", ""}, \
+        "a block language test_docs.py does not check"
+
+
+@pytest.mark.parametrize("block", SHELL_BLOCKS, ids=lambda b: b.where)
+def test_every_documented_command_matches_the_code(block):
+    assert shell_problems(block) == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("nqpq sweep --model smollm2-135m --no-such-flag 3\n", "unrecognized arguments: --no-such-flag"),
+    ("nqpq sweep --n-blocks eight\n", "invalid int value"),
+    ("nqpq sweeep --out runs/x\n", "invalid choice"),
+    ("torchrun --nproc-per-node 2 -m nqpq scan --d-rank 8\n", "unrecognized arguments: --d-rank"),
+    ("python -m benchmarks.sweep --device cpu --n-blokcs 8\n", "--n-blokcs is not a flag of benchmarks/sweep.py"),
+    ("python -m benchmarks.nothing_here\n", "no such module"),
+    ('pip install -e ".[doc]"\n', "no extra ['doc']"),
+    ("bash benchmarks/missing.sh\n", "no such file"),
+    ("curl -O https://example.com/x.tar\n", "does not know how to check"),
+])
+def test_a_command_the_code_does_not_take_fails(text, expected):
+    """The checker itself: each wrong command is caught, with a message naming what is wrong."""
+    block = fenced_blocks(Path("fake.md"), f"```bash\n{text}```\n")[0]
+    problems = shell_problems(block)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_a_good_command_passes_the_checker():
+    text = ("NQPQ_X=1 nqpq sweep --model m --layers 1 2 --bos --out o && mkdir -p runs \\\n"
+            "  && python -m benchmarks.sweep --device cpu --n-blocks 8   # comment --not-a-flag\n")
+    assert shell_problems(fenced_blocks(Path("fake.md"), f"```bash\n{text}```\n")[0]) == []
+
+
+# ---- Python blocks: run as written ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.where)
+def test_every_python_block_runs_as_written(block, tmp_path):
+    script = tmp_path / "block.py"
+    script.write_text(block.body, encoding="utf-8")
+    # The checkout's code (not whatever nqpq is installed), offline, one thread: the suite's conditions.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{block.where}\n{result.stderr[-3000:]}"
+
+
+# ---- published numbers: tables and outputs from their sources ----------------------------------------------------
+
+
+def tables_after_markers(kind: str) -> list[tuple[str, str, list[str]]]:
+    """(where, marker argument, the table's lines) for every ``<!-- kind: ... -->`` followed by a table."""
+    found = []
+    for path in markdown_files():
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(rf"<!--\s*{kind}:\s*(.*?)\s*-->\n", text, re.S):
+            rest = text[match.end():].splitlines()
+            table = [line for line in _leading_table(rest)]
+            found.append((f"{path.name}:{text.count(chr(10), 0, match.start()) + 1}", match.group(1), table))
+    return found
+
+
+def _leading_table(lines: list[str]) -> list[str]:
+    table = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return table
+
+
+TABLES_FROM = tables_after_markers("table-from")
+
+
+def test_published_tables_have_their_commands():
+    assert len(TABLES_FROM) >= 3  # README, docs/results.md (real models), docs/multi-gpu.md (sizing)
+    for where, _, table in TABLES_FROM:
+        assert len(table) >= 3, f"{where}: no table after the marker"
+
+
+@pytest.mark.parametrize("where, command, table", TABLES_FROM, ids=[t[0] for t in TABLES_FROM])
+def test_published_table_is_what_its_command_prints(where, command, table):
+    words = shlex.split(command)
+    assert words[:2] == ["python", "-m"] and words[2] in TABLE_COMMANDS, f"{where}: {command}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *words[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout.splitlines()
+    start = printed.index(table[0]) if table[0] in printed else -1
+    assert start >= 0 and printed[start:start + len(table)] == table, \
+        f"{where}: the table differs from what `{command}` prints now; paste its output"
+
+
+NUMBER_LINE = re.compile(r"PPL baseline|\[A\]|d_r=\s*\d+/|=>")
+
+
+def test_shown_output_has_the_committed_numbers():
+    shown = [b for b in all_blocks() if b.marker and b.marker[0] == "numbers-from"]
+    assert len(shown) >= 2  # README and the quickstart
+    for block in shown:
+        source = (REPO / block.marker[1]).read_text(encoding="utf-8").splitlines()
+        numbers = [line for line in block.body.splitlines() if NUMBER_LINE.search(line)]
+        assert len(numbers) >= 8, block.where
+        for line in numbers:
+            assert line in source, f"{block.where}: {line!r} is not in {block.marker[1]}"
+
+
+# ---- results.json's schema page against a real results.json ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def written_results(saved_model, tmp_path_factory) -> dict[str, dict]:
+    """A sweep and a scan on the tiny saved model, with two sink settings and two calibration draws."""
+    from nqpq.cli import main
+
+    model_dir, text_file = saved_model
+    root = tmp_path_factory.mktemp("schema")
+    common = ["--model", str(model_dir), "--text-file", str(text_file), "--n-blocks", "3", "--seq-len", "32",
+              "--calib-blocks", "1", "--calib-draws", "2", "--d-r", "1", "4", "--sink-tokens", "0", "1",
+              "--device", "cpu", "--no-progress"]
+    results = {}
+    for kind, extra in (("sweep", ["--layers", "2", "3"]), ("scan", ["--layers", "1", "3"])):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([kind, *common, *extra, "--out", str(root / kind)]) == 0
+        results[kind] = json.loads((root / kind / "results.json").read_text(encoding="utf-8"))
+    return results
+
+
+def _part(results: dict[str, dict], path: str) -> dict:
+    """``sweep.curve[]`` -> the first entry of results['sweep']['curve'], and so on."""
+    kind, *keys = path.split(".")
+    part = results[kind]
+    for key in keys:
+        part = part[key.removesuffix("[]")]
+        if key.endswith("[]"):
+            part = part[0]
+    return part
+
+
+SCHEMA_TABLES = [t for t in tables_after_markers("keys-of") if t[0].startswith("results-json.md")]
+
+
+def test_schema_page_covers_results_json():
+    assert {arg for _, arg, _ in SCHEMA_TABLES} >= {"sweep", "sweep.curve[]", "sweep.config", "scan", "scan.layers[]"}
+
+
+@pytest.mark.parametrize("where, path, table", SCHEMA_TABLES, ids=[t[1] for t in SCHEMA_TABLES])
+def test_schema_table_names_exactly_the_keys_written(where, path, table, written_results):
+    documented = set()
+    for row in table[2:]:
+        documented |= set(re.findall(r"`([\w]+)`", row.split("|")[1]))
+    written = set(_part(written_results, path))
+    assert documented == written, (f"{where} ({path}): documented but not written {sorted(documented - written)}, "
+                                   f"written but not documented {sorted(written - documented)}")
+
+
+# ---- the reference pages follow the code --------------------------------------------------------------------------
+
+
+def test_api_page_documents_every_public_name():
+    import nqpq
+
+    page = (DOCS / "api.md").read_text(encoding="utf-8")
+    targets = re.findall(r"^::: ([\w.]+)$", page, re.M)
+    assert {f"nqpq.{name}" for name in nqpq.__all__} <= set(targets)
+    for target in targets:  # every target names something real (mkdocstrings would fail the build otherwise)
+        module, _, attr = target.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), target
+
+
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
+def test_cli_reference_renders_every_subcommand_and_flag():
+    hooks = _hooks()
+    assert hooks.MARKER in (DOCS / "cli.md").read_text(encoding="utf-8")
+    parser = hooks.cli_parser()
+    rendered = hooks.render_cli_reference(parser)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        assert f"## nqpq {name}\n" in rendered
+        for action in sub._actions:
+            for option in action.option_strings:
+                assert option in rendered, (name, option)
+
+
+def test_readme_fits_on_a_screen():
+    """The README answers, shows the first command and the answer, and points to the site; the rest lives there."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200
+    nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    for page in sorted(DOCS.glob("*.md")):
+        assert f": {page.name}" in nav, f"docs/{page.name} is not in mkdocs.yml's nav"
