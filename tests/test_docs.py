@@ -187,16 +187,33 @@ def shell_problems(block: Block) -> list[str]:
 
 
 SHELL_BLOCKS = [b for b in all_blocks() if b.lang in ("bash", "sh", "shell", "console")]
+# Commands quoted in the prose (`nqpq sweep --model ... --sink-tokens 0 1`) are checked too, where they give flags:
+# a span without one is a name or a template (`nqpq report`, `nqpq COMMAND --help` has one but is caught below).
+INLINE_COMMAND = re.compile(r"`((?:nqpq|python3? -m|torchrun|bash) [^`]*? --[^`]*)`")
+
+
+def inline_commands() -> list[Block]:
+    spans = []
+    for path in markdown_files():
+        text = path.read_text(encoding="utf-8")
+        prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # blocks are checked above
+        for match in INLINE_COMMAND.finditer(prose):
+            spans.append(Block(f"{path.name}:{prose.count(chr(10), 0, match.start()) + 1}", "inline",
+                               match.group(1).replace("\n", " "), None))
+    return spans
+
+
+INLINE_COMMANDS = [b for b in inline_commands() if "COMMAND" not in b.body]
 PYTHON_BLOCKS = list({b.body: b for b in all_blocks() if b.lang == "python"}.values())  # identical blocks once
 
 
 def test_docs_have_blocks_to_check():
-    assert SHELL_BLOCKS and PYTHON_BLOCKS
+    assert SHELL_BLOCKS and PYTHON_BLOCKS and len(INLINE_COMMANDS) >= 10
     assert {b.lang for b in all_blocks()} <= {"bash", "python", "text", "json", "yaml", ""}, \
         "a block language test_docs.py does not check"
 
 
-@pytest.mark.parametrize("block", SHELL_BLOCKS, ids=lambda b: b.where)
+@pytest.mark.parametrize("block", SHELL_BLOCKS + INLINE_COMMANDS, ids=lambda b: b.where)
 def test_every_documented_command_matches_the_code(block):
     assert shell_problems(block) == []
 
