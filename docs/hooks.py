@@ -13,13 +13,14 @@ import importlib
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- nqpq-cli-reference -->"
 
 
-def cli_parser() -> argparse.ArgumentParser:
-    """The parser the ``nqpq`` console script uses (its module named by pyproject.toml's entry point)."""
+def cli_module() -> ModuleType:
+    """The module of the ``nqpq`` console script, as pyproject.toml's entry point names it."""
     # A regular expression, not a TOML parser: tomllib is Python >= 3.11 and nqpq supports 3.10.
     entry = re.search(r'^nqpq\s*=\s*"([\w.]+):\w+"', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
     if entry is None:
@@ -27,7 +28,12 @@ def cli_parser() -> argparse.ArgumentParser:
     module_name = entry.group(1)
     if str(REPO) not in sys.path:  # the checkout's code, also when mkdocs runs from elsewhere
         sys.path.insert(0, str(REPO))
-    return importlib.import_module(module_name).build_parser()
+    return importlib.import_module(module_name)
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser the ``nqpq`` console script uses (its module's ``build_parser()``)."""
+    return cli_module().build_parser()
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

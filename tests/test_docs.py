@@ -34,9 +34,18 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from nqpq.cli import build_parser
-
 DOCS = REPO / "docs"
+
+
+def _hooks():
+    """docs/hooks.py, the site's build hook: it finds the CLI through pyproject.toml's entry point, as we do here."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
+CLI = _hooks().cli_module()  # the module behind the `nqpq` console script: its build_parser() and main()
 # The printing-only benchmark modules a table-from marker may run (the others write CSVs into benchmarks/results).
 TABLE_COMMANDS = ("benchmarks.models_table", "benchmarks.sizing")
 # Commands a block may use that need no check of their own.
@@ -132,7 +141,7 @@ def nqpq_args_problem(args: list[str]) -> str | None:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            build_parser().parse_args(args)
+            CLI.build_parser().parse_args(args)
     except SystemExit as exit_:
         if exit_.code not in (0, None):  # --help exits 0
             return f"nqpq {' '.join(args)}: {stderr.getvalue().strip().splitlines()[-1]}"
@@ -323,8 +332,6 @@ def test_shown_output_has_the_committed_numbers():
 @pytest.fixture(scope="module")
 def written_results(saved_model, tmp_path_factory) -> dict[str, dict]:
     """A sweep and a scan on the tiny saved model, with two sink settings and two calibration draws."""
-    from nqpq.cli import main
-
     model_dir, text_file = saved_model
     root = tmp_path_factory.mktemp("schema")
     common = ["--model", str(model_dir), "--text-file", str(text_file), "--n-blocks", "3", "--seq-len", "32",
@@ -333,7 +340,7 @@ def written_results(saved_model, tmp_path_factory) -> dict[str, dict]:
     results = {}
     for kind, extra in (("sweep", ["--layers", "2", "3"]), ("scan", ["--layers", "1", "3"])):
         with contextlib.redirect_stdout(io.StringIO()):
-            assert main([kind, *common, *extra, "--out", str(root / kind)]) == 0
+            assert CLI.main([kind, *common, *extra, "--out", str(root / kind)]) == 0
         results[kind] = json.loads((root / kind / "results.json").read_text(encoding="utf-8"))
     return results
 
@@ -378,13 +385,6 @@ def test_api_page_documents_every_public_name():
     for target in targets:  # every target names something real (mkdocstrings would fail the build otherwise)
         module, _, attr = target.rpartition(".")
         assert hasattr(importlib.import_module(module), attr), target
-
-
-def _hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
-    return hooks
 
 
 def test_cli_reference_renders_every_subcommand_and_flag():
