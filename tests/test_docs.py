@@ -49,7 +49,8 @@ CLI = _hooks().cli_module()  # the module behind the `nqpq` console script: its 
 # The printing-only benchmark modules a table-from marker may run (the others write CSVs into benchmarks/results).
 TABLE_COMMANDS = ("benchmarks.models_table", "benchmarks.sizing")
 # Commands a block may use that need no check of their own.
-PLAIN_COMMANDS = {"cd", "cp", "mkdir", "export", "mkdocs", "git", "ls", "cat", "rm"}
+PLAIN_COMMANDS = {"cd", "cp", "mkdir", "export", "mkdocs", "git", "ls", "cat", "rm", "echo", "sleep", "kill", "head",
+                  "tail", "wc", "diff", "tee", "grep", "du"}
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 MARKER = re.compile(r"<!--\s*([\w-]+):\s*(.*?)\s*-->\s*\Z", re.S)
 
@@ -85,9 +86,13 @@ def all_blocks() -> list[Block]:
 # ---- shell blocks: every command checked against the code ------------------------------------------------------
 
 
-def logical_lines(body: str) -> list[str]:
-    """The block's commands: backslash continuations joined, blank lines dropped."""
-    return [line for line in body.replace("\\\n", " ").splitlines() if line.strip()]
+def logical_lines(body: str, lang: str = "bash") -> list[str]:
+    """The block's commands: backslash continuations joined, blank lines dropped; in a ``console`` block only the
+    lines after a ``$ `` prompt (the rest is what the command printed)."""
+    lines = [line for line in body.replace("\\\n", " ").splitlines() if line.strip()]
+    if lang == "console":
+        return [line.lstrip()[2:] for line in lines if line.lstrip().startswith("$ ")]
+    return lines
 
 
 def commands(line: str) -> list[list[str]]:
@@ -158,8 +163,14 @@ def paths_problem(args: list[str]) -> str | None:
 def command_problem(words: list[str]) -> str | None:
     """What is wrong with one documented command, or None."""
     name, args = Path(words[0]).name, words[1:]
-    if name == "nice":  # nice [-n N] COMMAND: the command is what is checked
+    # Prefixes that run another command: that command is what is checked.
+    if name == "nice":
         return command_problem(args[2:] if args[:1] == ["-n"] else args)
+    if name in ("timeout", "time", "env"):
+        # their own options (and timeout's duration, env's VAR=value) come first; the command starts after them
+        while args and (args[0].startswith("-") or re.fullmatch(r"[A-Za-z_]\w*=.*", args[0])):
+            args = args[1:]
+        return command_problem(args[1:] if name == "timeout" else args)
     if name == "nqpq":
         return nqpq_args_problem(args)
     if name in ("python", "python3", "torchrun"):
@@ -187,7 +198,7 @@ def command_problem(words: list[str]) -> str | None:
 
 def shell_problems(block: Block) -> list[str]:
     problems = []
-    for line in logical_lines(block.body):
+    for line in logical_lines(block.body, block.lang):
         for words in commands(line):
             problem = command_problem(words)
             if problem:
@@ -218,7 +229,7 @@ PYTHON_BLOCKS = list({b.body: b for b in all_blocks() if b.lang == "python"}.val
 
 def test_docs_have_blocks_to_check():
     assert SHELL_BLOCKS and PYTHON_BLOCKS and len(INLINE_COMMANDS) >= 10
-    assert {b.lang for b in all_blocks()} <= {"bash", "python", "text", "json", "yaml", ""}, \
+    assert {b.lang for b in all_blocks()} <= {"bash", "sh", "shell", "console", "python", "text", "json", "yaml", ""}, \
         "a block language test_docs.py does not check"
 
 
@@ -236,6 +247,7 @@ def test_every_documented_command_matches_the_code(block):
     ("python -m benchmarks.nothing_here\n", "no such module"),
     ('pip install -e ".[doc]"\n', "no extra ['doc']"),
     ("bash benchmarks/missing.sh\n", "no such file"),
+    ("timeout 60 nice -n 5 nqpq scan --no-such-flag\n", "unrecognized arguments: --no-such-flag"),
     ("curl -O https://example.com/x.tar\n", "does not know how to check"),
 ])
 def test_a_command_the_code_does_not_take_fails(text, expected):
@@ -243,6 +255,13 @@ def test_a_command_the_code_does_not_take_fails(text, expected):
     block = fenced_blocks(Path("fake.md"), f"```bash\n{text}```\n")[0]
     problems = shell_problems(block)
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_a_console_block_checks_its_prompt_lines_only():
+    text = "$ nqpq sweep --layers 1 --bogus\nusage: nqpq sweep [-h] ...\n$ nqpq models\nname  size\n"
+    block = fenced_blocks(Path("fake.md"), f"```console\n{text}```\n")[0]
+    problems = shell_problems(block)
+    assert len(problems) == 1 and "--bogus" in problems[0], problems
 
 
 def test_a_good_command_passes_the_checker():
