@@ -19,6 +19,7 @@ Every fenced block of README.md and docs/*.md is held to the code:
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib.util
 import io
@@ -52,7 +53,7 @@ TABLE_COMMANDS = ("benchmarks.models_table", "benchmarks.sizing")
 PLAIN_COMMANDS = {"cd", "cp", "mkdir", "export", "mkdocs", "git", "ls", "cat", "rm", "echo", "sleep", "kill", "head",
                   "tail", "wc", "diff", "tee", "grep", "du"}
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
-MARKER = re.compile(r"<!--\s*([\w-]+):\s*(.*?)\s*-->\s*\Z", re.S)
+MARKER = re.compile(r"^<!--\s*([\w-]+):\s*([^\n]*?)\s*-->\s*\Z", re.M)  # on a line of its own
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,11 @@ def inline_commands() -> list[Block]:
 
 
 INLINE_COMMANDS = [b for b in inline_commands() if "COMMAND" not in b.body]
-PYTHON_BLOCKS = list({b.body: b for b in all_blocks() if b.lang == "python"}.values())  # identical blocks once
+PYTHON = [b for b in all_blocks() if b.lang == "python"]
+# A block marked `<!-- fragment: why -->` (it continues a context the page describes) is not run; it must still
+# compile, and every nqpq name it imports must exist. Every other Python block runs; identical blocks run once.
+FRAGMENTS = [b for b in PYTHON if b.marker and b.marker[0] == "fragment"]
+PYTHON_BLOCKS = list({b.body: b for b in PYTHON if b not in FRAGMENTS}.values())
 
 
 def test_docs_have_blocks_to_check():
@@ -284,6 +289,45 @@ def test_every_python_block_runs_as_written(block, tmp_path):
     assert result.returncode == 0, f"{block.where}\n{result.stderr[-3000:]}"
 
 
+def fragment_problems(block: Block) -> list[str]:
+    try:
+        tree = ast.parse(block.body)
+    except SyntaxError as err:
+        return [f"{block.where}: does not compile ({err.msg}, line {err.lineno})"]
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("nqpq", "nqpq_kernels"):
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError:
+                problems.append(f"{block.where}: no module {node.module}")
+                continue
+            problems += [f"{block.where}: {node.module} has no {alias.name}" for alias in node.names
+                         if not hasattr(module, alias.name)]
+        elif isinstance(node, ast.Import):
+            problems += [f"{block.where}: no module {alias.name}" for alias in node.names
+                         if alias.name.split(".")[0] in ("nqpq", "nqpq_kernels")
+                         and importlib.util.find_spec(alias.name) is None]
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "nqpq"
+              and not hasattr(importlib.import_module("nqpq"), node.attr)):
+            problems.append(f"{block.where}: nqpq has no {node.attr}")
+    return problems
+
+
+@pytest.mark.parametrize("block", FRAGMENTS or [None], ids=lambda b: b.where if b else "none")
+def test_python_fragments_compile_and_name_what_exists(block):
+    if block is not None:
+        assert fragment_problems(block) == []
+
+
+def test_a_fragment_naming_what_does_not_exist_fails():
+    text = ("<!-- fragment: continues the page -->\n```python\nfrom nqpq import run_sweep, run_sweeeep\n"
+            "nqpq.crystalize(model, [1])\n```\n")
+    block = fenced_blocks(Path("fake.md"), text)[0]
+    assert block.marker == ("fragment", "continues the page")
+    assert fragment_problems(block) == ["fake.md:2: nqpq has no run_sweeeep", "fake.md:2: nqpq has no crystalize"]
+
+
 # ---- published numbers: tables and outputs from their sources ----------------------------------------------------
 
 
@@ -292,7 +336,7 @@ def tables_after_markers(kind: str) -> list[tuple[str, str, list[str]]]:
     found = []
     for path in markdown_files():
         text = path.read_text(encoding="utf-8")
-        for match in re.finditer(rf"<!--\s*{kind}:\s*(.*?)\s*-->\n", text, re.S):
+        for match in re.finditer(rf"^<!--\s*{kind}:\s*([^\n]*?)\s*-->\n", text, re.M):
             rest = text[match.end():].splitlines()
             table = [line for line in _leading_table(rest)]
             found.append((f"{path.name}:{text.count(chr(10), 0, match.start()) + 1}", match.group(1), table))
