@@ -9,7 +9,9 @@ The parser is found through ``[project.scripts]`` in pyproject.toml (``nqpq = "m
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- nqpq-cli-reference -->"
+LAYOUT_MARKER = "<!-- nqpq-layout -->"
+LAYOUT_ROOTS = ("nqpq", "nqpq_kernels", "benchmarks", "tests")
 
 
 def cli_module() -> ModuleType:
@@ -104,7 +108,43 @@ def render_cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
     return "\n".join(lines)
 
 
+def _summary(path: Path) -> str:
+    """The first sentence of a file's docstring (Python) or of its header comment (shell), read without importing."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".py":
+        doc = ast.get_docstring(ast.parse(text)) or ""
+    else:
+        comments = [line.lstrip("#").strip() for line in text.splitlines()[1:] if line.startswith("#")]
+        doc = " ".join(itertools.takewhile(bool, comments))
+    return _cell(_first_sentence(" ".join(doc.split()).replace("``", "`")))
+
+
+def _first_sentence(text: str) -> str:
+    """Up to the first '.', ':' or ';' outside parentheses that ends more than one word (``nqpq: fused ...``)."""
+    depth = 0
+    for at, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char in ".:;" and depth == 0 and text[at + 1:at + 2] in (" ", "") and " " in text[:at].strip():
+            return text[:at]
+    return text.rstrip(".:;")
+
+
+def render_layout(repo: Path = REPO) -> str:
+    """A table per top-level folder: every Python module and shell script with its docstring's first sentence."""
+    lines = []
+    for root in LAYOUT_ROOTS:
+        # every module, a sub-package's __init__.py included (its docstring says what the sub-package is for)
+        files = sorted(p for p in (repo / root).rglob("*")
+                       if p.suffix in (".py", ".sh") and p.is_file() and "__pycache__" not in p.parts)
+        lines += [f"## {root}/", "", "| file | what it holds |", "|---|---|"]
+        lines += [f"| `{p.relative_to(repo).as_posix()}` | {_summary(p)} |" for p in files]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - mkdocs' hook signature
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, render_cli_reference())
+    if LAYOUT_MARKER in markdown:
+        markdown = markdown.replace(LAYOUT_MARKER, render_layout())
     return markdown

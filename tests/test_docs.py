@@ -463,6 +463,15 @@ def test_cli_reference_renders_every_subcommand_and_flag():
                 assert option in rendered, (name, option)
 
 
+def test_layout_page_lists_every_module():
+    hooks = _hooks()
+    assert hooks.LAYOUT_MARKER in (DOCS / "layout.md").read_text(encoding="utf-8")
+    rendered = hooks.render_layout()
+    for root in hooks.LAYOUT_ROOTS:
+        for path in (REPO / root).rglob("*.py"):
+            assert f"| `{path.relative_to(REPO).as_posix()}` |" in rendered, path
+
+
 def test_readme_fits_on_a_screen():
     """The README answers, shows the first command and the answer, and points to the site; the rest lives there."""
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
