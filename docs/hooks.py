@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import html
 import importlib
 import itertools
 import re
@@ -78,7 +79,9 @@ def _options_table(parser: argparse.ArgumentParser) -> list[str]:
             continue
         # _expand_help fills %(default)s and the like, as --help prints them.
         help_text = argparse.HelpFormatter(parser.prog)._expand_help(action) if action.help else ""
-        rows.append(f"| `{_cell(_signature(action))}` | {_cell(help_text)} |")
+        # The signature as HTML code: a Markdown code span would show the backslash of an escaped pipe.
+        signature = html.escape(" ".join(_signature(action).split())).replace("|", "&#124;")
+        rows.append(f"| <code>{signature}</code> | {_cell(help_text)} |")
     if not rows:
         return ["No options besides `--help`."]
     return ["| argument | meaning |", "|---|---|", *rows]
