@@ -275,6 +275,29 @@ def test_a_good_command_passes_the_checker():
     assert shell_problems(fenced_blocks(Path("fake.md"), f"```bash\n{text}```\n")[0]) == []
 
 
+RUN_BLOCKS = [b for b in SHELL_BLOCKS if b.marker and b.marker[0] == "run"]
+
+
+def test_some_commands_are_run():
+    assert RUN_BLOCKS  # reproduce.md's `nqpq report` of a committed run
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.where)
+def test_a_block_marked_run_runs(block, tmp_path):
+    """``<!-- run: why -->`` blocks run as written, in a scratch folder where benchmarks/ is the checkout's (they may
+    read it, and write only under the scratch folder), with `nqpq` the checkout's code."""
+    (tmp_path / "benchmarks").symlink_to(REPO / "benchmarks", target_is_directory=True)
+    script = "set -euo pipefail\nnqpq() { python -m nqpq \"$@\"; }\n" + block.body
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    before = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").rglob("*") if p.is_file()}
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{block.where}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    after = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").rglob("*") if p.is_file()}
+    assert after == before, "a run block wrote into benchmarks/results"
+
+
 # ---- Python blocks: run as written ------------------------------------------------------------------------------
 
 
