@@ -528,8 +528,8 @@ def _fit_basis(scfg, model, tokenizer, tok_name: str, layers: Sequence[int], dev
     (cal,) = calibration_sets(scfg, run)
     say(f"[eval] Fitting the residual basis on {scfg.calib_blocks} blocks of {scfg.seq_len} tokens...")
     basis = fit_bases(model, layers, cal, {}, (0,), 4, scfg.backend)[0]
-    return basis, {"source": "calibration", **calibration_config(scfg, run), "seq_len": scfg.seq_len,
-                   "bos": bos_id is not None}
+    return basis, {"source": "calibration", "calibration": {**calibration_config(scfg, run), "seq_len": scfg.seq_len,
+                                                            "bos": bos_id is not None}}
 
 
 def _results_config(cfg: EvalConfig, model, parts, layers, d_rs, configs, device, model_name, tok_name, checkpoint,
@@ -586,12 +586,16 @@ def make_lm(model: torch.nn.Module, tokenizer, progress: bool = True):
 # --------------------------------------------------------------------------------------------------------------- #
 # Report, results.json and the plot
 # --------------------------------------------------------------------------------------------------------------- #
-def _num(value: float | None, fmt: str = ".4f") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
+def _num(value: float | None, signed: bool = False) -> str:
+    """4 decimals, or 6 significant digits for large values (perplexities of random models run to 1e9)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    sign = "+" if signed else ""
+    return format(value, f"{sign}.6g" if abs(value) >= 1e4 else f"{sign}.4f")
 
 
 def _ci(ci: Sequence[float] | None) -> str:
-    return "no interval" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+    return "no interval" if ci is None else f"[{_num(ci[0], True)}, {_num(ci[1], True)}]"
 
 
 def print_eval_report(results: dict, say: Callable[[str], None] = print) -> None:
@@ -603,19 +607,23 @@ def print_eval_report(results: dict, say: Callable[[str], None] = print) -> None
         f"bootstrap intervals ({results['bootstrap']['resamples']} resamples, seed {results['bootstrap']['seed']})")
     for name, task in results["tasks"].items():
         say(f"[eval] {name} ({task['output_type']}, {task['n_items']} documents)")
-        width = max(len(c) for c in task["scores"])
-        say(f"  {'metric':<16} {'configuration':<{width}} {'value':>12} {'Δ vs model':>12}  {'95 % CI':<22} verdict")
-        for key, meta in task["metrics"].items():
-            arrow = {True: " ↑", False: " ↓"}.get(meta["higher_is_better"], "")
+        arrows = {key: key + {True: " ↑", False: " ↓"}.get(meta["higher_is_better"], "")
+                  for key, meta in task["metrics"].items()}
+        rows = [("metric", "configuration", "value", "Δ vs model", "95 % CI", "verdict")]
+        for key in task["metrics"]:
             for config, scores in task["scores"].items():
                 if config == BASELINE:
-                    say(f"  {key + arrow:<16} {config:<{width}} {_num(scores[key]):>12}")
+                    rows.append((arrows[key], config, _num(scores[key]), "", "", ""))
                     continue
                 d = task["differences"][config][key]
-                say(f"  {key + arrow:<16} {config:<{width}} {_num(scores[key]):>12} {_num(d['delta'], '+.4f'):>12}  "
-                    f"{_ci(d['ci95']):<22} {d['verdict']}")
+                rows.append((arrows[key], config, _num(scores[key]), _num(d["delta"], True), _ci(d["ci95"]),
+                             d["verdict"]))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            say("  " + f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  "
+                f"{row[4]:<{widths[4]}}  {row[5]}".rstrip())
         primary = task["primary_metric"]
-        verdicts = "; ".join(f"{config}: {d[primary]['verdict']} ({_num(d[primary]['delta'], '+.4f')} "
+        verdicts = "; ".join(f"{config} {d[primary]['verdict']} ({_num(d[primary]['delta'], True)}, 95 % CI "
                              f"{_ci(d[primary]['ci95'])})" for config, d in task["differences"].items())
         say(f"  verdict on {primary}: {verdicts}")
 
@@ -649,7 +657,7 @@ def plot_eval(results: dict, path: str) -> None:
                             color=color, capsize=4)
             ax.axvline(0.0, color="black", lw=0.8)
             ax.set_yticks(ys, configs)
-            ax.invert_yaxis()
+            ax.set_ylim(len(configs) - 0.5, -0.5)  # the first configuration on top, half a row of margin
             direction = {True: "higher is better", False: "lower is better"}.get(meta["higher_is_better"], "")
             ax.set_xlabel(f"Δ {key} vs model" + (f" ({direction})" if direction else ""))
             ax.set_title(f"{name}: {key} ({task['n_items']} docs)", fontsize=9)
