@@ -661,8 +661,8 @@ def plot_eval(results: dict, path: str) -> None:
             direction = {True: "higher is better", False: "lower is better"}.get(meta["higher_is_better"], "")
             ax.set_xlabel(f"Δ {key} vs model" + (f" ({direction})" if direction else ""))
             ax.set_title(f"{name}: {key} ({task['n_items']} docs)", fontsize=9)
-    fig.suptitle(f"nqpq eval {results['config']['model']}, layers {' '.join(map(str, results['config']['layers']))}"
-                 ": difference with 95 % paired interval", fontsize=10)
+    fig.suptitle(f"nqpq eval {results['config']['model']}\nlayers {' '.join(map(str, results['config']['layers']))} "
+                 "crystallized: difference against the model with its 95 % paired interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
