@@ -292,7 +292,7 @@ def _add_eval_parser(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     """``nqpq eval``: the run, its report, and --out written whole or not at all."""
-    from .downstream import EvalConfig, require_lm_eval, run_eval, write_eval_results
+    from .downstream import EvalConfig, check_eval_flags, require_lm_eval, run_eval, write_eval_results
     from .report import check_out_dir
 
     cfg = EvalConfig(
@@ -308,6 +308,7 @@ def _eval(args: argparse.Namespace) -> int:
     ok = False
     try:
         require_lm_eval()
+        check_eval_flags(cfg)  # bad flags fail before --out is created or anything is loaded
         if cfg.out:
             check_out_dir(cfg.out)
         results = run_eval(cfg)

@@ -221,13 +221,18 @@ def task_manager(lm_eval, names: Sequence[str], include_path: str | None):
 def load_tasks(manager, names: Sequence[str]) -> dict:
     """The tasks ``names`` name (groups and tags expanded into their tasks), each loaded once with its documents;
     an ``NqpqError`` for a task that cannot be loaded or is not a loglikelihood task."""
+    import datasets
+
     from .hub import hub_reachable
 
+    if not hub_reachable():  # use cached datasets if there are any, without minutes of retries (nqpq.text does too)
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         loaded = manager.load(list(names))
     except Exception as err:  # datasets and lm-eval raise many types for a missing or unreadable dataset
         hint = ("" if hub_reachable() else
-                " (the Hugging Face hub is unreachable: hub tasks need it to download their datasets once)")
+                " (the Hugging Face hub is unreachable and nothing is cached: a hub task needs it to download its "
+                "dataset once; a local task needs --include-path)")
         raise NqpqError(f"--tasks {','.join(names)}: lm-eval could not load the task: {type(err).__name__}: "
                         f"{one_line(err)}{hint}") from err
     for name, task in loaded["tasks"].items():
@@ -281,6 +286,8 @@ def task_scores(results: dict, info: TaskInfo) -> TaskScores:
 
 def _json_item(value):
     """A per-item metric value as JSON holds it: a number, or a list for lm-eval's tuples."""
+    if isinstance(value, np.ndarray):  # e.g. brier_score's (gold, probabilities)
+        value = value.tolist()
     if isinstance(value, (tuple, list)):
         return [_json_item(v) for v in value]
     if isinstance(value, (bool, np.bool_)):
@@ -392,6 +399,7 @@ def run_eval(
     """
     from .calibration import ResidualBasis
     from .config import check_model_fit
+    from .devices import input_device
     from .integration import crystallize
     from .models import model_parts
 
@@ -409,7 +417,7 @@ def run_eval(
     timings["tasks_s"] = time.perf_counter() - t0
 
     scfg = sweep_config(cfg)
-    device = _device(cfg)
+    device = _device(cfg) if model is None else input_device(model)  # a model passed in stays where it is
     torch.manual_seed(cfg.seed)
     t = time.perf_counter()
     checkpoint, model_name, tok_name, path = None, cfg.model, "given by the caller", None

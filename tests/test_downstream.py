@@ -322,6 +322,12 @@ def test_unknown_task_exits_2_with_one_line(saved_model, tmp_path, capsys):
     assert "unknown task no_such_task_xyz" in line and "nqpq_cloze" not in line.split("unknown task")[1]
 
 
+def test_generate_until_task_exits_2_with_one_line(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["eval", "--tasks", "nqpq_cloze_generate", "--include-path", str(TASKS), "--no-progress"]) == 2
+    assert "nqpq_cloze_generate is a generate_until task" in one_error_line(capsys)
+
+
 def test_missing_lm_eval_is_one_line_and_nqpq_still_imports(tmp_path):
     """lm_eval made unimportable in a fresh interpreter: nqpq and its CLI import, and nqpq eval says what to
     install."""
