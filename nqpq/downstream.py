@@ -54,6 +54,10 @@ BASELINE = "model"  # the name of the unmodified model's column
 NO_CHANGE, BETTER, WORSE, CHANGED, NO_INTERVAL = ("no measurable change", "better", "worse", "changed",
                                                    "no interval")
 PLOT_NAME = "eval_deltas.png"
+# A difference interval within ±ROUNDING_REL × |the model's value| is rounding, not a change (see ``judge``): float32
+# loglikelihoods of the same computation through another kernel differ by ~1e-7 relative (≤ 6e-6 on SmolLM2's
+# shortest choices), far below any difference a task can resolve.
+ROUNDING_REL = 1e-5
 
 
 @dataclass
@@ -338,12 +342,19 @@ def paired_interval(base_items: Sequence, config_items: Sequence, aggregation: C
     return percentile_interval(diff)
 
 
-def judge(ci: Sequence[float] | None, higher_is_better: bool | None) -> str:
-    """The verdict on a difference: its interval excludes 0 (better / worse by the metric's direction) or not."""
+def judge(ci: Sequence[float] | None, higher_is_better: bool | None, model_value: float | None = None) -> str:
+    """The verdict on a difference: its interval excludes 0 (better / worse by the metric's direction) or not.
+
+    An interval within ±ROUNDING_REL·|model_value| is float32 rounding, not a change: full mode computes the same
+    numbers as the model through another kernel, and a rounding bias shared by every document could otherwise put
+    a hair-thin interval on one side of 0."""
     if ci is None:
         return NO_INTERVAL
     lo, hi = ci
     if lo <= 0.0 <= hi:
+        return NO_CHANGE
+    if model_value is not None and math.isfinite(model_value) and max(abs(lo), abs(hi)) <= ROUNDING_REL * abs(
+            model_value):
         return NO_CHANGE
     if higher_is_better is None:
         return CHANGED
@@ -371,7 +382,7 @@ def compare_task(info: TaskInfo, base: TaskScores, runs: dict[str, TaskScores], 
             aggregation = info.aggregations[_split_key(key)[0]]
             ci = paired_interval(base.items[key], scores.items[key], aggregation, indices)
             differences[name][key] = {"delta": scores.metrics[key] - base.metrics[key], "ci95": ci,
-                                      "verdict": judge(ci, meta["higher_is_better"])}
+                                      "verdict": judge(ci, meta["higher_is_better"], base.metrics[key])}
     items = {"doc_ids": base.doc_ids,
              **{name: {"loglikelihoods": s.loglikelihoods, "values": s.items}
                 for name, s in {BASELINE: base, **runs}.items()}}

@@ -205,7 +205,7 @@ def test_paired_intervals_equal_a_plain_numpy_bootstrap(run):
             d = cloze["differences"][config][key]
             assert d["ci95"] == pytest.approx(numpy_paired_ci(base, other, np.mean), abs=1e-12)
             assert d["delta"] == pytest.approx(other.mean() - base.mean(), abs=1e-12)
-            assert d["verdict"] == judge(d["ci95"], True)
+            assert d["verdict"] == judge(d["ci95"], True, base.mean())
         words = np.array(paragraphs["items"][BASELINE]["values"]["word_perplexity"])
         other_words = np.array(paragraphs["items"][config]["values"]["word_perplexity"])
         assert np.array_equal(words[:, 1], other_words[:, 1])  # the same documents, the same word counts
@@ -230,6 +230,8 @@ def test_verdicts_and_their_edge_cases():
     assert judge([-0.2, -0.01], True) == WORSE
     assert judge([-0.2, 0.0], True) == NO_CHANGE  # an interval touching 0 does not exclude it
     assert judge(None, True) == NO_INTERVAL
+    assert judge([1e-6, 2e-6], False, 1.0) == NO_CHANGE  # within float32 rounding of the model's value
+    assert judge([1e-6, 2e-6], False, 0.01) == WORSE
     from lm_eval.api.metrics import mean
 
     assert paired_interval([1.0], [0.0], mean, None) is None  # one document: no interval
