@@ -36,6 +36,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +45,11 @@ import torch
 from .errors import NqpqError, one_line
 from .stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, percentile_interval, resample_indices
 from .validate import MODES
+
+if TYPE_CHECKING:  # lm-eval is optional: imported where it is used
+    from lm_eval.api.task import Task
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
 LM_EVAL_MISSING = "nqpq eval needs lm-evaluation-harness: pip install -e '.[eval]'"
 EVAL_FORMAT_VERSION = 1
@@ -125,7 +132,7 @@ class TaskInfo:
     higher_is_better: dict[str, bool | None] = field(default_factory=dict)
 
 
-def require_lm_eval():
+def require_lm_eval() -> ModuleType:
     """The ``lm_eval`` module, or an ``NqpqError`` naming the extra to install."""
     try:
         import lm_eval
@@ -200,7 +207,7 @@ def sweep_config(cfg: EvalConfig):
 # --------------------------------------------------------------------------------------------------------------- #
 # Tasks
 # --------------------------------------------------------------------------------------------------------------- #
-def task_manager(lm_eval, names: Sequence[str], include_path: str | None):
+def task_manager(names: Sequence[str], include_path: str | None) -> TaskManager:
     """lm-eval's ``TaskManager`` that knows ``names``, or an ``NqpqError`` naming the unknown ones.
 
     Indexing lm-eval's own task folder takes tens of seconds; when every name is a plain task of ``include_path``
@@ -222,7 +229,7 @@ def task_manager(lm_eval, names: Sequence[str], include_path: str | None):
     return manager
 
 
-def load_tasks(manager, names: Sequence[str]) -> dict:
+def load_tasks(manager: TaskManager, names: Sequence[str]) -> dict:
     """The tasks ``names`` name (groups and tags expanded into their tasks), each loaded once with its documents;
     an ``NqpqError`` for a task that cannot be loaded or is not a loglikelihood task."""
     import datasets
@@ -248,7 +255,8 @@ def load_tasks(manager, names: Sequence[str]) -> dict:
     return loaded
 
 
-def task_info(task) -> TaskInfo:
+def task_info(task: Task) -> TaskInfo:
+    """A loaded task's name, output type, and its metrics' aggregation functions and directions."""
     return TaskInfo(task.task_name, task.get_config("output_type"), dict(task.aggregation()),
                     dict(task.higher_is_better()))
 
@@ -422,7 +430,7 @@ def run_eval(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     _quiet_lm_eval()
-    manager = task_manager(lm_eval, cfg.tasks, cfg.include_path)
+    manager = task_manager(cfg.tasks, cfg.include_path)
     loaded = load_tasks(manager, cfg.tasks)
     infos = {name: task_info(task) for name, task in loaded["tasks"].items()}
     timings["tasks_s"] = time.perf_counter() - t0
@@ -431,10 +439,10 @@ def run_eval(
     device = _device(cfg) if model is None else input_device(model)  # a model passed in stays where it is
     torch.manual_seed(cfg.seed)
     t = time.perf_counter()
-    checkpoint, model_name, tok_name, path = None, cfg.model, "given by the caller", None
+    checkpoint, model_name, tok_name = None, cfg.model, "given by the caller"
     if model is None:
         say(f"[eval] Loading {cfg.model}...")
-        model, tokenizer, path, model_name, checkpoint, tok_name = _load_model(cfg, device, say)
+        model, tokenizer, model_name, checkpoint, tok_name = _load_model(cfg, device, say)
     model.eval()
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
@@ -520,14 +528,13 @@ def _load_model(cfg: EvalConfig, device: torch.device, say: Callable[[str], None
     tokenizer = load_tokenizer(cfg.tokenizer or path)
     model = load_model(path, str(device), parse_dtype(cfg.dtype))
     refuse_tensor_parallel(model)
-    return model, tokenizer, path, model_name, checkpoint, cfg.tokenizer or model_name
+    return model, tokenizer, model_name, checkpoint, cfg.tokenizer or model_name
 
 
 def _fit_basis(scfg, model, tokenizer, tok_name: str, layers: Sequence[int], device: torch.device,
                say: Callable[[str], None]):
     """The residual basis of ``layers`` fitted on the sweep's calibration blocks (``calibration_sets`` /
     ``fit_bases``, the sweep's code path), and results.json's record of where it came from."""
-    from .calibration import ResidualBasis  # noqa: F401 - the type fit_bases returns
     from .config import calibration_source, text_blocks_needed
     from .evaluate import text_tokens_per_block
     from .sweep import RunInputs, _calib_text_ids, calibration_config, calibration_sets, fit_bases
@@ -576,7 +583,7 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def make_lm(model: torch.nn.Module, tokenizer, progress: bool = True):
+def make_lm(model: torch.nn.Module, tokenizer, progress: bool = True) -> HFLM:
     """lm-eval's ``HFLM`` over the loaded ``model`` at batch size 1. Its per-window progress bars of
     ``loglikelihood_rolling`` (one bar per document in lm-eval 0.4.13) are hidden; with ``progress=False`` every bar
     of its requests is."""
