@@ -11,6 +11,7 @@ and a missing lm-eval end in one line and exit 2.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -21,15 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REL_SCORE_MARGIN, REPO, build_tokenizer
+from f64_reference import F64Reference, build_llama
 
-pytest.importorskip("lm_eval", reason="nqpq eval needs lm-evaluation-harness (pip install -e '.[eval]')")
-
-from conftest import REL_SCORE_MARGIN, REPO, build_tokenizer  # noqa: E402
-from f64_reference import F64Reference, build_llama  # noqa: E402
-
-from nqpq import calibrate, make_blocks  # noqa: E402
-from nqpq.cli import main  # noqa: E402
-from nqpq.downstream import (  # noqa: E402
+from nqpq import calibrate, make_blocks
+from nqpq.cli import main
+from nqpq.downstream import (
     BASELINE,
     BETTER,
     NO_CHANGE,
@@ -43,8 +41,12 @@ from nqpq.downstream import (  # noqa: E402
     run_eval,
     write_eval_results,
 )
-from nqpq.stats import BOOTSTRAP_RESAMPLES  # noqa: E402
-from nqpq.text import ids_for_blocks, packaged_text, rows_from_file  # noqa: E402
+from nqpq.stats import BOOTSTRAP_RESAMPLES
+from nqpq.text import ids_for_blocks, packaged_text, rows_from_file
+
+# Every test but the one that hides lm-eval needs it (the dev extra installs it).
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="nqpq eval needs lm-evaluation-harness (pip install -e '.[eval]')")
 
 TASKS = REPO / "tests" / "data" / "tasks"
 LAYERS = (1, 2)
@@ -89,6 +91,7 @@ def flat(rows: list[list[float]]) -> np.ndarray:
     return np.array([x for row in rows for x in row], dtype=np.float64)
 
 
+@needs_lm_eval
 def test_every_document_scored_under_every_configuration(run):
     cloze, paragraphs = run["tasks"]["nqpq_cloze"], run["tasks"]["nqpq_paragraphs"]
     assert run["config"]["configurations"] == ["full", "top1", f"lowrank d_r={D_R}"]
@@ -104,6 +107,7 @@ def test_every_document_scored_under_every_configuration(run):
     assert paragraphs["metrics"]["bits_per_byte"]["aggregation"] == "bits_per_byte"
 
 
+@needs_lm_eval
 def test_metrics_are_recomputed_from_the_documents_loglikelihoods(run):
     """Each document's acc is argmax of its choices' loglikelihoods == the JSONL label, and lm-eval's aggregate is
     their mean; word perplexity is exp(−Σ ll / Σ words) over the paragraphs."""
@@ -122,6 +126,7 @@ def test_metrics_are_recomputed_from_the_documents_loglikelihoods(run):
         assert scores["word_perplexity"] == pytest.approx(math.exp(-ll.sum() / sum(words)), rel=1e-9)
 
 
+@needs_lm_eval
 def test_full_mode_gives_the_models_numbers(run):
     """Full mode computes ctx = the model's own attention output through the op: each document's loglikelihoods
     agree to fp32 rounding, and every per-document metric is the model's (each document's choices are far apart
@@ -147,6 +152,7 @@ def test_full_mode_gives_the_models_numbers(run):
             assert top[1] - top[0] > 1e-3, "a near-tie between two choices: pick other documents or seeds"
 
 
+@needs_lm_eval
 def test_top1_loglikelihoods_equal_a_float64_crystallized_model(run, tiny):
     """The top-1 configuration's per-request loglikelihoods (first 10 documents of each task) equal an independent
     float64 computation of the model with layers 1 and 2 crystallized top-1, on lm-eval's own token ids. i* is an
@@ -196,6 +202,7 @@ def numpy_paired_ci(base: np.ndarray, config: np.ndarray, aggregate, seed: int =
     return list(np.percentile(diffs, [2.5, 97.5]))
 
 
+@needs_lm_eval
 def test_paired_intervals_equal_a_plain_numpy_bootstrap(run):
     cloze, paragraphs = run["tasks"]["nqpq_cloze"], run["tasks"]["nqpq_paragraphs"]
     for config in ("top1", f"lowrank d_r={D_R}"):
@@ -224,6 +231,7 @@ def test_paired_intervals_equal_a_plain_numpy_bootstrap(run):
         assert d["ci95"] == pytest.approx(numpy_paired_ci(byte_rows, other_bytes, bits), rel=1e-9, abs=1e-12)
 
 
+@needs_lm_eval
 def test_verdicts_and_their_edge_cases():
     assert judge([0.01, 0.2], True) == BETTER
     assert judge([0.01, 0.2], False) == WORSE  # a perplexity that went up
@@ -237,6 +245,7 @@ def test_verdicts_and_their_edge_cases():
     assert paired_interval([1.0], [0.0], mean, None) is None  # one document: no interval
 
 
+@needs_lm_eval
 def test_basis_is_the_sweeps_calibration_and_a_basis_file_gives_the_same_numbers(run, tiny, tmp_path):
     """The run's basis is ``nqpq.calibrate`` on the sweep's held-out blocks (blocks N_BLOCKS.. of the text); the
     same basis saved and passed as --basis gives the same lowrank loglikelihoods."""
@@ -264,6 +273,7 @@ def test_basis_is_the_sweeps_calibration_and_a_basis_file_gives_the_same_numbers
     assert got == run["tasks"]["nqpq_cloze"]["items"][name]["loglikelihoods"][:6]
 
 
+@needs_lm_eval
 def test_results_and_plot_written_whole(run, tmp_path):
     out = tmp_path / "out"
     written = write_eval_results(str(out), run)
@@ -278,6 +288,7 @@ def test_results_and_plot_written_whole(run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", PLOT_NAME])
 
 
+@needs_lm_eval
 def test_cli_runs_a_saved_model_and_writes_its_results(saved_model, tmp_path, monkeypatch, capsys):
     model_dir, _ = saved_model
     monkeypatch.chdir(REPO)
@@ -302,6 +313,7 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("argv, message", [
     (["--limit", "0"], "--limit 0: must be at least 1"),
     (["--mode", "lowrank"], "--mode lowrank needs --d-r"),
@@ -316,6 +328,7 @@ def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert not out.exists()  # a directory the run would have created is not left behind
 
 
+@needs_lm_eval
 def test_unknown_task_exits_2_with_one_line(saved_model, tmp_path, capsys):
     model_dir, _ = saved_model
     assert main(["eval", "--model", str(model_dir), "--tasks", "nqpq_cloze,no_such_task_xyz", "--include-path",
@@ -324,6 +337,7 @@ def test_unknown_task_exits_2_with_one_line(saved_model, tmp_path, capsys):
     assert "unknown task no_such_task_xyz" in line and "nqpq_cloze" not in line.split("unknown task")[1]
 
 
+@needs_lm_eval
 def test_generate_until_task_exits_2_with_one_line(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["eval", "--tasks", "nqpq_cloze_generate", "--include-path", str(TASKS), "--no-progress"]) == 2
