@@ -467,6 +467,10 @@ def run_eval(
             basis_record = {"source": "file", "file": os.path.basename(cfg.basis)}
         else:
             basis, basis_record = _fit_basis(scfg, model, tokenizer, tok_name, layers, device, say)
+        # Attach and detach once at the largest rank: a basis of another model's shape, or narrower than a --d-r,
+        # is refused now, before any task runs.
+        with crystallize(model, layers, mode="lowrank", basis=basis.basis, d_r=max(d_rs), backend=cfg.backend):
+            pass
         timings["calibration_s"] = time.perf_counter() - t
 
     lm = make_lm(model, tokenizer, cfg.progress)

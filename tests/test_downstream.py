@@ -338,6 +338,25 @@ def test_unknown_task_exits_2_with_one_line(saved_model, tmp_path, capsys):
 
 
 @needs_lm_eval
+def test_basis_of_another_shape_exits_2_before_any_task_runs(saved_model, tmp_path, monkeypatch, capsys):
+    from nqpq.calibration import ResidualBasis
+
+    model_dir, _ = saved_model  # the tiny GPT-2: 4 heads of width 16
+    path = tmp_path / "basis.pt"
+    ResidualBasis({1: torch.eye(8).expand(2, 8, 8).clone()}, {1: torch.ones(2, 8)}, {1: torch.ones(2, 8)},
+                  {1: torch.ones(2)}).save(str(path))
+    monkeypatch.chdir(REPO)
+    assert main(["eval", "--model", str(model_dir), "--tasks", "nqpq_cloze", "--include-path", str(TASKS),
+                 "--layers", "1", "--mode", "lowrank", "--d-r", "4", "--basis", str(path), "--device", "cpu",
+                 "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "nqpq: error: ValueError: basis for layer 1 must be [H=4, D=16, R] with R >= d_r=4 (D: the value head width "
+        "D_v), got (2, 8, 8)"]
+    assert "[eval] model:" not in captured.out  # refused before the model's run
+
+
+@needs_lm_eval
 def test_generate_until_task_exits_2_with_one_line(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["eval", "--tasks", "nqpq_cloze_generate", "--include-path", str(TASKS), "--no-progress"]) == 2
