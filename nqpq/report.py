@@ -262,12 +262,14 @@ def describe_calibration(cfg: dict) -> list[str]:
 
 def verdict_summary(verdict: dict) -> str:
     """The verdict in a few words, for side-by-side tables and the scan's per-layer column."""
-    if verdict["outcome"] == INCONCLUSIVE:
-        why = {"no_measurable_loss": "top-1 dPPL CI holds 0", "too_few_blocks": f"{verdict['n_blocks']} blocks",
-               "not_finite": "a PPL not finite"}[verdict["reason"]]
-        return f"INCONCLUSIVE ({why})"
+    # Format-2 files (benchmarks/results) have no "outcome": compressible null / true / false said it.
+    outcome = verdict.get("outcome") or {None: INCONCLUSIVE, True: YES, False: "PARTIAL"}[verdict["compressible"]]
+    if outcome == INCONCLUSIVE:
+        why = {"no_measurable_loss": " (top-1 dPPL CI holds 0)", "too_few_blocks": f" ({verdict['n_blocks']} blocks)",
+               "not_finite": " (a PPL not finite)"}.get(verdict.get("reason"), "")
+        return f"INCONCLUSIVE{why}"
     unsettled = "" if verdict["settled"] else " (not settled)"
-    if verdict["outcome"] == YES:
+    if outcome == YES:
         return f"YES d_r={verdict['d_r_min']}{unsettled}"
     return f"PARTIAL best d_r={verdict['best_d_r']} {_pct(verdict['best_recovered_pct'], '.0f')}{unsettled}"
 
