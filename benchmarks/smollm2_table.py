@@ -22,7 +22,12 @@ def _load(root: Path, name: str) -> dict | None:
 
 
 def _ci(ci, fmt: str) -> str:
-    return "n/a" if ci is None else f"{format(ci[0], fmt)} … {format(ci[1], fmt)}"
+    """An interval's "lo … hi"; a side results.json leaves null is unbounded (docs/verdict.md)."""
+    if ci is None:
+        return "n/a"
+    lo = "−∞" if ci[0] is None else format(ci[0], fmt)
+    hi = "∞" if ci[1] is None else format(ci[1], fmt)
+    return f"{lo} … {hi}"
 
 
 def _rec(entry: dict) -> str:

@@ -77,7 +77,7 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help=layers_help)
     p.add_argument("--d-r", type=int, nargs="+", default=None,
-                   help="residual ranks to sweep, each 0..head_dim, run once each in increasing order "
+                   help="residual ranks to sweep, each 1..head_dim, run once each in increasing order "
                         "(default: the spec's 1 2 4 8 16 32, those <= head_dim)")
     p.add_argument("--n-blocks", type=int, default=30, help="evaluation blocks (default: 30)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default: 256)")

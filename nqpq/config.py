@@ -113,8 +113,10 @@ def check_flags(cfg: SweepConfig) -> None:
     if cfg.d_r is not None:
         if not cfg.d_r:
             raise NqpqError("--d-r: give at least one rank")
-        if any(d < 0 for d in cfg.d_r):
-            raise NqpqError(f"--d-r {[d for d in cfg.d_r if d < 0]}: ranks must be >= 0")
+        if any(d < 1 for d in cfg.d_r):
+            # Rank 0 is top-1 itself (no residual), which every run measures as [A]: a d_r of 0 tests nothing.
+            raise NqpqError(f"--d-r {[d for d in cfg.d_r if d < 1]}: ranks must be >= 1 (rank 0 is top-1 itself, "
+                            "which every run measures as [A])")
     if cfg.text_file:
         open_text_file(cfg.text_file).close()
     if cfg.text:
@@ -156,9 +158,9 @@ def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequen
     layers = layer_indices(layers, parts.n_layers, "--layers")
     parts.check_attention_layers(layers, "--layers")
     D = parts.smallest("v_dim", layers)
-    bad = [d for d in d_rs if not 0 <= d <= D]
+    bad = [d for d in d_rs if not 1 <= d <= D]
     if bad:
-        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{D} (the head dimension)")
+        raise NqpqError(f"--d-r {bad}: each d_r must be in 1..{D} (the head dimension; rank 0 is top-1)")
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
 

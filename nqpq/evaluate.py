@@ -8,7 +8,6 @@ predictions); PPL = exp(mean over blocks of each block's mean loss).
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from .devices import execution_device, input_device, weights_on_device
 from .errors import UnsupportedModelError
 from .models import ModelParts, as_index, model_parts
+from .stats import ppl_from_losses  # here since the evaluator was the only user; the verdict needs it too
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
 # never materialises [batch, T, vocab] at once.
@@ -230,6 +230,3 @@ def cat_losses(losses: list[Tensor]) -> Tensor:
     return torch.cat(losses).cpu() if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def ppl_from_losses(losses: Tensor) -> float:
-    """exp(mean over blocks of each block's mean loss)."""
-    return math.exp(losses.double().mean().item())

@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .crystallinity import format_table
-from .stats import blocks_to_halve, half_width
-from .verdict import INCONCLUSIVE, NO_LOSS_REL, RECOVERY_TARGET, crosses_target
+from .stats import MIN_BLOCKS, RECOVERED_PCT_LIMIT, blocks_to_halve, distinct_resamples, half_width
+from .verdict import INCONCLUSIVE, RECOVERY_TARGET, YES, crosses_target, spectrum_by_layer
 
 # results.json layouts (sweep, scan); `nqpq report` refuses others. 2: calibration source and draws, bootstrap
-# intervals, block losses.
-SWEEP_FORMAT_VERSION = 2
-SCAN_FORMAT_VERSION = 2
+# intervals, block losses. 3: verdict["outcome"] (INCONCLUSIVE where top-1's loss is not measurable, no intervals
+# below MIN_BLOCKS blocks, unbounded recovered-% bounds null) and, in a scan, each layer's verdict.
+SWEEP_FORMAT_VERSION = 3
+SCAN_FORMAT_VERSION = 3
 
 # What each kind of results.json must hold at the top level; a file without them is refused.
 REQUIRED_KEYS = {
@@ -163,25 +164,17 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
         say(line)
     say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
     say(f"[EXP-Q03] SVD of excitation residuals eps for layers {tuple(cfg['layers'])}...")
-    say(f"\n Residual effective dimension (cumulative variance, d_head={d_head}):")
-    say(f" {'layer/head':>12} | r=1 r=2 r=4 r=8 r=16")
-    for s in results["spectrum"]:
-        if s["head"] == 0:  # head 0 of each layer keeps the table short, as in the spec
-            cv = s["cumulative_variance"]
-
-            def at(r, cv=cv):
-                return cv[min(r - 1, len(cv) - 1)]
-
-            say(f" L{s['layer']:2d}H{s['head']:2d} | {at(1):.2f} {at(2):.2f} {at(4):.2f} {at(8):.2f} {at(16):.2f}")
+    for line in spectrum_table(results["spectrum"], d_head):
+        say(line)
     say(f" mean effective dim (r for 90% var): {results['mean_eff_dim']:.1f} / {d_head}")
     ppl_a, ppl_b = results["ppl_top1"], results["ppl_full"]
     ground = "V_i*" if not head_sink else f"sink exact + V_i*R, n={head_sink}"
     say(f" [A] Top-1 pure ({ground}) = {ppl_a:.3f} dPPL={ppl_a - ppl_fp:+.3f} "
-        f"95% CI {format_ci(results['top1_delta_ppl_ci95'])}")
+        f"95% CI {format_ci(results['top1_delta_ppl_ci95'])}{top1_note(results['verdict'])}")
     say(f" [B] Top-1 + full eps (sanity) = {ppl_b:.3f} dPPL={ppl_b - ppl_fp:+.3f} (should ~ 0)")
     say(f"\n [C] Top-1 + low-rank residual (d_head={d_head}):")
     for c in results["curve"]:
-        recovered = "  n/a" if c["recovered_pct"] is None else f"{c['recovered_pct']:5.1f}%"
+        recovered = "  n/a" if c["recovered_pct"] is None else f"{_pct(c['recovered_pct']):>6}"
         say(f" d_r={c['d_r']:2d}/{d_head}: PPL={c['ppl']:8.3f} dPPL={c['delta_ppl']:+7.3f} "
             f"recovered={recovered} of Top-1 loss | 95% CI dPPL {format_ci(c['delta_ppl_ci95'])}, "
             f"recovered {format_ci(c['recovered_pct_ci95'], '.1f')}")
@@ -190,7 +183,7 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
     for line in draw_lines(results["curve"], cfg["calibration"]):
         say(line)
     say(f"\n{'=' * 66}\n[EXP-Q03 VERDICT] is the excitation residual compressible?\n{'=' * 66}")
-    for line in verdict_lines(results["verdict"], results["curve"], d_head, ppl_a - ppl_fp):
+    for line in verdict_lines(results["verdict"], results["curve"], d_head):
         say(line)
     say("")
     for line in format_table(results["crystallinity"]):
@@ -268,13 +261,38 @@ def describe_calibration(cfg: dict) -> list[str]:
 
 
 def verdict_summary(verdict: dict) -> str:
-    """The verdict in a few words, for side-by-side tables."""
-    if verdict["compressible"] is None:
-        return "INCONCLUSIVE"
-    if verdict["compressible"]:
-        return f"YES d_r={verdict['d_r_min']}" + ("" if verdict.get("settled") else " (not settled)")
-    return (f"PARTIAL best d_r={verdict['best_d_r']} {verdict['best_recovered_pct']:.0f}%"
-            + ("" if verdict.get("settled") else " (not settled)"))
+    """The verdict in a few words, for side-by-side tables and the scan's per-layer column."""
+    # Format-2 files (benchmarks/results) have no "outcome": compressible null / true / false said it.
+    outcome = verdict.get("outcome") or {None: INCONCLUSIVE, True: YES, False: "PARTIAL"}[verdict["compressible"]]
+    if outcome == INCONCLUSIVE:
+        why = {"no_measurable_loss": " (top-1 dPPL CI holds 0)", "too_few_blocks": f" ({verdict['n_blocks']} blocks)",
+               "not_finite": " (a PPL not finite)"}.get(verdict.get("reason"), "")
+        return f"INCONCLUSIVE{why}"
+    unsettled = "" if verdict["settled"] else " (not settled)"
+    if outcome == YES:
+        return f"YES d_r={verdict['d_r_min']}{unsettled}"
+    return f"PARTIAL best d_r={verdict['best_d_r']} {_pct(verdict['best_recovered_pct'], '.0f')}{unsettled}"
+
+
+def top1_note(verdict: dict) -> str:
+    """After top-1's interval in the report: that it holds 0 (or is missing), when that makes the run INCONCLUSIVE."""
+    if verdict["outcome"] != INCONCLUSIVE or verdict["reason"] == "not_finite":
+        return ""
+    if verdict["reason"] == "too_few_blocks":
+        return f" (no interval below {MIN_BLOCKS} blocks: recovered % is n/a)"
+    return " (holds 0: no measurable loss, recovered % is n/a)"
+
+
+def spectrum_table(spectrum: Sequence[dict], d_head: int) -> list[str]:
+    """The residual spectrum table: per layer the mean over its heads (what cumulative_variance.png plots) and head
+    0 (the spec's row), each labelled."""
+    lines = [f"\n Residual effective dimension (cumulative variance of eps, d_head={d_head}; 'mean': over the layer's "
+             "heads, as plotted in cumulative_variance.png; 'H 0': head 0 alone, the spec's row):",
+             f" {'layer/head':>14} | r=1  r=2  r=4  r=8  r=16"]
+    for layer, s in spectrum_by_layer(spectrum).items():
+        for label, cv in ((f"L{layer:2d} mean of {s['heads']}", s["mean"]), (f"L{layer:2d} H 0", s["head0"])):
+            lines.append(f" {label:>14} | " + " ".join(f"{cv[min(r - 1, len(cv) - 1)]:.2f}" for r in (1, 2, 4, 8, 16)))
+    return lines
 
 
 def sink_comparison(sinks: Sequence[dict], ppl_baseline: float, d_rs: Sequence[int]) -> list[str]:
@@ -283,45 +301,48 @@ def sink_comparison(sinks: Sequence[dict], ppl_baseline: float, d_rs: Sequence[i
              f" {'n':>3} | {'top-1 dPPL':>10} {'95% CI':>20} | {'r90':>5} | "
              + " ".join(f"{f'd_r={d}':>7}" for d in d_rs) + " | verdict"]
     for e in sinks:
-        recovered = " ".join("    n/a" if c["recovered_pct"] is None else f"{c['recovered_pct']:6.1f}%"
-                             for c in e["curve"])
+        recovered = " ".join(f"{_pct(c['recovered_pct']):>7}" for c in e["curve"])
         lines.append(f" {e['sink_tokens']:3d} | {e['ppl_top1'] - ppl_baseline:+10.3f} "
                      f"{format_ci(e['top1_delta_ppl_ci95']):>20} | {e['mean_eff_dim']:5.1f} | {recovered} | "
                      f"{verdict_summary(e['verdict'])}")
     return lines
 
 
-# A recovered-% bound beyond this is printed as "<-1000" / ">1000": it comes from resamples on which top-1 loses
-# (almost) nothing, where the ratio has no scale (results.json keeps the number).
-PCT_SHOWN = 1000.0
-
-
-def _bound(v: float, fmt: str) -> str:
-    if "+" not in fmt and abs(v) >= PCT_SHOWN:
-        return f"<-{PCT_SHOWN:.0f}" if v < 0 else f">{PCT_SHOWN:.0f}"
+def _bound(v: float | None, fmt: str, side: int) -> str:
+    """One bound of an interval: a ΔPPL ("+" in ``fmt``) as is; a recovered % past ±RECOVERED_PCT_LIMIT, or None
+    (unbounded: ``side`` -1 for a low end, +1 for a high end), as "<-1000" / ">1000"."""
+    if v is None:
+        return f"<-{RECOVERED_PCT_LIMIT:.0f}" if side < 0 else f">{RECOVERED_PCT_LIMIT:.0f}"
+    if "+" not in fmt and abs(v) >= RECOVERED_PCT_LIMIT:
+        return f"<-{RECOVERED_PCT_LIMIT:.0f}" if v < 0 else f">{RECOVERED_PCT_LIMIT:.0f}"
     return format(v, fmt)
 
 
-def format_ci(ci: Sequence[float] | None, fmt: str = "+.3f") -> str:
-    """``[lo, hi]`` of a 95 % interval, or n/a (fmt "+..." for ΔPPL; otherwise a recovered %)."""
-    return "n/a" if ci is None else f"[{_bound(ci[0], fmt)}, {_bound(ci[1], fmt)}]"
+def format_ci(ci: Sequence[float | None] | None, fmt: str = "+.3f") -> str:
+    """``[lo, hi]`` of a 95 % interval, or n/a (fmt "+..." for ΔPPL; otherwise a recovered %, unbounded sides
+    printed as "<-1000" / ">1000")."""
+    return "n/a" if ci is None else f"[{_bound(ci[0], fmt, -1)}, {_bound(ci[1], fmt, 1)}]"
 
 
-def _span(ci: Sequence[float]) -> str:
-    return f"{_bound(ci[0], '.0f')}–{_bound(ci[1], '.0f')}"
+def _span(ci: Sequence[float | None]) -> str:
+    return f"{_bound(ci[0], '.0f', -1)}–{_bound(ci[1], '.0f', 1)}"
 
 
-def interval_notes(bootstrap: dict, recovered_cis: Sequence[Sequence[float] | None]) -> list[str]:
-    """How the intervals were made; that there are none with one block; how many blocks would halve wide ones."""
+def interval_notes(bootstrap: dict, recovered_cis: Sequence[Sequence[float | None] | None]) -> list[str]:
+    """How the intervals were made; that there are none below MIN_BLOCKS blocks; how many blocks would halve wide
+    ones."""
     n = bootstrap["n_blocks"]
-    if n < 2:
-        return [f" no confidence intervals: {n} scored block (the bootstrap resamples the scored blocks; it needs 2 "
-                "or more)"]
+    if n < bootstrap["min_blocks"]:
+        return [f" no confidence intervals: {n} scored block{'s' * (n != 1)} (a paired bootstrap over {n} has "
+                f"{distinct_resamples(n)} distinct resamples; intervals need --n-blocks {bootstrap['min_blocks']} or "
+                "more, docs/verdict.md)"]
     lines = [f" 95% CI: {bootstrap['method']}, {bootstrap['resamples']} resamples of the {n} blocks "
              f"(seed {bootstrap['seed']})"]
     widths = [half_width(ci) for ci in recovered_cis if ci is not None]
     if widths and max(widths) > 10:
-        lines.append(f" the widest interval of recovered % is ±{max(widths):.0f} points: about four times as many "
+        widest = (f"unbounded (a bound past ±{RECOVERED_PCT_LIMIT:.0f}%)" if max(widths) == float("inf")
+                  else f"±{max(widths):.0f} points")
+        lines.append(f" the widest interval of recovered % is {widest}: about four times as many "
                      f"blocks (--n-blocks {blocks_to_halve(n)}) would halve the intervals")
     return lines
 
@@ -334,28 +355,28 @@ def draw_lines(curve: list[dict], calibration: dict) -> list[str]:
     lines = [f" recovered % per calibration draw ({calibration['draws']} bases, {calibration['blocks_per_draw']} "
              "blocks each; draw 0 above):"]
     for c in curve:
-        values = " ".join("  n/a" if r is None else f"{r:5.1f}" for r in c["recovered_pct_draws"])
+        values = " ".join(f"{_pct(r):>6}" for r in c["recovered_pct_draws"])
         spread = "n/a" if c["recovered_pct_spread"] is None else f"{c['recovered_pct_spread']:.1f} points"
         lines.append(f" d_r={c['d_r']:2d}: {values} | spread {spread}")
     return lines
 
 
-def verdict_lines(verdict: dict, curve: list[dict], d_head: int, top1_delta: float) -> list[str]:
+def verdict_lines(verdict: dict, curve: list[dict], d_head: int) -> list[str]:
     """The verdict, with d_r_min's (or the best d_r's) interval and, when not settled, why."""
-    if verdict["compressible"] is None and verdict["explanation"] != INCONCLUSIVE:
-        return [f" => INCONCLUSIVE: {verdict['explanation']}."]
-    if verdict["compressible"] is None:
-        return [f" => INCONCLUSIVE: {verdict['explanation']} (top-1 dPPL={top1_delta:+.3g} <= {NO_LOSS_REL:g} x "
-                "baseline): there is no loss for a low-rank residual to recover."]
+    if verdict["outcome"] == INCONCLUSIVE:
+        return [f" => INCONCLUSIVE: {verdict['explanation']}.",
+                "    Recovered % is defined only where top-1's loss is measurable (docs/verdict.md): no "
+                "compressibility claim either way."]
     ci, rec, n = verdict["ci95"], verdict["recovered_pct"], verdict["n_blocks"]
     with_ci = f" (95% CI {_span(ci)})" if ci is not None else ""
     reasons = []
     if ci is None:
-        reasons.append(f"there is no interval ({n} scored block)")
-    elif verdict["compressible"] and ci[0] < RECOVERY_TARGET:
+        reasons.append("there is no interval")
+    elif verdict["outcome"] == YES and (ci[0] is None or ci[0] < RECOVERY_TARGET):
         reasons.append(f"the 95% CI ({_span(ci)}) reaches below 90%")
-    elif not verdict["compressible"]:
-        reaching = [c["d_r"] for c in curve if c["recovered_pct_ci95"] and c["recovered_pct_ci95"][1] >= 90]
+    elif verdict["outcome"] != YES:
+        reaching = [c["d_r"] for c in curve if c["recovered_pct_ci95"]
+                    and (c["recovered_pct_ci95"][1] is None or c["recovered_pct_ci95"][1] >= RECOVERY_TARGET)]
         if reaching:
             reasons.append(f"the 95% CI of d_r={', '.join(map(str, reaching))} reaches 90%")
     if verdict["draws_agree"] is False:
@@ -363,20 +384,25 @@ def verdict_lines(verdict: dict, curve: list[dict], d_head: int, top1_delta: flo
         reasons.append(f"the {len(verdict['draws_d_r_min'])} calibration draws disagree (d_r_min per draw: {mins})")
     at = f"{n} block{'s' * (n != 1)}"
     unsettled = f"but {'; '.join(reasons)}: not settled at {at}." if reasons else ""
-    if verdict["compressible"]:
+    if verdict["outcome"] == YES:
         dr_min = verdict["d_r_min"]
         if reasons:
-            return [f" => YES at d_r={dr_min}/{d_head} ({rec:.0f}% of the Top-1 loss), {unsettled}"]
-        return [f" => YES: d_r={dr_min}/{d_head} recovers {rec:.0f}%{with_ci} of the Top-1 loss (>=90%). Deep layers "
-                f"are nearly crystalline + a rank-{dr_min} excitation. Compressible attention found."]
-    lines = [f" => PARTIAL: best is d_r={verdict['best_d_r']} recovering {rec:.0f}%{with_ci}. The residual is not "
-             "strongly low-rank; excitations are spread across many value dimensions."]
+            return [f" => YES at d_r={dr_min}/{d_head} ({_pct(rec, '.0f')} of the Top-1 loss), {unsettled}"]
+        return [f" => YES: d_r={dr_min}/{d_head} recovers {_pct(rec, '.0f')}{with_ci} of the Top-1 loss (>=90%). "
+                f"Deep layers are nearly crystalline + a rank-{dr_min} excitation. Compressible attention found."]
+    lines = [f" => PARTIAL: best is d_r={verdict['best_d_r']} recovering {_pct(rec, '.0f')}{with_ci}. The residual "
+             "is not strongly low-rank; excitations are spread across many value dimensions."]
     lines.append(f"    {unsettled}" if reasons else f"    Every d_r's 95% CI is below 90%: settled at {at}.")
     return lines
 
 
-def _pct(pct: float | None) -> str:
-    return "n/a" if pct is None else f"{pct:.1f}%"
+def _pct(pct: float | None, fmt: str = ".1f") -> str:
+    """A recovered %: n/a for None; past ±RECOVERED_PCT_LIMIT as ">1000%" / "<-1000%" (the stored number is kept)."""
+    if pct is None:
+        return "n/a"
+    if abs(pct) >= RECOVERED_PCT_LIMIT:
+        return f"<-{RECOVERED_PCT_LIMIT:.0f}%" if pct < 0 else f">{RECOVERED_PCT_LIMIT:.0f}%"
+    return f"{pct:{fmt}}%"
 
 
 def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None:
@@ -394,13 +420,14 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
     for line in describe_sink(results.get("sink_tokens", 0), [e["sink_tokens"] for e in sinks]):
         say(line)
     say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
-    say(" recovered % of the top-1 loss by d_r:")
+    say(" recovered % of the top-1 loss by d_r, and each layer's verdict (--: INCONCLUSIVE, recovered % undefined):")
     say(f" {'layer':>5} | {'top-1 PPL':>9} {'dPPL':>8} | " + " ".join(f"{f'd_r={d}':>7}" for d in d_rs)
-        + f" | {'r90':>5} {'top-1 p':>7}")
+        + f" | {'r90':>5} {'top-1 p':>7} | verdict")
     for e in results["layers"]:
-        recovered = " ".join(f"{_pct(c['recovered_pct']):>7}" for c in e["curve"])
+        inconclusive = e["verdict"]["outcome"] == INCONCLUSIVE
+        recovered = " ".join(f"{'--' if inconclusive else _pct(c['recovered_pct']):>7}" for c in e["curve"])
         say(f" {e['layer']:5d} | {e['ppl_top1']:9.3f} {e['ppl_top1'] - ppl_fp:+8.3f} | {recovered} | "
-            f"{e['r90_mean']:5.1f} {e['top1_prob_mean']:7.4f}")
+            f"{e['r90_mean']:5.1f} {e['top1_prob_mean']:7.4f} | {verdict_summary(e['verdict'])}")
     say(" 95% CI of top-1 dPPL and of recovered % by d_r (* : the interval crosses 90%):")
     for e in results["layers"]:
         cis = " ".join(f"d_r={c['d_r']} {format_ci(c['recovered_pct_ci95'], '.1f')}{crosses_target(c)}"

@@ -31,12 +31,11 @@ import torch
 from .batching import default_batch_size, gather_losses, plan_batches
 from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
 from .crystallinity import layer_means
-from .evaluate import ppl_from_losses
 from .integration import crystallize
 from .prefix import PrefixRunner
 from .report import SCAN_FORMAT_VERSION, print_scan_report
 from .resume import Checkpoint
-from .stats import delta_ppl_ci, resample_indices
+from .stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from .sweep import (
     BaselineObservation,
     calibration_sets,
@@ -45,7 +44,7 @@ from .sweep import (
     open_run,
     results_config,
 )
-from .verdict import bootstrap_info, curve_entry, finite_baseline, with_draws
+from .verdict import bootstrap_info, curve_entry, finite_baseline, smallest_recovering, verdict, with_draws
 
 
 def run_scan(
@@ -164,10 +163,15 @@ def run_scan(
                                       top1_losses, indices) for d_r in d_rs]
             draws.append({"draw": cal.draw, "first_block": cal.first_block, "curve": draw_curve,
                           "r90_mean": basis.r90[layer].double().mean().item()})
+        ppl_top1 = ppl_from_losses(top1_losses)
+        top1_ci = delta_ppl_ci(base_losses, top1_losses, indices)
+        curve = with_draws(draws)
         return {
-            "layer": layer, "ppl_top1": ppl_from_losses(top1_losses),
-            "top1_delta_ppl_ci95": delta_ppl_ci(base_losses, top1_losses, indices),
-            "top1_block_losses": top1_losses.tolist(), "curve": with_draws(draws), "draws": draws,
+            "layer": layer, "ppl_top1": ppl_top1, "top1_delta_ppl_ci95": top1_ci,
+            "top1_block_losses": top1_losses.tolist(), "curve": curve, "draws": draws,
+            # The layer's own verdict (the scan's cells): INCONCLUSIVE where its top-1 loses nothing measurable.
+            "verdict": verdict(curve, ppl_fp, ppl_top1, top1_ci=top1_ci, n_blocks=cfg.n_blocks,
+                               draws_d_r_min=[smallest_recovering(d["curve"]) for d in draws]),
             "r90_mean": draws[0]["r90_mean"], "top1_prob_mean": means[n][layer]["top1_prob_mean"],
         }
 
@@ -187,7 +191,7 @@ def run_scan(
     results = {
         "kind": "scan", "format_version": SCAN_FORMAT_VERSION, "ppl_baseline": ppl_fp,
         "layers": per_sink[sinks[0]], "block_losses": {"baseline": base_losses.tolist()},
-        "bootstrap": bootstrap_info(cfg),
+        "bootstrap": bootstrap_info(cfg.seed, cfg.n_blocks),
         # The spec's statistics of the baseline (i* over every key); each sink setting's own are in "sinks".
         "crystallinity": crystallinity[0], "sink_tokens": sinks[0],
         "sinks": [{"sink_tokens": n, "layers": per_sink[n], "crystallinity": crystallinity[n]} for n in sinks],

@@ -46,15 +46,23 @@ from .config import (
 from .crystallinity import CrystallinityAccumulator
 from .devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
 from .errors import NqpqError
-from .evaluate import make_blocks, ppl_from_losses, text_tokens_per_block
+from .evaluate import make_blocks, text_tokens_per_block
 from .integration import Observer, crystallize, observe_residuals
 from .prefix import PrefixRunner
 from .registry import is_registry_name
 from .report import SWEEP_FORMAT_VERSION, geometry_config, print_sweep_report, versions
 from .resume import Checkpoint
-from .stats import delta_ppl_ci, resample_indices
+from .stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from .text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
-from .verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
+from .verdict import (
+    bootstrap_info,
+    curve_entry,
+    finite_baseline,
+    residual_spectrum,
+    smallest_recovering,
+    verdict,
+    with_draws,
+)
 
 
 def default_device() -> str:
@@ -267,16 +275,17 @@ def run_sweep(
             draw_curve = [curve_entry(d_r, config_losses("lowrank", d_r, f"lowrank_d{d_r}{suffix}", per_sink[n], n),
                                       base_losses, top1_losses, indices) for d_r in d_rs]
             draws.append({"draw": cal.draw, "first_block": cal.first_block, "curve": draw_curve,
-                          "d_r_min": verdict(draw_curve, ppl_fp, ppl_a)["d_r_min"]})
+                          "d_r_min": smallest_recovering(draw_curve)})
         curve = with_draws(draws)
-        spectrum, mean_eff = residual_spectrum(bases[0][n])
+        spectrum, mean_eff = residual_spectrum(bases[0][n].cumulative_variance, bases[0][n].r90)
+        top1_ci = delta_ppl_ci(base_losses, top1_losses, indices)
         analyses.append({
             "sink_tokens": n, "ppl_top1": ppl_a, "curve": curve,
-            "top1_delta_ppl_ci95": delta_ppl_ci(base_losses, top1_losses, indices),
+            "top1_delta_ppl_ci95": top1_ci,
             "top1_block_losses": top1_losses.tolist(), "draws": draws,
             "spectrum": spectrum, "mean_eff_dim": mean_eff,
-            "verdict": verdict(curve, ppl_fp, ppl_a, n_blocks=cfg.n_blocks,
-                                draws_d_r_min=[d["d_r_min"] for d in draws]),
+            "verdict": verdict(curve, ppl_fp, ppl_a, top1_ci=top1_ci, n_blocks=cfg.n_blocks,
+                               draws_d_r_min=[d["d_r_min"] for d in draws]),
             "crystallinity": crystallinity[n],
         })
     timings["sweep_s"] = time.perf_counter() - t_sweep
@@ -291,7 +300,7 @@ def run_sweep(
         "full_delta_ppl_ci95": delta_ppl_ci(base_losses, full_losses, indices),
         "block_losses": {"baseline": base_losses.tolist(), "top1": head["top1_block_losses"],
                          "full": full_losses.tolist()},
-        "draws": head["draws"], "bootstrap": bootstrap_info(cfg),
+        "draws": head["draws"], "bootstrap": bootstrap_info(cfg.seed, cfg.n_blocks),
         "spectrum": head["spectrum"], "mean_eff_dim": head["mean_eff_dim"], "verdict": head["verdict"],
         # The spec's statistics of the baseline (i* over every key); each sink setting's own are in "sinks".
         "crystallinity": crystallinity[0], "sink_tokens": sinks[0],

@@ -264,11 +264,11 @@ def test_sweep_and_scan_end_to_end(family, tokenizer, tmp_path, capsys):
               "--calib-blocks", "2", "--calib-from", "eval", "--device", "cpu", "--batch-size", "2", "--no-progress"]
 
     out = tmp_path / "sweep"
-    assert main(["sweep", *common, "--layers", str(layer), "--d-r", "0", "4", str(geo.v_dim), "--out", str(out)]) == 0
+    assert main(["sweep", *common, "--layers", str(layer), "--d-r", "1", "4", str(geo.v_dim), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     cfg = results["config"]
     assert (cfg["qk_dim"], cfg["v_dim"]) == (geo.qk_dim, geo.v_dim)
-    assert [c["d_r"] for c in results["curve"]] == [0, 4, geo.v_dim]
+    assert [c["d_r"] for c in results["curve"]] == [1, 4, geo.v_dim]
     assert all(math.isfinite(c["ppl"]) for c in results["curve"])
     # d_r = D_v keeps the whole residual: the baseline's perplexity.
     assert results["curve"][-1]["ppl"] == pytest.approx(results["ppl_baseline"], rel=1e-5)
@@ -281,7 +281,7 @@ def test_sweep_and_scan_end_to_end(family, tokenizer, tmp_path, capsys):
     assert cfg["learned_sink"] is geo.learned_sink
     assert main(["sweep", *common, "--layers", str(layer), "--d-r", str(geo.v_dim + 1),
                  "--out", str(tmp_path / "bad")]) == 2
-    assert f"0..{geo.v_dim}" in capsys.readouterr().err
+    assert f"1..{geo.v_dim}" in capsys.readouterr().err
 
     out = tmp_path / "scan"
     assert main(["scan", *common, "--d-r", "2", "--out", str(out)]) == 0
@@ -348,7 +348,7 @@ def test_llama4_sweep_end_to_end(tokenizer, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(model_dir), "--text-file", str(text), "--n-blocks", "4", "--seq-len", "24",
                  "--calib-blocks", "2", "--calib-from", "eval", "--device", "cpu", "--batch-size", "2",
-                 "--no-progress", "--layers", "2", "--d-r", "0", "16", "--out", str(out)]) == 0
+                 "--no-progress", "--layers", "2", "--d-r", "1", "16", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["attention_chunk"] == {"2": 8}
     assert all(math.isfinite(c["ppl"]) for c in results["curve"])

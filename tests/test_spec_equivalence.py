@@ -27,8 +27,9 @@ def test_sweep_matches_spec_implementation(attn):
         ref = run_spec_sweep(spec, model, ids, layers=layers, d_r_sweep=d_rs, n_blocks=6, seq_len=32,
                              calib_blocks=2, device="cpu")
     assert_clear_argmax(gaps)
-    cfg = SweepConfig(layers=layers, d_r=d_rs, n_blocks=6, seq_len=32, calib_blocks=2, calib_from="eval",
-                      device="cpu", batch_size=4, backend="torch", progress=False)
+    # The spec sweeps d_r = 0 too (top-1 again); nqpq's --d-r starts at 1, its [A] being that configuration.
+    cfg = SweepConfig(layers=layers, d_r=tuple(d for d in d_rs if d > 0), n_blocks=6, seq_len=32, calib_blocks=2,
+                      calib_from="eval", device="cpu", batch_size=4, backend="torch", progress=False)
     ours = run_sweep(cfg, model=model, ids=ids, log=lambda *_: None)
 
     def close(a, b):
@@ -37,7 +38,8 @@ def test_sweep_matches_spec_implementation(attn):
     assert close(ours["ppl_baseline"], ref["ppl_baseline"])
     assert close(ours["ppl_top1"], ref["ppl_top1"])
     assert close(ours["ppl_full"], ref["ppl_full"])
-    for point, (d_r, ppl) in zip(ours["curve"], ref["curve"], strict=True):
+    assert [ppl for d_r, ppl in ref["curve"] if d_r == 0] == [pytest.approx(ours["ppl_top1"], rel=1e-5)]
+    for point, (d_r, ppl) in zip(ours["curve"], [p for p in ref["curve"] if p[0] > 0], strict=True):
         assert point["d_r"] == d_r
         assert close(point["ppl"], ppl), (d_r, point["ppl"], ppl)
     for s in ours["spectrum"]:

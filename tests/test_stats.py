@@ -10,8 +10,13 @@ import pytest
 
 from nqpq.stats import (
     BOOTSTRAP_RESAMPLES,
+    MIN_BLOCKS,
+    RECOVERED_PCT_LIMIT,
     blocks_to_halve,
+    bounded,
     delta_ppl_ci,
+    distinct_resamples,
+    half_width,
     percentile_interval,
     recovered_pct_ci,
     resample_indices,
@@ -38,12 +43,14 @@ def losses_of(n: int, seed: int, shift: float = 0.0, noise: float = 0.05) -> tup
     return base, [b + shift + rng.gauss(0.0, noise) for b in base]
 
 
-def test_indices_are_seeded_and_none_for_one_block():
-    a, b = resample_indices(7, seed=3), resample_indices(7, seed=3)
-    assert a.shape == (BOOTSTRAP_RESAMPLES, 7) and np.array_equal(a, b)
-    assert a.min() >= 0 and a.max() <= 6
-    assert not np.array_equal(a, resample_indices(7, seed=4))
-    assert resample_indices(1, seed=3) is None
+def test_indices_are_seeded_and_none_below_the_minimum():
+    a, b = resample_indices(9, seed=3), resample_indices(9, seed=3)
+    assert a.shape == (BOOTSTRAP_RESAMPLES, 9) and np.array_equal(a, b)
+    assert a.min() >= 0 and a.max() <= 8
+    assert not np.array_equal(a, resample_indices(9, seed=4))
+    assert MIN_BLOCKS == 8 and resample_indices(8, seed=3) is not None
+    for n in (1, 2, 4, 7):
+        assert resample_indices(n, seed=3) is None
     assert delta_ppl_ci([2.0], [2.5], None) is None and recovered_pct_ci([2.0], [2.5], [2.2], None) is None
 
 
@@ -87,3 +94,36 @@ def test_non_finite_values_give_no_interval():
     assert percentile_interval(np.array([1.0, math.nan, 2.0])) is None
     assert percentile_interval(np.array([1.0, math.inf])) is None
     assert percentile_interval(np.arange(101.0)) == pytest.approx([2.5, 97.5])
+
+
+def test_distinct_resamples_count_multisets():
+    """C(2n − 1, n): the multisets of n blocks out of n, counted here by enumerating sorted index tuples."""
+    import itertools
+
+    for n in range(1, 7):
+        assert distinct_resamples(n) == len(set(itertools.combinations_with_replacement(range(n), n)))
+    assert [distinct_resamples(n) for n in (2, 4, 8)] == [3, 35, 6435]
+    assert distinct_resamples(MIN_BLOCKS) > BOOTSTRAP_RESAMPLES  # the minimum's draws are not all repeats
+
+
+@pytest.mark.parametrize("interval, want", [
+    ([108.8, 47028434469.07], [108.8, None]),  # issue 32's bound: unbounded above, not 4.7e10
+    ([-5e6, 40.0], [None, 40.0]), ([-2e3, 3e3], [None, None]), ([-999.0, 999.0], [-999.0, 999.0]),
+    ([1500.0, 4e4], [RECOVERED_PCT_LIMIT, None]),  # all of it above the limit: "at least 1000"
+    ([-4e4, -1500.0], [None, -RECOVERED_PCT_LIMIT]), (None, None)])
+def test_unsupported_bounds_are_null(interval, want):
+    assert bounded(interval, RECOVERED_PCT_LIMIT) == want
+
+
+def test_recovered_interval_with_a_vanishing_top1_loss_is_unbounded_and_json_safe():
+    """Top-1 loses ~nothing on some resamples: the ratio's bound is null (JSON has no inf), never 1e10."""
+    import json
+
+    base = [3.0, 2.8, 3.1, 2.9, 3.3, 3.0, 2.7, 3.2]
+    top1 = [b + d for b, d in zip(base, [0.2, -0.2, 0.15, -0.1, 0.2, -0.15, 0.1, -0.19])]
+    config = [b - 0.05 for b in base]
+    ci = recovered_pct_ci(base, top1, config, resample_indices(8, seed=0))
+    assert ci is not None and None in ci
+    assert all(v is None or abs(v) <= RECOVERED_PCT_LIMIT for v in ci)
+    assert json.loads(json.dumps(ci)) == ci
+    assert half_width(ci) == math.inf and half_width([10.0, 30.0]) == 10.0 and half_width(None) is None

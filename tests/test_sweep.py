@@ -17,7 +17,7 @@ from nqpq.errors import NqpqError
 from nqpq.report import write_results
 from nqpq.scan import run_scan
 from nqpq.sweep import run_sweep
-from nqpq.verdict import INCONCLUSIVE, NOT_FINITE, recovered_pct
+from nqpq.verdict import INCONCLUSIVE, NOT_FINITE, NOT_FINITE_TEXT, recovered_pct
 from nqpq.verdict import verdict as _verdict
 
 GIB = 1 << 30
@@ -27,17 +27,28 @@ def spec_formula(base, top1, c):
     return (top1 - c) / max(top1 - base, 1e-9) * 100
 
 
-@pytest.mark.parametrize("base, top1, c", [(20.0, 25.0, 21.0), (20.0, 20.0 + 2.1e-5, 20.00001), (7.5, 9.0, 9.5),
-                                          (100.0, 100.0 + 1.01e-4, 100.0)])
-def test_recovered_is_the_spec_formula_where_top1_loses(base, top1, c):
-    assert top1 - base > 1e-6 * base
-    assert recovered_pct(base, top1, c) == spec_formula(base, top1, c)
+@pytest.mark.parametrize("base, top1, c, ci", [(20.0, 25.0, 21.0, [4.0, 6.0]),
+                                              (20.0, 20.0 + 2.1e-5, 20.00001, [2.01e-5, 2.2e-5]),
+                                              (7.5, 9.0, 9.5, [0.2, 2.5]),
+                                              (100.0, 100.0 + 1.01e-4, 100.0, [1.001e-4, 1e-3])])
+def test_recovered_is_the_spec_formula_where_top1_loses_measurably(base, top1, c, ci):
+    """Top-1's ΔPPL and its whole interval above 1e-6 of the baseline: the spec's formula."""
+    assert top1 - base > 1e-6 * base and ci[0] > 1e-6 * base
+    assert recovered_pct(base, top1, c, ci) == spec_formula(base, top1, c)
 
 
-@pytest.mark.parametrize("base, top1", [(20.0, 20.0), (20.0, 20.0 + 1.9e-5), (100.0, 100.0 + 0.99e-4), (20.0, 19.0)])
-def test_recovered_is_null_where_top1_loses_nothing(base, top1):
-    """At or below 1e-6 of the baseline (or a top-1 better than the baseline) there is no loss to recover."""
-    assert recovered_pct(base, top1, base) is None
+@pytest.mark.parametrize("base, top1, ci", [
+    (20.0, 20.0, [0.0, 0.0]), (20.0, 20.0 + 1.9e-5, [1e-5, 3e-5]), (100.0, 100.0 + 0.99e-4, [0.5e-4, 1.5e-4]),
+    (20.0, 19.0, [-1.5, -0.5]),
+    (20.190 - 0.070, 20.190, [-0.286, 0.336]),  # issue 32's SmolLM2 layer 27: the interval holds 0
+    (20.0, 25.0, [-0.1, 9.0]),  # a large loss whose interval still reaches 0
+    (20.0, 25.0, [1.5e-5, 9.0]),  # above 0 but not above the minimum effect (1e-6 x 20)
+    (20.0, 25.0, None),  # no interval (fewer than 8 blocks)
+])
+def test_recovered_is_null_where_top1_loses_nothing_measurable(base, top1, ci):
+    """Top-1's interval reaching 1e-6 of the baseline or below (or no interval): no loss to recover, whatever the
+    point estimate."""
+    assert recovered_pct(base, top1, base, ci) is None
 
 
 def test_ranks_deduplicated_sorted_and_default_up_to_head_dim():
@@ -63,21 +74,27 @@ def silent_layers_model(tokenizer):
 
 def test_top1_that_loses_nothing_is_inconclusive(tokenizer, token_ids, tmp_path, capsys):
     model = silent_layers_model(tokenizer)
-    cfg = SweepConfig(layers=LAYERS, d_r=(1, HEAD_DIM), n_blocks=4, seq_len=32, calib_blocks=2, device="cpu",
+    cfg = SweepConfig(layers=LAYERS, d_r=(1, HEAD_DIM), n_blocks=8, seq_len=32, calib_blocks=2, device="cpu",
                       batch_size=2, progress=False)
     results = run_sweep(cfg, model=model, ids=token_ids)
     assert results["ppl_top1"] == results["ppl_baseline"] == results["ppl_full"]
+    assert results["top1_delta_ppl_ci95"] == [0.0, 0.0]  # every resample: the same PPL twice
     assert [c["recovered_pct"] for c in results["curve"]] == [None, None]
-    assert results["verdict"]["compressible"] is None and results["verdict"]["d_r_min"] is None
-    assert results["verdict"]["explanation"] == INCONCLUSIVE == "top-1 loses nothing here; the test is inconclusive"
+    verdict = results["verdict"]
+    assert (verdict["outcome"], verdict["reason"]) == (INCONCLUSIVE, "no_measurable_loss") == ("INCONCLUSIVE",
+                                                                                               "no_measurable_loss")
+    assert verdict["compressible"] is None and verdict["d_r_min"] is None and verdict["settled"] is False
+    message = "top-1 loses nothing measurable at this setting: ΔPPL CI [+0.000, +0.000]"
+    assert verdict["explanation"] == message
     report = capsys.readouterr().out
-    assert report.count("recovered=  n/a") == 2 and "INCONCLUSIVE" in report and INCONCLUSIVE in report
-    assert "YES" not in report and "PARTIAL" not in report
+    assert report.count("recovered=  n/a") == 2 and f"=> INCONCLUSIVE: {message}." in report
+    assert "YES" not in report and "PARTIAL" not in report and "settled" not in report
 
     write_results(str(tmp_path), results)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [c["recovered_pct"] for c in saved["curve"]] == [None, None]
-    assert saved["verdict"]["compressible"] is None and saved["verdict"]["explanation"] == INCONCLUSIVE
+    assert saved["verdict"]["outcome"] == INCONCLUSIVE and saved["verdict"]["compressible"] is None
+    assert saved["verdict"]["explanation"] == message
     assert (tmp_path / "delta_ppl_vs_dr.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -97,15 +114,19 @@ def test_non_finite_baseline_is_an_error(run, tokenizer, token_ids):
 def test_non_finite_crystallized_perplexity_is_inconclusive():
     """A NaN or infinite crystallized perplexity (an overflow) recovers nothing measurable: no YES/PARTIAL."""
 
-    def curve(top1, ppls):
-        return [{"d_r": d_r, "ppl": p, "recovered_pct": recovered_pct(20.0, top1, p)} for d_r, p in zip((1, 2), ppls)]
+    ci = [4.0, 6.0]
 
-    assert _verdict(curve(25.0, (21.0, 20.5)), 20.0, 25.0)["d_r_min"] == 2  # 80 %, then 90 %
+    def curve(top1, ppls):
+        return [{"d_r": d_r, "ppl": p, "recovered_pct": recovered_pct(20.0, top1, p, ci)}
+                for d_r, p in zip((1, 2), ppls)]
+
+    assert _verdict(curve(25.0, (21.0, 20.5)), 20.0, 25.0, top1_ci=ci, n_blocks=30)["d_r_min"] == 2  # 80 %, 90 %
     for top1, ppls in ((math.nan, (21.0, 20.5)), (25.0, (21.0, math.inf)), (25.0, (math.nan, 20.5))):
-        assert _verdict(curve(top1, ppls), 20.0, top1) == {
-            "compressible": None, "d_r_min": None, "best_d_r": None, "best_recovered_pct": None,
-            "recovered_pct": None, "ci95": None, "settled": None, "draws_agree": None, "n_blocks": None,
-            "draws_d_r_min": None, "explanation": NOT_FINITE}
+        assert _verdict(curve(top1, ppls), 20.0, top1, top1_ci=ci, n_blocks=30) == {
+            "outcome": "INCONCLUSIVE", "compressible": None, "d_r_min": None, "best_d_r": None,
+            "best_recovered_pct": None, "recovered_pct": None, "ci95": None, "settled": False, "draws_agree": None,
+            "n_blocks": 30, "draws_d_r_min": None, "top1_delta_ppl_ci95": ci, "reason": NOT_FINITE,
+            "explanation": NOT_FINITE_TEXT}
 
 
 def test_results_record_the_models_real_dtype(tokenizer, token_ids):
@@ -277,7 +298,8 @@ def test_rank_above_head_dim_refused(tokenizer, saved_model, tmp_path, capsys):
     model_dir = save_family(tmp_path, "llama", tiny_llama(len(tokenizer)), tokenizer)
     code = main(["sweep", "--model", str(model_dir), "--text-file", str(saved_model[1]), "--n-blocks", "2",
                  "--seq-len", "16", "--calib-blocks", "1", "--device", "cpu", "--d-r", "2", "9", "--no-progress"])
-    assert code == 2 and "--d-r [9]: each d_r must be in 0..8 (the head dimension)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--d-r [9]: each d_r must be in 1..8 (the head dimension; rank 0 is top-1)" in err
 
 
 def test_only_rank_0_touches_out_before_the_process_group(saved_model, tmp_path, monkeypatch, capsys):
@@ -361,9 +383,12 @@ def test_calibration_draws_are_the_disjoint_held_out_sets(tokenizer, token_ids):
     from nqpq import calibrate, crystallize, make_blocks, perplexity
 
     model = build_model(vocab_size=len(tokenizer))
-    results = run_sweep(cal_config(calib_draws=2, d_r=(1, 4)), model=model, ids=token_ids, log=lambda *_: None)
-    assert [d["first_block"] for d in results["draws"]] == [CAL_N, CAL_N + CAL_C]
-    assert results["config"]["calibration"]["first_blocks"] == [CAL_N, CAL_N + CAL_C]
+    n = 16  # enough blocks for top-1's loss to be measurable on this model, so each draw has a recovered %
+    results = run_sweep(cal_config(calib_draws=2, d_r=(1, 4), n_blocks=n), model=model, ids=token_ids,
+                        log=lambda *_: None)
+    assert results["verdict"]["outcome"] in ("YES", "PARTIAL")
+    assert [d["first_block"] for d in results["draws"]] == [n, n + CAL_C]
+    assert results["config"]["calibration"]["first_blocks"] == [n, n + CAL_C]
     gaps = []
     for draw in results["draws"]:
         blocks = make_blocks(token_ids, CAL_T, CAL_C, first_block=draw["first_block"])
@@ -372,7 +397,7 @@ def test_calibration_draws_are_the_disjoint_held_out_sets(tokenizer, token_ids):
             for entry in draw["curve"]:
                 with crystallize(model, CAL_LAYERS, mode="lowrank", basis=basis.basis, d_r=entry["d_r"],
                                  backend="torch"):
-                    want = perplexity(model, token_ids, CAL_T, CAL_N)
+                    want = perplexity(model, token_ids, CAL_T, n)
                 assert abs(entry["ppl"] - want) <= 1e-6 * want, (draw["draw"], entry["d_r"])
         gaps.extend(call_gaps)
     assert_clear_argmax(gaps)
@@ -388,13 +413,14 @@ def test_spec_choice_intervals_hold_their_estimates_and_come_from_the_block_loss
 
     model = build_model(vocab_size=len(tokenizer))
     lines: list[str] = []
-    results = run_sweep(cal_config(calib_from="eval", n_blocks=8), model=model, ids=token_ids, log=lines.append)
+    # 16 blocks: top-1's loss is measurable on this model (at 8 its interval holds 0, and recovered % is n/a).
+    results = run_sweep(cal_config(calib_from="eval", n_blocks=16), model=model, ids=token_ids, log=lines.append)
     assert results["config"]["calibration"]["scored_blocks_seen"] == CAL_C
-    assert any(f"the basis saw {CAL_C} of the 8 scored blocks, so recovered % may be optimistic" in ln
+    assert any(f"the basis saw {CAL_C} of the 16 scored blocks, so recovered % may be optimistic" in ln
                for ln in lines)
     losses = results["block_losses"]
     assert math.isclose(math.exp(statistics.fmean(losses["baseline"])), results["ppl_baseline"], rel_tol=1e-12)
-    indices = resample_indices(8, results["config"]["seed"])
+    indices = resample_indices(16, results["config"]["seed"])
     lo, hi = results["top1_delta_ppl_ci95"]
     assert lo <= results["ppl_top1"] - results["ppl_baseline"] <= hi
     assert [lo, hi] == delta_ppl_ci(losses["baseline"], losses["top1"], indices)
@@ -432,6 +458,7 @@ def test_one_scored_block_has_no_interval(tokenizer, token_ids):
     assert results["top1_delta_ppl_ci95"] is None
     assert all(c["delta_ppl_ci95"] is None and c["recovered_pct_ci95"] is None for c in results["curve"])
     assert results["verdict"]["ci95"] is None and results["verdict"]["settled"] is False
+    assert (results["verdict"]["outcome"], results["verdict"]["reason"]) == ("INCONCLUSIVE", "too_few_blocks")
     assert any("no confidence intervals: 1 scored block" in ln for ln in lines)
     assert any("calibration variability not measured" in ln for ln in lines)
 
@@ -450,8 +477,9 @@ def entry(d_r, recovered, ci):
     ([entry(1, 50.0, None), entry(8, 80.0, None)], None, (False, None, False)),
 ])
 def test_verdict_carries_its_interval_and_whether_it_is_settled(curve, draws, want):
-    verdict = _verdict(curve, 20.0, 25.0, n_blocks=30, draws_d_r_min=draws)
+    verdict = _verdict(curve, 20.0, 25.0, top1_ci=[4.0, 6.0], n_blocks=30, draws_d_r_min=draws)
     assert (verdict["compressible"], verdict["d_r_min"], verdict["settled"]) == want
+    assert verdict["outcome"] == ("YES" if want[0] else "PARTIAL") and verdict["reason"] is None
     chosen = curve[1]
     assert verdict["recovered_pct"] == chosen["recovered_pct"] and verdict["ci95"] == chosen["recovered_pct_ci95"]
     assert verdict["draws_agree"] == (None if draws is None else len(set(draws)) == 1)
@@ -461,7 +489,8 @@ def test_verdict_lines_say_how_sure_they_are():
     from nqpq.report import verdict_lines
 
     def lines(curve, draws=None):
-        return "\n".join(verdict_lines(_verdict(curve, 20.0, 25.0, n_blocks=30, draws_d_r_min=draws), curve, 64, 5.0))
+        return "\n".join(verdict_lines(_verdict(curve, 20.0, 25.0, top1_ci=[4.0, 6.0], n_blocks=30,
+                                                draws_d_r_min=draws), curve, 64))
 
     assert "YES: d_r=8/64 recovers 93% (95% CI 91–95)" in lines([entry(8, 93.0, [91.0, 95.0])])
     assert ("YES at d_r=8/64 (93% of the Top-1 loss), but the 95% CI (84–97) reaches below 90%: not settled at 30 "
