@@ -146,8 +146,9 @@ def render_layout(repo: Path = REPO) -> str:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - mkdocs' hook signature
-    if MARKER in markdown:
-        markdown = markdown.replace(MARKER, render_cli_reference())
-    if LAYOUT_MARKER in markdown:
-        markdown = markdown.replace(LAYOUT_MARKER, render_layout())
+    # A marker counts only on a line of its own: a page may quote it in prose (install.md explains the markers).
+    for marker, render in ((MARKER, render_cli_reference), (LAYOUT_MARKER, render_layout)):
+        pattern = re.compile(rf"^{re.escape(marker)}$", re.MULTILINE)
+        if pattern.search(markdown):
+            markdown = pattern.sub(lambda _: render(), markdown)
     return markdown
