@@ -493,7 +493,7 @@ def census_family(model_type: str) -> dict:
     import torch
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from nqpq.models import model_parts
+    from nqpq.model.parts import model_parts
 
     row = {"family": model_type, "cls": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], "outcome": None,
            "detail": "", "structure": "", "errors": {}}

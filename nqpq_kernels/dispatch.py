@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .contract import TRITON_HEAD_DIMS, ResidualAttentionResult, check_choice, check_tensor
 from .reference import residual_attention_reference
-from .validate import TRITON_HEAD_DIMS, ResidualAttentionResult, check_choice, check_tensor
 
 BACKENDS = ("auto", "torch", "triton")
 

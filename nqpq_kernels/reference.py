@@ -71,7 +71,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .validate import OUT_LAYOUTS, ResidualAttentionResult, check_choice, check_residual_attention_inputs
+from .contract import OUT_LAYOUTS, ResidualAttentionResult, check_choice, check_residual_attention_inputs
 
 
 def visible_keys(T: int, sliding_window: int | None, device: torch.device | str,

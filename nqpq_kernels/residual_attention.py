@@ -8,7 +8,7 @@ Per (b, query head h), with kv head ``h // (Hq // Hkv)`` and q, k, v ``[T, D]``:
     ctx = p @ V,   ε = ctx − V[i*]
     top1 → V[i*];  full → ctx;  lowrank → V[i*] + (ε P) Pᵀ,  P = basis[h, :, :d_r]
 
-With ``sink_tokens=n > 0`` (S = visible keys j < n, R = visible keys j >= n; ``nqpq.reference`` has the math)::
+With ``sink_tokens=n > 0`` (S = visible keys j < n, R = visible keys j >= n; ``nqpq_kernels.reference`` has the math)::
 
     i*ᴿ = first index of max_{j∈R} s[j],   m_S = Σ_{j∈S} p[j]
     ground = Σ_{j∈S} p[j] V[j] + (1 − m_S) V[i*ᴿ]   (ctx where R has no finite score: rows t < n)
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nqpq.validate import (
+from .contract import (
     OUT_LAYOUTS,
     TRITON_HEAD_DIMS,
     ResidualAttentionResult,
@@ -863,7 +863,7 @@ def residual_attention_triton(
     attention_chunk: int | None = None,
     attn_mask: Tensor | None = None,
 ) -> ResidualAttentionResult:
-    """Fused residual attention; same contract as ``nqpq.reference.residual_attention_reference``.
+    """Fused residual attention; same contract as ``nqpq_kernels.reference.residual_attention_reference``.
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (``Hq % Hkv == 0``; the kernel reads kv head
     ``h // (Hq // Hkv)`` in place, never a repeated copy). D: any multiple of 16 up to 256. v may have

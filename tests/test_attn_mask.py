@@ -24,10 +24,10 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 from benchmarks import census  # noqa: E402
 from nqpq import residual_attention  # noqa: E402
 from nqpq.errors import UnsupportedModelError  # noqa: E402
-from nqpq.evaluate import lm_losses  # noqa: E402
-from nqpq.integration import crystallize  # noqa: E402
-from nqpq.models import model_parts  # noqa: E402
-from nqpq.reference import residual_attention_reference  # noqa: E402
+from nqpq.model.crystallize import crystallize  # noqa: E402
+from nqpq.model.losses import lm_losses  # noqa: E402
+from nqpq.model.parts import model_parts  # noqa: E402
+from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")
@@ -321,7 +321,7 @@ def test_inkling2_per_row_learned_sinks():
     """Inkling 2 passes ``sinks`` [B, Hq, T, 1] (its sink_proj of each row's hidden state) and a position_bias: full
     mode is the model, top-1 / low-rank equal float64 with each row's own sink logit; the statistics report each
     row's learned-sink mass."""
-    from nqpq.integration import observe_residuals
+    from nqpq.model.crystallize import observe_residuals
 
     model = tiny_model("inkling2_text")
     ids = ids_for()
@@ -348,7 +348,7 @@ def test_inkling2_per_row_learned_sinks():
 def test_blt_window_only_in_the_model_mask():
     """BLT's local layers get their sliding window only from the mask the model builds (no sliding_window on the
     module or in the kwargs): nqpq reads it from that mask, and runs them exactly."""
-    from nqpq.integration import _mask_window
+    from nqpq.model.crystallize import _mask_window
 
     model = tiny_model("blt")
     window = model.config.local_attention_window_len
@@ -387,7 +387,7 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
     """Calibration's Gram and the statistics under a module-built mask: Σ εεᵀ equals float64's ε = ctx − ground on
     each call's q, k, v and mask, every argmax is a key index < Tk (an appended key counts as none of crystallinity's
     sink / self / previous), and the model's output is left bit for bit."""
-    from nqpq.integration import observe_residuals
+    from nqpq.model.crystallize import observe_residuals
 
     model = tiny_model(family, **({"keep_window_size": 8} if family == "doge" else {}))
     ids = ids_for()

@@ -36,7 +36,7 @@ def test_exact_and_refused_families_are_classified():
 
 def test_census_sees_a_small_error(monkeypatch):
     """A 1 % scale error in the op's output is WRONG, not EXACT: the tolerance is far below it."""
-    import nqpq.integration as integration
+    import nqpq.model.crystallize as integration
 
     real = integration.residual_attention_impl
 

@@ -26,7 +26,7 @@ from conftest import (
 from transformers import GPT2LMHeadModel
 
 from nqpq import GramAccumulator, crystallize, crystallize_layers, uncrystallize
-from nqpq.integration import observe_residuals
+from nqpq.model.crystallize import observe_residuals
 
 SPEC_ATTR = "_nqpq_layer_spec"
 
@@ -297,7 +297,7 @@ def test_rejected_call_leaves_no_layer_crystallized(eager_model):
 
 def test_failure_while_attaching_is_undone(eager_model, monkeypatch):
     """Issue 14 (1): an exception half-way through attaching removes what was attached."""
-    import nqpq.integration as integration
+    import nqpq.model.crystallize as integration
 
     real, copies = integration.copy.deepcopy, []
 

@@ -2,7 +2,7 @@
 
 Without CUDA they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set
 here before triton is imported).  The kernel is checked against an independent
-float64 implementation written below *and* against ``nqpq.reference``.
+float64 implementation written below *and* against ``nqpq_kernels.reference``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 from plain_attention import GRAM_RTOL, TOL, check_against_plain, plain_scores  # noqa: E402
 
 import nqpq_kernels  # noqa: E402
-from nqpq.reference import residual_attention_reference  # noqa: E402
-from nqpq.validate import ResidualAttentionResult  # noqa: E402
 from nqpq_kernels import residual_attention as ra_mod  # noqa: E402
 from nqpq_kernels import residual_attention_triton  # noqa: E402
+from nqpq_kernels.contract import ResidualAttentionResult  # noqa: E402
+from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")

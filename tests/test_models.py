@@ -21,12 +21,12 @@ from conftest import REL_SCORE_MARGIN
 from transformers import AttentionInterface
 
 from nqpq import PrefixRunner, block_losses, crystallize
-from nqpq.calibration import GramAccumulator
 from nqpq.errors import UnsupportedModelError
-from nqpq.geometry import LayerGeometry
-from nqpq.heads import after_layers
-from nqpq.integration import observe_residuals
-from nqpq.models import model_parts
+from nqpq.experiments.calibration import GramAccumulator
+from nqpq.model.crystallize import observe_residuals
+from nqpq.model.geometry import LayerGeometry
+from nqpq.model.lm_head import after_layers
+from nqpq.model.parts import model_parts
 
 VOCAB, T, B = 96, 40, 2
 SHARPEN = 256.0
@@ -342,7 +342,7 @@ def test_kernel_equals_reference(family, layers):
     """The fused kernel (Triton's interpreter on CPU) gives the reference's model output: GQA, a sliding window
     shorter than T, soft-capped scores, D = 32 (kept small: the interpreter is slow)."""
     pytest.importorskip("triton")
-    from nqpq.ops import resolve_backend
+    from nqpq_kernels.dispatch import resolve_backend
 
     try:
         resolve_backend("triton", "cpu")
@@ -537,10 +537,10 @@ def test_what_follows_the_layers_is_replayed(family):
 def test_hybrid_sweep_and_scan_take_the_attention_layers():
     """The sweep's --layers defaults to the last quarter of the attention layers, the scan covers the attention
     layers, and asking for another layer is a one-line error (CLI exit 2) naming the attention layers."""
-    from nqpq.config import SweepConfig
     from nqpq.errors import NqpqError
-    from nqpq.scan import run_scan
-    from nqpq.sweep import run_sweep
+    from nqpq.experiments.config import SweepConfig
+    from nqpq.experiments.scan import run_scan
+    from nqpq.experiments.sweep import run_sweep
 
     model = census_model("qwen3_next")
     ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))

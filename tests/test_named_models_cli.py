@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from nqpq import hub
 from nqpq.cli import main
+from nqpq.sources import hub
 
 
 def test_models_lists_every_name(capsys):

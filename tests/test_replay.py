@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from nqpq import PrefixRunner, block_losses, crystallize
-from nqpq.models import model_parts
+from nqpq.model.parts import model_parts
 
 FAMILIES = ("dory", "hy_v4", "gemma3n_text")
 
@@ -146,9 +146,9 @@ def test_sweep_and_scan_on_a_looping_body():
     """The sweep on Dory (baseline and top-1 by the body-forward replay) gives the model's own block losses, plain
     and with the default layer crystallized; the scan covers its attention layers."""
     from nqpq import make_blocks
-    from nqpq.config import SweepConfig
-    from nqpq.scan import run_scan
-    from nqpq.sweep import run_sweep
+    from nqpq.experiments.config import SweepConfig
+    from nqpq.experiments.scan import run_scan
+    from nqpq.experiments.sweep import run_sweep
 
     model = tiny_model("dory")
     ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))

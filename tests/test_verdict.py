@@ -1,4 +1,4 @@
-"""What a result's numbers say (nqpq.verdict), as pure functions on numbers: curve entries, draws, the interval
+"""What a result's numbers say (nqpq.results.verdict), as pure functions on numbers: curve entries, draws, the interval
 mark, the residual spectrum, the baseline check and the bootstrap summary, each against values worked out here
 independently (float64, by hand)."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from nqpq.calibration import basis_from_grams
-from nqpq.config import SweepConfig
 from nqpq.errors import NqpqError
-from nqpq.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, resample_indices
-from nqpq.verdict import (
+from nqpq.experiments.calibration import basis_from_grams
+from nqpq.experiments.config import SweepConfig
+from nqpq.results.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, resample_indices
+from nqpq.results.verdict import (
     RECOVERY_TARGET,
     bootstrap_info,
     crosses_target,

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..model.devices import compute_devices, execution_device
+from ..model.losses import HEAD_ROWS_MULTIPLE
 from . import distributed
-from .devices import compute_devices, execution_device
-from .evaluate import HEAD_ROWS_MULTIPLE
 
 # The CUDA grid's y dimension is at most 65535: keep batch · Hq (one program row per block and head) under it.
 CUDA_GRID_Y = 65535

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .devices import execution_device, input_device
+from ..model.crystallize import Observer, observe_residuals
+from ..model.devices import execution_device, input_device
+from ..model.losses import check_batch_size
+from ..model.parts import model_parts
 from .distributed import all_reduce_sum
-from .evaluate import check_batch_size
-from .integration import Observer, observe_residuals
-from .models import model_parts
 
 VARIANCE_TARGET = 0.90
 

@@ -11,13 +11,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nqpq_kernels.dispatch import BACKENDS
+
+from ..errors import NqpqError
+from ..model.devices import parse_device_map, parse_max_memory
+from ..sources.checkpoints import GGUF_DEVICE_MAP, is_gguf, parse_dtype
+from ..sources.registry import is_registry_name
+from ..sources.text import open_text_file, packaged_text
 from . import distributed
-from .checkpoints import GGUF_DEVICE_MAP, is_gguf, parse_dtype
-from .devices import parse_device_map, parse_max_memory
-from .errors import NqpqError
-from .ops import BACKENDS
-from .registry import is_registry_name
-from .text import open_text_file, packaged_text
 
 CALIB_SOURCES = ("heldout", "eval")  # --calib-from
 SPEC_D_R = (1, 2, 4, 8, 16, 32)  # the spec's ranks; the default keeps those <= the head dimension

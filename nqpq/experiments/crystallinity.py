@@ -30,7 +30,7 @@ NaN: a NaN is reported, never averaged away.
 It is fed by ``observe_residuals(..., stats_sink=acc)``, which rides along a baseline
 pass: the model's own attention output is kept. A module that calls its attention function more than once per
 forward on the same q and k (DiffLlama: once per half of V) is one attention with one softmax: its rows are
-counted once (``nqpq.integration`` feeds only the first such call).
+counted once (``nqpq.model.crystallize`` feeds only the first such call).
 """
 
 from __future__ import annotations

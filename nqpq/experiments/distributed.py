@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import NqpqError
+from ..errors import NqpqError
 
 
 def launched_by_torchrun() -> bool:

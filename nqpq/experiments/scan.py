@@ -28,14 +28,15 @@ from collections.abc import Callable
 
 import torch
 
+from ..model.crystallize import crystallize
+from ..model.losses import ppl_from_losses
+from ..model.replay import PrefixRunner
+from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
+from ..results.stats import delta_ppl_ci, resample_indices
+from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, with_draws
 from .batching import default_batch_size, gather_losses, plan_batches
 from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
 from .crystallinity import layer_means
-from .evaluate import ppl_from_losses
-from .integration import crystallize
-from .prefix import PrefixRunner
-from .report import SCAN_FORMAT_VERSION, print_scan_report
-from .stats import delta_ppl_ci, resample_indices
 from .sweep import (
     BaselineObservation,
     calibration_sets,
@@ -44,7 +45,6 @@ from .sweep import (
     open_run,
     results_config,
 )
-from .verdict import bootstrap_info, curve_entry, finite_baseline, with_draws
 
 
 def run_scan(
@@ -64,7 +64,7 @@ def run_scan(
     """
     from tqdm.auto import tqdm
 
-    from .models import model_parts
+    from ..model.parts import model_parts
 
     check_flags(cfg)
     timings: dict = {}

@@ -19,10 +19,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import distributed
-from .batching import default_batch_size, gather_losses, plan_batches, rank_batches
-from .calibration import GramAccumulator, ResidualBasis, basis_from_grams, gram_passes, reduce_grams
-from .checkpoints import (
+from ..errors import NqpqError
+from ..model.crystallize import Observer, crystallize, observe_residuals
+from ..model.devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
+from ..model.losses import make_blocks, ppl_from_losses, text_tokens_per_block
+from ..model.replay import PrefixRunner
+from ..results.report import SWEEP_FORMAT_VERSION, geometry_config, print_sweep_report, versions
+from ..results.stats import delta_ppl_ci, resample_indices
+from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
+from ..sources.checkpoints import (
     ByteTokenizer,
     demo_model,
     gguf_file_info,
@@ -32,6 +37,11 @@ from .checkpoints import (
     load_tokenizer,
     parse_dtype,
 )
+from ..sources.registry import is_registry_name
+from ..sources.text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
+from . import distributed
+from .batching import default_batch_size, gather_losses, plan_batches, rank_batches
+from .calibration import GramAccumulator, ResidualBasis, basis_from_grams, gram_passes, reduce_grams
 from .config import (
     SweepConfig,
     calibration_source,
@@ -42,16 +52,6 @@ from .config import (
     text_blocks_needed,
 )
 from .crystallinity import CrystallinityAccumulator
-from .devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
-from .errors import NqpqError
-from .evaluate import make_blocks, ppl_from_losses, text_tokens_per_block
-from .integration import Observer, crystallize, observe_residuals
-from .prefix import PrefixRunner
-from .registry import is_registry_name
-from .report import SWEEP_FORMAT_VERSION, geometry_config, print_sweep_report, versions
-from .stats import delta_ppl_ci, resample_indices
-from .text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
-from .verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
 
 
 def default_device() -> str:
@@ -87,7 +87,7 @@ def _load(cfg: SweepConfig, device: str, dtype: torch.dtype, say: Callable[[str]
     else:
         # Imported here: `python -m nqpq.fetch` runs that module as __main__, and importing the package must not
         # have imported it first (runpy warns, and there would be two copies).
-        from .fetch import model_file
+        from ..sources.fetch import model_file
 
         path = model_file(cfg.model, say)
         if is_gguf(path):  # named by what it is, its file and its hash, never by where it lies
@@ -164,7 +164,7 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    from .models import model_parts
+    from ..model.parts import model_parts
 
     check_flags(cfg)
     timings: dict = {}

@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from nqpq_kernels.contract import MODES, check_choice
+from nqpq_kernels.dispatch import residual_attention_impl, resolve_backend
+from nqpq_kernels.reference import _hidden_keys, visible_keys
+
+from ..errors import UnsupportedModelError
 from .devices import execution_device
-from .errors import UnsupportedModelError
 from .geometry import LayerGeometry
-from .models import as_index, model_parts
-from .ops import residual_attention_impl, resolve_backend
-from .reference import _hidden_keys, visible_keys
-from .validate import MODES, check_choice
+from .parts import as_index, model_parts
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"

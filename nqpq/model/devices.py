@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import NqpqError
+from ..errors import NqpqError
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # What a device-map entry may name: a GPU index, cpu, disk, or an explicit torch device (accelerate's own set).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 # The name the attention modules of transformers look their attention function up in.
 _INTERFACE_LOOKUP = "ALL_ATTENTION_FUNCTIONS"

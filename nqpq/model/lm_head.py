@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
+from ..errors import UnsupportedModelError
 from .devices import execution_device, input_device
-from .errors import UnsupportedModelError
 from .geometry import config_value, first_of
 
 if TYPE_CHECKING:
-    from .models import ModelParts
+    from .parts import ModelParts
 
 
 def _logit_scale(config) -> float | None:

@@ -1,5 +1,5 @@
 """Perplexity: blocks, the exact per-block loss, and the straightforward evaluator (the prefix-reusing one the
-sweep uses is ``nqpq.prefix.PrefixRunner``).
+sweep uses is ``nqpq.model.replay.PrefixRunner``).
 
 Definition (the spec's): over blocks b = 0 .. n_blocks − 1 of ``seq_len`` tokens,
 each block is scored with labels = the block (shifted next-token loss, seq_len − 1
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from .devices import execution_device, input_device, weights_on_device
-from .errors import UnsupportedModelError
-from .models import ModelParts, as_index, model_parts
+from .parts import ModelParts, as_index, model_parts
 
 # Logits are formed this many elements at a time (fp32: 256 MiB), so the LM head
 # never materialises [batch, T, vocab] at once.

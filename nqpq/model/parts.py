@@ -16,12 +16,12 @@ structurally:
   through the attention interface and is refused. Beside its causal self-attention a layer may hold an attention
   over other states that takes no mask (Inkling 2's over earlier blocks): that one keeps the model's own function.
   A cross-attention beside the self-attention, or two causal self-attentions in one layer, are refused by name;
-- the geometry is read per attention layer from its module (``nqpq.geometry``; Gemma 4: head_dim per layer;
+- the geometry is read per attention layer from its module (``nqpq.model.geometry``; Gemma 4: head_dim per layer;
   dots3: heads per layer; DeepSeek's multi-head latent attention: q/k heads wider than v heads);
 - what the body applies after its last layer (a final norm, with or without parameters, registered anywhere)
-  is found by ``nqpq.heads.after_layers`` from one forward's own values;
+  is found by ``nqpq.model.lm_head.after_layers`` from one forward's own values;
 - what the causal LM applies between the body's output and the LM head (a BERT-style prediction head's dense,
-  activation and LayerNorm) is found by ``nqpq.heads.head_transform``: among the modules beside the body and the
+  activation and LayerNorm) is found by ``nqpq.model.lm_head.head_transform``: among the modules beside the body and the
   head, the one that maps the body's output to what the head receives bit for bit in the model's own forward.
 """
 
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .geometry import LayerGeometry, config_value, first_of, layer_geometry, uses_attention_interface
-from .heads import head_transform, logit_scale
+from .lm_head import head_transform, logit_scale
 
 __all__ = ["ModelParts", "UnsupportedModelError", "as_index", "model_parts"]
 

@@ -9,11 +9,11 @@ from collections.abc import Iterable, MutableMapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from .devices import execution_device, input_device
-from .errors import UnsupportedModelError
-from .evaluate import cat_losses, head_losses
-from .heads import after_layers
-from .models import as_index, model_parts
+from .lm_head import after_layers
+from .losses import cat_losses, head_losses
+from .parts import as_index, model_parts
 
 
 def _same(a: object, b: object, memo: dict | None = None) -> bool:
@@ -50,7 +50,7 @@ class PrefixRunner:
     up (masks, position embeddings, ...: Gemma 2 hands its sliding and full layers different masks; a hybrid
     hands its linear-attention or SSM layers their own). It returns the baseline losses. ``losses(start=s)``
     then replays only layers ``s..`` (every one, attention or not, from its own start, without a cache) + what
-    the body applies after its last layer (``nqpq.heads.after_layers``: found from the baseline pass) + LM head
+    the body applies after its last layer (``nqpq.model.lm_head.after_layers``: found from the baseline pass) + LM head
     from that record, under whatever crystallization is active: the same computation as a full forward pass,
     without the unchanged lower layers.
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .crystallinity import format_table
+from ..experiments.crystallinity import format_table
 from .stats import blocks_to_halve, half_width
 from .verdict import INCONCLUSIVE, NO_LOSS_REL, RECOVERY_TARGET, crosses_target
 
@@ -33,7 +33,7 @@ REQUIRED_KEYS = {
 
 def check_out_dir(path: str) -> None:
     """Fail before the sweep runs, not after, if ``path`` cannot hold the results."""
-    from .errors import NqpqError
+    from ..errors import NqpqError
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise NqpqError(f"--out {path!r} exists and is not a directory")
@@ -88,7 +88,7 @@ def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> 
 
 def load_results(out_dir: str) -> dict:
     """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys."""
-    from .errors import NqpqError
+    from ..errors import NqpqError
 
     path = os.path.join(out_dir, "results.json")
     try:
@@ -127,7 +127,7 @@ def redraw(out_dir: str, say: Callable[[str], None] = print) -> list[str]:
     Nothing is printed or written unless all of it can be: a file whose entries do not hold
     what this version writes raises ``NqpqError``.
     """
-    from .errors import NqpqError
+    from ..errors import NqpqError
 
     results = load_results(out_dir)
     lines: list[str] = []

@@ -12,10 +12,10 @@ import statistics
 
 import torch
 
-from .calibration import ResidualBasis
-from .config import SweepConfig
-from .errors import NqpqError
-from .evaluate import ppl_from_losses
+from ..errors import NqpqError
+from ..experiments.calibration import ResidualBasis
+from ..experiments.config import SweepConfig
+from ..model.losses import ppl_from_losses
 from .stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, delta_ppl_ci, recovered_pct_ci
 
 RECOVERY_TARGET = 90.0  # % of the top-1 loss a rank must recover to call the residual compressible

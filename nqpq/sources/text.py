@@ -1,8 +1,8 @@
 """The evaluation text: rows (a file, WikiText packaged or from the hub, the demo's docstrings), tokenization, BOS,
 the ids blocks use.
 
-Nothing here loads a model: ``nqpq.checkpoints`` says where models and tokenizers come from; this module turns text
-into the token ids the blocks (``nqpq.evaluate.make_blocks``) are cut from.
+Nothing here loads a model: ``nqpq.sources.checkpoints`` says where models and tokenizers come from; this module turns
+text into the token ids the blocks (``nqpq.model.losses.make_blocks``) are cut from.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from importlib import resources
 import torch
 from torch import Tensor, nn
 
-from .errors import NqpqError
+from ..errors import NqpqError
 from .hub import OFFLINE_HINT, hub_reachable
 
-# WikiText-103 raw splits shipped inside the package (nqpq/wikitext/, CC BY-SA 3.0, source and license in its
+# WikiText-103 raw splits shipped inside the package (nqpq/sources/wikitext/, CC BY-SA 3.0, source and license in its
 # README.md): the same bytes as the spec's `datasets` text, on machines without the hub.
 PACKAGED_TEXTS = {"wikitext-103-valid": ("wiki.valid.raw", "WikiText-103 raw validation"),
                   "wikitext-103-test": ("wiki.test.raw", "WikiText-103 raw test")}
@@ -136,7 +136,7 @@ def join_rows(rows: Iterable[str]) -> str:
 
 def tokenize(text: str, tokenizer) -> Tensor:
     """The text's own tokens, without the special tokens a tokenizer adds (BOS goes in per block, see
-    ``nqpq.evaluate.make_blocks``); for a tokenizer that adds none, exactly ``tokenizer.encode(text)``."""
+    ``nqpq.model.losses.make_blocks``); for a tokenizer that adds none, exactly ``tokenizer.encode(text)``."""
     if hasattr(tokenizer, "bos_token_id"):  # a transformers tokenizer
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
