@@ -41,8 +41,8 @@ kernel (masked loads and stores). Non-finite rows (a NaN score, or a best score
 of ±inf) give NaN outputs, argmax -1, top1_prob and sink_mass NaN, and never an
 out-of-range load.
 
-The module never touches the CUDA driver at import time: block sizes come from a
-plain heuristic table evaluated inside the launcher.
+The module never touches the CUDA driver at import time: block sizes come from the
+plain rule table of ``nqpq_kernels.launch``, evaluated inside the launcher.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ from .contract import (
     check_choice,
     check_residual_attention_inputs,
 )
+from .launch import kernel_meta
 
 __all__ = ["MAX_GRID_Y", "SUPPORTED_HEAD_DIMS", "residual_attention_triton"]
 
 SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
-_MODE_IDS = {"top1": 0, "full": 1, "lowrank": 2}
 
 
 # --------------------------------------------------------------------------- #
@@ -100,21 +100,21 @@ def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _gram_cols(g_base, eps_t, eps_c, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr, GRAM_COLS: tl.constexpr,
-               EPI_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr):
     """Add εᵀ ε_c (the Gram's columns [c0, c0 + GRAM_COLS)) into the head's fp32 [HEAD_DV, HEAD_DV] Gram."""
     cols_g = c0 + tl.arange(0, GRAM_COLS)
-    g = tl.dot(eps_t, eps_c, input_precision=EPI_PREC)  # [DV_PAD, GRAM_COLS]
+    g = tl.dot(eps_t, eps_c, input_precision=DOT_PREC)  # [DV_PAD, GRAM_COLS]
     tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
                   mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
 
 
 @triton.jit
 def _gram_halves(g_base, eps_t, x, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr, GRAM_COLS: tl.constexpr,
-                 EPI_PREC: tl.constexpr, ROWS: tl.constexpr):
+                 DOT_PREC: tl.constexpr, ROWS: tl.constexpr):
     """The Gram's columns [c0, c0 + 2·GRAM_COLS) from x = ε's columns there ([ROWS, 2·GRAM_COLS]), in two steps."""
     e0, e1 = _halves(x, ROWS, 2 * GRAM_COLS)
-    _gram_cols(g_base, eps_t, e0, c0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
-    _gram_cols(g_base, eps_t, e1, c0 + GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC)
+    _gram_cols(g_base, eps_t, e0, c0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC)
+    _gram_cols(g_base, eps_t, e1, c0 + GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC)
 
 
 @triton.jit
@@ -320,8 +320,7 @@ def _residual_attn_fwd(
     STORE_TOP1P: tl.constexpr,
     STORE_GRAM: tl.constexpr,
     STORE_SINK: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    EPI_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # the key loop's dots and the epilogue's (projection, Gram)
     DOT_F32: tl.constexpr,  # upcast operands to fp32 (only for bf16 under the CPU interpreter)
     HAS_SINK: tl.constexpr,  # n_sink > 0 (n itself is a runtime argument: one compile serves every n >= 1)
     SINK_ACC: tl.constexpr,  # with HAS_SINK: the output or the Gram needs the ground state (Σ_S p V)
@@ -532,8 +531,8 @@ def _residual_attn_fwd(
             cols_r = r0 + offs_r
             p_ptrs = Basis + off_h * stride_ph + offs_dv[:, None] * stride_pd + cols_r[None, :] * stride_pr
             P = tl.load(p_ptrs, mask=mask_dv[:, None] & (cols_r < d_r)[None, :], other=0.0)  # [DV_PAD, R_BLOCK]
-            coeff = tl.dot(eps, P, input_precision=EPI_PREC)  # [BLOCK_M, R_BLOCK]
-            out = tl.dot(coeff, tl.trans(P), out, input_precision=EPI_PREC)
+            coeff = tl.dot(eps, P, input_precision=DOT_PREC)  # [BLOCK_M, R_BLOCK]
+            out = tl.dot(coeff, tl.trans(P), out, input_precision=DOT_PREC)
 
     o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_mdv)
@@ -569,25 +568,25 @@ def _residual_attn_fwd(
         eps_t = tl.trans(eps)
         g_base = Gram + off_h * (HEAD_DV * HEAD_DV)
         if GRAM_COLS == DV_PAD:
-            g = tl.dot(eps_t, eps, input_precision=EPI_PREC)  # [DV_PAD, DV_PAD]
+            g = tl.dot(eps_t, eps, input_precision=DOT_PREC)  # [DV_PAD, DV_PAD]
             tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + offs_dv[None, :], g,
                           mask=mask_dv[:, None] & mask_dv[None, :])
         elif SPLIT_GRAM and GRAM_COLS * 2 == DV_PAD:
             # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
             # than an SM has): GRAM_COLS columns at a time, ε's column blocks cut by reshape + split (exact).
-            _gram_halves(g_base, eps_t, eps, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, eps, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
         elif SPLIT_GRAM and GRAM_COLS * 4 == DV_PAD:
             h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
-            _gram_halves(g_base, eps_t, h0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
-            _gram_halves(g_base, eps_t, h1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, h0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, h1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
         elif SPLIT_GRAM and GRAM_COLS * 8 == DV_PAD:
             h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
             q0, q1 = _halves(h0, BLOCK_M, DV_PAD // 2)
-            _gram_halves(g_base, eps_t, q0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
-            _gram_halves(g_base, eps_t, q1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, q0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, q1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
             q2, q3 = _halves(h1, BLOCK_M, DV_PAD // 2)
-            _gram_halves(g_base, eps_t, q2, 4 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
-            _gram_halves(g_base, eps_t, q3, 6 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, EPI_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, q2, 4 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
+            _gram_halves(g_base, eps_t, q3, 6 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
         else:
             # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
             # than an SM has): GRAM_COLS columns at a time. Registers cannot be sliced, so the column block
@@ -596,8 +595,8 @@ def _residual_attn_fwd(
             for c0 in tl.static_range(0, DV_PAD, GRAM_COLS):
                 cols_g = c0 + offs_c
                 select = (offs_dv[:, None] == cols_g[None, :]).to(tl.float32)  # [DV_PAD, GRAM_COLS]
-                eps_c = tl.dot(eps, select, input_precision=EPI_PREC)
-                g = tl.dot(eps_t, eps_c, input_precision=EPI_PREC)  # [DV_PAD, GRAM_COLS]
+                eps_c = tl.dot(eps, select, input_precision=DOT_PREC)
+                g = tl.dot(eps_t, eps_c, input_precision=DOT_PREC)  # [DV_PAD, GRAM_COLS]
                 tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
                               mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
 
@@ -646,198 +645,10 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device,
-                 sink: bool = False, value_width: int | None = None, bias: bool = False) -> dict:
-    """Block sizes / launch options for a padded head dim ``D`` (the wider of q/k and v). A fixed small config
-    for the interpreter, a table on CUDA. ``sink``: sink_tokens > 0 (a second accumulator and the sink's argmax
-    state). ``value_width``: v's padded width (None: D). ``bias``: an attn_mask (an fp32 bias tile per key tile).
-    Optional ``R_BLOCK`` / ``GRAM_COLS`` keys set the epilogue's chunks (default 64 basis columns, 128 Gram
-    columns), ``SPLIT_GRAM`` how the Gram's column blocks of ε are cut (reshape + split; default one-hot products)."""
-    if device.type != "cuda":
-        # The interpreter ignores num_warps/num_stages; BLOCK_M > BLOCK_N exercises both stages. A 256-wide Gram
-        # is cut in two column blocks by reshape + split, as CUDA's D 256 table cuts it (in 4 or 8).
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, SPLIT_GRAM=True)
-    heavy_epilogue = mode == "lowrank" or return_gram  # fp32 [*, D] x [D, D] epilogue dots
-    if D > 128:
-        # D = 144..256 (Gemma 2's 256, MLA's 192/128), padded to 256. Speed NOT MEASURED (no card yet): chosen
-        # from python -m benchmarks.sm90 (issue 26; ptxas's registers and local memory). The projection 16 basis
-        # columns at a time (R_BLOCK; fp32: 4.4 KiB of stack at 64). A sink without a Gram: 32 rows (no local
-        # memory; 64 rows spilled 8-48 B); low-rank without a Gram: 32 rows (64 rows spilled 224 B). A 256-wide
-        # Gram goes to the atomics GRAM_COLS columns at a time, ε's column blocks cut by reshape + split
-        # (SPLIT_GRAM); it fits only in narrow row blocks (below), where QKᵀ and PV leave wgmma.
-        if dtype in (torch.float16, torch.bfloat16):
-            if return_gram:
-                # MLA (v 128 wide): 64 rows keep every dot on wgmma, the Gram whole; with a sink and every
-                # feature 32 keys per tile spilled 40 B once the learned logit became a per-row load (56 B before
-                # the NaN flag left the loop), 16 none.
-                narrow_v = value_width is not None and value_width <= 128
-                if narrow_v:
-                    return dict(BLOCK_M=64, BLOCK_N=16 if sink else 32, num_warps=8, num_stages=2 if sink else 1,
-                                GRAM_COLS=64, R_BLOCK=16)
-                # A 256-wide Gram, 64 columns at a time: at 64 rows (QKᵀ and PV on wgmma) 600-712 B of stack
-                # with one-hot selection, split: top1 176 B, low-rank 1008 B; 32 rows split: top1/full none,
-                # low-rank 704 B (R_BLOCK 32: 112 B); low-rank at 16 rows: none (with a sink and every feature too).
-                rows = 16 if mode == "lowrank" else 32
-                return dict(BLOCK_M=rows, BLOCK_N=min(rows, 32), num_warps=8, num_stages=2 if sink else 1,
-                            GRAM_COLS=64, R_BLOCK=16, SPLIT_GRAM=True)
-            return dict(BLOCK_M=32 if mode == "lowrank" or sink else 64, BLOCK_N=32, num_warps=8, num_stages=2)
-        # fp32. Two stages with a sink (one stage: fp32 D 256 top1 with a sink spilled 2.2 KiB, MLA with every
-        # feature 2.3 KiB). A 128-wide Gram (MLA) whole (1.4-2.3 KiB in chunks).
-        narrow_v = value_width is not None and value_width <= 128
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2 if sink else 1, R_BLOCK=16,
-                   GRAM_COLS=128 if narrow_v else 32)
-        if bias:
-            cfg["BLOCK_N"] = 16  # attn_mask's fp32 bias tile: "full" spilled 8 B at 32 keys (the anchor none), 16 none
-        if return_gram and not narrow_v:
-            # A 256-wide Gram, 32 columns at a time: one-hot selection spilled 5.3-5.6 KiB at 32 rows (21 KiB with
-            # 128 columns) and 2.9 KiB at 16; reshape + split 1.5-1.8 KiB at 32 rows, none at 16 (with a sink and
-            # every feature: 0.3 KiB at one stage, none at two).
-            cfg.update(BLOCK_M=16, BLOCK_N=16, SPLIT_GRAM=True)
-        if narrow_v and sink and heavy_epilogue:
-            # MLA with a sink and the low-rank/Gram epilogue (every feature on): 32 keys per tile spilled 16-32 B
-            # at 255 registers (R_BLOCK 32 too; one stage 2 KiB); 16 keys none.
-            cfg["BLOCK_N"] = 16
-        return cfg
-    if dtype in (torch.float16, torch.bfloat16):
-        if D <= 64:
-            # H100, bf16, B=32 H=12 D=64 (benchmarks.tune, 2026-11-27): 64/64/4 warps/3 stages was the
-            # fastest of the 20 configs tried for full and lowrank at T=256 and T=1024 (T=1024: full 0.205 ms,
-            # lowrank 0.301 ms, vs 0.222 / 0.350 ms with 128/64).
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-        else:
-            # D = 80..128 (80 and 96 padded to 128): the D=128 row; not measured for the padded dims.
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    else:
-        # fp32 operands: twice the bytes per tile, and exact ("ieee") dots run on FMA, not wgmma, with their
-        # operands in registers. Chosen by python -m benchmarks.sm90 (ptxas's registers and local memory, no card):
-        # 64/32 over 4 warps spilled 80-1336 B at D 64 (the plain FA2 + argmax anchor too, 208 B), over 8 warps
-        # at most 48 B (Gram + sink + every feature) where the anchor has none; the low-rank projection
-        # R_BLOCK = 16 basis columns at a time (64 columns: a [D, 64] basis tile and [BLOCK_M, 64] coefficients
-        # spilled), and one stage for a Gram without a sink (two stages: 16-24 B). D 128: 32 query rows once
-        # P @ V is accumulated (64 rows spilled up to 1.6 KiB with a Gram, 56 B for full; the anchor 56 B).
-        if D <= 64:
-            cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1 if return_gram and not sink else 2,
-                       R_BLOCK=16)
-            if sink and return_gram:
-                # Gram + sink (+ window, soft cap, top1_prob): 64 rows spilled 32-56 B at 255 registers whatever
-                # the stages or BLOCK_N; 32 rows none (164 registers).
-                cfg["BLOCK_M"] = 32
-        else:
-            cfg = dict(BLOCK_M=64 if mode == "top1" and not return_gram else 32, BLOCK_N=32, num_warps=8,
-                       num_stages=2, R_BLOCK=16)
-            if sink and mode == "top1":
-                # 64 rows with a sink: 688 B of stack at 32 keys per tile once the NaN flag left the loop (0 before);
-                # 16 keys none.
-                cfg["BLOCK_N"] = 16
-            if bias:
-                # attn_mask's fp32 bias tile: at 32 keys per tile top1 (64 rows) spilled 8 B, low-rank + Gram 24 B,
-                # with a sink and every feature 16 B (the anchor with the same bias none); 16 keys none.
-                cfg["BLOCK_N"] = 16
-    if D == 128 and heavy_epilogue and cfg["BLOCK_M"] > 64:
-        cfg["BLOCK_M"] = 64
-    if sink and dtype in (torch.float16, torch.bfloat16) and D <= 128:
-        # The sink's second [BLOCK_M, D] accumulator and its argmax state: at 64/64/4 warps (D 64, lowrank + Gram
-        # + window + soft cap + top1_prob) and 128/64/8 warps (D 128) ptxas spilled 24-96 B at 255 registers
-        # (python -m benchmarks.sm90); 64 rows over 8 warps hold them in registers, with wgmma's M of 64 kept.
-        cfg = dict(cfg, BLOCK_M=64, num_warps=8)
-        if heavy_epilogue:
-            # lowrank / Gram with every feature on: 65 local loads/stores at 64 x 64 (D 128); D 64 with a learned
-            # sink read per row (a [BLOCK_M] logit load) 24 B at 64 x 64. 32 keys per tile: none.
-            cfg["BLOCK_N"] = 32
-    if bias and dtype in (torch.float16, torch.bfloat16) and D == 128:
-        # attn_mask: an fp32 [BLOCK_M, BLOCK_N] bias tile more per key tile. At 128/64 over 8 warps ptxas spilled
-        # 40-88 B where the sequence length is not a multiple of 16 (T = 1001: unaligned bias rows, scalar loads);
-        # 64 rows hold it (python -m benchmarks.sm90). With a sink and the low-rank/Gram epilogue (every feature
-        # on), 64/32 spilled 8 B at T = 1001: 16 keys per tile.
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
-        if sink and heavy_epilogue:
-            cfg["BLOCK_N"] = 16
-    return cfg
-
-
 # CUDA's limit on grid dimension y, where the launcher puts B·Hq (the query blocks are on x, so that
 # neighbouring programs share a head's K/V in L2). Larger B·Hq is launched in chunks; a module constant
 # so that a CPU test can lower it.
 MAX_GRID_Y = 65535
-
-
-def _padded_head_dim(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
-def kernel_meta(
-    D: int,
-    dtype: torch.dtype,
-    mode: str,
-    device_type: str,
-    *,
-    windowed: bool = False,
-    softcap: bool = False,
-    return_argmax: bool = False,
-    return_gram: bool = False,
-    return_top1_prob: bool = False,
-    return_sink_mass: bool = False,
-    sink: bool = False,
-    allow_tf32: bool = False,
-    value_dim: int | None = None,
-    learned_sink: bool = False,
-    bias: bool = False,
-) -> tuple[dict, dict]:
-    """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
-    num_stages})``. One place, shared by the launcher, ``benchmarks.tune --compile-only`` and ``benchmarks.sm90``.
-
-    ``D`` is q/k's width, ``value_dim`` v's (None: D). ``sink``: sink_tokens > 0. Only that flag is compiled
-    in; the number of sink keys is a runtime argument, so one compiled kernel serves every n >= 1 and n = 0
-    runs the kernel without any sink code. ``learned_sink``: a learned sink logit per head is passed.
-    ``bias``: an attn_mask is passed (read as an fp32 bias tile per key tile; every key tile is walked).
-    """
-    need_ctx = mode != "top1" or return_gram
-    d_pad = _padded_head_dim(D)
-    dv = D if value_dim is None else value_dim
-    dv_pad = _padded_head_dim(dv)
-    # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
-    # the table is read at the wider of the two.
-    cfg = _pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink,
-                       value_width=dv_pad, bias=bias)
-    assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
-    # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
-    # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
-    # fp32 epilogue (projection, Gram) uses tf32: its 10-bit mantissa is at least the output's.
-    precision = "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
-    meta = dict(
-        HEAD_D=D,
-        D_PAD=d_pad,
-        HEAD_DV=dv,
-        DV_PAD=dv_pad,
-        R_BLOCK=min(dv_pad, cfg.get("R_BLOCK", 64)),
-        GRAM_COLS=min(dv_pad, cfg.get("GRAM_COLS", 128)),
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        MODE=_MODE_IDS[mode],
-        # The sink masses (Σ_S p, m_L) need the softmax denominator.
-        NEED_L=need_ctx or return_top1_prob or sink or learned_sink,
-        NEED_CTX=need_ctx,
-        WINDOWED=windowed,
-        SOFTCAP=softcap,
-        STORE_ARGMAX=return_argmax,
-        STORE_TOP1P=return_top1_prob,
-        STORE_GRAM=return_gram,
-        STORE_SINK=return_sink_mass,
-        DOT_PREC=precision,
-        EPI_PREC=precision,
-        # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bfloat16), so there
-        # the operands are upcast to fp32; compiled kernels always dot in the input dtype.
-        DOT_F32=device_type != "cuda" and dtype == torch.bfloat16,
-        HAS_SINK=sink,
-        # The second [BLOCK_M, D] accumulator (Σ_S p V) costs registers: only where the ground state is used,
-        # i.e. not for "full" without a Gram. Registers and spills per variant: python -m benchmarks.sm90.
-        SINK_ACC=sink and (mode != "full" or return_gram),
-        LEARNED=learned_sink,
-        HAS_BIAS=bias,
-        # The Gram's column blocks of ε cut by reshape + split (else selected by one-hot products).
-        SPLIT_GRAM=cfg.get("SPLIT_GRAM", False),
-    )
-    return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def residual_attention_triton(

@@ -210,9 +210,9 @@ def test_attn_mask_kernel_matches_f64(mode, dtype, shape, mask_kind, n, learned)
 def test_attn_mask_kernel_other_tilings(monkeypatch):
     """Key tiles of other sizes (the appended keys straddling a tile, the sink in a partial tile)."""
     impl = triton_impl()
-    from nqpq_kernels import residual_attention as ra_mod
+    from nqpq_kernels import launch as launch_mod
 
-    monkeypatch.setattr(ra_mod, "_pick_config", lambda *a, **k: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
+    monkeypatch.setattr(launch_mod, "pick_config", lambda *a, **k: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
                                                                       num_stages=1))
     q, k, v = qkv(1, 2, 1, 23, 41, 16, 16, torch.float32, seed=5)
     mask = make_mask("float-per-head", 1, 2, 23, 41, seed=5).to(DEV)
