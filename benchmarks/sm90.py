@@ -324,7 +324,7 @@ def compile_variant(v: Variant) -> dict:
     import torch
 
     from nqpq_kernels import launch as launch_mod
-    from nqpq_kernels import residual_attention as ra
+    from nqpq_kernels import triton_kernel as ra
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v.dtype]
     meta, launch = launch_mod.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features and not v.bias,

@@ -4,7 +4,7 @@ import itertools
 
 from benchmarks import sm90
 from nqpq_kernels import launch as launch_mod
-from nqpq_kernels import residual_attention as ra
+from nqpq_kernels import triton_kernel as ra
 
 
 def test_variants_cover_the_launcher_choices():

@@ -26,7 +26,7 @@ from triton.testing import do_bench
 
 from benchmarks.attention import DTYPES, make_inputs
 from nqpq_kernels import launch as launch_mod
-from nqpq_kernels import residual_attention as ra
+from nqpq_kernels import triton_kernel as ra
 
 CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
            for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if n <= m]

@@ -41,9 +41,7 @@ def resolve_backend(backend: str, device_type: str, head_dim: int | None = None,
 def residual_attention_impl(backend: str) -> Callable[..., ResidualAttentionResult]:
     """The function that runs residual attention for a resolved backend."""
     if backend == "triton":
-        from nqpq_kernels import (
-            residual_attention_triton,  # imported lazily: keeps CPU start-up free of Triton
-        )
+        from .triton_kernel import residual_attention_triton  # imported lazily: keeps CPU start-up free of Triton
 
         return residual_attention_triton
     return residual_attention_reference
