@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from nqpq.experiments.crystallinity import CrystallinityAccumulator, format_table, layer_means
+from nqpq.experiments.crystallinity import CrystallinityAccumulator
+from nqpq.results.crystallinity_table import format_table, layer_means
 
 
 def loop_stats(argmaxes: list[torch.Tensor], probs: list[torch.Tensor], n_heads: int) -> list[dict]:

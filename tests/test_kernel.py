@@ -22,8 +22,8 @@ from plain_attention import GRAM_RTOL, TOL, check_against_plain, plain_scores  #
 
 import nqpq_kernels  # noqa: E402
 from nqpq_kernels import launch as launch_mod  # noqa: E402
-from nqpq_kernels import triton_kernel as ra_mod  # noqa: E402
 from nqpq_kernels import residual_attention_triton  # noqa: E402
+from nqpq_kernels import triton_kernel as ra_mod  # noqa: E402
 from nqpq_kernels.contract import ResidualAttentionResult  # noqa: E402
 from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
 

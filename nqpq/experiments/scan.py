@@ -31,12 +31,12 @@ import torch
 from ..model.crystallize import crystallize
 from ..model.losses import ppl_from_losses
 from ..model.replay import PrefixRunner
+from ..results.crystallinity_table import layer_means
 from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
 from ..results.stats import delta_ppl_ci, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, with_draws
 from .batching import default_batch_size, gather_losses, plan_batches
 from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
-from .crystallinity import layer_means
 from .sweep import (
     BaselineObservation,
     calibration_sets,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..experiments.crystallinity import format_table
+from .crystallinity_table import format_table
 from .stats import blocks_to_halve, half_width
 from .verdict import INCONCLUSIVE, NO_LOSS_REL, RECOVERY_TARGET, crosses_target
 
