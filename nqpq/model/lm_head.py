@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +17,19 @@ from ..errors import UnsupportedModelError
 from .devices import execution_device, input_device
 from .geometry import config_value, first_of
 
-if TYPE_CHECKING:
-    from .parts import ModelParts
+
+class BodyWithLayers(Protocol):
+    """What ``after_layers`` reads of a model's parts (``nqpq.model.parts.ModelParts`` has both): typed here, so
+    this module needs nothing of ``parts``, which imports it."""
+
+    # Read-only members: ModelParts is a frozen dataclass.
+    @property
+    def body(self) -> nn.Module:
+        """The decoder body (the module whose forward returns last_hidden_state)."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """Its decoder layers."""
 
 
 def _logit_scale(config) -> float | None:
@@ -48,7 +59,7 @@ def logit_scale(config, text_config=None) -> float | None:
     return own if own is not None or text_config is None else _logit_scale(text_config)
 
 
-def after_layers(parts: ModelParts, last_output: Tensor, final_hidden: Tensor) -> Callable[[Tensor], Tensor]:
+def after_layers(parts: BodyWithLayers, last_output: Tensor, final_hidden: Tensor) -> Callable[[Tensor], Tensor]:
     """What the body applies to its last layer's output to give ``last_hidden_state``, found from one forward:
     ``last_output`` (the last layer's output) and ``final_hidden`` (the body's ``last_hidden_state``) of the
     same call. Nothing (the identity), or the one child module of the body that maps the one to the other bit
