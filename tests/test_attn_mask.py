@@ -4,8 +4,8 @@ build masks of their own (Doge's dynamic mask, DeepSeek V4's compressed keys, Qw
 score bias (Inkling's ``position_bias``), crystallized.
 
 The float64 oracle is tests/f64_reference.py's ``sink_plain`` (row by row: the mask alone decides a row's keys;
-a float mask is added to the capped scores), and for the models benchmarks/census.py's per-head ``_reference`` on
-the q, k, v and mask each call received.
+a float mask is added to the capped scores), and for the models the census's per-head ``float64_reference``
+(nqpq.model.census) on the q, k, v and mask each call received.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ if not torch.cuda.is_available():
 
 from f64_reference import check_sink_against_f64  # noqa: E402
 
-from benchmarks import census  # noqa: E402
 from nqpq import residual_attention  # noqa: E402
 from nqpq.errors import UnsupportedModelError  # noqa: E402
+from nqpq.model import census  # noqa: E402
 from nqpq.model.crystallize import crystallize  # noqa: E402
 from nqpq.model.losses import lm_losses  # noqa: E402
 from nqpq.model.parts import model_parts  # noqa: E402
@@ -228,7 +228,7 @@ def tiny_model(family: str, attn: str = "eager", **overrides):
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = census._model_class(family)._from_config(config, attn_implementation=attn)
+        model = census.model_class(family)._from_config(config, attn_implementation=attn)
     return model.float().eval()
 
 
@@ -248,22 +248,22 @@ def check_model(model, ids, layer=None, min_rel_change=1e-3):
     parts = model_parts(model)
     base = logits_of(model, ids)
     with crystallize(model, parts.attn_layers, mode="full", backend="torch"):
-        assert census._rel(logits_of(model, ids), base) <= 1e-5
+        assert census.rel_error(logits_of(model, ids), base) <= 1e-5
     li = parts.attn_layers[-1] if layer is None else layer
     geo = parts.geometry[li]
     basis = basis_for(geo.n_heads, geo.v_dim).cpu()
     d_r = max(1, geo.v_dim // 4)
     for mode in ("top1", "lowrank"):
         with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"), \
-                census._Spy(model) as spy:
+                census.AttentionSpy(model) as spy:
             got_logits = logits_of(model, ids)
-        assert census._rel(got_logits, base) > min_rel_change  # crystallizing moved the logits
+        assert census.rel_error(got_logits, base) > min_rel_change  # crystallizing moved the logits
         assert spy.calls
         for _module, q, k, v, scaling, kwargs, got in spy.calls:
-            want, clear = census._reference(q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                            kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r, None,
-                                            kwargs["attention_mask"],
-                                            kwargs.get("position_bias"))
+            want, clear = census.float64_reference(
+                q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
+                kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r, None, kwargs["attention_mask"],
+                kwargs.get("position_bias"))
             assert float(clear.float().mean()) > 0.5
             diff = (got.double() - want).abs().amax(-1)[clear].max() / want.abs().max()
             assert float(diff) <= 1e-5
@@ -309,7 +309,7 @@ def test_inkling_position_bias():
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state
         got = lm_losses(model, hidden, ids)
-    want = census._model_losses(logits_of(model, ids), ids)
+    want = census.model_losses(logits_of(model, ids), ids)
     assert model.config.logits_mup_width_multiplier != 1.0
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     model.config.unpadded_vocab_size = model.config.vocab_size - 8
@@ -332,7 +332,7 @@ def test_inkling2_per_row_learned_sinks():
     li = parts.attn_layers[-1]
     assert parts.geometry[li].learned_sink
     stats = _Collect()
-    with observe_residuals(model, [li], None, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
+    with observe_residuals(model, [li], None, stats_sink=stats, backend="torch"), census.AttentionSpy(model) as spy:
         logits_of(model, ids)
     (_, _argmax, _top1, mass), = stats.items
     (_module, q, k, _v, scaling, kwargs, _out), = spy.calls
@@ -396,7 +396,7 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
     geo = parts.geometry[li]
     base = logits_of(model, ids)
     grams, stats = _Collect(), _Collect()
-    with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
+    with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census.AttentionSpy(model) as spy:
         assert torch.equal(logits_of(model, ids), base)
     eye = torch.eye(geo.v_dim).expand(geo.n_heads, -1, -1)
     want = torch.zeros(geo.n_heads, geo.v_dim, geo.v_dim, dtype=torch.float64)
@@ -404,8 +404,8 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
         for _module, q, k, v, scaling, kwargs, _out in spy.calls:
             args = (q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
             rest = (None, kwargs["attention_mask"], kwargs.get("position_bias"))
-            ground, _ = census._reference(*args, "top1", None, None, *rest)
-            ctx, _ = census._reference(*args, "lowrank", eye, geo.v_dim, *rest)
+            ground, _ = census.float64_reference(*args, "top1", None, None, *rest)
+            ctx, _ = census.float64_reference(*args, "lowrank", eye, geo.v_dim, *rest)
             eps = ctx - ground  # [B, T, Hq, Dv]
             want += torch.einsum("bthi,bthj->hij", eps, eps)
     got = sum(g for _, g in grams.items)

@@ -23,7 +23,7 @@ FAMILIES = ("dory", "hy_v4", "gemma3n_text")
 def tiny_model(family: str) -> torch.nn.Module:
     """The census's tiny random model of ``family`` (its own defaults, shrunk); Dory with a real recurrent section
     (layer 0 in, layers 1-3 looped twice, layer 4 out), which the census's shrunk layer counts leave empty."""
-    from benchmarks.census import tiny_config
+    from nqpq.model.census import tiny_config
 
     config = tiny_config(family)
     if family == "dory":
@@ -85,14 +85,14 @@ def test_body_replay_equals_the_model(family):
 def test_census_checks_pass(family):
     """The census's checks (full mode on the last / every attention layer, the replay, top-1 and low-rank against
     float64 on the q, k, v received) on the census's own tiny model: all within its tolerance."""
-    from benchmarks.census import TOL, _checks, _sharpen
+    from nqpq.model.census import TOL, crystallized_checks, sharpen
 
     model = tiny_model(family)
     parts = model_parts(model)
     ids = blocks(2)
-    errors = _checks(model, parts, ids, "eager", modes=True)
-    _sharpen(parts)
-    errors.update(_checks(model, parts, ids, "eager sharp", modes=True))
+    errors = crystallized_checks(model, parts, ids, "eager", modes=True)
+    sharpen(parts)
+    errors.update(crystallized_checks(model, parts, ids, "eager sharp", modes=True))
     assert max(errors.values()) <= TOL, {k: v for k, v in errors.items() if v > TOL}
 
 
