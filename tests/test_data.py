@@ -267,7 +267,7 @@ def test_gguf_architecture_check_follows_transformers():
     """Every architecture transformers' GGUF loader lists is accepted (its config sections are not)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from nqpq.sources.checkpoints import supported_architectures
+    from nqpq.sources.gguf import supported_architectures
 
     names = supported_architectures()
     assert {"llama", "qwen2", "gemma2", "gpt2"} <= names
@@ -279,7 +279,7 @@ def test_gguf_file_info(tmp_path):
     """results.json's record of a GGUF file: its name, size, sha256 and tensor types, from the file itself."""
     import hashlib
 
-    from nqpq.sources.checkpoints import gguf_file_info, gguf_label
+    from nqpq.sources.gguf import gguf_file_info, gguf_label
 
     path = write_gguf(tmp_path / "tiny.gguf", "llama")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -322,7 +322,7 @@ def test_a_missing_weight_on_the_meta_device_is_not_taken_for_a_tied_one():
     from conftest import tiny_config
     from transformers import GPT2LMHeadModel
 
-    from nqpq.sources.checkpoints import unloaded_weights
+    from nqpq.sources.loading import unloaded_weights
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(tiny_config())

@@ -187,8 +187,8 @@ def test_gguf_and_converted_checkpoint_give_identical_sweeps(smollm2, wiki):
     checkpoint (model + the GGUF's tokenizer, save_pretrained) give the same results, bit for bit; results.json
     records the GGUF file itself, by name, never by its path. The registry name and the packaged text are the same
     file and the same bytes as the path and ../shared's text."""
-    from nqpq.sources.checkpoints import sha256_of
     from nqpq.sources.fetch import SMOLLM2_SHA256
+    from nqpq.sources.gguf import sha256_of
 
     gguf_path, converted = smollm2
     # The GGUF by its registry name on the WikiText shipped with nqpq; the converted copy on ../shared's file.

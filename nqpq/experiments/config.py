@@ -15,7 +15,8 @@ from nqpq_kernels.dispatch import BACKENDS
 
 from ..errors import NqpqError
 from ..model.devices import parse_device_map, parse_max_memory
-from ..sources.checkpoints import GGUF_DEVICE_MAP, is_gguf, parse_dtype
+from ..sources.checkpoints import parse_dtype
+from ..sources.gguf import GGUF_DEVICE_MAP, is_gguf
 from ..sources.registry import is_registry_name
 from ..sources.text import open_text_file, packaged_text
 from . import distributed

@@ -27,16 +27,8 @@ from ..model.replay import PrefixRunner
 from ..results.report import SWEEP_FORMAT_VERSION, geometry_config, print_sweep_report, versions
 from ..results.stats import delta_ppl_ci, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, residual_spectrum, verdict, with_draws
-from ..sources.checkpoints import (
-    ByteTokenizer,
-    demo_model,
-    gguf_file_info,
-    gguf_label,
-    is_gguf,
-    load_model,
-    load_tokenizer,
-    parse_dtype,
-)
+from ..sources.checkpoints import ByteTokenizer, demo_model, load_model, load_tokenizer, parse_dtype
+from ..sources.gguf import gguf_file_info, gguf_label, is_gguf
 from ..sources.registry import is_registry_name
 from ..sources.text import calib_text_rows, check_ids_fit, choose_bos, ids_for_blocks, text_rows
 from . import distributed

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import NqpqError
-from .checkpoints import sha256_of
+from .gguf import sha256_of
 from .registry import MODELS, RegistryModel, is_registry_name, registry_model
 
 SMOLLM2 = MODELS["smollm2-135m"]
@@ -119,7 +119,7 @@ def converted_model(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     """
     import torch
 
-    from .checkpoints import load_gguf, load_gguf_tokenizer
+    from .gguf import load_gguf, load_gguf_tokenizer
 
     model = registry_model(name)
     gguf_path = fetch_model(name, cache_dir)
