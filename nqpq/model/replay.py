@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,32 +14,7 @@ from .devices import execution_device, input_device
 from .lm_head import after_layers
 from .losses import cat_losses, head_losses
 from .parts import as_index, model_parts
-
-
-def _same(a: object, b: object, memo: dict | None = None) -> bool:
-    """Whether two recorded layer arguments are equal (tensors by value), so one copy can serve both.
-
-    ``memo`` remembers tensor pairs already compared: the layers of a model usually share one mask object.
-    """
-    if a is b:
-        return True
-    memo = {} if memo is None else memo
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-            return False
-        key = (id(a), id(b))
-        if key not in memo:
-            memo[key] = (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                         and bool(torch.equal(a, b)))
-        return memo[key]
-    if isinstance(a, (tuple, list)) and type(a) is type(b):
-        return len(a) == len(b) and all(_same(x, y, memo) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k], memo) for k in a)
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except (RuntimeError, TypeError, ValueError):
-        return False
+from .recorded import clone_tree, continues, mappings_before, same_value, to_device, writes_since
 
 
 class PrefixRunner:
@@ -129,7 +104,7 @@ class PrefixRunner:
         """One stored copy of equal per-layer arguments across batches of the same shape."""
         known = self._shared.setdefault(shape, [])
         for candidate in known:
-            if _same(candidate, layer_args):
+            if same_value(candidate, layer_args):
                 return candidate
         known.append(layer_args)
         return layer_args
@@ -186,13 +161,13 @@ class PrefixRunner:
                 below_top = top not in every  # no call of the highest start layer yet
                 every.append(index)
                 if below_top and index != top and self._via_body:
-                    pending[:] = [_mappings_before(args, kwargs)]
+                    pending[:] = [mappings_before(args, kwargs)]
                 kwargs = dict(kwargs)
                 positional = bool(args)
                 hidden = args[0] if positional else kwargs.pop("hidden_states")
                 if not calls and index != self.start:
                     return None
-                if calls and not broken and not self._via_body and not _continues(hidden, last_out[0]):
+                if calls and not broken and not self._via_body and not continues(hidden, last_out[0]):
                     broken.append(f"layer {index} does not take layer {calls[-1][0]}'s output")
                 calls.append((index, positional, hidden, tuple(args[1:]), kwargs))
                 return None
@@ -201,7 +176,7 @@ class PrefixRunner:
         def keep(module, args, kwargs, out):
             last_out[:] = [out[0] if isinstance(out, tuple) else out]
             if pending:  # a call before the highest start's first: its output and what it wrote, copied now
-                lower.append((_clone(out), _writes(pending.pop(), args, kwargs)))
+                lower.append((clone_tree(out), writes_since(pending.pop(), args, kwargs)))
 
         handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
         handles += [layer.register_forward_hook(keep, with_kwargs=True) for layer in layers]
@@ -233,8 +208,8 @@ class PrefixRunner:
                         for k, (out, writes) in enumerate(lower)])
                 else:
                     moved: dict = {}  # one copy per (tensor, device): the layers share one mask object
-                    layer_args = [(j, positional, _to_device(rest, self._layer_device[j], moved),
-                                   _to_device(kwargs, self._layer_device[j], moved))
+                    layer_args = [(j, positional, to_device(rest, self._layer_device[j], moved),
+                                   to_device(kwargs, self._layer_device[j], moved))
                                   for j, positional, _, rest, kwargs in calls]
                     self._args.append(self._share(tuple(batch.shape), layer_args))
                     self._hidden.append({s: self._keep(calls[self._first[s]][2], self._layer_device[s], on_device,
@@ -329,8 +304,8 @@ class PrefixRunner:
                 for where, entries in writes:
                     target = args[where] if isinstance(where, int) else kwargs[where]
                     for key, value in entries.items():
-                        target[key] = _clone(value, device)
-                return _clone(out, device)
+                        target[key] = clone_tree(value, device)
+                return clone_tree(out, device)
             return forward
 
         swapped = []
@@ -362,58 +337,3 @@ class PrefixRunner:
             if progress is not None:
                 progress.update(out[-1].numel())
         return cat_losses(out)
-
-
-def _mappings_before(args: tuple, kwargs: dict) -> list[tuple[int | str, MutableMapping, dict]]:
-    """The mapping arguments of a layer call (Gemma 3n's shared key/value states), with a copy of their entries."""
-    found = [(k, v) for k, v in enumerate(args)] + list(kwargs.items())
-    return [(where, v, dict(v)) for where, v in found if isinstance(v, MutableMapping)]
-
-
-def _writes(before: list, args: tuple, kwargs: dict) -> list[tuple[int | str, dict]]:
-    """What a layer call wrote into its mapping arguments (new or replaced entries), copied."""
-    out = []
-    for where, mapping, old in before:
-        entries = {k: _clone(v) for k, v in mapping.items() if k not in old or old[k] is not v}
-        if entries:
-            out.append((where, entries))
-    return out
-
-
-def _clone(obj: object, device: torch.device | None = None) -> object:
-    """``obj`` with every tensor copied (onto ``device`` if given): a record the body cannot change in place."""
-    if isinstance(obj, Tensor):
-        return obj.to(device if device is not None else obj.device, copy=True)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_clone(x, device) for x in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_clone(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _clone(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _continues(hidden: object, previous: Tensor) -> bool:
-    """Whether a layer's input is the previous layer's output (the same values; a device map may have moved it)."""
-    if hidden is previous:
-        return True
-    if not isinstance(hidden, Tensor) or hidden.shape != previous.shape or hidden.dtype != previous.dtype:
-        return False
-    return bool(torch.equal(hidden.to(previous.device), previous))
-
-
-def _to_device(obj: object, device: torch.device, memo: dict) -> object:
-    """``obj`` (a layer argument: tensors, possibly in tuples, lists and dicts) with its tensors on ``device``;
-    ``memo`` keeps one copy per (tensor, device). Tensors already there are returned as they are."""
-    if isinstance(obj, Tensor):
-        key = (id(obj), device)
-        if key not in memo:
-            memo[key] = obj.to(device)
-        return memo[key]
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple takes its fields as arguments
-        return type(obj)(*(_to_device(x, device, memo) for x in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(x, device, memo) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device, memo) for k, v in obj.items()}
-    return obj
