@@ -270,9 +270,14 @@ def _attn_fwd_range(
     DOT_F32: tl.constexpr,
     HAS_SINK: tl.constexpr,
     SINK_ACC: tl.constexpr,
+    bias_rows=None,  # HAS_BIAS: as _attn_fwd_inner's
+    row_ok=None,
+    stride_bn=0,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """Key tiles [lo, hi): with a sink, the tiles below ``sink_end`` (the first tile boundary >= n) with the
-    sink bookkeeping, the rest without it; tile starts stay multiples of BLOCK_N."""
+    sink bookkeeping, the rest without it; tile starts stay multiples of BLOCK_N. With ``HAS_BIAS`` each tile
+    adds attn_mask's bias tile (the explicit-mask walk)."""
     if HAS_SINK:
         split = tl.minimum(tl.maximum(sink_end, lo), hi)
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
@@ -280,7 +285,7 @@ def _attn_fwd_range(
             q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
             scale, softcap, row_lo, n_sink, lo, split, T,
             BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True,
-            SINK_ACC,
+            SINK_ACC, bias_rows, row_ok, stride_bn, HAS_BIAS,
         )
         lo = split
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
@@ -288,7 +293,7 @@ def _attn_fwd_range(
         q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
         scale, softcap, row_lo, n_sink, lo, hi, T,
         BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False,
-        SINK_ACC,
+        SINK_ACC, bias_rows, row_ok, stride_bn, HAS_BIAS,
     )
     return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
 
@@ -405,44 +410,34 @@ def _residual_attn_fwd(
         row_lo = offs_m  # unused without WINDOWED
     if HAS_BIAS:
         # An explicit mask decides alone which keys a row sees: every key tile [0, Tk) is walked, masked only past
-        # the last key (each row's causal bound is set past it), with the bias added; the sink's tiles first. The
-        # causal walks below are then empty ([T, T)).
+        # the last key (each row's causal bound is set past it), with the bias added; the sink's tiles first. No
+        # causal walk is compiled.
         bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m64 * stride_bm
         no_bound = tl.zeros([BLOCK_M], dtype=tl.int32) + T_K
-        split = 0
-        if HAS_SINK:
-            split = tl.minimum(sink_end, T_K)
-            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
-                acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
-                q, k_base, v_base, stride_kt, stride_vt, no_bound, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-                scale, softcap, row_lo, n_sink, 0, split, T_K,
-                BLOCK_N, True, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True,
-                SINK_ACC, bias_rows, mask_m, stride_bn, True,
-            )
-        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
-            q, k_base, v_base, stride_kt, stride_vt, no_bound, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-            scale, softcap, row_lo, n_sink, split, T_K, T_K,
-            BLOCK_N, True, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False,
+            q, k_base, v_base, stride_kt, stride_vt,
+            no_bound, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, 0, T_K,
+            T_K, BLOCK_N, True, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK,
             SINK_ACC, bias_rows, mask_m, stride_bn, True,
         )
-        mid = T
-        lo = T
-    # Key tiles strictly below the diagonal block, all visible to every row.
-    acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
-        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
-        q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, mid, lo, T,
-        BLOCK_N, False, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
-    )
-    # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
-    hi = tl.minimum(lo + BLOCK_M, T)
-    acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
-        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
-        q, k_base, v_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo, hi, T,
-        BLOCK_N, True, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
-    )
+    else:
+        # Key tiles strictly below the diagonal block, all visible to every row.
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
+            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+            q, k_base, v_base, stride_kt, stride_vt,
+            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, mid, lo, T,
+            BLOCK_N, False, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+        )
+        # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
+        hi = tl.minimum(lo + BLOCK_M, T)
+        acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
+            acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
+            q, k_base, v_base, stride_kt, stride_vt,
+            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo, hi, T,
+            BLOCK_N, True, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK,
+            SINK_ACC,
+        )
 
     # ---- epilogue ----------------------------------------------------------
     # Non-finite row: a visible NaN score, or a best score of ±inf (no softmax exists). Its index is
