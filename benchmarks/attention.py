@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import run_tags, write_csv
-from nqpq.reference import residual_attention_reference
+from nqpq_kernels.reference import residual_attention_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

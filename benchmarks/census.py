@@ -27,9 +27,7 @@ family charged a CRASH), ``--jobs`` at a time.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import math
 import os
 import selectors
 import subprocess
@@ -39,387 +37,22 @@ import time
 import traceback
 from pathlib import Path
 
-TOL = 1e-5
+# The tiny models and the checks (tests use them too); this module runs them over every family and writes the table.
+from nqpq.model.census import (
+    TOL,
+    VOCAB,
+    crystallized_checks,
+    logits_of,
+    model_class,
+    model_inputs,
+    sharpen,
+    tiny_config,
+)
+
 T, B = 24, 2
-VOCAB = 256
-MAX_LAYERS = 6  # enough for the attention layer of the usual hybrid patterns (Jamba: offset 4)
-SHARPEN = 4.0  # the "sharp" weight scale: every Linear inside an attention module times this
 FAMILY_TIMEOUT_S = 180.0
 RESULTS = Path(__file__).resolve().parent / "results" / "census.md"
 OUTCOMES = ("EXACT", "REFUSED", "WRONG", "CRASH", "UNBUILT")
-
-# Config attributes the census shrinks, when the family's default config has them with an int value.
-_SIZES = {
-    "hidden_size": 64, "d_model": 64, "n_embd": 64, "embed_dim": 64, "dim": 64,
-    "intermediate_size": 96, "ffn_dim": 96, "n_inner": 96, "ffn_hidden_size": 96, "d_ff": 96,
-    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4, "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4, "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16,
-    "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "seq_length": 128,
-    "sliding_window": 8, "attention_window_size": 8, "attention_chunk_size": 8,
-    # mixture of experts
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_routed_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "num_experts_per_token": 2, "moe_k": 2,
-    "moe_intermediate_size": 32, "expert_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-    "moe_shared_expert_intermediate_size": 32, "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1,
-    "topk_group": 1,
-    # multi-head latent attention: q/k heads 16 + 8 wide, v heads 16
-    "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-    # index_topk at least the census's 24 tokens: DSA then attends densely, as it does on blocks up to index_topk
-    "index_head_dim": 16, "index_n_heads": 2, "index_topk": 32,
-    # linear attention, SSM and recurrent layers of hybrids
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "mamba_d_state": 16, "state_size": 16, "ssm_state_size": 16, "mamba_n_heads": 4, "mamba_d_head": 16,
-    "mamba_head_dim": 16, "mamba_n_groups": 1, "n_groups": 1, "mamba_expand": 2, "mamba_d_ssm": 128,
-    "time_step_rank": 8, "lru_width": 64, "num_linear_heads": 4,
-    # multimodal towers, never run on text
-    "vision_hidden_size": 64, "projector_hidden_size": 64, "text_hidden_size": 64,
-    # per-layer inputs (Gemma 3n/4), byte-latent and XLM vocabularies, Kimi's linear heads
-    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "n_words": VOCAB,
-    "encoder_hash_byte_group_vocab": 64, "hidden_size_global": 64, "linear_head_dim": 16, "qk_head_dim": 24,
-    "local_attention_window_len": 8, "adapter_in_dim": 64, "index_num_heads": 2, "num_expert_group": 1,
-    "linear_num_heads": 4,
-}
-# Attributes some families' defaults leave None for their checkpoints to fill (a model cannot be built without).
-_FILL_NONE = {"head_dim": 16, "num_key_value_heads": 2, "num_experts_per_tok": 2, "n_routed_experts": 4,
-              "n_shared_experts": 1, "moe_intermediate_size": 32, "rotary_dim": 8,
-              # Qwen4-exp's indexer
-              "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
-              "indexer_compress_ratio": 2}
-# What a few families need to construct beyond their defaults (their defaults describe no buildable model).
-_FAMILY_KWARGS = {
-    "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]},
-    "bamba": {"attn_layer_indices": [2, 5]},
-    "zamba2": {"layers_block_type": ["linear_attention", "linear_attention", "hybrid"] * 2},
-    "granitemoehybrid": {"layer_types": ["linear_attention", "linear_attention", "attention"] * 2},
-    # the last two layers reuse the keys and values of the last layer of their type before them
-    "gemma3n_text": {"layer_types": ["sliding_attention", "full_attention"] * 3, "num_kv_shared_layers": 2},
-    "gemma3n": {"text_config": {"layer_types": ["sliding_attention", "full_attention"] * 3,
-                                "num_kv_shared_layers": 2}},
-    # Zamba ties every hybrid layer's shared transformer to the first one's: the default pattern's first 6 layers
-    # hold one hybrid layer, and the tie then has no other layer to match (post_init refuses it). Two, as at scale.
-    "zamba": {"layers_block_type": ["linear_attention", "linear_attention", "hybrid"] * 2},
-    # Its default config leaves the per-layer-type rotary parameters to the checkpoint (the rotary module reads
-    # rope_parameters[layer type]); text positions are the same on the three M-RoPE axes, split 4/2/2 of 8.
-    "cohere_compass_text": {"rope_parameters": {"full_attention": {
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}}},
-    # Its attention reads attn_config.rope_theta, which DbrxAttentionConfig no longer declares, and clamps q, k, v
-    # to ±clip_qkv unconditionally (torch.clamp refuses two None bounds); the checkpoints' attn_config (and
-    # transformers' own DBRX test) carry both. Entries for a sub-config join that sub-config.
-    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},
-    # Axial position embeddings: the widths of the two axes sum to hidden_size (the default's 64 + 192 of 256).
-    "reformer": {"axial_pos_embds_dim": [16, 48]},
-    # X-MOD routes every token through one language adapter: the input's, else the config's default language,
-    # which the default config leaves unset (users call set_default_language); its one language, as set there.
-    "xmod": {"default_language": "en_XX"},
-}
-# What a few families' default configs need to be valid at all (the config refuses its own defaults).
-_DEFAULT_KWARGS = {
-    # Gemma 4's assistant (drafter) builds a default gemma4_text config with per-layer inputs, which it then
-    # refuses (its inputs are the target model's embedding and hidden state): no per-layer inputs, as checkpoints.
-    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
-}
-# Sizes some configs take as keyword arguments only (not fields): Gemma 4's full-attention head width.
-_POPPED = {"global_head_dim": 32}
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
-_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-# ---------------------------------------------------------------------------------------------- tiny configs
-
-def _shrunk_kwargs(default, text: bool) -> dict:
-    """Keyword arguments that shrink ``default`` (a config instance) and keep its family's own structure."""
-    values = default.to_dict()
-    kwargs: dict = {}
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, type(None))):
-            continue
-        if value is None and key in _FILL_NONE:
-            kwargs[key] = _FILL_NONE[key]
-        elif key in _SIZES and value is not None and value > 0:
-            kwargs[key] = _SIZES[key] if key == "head_dim" else min(value, _SIZES[key])
-        elif key in _LAYER_KEYS:
-            kwargs[key] = min(value, MAX_LAYERS if text else 1)
-        elif key in _TOKEN_IDS and text:
-            kwargs[key] = _TOKEN_IDS[key]
-    if "qk_rope_head_dim" in kwargs and "head_dim" in values:  # MLA configs keep the rotary width as head_dim
-        kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
-    # Head counts: GQA where the family is grouped, MHA where it is not.
-    heads = kwargs.get("num_attention_heads")
-    kv = values.get("num_key_value_heads")
-    if heads and isinstance(kv, int) and not isinstance(kv, bool):
-        kwargs["num_key_value_heads"] = heads if kv >= values.get("num_attention_heads", kv) else 2
-    n_layers = next((kwargs[k] for k in _LAYER_KEYS if k in kwargs), None)
-    for key, value in values.items():  # per-layer lists: the first n_layers of the family's own pattern
-        old_n = next((values[k] for k in _LAYER_KEYS if k in values), None)
-        if n_layers and isinstance(value, list) and old_n and len(value) == old_n and key not in kwargs:
-            kwargs[key] = value[:n_layers]
-    if "rotary_dim" in values and isinstance(values["rotary_dim"], int):  # GPT-J, CodeGen: at most the head width
-        kwargs["rotary_dim"] = 8
-    # Mamba-2 heads tile the expanded width: heads · head width = expand · hidden.
-    for heads, width, expand in (("mamba_n_heads", "mamba_d_head", "mamba_expand"),
-                                 ("num_heads", "head_dim", "expand")):
-        if all(isinstance(values.get(k), int) for k in (heads, width, expand)) and (
-                "state_size" in values or "mamba_d_state" in values):
-            kwargs[width] = 16
-            kwargs[heads] = values[expand] * kwargs.get("hidden_size", values.get("hidden_size", 64)) // 16
-    for key, value in _POPPED.items():  # keyword-only sizes a config's __init__ pops (Gemma 4: global_head_dim)
-        try:
-            source = inspect.getsource(inspect.getmodule(type(default)))
-        except (OSError, TypeError):
-            break
-        if f'"{key}"' in source:
-            kwargs[key] = value
-    # A count of layers that is the whole stack stays the whole stack (the Gemma 4 assistants share the key/value
-    # states of every layer with their target model).
-    old_n = next((values[k] for k in _LAYER_KEYS if k in values), None)
-    if n_layers and old_n and values.get("num_kv_shared_layers") == old_n:
-        kwargs["num_kv_shared_layers"] = n_layers
-    if "first_k_dense_replace" in values and isinstance(values["first_k_dense_replace"], int):
-        kwargs["first_k_dense_replace"] = min(values["first_k_dense_replace"], 1)
-    return kwargs
-
-
-def _model_class(model_type: str):
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
-
-
-def tiny_config(model_type: str):
-    """The family's default config, shrunk (sub-configs too: the text config like the model, towers to 1 layer)."""
-    cls = _model_class(model_type).config_class  # Musicgen's causal LM takes its decoder's config, not the model's
-    default = cls(**_DEFAULT_KWARGS.get(model_type, {}))
-    # is_decoder: what a user sets to run a BERT-style model as a causal LM (their default is bidirectional).
-    family = _FAMILY_KWARGS.get(model_type, {})
-    kwargs = {**_shrunk_kwargs(default, text=True), "is_decoder": True, **family}
-    for name in getattr(cls, "sub_configs", {}) or {}:
-        sub = getattr(default, name, None)
-        if sub is None or not hasattr(sub, "to_dict"):
-            continue
-        text = name in ("text_config", "language_config", "llm_config", "decoder_config")
-        extra = family.get(name, {})  # the family's own entries for this sub-config (DBRX: attn_config.rope_theta)
-        # The instance the parent built, shrunk; without its per-layer overrides (Gemma 4's per_layer_config): keyed
-        # by the indices of the full stack, they are derived from the fields the shrinking sets (rebuilt, not kept).
-        built = {k: v for k, v in sub.to_dict().items() if k != "per_layer_config"}
-        try:
-            small = type(sub)(**{**built, **_shrunk_kwargs(sub, text=text), **extra})
-        except Exception:  # noqa: BLE001 - else the sub-config's own defaults, shrunk
-            small = type(sub)(**_shrunk_kwargs(type(sub)(), text=text), **extra)
-        for key, value in vars(sub).items():  # values the parent set on it outside its fields
-            if key not in vars(small):
-                setattr(small, key, value)
-        kwargs[name] = small
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-def _rel(got, want) -> float:
-    import torch
-
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        return math.inf
-    if not bool(torch.isfinite(got).all() and torch.isfinite(want).all()):
-        return math.inf if not torch.equal(got.isnan(), want.isnan()) else 0.0
-    return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
-
-
-def _chunk_of(module, layer: int) -> int | None:
-    """The chunk size of a Llama 4 chunked-attention layer, read from the module's config as the model's forward
-    reads it to build the mask (not from nqpq's geometry: the reference stays independent), else None."""
-    config = module.config
-    types = getattr(config, "layer_types", None)
-    if types is None or layer >= len(types) or types[layer] != "chunked_attention":
-        return None
-    return config.attention_chunk_size
-
-
-def _reference(q, k, v, scale, window, softcap, s_aux, mode, basis, d_r, chunk=None, mask=None, position_bias=None):
-    """The float64 per-head definition of top-1 / low-rank on one call's q [B, Hq, T, Dqk], k [B, Hkv, Tk, Dqk],
-    v [B, Hkv, Tk, Dv]; a learned sink (``s_aux`` [Hq], or Inkling 2's ``sinks`` [B, Hq, T, 1]) is a key of value
-    zero whose mass joins the ground state.
-    ``mask``, the attention mask the call received (the model's, or one its attention module built), is applied as
-    transformers' eager attention applies it: scores (+ ``position_bias``) + mask, or -inf where a bool mask is
-    False; it alone decides the keys a row sees (a key masked to the float32 minimum, as transformers masks, is
-    hidden). Without one: causal over Tk = T keys (the window, the chunk).
-    Returns (out [B, T, Hq, Dv], mask [B, T, Hq] of the rows whose argmax has a clear margin)."""
-    import torch
-
-    Bq, Hq, Tq, _ = q.shape
-    G = Hq // k.shape[1]
-    kk = k.double().repeat_interleave(G, dim=1)
-    vv = v.double().repeat_interleave(G, dim=1)
-    s = q.double() @ kk.transpose(-1, -2) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if position_bias is not None:
-        s = s + position_bias.double()
-    if mask is None:
-        i = torch.arange(Tq)
-        visible = i[None, :] <= i[:, None]
-        if window is not None:
-            visible &= i[None, :] > i[:, None] - window
-        if chunk is not None:  # Llama 4's chunked layers: only the keys of the query's own chunk
-            visible &= i[None, :] // chunk == i[:, None] // chunk
-    elif mask.dtype == torch.bool:
-        visible = mask.expand_as(s)
-    else:
-        s = s + mask.double()
-        visible = (s > torch.finfo(torch.float32).min / 2).expand_as(s)
-    s = s.masked_fill(~visible, float("-inf"))
-    if s_aux is not None:
-        sink = s_aux.double()  # one logit per head (gpt-oss), or per row [B, Hq, T, 1] (Inkling 2's sinks)
-        sink = (sink.view(1, Hq, 1, 1) if sink.dim() == 1 else sink.reshape(Bq, Hq, Tq, 1)).expand(Bq, Hq, Tq, 1)
-        p = torch.cat([s, sink], dim=-1).softmax(-1)
-        mass, p = p[..., -1:], p[..., :-1]
-    else:
-        p, mass = s.softmax(-1), torch.zeros(Bq, Hq, Tq, 1, dtype=torch.float64)
-    ctx = p @ vv
-    top2 = s.topk(min(2, s.shape[-1]), dim=-1)
-    star = s.argmax(-1, keepdim=True)  # the first maximum, as the op takes it
-    ground = (1 - mass) * vv.gather(2, star.expand(-1, -1, -1, vv.shape[-1]))
-    out = ground
-    if mode == "lowrank":
-        P = basis[:, :, :d_r].double()  # [Hq, Dv, r]
-        out = ground + ((ctx - ground) @ P) @ P.transpose(-1, -2)
-    # Rows 1..: a clear maximum (row 0 sees one key). Margin relative to the call's largest |score|.
-    gap = (top2.values[..., 0] - top2.values[..., -1]) if s.shape[-1] > 1 else torch.ones(Bq, Hq, Tq)
-    finite = s.masked_fill(~visible, 0).abs().amax()
-    # A row whose visible scores are all equal (Zaya's keys are zero at init) ties in every precision: first key.
-    flat = s.masked_fill(~visible, float("inf")).amin(-1) == top2.values[..., 0]
-    clear = (gap > 1e-4 * max(finite.item(), 1e-30)) | (visible.sum(-1) == 1) | flat
-    return out.permute(0, 2, 1, 3), clear.permute(0, 2, 1)
-
-
-class _Spy:
-    """Records the crystallized calls of a model (inside ``crystallize``): q, k, v, their kwargs and the output."""
-
-    def __init__(self, model):
-        from transformers import AttentionInterface
-
-        self.name = "nqpq_" + model.config._attn_implementation
-        self.mapping = AttentionInterface._global_mapping
-        self.calls: list = []
-
-    def __enter__(self):
-        self.real = self.mapping[self.name]
-
-        def spy(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-            out = self.real(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            self.calls.append((module, query, key, value, scaling, {**kwargs, "attention_mask": attention_mask},
-                               out[0]))
-            return out
-
-        self.mapping[self.name] = spy
-        return self
-
-    def __exit__(self, *exc):
-        self.mapping[self.name] = self.real
-
-
-def model_inputs(model, ids) -> dict:
-    """What the model's forward takes for the token ids ``ids``: the ids, except for a drafter that runs on its target
-    model's state (a config with ``backbone_hidden_size``: the Gemma 4 assistants). That one is fed as transformers'
-    candidate generator feeds it: one query per row, its input the target's token embedding beside the target's
-    last hidden state, and every layer's keys and values the target's of its layer type, for the ``T`` tokens before
-    it (random here, seeded, like the model's weights: the census has no target model)."""
-    import torch
-
-    backbone = getattr(model.config, "backbone_hidden_size", None)
-    if backbone is None:
-        return {"input_ids": ids}
-    g = torch.Generator().manual_seed(1)
-    n_rows, n_keys = ids.shape
-    shapes = {}  # layer type → (kv heads, head width) of the layers that reuse the target's key/value states
-    for module in model.modules():
-        if getattr(module, "is_kv_shared_layer", False):
-            kv_heads = module.config.num_attention_heads // module.num_key_value_groups
-            shapes[module.layer_type] = (kv_heads, module.head_dim)
-    return {
-        "inputs_embeds": torch.randn(n_rows, 1, 2 * backbone, generator=g),
-        "shared_kv_states": {kind: (torch.randn(n_rows, h, n_keys, d, generator=g),
-                                    torch.randn(n_rows, h, n_keys, d, generator=g))
-                             for kind, (h, d) in shapes.items()},
-        "position_ids": torch.full((n_rows, 1), n_keys - 1, dtype=torch.long),  # the last target token's, as there
-    }
-
-
-def _logits(model, inputs: dict):
-    import torch
-
-    with torch.no_grad():
-        return model(**inputs, use_cache=False).logits
-
-
-def _model_losses(logits, ids):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(logits[:, :-1].double().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
-        ids.shape[0], -1).mean(1)
-
-
-def _checks(model, parts, ids, tag: str, modes: bool) -> dict[str, float]:
-    """rel errors of every check under the model's current implementation and weights, on the token ids ``ids``
-    (fed as ``model_inputs`` feeds them)."""
-    import torch
-
-    from nqpq import PrefixRunner, crystallize
-
-    out: dict[str, float] = {}
-    attn = parts.attn_layers
-    inputs = model_inputs(model, ids)
-    base = _logits(model, inputs)
-    with crystallize(model, [attn[-1]], mode="full", backend="torch"):
-        out[f"{tag} full last"] = _rel(_logits(model, inputs), base)
-    with crystallize(model, attn, mode="full", backend="torch"):
-        out[f"{tag} full all"] = _rel(_logits(model, inputs), base)
-    want = _model_losses(base, ids)
-    starts = sorted({attn[0], attn[-1]})
-    runner = PrefixRunner(model, ids, [slice(0, ids.shape[0])], start=starts)
-    out[f"{tag} replay baseline"] = _rel(runner.capture_baseline(), want)
-    for s in starts:
-        with crystallize(model, [li for li in attn if li >= s], mode="full", backend="torch"):
-            out[f"{tag} replay full from {s}"] = _rel(runner.losses(start=s), want)
-    if modes:
-        # The last attention layer, and the last chunked one where it is another (Llama 4's last layer is a full one).
-        chunked = [li for li in attn if parts.geometry[li].attention_chunk is not None]
-        for li in sorted({attn[-1], *chunked[-1:]}):
-            geo = parts.geometry[li]
-            g = torch.Generator().manual_seed(li)
-            basis = torch.linalg.qr(torch.randn(geo.n_heads, geo.v_dim, geo.v_dim, generator=g))[0]
-            d_r = max(1, geo.v_dim // 4)
-            for mode in ("top1", "lowrank"):
-                with (crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"),
-                      _Spy(model) as spy):
-                    _logits(model, inputs)
-                if not spy.calls:
-                    raise RuntimeError(f"layer {li} was crystallized but its attention function was never called")
-                worst = 0.0
-                for module, q, k, v, scaling, kwargs, got in spy.calls:
-                    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-                    want_out, clear = _reference(q, k, v, scale, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                                 kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r,
-                                                 _chunk_of(module, li),
-                                                 kwargs["attention_mask"], kwargs.get("position_bias"))
-                    if clear.float().mean().item() < 0.5:
-                        raise RuntimeError(f"{tag} {mode}: fewer than half the rows have a clear argmax")
-                    diff = (got.double() - want_out).abs().amax(-1)[clear]
-                    worst = max(worst, diff.max().item() / max(want_out.abs().max().item(), 1e-30))
-                out[f"{tag} {mode} layer {li}"] = worst
-    return out
-
-
-def _sharpen(parts) -> None:
-    import torch
-
-    with torch.no_grad():
-        for module in parts.attn.values():
-            for sub in module.modules():
-                if isinstance(sub, torch.nn.Linear):
-                    sub.weight.mul_(SHARPEN)
-
 
 def _nqpq_refusal(err: BaseException) -> bool:
     """Whether ``err`` is nqpq declining with a message: an NqpqError, or a ValueError/TypeError raised by nqpq's
@@ -431,8 +64,9 @@ def _nqpq_refusal(err: BaseException) -> bool:
     if not isinstance(err, (ValueError, TypeError)):
         return False
     frames = traceback.extract_tb(err.__traceback__)
-    here = str(Path(__file__).resolve().parent.parent / "nqpq")
-    return bool(frames) and frames[-1].filename.startswith(here)
+    repo = Path(__file__).resolve().parent.parent
+    return bool(frames) and any(Path(frames[-1].filename).resolve().is_relative_to(repo / package)
+                                for package in ("nqpq", "nqpq_kernels"))
 
 
 def one_line(err: BaseException) -> str:
@@ -469,7 +103,7 @@ def _build(model_type: str, config):
     left unbuilt when timm is missing. Returns (model, the note for the table's structure column)."""
     import torch
 
-    cls = _model_class(model_type)
+    cls = model_class(model_type)
     module = sys.modules[cls.__module__]
     try:
         with torch.random.fork_rng(devices=[]):
@@ -493,7 +127,7 @@ def census_family(model_type: str) -> dict:
     import torch
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from nqpq.models import model_parts
+    from nqpq.model.parts import model_parts
 
     row = {"family": model_type, "cls": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], "outcome": None,
            "detail": "", "structure": "", "errors": {}}
@@ -509,7 +143,7 @@ def census_family(model_type: str) -> dict:
         # Musicgen's decoders take one row of codes per codebook: [B · num_codebooks, T] (their documented shape).
         rows = B * getattr(config, "num_codebooks", 1)
         ids = torch.randint(3, min(vocab, VOCAB), (rows, T), generator=torch.Generator().manual_seed(0))
-        _logits(model, model_inputs(model, ids))
+        logits_of(model, model_inputs(model, ids))
     except Exception as err:  # noqa: BLE001
         return {**row, "outcome": "UNBUILT", "detail": f"model: {type(err).__name__}: {one_line(err)}"}
     errors: dict[str, float] = {}
@@ -527,17 +161,17 @@ def census_family(model_type: str) -> dict:
             "attention chunks" if any(g.attention_chunk for g in parts.geometry.values()) else "",
             "a transform before the LM head" if parts.head_transform is not None else "",
         ]))
-        errors.update(_checks(model, parts, ids, "eager", modes=True))
-        _sharpen(parts)
-        errors.update(_checks(model, parts, ids, "eager sharp", modes=True))
+        errors.update(crystallized_checks(model, parts, ids, "eager", modes=True))
+        sharpen(parts)
+        errors.update(crystallized_checks(model, parts, ids, "eager sharp", modes=True))
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                sdpa = _model_class(model_type)._from_config(config, attn_implementation="sdpa")
+                sdpa = model_class(model_type)._from_config(config, attn_implementation="sdpa")
         except (ValueError, ImportError):  # the family has no sdpa path: eager alone decides
             sdpa = None
         if sdpa is not None:
-            errors.update(_checks(sdpa.float().eval(), model_parts(sdpa), ids, "sdpa", modes=False))
+            errors.update(crystallized_checks(sdpa.float().eval(), model_parts(sdpa), ids, "sdpa", modes=False))
     except Exception as err:  # noqa: BLE001 - classified: nqpq's refusal, or a crash
         if _nqpq_refusal(err):
             return {**row, "outcome": "REFUSED", "detail": one_line(err), "errors": errors}

@@ -24,7 +24,7 @@ D_R=${D_R:-8 32}
 SCAN_BLOCKS=${SCAN_BLOCKS:-2}
 SCAN_D_R=${SCAN_D_R:-32}
 mkdir -p "$OUT"
-python3 -m nqpq.fetch gemma3-270m
+python3 -m nqpq fetch gemma3-270m
 : > "$OUT/times.tsv.part"
 run() {  # run NAME nqpq-args...: one nqpq call into OUT/NAME, its report in report.txt, its wall time in times.tsv
     local name=$1

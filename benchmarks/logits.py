@@ -1,6 +1,6 @@
 """LM-head benchmark (issue 14 item 5, issue 17 item 6, issue 26 item 4): what the sweep's exact losses cost.
 
-The sweep's per-block loss (``nqpq.evaluate.lm_losses``) forms the logits in fp32 whatever the model's
+The sweep's per-block loss (``nqpq.model.losses.lm_losses``) forms the logits in fp32 whatever the model's
 dtype, because 16-bit logits round |logit| ~ 64 to steps of 0.25–0.5 before the loss, and takes the
 cross-entropy of those fp32 logits to within 1e-6 relative in PPL of float64 (fp32 ``F.cross_entropy`` is
 ~1e-5 off at 50k tokens). Two parts, both on by default.
@@ -17,14 +17,14 @@ Errors: ``max_abs_loss_err``, per block against everything in float64 (hidden st
 error of the loss alone; absolute, as a token's loss may be ~0).
 
 The loss alone (``--losses``), on given fp32 logits ``[2040, V]``: ``smollm2``, SmolLM2-135M's real logits
-(vocabulary 49152; the converted model from ``nqpq.fetch``) on 8 x 256 tokens of WikiText validation;
+(vocabulary 49152; the converted model from ``nqpq.sources.fetch``) on 8 x 256 tokens of WikiText validation;
 ``peaked``, synthetic logits over GPT-2's vocabulary (50257): N(0, 2.5²) with one token per row raised by
 5–20, the label that token 40% of the time (a random GPT-2 model's logits are flat, not an LM's). Paths:
 
 - ``cross_entropy_fp32``: ``F.cross_entropy`` in fp32 (it writes a log-softmax the size of the logits);
 - ``logsumexp_fp32``: ``torch.logsumexp`` in fp32 minus the target logit, in fp32 (rounded at |logit|);
 - ``float64_exp_sum``: lm_losses of issue 17: fp32 max, exp / sum / log in float64 on a copy;
-- ``lm_losses``: nqpq's (``nqpq.evaluate._fp32_logit_losses``): fp32 max, shift, exp and sum in place,
+- ``lm_losses``: nqpq's (``nqpq.model.losses._fp32_logit_losses``): fp32 max, shift, exp and sum in place,
   combined in float64.
 
 Each against ``F.cross_entropy`` of the float64 logits: max and mean per-token error, and the PPL's
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import run_tags, write_csv
-from nqpq.evaluate import MAX_LOGIT_ELEMENTS, _fp32_logit_losses, lm_losses
+from nqpq.model.losses import MAX_LOGIT_ELEMENTS, _fp32_logit_losses, lm_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,12 +138,12 @@ def bench(device: torch.device, dtype: torch.dtype, vocab: int, hidden_size: int
 
 def smollm2_logits(n_blocks: int = 8, seq_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """SmolLM2-135M's fp32 logits ``[n_blocks·(seq_len − 1), 49152]`` and labels on WikiText validation's first
-    tokens (the converted model from ``nqpq.fetch``; as the sweep's blocks: no BOS)."""
+    tokens (the converted model from ``nqpq.sources.fetch``; as the sweep's blocks: no BOS)."""
     from benchmarks.real_sweep import DEFAULT_TEXT, default_model
-    from nqpq.checkpoints import load_model, load_tokenizer
-    from nqpq.evaluate import make_blocks
-    from nqpq.models import model_parts
-    from nqpq.text import ids_for_blocks, rows_from_file
+    from nqpq.model.losses import make_blocks
+    from nqpq.model.parts import model_parts
+    from nqpq.sources.checkpoints import load_model, load_tokenizer
+    from nqpq.sources.text import ids_for_blocks, rows_from_file
 
     name = default_model()
     model = load_model(name, "cpu", torch.float32)

@@ -115,7 +115,7 @@ def _point(opts: dict, n_blocks: int) -> dict:
     """One measurement, run in a fresh process (spawned): a warm-up sweep, then the measured one."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import nqpq.sweep as sweep_module
+    import nqpq.experiments.sweep as sweep_module
     from nqpq import SweepConfig, run_sweep
 
     device = torch.device(opts["device"])

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from benchmarks.smollm2_table import scan_table
-from nqpq.report import verdict_summary
+from nqpq.results.report import verdict_summary
 
 
 def _ci(ci, fmt: str) -> str:

@@ -15,7 +15,7 @@ k = 2 + len(d_r)), the crystallized layers, the final norm and the LM head. This
 The spec's own code (the seed's, ``benchmarks/spec_baseline.py``) patches GPT-2's modules only: the ratio
 against it is ``benchmarks.sweep``'s (GPT-2 small geometry), which also times this floor on that model.
 
-Default model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) from ``nqpq.fetch`` (its converted
+Default model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) from ``nqpq.sources.fetch`` (its converted
 ``save_pretrained`` folder, which loads in about a second); default text ``../shared/data/wiki.valid.raw``.
 
     python -m benchmarks.real_sweep                          # 30 blocks x 256, layers 23-29, d_r 1..32, CPU
@@ -33,20 +33,21 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import run_tags, write_csv
-from nqpq.config import SweepConfig, sweep_ranks
-from nqpq.evaluate import lm_losses, ppl_from_losses
-from nqpq.heads import after_layers
-from nqpq.models import model_parts
-from nqpq.sweep import make_blocks_checked, open_run, run_sweep
+from nqpq.experiments.config import SweepConfig, sweep_ranks
+from nqpq.experiments.sweep import make_blocks_checked, open_run, run_sweep
+from nqpq.model.lm_head import after_layers
+from nqpq.model.losses import lm_losses
+from nqpq.model.parts import model_parts
+from nqpq.results.stats import ppl_from_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wiki.valid.raw"
-LOGIT_CHUNK = 1 << 26  # logits per F.linear in the floor's head, as nqpq.evaluate.MAX_LOGIT_ELEMENTS
+LOGIT_CHUNK = 1 << 26  # logits per F.linear in the floor's head, as nqpq.model.losses.MAX_LOGIT_ELEMENTS
 
 
 def default_model() -> str:
-    """The converted SmolLM2 folder from ``nqpq.fetch`` (fetched and converted once, into the nqpq cache)."""
-    from nqpq.fetch import converted_smollm2
+    """The converted SmolLM2 folder from ``nqpq.sources.fetch`` (fetched and converted once, into the nqpq cache)."""
+    from nqpq.sources.fetch import converted_smollm2
 
     return str(converted_smollm2())
 
@@ -174,7 +175,7 @@ def floor(model, blocks: torch.Tensor, batch_size: int, start: int, k: int, with
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: SmolLM2 via nqpq.fetch)")
+    p.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: SmolLM2 via nqpq fetch)")
     p.add_argument("--text-file", default=str(DEFAULT_TEXT))
     p.add_argument("--n-blocks", type=int, default=30)
     p.add_argument("--seq-len", type=int, default=256)

@@ -22,9 +22,10 @@ import torch
 
 from benchmarks.common import run_tags, write_csv
 from nqpq import SweepConfig, calibrate, crystallize, make_blocks
-from nqpq.checkpoints import demo_model
-from nqpq.evaluate import block_losses, ppl_from_losses
-from nqpq.scan import run_scan
+from nqpq.experiments.scan import run_scan
+from nqpq.model.losses import block_losses
+from nqpq.results.stats import ppl_from_losses
+from nqpq.sources.checkpoints import demo_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

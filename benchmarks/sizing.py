@@ -3,7 +3,7 @@
     python -m benchmarks.sizing --preset llama-3-70b --cards 2 4 --card-gib 80
 
 For each card count: the weights per card (bf16 by default, split evenly as ``--device-map balanced`` does),
-what is left per card, the default batch size nqpq would choose there (``nqpq.batching.default_batch_size``
+what is left per card, the default batch size nqpq would choose there (``nqpq.experiments.batching.default_batch_size``
 with that free memory on every card: the tightest card decides), the prefix record, the per-block buffers,
 and the time of a sweep and of a scan **estimated from FLOP counts** (2 FLOPs per weight per token, plus
 attention's QKᵀ and PV; at ``--tflops`` per card × ``--efficiency``). These are estimates, not
@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
-from nqpq.batching import batch_bytes_per_block, default_batch_size
-from nqpq.config import SPEC_D_R
+from nqpq.experiments.batching import batch_bytes_per_block, default_batch_size
+from nqpq.experiments.config import SPEC_D_R
 
 GIB = 1 << 30
 

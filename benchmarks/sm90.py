@@ -323,14 +323,15 @@ def _elem(dtype: str) -> str:
 def compile_variant(v: Variant) -> dict:
     import torch
 
-    from nqpq_kernels import residual_attention as ra
+    from nqpq_kernels import launch as launch_mod
+    from nqpq_kernels import triton_kernel as ra
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v.dtype]
-    meta, launch = ra.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features and not v.bias,
-                                  softcap=v.features,
-                                  return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
-                                  return_sink_mass=v.sink or v.learned, sink=v.sink, value_dim=v.Dv,
-                                  learned_sink=v.learned, bias=v.bias)
+    meta, launch = launch_mod.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features and not v.bias,
+                                          softcap=v.features,
+                                          return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
+                                          return_sink_mass=v.sink or v.learned, sink=v.sink, value_dim=v.Dv,
+                                          learned_sink=v.learned, bias=v.bias)
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
                 "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
     if v.bias:

@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/smollm2}
 mkdir -p "$OUT"
-python3 -m nqpq.fetch smollm2-135m
+python3 -m nqpq fetch smollm2-135m
 : > "$OUT/times.tsv.part"
 run() {  # run NAME nqpq-args...: one nqpq call into OUT/NAME, its report in report.txt, its wall time in times.tsv
     local name=$1

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nqpq.report import verdict_summary
+from nqpq.results.report import verdict_summary
 
 
 def _load(root: Path, name: str) -> dict | None:

@@ -32,9 +32,9 @@ from benchmarks.common import run_tags, write_csv
 from benchmarks.real_sweep import floor
 from benchmarks.spec_baseline import load_spec, run_spec_sweep
 from nqpq import SweepConfig, run_sweep
-from nqpq.checkpoints import demo_model, load_tokenizer
-from nqpq.evaluate import make_blocks
-from nqpq.text import ids_for_blocks, rows_from_file
+from nqpq.model.losses import make_blocks
+from nqpq.sources.checkpoints import demo_model, load_tokenizer
+from nqpq.sources.text import ids_for_blocks, rows_from_file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -4,7 +4,7 @@
     python -m benchmarks.tune --dtype bf16 --T 1024 --H 32 --Hkv 8 --D 128   # Llama-3-8B heads
 
 Prints the median time of every (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode next to
-SDPA; the winners feed ``_pick_config`` in nqpq_kernels/residual_attention.py.
+SDPA; the winners feed the launch table's rules (nqpq_kernels/launch.py).
 
     python -m benchmarks.tune --compile-only [--arch 90]
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from benchmarks.attention import DTYPES, make_inputs
-from nqpq_kernels import residual_attention as ra
+from nqpq_kernels import launch as launch_mod
+from nqpq_kernels import triton_kernel as ra
 
 CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
            for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if n <= m]
@@ -37,11 +38,11 @@ def time_configs(q, k, v, basis, mode: str) -> tuple[float, list]:
     def run():
         return ra.residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=8)
 
-    original = ra._pick_config
+    original = launch_mod.pick_config
     results = []
     try:
         for cfg in CONFIGS:
-            ra._pick_config = lambda *a, cfg=cfg, **kw: dict(cfg)
+            launch_mod.pick_config = lambda *a, cfg=cfg, **kw: dict(cfg)
             try:
                 run()
                 results.append((do_bench(run, warmup=10, rep=40, return_mode="median"), cfg))
@@ -49,7 +50,7 @@ def time_configs(q, k, v, basis, mode: str) -> tuple[float, list]:
             except Exception as err:  # out of shared memory / registers for this config
                 print(f"  {mode} {cfg}: {type(err).__name__}")
     finally:
-        ra._pick_config = original
+        launch_mod.pick_config = original
     return do_bench(run, return_mode="median"), sorted(results, key=lambda r: r[0])
 
 
@@ -73,9 +74,9 @@ def compile_check(arch: int, smem_limit: int, sink_only: bool = False) -> int:
     for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for D, mode, gram in itertools.product((64, 96, 128, 256), ("top1", "full", "lowrank"), (False, True)):
             for windowed, softcap, top1_prob, sink in flags:
-                meta, launch = ra.kernel_meta(D, dtype, mode, "cuda", windowed=windowed, softcap=softcap,
-                                              return_argmax=True, return_gram=gram, return_top1_prob=top1_prob,
-                                              return_sink_mass=sink, sink=sink)
+                meta, launch = launch_mod.kernel_meta(D, dtype, mode, "cuda", windowed=windowed, softcap=softcap,
+                                                      return_argmax=True, return_gram=gram, return_top1_prob=top1_prob,
+                                                      return_sink_mass=sink, sink=sink)
                 signature = {}
                 for name in fn.arg_names:
                     if name in meta:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         print(f"\n{args.dtype} B={args.B} H={args.H} Hkv={Hkv} T={T} D={args.D}: sdpa default {flash:.4f} ms")
         for mode in args.modes:
             current, ranked = time_configs(q, k, v, basis, mode)
-            table = ra._pick_config(ra._padded_head_dim(args.D), dtype, mode, False, q.device)
+            table = launch_mod.pick_config(launch_mod.padded_head_dim(args.D), dtype, mode, False, q.device)
             print(f"  {mode}: current table {current:.4f} ms (x{current / flash:.2f}) {table}")
             for ms, cfg in ranked[:4]:
                 print(f"    {ms:.4f} ms  x{ms / flash:.2f} of sdpa  {cfg}")

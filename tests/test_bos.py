@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from nqpq import make_blocks
 from nqpq.cli import main
 from nqpq.errors import NqpqError
-from nqpq.text import choose_bos, tokenizer_bos_id
+from nqpq.sources.text import choose_bos, tokenizer_bos_id
 
 SEQ_LEN, N_BLOCKS = 32, 4
 
@@ -61,7 +61,7 @@ def test_bos_follows_the_tokenizer(tokenizer):
 
 
 def test_forcing_bos_without_a_bos_token_is_an_error():
-    from nqpq.checkpoints import ByteTokenizer
+    from nqpq.sources.checkpoints import ByteTokenizer
 
     assert choose_bos(ByteTokenizer(), None) is None
     with pytest.raises(NqpqError, match="no BOS token"):

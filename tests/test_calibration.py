@@ -175,7 +175,7 @@ def test_calibrate_refuses_1d_ids(eager_model, token_ids):
 
 def test_float64_sums_live_on_the_cpu_for_mps():
     """Issue 14: devices without float64 (Apple MPS) accumulate the Gram on the CPU; others on the device."""
-    from nqpq.calibration import float64_device
+    from nqpq.experiments.calibration import float64_device
 
     assert float64_device(torch.device("mps")) == torch.device("cpu")
     assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)

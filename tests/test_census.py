@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import census
+from nqpq.model import census as census_kit
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def test_exact_and_refused_families_are_classified():
 
 def test_census_sees_a_small_error(monkeypatch):
     """A 1 % scale error in the op's output is WRONG, not EXACT: the tolerance is far below it."""
-    import nqpq.integration as integration
+    import nqpq.model.crystallize as integration
 
     real = integration.residual_attention_impl
 
@@ -59,16 +60,16 @@ def test_reference_is_the_definition():
     q = torch.tensor([[[[0.0], [1.0], [1.0]]]])  # [B=1, H=1, T=3, D=1]
     k = torch.tensor([[[[0.0], [2.0], [0.0]]]])
     v = torch.tensor([[[[1.0], [3.0], [5.0]]]])
-    out, clear = census._reference(q, k, v, 1.0, None, None, None, "top1", None, None)
+    out, clear = census_kit.float64_reference(q, k, v, 1.0, None, None, None, "top1", None, None)
     assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 3.0]  # row 2: keys 0..2 score 0, 2, 0 → V[1]
     assert bool(clear.all())
     sink = torch.tensor([0.5])
-    out, _ = census._reference(q, k, v, 1.0, None, None, sink, "top1", None, None)
+    out, _ = census_kit.float64_reference(q, k, v, 1.0, None, None, sink, "top1", None, None)
     m = torch.tensor([0.0, 2.0, 0.0]).exp().sum().add(torch.tensor(0.5).exp()).reciprocal() * torch.tensor(0.5).exp()
     torch.testing.assert_close(out[0, 2, 0, 0], ((1 - m) * 3.0).double())
 
     # Llama 4's chunks of 2: row 2 starts a chunk and sees only key 2.
-    out, _ = census._reference(q, k, v, 1.0, None, None, None, "top1", None, None, chunk=2)
+    out, _ = census_kit.float64_reference(q, k, v, 1.0, None, None, None, "top1", None, None, chunk=2)
     assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 5.0]
 
 
@@ -95,13 +96,13 @@ def test_families_are_fed_what_their_forward_takes():
     for family in ("musicgen", "gemma4_assistant"):
         row = census.census_family(family)
         assert row["outcome"] != "UNBUILT", row
-    config = census.tiny_config("gemma4_assistant")
-    model = census._model_class("gemma4_assistant")._from_config(config, attn_implementation="eager").eval()
-    ids = torch.randint(3, census.VOCAB, (census.B, census.T))
-    inputs = census.model_inputs(model, ids)
+    config = census_kit.tiny_config("gemma4_assistant")
+    model = census_kit.model_class("gemma4_assistant")._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(3, census_kit.VOCAB, (census.B, census.T))
+    inputs = census_kit.model_inputs(model, ids)
     assert inputs["inputs_embeds"].shape == (census.B, 1, 2 * config.backbone_hidden_size)
     assert {k.shape[2] for k, _ in inputs["shared_kv_states"].values()} == {census.T}
-    assert census._logits(model, inputs).shape[:2] == (census.B, 1)
+    assert census_kit.logits_of(model, inputs).shape[:2] == (census.B, 1)
 
 
 @pytest.mark.skipif(os.environ.get("NQPQ_CENSUS") != "1", reason="the full census is its own CI tier: NQPQ_CENSUS=1")

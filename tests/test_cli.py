@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 from nqpq import ResidualBasis, calibrate, crystallize, make_blocks, perplexity
 from nqpq.cli import main
 
-# 8 blocks: the fewest with intervals (nqpq.stats.MIN_BLOCKS), so the verdict can be more than INCONCLUSIVE.
+# 8 blocks: the fewest with intervals (nqpq.results.stats.MIN_BLOCKS), so the verdict can be more than INCONCLUSIVE.
 LAYERS, D_RS, N_BLOCKS, SEQ_LEN, CALIB = (2, 3), (1, 16), 8, 32, 2
 REPORT_LINES = ("PPL baseline", "[A] Top-1", "[B]", "d_r=", "VERDICT")
 
@@ -512,8 +512,8 @@ def test_ctrl_c_exits_130_and_writes_no_results(saved_model, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    # The configurations that finished are kept for --resume (nqpq.resume, tests/test_resume.py); results.json is
-    # written whole at the end or not at all.
+    # The configurations that finished are kept for --resume (nqpq.experiments.resume, tests/test_resume.py);
+    # results.json is written whole at the end or not at all.
     [line] = [line for line in err.splitlines() if line.strip()] or [""]
     kept = line.startswith("nqpq: interrupted; kept ") and line.endswith("with --resume to finish it")
     assert kept or line == "nqpq: interrupted; nothing written", err[-2000:]
@@ -583,7 +583,7 @@ def test_report_into_a_closed_pipe_is_quiet(sweep_run, tmp_path):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if a tokenizer or any weight is read (the config alone must answer)."""
-    from nqpq import sweep
+    from nqpq.experiments import sweep
 
     def refuse(what):
         def fail(*args, **kwargs):

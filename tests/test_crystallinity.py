@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from nqpq.crystallinity import CrystallinityAccumulator, format_table, layer_means
+from nqpq.experiments.crystallinity import CrystallinityAccumulator
+from nqpq.results.crystallinity_table import format_table, layer_means
 
 
 def loop_stats(argmaxes: list[torch.Tensor], probs: list[torch.Tensor], n_heads: int) -> list[dict]:
@@ -116,9 +117,9 @@ def test_sweep_reports_crystallinity_of_its_layers(family, tokenizer, token_ids,
     from conftest import REL_SCORE_MARGIN, build_model
     from f64_reference import F64Reference, build_llama
 
-    from nqpq.config import SweepConfig
-    from nqpq.report import print_report
-    from nqpq.sweep import run_sweep
+    from nqpq.experiments.config import SweepConfig
+    from nqpq.experiments.sweep import run_sweep
+    from nqpq.results.report import print_report
 
     model = build_model("eager", vocab_size=len(tokenizer)) if family == "gpt2" else build_llama(len(tokenizer))
     n_blocks, seq_len = 3, 16
@@ -146,7 +147,7 @@ def test_sweep_reports_crystallinity_of_its_layers(family, tokenizer, token_ids,
     assert reprinted == printed
     if family == "gpt2":  # `nqpq report` on the written directory: the same lines, the sweep's plots redrawn
         from nqpq.cli import main as cli_main
-        from nqpq.report import write_results
+        from nqpq.results.report import write_results
 
         write_results(str(tmp_path), results)
         (tmp_path / "delta_ppl_vs_dr.png").unlink()

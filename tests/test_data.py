@@ -11,10 +11,10 @@ import torch
 from conftest import build_model, wikitext_lines
 from safetensors.torch import load_file, save_file
 
-from nqpq import text as data
-from nqpq.checkpoints import load_model
 from nqpq.errors import NqpqError
-from nqpq.text import check_ids_fit, ids_for_blocks, join_rows, rows_from_file
+from nqpq.sources import text as data
+from nqpq.sources.checkpoints import load_model
+from nqpq.sources.text import check_ids_fit, ids_for_blocks, join_rows, rows_from_file
 
 
 def spec_ids(rows, tokenizer) -> torch.Tensor:
@@ -202,14 +202,14 @@ def test_bare_gpt2_tokenizer_files_load(real_files):
     """OpenAI's GPT-2 files alone (vocab.json + merges.txt, no config): GPT-2's byte-level BPE, as before."""
     from transformers import GPT2TokenizerFast
 
-    from nqpq.checkpoints import load_tokenizer
+    from nqpq.sources.checkpoints import load_tokenizer
 
     text = " = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles"
     folder = str(real_files.gpt2_tokenizer)
     assert load_tokenizer(folder).encode(text) == GPT2TokenizerFast.from_pretrained(folder).encode(text)
 
 
-# --- GGUF files (nqpq.checkpoints): refused before anything is built, never taken for a hub name ---
+# --- GGUF files (nqpq.sources.checkpoints): refused before anything is built, never taken for a hub name ---
 
 
 def write_gguf(path: Path, arch: str, n_floats: int = 4096, name: str | None = None) -> Path:
@@ -253,7 +253,7 @@ def gguf_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("case", ["not_gguf", "truncated_data", "truncated_header", "unsupported_arch", "missing"])
 def test_bad_gguf_files_refused(tmp_path, case):
     """The model loader and the tokenizer loader both refuse, with one line and never the hub's error."""
-    from nqpq.checkpoints import load_tokenizer
+    from nqpq.sources.checkpoints import load_tokenizer
 
     path, pattern = gguf_cases(tmp_path)[case]
     for load in (lambda: load_model(str(path), "cpu", torch.float32), lambda: load_tokenizer(str(path))):
@@ -267,7 +267,7 @@ def test_gguf_architecture_check_follows_transformers():
     """Every architecture transformers' GGUF loader lists is accepted (its config sections are not)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from nqpq.checkpoints import supported_architectures
+    from nqpq.sources.gguf import supported_architectures
 
     names = supported_architectures()
     assert {"llama", "qwen2", "gemma2", "gpt2"} <= names
@@ -279,7 +279,7 @@ def test_gguf_file_info(tmp_path):
     """results.json's record of a GGUF file: its name, size, sha256 and tensor types, from the file itself."""
     import hashlib
 
-    from nqpq.checkpoints import gguf_file_info, gguf_label
+    from nqpq.sources.gguf import gguf_file_info, gguf_label
 
     path = write_gguf(tmp_path / "tiny.gguf", "llama")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -322,7 +322,7 @@ def test_a_missing_weight_on_the_meta_device_is_not_taken_for_a_tied_one():
     from conftest import tiny_config
     from transformers import GPT2LMHeadModel
 
-    from nqpq.checkpoints import unloaded_weights
+    from nqpq.sources.loading import unloaded_weights
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(tiny_config())

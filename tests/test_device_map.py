@@ -16,12 +16,12 @@ import torch
 from conftest import wikitext_text
 from test_sweep import save_family, tiny_llama
 
-from nqpq.batching import default_batch_size
 from nqpq.cli import main
-from nqpq.config import SweepConfig
-from nqpq.devices import execution_device, input_device, parse_max_memory
 from nqpq.errors import NqpqError
-from nqpq.sweep import run_sweep
+from nqpq.experiments.batching import default_batch_size
+from nqpq.experiments.config import SweepConfig
+from nqpq.experiments.sweep import run_sweep
+from nqpq.model.devices import execution_device, input_device, parse_max_memory
 
 GIB = 1 << 30
 
@@ -223,8 +223,8 @@ def test_default_batch_size_finds_the_devices_of_a_mapped_model(saved, tmp_path,
     """Given a dispatched model's parts, every device its modules compute on is measured."""
     from transformers import AutoModelForCausalLM
 
-    from nqpq import batching
-    from nqpq.models import model_parts
+    from nqpq.experiments import batching
+    from nqpq.model.parts import model_parts
 
     _, dirs, _ = saved
     mapped = AutoModelForCausalLM.from_pretrained(dirs["llama"], device_map=MAPS["llama"],
@@ -261,7 +261,7 @@ def test_torchrun_with_a_cpu_disk_map(saved, tmp_path, capsys):
 
 
 def test_torchrun_with_a_gpu_map_refused(monkeypatch):
-    from nqpq import distributed
+    from nqpq.experiments import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(NqpqError, match="use either torchrun .* or --device-map in a single process"):
@@ -311,7 +311,7 @@ def test_device_cuda0_with_the_current_device_elsewhere(saved, tmp_path, capsys)
 
 def test_device_map_with_a_gguf_file_refused(saved, tmp_path, capsys):
     """transformers dequantizes a GGUF file whole before any placement: refused up front, pointing to a saved copy."""
-    from nqpq.checkpoints import load_model
+    from nqpq.sources.checkpoints import load_model
 
     root, dirs, text = saved
     out = tmp_path / "out"

@@ -27,7 +27,7 @@ from f64_reference import F64Reference, build_llama
 
 from nqpq import calibrate, make_blocks
 from nqpq.cli import main
-from nqpq.downstream import (
+from nqpq.experiments.downstream import (
     BASELINE,
     BETTER,
     NO_CHANGE,
@@ -41,8 +41,8 @@ from nqpq.downstream import (
     run_eval,
     write_eval_results,
 )
-from nqpq.stats import BOOTSTRAP_RESAMPLES
-from nqpq.text import ids_for_blocks, packaged_text, rows_from_file
+from nqpq.results.stats import BOOTSTRAP_RESAMPLES
+from nqpq.sources.text import ids_for_blocks, packaged_text, rows_from_file
 
 # Every test but the one that hides lm-eval needs it (the dev extra installs it).
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
@@ -339,7 +339,7 @@ def test_unknown_task_exits_2_with_one_line(saved_model, tmp_path, capsys):
 
 @needs_lm_eval
 def test_basis_of_another_shape_exits_2_before_any_task_runs(saved_model, tmp_path, monkeypatch, capsys):
-    from nqpq.calibration import ResidualBasis
+    from nqpq.experiments.calibration import ResidualBasis
 
     model_dir, _ = saved_model  # the tiny GPT-2: 4 heads of width 16
     path = tmp_path / "basis.pt"
@@ -367,7 +367,7 @@ def test_missing_lm_eval_is_one_line_and_nqpq_still_imports(tmp_path):
     """lm_eval made unimportable in a fresh interpreter: nqpq and its CLI import, and nqpq eval says what to
     install."""
     script = ("import sys; sys.modules['lm_eval'] = None\n"  # `import lm_eval` now raises ImportError
-              "import nqpq, nqpq.cli, nqpq.downstream\n"
+              "import nqpq, nqpq.cli, nqpq.experiments.downstream\n"
               "sys.exit(nqpq.cli.main(['eval', '--tasks', 'nqpq_cloze', '--out', sys.argv[1]]))\n")
     out = tmp_path / "never"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, capture_output=True, text=True,

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_clear_argmax, score_margins
 
 from nqpq import PrefixRunner, block_losses, calibrate, crystallize, make_blocks, perplexity
-from nqpq.evaluate import lm_losses
+from nqpq.model.losses import lm_losses
 
 SEQ_LEN, N_BLOCKS = 32, 8
 
@@ -167,7 +167,7 @@ def test_bad_batch_sizes(eager_model, token_ids):
 
 # The capped case keeps logits near its cap (Gemma 2's 30), where fp32 rounding shows: with scale 0.5 they stay
 # under 13 and fp32 F.cross_entropy would pass the checks too (no teeth).
-# 50,257 (GPT-2's vocabulary) is not a multiple of 8: lm_losses pads the head's rows (nqpq.evaluate.fp32_head).
+# 50,257 (GPT-2's vocabulary) is not a multiple of 8: lm_losses pads the head's rows (nqpq.model.losses.fp32_head).
 @pytest.mark.parametrize("vocab", [50_000, 50_257])
 @pytest.mark.parametrize("scale, cap", [(None, None), (1.5, 30.0)])
 @torch.no_grad()
@@ -227,7 +227,7 @@ def test_lm_losses_padded_head_rows_carry_no_probability(bias):
     cross-entropy over the real vocabulary only. A changed weight is picked up (the padded copy is rebuilt)."""
     from types import SimpleNamespace
 
-    from nqpq.evaluate import fp32_head
+    from nqpq.model.losses import fp32_head
 
     vocab, width = 1_003, 16
     g = torch.Generator().manual_seed(1)

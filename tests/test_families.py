@@ -20,10 +20,10 @@ from f64_reference import F64Reference
 from tiny_families import MLA_FAMILIES, SINK_FAMILIES, VOCAB, build_family
 
 from nqpq import PrefixRunner, block_losses
-from nqpq.calibration import gram_passes
-from nqpq.crystallinity import CrystallinityAccumulator
-from nqpq.integration import crystallize, observe_residuals
-from nqpq.models import model_parts
+from nqpq.experiments.calibration import gram_passes
+from nqpq.experiments.crystallinity import CrystallinityAccumulator
+from nqpq.model.crystallize import crystallize, observe_residuals
+from nqpq.model.parts import model_parts
 
 FAMILIES = (*MLA_FAMILIES, *SINK_FAMILIES, "diffllama", "llama4_text")
 B, T = 2, 24
@@ -125,7 +125,7 @@ TRITON_CASES = {"gpt_oss": {}, "deepseek_v3": dict(qk_nope_head_dim=16, qk_rope_
 def test_triton_kernel_in_the_model_matches_float64(family):
     """The Triton kernel (compiled on CUDA, the interpreter on CPU) in place of the reference: top-1 and low-rank on
     one layer, and full mode against the model, with MLA widths and learned sinks."""
-    from nqpq.ops import resolve_backend
+    from nqpq_kernels.dispatch import resolve_backend
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     try:

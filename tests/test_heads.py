@@ -2,9 +2,9 @@
 (BERT's ``cls``, RoBERTa's ``lm_head``: dense, activation, LayerNorm, then the decoder Linear), ELECTRA's
 ``generator_predictions`` beside its ``generator_lm_head``, ModernBERT-decoder's ``lm_head`` beside its ``decoder``.
 
-``nqpq.heads.head_transform`` finds that step and ``lm_losses`` applies it; every check here compares the sweep's
-loss paths (``block_losses``, ``PrefixRunner``'s baseline and replays) with the float64 losses of the model's own
-logits, on the census's tiny random models (``is_decoder=True``: what makes these families causal).
+``nqpq.model.lm_head.head_transform`` finds that step and ``lm_losses`` applies it; every check here compares the
+sweep's loss paths (``block_losses``, ``PrefixRunner``'s baseline and replays) with the float64 losses of the model's
+own logits, on the census's tiny random models (``is_decoder=True``: what makes these families causal).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from test_replay import blocks, model_losses  # the same blocks and float64 mode
 
 from nqpq import PrefixRunner, block_losses, crystallize
 from nqpq.errors import UnsupportedModelError
-from nqpq.evaluate import lm_losses
-from nqpq.heads import UpToHead
-from nqpq.models import model_parts
+from nqpq.model.lm_head import UpToHead
+from nqpq.model.losses import lm_losses
+from nqpq.model.parts import model_parts
 
 # family → where its head transform is: a module holding the LM head (run up to it), a child module beside the
 # head, or nothing (BertGeneration's ``lm_head`` holds only the decoder Linear).
@@ -30,7 +30,7 @@ FAMILIES = {
 
 def tiny_model(family: str) -> torch.nn.Module:
     """The census's tiny random model of ``family`` (its own defaults shrunk, ``is_decoder=True``), float32, eval."""
-    from benchmarks.census import tiny_config
+    from nqpq.model.census import tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

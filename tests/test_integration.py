@@ -26,7 +26,7 @@ from conftest import (
 from transformers import GPT2LMHeadModel
 
 from nqpq import GramAccumulator, crystallize, crystallize_layers, uncrystallize
-from nqpq.integration import observe_residuals
+from nqpq.model.crystallize import observe_residuals
 
 SPEC_ATTR = "_nqpq_layer_spec"
 
@@ -297,7 +297,7 @@ def test_rejected_call_leaves_no_layer_crystallized(eager_model):
 
 def test_failure_while_attaching_is_undone(eager_model, monkeypatch):
     """Issue 14 (1): an exception half-way through attaching removes what was attached."""
-    import nqpq.integration as integration
+    import nqpq.model.crystallize as integration
 
     real, copies = integration.copy.deepcopy, []
 
@@ -480,7 +480,7 @@ def test_a_model_passed_in_labels_the_run(eager_model, token_ids):
     """results.json and the report's checkpoint line name the model that ran: its name_or_path, class and layer
     count, never SweepConfig's default; a name the caller sets in SweepConfig.model is used as given."""
     from nqpq import SweepConfig, run_sweep
-    from nqpq.scan import run_scan
+    from nqpq.experiments.scan import run_scan
 
     common = dict(layers=[3], d_r=[2], n_blocks=2, seq_len=16, calib_blocks=1, calib_from="eval", device="cpu",
                   backend="torch", batch_size=2, progress=False)

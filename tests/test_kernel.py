@@ -2,7 +2,7 @@
 
 Without CUDA they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set
 here before triton is imported).  The kernel is checked against an independent
-float64 implementation written below *and* against ``nqpq.reference``.
+float64 implementation written below *and* against ``nqpq_kernels.reference``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 from plain_attention import GRAM_RTOL, TOL, check_against_plain, plain_scores  # noqa: E402
 
 import nqpq_kernels  # noqa: E402
-from nqpq.reference import residual_attention_reference  # noqa: E402
-from nqpq.validate import ResidualAttentionResult  # noqa: E402
-from nqpq_kernels import residual_attention as ra_mod  # noqa: E402
+from nqpq_kernels import launch as launch_mod  # noqa: E402
 from nqpq_kernels import residual_attention_triton  # noqa: E402
+from nqpq_kernels import triton_kernel as ra_mod  # noqa: E402
+from nqpq_kernels.contract import ResidualAttentionResult  # noqa: E402
+from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")
@@ -238,7 +239,7 @@ def test_poisoned_output_fully_written(mode, out_layout):
 def test_other_tilings(monkeypatch, block_m, block_n):
     """The kernel is correct for other block shapes than the default (diagonal splitting)."""
     monkeypatch.setattr(
-        ra_mod, "_pick_config",
+        launch_mod, "pick_config",
         lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
     )
     B, H, T, D = 1, 2, 130, 32
@@ -254,11 +255,11 @@ def test_epilogue_chunks(monkeypatch, D, gram_cols, r_block, split):
     SPLIT_GRAM, 2 / 4 / 8 blocks) and the projection R_BLOCK basis columns at a time (the CUDA table's D 256 and
     fp32 choices) against float64, at widths the interpreter runs quickly; with the sink's ground."""
     monkeypatch.setattr(
-        ra_mod, "_pick_config",
+        launch_mod, "pick_config",
         lambda *a, **k: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, GRAM_COLS=gram_cols,
                              R_BLOCK=r_block, SPLIT_GRAM=split),
     )
-    meta, _ = ra_mod.kernel_meta(D, torch.float32, "lowrank", DEV, return_gram=True)
+    meta, _ = launch_mod.kernel_meta(D, torch.float32, "lowrank", DEV, return_gram=True)
     assert (meta["GRAM_COLS"], meta["R_BLOCK"], meta["SPLIT_GRAM"]) == (gram_cols, r_block, split)
     q, k, v = rand_qkv(1, 2, 40, D, torch.float32, seed=gram_cols + r_block + D)
     run_and_check(q, k, v, "lowrank", d_r=37, basis=make_basis(2, D))
@@ -364,7 +365,7 @@ def test_sliding_window_fp16_other_tilings(monkeypatch):
     """Window edges against other tile shapes (BLOCK_M == BLOCK_N, and BLOCK_M = 4 * BLOCK_N)."""
     q, k, v = rand_qkv(1, 2, 100, 32, torch.float16, seed=8, Hkv=1, sharp=2.0)
     for block_m, block_n in ((16, 16), (64, 16)):
-        monkeypatch.setattr(ra_mod, "_pick_config", lambda *a, bm=block_m, bn=block_n, **kw: dict(
+        monkeypatch.setattr(launch_mod, "pick_config", lambda *a, bm=block_m, bn=block_n, **kw: dict(
             BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1))
         for window in (3, 17, 50):
             run_and_check(q, k, v, "full", sliding_window=window)
@@ -577,7 +578,7 @@ def test_sink_many_keys_other_tilings(monkeypatch, block_m, block_n, n):
     """n across tile and block boundaries (one and several sink tiles, the diagonal block inside the sink),
     and n >= T (every key is a sink key: ground = ctx on every row)."""
     monkeypatch.setattr(
-        ra_mod, "_pick_config",
+        launch_mod, "pick_config",
         lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
     )
     B, H, T, D = 1, 2, 70, 16
@@ -800,7 +801,7 @@ def test_learned_sink_per_row_non_finite_logit():
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32)])
 def test_learned_sink_and_mla_other_tilings(monkeypatch, block_m, block_n):
     monkeypatch.setattr(
-        ra_mod, "_pick_config",
+        launch_mod, "pick_config",
         lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
     )
     q, k, v = mla_qkv(1, 2, 1, 70, 32, 16, torch.float32, seed=block_m + block_n)
@@ -1502,7 +1503,7 @@ def test_attention_chunk_with_everything(geometry, mode):
 def test_attention_chunk_other_tilings(monkeypatch, block_m, block_n, chunk):
     """Chunk boundaries inside and on query blocks and key tiles of other sizes (the per-row first key)."""
     monkeypatch.setattr(
-        ra_mod, "_pick_config",
+        launch_mod, "pick_config",
         lambda *a, **k: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2),
     )
     q, k, v = rand_qkv(1, 2, 70, 16, torch.float32, seed=chunk + block_m, Hkv=1, sharp=2.0)

@@ -22,12 +22,12 @@ from conftest import REL_SCORE_MARGIN
 from transformers import AttentionInterface
 
 from nqpq import PrefixRunner, block_losses, crystallize
-from nqpq.calibration import GramAccumulator
 from nqpq.errors import UnsupportedModelError
-from nqpq.geometry import LayerGeometry
-from nqpq.heads import after_layers
-from nqpq.integration import observe_residuals
-from nqpq.models import model_parts
+from nqpq.experiments.calibration import GramAccumulator
+from nqpq.model.crystallize import observe_residuals
+from nqpq.model.geometry import LayerGeometry
+from nqpq.model.lm_head import after_layers
+from nqpq.model.parts import model_parts
 
 VOCAB, T, B = 96, 40, 2
 SHARPEN = 256.0
@@ -343,7 +343,7 @@ def test_kernel_equals_reference(family, layers):
     """The fused kernel (Triton's interpreter on CPU) gives the reference's model output: GQA, a sliding window
     shorter than T, soft-capped scores, D = 32 (kept small: the interpreter is slow)."""
     pytest.importorskip("triton")
-    from nqpq.ops import resolve_backend
+    from nqpq_kernels.dispatch import resolve_backend
 
     try:
         resolve_backend("triton", "cpu")
@@ -445,7 +445,7 @@ def test_learned_sinks_read_from_the_module():
 
 def census_model(family: str, attn: str = "eager") -> torch.nn.Module:
     """A tiny random model of ``family`` from its own default config, shrunk as the census shrinks it."""
-    from benchmarks.census import tiny_config
+    from nqpq.model.census import tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -538,10 +538,10 @@ def test_what_follows_the_layers_is_replayed(family):
 def test_hybrid_sweep_and_scan_take_the_attention_layers():
     """The sweep's --layers defaults to the last quarter of the attention layers, the scan covers the attention
     layers, and asking for another layer is a one-line error (CLI exit 2) naming the attention layers."""
-    from nqpq.config import SweepConfig
     from nqpq.errors import NqpqError
-    from nqpq.scan import run_scan
-    from nqpq.sweep import run_sweep
+    from nqpq.experiments.config import SweepConfig
+    from nqpq.experiments.scan import run_scan
+    from nqpq.experiments.sweep import run_sweep
 
     model = census_model("qwen3_next")
     ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))
@@ -593,7 +593,7 @@ def test_attention_over_block_states_runs_the_models_own_function():
 def blt_model(window: int | None) -> torch.nn.Module:
     """The census's tiny BLT (1 local encoder layer, 1 global layer over patches, 6 local decoder layers, an entropy
     patcher), its local layers' sliding window ``window`` (None: full causal attention over the bytes)."""
-    from benchmarks.census import tiny_config
+    from nqpq.model.census import tiny_config
 
     config = tiny_config("blt")
     config.local_attention_window_len = config.encoder_config.sliding_window = window
@@ -637,7 +637,7 @@ def test_layer_of_two_attention_blocks(mode):
     gives the model's losses."""
     from f64_reference import F64Reference
 
-    from benchmarks.census import tiny_config
+    from nqpq.model.census import tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -676,7 +676,7 @@ def test_layer_of_two_attention_blocks(mode):
 
 
 def _early_view(parts) -> tuple:
-    """What the checks before loading read of a ModelParts (nqpq.config.check_before_loading)."""
+    """What the checks before loading read of a ModelParts (nqpq.experiments.config.check_before_loading)."""
     return (parts.family, parts.n_layers, parts.attn_layers, parts.default_layers, parts.max_positions,
             parts.geometry)
 
@@ -685,7 +685,7 @@ def _early_view(parts) -> tuple:
 def test_geometry_before_loading_is_the_loaded_models(family):
     """config_parts (the model its config describes, built on the meta device: no weights) gives the geometry the
     model has once built: the flags checked before loading are checked against the model that will run."""
-    from nqpq.checkpoints import config_parts
+    from nqpq.model.parts import config_parts
 
     model = build(family) if family in FAMILIES else tiny_families.build_family(family)
     early = config_parts(model.config)

@@ -8,9 +8,10 @@ import re
 
 import pytest
 
-from nqpq import checkpoints, fetch, hub, sweep
 from nqpq.cli import main
-from nqpq.registry import MODELS
+from nqpq.experiments import sweep
+from nqpq.sources import checkpoints, fetch, hub
+from nqpq.sources.registry import MODELS
 
 
 def test_models_lists_every_name(capsys):

@@ -1,4 +1,4 @@
-"""The plots a reader sees (nqpq.plots): every text inside the canvas, each plot saying what it averages and
+"""The plots a reader sees (nqpq.results.plots): every text inside the canvas, each plot saying what it averages and
 matching the printed table, the recovered-% colour scale robust to an outlier, INCONCLUSIVE drawn as such."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 
 from matplotlib.text import Text  # noqa: E402
 
-from nqpq.plots import SCAN_FIGURES, SWEEP_FIGURES, recovered_figure, spectrum_figure  # noqa: E402
-from nqpq.report import print_report, write_results  # noqa: E402
+from nqpq.results.plots import SCAN_FIGURES, SWEEP_FIGURES, recovered_figure, spectrum_figure  # noqa: E402
+from nqpq.results.report import print_report, write_results  # noqa: E402
 
 # A name as long as a converted checkpoint's label: it must wrap, not run off both ends of the canvas.
 LONG_MODEL = ("/home/someone/.cache/nqpq/smollm2-135m/HuggingFaceTB--SmolLM2-135M (registry smollm2-135m, sha256 "

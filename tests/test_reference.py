@@ -8,7 +8,7 @@ from f64_reference import check_sink_against_f64
 from plain_attention import check_against_plain, plain
 
 from nqpq import ResidualAttentionResult, residual_attention, residual_attention_reference
-from nqpq.ops import resolve_backend
+from nqpq_kernels.dispatch import resolve_backend
 
 MODES = ("top1", "full", "lowrank")
 SHAPES = [(1, 1, 16), (2, 3, 32), (1, 2, 64)]  # (B, H, D)
@@ -958,7 +958,7 @@ def test_attention_chunk_against_float64(case, mode):
 
 
 def test_visible_keys_chunk():
-    from nqpq.reference import visible_keys
+    from nqpq_kernels.reference import visible_keys
 
     i = torch.arange(10)
     want = (i[None, :] <= i[:, None]) & (i[None, :] // 4 == i[:, None] // 4)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from nqpq import PrefixRunner, block_losses, crystallize
-from nqpq.models import model_parts
+from nqpq.model.parts import model_parts
 
 FAMILIES = ("dory", "hy_v4", "gemma3n_text")
 
@@ -23,7 +23,7 @@ FAMILIES = ("dory", "hy_v4", "gemma3n_text")
 def tiny_model(family: str) -> torch.nn.Module:
     """The census's tiny random model of ``family`` (its own defaults, shrunk); Dory with a real recurrent section
     (layer 0 in, layers 1-3 looped twice, layer 4 out), which the census's shrunk layer counts leave empty."""
-    from benchmarks.census import tiny_config
+    from nqpq.model.census import tiny_config
 
     config = tiny_config(family)
     if family == "dory":
@@ -85,14 +85,14 @@ def test_body_replay_equals_the_model(family):
 def test_census_checks_pass(family):
     """The census's checks (full mode on the last / every attention layer, the replay, top-1 and low-rank against
     float64 on the q, k, v received) on the census's own tiny model: all within its tolerance."""
-    from benchmarks.census import TOL, _checks, _sharpen
+    from nqpq.model.census import TOL, crystallized_checks, sharpen
 
     model = tiny_model(family)
     parts = model_parts(model)
     ids = blocks(2)
-    errors = _checks(model, parts, ids, "eager", modes=True)
-    _sharpen(parts)
-    errors.update(_checks(model, parts, ids, "eager sharp", modes=True))
+    errors = crystallized_checks(model, parts, ids, "eager", modes=True)
+    sharpen(parts)
+    errors.update(crystallized_checks(model, parts, ids, "eager sharp", modes=True))
     assert max(errors.values()) <= TOL, {k: v for k, v in errors.items() if v > TOL}
 
 
@@ -146,9 +146,9 @@ def test_sweep_and_scan_on_a_looping_body():
     """The sweep on Dory (baseline and top-1 by the body-forward replay) gives the model's own block losses, plain
     and with the default layer crystallized; the scan covers its attention layers."""
     from nqpq import make_blocks
-    from nqpq.config import SweepConfig
-    from nqpq.scan import run_scan
-    from nqpq.sweep import run_sweep
+    from nqpq.experiments.config import SweepConfig
+    from nqpq.experiments.scan import run_scan
+    from nqpq.experiments.sweep import run_sweep
 
     model = tiny_model("dory")
     ids = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(1))

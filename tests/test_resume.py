@@ -1,5 +1,5 @@
 """An interrupted sweep or scan keeps its finished configurations; ``--resume`` finishes it with the results of an
-uninterrupted run (``nqpq.resume``)."""
+uninterrupted run (``nqpq.experiments.resume``)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import REPO, build_model, wikitext_text
 
-import nqpq.prefix
-import nqpq.resume
+import nqpq.experiments.resume
+import nqpq.model.replay
 from nqpq.cli import main
-from nqpq.config import SweepConfig
 from nqpq.errors import NqpqError
-from nqpq.resume import CHECKPOINT_DIR, STATE_FILE, Checkpoint
-from nqpq.sweep import run_sweep
+from nqpq.experiments.config import SweepConfig
+from nqpq.experiments.resume import CHECKPOINT_DIR, STATE_FILE, Checkpoint
+from nqpq.experiments.sweep import run_sweep
 
 # Two sink settings and two calibration draws: every kind of configuration key (sink tag, draw suffix) is kept.
 SWEEP_FLAGS = ["--layers", "2", "3", "--d-r", "1", "16", "--n-blocks", "6", "--seq-len", "32", "--calib-blocks", "2",
@@ -92,7 +92,7 @@ def count_evaluations(monkeypatch) -> list[int]:
     """Counts the configurations evaluated (one PrefixRunner.losses call each); with ``interrupt_at`` set, Ctrl-C
     arrives inside that evaluation (1-based), before its losses are kept."""
     calls = [0]
-    losses = nqpq.prefix.PrefixRunner.losses
+    losses = nqpq.model.replay.PrefixRunner.losses
 
     def counted(self, *args, **kwargs):
         calls[0] += 1
@@ -100,7 +100,7 @@ def count_evaluations(monkeypatch) -> list[int]:
             raise KeyboardInterrupt
         return losses(self, *args, **kwargs)
 
-    monkeypatch.setattr(nqpq.prefix.PrefixRunner, "losses", counted)
+    monkeypatch.setattr(nqpq.model.replay.PrefixRunner, "losses", counted)
     calls.append(counted)
     return calls
 
@@ -162,7 +162,7 @@ def test_interrupt_before_any_configuration_keeps_nothing(saved_model, tmp_path,
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nqpq.prefix.PrefixRunner, "capture_baseline", ctrl_c)
+    monkeypatch.setattr(nqpq.model.replay.PrefixRunner, "capture_baseline", ctrl_c)
     code, _, err = run(command("scan", saved_model, out))
     assert code == 130
     assert lines(err) == ["nqpq: interrupted; nothing written"]
@@ -261,7 +261,7 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        nqpq.resume._atomic_write(str(tmp_path), "state.json", torn)
+        nqpq.experiments.resume._atomic_write(str(tmp_path), "state.json", torn)
     assert (tmp_path / "state.json").read_text() == "old"
     assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left
 
@@ -323,10 +323,10 @@ def test_a_real_sigterm_to_a_scan_keeps_what_finished(saved_model, tmp_path):
 
 INTERRUPT_SCRIPT = '''
 import sys
-import nqpq.resume
+import nqpq.experiments.resume
 from nqpq.cli import main
 
-keep = nqpq.resume.Checkpoint.losses
+keep = nqpq.experiments.resume.Checkpoint.losses
 done = [0]
 
 
@@ -338,7 +338,7 @@ def losses(self, key, compute):  # Ctrl-C on every rank once k configurations ha
     return value
 
 
-nqpq.resume.Checkpoint.losses = losses
+nqpq.experiments.resume.Checkpoint.losses = losses
 sys.exit(main(sys.argv[2:]))
 '''
 

@@ -14,14 +14,14 @@ import torch
 from conftest import REL_SCORE_MARGIN, REPO, build_model, wikitext_text
 from f64_reference import F64Reference, build_llama
 
-import nqpq.scan
+import nqpq.experiments.scan
 from nqpq import calibrate, crystallize, perplexity
-from nqpq.batching import default_batch_size
 from nqpq.cli import main as cli_main
-from nqpq.config import SweepConfig
-from nqpq.report import SCAN_FORMAT_VERSION
-from nqpq.scan import run_scan
-from nqpq.stats import delta_ppl_ci, resample_indices
+from nqpq.experiments.batching import default_batch_size
+from nqpq.experiments.config import SweepConfig
+from nqpq.experiments.scan import run_scan
+from nqpq.results.report import SCAN_FORMAT_VERSION
+from nqpq.results.stats import delta_ppl_ci, resample_indices
 
 # 16 blocks: enough for intervals (8 at least), and for some layers' top-1 loss to be measurable and others' not.
 SEQ_LEN, N_BLOCKS, CALIB = 16, 16, 2
@@ -135,7 +135,7 @@ def test_scan_matches_float64_and_the_plain_way(family, tokenizer, token_ids):
 
     # The report is a function of the results dict: re-printing it gives what the run printed.
     reprinted: list[str] = []
-    from nqpq.report import print_report
+    from nqpq.results.report import print_report
 
     print_report(json.loads(json.dumps({k: v for k, v in got.items()})), reprinted.append)
     assert reprinted == [line for line in lines if not line.startswith("[scan] Loading")]
@@ -166,7 +166,7 @@ def test_scan_of_some_layers(tokenizer, token_ids, monkeypatch):
         sized.append(kwargs.get("n_records", 1))
         return default_batch_size(*args, **kwargs)
 
-    monkeypatch.setattr(nqpq.scan, "default_batch_size", batch_size)
+    monkeypatch.setattr(nqpq.experiments.scan, "default_batch_size", batch_size)
     got = run_scan(scan_config(layers=(3, 1)), model=model, ids=ids, log=lambda *_: None)
     assert sized == [2]  # the default batch size sets aside the record of both scanned layers' inputs
     assert [e["layer"] for e in got["layers"]] == [1, 3]
@@ -208,7 +208,7 @@ def test_cli_scan_then_report_on_a_saved_llama(tmp_path, tokenizer, capsys):
                                                      "recovered_pct_spread"}
 
     # The numbers are the definition's, computed in float64 on the same tokens.
-    from nqpq.text import ids_for_blocks, rows_from_file
+    from nqpq.sources.text import ids_for_blocks, rows_from_file
 
     ids = ids_for_blocks(rows_from_file(str(text)), tokenizer, N_BLOCKS * SEQ_LEN)
     want, _ = reference_scan(model, ids[: N_BLOCKS * SEQ_LEN].view(N_BLOCKS, SEQ_LEN), [1, 3])

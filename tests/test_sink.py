@@ -10,9 +10,9 @@ from conftest import REL_SCORE_MARGIN, build_model
 from f64_reference import F64Reference, build_llama
 
 from nqpq import crystallize
-from nqpq.crystallinity import CrystallinityAccumulator
-from nqpq.evaluate import block_losses
-from nqpq.integration import Observer, observe_residuals
+from nqpq.experiments.crystallinity import CrystallinityAccumulator
+from nqpq.model.crystallize import Observer, observe_residuals
+from nqpq.model.losses import block_losses
 
 N_BLOCKS, SEQ_LEN, LAYERS = 3, 16, (1, 3)
 
@@ -101,14 +101,14 @@ def test_sink_tokens_checked_before_anything_is_attached(tokenizer):
                 pass
     assert not any(hasattr(m, "_nqpq_layer_spec") for m in model.modules())
     with pytest.raises(ValueError, match="observers are for observe=True"):
-        from nqpq.integration import crystallize_layers
+        from nqpq.model.crystallize import crystallize_layers
 
         crystallize_layers(model, LAYERS, mode="top1", observers=[Observer(1)])
     assert math.isfinite(float(block_losses(model, blocks_of(torch.arange(64) % 50)).mean()))
 
 
 def sweep_config(**kwargs):
-    from nqpq.config import SweepConfig
+    from nqpq.experiments.config import SweepConfig
 
     settings = dict(model="tiny", layers=LAYERS, d_r=(2,), n_blocks=N_BLOCKS, seq_len=SEQ_LEN, calib_blocks=1,
                     calib_from="eval", batch_size=2, device="cpu", backend="torch", progress=False)
@@ -119,8 +119,8 @@ def test_sweep_runs_sink_settings_side_by_side_as_float64(tokenizer, token_ids):
     """--sink-tokens 0 1: each setting equals its own run and the float64 definition; the report re-prints."""
     import json
 
-    from nqpq.report import print_report
-    from nqpq.sweep import run_sweep
+    from nqpq.experiments.sweep import run_sweep
+    from nqpq.results.report import print_report
 
     model = build_llama(len(tokenizer))
     lines: list[str] = []
@@ -158,7 +158,7 @@ def test_sweep_runs_sink_settings_side_by_side_as_float64(tokenizer, token_ids):
 
 
 def test_scan_with_a_sink_equals_float64(tokenizer, token_ids):
-    from nqpq.scan import run_scan
+    from nqpq.experiments.scan import run_scan
 
     model = build_llama(len(tokenizer))
     got = run_scan(sweep_config(layers=(3,), sink_tokens=(1, 0)), model=model, ids=token_ids, log=lambda _: None)

@@ -1,4 +1,4 @@
-"""The paired bootstrap (nqpq.stats) against a straightforward re-implementation with the same indices."""
+"""The paired bootstrap (nqpq.results.stats) against a straightforward re-implementation with the same indices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from nqpq.stats import (
+from nqpq.results.stats import (
     BOOTSTRAP_RESAMPLES,
     MIN_BLOCKS,
     RECOVERED_PCT_LIMIT,

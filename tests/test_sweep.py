@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import HEAD_DIM, REL_SCORE_MARGIN, build_model
 
-from nqpq.batching import default_batch_size, free_memory
-from nqpq.config import SweepConfig, sweep_ranks
 from nqpq.errors import NqpqError
-from nqpq.report import write_results
-from nqpq.scan import run_scan
-from nqpq.sweep import run_sweep
-from nqpq.verdict import INCONCLUSIVE, NOT_FINITE, NOT_FINITE_TEXT, recovered_pct
-from nqpq.verdict import verdict as _verdict
+from nqpq.experiments.batching import default_batch_size, free_memory
+from nqpq.experiments.config import SweepConfig, sweep_ranks
+from nqpq.experiments.scan import run_scan
+from nqpq.experiments.sweep import run_sweep
+from nqpq.results.report import write_results
+from nqpq.results.verdict import INCONCLUSIVE, NOT_FINITE, NOT_FINITE_TEXT, recovered_pct
+from nqpq.results.verdict import verdict as _verdict
 
 GIB = 1 << 30
 
@@ -207,7 +207,7 @@ def test_batch_size_sets_the_fp32_lm_head_aside_for_16_bit_models():
 
     assert batch(LLAMA_8B, torch.bfloat16) < batch(small_head, torch.bfloat16)
     assert batch(LLAMA_8B, torch.float32) == batch(small_head, torch.float32)  # fp32: the head is used as it is
-    # ... unless its vocabulary is not a multiple of 8: lm_losses then keeps a padded fp32 copy (nqpq.evaluate)
+    # ... unless its vocabulary is not a multiple of 8: lm_losses then keeps a padded fp32 copy (nqpq.model.losses)
     odd_head = SimpleNamespace(**{**vars(LLAMA_8B), "lm_head": head(128257, 4096)})
     few = {"hidden": 4096, "free": 16 * GIB}  # 100 blocks: the record leaves room for the head to matter
     assert (default_batch_size(cpu, odd_head, 256, 100, torch.float32, **few)
@@ -409,7 +409,7 @@ def test_calibration_draws_are_the_disjoint_held_out_sets(tokenizer, token_ids):
 
 
 def test_spec_choice_intervals_hold_their_estimates_and_come_from_the_block_losses(tokenizer, token_ids):
-    from nqpq.stats import delta_ppl_ci, recovered_pct_ci, resample_indices
+    from nqpq.results.stats import delta_ppl_ci, recovered_pct_ci, resample_indices
 
     model = build_model(vocab_size=len(tokenizer))
     lines: list[str] = []
@@ -486,7 +486,7 @@ def test_verdict_carries_its_interval_and_whether_it_is_settled(curve, draws, wa
 
 
 def test_verdict_lines_say_how_sure_they_are():
-    from nqpq.report import verdict_lines
+    from nqpq.results.report import verdict_lines
 
     def lines(curve, draws=None):
         return "\n".join(verdict_lines(_verdict(curve, 20.0, 25.0, top1_ci=[4.0, 6.0], n_blocks=30,

@@ -1,4 +1,4 @@
-"""The packaged WikiText (nqpq/wikitext): the spec's bytes, named by --text, and the offline default."""
+"""The packaged WikiText (nqpq/sources/wikitext): the spec's bytes, named by --text, and the offline default."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nqpq import text
 from nqpq.errors import NqpqError
+from nqpq.sources import text
 
 # The published digests of WikiText-103 raw validation and test (nqpq/wikitext/README.md lists how they were checked).
 SHA256 = {"wikitext-103-valid": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",

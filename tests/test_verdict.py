@@ -1,4 +1,4 @@
-"""What a result's numbers say (nqpq.verdict), as pure functions on numbers: curve entries, draws, the interval
+"""What a result's numbers say (nqpq.results.verdict), as pure functions on numbers: curve entries, draws, the interval
 mark, the residual spectrum, the baseline check and the bootstrap summary, each against values worked out here
 independently (float64, by hand)."""
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from nqpq.calibration import basis_from_grams
 from nqpq.errors import NqpqError
-from nqpq.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, MIN_BLOCKS, resample_indices
-from nqpq.verdict import (
+from nqpq.experiments.calibration import basis_from_grams
+from nqpq.results.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL, MIN_BLOCKS, resample_indices
+from nqpq.results.verdict import (
     INCONCLUSIVE,
     OUTCOMES,
     RECOVERY_TARGET,
@@ -131,17 +131,17 @@ def test_bootstrap_info_names_the_method_and_its_settings():
 
 
 def test_verdict_imports_only_numbers():
-    """nqpq.verdict is numbers only: of nqpq it imports errors and stats, nothing that loads a model (calibration,
-    config, evaluate), so the verdict can be re-derived without the model stack."""
+    """nqpq.results.verdict is numbers only: of nqpq it imports errors and stats, nothing that loads a model
+    (calibration, config, evaluate), so the verdict can be re-derived without the model stack."""
     import ast
     from pathlib import Path
 
-    import nqpq.verdict
+    import nqpq.results.verdict
 
-    tree = ast.parse(Path(nqpq.verdict.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(nqpq.results.verdict.__file__).read_text(encoding="utf-8"))
     modules = {("." * node.level) + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert modules == {"__future__", "collections.abc", "math", "statistics", "torch", ".errors", ".stats"}
+    assert modules == {"__future__", "collections.abc", "math", "statistics", "torch", "..errors", ".stats"}
 
 
 # The rule (docs/verdict.md) at issue 32's numbers: SmolLM2-135M layer 27, top-1 dPPL +0.070, 95% CI
