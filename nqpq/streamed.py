@@ -59,6 +59,35 @@ def _upper(rows: int, device: torch.device) -> Tensor:
     return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
 
 
+def max_first_index(x: Tensor, width: int = 64) -> tuple[Tensor, Tensor]:
+    """``x.max(dim=-1)``'s values and first indices, about 15× faster on CPU for long rows.
+
+    torch's CPU ``max(dim)`` with indices is not vectorized (1.5 ms for 1.8 M fp32 here, against 0.08 ms for
+    ``amax``). Per row: the maxima of ``width``-wide column groups (``amax`` on a view), the first group holding the
+    row's maximum, then the first index within that group (``argmax`` on ``width`` columns only), the columns past
+    the last whole group apart. The first index of the maximum, as ``max`` gives it; NaN propagates into the value
+    (the index of a NaN row is then unspecified: callers treat such rows as non-finite)."""
+    cols = x.shape[-1]
+    whole = cols // width * width
+    if whole < 2 * width:  # short rows: the plain kernel
+        return x.max(dim=-1)
+    groups = x[..., :whole].unflatten(-1, (whole // width, width))  # a view: the last dim has stride 1
+    group_max = groups.amax(dim=-1)
+    m = group_max.amax(dim=-1)
+    tail_m = tail_i = None
+    if whole < cols:
+        tail_m, tail_i = x[..., whole:].max(dim=-1)
+        m = torch.maximum(m, tail_m)
+    hit = group_max == m.unsqueeze(-1)
+    first_group = hit.to(torch.uint8).argmax(dim=-1)  # the first True; 0 if none (the maximum is in the tail)
+    pick = first_group[..., None, None].expand(*first_group.shape, 1, width)
+    within = torch.gather(groups, -2, pick).squeeze(-2).argmax(dim=-1)
+    idx = first_group * width + within
+    if tail_i is not None:
+        idx = torch.where(hit.any(dim=-1), idx, tail_i + whole)
+    return m, idx
+
+
 def residual_attention_streamed(
     q: Tensor,
     k: Tensor,
@@ -114,6 +143,8 @@ def residual_attention_streamed(
     # p (an exp pass over the scores) is needed for ctx, the projection, the top-1 probability, and any sink mass;
     # top1 without them needs i* alone.
     need_exp = need_ctx or use_proj or return_top1_prob or args.learned_sink is not None
+    # i* (a gather-friendly first index of the maximum) is needed but for full mode's ctx alone.
+    need_index = mode != "full" or return_gram or return_argmax or n > 0
 
     # fp32, contiguous [B, Hkv, Tk, D] copies (a no-op for contiguous fp32 inputs): every block reads a slice
     # of them, which a strided view (transformers' [B, T, H, D] projections) would copy again per block.
@@ -180,17 +211,17 @@ def residual_attention_streamed(
 
         # The maximum, its first index, and with sink tokens i*ᴿ over the columns of keys >= n.
         n_loc = min(max(n - lo, 0), cols)  # this block's columns that are sink keys
-        r_empty = None
+        r_empty = i_star = None
         if n_loc == 0:
-            m, i_star = s5.max(dim=-1)
-            bad = ~torch.isfinite(m)  # max propagates NaN: a row with a NaN score has m NaN
+            m, i_star = max_first_index(s5) if need_index else (s5.amax(dim=-1), None)
+            bad = ~torch.isfinite(m)  # the maximum propagates NaN: a row with a NaN score has m NaN
         elif n_loc == cols:  # every key the block sees is a sink key
-            m, i_star = s5.max(dim=-1)
+            m, i_star = max_first_index(s5)
             bad = ~torch.isfinite(m)
             r_empty = torch.ones_like(bad)
         else:
-            m_s, i_s = s5[..., :n_loc].max(dim=-1)
-            m_r, i_r = s5[..., n_loc:].max(dim=-1)
+            m_s, i_s = s5[..., :n_loc].max(dim=-1)  # n_loc columns: the plain max is cheap there
+            m_r, i_r = max_first_index(s5[..., n_loc:])
             # The first maximum overall is in S on a tie (S comes first); where() would drop a NaN of either half.
             m = torch.where(m_s >= m_r, m_s, m_r)
             bad = ~torch.isfinite(m) | m_s.isnan() | m_r.isnan()
@@ -203,27 +234,38 @@ def residual_attention_streamed(
         if args.learned_sink is not None:
             sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows)
             bad |= ~(sink_logit < math.inf)  # a NaN or +inf logit: no softmax
-        i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
+        if i_star is not None:
+            i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
 
-        p = denom = None
+        # p: normalized where nothing is kept apart (torch's fused softmax, one buffer more); else exp(s − m)
+        # unnormalized, with denom = Σp (+ the learned sink's term): ctx = (p @ V) / denom.
+        p = denom = m_all = None
+        normalized = n_loc == 0 and sink_logit is None
         if need_exp or n_loc > 0:
-            m_all = m if sink_logit is None else torch.maximum(m, sink_logit)
-            # Bad rows get 0 as their shift (their results are overwritten): no inf − inf warnings or work.
-            m_all = m_all.masked_fill(bad, 0.0)
-            p = s5.sub_(m_all.unsqueeze(-1)).exp_()  # unnormalized: p / denom is the softmax
-            denom = p.sum(dim=-1)
-            if sink_logit is not None:
-                sink_term = (sink_logit - m_all).exp_()
-                denom.add_(sink_term)
-                m_learned = sink_term.div_(denom)
+            if normalized:
+                p = torch.softmax(s5, dim=-1)  # a bad row comes out NaN (overwritten below)
+                del s, s5
+            else:
+                m_all = m if sink_logit is None else torch.maximum(m, sink_logit)
+                # Bad rows get 0 as their shift (their results are overwritten): no inf − inf.
+                m_all = m_all.masked_fill(bad, 0.0)
+                p = s5.sub_(m_all.unsqueeze(-1)).exp_()
+                denom = p.sum(dim=-1)
+                if sink_logit is not None:
+                    sink_term = (sink_logit - m_all).exp_()
+                    denom.add_(sink_term)
+                    m_learned = sink_term.div_(denom)
 
         vb = vf[:, :, lo:hi]  # [B, Hkv, cols, Dv]
         ctx = None
         if need_ctx:
             ctx = torch.matmul(p.view(B, Hkv, G * rows, cols), vb).view(B, Hkv, G, rows, Dv)
-            ctx.div_(denom.unsqueeze(-1))
-        v_star = torch.gather(vb.unsqueeze(2).expand(B, Hkv, G, cols, Dv), 3,
-                              i_star.unsqueeze(-1).expand(B, Hkv, G, rows, Dv))
+            if denom is not None:
+                ctx.div_(denom.unsqueeze(-1))
+        v_star = None
+        if i_star is not None:
+            v_star = torch.gather(vb.unsqueeze(2).expand(B, Hkv, G, cols, Dv), 3,
+                                  i_star.unsqueeze(-1).expand(B, Hkv, G, rows, Dv))
 
         mass = None  # all the mass kept apart: m_S + m_L
         if n_loc > 0:
@@ -238,11 +280,12 @@ def residual_attention_streamed(
             mass.masked_fill_(r_empty, 1.0)
         elif m_learned is not None:
             mass = m_learned
-            ground = v_star.mul_((1.0 - m_learned).unsqueeze(-1))
+            ground = v_star.mul_((1.0 - m_learned).unsqueeze(-1)) if v_star is not None else None
         else:
-            ground = v_star
+            ground = v_star  # None in full mode without a Gram or an argmax: not needed
         nan_rows = bad.unsqueeze(-1)
-        ground.masked_fill_(nan_rows, math.nan)
+        if ground is not None:
+            ground.masked_fill_(nan_rows, math.nan)
         if ctx is not None:
             ctx.masked_fill_(nan_rows, math.nan)
 
@@ -252,7 +295,9 @@ def residual_attention_streamed(
             o = ctx
         elif use_proj:
             # P_r P_rᵀ (ctx − ground) = P_r (p @ (V P_r) / Σp − P_rᵀ ground); zero where ground = ctx.
-            coeff = torch.matmul(p, vp[:, :, :, lo:hi]).div_(denom.unsqueeze(-1))
+            coeff = torch.matmul(p, vp[:, :, :, lo:hi])
+            if denom is not None:
+                coeff.div_(denom.unsqueeze(-1))
             coeff.sub_(torch.matmul(ground, P))
             if r_empty is not None:
                 coeff.masked_fill_(r_empty.unsqueeze(-1), 0.0)
@@ -277,13 +322,14 @@ def residual_attention_streamed(
                 top1 = p.gather(-1, i_star.unsqueeze(-1)).squeeze(-1).div_(denom)
             elif sink_logit is not None:  # the sink may hold the softmax's maximum: exp(m − m_all) / denom
                 top1 = (m - m_all).exp_().div_(denom)
-            else:
-                top1 = denom.reciprocal()
+            else:  # the softmax's maximum, p[i*]
+                top1 = p.amax(dim=-1)
             top1_prob[:, :, s0:s1] = top1.masked_fill_(bad, math.nan).reshape(B, Hq, rows)
         if sink_mass is not None:
             if mass is None:
                 mass = torch.zeros(B, Hkv, G, rows, device=q.device)
             sink_mass[:, :, s0:s1] = mass.masked_fill(bad, math.nan).reshape(B, Hq, rows)
-        del s, s5, p, ctx, ground, o, v_star
+        # Freed before the next block's scores are allocated: one score buffer alive at a time.
+        s = s5 = p = ctx = ground = o = v_star = None
 
     return ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)

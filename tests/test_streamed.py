@@ -13,7 +13,7 @@ from f64_reference import check_sink_against_f64
 
 from nqpq import residual_attention, residual_attention_reference
 from nqpq.ops import residual_attention_impl
-from nqpq.streamed import default_block_size, residual_attention_streamed
+from nqpq.streamed import default_block_size, max_first_index, residual_attention_streamed
 
 MODES = ("top1", "full", "lowrank")
 RETURNS = dict(return_argmax=True, return_top1_prob=True, return_sink_mass=True)
@@ -31,6 +31,9 @@ CASES = {
     "cache-chunk": (1, 2, 1, 19, 77, 16, 16, {"attention_chunk": 32, "learned_sink": "row"}),
     "mask": (2, 2, 1, 21, 29, 16, 16, {"attn_mask": "float"}),
     "mask-bool-sinks": (1, 4, 2, 23, 23, 16, 16, {"attn_mask": "bool", "sink_tokens": 3, "learned_sink": "head"}),
+    # rows of >= 128 keys: max_first_index's grouped search (with a tail past the last group of 64)
+    "long": (1, 2, 2, 200, 200, 16, 16, {}),
+    "long-sink-cache": (1, 2, 1, 40, 230, 16, 16, {"sink_tokens": 2, "learned_sink": "head"}),
 }
 
 
@@ -87,6 +90,23 @@ def test_streamed_matches_float64_and_reference(mode, case, block, gram):
         # Each row once: the Gram of the reference (same rows, another summation order).
         scale = ref.gram.abs().amax() + 1.0
         assert float((res.gram - ref.gram).abs().amax() / scale) < 1e-5
+
+
+@pytest.mark.parametrize("cols", [5, 127, 128, 129, 200, 1000, 1024])
+def test_max_first_index_is_max_with_the_first_index(cols):
+    """Integer scores: many exact ties, where only the first index is right."""
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randint(0, 6, (2, 3, 40, cols), generator=g).float()
+    x[0, 0, 0, -1] = 10.0  # a maximum in the tail (past the last whole group)
+    x[0, 0, 1] = 2.0  # a row of equal scores: index 0
+    m, i = max_first_index(x)
+    for r in range(40):
+        row = x[1, 2, r]
+        assert int(i[1, 2, r]) == int((row == row.max()).nonzero()[0])
+    assert torch.equal(m, x.amax(dim=-1)) and torch.equal(i, x.argmax(dim=-1))
+    assert int(i[0, 0, 0]) == cols - 1 and int(i[0, 0, 1]) == 0
+    x[1, 1, 7, 3] = math.nan
+    assert bool(max_first_index(x)[0][1, 1, 7].isnan())
 
 
 @pytest.mark.parametrize("d_r", [0, 1, 8, 16])
