@@ -18,12 +18,15 @@ Work saved against the reference (where the time goes on CPU: passes over the sc
 - the scale (and the soft-cap's 1/c) is folded into the block's queries, not applied to the scores;
 - the causal mask touches only the block's last ``block`` key columns (the diagonal square); a window or a chunk
   its whole (narrow) key range;
-- one ``max`` pass gives the maximum and its first index (with sink tokens: one over the sink columns, one over
-  the rest, which is both the overall maximum and i*ᴿ);
-- p is left unnormalized: ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk;
+- the maximum and its first index come from ``max_first_index`` (vectorized group maxima, then one group's
+  argmax: torch's CPU max-with-index is ~20× slower than ``amax``); full mode without an argmax, a Gram or sink
+  tokens needs no index at all; with sink tokens the sink columns and the rest are searched apart (the latter is
+  both the overall maximum and i*ᴿ);
+- where nothing is kept apart p is torch's fused softmax; with sink keys or a learned sink p is left
+  unnormalized: ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk;
 - low rank for evaluation (no Gram asked, 0 < d_r < Dv) through V·P_r: P_r P_rᵀ (ctx − ground) =
   P_r (p @ (V P_r) − P_rᵀ ground), so the P·V product runs on d_r columns instead of Dv (issue 35 item 1's
-  identity) and ctx is never formed;
+  identity) and ctx is never formed (with G·d_r <= Dv / 2 the G heads' V P_r side by side in one matmul);
 - top1 without the probability or a sink needs no exp at all: i* alone.
 """
 
