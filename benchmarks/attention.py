@@ -10,6 +10,13 @@ warm-up) while rotating through enough input sets to overflow L2; on CPU with
 ``torch.utils.benchmark`` (median of blocked_autorange). Writes a CSV and a PNG
 under benchmarks/results/ and prints a table.
 
+On CPU (``--device cpu``) the torch paths are compared with SDPA: the T × T reference (``reference_*``) and the
+streamed path the ``"torch"`` backend runs there (``streamed_*``, nqpq/streamed.py), each mode, in ``--threads``
+threads (default 1), timed as the best of ``--repeats`` interleaved calls (every provider once per round, so a load
+that comes and goes from other processes hits them alike); ``peak_mem_mb`` is the growth of the peak resident set
+(VmHWM, reset after the inputs are built) over one call in a fresh subprocess per configuration (torch's CPU
+allocator is invisible to tracemalloc; a fresh process has no freed pages to reuse).
+
 Geometry presets (``--geometries``) time today's models: GPT-2 medium/large heads; Llama-3-8B (Hq 32,
 Hkv 8, D 128, T 1024/4096); Mistral-7B's sliding window (w 4096 at T 8192, next to the same T without
 the window); Gemma 2 2B (Hq 8, Hkv 4, D 256, scores soft-capped at 50). SDPA runs the same GQA geometry
@@ -54,7 +61,13 @@ GEOMETRIES = {
     "llama3-8b": [(4, 32, 8, 1024, 128, None, None), (2, 32, 8, 4096, 128, None, None)],
     "mistral-7b": [(1, 32, 8, 8192, 128, 4096, None), (1, 32, 8, 8192, 128, None, None)],
     "gemma2-2b": [(4, 8, 4, 1024, 256, 4096, 50.0), (2, 8, 4, 4096, 256, 4096, 50.0)],
+    # SmolLM2-135M's heads (Hq 9, Hkv 3, D 64), at the lengths issue 35 targets on CPU (T 32768: the streamed path)
+    "smollm2-135m": [(1, 9, 3, 1024, 64, None, None), (1, 9, 3, 4096, 64, None, None),
+                     (1, 9, 3, 32768, 64, None, None)],
 }
+STREAMED_PROVIDERS = ("streamed_top1", "streamed_top1_top1_prob", "streamed_full", "streamed_lowrank",
+                      "streamed_lowrank_gram")
+REFERENCE_MODES = ("reference_top1", "reference_full")  # beside "reference" (low rank)
 
 
 def make_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, device: str, seed: int, Hkv: int | None = None):
@@ -107,6 +120,18 @@ def provider_fn(provider: str, d_r: int, sliding_window: int | None = None,
             return_top1_prob=top1_prob, **attn)
     if base == "reference":
         return lambda q, k, v, b: residual_attention_reference(q, k, v, mode="lowrank", basis=b, d_r=d_r, **attn)
+    if base in REFERENCE_MODES:
+        mode = base.removeprefix("reference_")
+        return lambda q, k, v, b: residual_attention_reference(q, k, v, mode=mode, **attn)
+    if base in STREAMED_PROVIDERS:
+        from nqpq_kernels.streamed import residual_attention_streamed
+
+        mode = next(m for m in ("top1", "full", "lowrank") if base.startswith(f"streamed_{m}"))
+        gram = base == "streamed_lowrank_gram"
+        top1_prob = base.endswith("_top1_prob")
+        return lambda q, k, v, b: residual_attention_streamed(
+            q, k, v, mode=mode, basis=b if mode == "lowrank" else None, d_r=d_r if mode == "lowrank" else None,
+            return_gram=gram, return_top1_prob=top1_prob, **attn)
     if provider == "unfused":
         if sliding_window is not None or softcap is not None:
             return None
@@ -146,11 +171,67 @@ def time_cuda(fn: Callable, input_sets: list) -> float:
     return do_bench(call, warmup=25, rep=100, return_mode="median")
 
 
-def time_cpu(fn: Callable, inputs: tuple) -> float:
-    from torch.utils.benchmark import Timer
+def time_cpu_interleaved(fns: dict[str, Callable], inputs: tuple, repeats: int) -> dict[str, float]:
+    """Best wall time (ms) of ``repeats`` rounds, each calling every fn once in turn (the caller has warmed them up):
+    other processes' load hits every provider alike, and the best round is the one least disturbed."""
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(*inputs)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: ms * 1e3 for name, ms in best.items()}
 
-    m = Timer("fn(*inputs)", globals={"fn": fn, "inputs": inputs}).blocked_autorange(min_run_time=0.5)
-    return m.median * 1e3
+
+def cpu_peak_rss_mb(provider: str, d_r: int, case: tuple, threads: int) -> float | str:
+    """The growth of ru_maxrss (MiB) over one call of ``provider`` on ``case``'s inputs, in a fresh subprocess:
+    torch's CPU allocator is invisible to tracemalloc; a fresh process has no freed pages to reuse, and it builds
+    its inputs before the call, so the growth is the call's extra peak. "" where the subprocess fails."""
+    import json
+    import subprocess
+    import sys
+
+    spec = json.dumps({"provider": provider, "d_r": d_r, "case": list(case), "threads": threads})
+    code = f"from benchmarks.attention import _rss_child; _rss_child({spec!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    try:
+        return float(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return ""
+
+
+def _high_water_kib() -> int:
+    """The process's peak resident set (VmHWM, KiB) since start or since the last reset (Linux)."""
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def _rss_child(spec_json: str) -> None:
+    """cpu_peak_rss_mb's subprocess: build the inputs, reset the peak resident set to the current one, call once,
+    print the peak's growth in MiB. The reset (Linux's /proc/self/clear_refs "5") matters: importing torch and
+    transformers peaks above the resident set that follows, which would hide a call's first tens of MiB; where it
+    is unavailable ru_maxrss is read instead (a lower bound of the growth)."""
+    import json
+    import resource
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    dt_name, B, H, Hkv, T, D, window, softcap = spec["case"]
+    fn = provider_fn(spec["provider"], spec["d_r"], sliding_window=window, softcap=softcap)
+    inputs = make_inputs(B, H, T, D, DTYPES[dt_name], "cpu", 0, Hkv=Hkv)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak = _high_water_kib
+    except OSError:
+        def peak() -> int:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = peak()
+    fn(*inputs)
+    print((peak() - before) / 1024)
 
 
 def peak_memory_mb(fn: Callable, inputs: tuple) -> float:
@@ -185,12 +266,19 @@ def providers_for(device: str) -> list[tuple[str, int]]:
               ("fused_full" + SINK_SUFFIX, 0)]
     fused += [("fused_lowrank" + SINK_SUFFIX, d) for d in D_R_CASES] + [("fused_lowrank_gram" + SINK_SUFFIX, 32)]
     rest = [("reference", 32), ("reference" + SINK_SUFFIX, 32), ("unfused", 32)] + [(p, 0) for p in SDPA_PROVIDERS]
-    return (fused if device == "cuda" else []) + rest
+    if device == "cuda":
+        return fused + rest
+    # CPU: the torch paths users run there (streamed) and the reference, per mode, beside SDPA.
+    streamed = [("streamed_top1", 0), ("streamed_top1_top1_prob", 0), ("streamed_full", 0)]
+    streamed += [("streamed_lowrank", d) for d in D_R_CASES] + [("streamed_lowrank_gram", 32)]
+    return streamed + [(p, 0) for p in REFERENCE_MODES] + rest
 
 
 def run(args, out: str | None = None) -> list[dict]:
     """Time every case; with ``out``, rewrite the CSV after each case (a cut-short run keeps what it measured)."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
     tags = run_tags(device)
     rows = []
     for dt_name, B, H, Hkv, T, D, window, softcap in cases(args):
@@ -201,19 +289,42 @@ def run(args, out: str | None = None) -> list[dict]:
         n_sets = 1 if device == "cpu" else max(1, min(16, math.ceil(2 * 64 * 2**20 / set_bytes)))
         input_sets = [make_inputs(B, H, T, D, dtype, device, seed, Hkv=Hkv) for seed in range(n_sets)]
         case_rows = []
+        runnable = {}
+        first_ms = {}  # CPU: the first call's time, the measurement itself above --long-t (one call each)
         for provider, d_r in providers_for(device):
             if d_r > D:
                 continue
             fn = provider_fn(provider, d_r, sliding_window=window, softcap=softcap)
             if fn is None:
                 continue
-            eager = provider.removesuffix(SINK_SUFFIX) in ("reference", "unfused")
+            eager = provider.removesuffix(SINK_SUFFIX) in ("reference", "unfused", "sdpa_math", *REFERENCE_MODES)
             if eager and B * H * T * T * 4 * 2 > args.max_ref_bytes:
                 continue  # two fp32 T×T buffers that would not fit
+            if device == "cpu":
+                if args.cpu_providers and provider not in args.cpu_providers:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    fn(*input_sets[0])  # warm-up / check support (SDPA's CUDA-only backends refuse)
+                    first_ms[(provider, d_r)] = (time.perf_counter() - t0) * 1e3
+                except (RuntimeError, ValueError) as err:
+                    if args.verbose:
+                        print(f"  skip {provider} {dt_name} B={B} T={T}: {str(err).splitlines()[0][:100]}")
+                    continue
+            runnable[(provider, d_r)] = fn
+        cpu_ms = first_ms
+        if device == "cpu" and T <= args.long_t:  # every provider once per round, the best round each
+            cpu_ms = time_cpu_interleaved(runnable, input_sets[0], args.repeats)
+        for (provider, d_r), fn in runnable.items():
             try:
-                fn(*input_sets[0])  # compile / check support
-                ms = time_cuda(fn, input_sets) if device == "cuda" else time_cpu(fn, input_sets[0])
-                mem = peak_memory_mb(fn, input_sets[0])
+                if device == "cuda":
+                    fn(*input_sets[0])  # compile / check support
+                    ms = time_cuda(fn, input_sets)
+                    mem = peak_memory_mb(fn, input_sets[0])
+                else:
+                    ms = cpu_ms[(provider, d_r)]
+                    case = (dt_name, B, H, Hkv, T, D, window, softcap)
+                    mem = cpu_peak_rss_mb(provider, d_r, case, args.threads) if args.cpu_memory else ""
             except (RuntimeError, ValueError) as err:  # SDPA backend unsupported for this dtype/card, OOM
                 if args.verbose:
                     print(f"  skip {provider} {dt_name} B={B} T={T}: {str(err).splitlines()[0][:100]}")
@@ -254,14 +365,18 @@ def print_case(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """TFLOP/s vs T, one line per provider; a panel per (dtype, B) for the H=12 grid."""
+    """TFLOP/s vs T, one line per provider; a panel per (dtype, B) for the H=12 grid (or, where the run has none,
+    the geometry of its first row without a window or a cap: SmolLM2's on CPU)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [r for r in rows if int(r["H"]) == 12 and int(r.get("Hkv") or 12) == 12 and int(r["D"]) == 64
-            and not r.get("window") and not r.get("softcap")]
+    plain_rows = [r for r in rows if not r.get("window") and not r.get("softcap")]
+    grid = [r for r in plain_rows if int(r["H"]) == 12 and int(r.get("Hkv") or 12) == 12 and int(r["D"]) == 64]
+    if not grid and plain_rows:
+        geo = (plain_rows[0]["H"], plain_rows[0].get("Hkv"), plain_rows[0]["D"])
+        grid = [r for r in plain_rows if (r["H"], r.get("Hkv"), r["D"]) == geo]
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in grid)]
     batches = sorted({int(r["B"]) for r in grid})
     if not grid:
@@ -278,15 +393,17 @@ def plot(rows: list[dict], path: str) -> None:
             for prov in dict.fromkeys((r["provider"], int(r["d_r"])) for r in sel):
                 pts = sorted((int(r["T"]), float(r["tflops"])) for r in sel
                              if (r["provider"], int(r["d_r"])) == prov)
-                label = prov[0] + (f" d_r={prov[1]}" if prov[0].startswith("fused_lowrank") else "")
-                style = "o-" if prov[0].startswith("fused") else "s--"
+                label = prov[0] + (f" d_r={prov[1]}" if "lowrank" in prov[0] or prov[0] == "reference" else "")
+                style = "o-" if prov[0].startswith(("fused", "streamed")) else "s--"
                 (lines[label],) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, ms=3,
                                           lw=1.2, color=colors[prov])
             ts = sorted({int(r["T"]) for r in sel})
             ax.set_xscale("log", base=2)
             ax.set_xticks(ts, [str(t) for t in ts])
             ax.minorticks_off()
-            ax.set(xlabel="T", ylabel="TFLOP/s (2·B·H·T²·D)", title=f"{dt}, B={B}, H=12, D=64")
+            g0 = sel[0] if sel else grid[0]
+            ax.set(xlabel="T", ylabel="TFLOP/s (2·B·H·T²·D)",
+                   title=f"{dt}, B={B}, H={g0['H']}, Hkv={g0.get('Hkv') or g0['H']}, D={g0['D']}")
             ax.grid(alpha=0.3)
     fig.legend(list(lines.values()), list(lines), loc="lower center", ncol=6, fontsize=8)
     r0 = rows[0]
@@ -312,6 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="B=8, T in {256, 1024}, bf16/fp32, no model geometries")
     p.add_argument("--no-models", action="store_true", help="skip the --geometries cases")
     p.add_argument("--cpu", action="store_true", help="benchmark on CPU even if CUDA is present")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu: the same as --cpu; auto: CUDA where present")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads; default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="CPU: interleaved rounds, best of (default 5)")
+    p.add_argument("--long-t", type=int, default=8192,
+                   help="CPU: above this T one call per provider, no warm-up (default 8192)")
+    p.add_argument("--cpu-providers", nargs="+", default=None, help="CPU: time only these providers")
+    p.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
+                   help="CPU: skip the peak-memory subprocesses")
     p.add_argument("--cpu-fp16", action="store_true", help="include fp16 on CPU (slow there)")
     p.add_argument("--max-ref-bytes", type=float, default=24e9, help="skip reference/unfused above this T×T size")
     p.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/attention_<device>.csv)")
@@ -324,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.plot_only) as f:
             plot(list(csv.DictReader(f)), str(Path(args.plot_only).with_suffix(".png")))
         return 0
+    args.cpu = args.cpu or args.device == "cpu"
+    if args.threads < 1 or args.repeats < 1:
+        p.error("--threads and --repeats must be >= 1")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if args.quick:
         args.B, args.T, args.no_models = [8], [256, 1024], True

@@ -18,7 +18,8 @@ def _sync():
 
 
 @pytest.mark.parametrize("T", [64, 128])
-@pytest.mark.parametrize("provider", ["reference", "reference_sink1", "unfused", "sdpa_math"])
+@pytest.mark.parametrize("provider", ["reference", "reference_sink1", "unfused", "sdpa_math", "streamed_full",
+                                      "streamed_lowrank"])
 def test_cpu(benchmark, provider, T):
     q, k, v, basis = make_inputs(2, 12, T, 64, torch.float32, "cpu", seed=0)
     fn = provider_fn(provider, 8)

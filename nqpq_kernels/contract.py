@@ -118,14 +118,17 @@ def check_residual_attention_inputs(
 ) -> ResolvedArgs:
     """Validate a residual-attention call; return the resolved arguments.
 
-    q ``[B, Hq, T, Dqk]``, k ``[B, Hkv, T, Dqk]`` and v ``[B, Hkv, T, Dv]`` with ``Hq % Hkv == 0``; Dv may
+    q ``[B, Hq, Tq, Dqk]``, k ``[B, Hkv, Tk, Dqk]`` and v ``[B, Hkv, Tk, Dv]`` with ``Hq % Hkv == 0`` and, without
+    an ``attn_mask``, Tq <= Tk: query i sits at absolute position Tk − Tq + i (the last Tq positions, bottom-right
+    aligned causal as FlashAttention >= 2.1 defines it: a KV cache), and windows, chunks and the sink keys read
+    absolute positions (below, i is a query's position and T = Tk). Dv may
     differ from Dqk (multi-head latent attention: the scores live in the q/k width, ctx, V[i*], ε, the basis
     and the Gram in the value width). ``d_r`` resolves to 0 for ``top1`` and ``Dv`` for ``full`` (neither
     reads it) and must be given for ``lowrank`` (0..Dv, basis ``[Hq, Dv, R]``); ``scale`` defaults to
     ``Dqk**-0.5``; ``sliding_window`` is an int >= 1 (query i sees keys i - w < j <= i); ``softcap`` a finite
     float > 0; ``sink_tokens`` an int >= 0 (bools and floats refused by type; any value, also one >= T, is
     valid: n >= T makes every row's ground state its ctx); ``learned_sink`` None or a floating-point tensor
-    ``[Hq]`` (one logit per query head, gpt-oss) or ``[B, Hq, T]`` (one per query row, Inkling 2's
+    ``[Hq]`` (one logit per query head, gpt-oss) or ``[B, Hq, Tq]`` (one per query row, Inkling 2's
     ``sink_proj``) on q's device (a NaN or +inf logit makes its rows non-finite, -inf is a sink of no weight);
     ``attention_chunk`` None or an int C >= 1 (query i sees keys j <= i with j // C == i // C; not together with
     ``sliding_window``; C >= T is plain causal and resolves to None).
@@ -134,7 +137,7 @@ def check_residual_attention_inputs(
     key takes part) or a floating-point one added to the scaled (capped) scores, broadcastable to
     ``[B, Hq, Tq, Tk]`` (each dim its size or 1) on q's device. With a mask, the mask alone defines which keys a
     row sees (no causal mask, window or chunk is applied: they must not be given), and k and v may hold
-    Tk != Tq keys (a model that appends keys of its own, DeepSeek V4's compressed entries); without one Tk = Tq.
+    any Tk keys (a model that appends keys of its own, DeepSeek V4's compressed entries); without one Tk >= Tq.
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -149,12 +152,13 @@ def check_residual_attention_inputs(
             f"{tuple(v.shape)}"
         )
     B, Hq, T, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
-    Tk = k.shape[2] if attn_mask is not None else T  # keys of their own only under an explicit mask
-    if (k.shape[0], k.shape[2], k.shape[3]) != (B, Tk, D):
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    # Without a mask the Tq queries are the last Tq of the Tk positions (a KV cache: bottom-right aligned causal),
+    # so there can be no more queries than keys; under an explicit mask any Tk.
+    if (k.shape[0], k.shape[3]) != (B, D) or (attn_mask is None and Tk < T):
         raise ValueError(
-            "q [B, Hq, T, D] and k [B, Hkv, T, D] must agree on B, T and D (causal self-attention; v may have "
-            f"another width; k may hold other keys only under an attn_mask), got q {tuple(q.shape)}, "
+            "q [B, Hq, Tq, D] and k [B, Hkv, Tk, D] must agree on B and D with Tq <= Tk (the queries are the last "
+            f"Tq positions; v may have another width; Tk < Tq only under an attn_mask), got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if Hkv == 0 or Hq % Hkv != 0:
@@ -245,14 +249,14 @@ def check_residual_attention_inputs(
                 f"attention_chunk must be >= 1 (query i sees keys j <= i with j // C == i // C), got {attention_chunk}")
         if sliding_window is not None:
             raise ValueError("attention_chunk and sliding_window cannot be combined (no model masks with both)")
-        if attention_chunk >= T:  # one chunk holds the whole sequence: plain causal attention
+        if attention_chunk >= Tk:  # one chunk holds every position: plain causal attention
             attention_chunk = None
     if attn_mask is not None:
         attn_mask = _check_attn_mask(attn_mask, (B, Hq, T, Tk), q.device)
         if sliding_window is not None or attention_chunk is not None:
             raise ValueError("attn_mask defines visibility alone: pass no sliding_window or attention_chunk with it "
                              "(fold them into the mask)")
-    # Above T every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
+    # Above Tk every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
     return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, Tk), learned_sink, Dv,
                         attention_chunk, attn_mask)
 

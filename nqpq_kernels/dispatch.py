@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
 from .contract import TRITON_HEAD_DIMS, ResidualAttentionResult, check_choice, check_tensor
 from .reference import residual_attention_reference
+from .streamed import residual_attention_streamed
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device_type: str, head_dim: int | None = None, value_dim: int | None = None) -> str:
-    """Map ``auto`` to the Triton kernel on CUDA and the reference elsewhere.
+def resolve_backend(backend: str, device_type: str, head_dim: int | None = None, value_dim: int | None = None,
+                    cached: bool = False) -> str:
+    """Map ``auto`` to the Triton kernel on CUDA and the torch path elsewhere.
 
     With ``head_dim`` (q/k's width) and/or ``value_dim`` (v's width, for MLA) given, ``auto`` also falls back
-    to the reference on CUDA when the kernel does not support one of them (``TRITON_HEAD_DIMS``), and an
-    explicit ``"triton"`` refuses it.
+    to the torch path on CUDA when the kernel does not support one of them (``TRITON_HEAD_DIMS``), and an
+    explicit ``"triton"`` refuses it. ``cached``: a call with fewer queries than keys and no mask (a KV cache),
+    which the kernel does not run yet: ``auto`` takes the torch path, an explicit ``"triton"`` is refused by the
+    kernel's own check.
     """
     check_choice("backend", backend, BACKENDS)
     unsupported = [d for d in (head_dim, value_dim) if d is not None and d not in TRITON_HEAD_DIMS]
     if backend == "auto":
-        return "triton" if device_type == "cuda" and not unsupported else "torch"
+        return "triton" if device_type == "cuda" and not unsupported and not cached else "torch"
     if backend == "triton":
         if unsupported:
             raise ValueError(
@@ -38,13 +43,21 @@ def resolve_backend(backend: str, device_type: str, head_dim: int | None = None,
     return backend
 
 
+def residual_attention_torch(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> ResidualAttentionResult:
+    """The ``"torch"`` backend: on CPU tensors the streamed path (``nqpq_kernels.streamed``: memory O(T · block), not
+    the reference's T × T), elsewhere the reference. Same contract and keywords as ``residual_attention_reference``."""
+    if isinstance(q, Tensor) and q.device.type == "cpu":
+        return residual_attention_streamed(q, k, v, **kwargs)
+    return residual_attention_reference(q, k, v, **kwargs)
+
+
 def residual_attention_impl(backend: str) -> Callable[..., ResidualAttentionResult]:
     """The function that runs residual attention for a resolved backend."""
     if backend == "triton":
         from .triton_kernel import residual_attention_triton  # imported lazily: keeps CPU start-up free of Triton
 
         return residual_attention_triton
-    return residual_attention_reference
+    return residual_attention_torch
 
 
 def residual_attention(
@@ -79,6 +92,15 @@ def residual_attention(
     before masking. ``attention_chunk=C`` (Llama 4's chunked layers): query i sees keys j <= i with
     j // C == i // C (not with a window). i* is the first index of the maximum of those scores (argmax p is argmax s).
     Computes in float32 and returns the input dtype.
+
+    A KV cache: without ``attn_mask``, q may hold Tq <= Tk queries ``[B, Hq, Tq, D]``; they are the last Tq
+    positions (bottom-right aligned causal, as FlashAttention >= 2.1): query row r sits at absolute position
+    Tk − Tq + r, and the window, chunk, sink keys and argmax use absolute positions, so each row equals the
+    matching row of the whole Tk × Tk call. The Triton kernel runs Tq = Tk only: ``"auto"`` takes the torch path
+    for Tq < Tk and ``"triton"`` refuses it.
+
+    ``backend="torch"`` on CPU runs ``nqpq_kernels.streamed`` (query blocks: memory O(T · block)); elsewhere, and for
+    tests, ``residual_attention_reference`` (one T × T buffer).
 
     ``sink_tokens=n`` keeps the first n keys (the attention sink) apart: with S the visible keys j < n and
     R the visible keys j >= n (p still the softmax over all visible keys), i*ᴿ = the first index of the
@@ -116,8 +138,10 @@ def residual_attention(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
+    four_d = q.dim() == 4 and k.dim() == 4
+    cached = four_d and attn_mask is None and q.shape[2] < k.shape[2]  # a KV cache: the kernel runs Tq = Tk only
     impl = residual_attention_impl(resolve_backend(
-        backend, q.device.type, q.shape[-1] if q.dim() == 4 else None, v.shape[-1] if v.dim() == 4 else None
+        backend, q.device.type, q.shape[-1] if q.dim() == 4 else None, v.shape[-1] if v.dim() == 4 else None, cached
     ))
     res = impl(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,

@@ -54,6 +54,12 @@ An explicit mask (``attn_mask``, torch SDPA's: bool, True = the key takes part, 
 over all Tk keys (k and v may hold Tk != Tq keys: keys the model appends); every rule above then reads "visible"
 as "a finite score", and i* may be a key >= Tq.
 
+A KV cache (no ``attn_mask``, q holding Tq <= Tk queries): the queries are the last Tq of the Tk positions, query
+row r at absolute position i = Tk − Tq + r (bottom-right aligned causal, as FlashAttention >= 2.1): every rule above
+reads i, so row r of such a call equals row Tk − Tq + r of the whole Tk × Tk call. The windows, chunks, the sink
+keys j < n and the argmax (a key index) are absolute; out, argmax, top1_prob and sink_mass have Tq rows and the
+Gram sums over those Tq rows only.
+
 Widths (multi-head latent attention): q and k may be Dqk wide and v Dv wide. The scores live in the q/k width
 (the default scale is Dqk**-0.5); ctx, V[i*], ε, out, the basis ``[Hq, Dv, R]`` and the Gram ``[Hq, Dv, Dv]``
 in the value width.
@@ -75,28 +81,31 @@ from .contract import OUT_LAYOUTS, ResidualAttentionResult, check_choice, check_
 
 
 def visible_keys(T: int, sliding_window: int | None, device: torch.device | str,
-                 attention_chunk: int | None = None) -> Tensor:
-    """bool ``[T, T]``: query i sees key j iff ``j <= i`` and (with a window w) ``j > i - w`` and (with a chunk C,
-    Llama 4's chunked attention) ``j // C == i // C``. The one definition of visibility every path uses."""
-    i = torch.arange(T, device=device)
-    diff = i[:, None] - i[None, :]  # i - j
+                 attention_chunk: int | None = None, n_keys: int | None = None) -> Tensor:
+    """bool ``[T, Tk]`` (Tk = ``n_keys``, default T): query row r, at absolute position i = Tk − T + r (the last T
+    of Tk positions: bottom-right aligned causal, a KV cache), sees key j iff ``j <= i`` and (with a window w)
+    ``j > i - w`` and (with a chunk C, Llama 4's chunked attention) ``j // C == i // C``. The one definition of
+    visibility every path uses."""
+    Tk = T if n_keys is None else n_keys
+    i = torch.arange(Tk - T, Tk, device=device)  # the queries' absolute positions
+    j = torch.arange(Tk, device=device)
+    diff = i[:, None] - j[None, :]  # i - j
     visible = diff >= 0
-    if sliding_window is not None and sliding_window < T:  # a window of T or more is plain causal (any int)
+    if sliding_window is not None and sliding_window < Tk:  # a window of Tk or more is plain causal (any int)
         visible &= diff < sliding_window
-    if attention_chunk is not None and attention_chunk < T:  # so is a chunk of T or more
-        chunk = i // attention_chunk
-        visible &= chunk[:, None] == chunk[None, :]
+    if attention_chunk is not None and attention_chunk < Tk:  # so is a chunk of Tk or more
+        visible &= (i // attention_chunk)[:, None] == (j // attention_chunk)[None, :]
     return visible
 
 
 @functools.lru_cache(maxsize=16)
 def _hidden_keys(T: int, sliding_window: int | None, device: torch.device,
-                 attention_chunk: int | None = None) -> Tensor:
-    """``~visible_keys(T, sliding_window, device, attention_chunk)``, built once per shape and device (read-only:
-    never modify it).
+                 attention_chunk: int | None = None, n_keys: int | None = None) -> Tensor:
+    """``~visible_keys(T, sliding_window, device, attention_chunk, n_keys)``, built once per shape and device
+    (read-only: never modify it).
 
     Every crystallized layer of every batch masks with it; rebuilding it per call cost 7 % of the op on CPU."""
-    return ~visible_keys(T, sliding_window, device, attention_chunk)
+    return ~visible_keys(T, sliding_window, device, attention_chunk, n_keys)
 
 
 def residual_attention_reference(
@@ -128,14 +137,14 @@ def residual_attention_reference(
     ``[B, Hq, T]``; ``gram`` float64 ``[Hq, Dv, Dv]`` = Σ_{b,t} ε εᵀ; ``top1_prob`` float32
     ``[B, Hq, T]`` = p[argmax] (max_j p[j] for ``sink_tokens=0`` without a learned sink); ``sink_mass``
     float32 ``[B, Hq, T]`` = Σ_{j<n} p[j] + m_L (module docstring). Fields not asked for are None. Holds one
-    fp32 ``[B, Hq, T, T]`` buffer (plus a transient bool one). On MPS, which has no float64, the Gram comes
+    fp32 ``[B, Hq, Tq, Tk]`` buffer (plus a transient bool one). On MPS, which has no float64, the Gram comes
     back on the CPU.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
                                            learned_sink, attention_chunk, attn_mask)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, T, Dqk = q.shape
-    Tk = k.shape[2]  # = T but under an attn_mask
+    Tk = k.shape[2]  # >= T without an attn_mask: the queries are the last T positions
     D = args.value_dim  # everything after the scores is in v's width
     Hkv, G = k.shape[1], args.group
     # [B, Hkv, G, T, D] views: query head h = kv * G + g reads kv head kv, with no repeated K/V.
@@ -143,12 +152,12 @@ def residual_attention_reference(
     kf = k.float().unsqueeze(2)
     vf = v.float().unsqueeze(2)
 
-    # One T×T buffer: scores, then p in place.
+    # One Tq×Tk buffer: scores, then p in place.
     s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(args.scale)
     if args.softcap is not None:
         s.div_(args.softcap).tanh_().mul_(args.softcap)
     if args.attn_mask is None:
-        s.masked_fill_(_hidden_keys(T, args.sliding_window, q.device, args.attention_chunk), float("-inf"))
+        s.masked_fill_(_hidden_keys(T, args.sliding_window, q.device, args.attention_chunk, Tk), float("-inf"))
     else:  # the mask alone: added to the scores (eager attention's order), or True = the key takes part
         mask = args.attn_mask.reshape(B, Hkv, G, T, Tk)  # a view where it can (a broadcast is never copied)
         if mask.dtype == torch.bool:

@@ -709,6 +709,11 @@ def residual_attention_triton(
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, Dqk = q.shape
+    if attn_mask is None and k.shape[2] != T:
+        raise ValueError(
+            f'backend="triton" runs Tq = Tk without an attn_mask (got {T} queries for {k.shape[2]} keys: a KV '
+            'cache); use backend="torch" (or "auto", which falls back to it)'
+        )
     D = args.value_dim  # out's width
     for width in (Dqk, D):
         if width not in SUPPORTED_HEAD_DIMS:

@@ -238,7 +238,9 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     scores and the logit (its column then dropped), m_L = its probability, kept apart: ground = Σ_S p_j V_j +
     (1 − m_S − m_L) V[i*ᴿ], sink_mass = m_S + m_L; a NaN or +inf logit makes the row non-finite.
 
-    Per row t: visible keys j <= t (and j > t − w with a window, j >= (t // C)·C with a chunk C);
+    Per row r, at absolute position t = Tk − Tq + r (without a mask k and v may hold Tk >= Tq keys: the queries
+    are the last Tq positions, a KV cache): visible keys j <= t (and j > t − w with a window, j >= (t // C)·C with a
+    chunk C);
     S = visible j < n, R = visible j >= n;
     p = softmax over all visible scores; i*ᴿ = first index of the largest score over R; ground = Σ_S p_j V_j
     + (1 − Σ_S p_j) V[i*ᴿ], or ctx where R has no finite score; ε = ctx − ground. A row with a NaN visible
@@ -269,26 +271,27 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     for b in range(B):
         for h in range(Hq):
             qq, kk, vv = (x.double().cpu() for x in (q[b, h], k[b, h // G], v[b, h // G]))
-            for t in range(T):
+            for r in range(T):
+                t = r if attn_mask is not None else Tk - T + r  # the query's absolute position
                 first_key = 0 if sliding_window is None else max(0, t - sliding_window + 1)
                 if attention_chunk is not None:  # Llama 4's chunks: only the keys of t's own chunk
                     first_key = max(first_key, t // attention_chunk * attention_chunk)
                 js = torch.arange(first_key, t + 1)
                 if attn_mask is not None:  # the mask alone: its True keys, or every key with the mask added
-                    row_mask = attn_mask[b, h, t]
+                    row_mask = attn_mask[b, h, r]
                     js = torch.nonzero(row_mask)[:, 0] if row_mask.dtype == torch.bool else torch.arange(Tk)
-                s = kk[js] @ qq[t] * scale
+                s = kk[js] @ qq[r] * scale
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
                 if attn_mask is not None and attn_mask.dtype != torch.bool:
-                    s = s + attn_mask[b, h, t].double()
-                scores[b, h, t, js] = s
+                    s = s + attn_mask[b, h, r].double()
+                scores[b, h, r, js] = s
                 sink = None if learned_sink is None else \
-                    (learned_sink[h] if learned_sink.dim() == 1 else learned_sink[b, h, t]).double().cpu().reshape(1)
+                    (learned_sink[h] if learned_sink.dim() == 1 else learned_sink[b, h, r]).double().cpu().reshape(1)
                 sink_bad = sink is not None and not bool(sink[0] < math.inf)
                 if len(js) == 0 or bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
-                    bad[b, h, t] = True
-                    out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t], gap[b, h, t] = nan, -1, nan, nan, nan
+                    bad[b, h, r] = True
+                    out[b, h, r], arg[b, h, r], top1[b, h, r], mass[b, h, r], gap[b, h, r] = nan, -1, nan, nan, nan
                     gram[h] = nan
                     continue
                 if sink is None:
@@ -303,9 +306,9 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 pool_s = torch.where(pool, s, -math.inf)
                 pick = int(torch.nonzero(pool_s == pool_s.max())[0])  # the largest score, first index on ties
                 top2 = pool_s.topk(min(2, len(js))).values
-                gap[b, h, t] = top2[0] - top2[1] if len(top2) > 1 and bool(torch.isfinite(top2[1])) else math.inf
+                gap[b, h, r] = top2[0] - top2[1] if len(top2) > 1 and bool(torch.isfinite(top2[1])) else math.inf
                 if idx is not None:
-                    pick = int(torch.nonzero(js == int(idx[b, h, t]))[0])
+                    pick = int(torch.nonzero(js == int(idx[b, h, r]))[0])
                 if r_finite:
                     m_s = p[in_s].sum() + m_l  # all the mass kept apart
                     ground = p[in_s] @ vv[js[in_s]] + (1.0 - m_s) * vv[js[pick]]
@@ -319,7 +322,7 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 else:
                     P = basis[h, :, :d_r].double().cpu()
                     o = ground + eps @ P @ P.T
-                out[b, h, t], arg[b, h, t], top1[b, h, t], mass[b, h, t] = o, js[pick], p[pick], m_s
+                out[b, h, r], arg[b, h, r], top1[b, h, r], mass[b, h, r] = o, js[pick], p[pick], m_s
                 gram[h] += torch.outer(eps, eps)
                 ctx_gram[h] += torch.outer(ctx, ctx)
     return SinkPlain(out, arg, gram, ctx_gram, top1, mass, gap, scores, bad)
@@ -357,7 +360,7 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     clear = ok & (first.gap > SINK_CLEAR_GAP)
     assert int(clear.sum()) >= min_clear * int(ok.sum()), "test inputs are not well-conditioned"
     assert torch.equal(idx[clear], first.argmax[clear]), "argmax differs on rows with a clear maximum"
-    rows = torch.arange(T).expand_as(idx)
+    rows = torch.arange(k.shape[2] - T, k.shape[2]).expand_as(idx)  # the queries' absolute positions
     if attn_mask is None:
         assert bool((idx <= rows).all()), "index out of range"
         r_rows = ok & (rows >= sink_tokens)  # R holds key t itself: the argmax is in R

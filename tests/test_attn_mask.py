@@ -27,6 +27,7 @@ from nqpq.model import census  # noqa: E402
 from nqpq.model.crystallize import crystallize  # noqa: E402
 from nqpq.model.losses import lm_losses  # noqa: E402
 from nqpq.model.parts import model_parts  # noqa: E402
+from nqpq_kernels.dispatch import residual_attention_impl  # noqa: E402
 from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,10 +105,13 @@ def test_reference_matches_f64(mode, shape, mask_kind):
     res = run(residual_attention_reference, q, k, v, mode, mask)
     if Tk > T:  # the appended keys win some rows: V[i*] is then the appended key's value
         assert bool((res.argmax >= T).any())
-    # The public op returns the same numbers.
-    out = residual_attention(q, k, v, mode=mode, basis=basis_for(Hq, Dv) if mode == "lowrank" else None,
-                             d_r=Dv // 2 if mode == "lowrank" else None, backend="torch", attn_mask=mask)
-    assert torch.equal(out, res.out)
+    # The public op returns its implementation's numbers (on CPU the streamed path), checked against float64 (with
+    # the Gram: low rank through ctx; tests/test_streamed.py checks its path through V·P_r under masks).
+    run(residual_attention_impl("torch"), q, k, v, mode, mask)
+    kw = dict(mode=mode, basis=basis_for(Hq, Dv) if mode == "lowrank" else None,
+              d_r=Dv // 2 if mode == "lowrank" else None, attn_mask=mask)
+    out = residual_attention(q, k, v, backend="torch", **kw)
+    assert torch.equal(out, residual_attention_impl("torch")(q, k, v, **kw).out)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -171,9 +175,10 @@ def test_attn_mask_errors(kw, exc, match):
         residual_attention(q, k, v, mode="top1", backend="torch", **kw)
 
 
-def test_more_keys_than_queries_needs_a_mask():
-    q, k, v = qkv(1, 2, 2, 9, 12, 16, 16, torch.float32)
-    with pytest.raises(ValueError, match="k may hold other keys only under an attn_mask"):
+def test_fewer_keys_than_queries_needs_a_mask():
+    """Without a mask Tq <= Tk (a KV cache: tests/test_kv_cache.py); fewer keys than queries only with one."""
+    q, k, v = qkv(1, 2, 2, 12, 9, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="Tk < Tq only under an attn_mask"):
         residual_attention(q, k, v, mode="top1", backend="torch")
 
 

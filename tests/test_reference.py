@@ -8,7 +8,7 @@ from f64_reference import check_sink_against_f64
 from plain_attention import check_against_plain, plain
 
 from nqpq import ResidualAttentionResult, residual_attention, residual_attention_reference
-from nqpq_kernels.dispatch import resolve_backend
+from nqpq_kernels.dispatch import residual_attention_impl, resolve_backend
 
 MODES = ("top1", "full", "lowrank")
 SHAPES = [(1, 1, 16), (2, 3, 32), (1, 2, 64)]  # (B, H, D)
@@ -361,8 +361,8 @@ def test_gqa_window_softcap_half_precision(dtype):
 def test_public_op_return_order():
     q, k, v = gqa_qkv(1, 4, 2, 12, 16, seed=1)
     kw = dict(mode="full", backend="torch", sliding_window=5, softcap=10.0)
-    res = residual_attention_reference(q, k, v, mode="full", sliding_window=5, softcap=10.0, return_argmax=True,
-                                       return_top1_prob=True)
+    res = residual_attention_impl("torch")(q, k, v, mode="full", sliding_window=5, softcap=10.0, return_argmax=True,
+                                           return_top1_prob=True)
     out = residual_attention(q, k, v, **kw)
     assert isinstance(out, torch.Tensor) and torch.equal(out, res.out)
     out, arg = residual_attention(q, k, v, **kw, return_argmax=True)
@@ -463,8 +463,8 @@ def test_gqa_shape_errors():
     q = torch.randn(1, 6, 8, 16)
     with pytest.raises(ValueError, match=r"multiple of the number of kv heads, got Hq=6, Hkv=4"):
         residual_attention_reference(q, torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 16), mode="full")
-    for bad in ((2, 2, 8, 16), (1, 2, 9, 16), (1, 2, 8, 32)):
-        with pytest.raises(ValueError, match="must agree on B, T and D"):
+    for bad in ((2, 2, 8, 16), (1, 2, 7, 16), (1, 2, 8, 32)):  # Tk = 7 < Tq = 8: more queries than keys
+        with pytest.raises(ValueError, match="must agree on B and D with Tq <= Tk"):
             residual_attention_reference(q, torch.randn(bad), torch.randn(bad), mode="full")
     with pytest.raises(ValueError, match="k and v must have the same shape"):
         residual_attention_reference(q, torch.randn(1, 2, 8, 16), torch.randn(1, 3, 8, 16), mode="full")
@@ -574,6 +574,16 @@ def test_window_beyond_int64_is_plain_causal():
 # --------------------------------------------------------------------------- #
 # The sink kept apart (sink_tokens=n) against the float64 definitions (tests/f64_reference.sink_plain)
 # --------------------------------------------------------------------------- #
+def torch_backend_checked(q, k, v, mode, basis, d_r, min_clear=0.9, **kw):
+    """What the public op's ``backend="torch"`` runs (on CPU the streamed path, ``nqpq_kernels.streamed``; elsewhere the
+    reference), with the outputs the op can return (no Gram: low rank then takes the op's path), checked against
+    float64 on the same inputs as the reference: the public op's numbers are then compared with it bit for bit."""
+    res = residual_attention_impl("torch")(q, k, v, mode=mode, basis=basis, d_r=d_r, return_argmax=True,
+                                           return_top1_prob=True, return_sink_mass=True, **kw)
+    check_sink_against_f64(res, q, k, v, mode, basis, d_r, min_clear=min_clear, **kw)
+    return res
+
+
 def reference_sink(q, k, v, mode, n, **kw):
     basis = random_basis(q.shape[1], q.shape[3]) if mode == "lowrank" else None
     d_r = 5 if mode == "lowrank" else None
@@ -590,7 +600,8 @@ def test_sink_matches_f64(mode, T, B, H, D, n):
     q, k, v = gqa_qkv(B, H, H, T, D, seed=T + D + n, sharp=3.0)
     res, basis, d_r = reference_sink(q, k, v, mode, n)
     check_sink_against_f64(res, q, k, v, mode, basis, d_r, sink_tokens=n)
-    # The public op (torch backend) returns the same numbers, appended in order.
+    # The public op (torch backend) returns its implementation's numbers, checked against float64, appended in order.
+    res = torch_backend_checked(q, k, v, mode, basis, d_r, sink_tokens=n)
     out, arg, top1, mass = residual_attention(q, k, v, mode=mode, basis=basis, d_r=d_r, backend="torch",
                                               sink_tokens=n, return_argmax=True, return_top1_prob=True,
                                               return_sink_mass=True)
@@ -721,6 +732,8 @@ def test_sink_tokens_numpy_int_and_return_order():
     assert torch.equal(res.out, same.out) and torch.equal(res.sink_mass, same.sink_mass)
     assert same.argmax is None and same.top1_prob is None and same.gram is None
     kw = dict(mode="top1", backend="torch", sink_tokens=2)
+    res = residual_attention_impl("torch")(q, k, v, mode="top1", sink_tokens=2, return_argmax=True,
+                                           return_top1_prob=True, return_sink_mass=True)
     out, mass = residual_attention(q, k, v, **kw, return_sink_mass=True)
     assert torch.equal(out, res.out) and torch.equal(mass, res.sink_mass) and mass.dtype == torch.float32
     out, arg, mass = residual_attention(q, k, v, **kw, return_argmax=True, return_sink_mass=True)
@@ -783,12 +796,14 @@ def test_mla_and_learned_sink_match_f64(case, mode, n, learned):
                            min_clear=min_clear, learned_sink=sink)
     if learned:  # the sink takes real mass on these inputs
         assert float(res.sink_mass[..., n:].mean()) > 0.02
-    # The public op (torch backend) returns the same numbers.
+    # The public op (torch backend) returns its implementation's numbers, checked against float64.
+    op_res = torch_backend_checked(q, k, v, mode, basis, d_r, min_clear=min_clear, sink_tokens=n, learned_sink=sink,
+                                   sliding_window=window, softcap=softcap)
     out, arg, top1, mass = residual_attention(q, k, v, mode=mode, basis=basis, d_r=d_r, backend="torch",
                                               sink_tokens=n, learned_sink=sink, sliding_window=window,
                                               softcap=softcap, return_argmax=True, return_top1_prob=True,
                                               return_sink_mass=True)
-    for a, b in ((out, res.out), (arg, res.argmax), (top1, res.top1_prob), (mass, res.sink_mass)):
+    for a, b in ((out, op_res.out), (arg, op_res.argmax), (top1, op_res.top1_prob), (mass, op_res.sink_mass)):
         assert torch.equal(a, b)
     # Grouped heads: the same as MHA on repeated K/V.
     rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
@@ -891,7 +906,7 @@ def test_learned_sink_per_row_matches_f64(case, mode, n):
         (dict(learned_sink=torch.zeros(1, 2)), ValueError, r"^learned_sink must be \[Hq=2\]"),
         (dict(learned_sink=torch.zeros(1, 2, 9)), ValueError, r"or \[B=1, Hq=2, T=8\] \(one per query row"),
         (dict(v=torch.randn(1, 2, 9, 16)), ValueError, r"^k and v must have the same shape \[B, Hkv, T\]"),
-        (dict(k=torch.randn(1, 2, 8, 24)), ValueError, "must agree on B, T and D"),
+        (dict(k=torch.randn(1, 2, 8, 24)), ValueError, "must agree on B and D with Tq <= Tk"),
         (dict(v=torch.randn(1, 2, 8, 8), basis=random_basis(2, 16)), ValueError,
          r"^basis must be \[H=2, D=8, R\] \(one basis per query head, in v's width\)"),
         (dict(v=torch.randn(1, 2, 8, 8), basis=random_basis(2, 8), d_r=9), ValueError,
@@ -951,10 +966,12 @@ def test_attention_chunk_against_float64(case, mode):
         plain_res, _, _ = reference_sink(q, k, v, mode, n, softcap=softcap, learned_sink=sink)
         for name in ("out", "argmax", "gram", "top1_prob", "sink_mass"):
             assert torch.equal(getattr(res, name), getattr(plain_res, name)), name
-    # The public op passes the chunk through.
+    # The public op passes the chunk through (to its implementation, checked against float64).
+    op_res = torch_backend_checked(q, k, v, mode, basis, d_r, sink_tokens=n, softcap=softcap, learned_sink=sink,
+                                   attention_chunk=chunk)
     op = residual_attention(q, k, v, mode=mode, basis=basis, d_r=d_r, backend="torch", sink_tokens=n,
                             softcap=softcap, learned_sink=sink, attention_chunk=chunk)
-    assert torch.equal(op, res.out)
+    assert torch.equal(op, op_res.out)
 
 
 def test_visible_keys_chunk():

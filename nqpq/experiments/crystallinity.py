@@ -67,9 +67,12 @@ class CrystallinityAccumulator:
         # #rows with a key beyond the sink (float64: counts are exact to 2^53).
         self._sums = {li: torch.zeros(heads[li], 8, dtype=torch.float64) for li in layers}
 
-    def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None) -> None:
+    def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None,
+            first_position: int = 0) -> None:
         """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]`` and,
-        for ``sink_tokens > 0`` or a learned sink, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0)."""
+        for ``sink_tokens > 0`` or a learned sink, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0).
+        ``first_position``: the absolute position of row 0 (a call with a KV cache holds the last T of Tk
+        positions: Tk − T), so that self and prev compare i* with each row's own position; each row counts once."""
         if sink_mass is None and self.sink_tokens:
             raise ValueError(f"sink_mass is needed for sink_tokens={self.sink_tokens}")
         if layer not in self._sums:
@@ -79,6 +82,8 @@ class CrystallinityAccumulator:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[1] != self.n_heads[layer]:
                 raise ValueError(f"{name} must be [B, Hq={self.n_heads[layer]}, T], got shape {tuple(t.shape)}")
+        if isinstance(first_position, bool) or not isinstance(first_position, int) or first_position < 0:
+            raise ValueError(f"first_position must be an int >= 0, got {first_position!r}")
         if argmax.shape != top1_prob.shape:
             raise ValueError(
                 f"argmax and top1_prob must have one shape, got {tuple(argmax.shape)} and {tuple(top1_prob.shape)}"
@@ -88,11 +93,11 @@ class CrystallinityAccumulator:
         if not top1_prob.is_floating_point():
             raise TypeError(f"top1_prob must be floating point, got {top1_prob.dtype}")
         B, H, T = argmax.shape
-        t = torch.arange(T, device=argmax.device)
+        t = torch.arange(first_position, first_position + T, device=argmax.device)  # the rows' absolute positions
         sink = (argmax == 0).sum(dim=(0, 2))
         self_ = (argmax == t).sum(dim=(0, 2))
-        # Row 0 has no previous token; an argmax of −1 (a non-finite row) must not count there.
-        prev = (argmax[:, :, 1:] == t[1:] - 1).sum(dim=(0, 2))
+        # Position 0 has no previous token; an argmax of −1 (a non-finite row) must not count there.
+        prev = (argmax == t - 1)[:, :, t >= 1].sum(dim=(0, 2))
         top1_64 = top1_prob.to(torch.float64)
         top1 = top1_64.sum(dim=(0, 2))
         rows = torch.full((H,), float(B * T), dtype=torch.float64, device=argmax.device)
