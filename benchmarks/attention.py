@@ -381,7 +381,8 @@ def plot(rows: list[dict], path: str) -> None:
     batches = sorted({int(r["B"]) for r in grid})
     if not grid:
         return
-    fig, axes = plt.subplots(len(dtypes), len(batches), figsize=(4.6 * len(batches), 3.6 * len(dtypes)),
+    # At least 10 inches wide: the legend below (six columns) must fit a single panel too.
+    fig, axes = plt.subplots(len(dtypes), len(batches), figsize=(max(10.0, 4.6 * len(batches)), 3.6 * len(dtypes)),
                              squeeze=False)
     keys = list(dict.fromkeys((r["provider"], int(r["d_r"])) for r in grid))
     colors = {key: plt.cm.tab20(i % 20) for i, key in enumerate(keys)}  # one colour per provider everywhere
@@ -405,10 +406,10 @@ def plot(rows: list[dict], path: str) -> None:
             ax.set(xlabel="T", ylabel="TFLOP/s (2·B·H·T²·D)",
                    title=f"{dt}, B={B}, H={g0['H']}, Hkv={g0.get('Hkv') or g0['H']}, D={g0['D']}")
             ax.grid(alpha=0.3)
-    fig.legend(list(lines.values()), list(lines), loc="lower center", ncol=6, fontsize=8)
+    fig.legend(list(lines.values()), list(lines), loc="lower center", ncol=4 if len(batches) == 1 else 6, fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"{r0['device']} · torch {r0['torch']} · triton {r0['triton']} · {r0['date']}")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06 if len(batches) > 1 else 0.2, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -172,7 +172,8 @@ def test_block_size_is_checked_and_defaulted():
     for bad, exc in ((0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)):
         with pytest.raises(exc, match="block_size"):
             residual_attention_streamed(q, k, v, mode="full", block_size=bad)
-    assert default_block_size(1, 9, 4096, 4096) % 16 == 0 and 16 <= default_block_size(1, 9, 4096, 4096) <= 512
+    assert default_block_size(1, 9, 4096, 4096) == 48  # 8 MiB of fp32 scores: 9 heads × 48 rows × 4096 keys
+    assert default_block_size(1, 9, 1024, 1024) == 64  # the ceiling
     assert default_block_size(1, 1, 5, 5) == 5  # never more rows than queries
     assert default_block_size(64, 32, 32768, 32768) == 16  # the floor: a block still holds 16 rows
 
