@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny random GPT-2, a tiny offline tokenizer, and both saved to disk with a text file; the real
-GPT-2 tokenizer and WikiText the checkout ships (tests/data, nqpq/wikitext)."""
+GPT-2 tokenizer and WikiText the checkout ships (tests/data, nqpq/sources/wikitext)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast  # noqa:
 
 REPO = Path(__file__).resolve().parents[1]
 # What the tests read beyond what they build: GPT-2's tokenizer files and the spec's script, shipped in tests/data
-# (tests/data/README.md: source, sha256, licence), and WikiText, shipped with nqpq (nqpq/wikitext). A clean clone
-# holds them all: no test reads ../shared. NQPQ_SHARED_DATA, when set, names another folder holding vocab.json,
+# (tests/data/README.md: source, sha256, licence), and WikiText, shipped with nqpq (nqpq/sources/wikitext). A clean
+# clone holds them all: no test reads ../shared. NQPQ_SHARED_DATA, when set, names another folder holding vocab.json,
 # merges.txt, wiki.valid.raw and wiki.test.raw to test against instead (e.g. ../shared/data).
 TEST_DATA = REPO / "tests" / "data"
 SPEC_SCRIPT = TEST_DATA / "exp_q03_residual.py"
@@ -192,15 +192,16 @@ class RealData:
 
 
 def real_data() -> RealData:
-    """The shipped files (tests/data, nqpq/wikitext), or those of $NQPQ_SHARED_DATA when it is set; a file missing
-    from an explicitly named folder fails the test rather than falling back unseen."""
+    """The shipped files (tests/data, nqpq/sources/wikitext), or those of $NQPQ_SHARED_DATA when it is set; a file
+    missing from an explicitly named folder fails the test rather than falling back unseen."""
     override = os.environ.get("NQPQ_SHARED_DATA")
     if override:
         folder = Path(override)
         data = RealData(folder, folder / "wiki.valid.raw", folder / "wiki.test.raw")
     else:
-        wikitext = REPO / "nqpq" / "wikitext"
-        data = RealData(TEST_DATA, wikitext / "wiki.valid.raw", wikitext / "wiki.test.raw")
+        from nqpq.sources.text import packaged_text
+
+        data = RealData(TEST_DATA, Path(packaged_text("wikitext-103-valid")), Path(packaged_text("wikitext-103-test")))
     for path in (data.gpt2_tokenizer / "vocab.json", data.gpt2_tokenizer / "merges.txt", data.wiki_valid,
                  data.wiki_test):
         if not path.is_file():

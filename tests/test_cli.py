@@ -499,7 +499,7 @@ def test_ctrl_c_exits_130_and_writes_no_results(saved_model, tmp_path):
     text.write_text(wikitext_text(n_articles=200, seed=4), encoding="utf-8")
     out = tmp_path / "out"
     args = sweep_args(model_dir, text, out, "--n-blocks", "60", "--seq-len", "128", "--layers", "1", "2", "3",
-                      "--d-r", *map(str, range(HEAD_DIM + 1)))
+                      "--d-r", *map(str, range(1, HEAD_DIM + 1)))
     proc = subprocess.Popen(nqpq_command(*args), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -639,7 +639,8 @@ def test_named_model_refusal_in_a_real_process_fetches_nothing(tmp_path):
 
 
 def test_version_is_the_package_version(capsys):
-    """`nqpq --version` prints nqpq.__version__, the one the package's metadata reads too (pyproject: dynamic)."""
+    """`nqpq --version` prints nqpq.__version__ (nqpq/version.py), the one the package's metadata reads too
+    (pyproject: dynamic)."""
     import tomllib
 
     import nqpq
@@ -650,7 +651,7 @@ def test_version_is_the_package_version(capsys):
     assert capsys.readouterr().out == f"nqpq {nqpq.__version__}\n"
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "nqpq.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "nqpq.version.__version__"}
 
 
 @pytest.mark.parametrize("argv, unknown", [(["sweep", "--layrs", "3"], "--layrs 3"),

@@ -10,7 +10,8 @@ import pytest
 from nqpq.errors import NqpqError
 from nqpq.sources import text
 
-# The published digests of WikiText-103 raw validation and test (nqpq/wikitext/README.md lists how they were checked).
+# The published digests of WikiText-103 raw validation and test (nqpq/sources/wikitext/README.md lists how they were
+# checked).
 SHA256 = {"wikitext-103-valid": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
           "wikitext-103-test": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"}
 LINES = {"wikitext-103-valid": 3760, "wikitext-103-test": 4358}

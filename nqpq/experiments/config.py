@@ -160,10 +160,7 @@ def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequen
     """The checks that need the model's geometry (``nqpq.model.parts.ModelParts``)."""
     layers = layer_indices(layers, parts.n_layers, "--layers")
     parts.check_attention_layers(layers, "--layers")
-    D = parts.smallest("v_dim", layers)
-    bad = [d for d in d_rs if not 1 <= d <= D]
-    if bad:
-        raise NqpqError(f"--d-r {bad}: each d_r must be in 1..{D} (the head dimension; rank 0 is top-1)")
+    _check_ranks(d_rs, parts.smallest("v_dim", layers))
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
 
@@ -210,9 +207,10 @@ def check_before_loading(cfg: SweepConfig) -> None:
 
 
 def _check_ranks(d_rs: Sequence[int], head_dim: int) -> None:
-    bad = [d for d in d_rs if not 0 <= d <= head_dim]
+    """Every rank in 1..head_dim: one message for the check before loading and the one after."""
+    bad = [d for d in d_rs if not 1 <= d <= head_dim]
     if bad:
-        raise NqpqError(f"--d-r {bad}: each d_r must be in 0..{head_dim} (the head dimension)")
+        raise NqpqError(f"--d-r {bad}: each d_r must be in 1..{head_dim} (the head dimension; rank 0 is top-1)")
 
 
 def sweep_ranks(cfg: SweepConfig, head_dim: int) -> list[int]:
