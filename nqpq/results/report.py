@@ -271,8 +271,7 @@ def describe_calibration(cfg: dict) -> list[str]:
 
 def verdict_summary(verdict: dict) -> str:
     """The verdict in a few words, for side-by-side tables and the scan's per-layer column."""
-    # Format-2 files (benchmarks/results) have no "outcome": compressible null / true / false said it.
-    outcome = verdict.get("outcome") or {None: INCONCLUSIVE, True: YES, False: "PARTIAL"}[verdict["compressible"]]
+    outcome = verdict["outcome"]  # a format-2 file is upgraded when read (load_results), so every verdict has one
     if outcome == INCONCLUSIVE:
         why = {"no_measurable_loss": " (top-1 dPPL CI holds 0)", "too_few_blocks": f" ({verdict['n_blocks']} blocks)",
                "not_finite": " (a PPL not finite)"}.get(verdict.get("reason"), "")
