@@ -7,17 +7,17 @@ One row per run and sink setting: the model, the scored blocks (every interval b
 top-1 ΔPPL, the best d_r and what it recovers, the residual's mean 90 %-variance rank, the sink share (fraction of
 the crystallized layers' rows whose argmax is the block's first key: BOS where the tokenizer puts one first), and
 the verdict. With ``--scan DIR``, also the per-layer table of an ``nqpq scan`` run. Reads only what nqpq wrote (no
-model, no recomputation); prints Markdown.
+model; a format-2 file's verdicts re-derived from its stored block losses, as ``nqpq report`` does); prints
+Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from benchmarks.smollm2_table import scan_table
-from nqpq.results.report import verdict_summary
+from nqpq.results.report import load_results, verdict_summary
 
 
 def _ci(ci, fmt: str) -> str:
@@ -41,7 +41,7 @@ def _best(curve: list[dict]) -> dict | None:
 
 
 def rows(run_dir: Path) -> list[str]:
-    r = json.loads((run_dir / "results.json").read_text())
+    r = load_results(str(run_dir))  # an older format is read under today's rule (nqpq.results.upgrade)
     cfg = r["config"]
     base = r["ppl_baseline"]
     # The spec's statistics (n = 0) say where the argmax lands; they are the same rows whatever the sink setting.

@@ -2,7 +2,8 @@
 
     python -m benchmarks.smollm2_table benchmarks/results/smollm2
 
-Reads only what nqpq wrote (no model, no recomputation) and prints, and writes to DIR/tables.md, Markdown tables:
+Reads only what nqpq wrote (no model; a format-2 file's verdicts re-derived from its stored block losses) and
+prints, and writes to DIR/tables.md, Markdown tables:
 the calibration comparison (held out / the spec's / another text, at 8 and 30 blocks), the sink comparison, the
 per-layer scan, and the wall times.
 """
@@ -10,15 +11,15 @@ per-layer scan, and the wall times.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from nqpq.results.report import verdict_summary
+from nqpq.results.report import load_results, verdict_summary
 
 
 def _load(root: Path, name: str) -> dict | None:
     path = root / name / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    # An older format is read under today's rule (nqpq.results.upgrade), as `nqpq report` reads it.
+    return load_results(str(root / name)) if path.is_file() else None
 
 
 def _ci(ci, fmt: str) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from .crystallinity_table import format_table
 from .stats import MIN_BLOCKS, RECOVERED_PCT_LIMIT, blocks_to_halve, distinct_resamples, half_width
+from .upgrade import UPGRADABLE, upgrade, upgrade_note
 from .verdict import INCONCLUSIVE, RECOVERY_TARGET, YES, crosses_target, spectrum_by_layer
 
 # results.json layouts (sweep, scan); `nqpq report` refuses others. 2: calibration source and draws, bootstrap
@@ -88,7 +89,9 @@ def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> 
 
 
 def load_results(out_dir: str) -> dict:
-    """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys."""
+    """``out_dir/results.json`` of a sweep or a scan, checked for kind, version and top-level keys; a file of an
+    older format this version can re-derive (``nqpq.results.upgrade``) is returned as today's format, marked
+    ``upgraded_from``."""
     from ..errors import NqpqError
 
     path = os.path.join(out_dir, "results.json")
@@ -105,7 +108,13 @@ def load_results(out_dir: str) -> dict:
     kind, version = results.get("kind"), results.get("format_version")
     if kind not in versions:
         raise NqpqError(f"{path}: 'kind' is {kind!r}, not 'sweep' or 'scan' (written by another nqpq version?)")
-    if version != versions[kind]:
+    if version in UPGRADABLE and version != versions[kind]:
+        try:
+            results = upgrade(results, version)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration) as err:
+            raise NqpqError(f"{path}: a {kind} results.json of format version {version} that cannot be re-derived "
+                            f"under version {versions[kind]}'s rule ({type(err).__name__}: {err})") from err
+    elif version != versions[kind]:
         raise NqpqError(f"{path}: a {kind} results.json of format version {version!r}; this nqpq reads version "
                         f"{versions[kind]} (re-run the {kind} with this version)")
     missing = [k for k in REQUIRED_KEYS[kind] if k not in results]
@@ -131,7 +140,7 @@ def redraw(out_dir: str, say: Callable[[str], None] = print) -> list[str]:
     from ..errors import NqpqError
 
     results = load_results(out_dir)
-    lines: list[str] = []
+    lines: list[str] = upgrade_note(results)
     try:
         print_report(results, lines.append)
         written = write_results(out_dir, results, include_json=False)
@@ -262,8 +271,7 @@ def describe_calibration(cfg: dict) -> list[str]:
 
 def verdict_summary(verdict: dict) -> str:
     """The verdict in a few words, for side-by-side tables and the scan's per-layer column."""
-    # Format-2 files (benchmarks/results) have no "outcome": compressible null / true / false said it.
-    outcome = verdict.get("outcome") or {None: INCONCLUSIVE, True: YES, False: "PARTIAL"}[verdict["compressible"]]
+    outcome = verdict["outcome"]  # a format-2 file is upgraded when read (load_results), so every verdict has one
     if outcome == INCONCLUSIVE:
         why = {"no_measurable_loss": " (top-1 dPPL CI holds 0)", "too_few_blocks": f" ({verdict['n_blocks']} blocks)",
                "not_finite": " (a PPL not finite)"}.get(verdict.get("reason"), "")
