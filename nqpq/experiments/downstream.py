@@ -545,12 +545,12 @@ def _fit_basis(scfg, model, tokenizer, tok_name: str, layers: Sequence[int], dev
     from ..model.losses import text_tokens_per_block
     from ..sources.text import check_ids_fit, choose_bos, ids_for_blocks, text_rows
     from .config import calibration_source, text_blocks_needed
-    from .sweep import RunInputs, _calib_text_ids, calibration_config, calibration_sets, fit_bases
+    from .setup import RunInputs, calib_text_ids, calibration_config, calibration_sets, fit_bases
 
     bos_id = choose_bos(tokenizer, scfg.bos)
     if calibration_source(scfg) == "text":
         ids, source = torch.zeros(0, dtype=torch.long), None
-        calib_ids, calib_text = _calib_text_ids(scfg, tokenizer, bos_id)
+        calib_ids, calib_text = calib_text_ids(scfg, tokenizer, bos_id)
         check_ids_fit(calib_ids, model, len(tokenizer))
     else:  # the sweep's held-out blocks: after its --n-blocks scored blocks of its text
         rows, source = text_rows(scfg.text_file, scfg.text, False)

@@ -37,14 +37,7 @@ from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, smal
 from .batching import default_batch_size, gather_losses, plan_batches
 from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
 from .resume import Checkpoint
-from .sweep import (
-    BaselineObservation,
-    calibration_sets,
-    fit_bases,
-    make_blocks_checked,
-    open_run,
-    results_config,
-)
+from .setup import BaselineObservation, calibration_sets, fit_bases, make_blocks_checked, open_run, results_config
 
 
 def run_scan(
