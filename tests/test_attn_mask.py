@@ -353,7 +353,7 @@ def test_inkling2_per_row_learned_sinks():
 def test_blt_window_only_in_the_model_mask():
     """BLT's local layers get their sliding window only from the mask the model builds (no sliding_window on the
     module or in the kwargs): nqpq reads it from that mask, and runs them exactly."""
-    from nqpq.model.crystallize import _mask_window
+    from nqpq.model.attention_args import _mask_window
 
     model = tiny_model("blt")
     window = model.config.local_attention_window_len
