@@ -174,8 +174,8 @@ def gram_passes(model: torch.nn.Module, batches: Iterable[Tensor], layers: Seque
     """
     parts = model_parts(model)
     device = input_device(model)
-    sinks = {n: GramAccumulator() for n in dict.fromkeys(sink_tokens)}
-    observers = [Observer(n, acc) for n, acc in sinks.items()]
+    gram_accs = {n: GramAccumulator() for n in dict.fromkeys(sink_tokens)}  # one per sink setting
+    observers = [Observer(n, acc) for n, acc in gram_accs.items()]
     with observe_residuals(model, layers, None, backend=backend, observers=observers), \
             _stop_above(parts, max(layers)):
         for batch in batches:
@@ -185,7 +185,7 @@ def gram_passes(model: torch.nn.Module, batches: Iterable[Tensor], layers: Seque
                 pass
             if progress is not None:
                 progress.update(batch.shape[0])
-    return {n: acc.grams for n, acc in sinks.items()}
+    return {n: acc.grams for n, acc in gram_accs.items()}
 
 
 def reduce_grams(grams: dict[int, Tensor], layers: Sequence[int], model: torch.nn.Module) -> dict[int, Tensor]:

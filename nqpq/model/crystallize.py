@@ -128,20 +128,20 @@ def _crystal_attention(
     # probability and sink mass, so no statistics; its ε still joins the Gram.
     repeat = any(q is query and k is key for q, k in spec.calls)
     spec.calls.append((query, key))
-    stats = spec.stats_sink is not None and not repeat
-    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
+    stats = spec.stats_acc is not None and not repeat
+    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the accumulators
         result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
         for ob in spec.observers:
-            watch = ob.stats_sink is not None and not repeat
-            if ob.gram_sink is None and not watch:
+            watch = ob.stats_acc is not None and not repeat
+            if ob.gram_acc is None and not watch:
                 continue
             res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
                        attention_chunk=chunk, attn_mask=attn_mask, sink_tokens=ob.sink_tokens,
                        learned_sink=learned_sink,
-                       return_gram=ob.gram_sink is not None,
+                       return_gram=ob.gram_acc is not None,
                        return_argmax=watch, return_top1_prob=watch,
                        return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
-            _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res)
+            _feed(spec.layer, ob.gram_acc, ob.stats_acc if watch else None, res)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
@@ -157,11 +157,11 @@ def _crystal_attention(
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
         sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_sink is not None, return_argmax=stats,
+        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_acc is not None, return_argmax=stats,
         return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
+    _feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res)
     return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
 
 
@@ -193,8 +193,8 @@ def crystallize_layers(
     basis: Mapping[int, Tensor] | None = None,
     d_r: int | None = None,
     backend: str = "auto",
-    gram_sink: object | None = None,
-    stats_sink: object | None = None,
+    gram_acc: object | None = None,
+    stats_acc: object | None = None,
     observe: bool = False,
     sink_tokens: int = 0,
     observers: Sequence[Observer] = (),
@@ -208,11 +208,11 @@ def crystallize_layers(
     ``basis`` maps layer → ``[Hq, Dv, R]`` (e.g. ``ResidualBasis.basis``; Dv the layer's value width, which
     multi-head latent attention makes differ from q/k's), needed for ``lowrank``; ``d_r`` is at most each
     chosen layer's Dv. Learned attention sinks (``s_aux``) go to the op as ``learned_sink``.
-    ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_sink`` the argmax and
-    top-1 probability. ``observe=True`` keeps the model's own attention output (only the sinks are fed).
+    ``gram_acc`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_acc`` the argmax and
+    top-1 probability. ``observe=True`` keeps the model's own attention output (only the accumulators are fed).
     ``sink_tokens=n`` keeps the first n keys exactly in the ground state (``nqpq.residual_attention``; 0 is the
     spec). With ``observe=True``, ``observers`` lists further observations of the same attention calls (e.g. one
-    per sink setting); ``gram_sink``/``stats_sink`` are then the first, with ``sink_tokens``.
+    per sink setting); ``gram_acc``/``stats_acc`` are then the first, with ``sink_tokens``.
     Everything is checked before anything is attached: a refused call leaves the model as it was.
     With ``output_attentions=True`` a crystallized layer of an eager model reports its probabilities p (the
     softmax of its masked, scaled, soft-capped scores); under other implementations, whose layers report no
@@ -238,14 +238,14 @@ def crystallize_layers(
     n_sink = check_sink_tokens(sink_tokens)
     watchers = tuple(observers)
     if observe:
-        if gram_sink is not None or stats_sink is not None:
-            watchers = (Observer(n_sink, gram_sink, stats_sink), *watchers)
+        if gram_acc is not None or stats_acc is not None:
+            watchers = (Observer(n_sink, gram_acc, stats_acc), *watchers)
         for ob in watchers:
             if not isinstance(ob, Observer):
                 raise TypeError(f"observers must be nqpq.model.crystallize.Observer, got {type(ob).__name__}")
             check_sink_tokens(ob.sink_tokens)
     elif watchers:
-        raise ValueError("observers are for observe=True (a crystallized layer feeds gram_sink/stats_sink itself)")
+        raise ValueError("observers are for observe=True (a crystallized layer feeds gram_acc/stats_acc itself)")
     original = model.config._attn_implementation
     if original is None:
         raise RuntimeError("the model has no attention implementation set (config._attn_implementation is None)")
@@ -268,7 +268,7 @@ def crystallize_layers(
                     f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
-                              gram_sink, stats_sink, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
+                              gram_acc, stats_acc, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)
@@ -315,20 +315,21 @@ def uncrystallize(patch: Crystallization) -> None:
 def observe_residuals(
     model: nn.Module,
     layers: Sequence[int],
-    gram_sink: object | None,
+    gram_acc: object | None,
     *,
     backend: str = "auto",
-    stats_sink: object | None = None,
+    stats_acc: object | None = None,
     sink_tokens: int = 0,
     observers: Sequence[Observer] = (),
 ) -> Iterator[Crystallization]:
-    """Collect Σ εεᵀ of ``layers`` into ``gram_sink`` (and, with ``stats_sink``, each call's argmax and top-1
+    """Collect Σ εεᵀ of ``layers`` into ``gram_acc`` (and, with ``stats_acc``, each call's argmax and top-1
     probability, and sink mass) while the model computes exactly its own attention. ``sink_tokens`` is the
-    op's for these sinks; ``observers`` adds further observations of the same calls (another sink setting each)."""
-    if gram_sink is None and stats_sink is None and not observers:
-        raise ValueError("observe_residuals needs a gram_sink, a stats_sink, or observers")
-    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_sink=gram_sink,
-                               stats_sink=stats_sink, observe=True, sink_tokens=sink_tokens, observers=observers)
+    op's for these accumulators; ``observers`` adds further observations of the same calls (another sink setting
+    each)."""
+    if gram_acc is None and stats_acc is None and not observers:
+        raise ValueError("observe_residuals needs a gram_acc, a stats_acc, or observers")
+    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_acc=gram_acc,
+                               stats_acc=stats_acc, observe=True, sink_tokens=sink_tokens, observers=observers)
     try:
         yield patch
     finally:
@@ -344,14 +345,14 @@ def crystallize(
     basis: Mapping[int, Tensor] | None = None,
     d_r: int | None = None,
     backend: str = "auto",
-    gram_sink: object | None = None,
-    stats_sink: object | None = None,
+    gram_acc: object | None = None,
+    stats_acc: object | None = None,
     sink_tokens: int = 0,
 ) -> Iterator[Crystallization]:
     """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
     patch = crystallize_layers(
-        model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_sink=gram_sink,
-        stats_sink=stats_sink, sink_tokens=sink_tokens,
+        model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_acc=gram_acc,
+        stats_acc=stats_acc, sink_tokens=sink_tokens,
     )
     try:
         yield patch

@@ -22,11 +22,11 @@ class LayerSpec:
     backend: str
     original: str  # the model-wide attention implementation name
     config: object  # the module's own config, put back by uncrystallize
-    gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
-    stats_sink: object | None = None  # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T])
-    observe: bool = False  # keep the model's own output; only feed the sinks
+    gram_acc: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
+    stats_acc: object | None = None  # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T])
+    observe: bool = False  # keep the model's own output; only feed the accumulators
     sink_tokens: int = 0  # the first keys kept exactly in the ground state (nqpq.residual_attention)
-    observers: tuple[Observer, ...] = ()  # with observe: one op call per observer, each feeding its sinks
+    observers: tuple[Observer, ...] = ()  # with observe: one op call per observer, each feeding its accumulators
     # The (query, key) of the module's calls in its current forward: a call on the same q and k as an earlier one
     # is another part of V of the same attention (DiffLlama), and feeds no statistics. Reset by a forward pre-hook.
     calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)
@@ -44,21 +44,21 @@ class LayerSpec:
 @dataclass(frozen=True)
 class Observer:
     """One observation of a layer's attention: the op run with ``sink_tokens`` on the q, k, v the layer received,
-    its Σ εεᵀ fed to ``gram_sink`` and its argmax / top-1 probability / sink mass to ``stats_sink``."""
+    its Σ εεᵀ fed to ``gram_acc`` and its argmax / top-1 probability / sink mass to ``stats_acc``."""
 
     sink_tokens: int = 0
-    gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
-    stats_sink: object | None = None  # anything with .add(layer, argmax, top1_prob, sink_mass)
+    gram_acc: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
+    stats_acc: object | None = None  # anything with .add(layer, argmax, top1_prob, sink_mass)
 
 
-def _feed(layer: int, gram_sink, stats_sink, res) -> None:
-    if gram_sink is not None:
-        gram_sink.add(layer, res.gram)
-    if stats_sink is not None:
+def _feed(layer: int, gram_acc, stats_acc, res) -> None:
+    if gram_acc is not None:
+        gram_acc.add(layer, res.gram)
+    if stats_acc is not None:
         if res.sink_mass is None:
-            stats_sink.add(layer, res.argmax, res.top1_prob)
+            stats_acc.add(layer, res.argmax, res.top1_prob)
         else:
-            stats_sink.add(layer, res.argmax, res.top1_prob, res.sink_mass)
+            stats_acc.add(layer, res.argmax, res.top1_prob, res.sink_mass)
 
 
 def _forget_calls(spec: LayerSpec):
