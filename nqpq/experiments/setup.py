@@ -1,6 +1,7 @@
 """What a run (``nqpq sweep``, ``nqpq scan``) sets up before it measures: torchrun joined, the device, the model and
-its token ids loaded (or taken from the caller), the blocks, the calibration sets, the baseline pass's observation,
-the residual bases, and results.json's ``config``.
+its token ids loaded (or taken from the caller), the run's facts found and checked once (``RunFacts``: the model's
+parts, the layers, the ranks, the blocks, the calibration sets), the baseline pass's observation, the residual bases,
+and results.json's ``config``.
 
 Shared by ``nqpq.experiments.sweep`` and ``nqpq.experiments.scan``, siblings above it, and by
 ``nqpq.experiments.downstream`` (the sweep's calibration blocks and basis).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,7 @@ from ..errors import NqpqError
 from ..model.crystallize import Observer, observe_residuals
 from ..model.devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
 from ..model.losses import make_blocks, text_tokens_per_block
+from ..model.parts import ModelParts, model_parts
 from ..results.report import geometry_config, versions
 from ..sources.checkpoints import ByteTokenizer, demo_model, load_model, load_tokenizer, parse_dtype
 from ..sources.gguf import gguf_file_info, gguf_label, is_gguf
@@ -27,7 +29,18 @@ from ..sources.text import calib_text_rows, check_ids_fit, choose_bos, ids_for_b
 from . import distributed
 from .batching import rank_batches
 from .calibration import GramAccumulator, ResidualBasis, basis_from_grams, gram_passes, reduce_grams
-from .config import SweepConfig, calibration_source, check_before_loading, model_to_load, text_blocks_needed
+from .config import (
+    SweepConfig,
+    calibration_source,
+    check_before_loading,
+    check_layers,
+    check_ranks,
+    check_seq_len,
+    model_to_load,
+    sink_settings,
+    sweep_ranks,
+    text_blocks_needed,
+)
 from .crystallinity import CrystallinityAccumulator
 
 
@@ -214,10 +227,10 @@ def given_model_label(model: torch.nn.Module) -> str:
     return f"{name} ({what})" if name else f"unnamed model ({what}; config.name_or_path is empty)"
 
 
-def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int], d_rs: Sequence[int],
-                   batch_size: int, blocks: torch.Tensor) -> dict:
+def results_config(cfg: SweepConfig, run: RunInputs, facts: RunFacts, batch_size: int) -> dict:
     """results.json's ``config`` (sweep and scan): the settings as run, the text, the versions, and the model's
     own dtype and geometry whatever ``cfg`` says (a model passed in keeps its dtype)."""
+    parts, layers = facts.parts, facts.layers
     config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     if cfg.demo:
         config["model"] = "demo: random-init GPT-2 small geometry"
@@ -225,10 +238,10 @@ def results_config(cfg: SweepConfig, run: RunInputs, parts, layers: Sequence[int
         config["model"] = run.model_name
     config["model_class"] = type(run.model).__name__
     config["model_given"] = run.model_given
-    config.update(layers=list(layers), d_r=list(d_rs), device=str(run.device), batch_size=batch_size,
+    config.update(layers=list(layers), d_r=list(facts.d_rs), device=str(run.device), batch_size=batch_size,
                   dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
                   world_size=distributed.world_size(), text_source=run.source, tokenizer=run.tokenizer,
-                  n_tokens=int(blocks.numel()),
+                  n_tokens=int(facts.blocks.numel()),
                   bos=run.bos_id is not None, bos_token_id=run.bos_id, d_head=parts.smallest("v_dim", layers),
                   random_weights=cfg.demo,
                   **geometry_config(parts, layers), **versions(run.device))
@@ -280,21 +293,52 @@ def calibration_sets(cfg: SweepConfig, run: RunInputs) -> list[CalibrationSet]:
                                                           first_block=offset + k * c)) for k in range(draws)]
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """The facts of a run, found and checked once (``run_facts``) and passed down to what uses them: the model's
+    parts (``model_parts``: its layers, attention modules, head and per-layer geometry), the crystallized layers,
+    the ranks swept, the sink settings, the scored blocks and the calibration sets."""
+
+    parts: ModelParts
+    layers: tuple[int, ...]  # as ``layer_indices`` read them, each an attention layer of the model
+    d_rs: tuple[int, ...]  # the ranks swept, distinct and increasing
+    sinks: tuple[int, ...]  # the sink settings (``sink_settings``), the headline first
+    blocks: torch.Tensor  # [n_blocks, seq_len] token ids scored
+    calibrations: list[CalibrationSet]
+
+
+def run_facts(cfg: SweepConfig, run: RunInputs,
+              choose_layers: Callable[[ModelParts], Sequence[int]]) -> RunFacts:
+    """The run's facts, each found and checked once: the model's parts, the layers ``choose_layers`` picks from
+    them (the sweep's default layers, the scan's every layer, or ``cfg.layers``), the ranks (``cfg.d_r``, or the
+    spec's up to the narrowest value head of those layers), the blocks and the calibration sets. ``NqpqError``
+    for a flag the model cannot take (layers, then sequence length, then ranks)."""
+    parts = model_parts(run.model)
+    layers = check_layers(parts, choose_layers(parts))
+    check_seq_len(cfg, parts)
+    d_rs = tuple(sweep_ranks(cfg, parts.smallest("v_dim", layers)))
+    check_ranks(parts, layers, d_rs)
+    blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
+    return RunFacts(parts, layers, d_rs, sink_settings(cfg), blocks, calibration_sets(cfg, run))
+
+
 class BaselineObservation:
     """What the baseline pass collects on the crystallized ``layers``, for each sink setting (every setting observes
     the same attention calls with its own op call): the crystallinity counts of every batch (also of n = 0, the
     spec's statistics, whatever the settings) and, on the spec's calibration batches, Σ εεᵀ."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], n_heads: int | Mapping[int, int],
-                 sinks: Sequence[int], backend: str) -> None:
-        self.model, self.layers, self.backend = model, layers, backend
+    def __init__(self, model: torch.nn.Module, parts: ModelParts, layers: Sequence[int], sinks: Sequence[int],
+                 backend: str) -> None:
+        self.model, self.parts, self.layers, self.backend = model, parts, layers, backend
+        n_heads = {li: parts.geometry[li].n_heads for li in layers}
         self._grams = {n: GramAccumulator() for n in sinks}
         self._stats = {n: CrystallinityAccumulator(layers, n_heads, sink_tokens=n) for n in dict.fromkeys((0, *sinks))}
 
     def context(self, calib: bool):
         """The observation of one batch (``calib``: it is a calibration batch of the spec's choice)."""
         observers = [Observer(n, self._grams.get(n) if calib else None, acc) for n, acc in self._stats.items()]
-        return observe_residuals(self.model, self.layers, None, backend=self.backend, observers=observers)
+        return observe_residuals(self.model, self.layers, None, backend=self.backend, observers=observers,
+                                 parts=self.parts)
 
     def grams(self) -> dict[int, dict]:
         """{sink setting: {layer: Σ εεᵀ}} of the calibration batches (not yet summed across ranks)."""
@@ -305,8 +349,8 @@ class BaselineObservation:
         return {n: acc.results() for n, acc in self._stats.items()}
 
 
-def fit_bases(model: torch.nn.Module, layers: Sequence[int], cal: CalibrationSet, eval_grams: dict[int, dict],
-              sinks: Sequence[int], batch_size: int, backend: str,
+def fit_bases(model: torch.nn.Module, parts: ModelParts, layers: Sequence[int], cal: CalibrationSet,
+              eval_grams: dict[int, dict], sinks: Sequence[int], batch_size: int, backend: str,
               bar: Callable[[int], object] | None = None) -> dict[int, ResidualBasis]:
     """The residual basis of ``cal`` for each sink setting: from the Grams the baseline pass collected (``eval``),
     or from one pass of its own over ``cal.blocks`` (every setting observed on the same forward), split across
@@ -315,8 +359,8 @@ def fit_bases(model: torch.nn.Module, layers: Sequence[int], cal: CalibrationSet
     if cal.blocks is not None:
         batches = [cal.blocks[b] for b in rank_batches(cal.blocks.shape[0], batch_size)]
         with contextlib.nullcontext() if bar is None else bar(sum(len(b) for b in batches)) as pbar:
-            grams = gram_passes(model, batches, layers, sinks, backend=backend, progress=pbar)
-    return {n: basis_from_grams(reduce_grams(grams[n], layers, model)) for n in sinks}
+            grams = gram_passes(model, batches, layers, sinks, backend=backend, progress=pbar, parts=parts)
+    return {n: basis_from_grams(reduce_grams(grams[n], layers, parts)) for n in sinks}
 
 
 def calibration_config(cfg: SweepConfig, run: RunInputs) -> dict:

@@ -31,9 +31,9 @@ from ..results.verdict import (
     with_draws,
 )
 from .batching import default_batch_size, gather_losses, plan_batches
-from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
+from .config import SweepConfig, check_flags
 from .resume import Checkpoint
-from .setup import BaselineObservation, calibration_sets, fit_bases, make_blocks_checked, open_run, results_config
+from .setup import BaselineObservation, fit_bases, open_run, results_config, run_facts
 
 
 def run_sweep(
@@ -62,20 +62,14 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    from ..model.parts import model_parts
-
     check_flags(cfg)
     timings: dict = {}
     t0 = time.perf_counter()
     run = open_run(cfg, model, ids, log, "[EXP-Q03]", calib_ids=calib_ids)
-    model, ids, device, say, is_main = run.model, run.ids, run.device, run.say, run.is_main
-    parts = model_parts(model)
-    layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
-    check_model_fit(cfg, parts, layers, [])
-    d_rs = sweep_ranks(cfg, parts.smallest("v_dim", layers))
-    check_model_fit(cfg, parts, layers, d_rs)
-    blocks = make_blocks_checked(ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
-    calibrations = calibration_sets(cfg, run)
+    model, device, say, is_main = run.model, run.device, run.say, run.is_main
+    facts = run_facts(cfg, run, lambda parts: parts.default_layers if cfg.layers is None else cfg.layers)
+    parts, layers, d_rs, sinks, blocks, calibrations = (facts.parts, facts.layers, facts.d_rs, facts.sinks,
+                                                        facts.blocks, facts.calibrations)
     timings["load_s"] = time.perf_counter() - t0
 
     model_dtype = next(model.parameters()).dtype
@@ -83,14 +77,14 @@ def run_sweep(
         device, parts, cfg.seq_len, cfg.n_blocks, model_dtype, hidden=getattr(model.config, "hidden_size", None))
     if checkpoint is not None:
         batch_size = checkpoint.batch_size(batch_size)
-        checkpoint.begin(results_config(cfg, run, parts, layers, d_rs, batch_size, blocks), model,
+        checkpoint.begin(results_config(cfg, run, facts, batch_size), model,
                          [blocks, *(c.blocks for c in calibrations if c.blocks is not None)],
-                         2 + len(sink_settings(cfg)) * (1 + len(calibrations) * len(d_rs)), timings, say)
+                         2 + len(sinks) * (1 + len(calibrations) * len(d_rs)), timings, say)
     resumed = None if checkpoint is None else checkpoint.resumed_baseline
     # The spec's choice calibrates on the leading scored blocks, in batches of their own during the baseline pass.
     eval_calib = cfg.calib_blocks if calibrations[0].blocks is None else 0
     batches, n_calib_batches = plan_batches(cfg.n_blocks, eval_calib, batch_size)
-    runner = PrefixRunner(model, blocks, batches, start=min(layers))
+    runner = PrefixRunner(model, blocks, batches, start=min(layers), parts=parts)
     n_local = sum(len(b) for b in batches)
     show = cfg.progress and is_main
 
@@ -111,8 +105,7 @@ def run_sweep(
     # first) ride along the baseline pass: the crystallized layers of every batch are observed, the model's
     # own attention output kept. Each sink setting observes the same calls with its own op call.
     t_sweep = time.perf_counter()
-    sinks = sink_settings(cfg)
-    watch = BaselineObservation(model, layers, {li: parts.geometry[li].n_heads for li in layers}, sinks, cfg.backend)
+    watch = BaselineObservation(model, parts, layers, sinks, cfg.backend)
 
     def observe_calibration(i):
         return watch.context(calib=i < n_calib_batches)
@@ -131,7 +124,7 @@ def run_sweep(
         # One basis per calibration set and sink setting; held-out and other-text sets get a pass of their own (one
         # for every sink setting), up to max(layers).
         t = time.perf_counter()
-        bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend,
+        bases = [fit_bases(model, parts, layers, cal, watch.grams(), sinks, batch_size, cfg.backend,
                            lambda n: bar("calibration", n)) for cal in calibrations]
         crystallinity = watch.crystallinity()
         timings["calibration_s"] = time.perf_counter() - t
@@ -141,7 +134,7 @@ def run_sweep(
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
         def compute():
             with crystallize(model, layers, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
-                             backend=cfg.backend, sink_tokens=sink_tokens):
+                             backend=cfg.backend, sink_tokens=sink_tokens, parts=parts):
                 return timed_losses(f"{key}_s", key, runner.losses)
         return compute() if checkpoint is None else checkpoint.losses(key, compute)
 
@@ -176,7 +169,7 @@ def run_sweep(
     timings["total_s"] = time.perf_counter() - t0
 
     head = analyses[0]  # the first sink setting is the headline: the spec's keys hold its numbers
-    config = results_config(cfg, run, parts, layers, d_rs, batch_size, blocks)
+    config = results_config(cfg, run, facts, batch_size)
     results = {
         "kind": "sweep", "format_version": SWEEP_FORMAT_VERSION,
         "ppl_baseline": ppl_fp, "ppl_top1": head["ppl_top1"], "ppl_full": ppl_b, "curve": head["curve"],

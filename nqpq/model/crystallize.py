@@ -59,7 +59,7 @@ from .attention_args import (
 from .devices import execution_device
 from .geometry import LayerGeometry
 from .layer_spec import LayerSpec, Observer, _feed, _forget_calls, _receive_mask
-from .parts import as_index, layer_indices, model_parts
+from .parts import ModelParts, as_index, layer_indices, model_parts
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
@@ -183,6 +183,7 @@ class Crystallization:
     model: nn.Module
     original: str
     layers: tuple[int, ...]
+    parts: ModelParts  # the model's parts, as crystallize_layers found them
 
 
 def crystallize_layers(
@@ -198,6 +199,7 @@ def crystallize_layers(
     observe: bool = False,
     sink_tokens: int = 0,
     observers: Sequence[Observer] = (),
+    parts: ModelParts | None = None,
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
@@ -217,8 +219,11 @@ def crystallize_layers(
     With ``output_attentions=True`` a crystallized layer of an eager model reports its probabilities p (the
     softmax of its masked, scaled, soft-capped scores); under other implementations, whose layers report no
     weights, it refuses rather than shift the layer indices of the attentions tuple.
+    ``parts``: the model's ``model_parts``, when the caller has them already (a run finds them once); found here
+    otherwise.
     """
-    parts = model_parts(model)
+    if parts is None:
+        parts = model_parts(model)
     check_choice("mode", mode, MODES)
     layers = layer_indices(layers, parts.n_layers)
     parts.check_attention_layers(layers)
@@ -272,7 +277,7 @@ def crystallize_layers(
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)
-    patch = Crystallization(model, original, layers)
+    patch = Crystallization(model, original, layers, parts)
     try:
         for li, layer_spec in specs.items():
             # A layer of several self-attentions (LongCat-Flash's two blocks): each module its own spec (its config
@@ -300,7 +305,7 @@ def _layer_backend(backend: str, device_type: str, geo: LayerGeometry) -> str:
 
 def uncrystallize(patch: Crystallization) -> None:
     """Restore the model exactly: each crystallized module's own config back, no layer specs left."""
-    parts = model_parts(patch.model)
+    parts = patch.parts
     for attn in (a for li in parts.attn_layers for a in parts.attention_modules(li)):
         spec = getattr(attn, _SPEC_ATTR, None)
         if spec is not None:
@@ -321,6 +326,7 @@ def observe_residuals(
     stats_acc: object | None = None,
     sink_tokens: int = 0,
     observers: Sequence[Observer] = (),
+    parts: ModelParts | None = None,
 ) -> Iterator[Crystallization]:
     """Collect Σ εεᵀ of ``layers`` into ``gram_acc`` (and, with ``stats_acc``, each call's argmax and top-1
     probability, and sink mass) while the model computes exactly its own attention. ``sink_tokens`` is the
@@ -329,7 +335,8 @@ def observe_residuals(
     if gram_acc is None and stats_acc is None and not observers:
         raise ValueError("observe_residuals needs a gram_acc, a stats_acc, or observers")
     patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_acc=gram_acc,
-                               stats_acc=stats_acc, observe=True, sink_tokens=sink_tokens, observers=observers)
+                               stats_acc=stats_acc, observe=True, sink_tokens=sink_tokens, observers=observers,
+                               parts=parts)
     try:
         yield patch
     finally:
@@ -348,11 +355,12 @@ def crystallize(
     gram_acc: object | None = None,
     stats_acc: object | None = None,
     sink_tokens: int = 0,
+    parts: ModelParts | None = None,
 ) -> Iterator[Crystallization]:
     """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
     patch = crystallize_layers(
         model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_acc=gram_acc,
-        stats_acc=stats_acc, sink_tokens=sink_tokens,
+        stats_acc=stats_acc, sink_tokens=sink_tokens, parts=parts,
     )
     try:
         yield patch
