@@ -1,8 +1,11 @@
 """Two runs' results.json (sweep, scan or eval), compared exactly apart from what differs from run to run: the
 timings and the output folder (``config.out``). A refactor that claims "results unchanged" proves it with this:
-run the same command on the commit before and after, then
+run the same command on the commit before and after (issue 33's: a demo sweep with two sink settings, a scan of a
+saved tiny Llama), e.g.
 
-    python -m benchmarks.compare_results BEFORE/results.json AFTER/results.json
+    python -m nqpq sweep --demo --n-blocks 8 --seq-len 64 --calib-blocks 2 --d-r 4 16 --sink-tokens 0 1 \
+        --device cpu --out BEFORE
+    python -m benchmarks.compare_results BEFORE AFTER
 
 Prints each differing path (``sinks[1].curve[0].ppl``, ...) with both values and exits 1, or says "identical"
 and exits 0. Floats are compared exactly (the same computation on the same machine gives the same bits); a
@@ -31,7 +34,8 @@ def differences(before: object, after: object, path: tuple = ()) -> list[str]:
         for key in sorted(set(before) | set(after)):
             if key not in before or key not in after:
                 if (*path, key) not in RUN_SPECIFIC:
-                    out.append(f"{where}.{key}: only in {'after' if key not in before else 'before'}")
+                    name = f"{where}.{key}" if path else str(key)
+                    out.append(f"{name}: only in {'after' if key not in before else 'before'}")
                 continue
             out += differences(before[key], after[key], (*path, key))
         return out
