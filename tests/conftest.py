@@ -192,14 +192,14 @@ class RealData:
 
 
 def real_data() -> RealData:
-    """The shipped files (tests/data, nqpq/wikitext), or those of $NQPQ_SHARED_DATA when it is set; a file missing
-    from an explicitly named folder fails the test rather than falling back unseen."""
+    """The shipped files (tests/data, nqpq/sources/wikitext), or those of $NQPQ_SHARED_DATA when it is set; a file
+    missing from an explicitly named folder fails the test rather than falling back unseen."""
     override = os.environ.get("NQPQ_SHARED_DATA")
     if override:
         folder = Path(override)
         data = RealData(folder, folder / "wiki.valid.raw", folder / "wiki.test.raw")
     else:
-        wikitext = REPO / "nqpq" / "wikitext"
+        wikitext = REPO / "nqpq" / "sources" / "wikitext"
         data = RealData(TEST_DATA, wikitext / "wiki.valid.raw", wikitext / "wiki.test.raw")
     for path in (data.gpt2_tokenizer / "vocab.json", data.gpt2_tokenizer / "merges.txt", data.wiki_valid,
                  data.wiki_test):
