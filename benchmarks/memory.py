@@ -115,6 +115,7 @@ def _point(opts: dict, n_blocks: int) -> dict:
     """One measurement, run in a fresh process (spawned): a warm-up sweep, then the measured one."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    import nqpq.experiments.setup as setup_module
     import nqpq.experiments.sweep as sweep_module
     from nqpq import SweepConfig, run_sweep
 
@@ -147,14 +148,14 @@ def _point(opts: dict, n_blocks: int) -> dict:
             _reset_peak_rss()
             return losses
 
-    class Grams(sweep_module.GramAccumulator):
+    class Grams(setup_module.GramAccumulator):
         def add(self, layer: int, gram: torch.Tensor) -> None:
             super().add(layer, gram)
             grams["calls"] += 1
             grams["call_max"] = max(grams["call_max"], gram.numel() * gram.element_size())
             grams["held"] = sum(t.numel() * t.element_size() for t in self.grams.values())
 
-    sweep_module.PrefixRunner, sweep_module.GramAccumulator = Runner, Grams
+    sweep_module.PrefixRunner, setup_module.GramAccumulator = Runner, Grams
 
     cfg = SweepConfig(model="gpt2 random (memory benchmark)", layers=tuple(opts["layers"]), d_r=tuple(opts["d_r"]),
                       n_blocks=n_blocks, seq_len=opts["seq_len"], calib_blocks=min(opts["calib_blocks"], n_blocks),

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import run_tags, write_csv
 from nqpq.experiments.config import SweepConfig, sweep_ranks
-from nqpq.experiments.sweep import make_blocks_checked, open_run, run_sweep
+from nqpq.experiments.setup import make_blocks_checked, open_run
+from nqpq.experiments.sweep import run_sweep
 from nqpq.model.lm_head import after_layers
 from nqpq.model.losses import lm_losses
 from nqpq.model.parts import model_parts

@@ -35,7 +35,7 @@ def test_cpu(benchmark, provider, T):
     [("fused_top1", 0), ("fused_full", 0), ("fused_lowrank", 8), ("fused_lowrank", 32),
      ("fused_lowrank_gram", 32), ("reference", 32), ("unfused", 32), ("sdpa_flash", 0), ("sdpa_math", 0),
      ("fused_top1_sink1", 0), ("fused_lowrank_sink1", 8), ("fused_lowrank_sink1", 32),
-     ("fused_lowrank_gram_sink1", 32), ("reference_sink1", 32)],
+     ("fused_lowrank_gram_acc1", 32), ("reference_sink1", 32)],
 )
 def test_cuda(benchmark, provider, d_r, T, dtype):
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]

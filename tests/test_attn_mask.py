@@ -337,7 +337,7 @@ def test_inkling2_per_row_learned_sinks():
     li = parts.attn_layers[-1]
     assert parts.geometry[li].learned_sink
     stats = _Collect()
-    with observe_residuals(model, [li], None, stats_sink=stats, backend="torch"), census.AttentionSpy(model) as spy:
+    with observe_residuals(model, [li], None, stats_acc=stats, backend="torch"), census.AttentionSpy(model) as spy:
         logits_of(model, ids)
     (_, _argmax, _top1, mass), = stats.items
     (_module, q, k, _v, scaling, kwargs, _out), = spy.calls
@@ -353,7 +353,7 @@ def test_inkling2_per_row_learned_sinks():
 def test_blt_window_only_in_the_model_mask():
     """BLT's local layers get their sliding window only from the mask the model builds (no sliding_window on the
     module or in the kwargs): nqpq reads it from that mask, and runs them exactly."""
-    from nqpq.model.crystallize import _mask_window
+    from nqpq.model.attention_args import _mask_window
 
     model = tiny_model("blt")
     window = model.config.local_attention_window_len
@@ -378,7 +378,7 @@ def test_qwen4_exp_key_selection():
 
 
 class _Collect:
-    """A gram_sink / stats_sink: keeps what it is given."""
+    """A gram_acc / stats_acc: keeps what it is given."""
 
     def __init__(self):
         self.items = []
@@ -401,7 +401,7 @@ def test_observed_gram_and_statistics_with_a_module_mask(family):
     geo = parts.geometry[li]
     base = logits_of(model, ids)
     grams, stats = _Collect(), _Collect()
-    with observe_residuals(model, [li], grams, stats_sink=stats, backend="torch"), census.AttentionSpy(model) as spy:
+    with observe_residuals(model, [li], grams, stats_acc=stats, backend="torch"), census.AttentionSpy(model) as spy:
         assert torch.equal(logits_of(model, ids), base)
     eye = torch.eye(geo.v_dim).expand(geo.n_heads, -1, -1)
     want = torch.zeros(geo.n_heads, geo.v_dim, geo.v_dim, dtype=torch.float64)

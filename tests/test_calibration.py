@@ -91,7 +91,7 @@ def test_calibrate_matches_spec_svd(model, calib_blocks):
 def test_gram_streaming_is_batch_independent(eager_model, calib_blocks):
     def grams(batch_size):
         sink = GramAccumulator()
-        with torch.no_grad(), crystallize(eager_model, LAYERS, mode="full", backend="torch", gram_sink=sink):
+        with torch.no_grad(), crystallize(eager_model, LAYERS, mode="full", backend="torch", gram_acc=sink):
             for s in range(0, len(calib_blocks), batch_size):
                 eager_model.transformer(input_ids=calib_blocks[s:s + batch_size], use_cache=False)
         return sink.grams

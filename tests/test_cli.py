@@ -583,7 +583,7 @@ def test_report_into_a_closed_pipe_is_quiet(sweep_run, tmp_path):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if a tokenizer or any weight is read (the config alone must answer)."""
-    from nqpq.experiments import sweep
+    from nqpq.experiments import setup
 
     def refuse(what):
         def fail(*args, **kwargs):
@@ -591,7 +591,7 @@ def no_weights(monkeypatch):
         return fail
 
     for name in ("load_model", "load_tokenizer", "demo_model"):
-        monkeypatch.setattr(sweep, name, refuse(name))
+        monkeypatch.setattr(setup, name, refuse(name))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("from_pretrained"))
 
 

@@ -183,7 +183,7 @@ def test_grams_and_crystallinity_match_float64(family, n):
     batches = [token_ids(1), token_ids(2)]
     grams = gram_passes(model, batches, layers, (n,), backend="torch")[n]
     acc = CrystallinityAccumulator(layers, {li: parts.geometry[li].n_heads for li in layers}, sink_tokens=n)
-    with torch.no_grad(), observe_residuals(model, layers, None, stats_sink=acc, backend="torch", sink_tokens=n):
+    with torch.no_grad(), observe_residuals(model, layers, None, stats_acc=acc, backend="torch", sink_tokens=n):
         for batch in batches:
             model(input_ids=batch, use_cache=False)
 
@@ -229,7 +229,7 @@ def test_diffllama_calls_its_attention_twice_per_layer():
         def add(self, li, gram):
             seen.append(("gram", li))
 
-    with torch.no_grad(), crystallize(model, [layer], mode="top1", gram_sink=Gram(), stats_sink=Count()):
+    with torch.no_grad(), crystallize(model, [layer], mode="top1", gram_acc=Gram(), stats_acc=Count()):
         model(input_ids=token_ids(), use_cache=False)
     assert seen == [("gram", layer), ("stats", layer), ("gram", layer)]
 
@@ -405,7 +405,7 @@ def test_hrm_grams_and_crystallinity_count_every_call():
     batches = [token_ids(1), token_ids(2)]
     grams = gram_passes(model, batches, layers, (0,), backend="torch")[0]
     acc = CrystallinityAccumulator(layers, {li: parts.geometry[li].n_heads for li in layers})
-    with torch.no_grad(), observe_residuals(model, layers, None, stats_sink=acc, backend="torch"):
+    with torch.no_grad(), observe_residuals(model, layers, None, stats_acc=acc, backend="torch"):
         for batch in batches:
             model(input_ids=batch, use_cache=False)
     ref = hrm_reference(model)

@@ -313,7 +313,7 @@ def test_calibration_grams_and_stats_per_query_head(family_model):
             self.calls.append((layer, argmax, top1_prob))
 
     grams, stats = GramAccumulator(), Stats()
-    with observe_residuals(model, layers, grams, backend="torch", stats_sink=stats), recorded_calls(model) as calls:
+    with observe_residuals(model, layers, grams, backend="torch", stats_acc=stats), recorded_calls(model) as calls:
         assert torch.equal(logits(model, ids), base)
     softcap = getattr(model.config, "attn_logit_softcapping", None)
     for (module, q, k, v, scale, _), (layer, argmax, top1_prob) in zip(calls, stats.calls, strict=True):

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from nqpq.cli import main
-from nqpq.experiments import sweep
+from nqpq.experiments import setup
 from nqpq.sources import checkpoints, fetch, hub
 from nqpq.sources.registry import MODELS
 
@@ -43,7 +43,7 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(fetch, "fetch_model", refuse("fetch_model"))
     monkeypatch.setattr(checkpoints, "load_config", refuse("load_config"))
     for name in ("load_model", "load_tokenizer", "demo_model"):
-        monkeypatch.setattr(sweep, name, refuse(name))
+        monkeypatch.setattr(setup, name, refuse(name))
     monkeypatch.setattr(hub, "hub_reachable", refuse("hub_reachable"))
 
 

@@ -136,7 +136,7 @@ def test_crystallizing_and_observing_leave_the_model_bit_identical(model, blocks
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     before = model(input_ids=blocks[:2], use_cache=False).logits
     acc = CrystallinityAccumulator([DEEP_LAYER], HQ)
-    with observe_residuals(model, [DEEP_LAYER], None, stats_sink=acc):
+    with observe_residuals(model, [DEEP_LAYER], None, stats_acc=acc):
         observed = model(input_ids=blocks[:2], use_cache=False).logits
     with crystallize(model, [DEEP_LAYER, 29], mode="top1", backend="torch"):
         crystal = model(input_ids=blocks[:2], use_cache=False).logits
@@ -157,7 +157,7 @@ def test_crystallinity_of_a_deep_layer_equals_float64(model, blocks):
     with recorded_attention(model, DEEP_LAYER) as calls:
         model(input_ids=blocks, use_cache=False)
     acc = CrystallinityAccumulator([DEEP_LAYER], HQ)
-    with observe_residuals(model, [DEEP_LAYER], None, stats_sink=acc):
+    with observe_residuals(model, [DEEP_LAYER], None, stats_acc=acc):
         model(input_ids=blocks, use_cache=False)
     (q, k, v, scale), = calls
     want = plain(q, k, v, "top1", scale=scale)  # float64: scores, first-index argmax, p[i*]

@@ -52,7 +52,7 @@ def test_observers_count_each_sink_setting_as_float64(family, tokenizer, token_i
     blocks = blocks_of(token_ids)
     accs = {n: CrystallinityAccumulator(LAYERS, heads, sink_tokens=n) for n in (0, 1, 4)}
     before = [p.detach().clone() for p in model.parameters()]
-    with observe_residuals(model, LAYERS, None, backend="torch", stats_sink=accs[0],
+    with observe_residuals(model, LAYERS, None, backend="torch", stats_acc=accs[0],
                            observers=[Observer(n, None, accs[n]) for n in (1, 4)]):
         observed = block_losses(model, blocks, batch_size=2)
     assert torch.equal(observed, block_losses(model, blocks, batch_size=2))  # the model's own output, bit for bit

@@ -12,7 +12,7 @@ import torch
 from conftest import HEAD_DIM, REL_SCORE_MARGIN, build_model
 
 from nqpq.errors import NqpqError
-from nqpq.experiments.batching import default_batch_size, free_memory
+from nqpq.experiments.batching import batch_bytes_per_block, default_batch_size, free_memory
 from nqpq.experiments.config import SweepConfig, sweep_ranks
 from nqpq.experiments.scan import run_scan
 from nqpq.experiments.sweep import run_sweep
@@ -176,11 +176,25 @@ def test_batch_size_grows_with_memory_and_shrinks_with_dtype_width():
     assert default_batch_size(cpu, GPT2_SMALL, 64, 3, torch.float32, hidden=768, free=64 * GIB) == 3
 
 
-def test_batch_size_respects_the_cuda_grid_limit():
-    """batch · Hq must stay within CUDA's 65535 grid rows, however much memory there is."""
-    cuda = torch.device("cuda")  # only the arithmetic runs: the free memory is given
-    batch = default_batch_size(cuda, GPT2_SMALL, 64, 1_000_000, torch.float16, hidden=768, free=10_000 * GIB)
-    assert batch * 12 <= 65535 and batch == 65535 // 12
+def test_batch_size_on_cuda_is_memory_alone():
+    """The kernel takes any batch · Hq (it launches the (block, head) pairs in chunks of CUDA's 65535 grid rows:
+    tests/test_kernel.py, chunked launches equal one) and sums the Gram into one [Hq, D, D] on the device: on CUDA,
+    as on the CPU, memory alone bounds the batch, past the 65535 // Hq blocks a grid cap would allow."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the arithmetic runs: the free memory is given
+    args, kwargs = (GPT2_SMALL, 64, 1_000_000, torch.float16), {"hidden": 768, "free": 10_000 * GIB}
+    batch = default_batch_size(cuda, *args, **kwargs)
+    assert batch == default_batch_size(cpu, *args, **kwargs)
+    assert batch * 12 > 65535
+
+
+def test_batch_bytes_per_block_charges_no_gram():
+    """A block's bytes, term by term (GPT-2 small, T = 1024, fp32): activations, the model's eager scores and
+    probabilities, the reference op's two [Hq, T, T] buffers and ε, the op's statistics; no Gram, which the op
+    keeps as one [Hq, D, D] per call whatever the batch."""
+    T, H, D, hidden, elem = 1024, 12, 64, 768, 4
+    want = (16 * T * hidden * elem + 2 * H * T * T * elem + 2 * H * T * T * 4 + 2 * H * T * D * 4
+            + H * T * (8 + 4 + 4))
+    assert batch_bytes_per_block(GPT2_SMALL, hidden, T, torch.float32) == want
 
 
 def test_batch_size_sets_the_prefix_record_aside():

@@ -15,8 +15,6 @@ from ..model.devices import compute_devices, execution_device
 from ..model.losses import HEAD_ROWS_MULTIPLE
 from . import distributed
 
-# The CUDA grid's y dimension is at most 65535: keep batch · Hq (one program row per block and head) under it.
-CUDA_GRID_Y = 65535
 BATCH_MEMORY_FRACTION = 0.25  # of the free memory measured at the start; the rest is for everything else
 
 
@@ -42,15 +40,20 @@ def batch_bytes_per_block(parts, hidden: int, seq_len: int, dtype: torch.dtype) 
       after the layers, on memory they no longer hold;
     - the model's own eager attention: scores and probabilities, [Hq, T, T] each, in the model dtype;
     - the reference op (CPU and the "torch" backend): two fp32 [Hq, T, T] buffers, and ε [Hq, T, D] fp32;
-    - the kernel's Gram partials: [Hq · ⌈T/16⌉, D, D] fp32 (the smallest row tile), when calibrating.
+    - the op's statistics of an observed call: argmax (int64), top-1 probability and sink mass (fp32), [Hq, T] each.
+
+    The op's Gram is not charged per block: the kernel sums every block's Σ εεᵀ on the device into one fp32
+    [Hq, D, D] per call (and the reference from ε, counted above), whatever the batch; and the kernel takes any
+    batch · Hq (it launches the (block, head) pairs in chunks of CUDA's grid-y limit, ``MAX_GRID_Y``), so the batch
+    size is memory alone.
     """
     elem = torch.finfo(dtype).bits // 8
     T, H, D = seq_len, parts.largest("n_heads"), max(parts.largest("qk_dim"), parts.largest("v_dim"))
     activations = 16 * T * hidden * elem
     eager_scores = 2 * H * T * T * elem
     reference = 2 * H * T * T * 4 + 2 * H * T * D * 4
-    gram_partials = H * -(-T // 16) * D * D * 4
-    return activations + eager_scores + reference + gram_partials
+    statistics = H * T * (8 + 4 + 4)
+    return activations + eager_scores + reference + statistics
 
 
 def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int, dtype: torch.dtype, *,
@@ -60,8 +63,7 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
     host's available RAM on CPU), per ``batch_bytes_per_block``, after the prefix record of every block
     (the hidden state entering each of ``n_records`` replay start layers, [n_blocks, T, hidden] each, kept
     for the whole run) and the fp32 copy of the LM head's weight that ``lm_losses`` forms the logits with (a
-    16-bit model's; or an odd vocabulary's, padded: 2 GiB at Llama-3-8B's 128256 × 4096) are set aside; on CUDA
-    also batch · Hq <= 65535 (the grid limit).
+    16-bit model's; or an odd vocabulary's, padded: 2 GiB at Llama-3-8B's 128256 × 4096) are set aside.
 
     A model spread over several devices (a device map) runs each batch through every one of them: the fit is
     computed for each device the model computes on (``devices``; default: those of ``parts``' modules and
@@ -81,10 +83,7 @@ def default_batch_size(device: torch.device, parts, seq_len: int, n_blocks: int,
         budget = int((free_memory(dev) if dev_free is None else dev_free) * BATCH_MEMORY_FRACTION)
         budget = max(budget - record - head_fp32, budget // 4)  # a record that does not fit is kept off the device
         fits.append(budget // per_block)
-    fit = min(fits)
-    if any(dev.type == "cuda" for dev in used):
-        fit = min(fit, CUDA_GRID_Y // parts.largest("n_heads"))
-    return max(1, min(n_blocks, fit))
+    return max(1, min(n_blocks, min(fits)))
 
 
 def model_devices(parts) -> list[torch.device]:

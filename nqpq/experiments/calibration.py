@@ -25,7 +25,7 @@ from torch import Tensor
 from ..model.crystallize import Observer, observe_residuals
 from ..model.devices import execution_device, input_device
 from ..model.losses import check_batch_size
-from ..model.parts import layer_indices, model_parts
+from ..model.parts import ModelParts, layer_indices, model_parts
 from .distributed import all_reduce_sum
 
 VARIANCE_TARGET = 0.90
@@ -121,6 +121,7 @@ def calibrate(
     batch_size: int = 4,
     backend: str = "auto",
     sink_tokens: int = 0,
+    parts: ModelParts | None = None,
 ) -> ResidualBasis:
     """Residual bases of ``layers`` from calibration ``blocks`` ``[N, T]`` (token ids).
 
@@ -129,15 +130,18 @@ def calibrate(
     state that keeps the first n keys exactly (``nqpq.residual_attention``; 0: the spec's ε = ctx − V[i*]).
     Under torch.distributed, pass each rank its share of the blocks: the Gram matrices are summed across ranks.
     ``layers`` is a list of layer indices, read as ``crystallize`` reads it (``nqpq.model.parts.layer_indices``).
+    ``parts``: the model's ``model_parts``, when the caller has them already; found here otherwise.
     """
     if not isinstance(blocks, Tensor) or blocks.dim() != 2:
         shape = tuple(blocks.shape) if isinstance(blocks, Tensor) else type(blocks).__name__
         raise ValueError(f"blocks must be [N, T] token ids (e.g. make_blocks(ids, seq_len, n)), got {shape}")
     batch_size = check_batch_size(batch_size)
-    layers = layer_indices(layers, model_parts(model).n_layers)  # read once, as crystallize reads them
+    if parts is None:
+        parts = model_parts(model)
+    layers = layer_indices(layers, parts.n_layers)  # read once, as crystallize reads them
     batches = [blocks[s : s + batch_size] for s in range(0, blocks.shape[0], batch_size)]
-    grams = gram_passes(model, batches, layers, (sink_tokens,), backend=backend)[sink_tokens]
-    return basis_from_grams(reduce_grams(grams, layers, model))
+    grams = gram_passes(model, batches, layers, (sink_tokens,), backend=backend, parts=parts)[sink_tokens]
+    return basis_from_grams(reduce_grams(grams, layers, parts))
 
 
 class _StopForward(Exception):
@@ -163,20 +167,22 @@ def _stop_above(parts, last: int) -> Iterator[None]:
 
 @torch.no_grad()
 def gram_passes(model: torch.nn.Module, batches: Iterable[Tensor], layers: Sequence[int],
-                sink_tokens: Sequence[int], *, backend: str = "auto", progress=None) -> dict[int, dict[int, Tensor]]:
+                sink_tokens: Sequence[int], *, backend: str = "auto", progress=None,
+                parts: ModelParts | None = None) -> dict[int, dict[int, Tensor]]:
     """This process's Σ εεᵀ (``[Hq, D_v, D_v]`` float64 per layer) of ``layers`` over the token-id ``batches``, for each
     sink setting n in ``sink_tokens``: ``{n: {layer: gram}}``, every setting observed on the same forward (its ε
     from its own op call on the same q, k, v).
 
     The model's own attention output is kept and the body runs only up to the highest of ``layers``: no layer
     above it, no final norm, no LM head (a calibration pass has no loss to compute). Not yet summed across ranks
-    (``reduce_grams``).
+    (``reduce_grams``). ``parts``: the model's ``model_parts``, when the caller has them already.
     """
-    parts = model_parts(model)
+    if parts is None:
+        parts = model_parts(model)
     device = input_device(model)
-    sinks = {n: GramAccumulator() for n in dict.fromkeys(sink_tokens)}
-    observers = [Observer(n, acc) for n, acc in sinks.items()]
-    with observe_residuals(model, layers, None, backend=backend, observers=observers), \
+    gram_accs = {n: GramAccumulator() for n in dict.fromkeys(sink_tokens)}  # one per sink setting
+    observers = [Observer(n, acc) for n, acc in gram_accs.items()]
+    with observe_residuals(model, layers, None, backend=backend, observers=observers, parts=parts), \
             _stop_above(parts, max(layers)):
         for batch in batches:
             try:
@@ -185,17 +191,16 @@ def gram_passes(model: torch.nn.Module, batches: Iterable[Tensor], layers: Seque
                 pass
             if progress is not None:
                 progress.update(batch.shape[0])
-    return {n: acc.grams for n, acc in sinks.items()}
+    return {n: acc.grams for n, acc in gram_accs.items()}
 
 
-def reduce_grams(grams: dict[int, Tensor], layers: Sequence[int], model: torch.nn.Module) -> dict[int, Tensor]:
+def reduce_grams(grams: dict[int, Tensor], layers: Sequence[int], parts: ModelParts) -> dict[int, Tensor]:
     """Sum ``[Hq, D, D]`` Gram matrices across ranks (a rank with no calibration blocks contributes zeros).
 
     Each layer's Gram is reduced where it was accumulated, its layer's execution device (device maps put
     layers on different devices); a missing one is created there as zeros, so every rank reduces the same
-    layers in the same order.
+    layers in the same order. ``parts``: the model's ``model_parts``.
     """
-    parts = model_parts(model)
     out = {}
     for li in layers:
         g = grams.get(li)

@@ -157,10 +157,27 @@ def _check_placement_flags(cfg: SweepConfig) -> None:
 
 
 def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequence[int]) -> None:
-    """The checks that need the model's geometry (``nqpq.model.parts.ModelParts``)."""
+    """The checks that need the model's geometry (``nqpq.model.parts.ModelParts``): ``layers``, ``d_rs``, then
+    ``cfg.seq_len``."""
+    layers = check_layers(parts, layers)
+    check_ranks(parts, layers, d_rs)
+    check_seq_len(cfg, parts)
+
+
+def check_layers(parts, layers: Sequence[int]) -> tuple[int, ...]:
+    """``--layers`` read (``layer_indices``) and checked against the model: in range, each an attention layer."""
     layers = layer_indices(layers, parts.n_layers, "--layers")
     parts.check_attention_layers(layers, "--layers")
+    return layers
+
+
+def check_ranks(parts, layers: Sequence[int], d_rs: Sequence[int]) -> None:
+    """Each rank in 1..the narrowest value head of ``layers`` (as ``check_layers`` returns them)."""
     _check_ranks(d_rs, parts.smallest("v_dim", layers))
+
+
+def check_seq_len(cfg: SweepConfig, parts) -> None:
+    """``--seq-len`` within the model's positions."""
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
 

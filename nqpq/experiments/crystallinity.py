@@ -27,7 +27,7 @@ A row the op reports as non-finite (argmax −1, top1_prob NaN) counts in the
 denominators, in none of the fractions, and turns its head's ``top1_prob_mean`` into
 NaN: a NaN is reported, never averaged away.
 
-It is fed by ``observe_residuals(..., stats_sink=acc)``, which rides along a baseline
+It is fed by ``observe_residuals(..., stats_acc=acc)``, which rides along a baseline
 pass: the model's own attention output is kept. A module that calls its attention function more than once per
 forward on the same q and k (DiffLlama: once per half of V) is one attention with one softmax: its rows are
 counted once (``nqpq.model.crystallize`` feeds only the first such call).

@@ -468,10 +468,11 @@ def run_eval(
                 raise NqpqError(f"--basis {cfg.basis!r} holds layers {basis.layers}, not {missing} of --layers")
             basis_record = {"source": "file", "file": os.path.basename(cfg.basis)}
         else:
-            basis, basis_record = _fit_basis(scfg, model, tokenizer, tok_name, layers, device, say)
+            basis, basis_record = _fit_basis(scfg, model, parts, tokenizer, tok_name, layers, device, say)
         # Attach and detach once at the largest rank: a basis of another model's shape, or narrower than a --d-r,
         # is refused now, before any task runs.
-        with crystallize(model, layers, mode="lowrank", basis=basis.basis, d_r=max(d_rs), backend=cfg.backend):
+        with crystallize(model, layers, mode="lowrank", basis=basis.basis, d_r=max(d_rs), backend=cfg.backend,
+                         parts=parts):
             pass
         timings["calibration_s"] = time.perf_counter() - t
 
@@ -492,7 +493,7 @@ def run_eval(
     runs: dict[str, dict[str, TaskScores]] = {}
     for c in configs:
         with crystallize(model, layers, mode=c.mode, basis=None if basis is None else basis.basis, d_r=c.d_r,
-                         backend=cfg.backend):
+                         backend=cfg.backend, parts=parts):
             runs[c.name] = evaluate(c.name)
     tasks = {name: compare_task(info, base[name], {c: runs[c][name] for c in runs}, cfg.seed)
              for name, info in infos.items()}
@@ -538,19 +539,19 @@ def _load_model(cfg: EvalConfig, device: torch.device, say: Callable[[str], None
     return model, tokenizer, model_name, checkpoint, cfg.tokenizer or model_name
 
 
-def _fit_basis(scfg, model, tokenizer, tok_name: str, layers: Sequence[int], device: torch.device,
+def _fit_basis(scfg, model, parts, tokenizer, tok_name: str, layers: Sequence[int], device: torch.device,
                say: Callable[[str], None]):
     """The residual basis of ``layers`` fitted on the sweep's calibration blocks (``calibration_sets`` /
     ``fit_bases``, the sweep's code path), and results.json's record of where it came from."""
     from ..model.losses import text_tokens_per_block
     from ..sources.text import check_ids_fit, choose_bos, ids_for_blocks, text_rows
     from .config import calibration_source, text_blocks_needed
-    from .sweep import RunInputs, _calib_text_ids, calibration_config, calibration_sets, fit_bases
+    from .setup import RunInputs, calib_text_ids, calibration_config, calibration_sets, fit_bases
 
     bos_id = choose_bos(tokenizer, scfg.bos)
     if calibration_source(scfg) == "text":
         ids, source = torch.zeros(0, dtype=torch.long), None
-        calib_ids, calib_text = _calib_text_ids(scfg, tokenizer, bos_id)
+        calib_ids, calib_text = calib_text_ids(scfg, tokenizer, bos_id)
         check_ids_fit(calib_ids, model, len(tokenizer))
     else:  # the sweep's held-out blocks: after its --n-blocks scored blocks of its text
         rows, source = text_rows(scfg.text_file, scfg.text, False)
@@ -560,7 +561,7 @@ def _fit_basis(scfg, model, tokenizer, tok_name: str, layers: Sequence[int], dev
     run = RunInputs(model, ids, device, say, True, source, tok_name, bos_id, calib_ids, calib_text)
     (cal,) = calibration_sets(scfg, run)
     say(f"[eval] Fitting the residual basis on {scfg.calib_blocks} blocks of {scfg.seq_len} tokens...")
-    basis = fit_bases(model, layers, cal, {}, (0,), 4, scfg.backend)[0]
+    basis = fit_bases(model, parts, layers, cal, {}, (0,), 4, scfg.backend)[0]
     return basis, {"source": "calibration", "calibration": {**calibration_config(scfg, run), "seq_len": scfg.seq_len,
                                                             "bos": bos_id is not None}}
 

@@ -35,16 +35,9 @@ from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
 from ..results.stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, smallest_recovering, verdict, with_draws
 from .batching import default_batch_size, gather_losses, plan_batches
-from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
+from .config import SweepConfig, check_flags
 from .resume import Checkpoint
-from .sweep import (
-    BaselineObservation,
-    calibration_sets,
-    fit_bases,
-    make_blocks_checked,
-    open_run,
-    results_config,
-)
+from .setup import BaselineObservation, fit_bases, open_run, results_config, run_facts
 
 
 def run_scan(
@@ -66,20 +59,14 @@ def run_scan(
     """
     from tqdm.auto import tqdm
 
-    from ..model.parts import model_parts
-
     check_flags(cfg)
     timings: dict = {}
     t0 = time.perf_counter()
     run = open_run(cfg, model, ids, log, "[scan]", calib_ids=calib_ids)
     model, device, say = run.model, run.device, run.say
-    parts = model_parts(model)
-    layers = tuple(sorted(parts.attn_layers if cfg.layers is None else cfg.layers))
-    check_model_fit(cfg, parts, layers, [])
-    d_rs = sweep_ranks(cfg, parts.smallest("v_dim", layers))
-    check_model_fit(cfg, parts, layers, d_rs)
-    blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
-    calibrations = calibration_sets(cfg, run)
+    facts = run_facts(cfg, run, lambda parts: sorted(parts.attn_layers if cfg.layers is None else cfg.layers))
+    parts, layers, d_rs, sinks, blocks, calibrations = (facts.parts, facts.layers, facts.d_rs, facts.sinks,
+                                                        facts.blocks, facts.calibrations)
     timings["load_s"] = time.perf_counter() - t0
 
     model_dtype = next(model.parameters()).dtype
@@ -89,15 +76,14 @@ def run_scan(
         n_records=len(layers))
     if checkpoint is not None:
         batch_size = checkpoint.batch_size(batch_size)
-        checkpoint.begin(results_config(cfg, run, parts, layers, d_rs, batch_size, blocks), model,
+        checkpoint.begin(results_config(cfg, run, facts, batch_size), model,
                          [blocks, *(c.blocks for c in calibrations if c.blocks is not None)],
-                         1 + len(layers) * len(sink_settings(cfg)) * (1 + len(calibrations) * len(d_rs)), timings,
-                         say)
+                         1 + len(layers) * len(sinks) * (1 + len(calibrations) * len(d_rs)), timings, say)
     resumed = None if checkpoint is None else checkpoint.resumed_baseline
     # The spec's choice calibrates on the leading scored blocks, in batches of their own during the baseline pass.
     eval_calib = cfg.calib_blocks if calibrations[0].blocks is None else 0
     batches, n_calib_batches = plan_batches(cfg.n_blocks, eval_calib, batch_size)
-    runner = PrefixRunner(model, blocks, batches, start=layers)
+    runner = PrefixRunner(model, blocks, batches, start=layers, parts=parts)
     n_local = sum(len(b) for b in batches)
     show = cfg.progress and run.is_main
 
@@ -110,8 +96,7 @@ def run_scan(
     # The baseline pass: every batch feeds the crystallinity counts, the spec's calibration
     # batches (first) also the Gram matrices; the model's own attention output is kept. Each sink
     # setting observes the same calls with its own op call.
-    sinks = sink_settings(cfg)
-    watch = BaselineObservation(model, layers, {li: parts.geometry[li].n_heads for li in layers}, sinks, cfg.backend)
+    watch = BaselineObservation(model, parts, layers, sinks, cfg.backend)
 
     def observe(i: int):
         return watch.context(calib=i < n_calib_batches)
@@ -134,7 +119,7 @@ def run_scan(
         return tqdm(total=total, desc="calibration", unit="blk", leave=False, disable=not show)
 
     if resumed is None:
-        bases = [fit_bases(model, layers, cal, watch.grams(), sinks, batch_size, cfg.backend, bar)
+        bases = [fit_bases(model, parts, layers, cal, watch.grams(), sinks, batch_size, cfg.backend, bar)
                  for cal in calibrations]
         crystallinity = watch.crystallinity()
         if checkpoint is not None:
@@ -146,7 +131,7 @@ def run_scan(
     def layer_losses(layer: int, mode: str, d_r: int | None, pbar, n: int, basis=None, draw: int = 0) -> torch.Tensor:
         def compute() -> torch.Tensor:
             with crystallize(model, [layer], mode=mode, basis=None if basis is None else {layer: basis.basis[layer]},
-                             d_r=d_r, backend=cfg.backend, sink_tokens=n):
+                             d_r=d_r, backend=cfg.backend, sink_tokens=n, parts=parts):
                 return synced_losses(runner.losses(pbar, start=layer))
         if checkpoint is None:
             return compute()
@@ -187,7 +172,7 @@ def run_scan(
     timings["layers_s"] = layer_s
     timings["total_s"] = time.perf_counter() - t0
 
-    config = results_config(cfg, run, parts, layers, d_rs, batch_size, blocks)
+    config = results_config(cfg, run, facts, batch_size)
     results = {
         "kind": "scan", "format_version": SCAN_FORMAT_VERSION, "ppl_baseline": ppl_fp,
         "layers": per_sink[sinks[0]], "block_losses": {"baseline": base_losses.tolist()},

@@ -350,16 +350,16 @@ def crystallized_checks(model: nn.Module, parts: ModelParts, ids: Tensor, tag: s
     attn = parts.attn_layers
     inputs = model_inputs(model, ids)
     base = logits_of(model, inputs)
-    with crystallize(model, [attn[-1]], mode="full", backend="torch"):
+    with crystallize(model, [attn[-1]], mode="full", backend="torch", parts=parts):
         out[f"{tag} full last"] = rel_error(logits_of(model, inputs), base)
-    with crystallize(model, attn, mode="full", backend="torch"):
+    with crystallize(model, attn, mode="full", backend="torch", parts=parts):
         out[f"{tag} full all"] = rel_error(logits_of(model, inputs), base)
     want = model_losses(base, ids)
     starts = sorted({attn[0], attn[-1]})
-    runner = PrefixRunner(model, ids, [slice(0, ids.shape[0])], start=starts)
+    runner = PrefixRunner(model, ids, [slice(0, ids.shape[0])], start=starts, parts=parts)
     out[f"{tag} replay baseline"] = rel_error(runner.capture_baseline(), want)
     for s in starts:
-        with crystallize(model, [li for li in attn if li >= s], mode="full", backend="torch"):
+        with crystallize(model, [li for li in attn if li >= s], mode="full", backend="torch", parts=parts):
             out[f"{tag} replay full from {s}"] = rel_error(runner.losses(start=s), want)
     if modes:
         # The last attention layer, and the last chunked one where it is another (Llama 4's last layer is a full one).
@@ -370,7 +370,7 @@ def crystallized_checks(model: nn.Module, parts: ModelParts, ids: Tensor, tag: s
             basis = torch.linalg.qr(torch.randn(geo.n_heads, geo.v_dim, geo.v_dim, generator=g))[0]
             d_r = max(1, geo.v_dim // 4)
             for mode in ("top1", "lowrank"):
-                with (crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch"),
+                with (crystallize(model, [li], mode=mode, basis={li: basis}, d_r=d_r, backend="torch", parts=parts),
                       AttentionSpy(model) as spy):
                     logits_of(model, inputs)
                 if not spy.calls:

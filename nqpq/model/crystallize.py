@@ -26,6 +26,9 @@ half of V). Those calls are one attention with one softmax and one argmax, and e
 layer's value: its output is exact per call (full, top-1, low-rank with the layer's basis), each call's ε
 joins the layer's Gram (the basis shared by the parts fits all of them), and the statistics (argmax, top-1
 probability, sink mass: the same for every part) are fed once, from the first call.
+
+What a patched module carries (``LayerSpec``, ``Observer``, its hooks) is in ``nqpq.model.layer_spec``; the checks of
+the arguments and masks a model hands its attention function in ``nqpq.model.attention_args``.
 """
 
 from __future__ import annotations
@@ -35,76 +38,31 @@ import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from nqpq_kernels.contract import MODES, check_choice
 from nqpq_kernels.dispatch import residual_attention_impl, resolve_backend
-from nqpq_kernels.reference import _hidden_keys, visible_keys
 
 from ..errors import UnsupportedModelError
+from .attention_args import (
+    _attentions_requested,
+    _check_dense,
+    _check_kwargs,
+    _learned_sink,
+    _mask_window,
+    _probabilities,
+    _score_mask,
+)
 from .devices import execution_device
 from .geometry import LayerGeometry
-from .parts import as_index, layer_indices, model_parts
+from .layer_spec import LayerSpec, Observer, _feed, _forget_calls, _receive_mask
+from .parts import ModelParts, as_index, layer_indices, model_parts
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
-
-# Arguments the models hand their attention function that do not change what a causal self-attention over
-# whole, unpadded sequences computes. Anything else with a value is refused by name (packed-sequence
-# ``cu_seq_lens_*``, ...): never silently ignored.
-_NEUTRAL_KWARGS = frozenset({
-    "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states", "return_dict",
-    "past_key_values", "cache", "layer_idx",
-    "logits_to_keep",  # which positions the LM head keeps: passed down with the model's kwargs by some families
-})
-# s_aux / sinks: learned sink logits, [Hq] (gpt-oss's s_aux) or [B, Hq, T, 1] (Inkling 2's per-row sinks), the op's
-# learned_sink; indices: DeepSeek V3.2's / GLM-DSA's selected keys
-# per row [B, T, k], passed when the implementation name is not eager/sdpa (ours): dense when k >= T;
-# position_bias: an additive score bias [B, Hq, T, Tk] (Inkling's relative logits), part of the op's attn_mask.
-_HANDLED_KWARGS = frozenset({"sliding_window", "softcap", "is_causal", "s_aux", "sinks", "indices", "position_bias"})
-
-
-@dataclass
-class LayerSpec:
-    """What a crystallized attention module computes, and what to restore afterwards."""
-
-    layer: int
-    mode: str
-    basis: Tensor | None  # [Hq, D, R] float32 on the layer's execution device (device maps), or None
-    d_r: int | None
-    backend: str
-    original: str  # the model-wide attention implementation name
-    config: object  # the module's own config, put back by uncrystallize
-    gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
-    stats_sink: object | None = None  # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T])
-    observe: bool = False  # keep the model's own output; only feed the sinks
-    sink_tokens: int = 0  # the first keys kept exactly in the ground state (nqpq.residual_attention)
-    observers: tuple[Observer, ...] = ()  # with observe: one op call per observer, each feeding its sinks
-    # The (query, key) of the module's calls in its current forward: a call on the same q and k as an earlier one
-    # is another part of V of the same attention (DiffLlama), and feeds no statistics. Reset by a forward pre-hook.
-    calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    hooks: list = field(default_factory=list)  # the module's forward hooks, removed by uncrystallize
-    # The attention mask the module itself was given in its current forward (None if none), set by its forward
-    # pre-hook: a mask the module hands its attention function that is not this one is the module's own making
-    # (Doge's dynamic mask, Qwen4-exp's key selection, DeepSeek V4's compressed keys), accepted as it is when this
-    # one, the model's, is plain causal (never a padding mask).
-    received_mask: Tensor | None = None
-    # Llama 4's chunked layers: query i sees keys j <= i with j // C == i // C. Not an argument the model passes
-    # (it is in the mask it builds), so read from the layer's geometry; the mask is checked against it.
-    attention_chunk: int | None = None
-
-
-@dataclass(frozen=True)
-class Observer:
-    """One observation of a layer's attention: the op run with ``sink_tokens`` on the q, k, v the layer received,
-    its Σ εεᵀ fed to ``gram_sink`` and its argmax / top-1 probability / sink mass to ``stats_sink``."""
-
-    sink_tokens: int = 0
-    gram_sink: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
-    stats_sink: object | None = None  # anything with .add(layer, argmax, top1_prob, sink_mass)
 
 
 def check_sink_tokens(sink_tokens: object) -> int:
@@ -113,169 +71,6 @@ def check_sink_tokens(sink_tokens: object) -> int:
     if n < 0:
         raise ValueError(f"sink_tokens must be >= 0 (keys j < sink_tokens are the sink), got {n}")
     return n
-
-
-def _check_mask(mask: Tensor | None, T: int, window: int | None, chunk: int | None = None) -> None:
-    """Accept no mask, or exactly the causal (+ window, or + chunk) mask the layer computes; refuse anything else."""
-    if mask is None:  # causality (and the window or the chunk, the layer's own) is ours to apply
-        return
-    if mask.dim() == 2:  # a flash-style [B, T] key mask: only "no padding" is accepted
-        if mask.shape[-1] == T and bool(mask.bool().all()):
-            return
-    else:
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        want = visible_keys(T, window, mask.device, chunk)
-        if allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed)):
-            return
-    what = "causal" if window is None else f"causal with a sliding window of {window}"
-    what += "" if chunk is None else f" in chunks of {chunk}"
-    raise ValueError(
-        f"crystallized attention supports plain {what} masking only: the model was given a padding or custom "
-        f"attention mask ({tuple(mask.shape)} {mask.dtype}). Score unpadded blocks (no attention_mask with zeros)."
-    )
-
-
-def _plain_mask(mask: Tensor | None, T: int, window: int | None, chunk: int | None) -> bool:
-    """Whether ``mask`` is no mask, or exactly the causal (+ window, or + chunk) mask of T keys the layer computes."""
-    if mask is None:
-        return True
-    if mask.dim() == 2:  # a flash-style [B, T] key mask: only "no padding"
-        return mask.shape[-1] == T and bool(mask.bool().all())
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    want = visible_keys(T, window, mask.device, chunk)
-    return allowed.dim() == 4 and allowed.shape[-2:] == (T, T) and torch.equal(allowed, want.expand_as(allowed))
-
-
-def _mask_window(mask: Tensor | None, T: int) -> int | None:
-    """The sliding window w < T of a mask that is exactly causal + window w (the same for every batch row and head),
-    else None. BLT's local layers get their window only this way: the model builds the mask from a sub-config
-    the attention module never reads, and passes no ``sliding_window``."""
-    if mask is None or mask.dim() != 4 or mask.shape[-2:] != (T, T) or T < 2:
-        return None
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    w = int(allowed[0, 0, -1].sum())  # the last row sees its w most recent keys
-    if w < 1 or w >= T or not torch.equal(allowed, visible_keys(T, w, mask.device).expand_as(allowed)):
-        return None
-    return w
-
-
-def _score_mask(module: nn.Module, spec: LayerSpec, attention_mask: Tensor | None, position_bias: Tensor | None,
-                T: int, Tk: int, window: int | None, chunk: int | None) -> Tensor | None:
-    """The op's ``attn_mask`` for this call, or None for the plain causal path (the mask checked either way).
-
-    None when the call is plain causal attention over its own T keys (the layer's window / chunk). Otherwise the
-    mask the module built itself (not the one it was given: that one must be plain, so a user's padding mask is
-    still refused) and/or its ``position_bias``, combined as transformers' eager attention combines them:
-    scores + position_bias + mask (a bool mask: -inf where False; no mask: the layer's causal visibility)."""
-    own = (attention_mask is not None and attention_mask is not spec.received_mask
-           and not (Tk == T and _plain_mask(attention_mask, T, window, chunk)))
-    received = spec.received_mask
-    cached = received is not None and received.dim() == 4 and received.shape[-1] != T  # the model's mask: past keys
-    if (not own and Tk != T) or cached:
-        raise ValueError(
-            f"crystallized attention scores whole sequences; got {T} queries for {Tk} keys "
-            "(a KV cache / generation is not supported)"
-        )
-    if not own:
-        _check_mask(attention_mask, T, window, chunk)  # the plain causal mask, or refused (padding, custom)
-        if position_bias is None:
-            return None
-        attention_mask = ~_hidden_keys(T, window, position_bias.device, chunk)
-    else:
-        _check_mask(spec.received_mask, T, window, chunk)  # what the module made its mask from: no padding
-        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (T, Tk):
-            raise ValueError(
-                f"{type(module).__name__} builds an attention mask of shape {tuple(attention_mask.shape)}; "
-                f"crystallized attention takes [B, H, T={T}, Tk={Tk}] masks only"
-            )
-    if position_bias is None:
-        return attention_mask.detach()
-    position_bias = position_bias.detach()
-    if attention_mask.dtype == torch.bool:
-        return position_bias.masked_fill(~attention_mask, float("-inf"))
-    return position_bias + attention_mask.detach()
-
-
-def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
-    # None or False: the feature is off (e.g. MoE models pass output_router_logits=False).
-    unknown = sorted(k for k, v in kwargs.items()
-                     if k not in _NEUTRAL_KWARGS | _HANDLED_KWARGS and v is not None and v is not False)
-    if unknown:
-        raise UnsupportedModelError(
-            f"crystallized attention does not implement the attention argument(s) {unknown} that "
-            f"{type(module).__name__} passes; they would change the result, so nqpq refuses this model"
-        )
-    if kwargs.get("is_causal", True) is not True or getattr(module, "is_causal", True) is not True:
-        raise UnsupportedModelError(f"{type(module).__name__} asks for non-causal attention; nqpq is causal only")
-    indices = kwargs.get("indices")
-    if indices is not None and not (isinstance(indices, Tensor) and indices.dim() == 3):
-        raise UnsupportedModelError(
-            f"{type(module).__name__} passes indices of an unknown form ({type(indices).__name__}); nqpq refuses")
-
-
-def _check_dense(module: nn.Module, indices: Tensor | None, T: int) -> None:
-    """DeepSeek V3.2's indexer selects min(index_topk, T) keys per row: with all T selected the attention is the
-    dense causal one nqpq computes; a sparse selection (T > index_topk) is refused by name."""
-    if indices is not None and indices.shape[-1] < T:
-        raise ValueError(
-            f"{type(module).__name__} selects {indices.shape[-1]} of {T} keys per row (sparse attention: DSA's "
-            f"index_topk < the sequence length); crystallized attention computes dense causal attention only: "
-            f"score blocks of at most {indices.shape[-1]} tokens"
-        )
-
-
-def _attentions_requested(kwargs: dict) -> bool:
-    """Whether this forward collects attention weights (``output_attentions=True``)."""
-    if kwargs.get("output_attentions"):
-        return True
-    try:  # transformers ≥ 5 pops the flag and collects the weights with hooks
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - older transformers pass output_attentions down
-        return False
-    collected = _active_collector.get()
-    return collected is not None and "attentions" in collected
-
-
-def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
-                   learned_sink: Tensor | None = None, chunk: int | None = None,
-                   attn_mask: Tensor | None = None) -> Tensor:
-    """The attention probabilities p [B, Hq, T, Tk] (fp32 softmax, query dtype) that crystallized layers report
-    for ``output_attentions``; grouped kv heads are broadcast, not copied. A learned sink joins the softmax and
-    is dropped from p (its probability is what the rows lack of 1), as the models report it. ``attn_mask`` (the
-    op's) replaces the causal mask: added to the scores, or -inf where a bool mask is False."""
-    B, Hq, T, D = query.shape
-    Hkv, Tk = key.shape[1], key.shape[2]
-    q = query.float().view(B, Hkv, Hq // Hkv, T, D)
-    scores = (q @ key.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, Tk) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    if attn_mask is None:
-        scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk), float("-inf"))
-    elif attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    else:
-        scores = scores + attn_mask.float()
-    if learned_sink is None:
-        return scores.softmax(-1).to(query.dtype)
-    sink = learned_sink.float()
-    sink = (sink.view(1, Hq, 1, 1) if sink.dim() == 1 else sink.unsqueeze(-1)).expand(B, Hq, T, 1)
-    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :Tk].to(query.dtype)
-
-
-def _learned_sink(module: nn.Module, kwargs: dict, query: Tensor) -> Tensor | None:
-    """The op's ``learned_sink`` from what the module passes: gpt-oss's ``s_aux`` [Hq] (one logit per head) or
-    Inkling 2's ``sinks`` [B, Hq, T, 1] (one per query row, from its hidden state); None without either."""
-    sink = kwargs.get("s_aux")
-    if sink is None:
-        sink = kwargs.get("sinks")
-        if sink is not None:
-            B, Hq, T = query.shape[:3]
-            if not (isinstance(sink, Tensor) and tuple(sink.shape) in ((Hq,), (B, Hq, T, 1))):
-                raise UnsupportedModelError(
-                    f"{type(module).__name__} passes sinks of an unknown form "
-                    f"({tuple(sink.shape) if isinstance(sink, Tensor) else type(sink).__name__}); nqpq refuses")
-            sink = sink.squeeze(-1) if sink.dim() == 4 else sink
-    return None if sink is None else sink.detach().to(query.device)
 
 
 def _module_eager(module: nn.Module):
@@ -333,20 +128,20 @@ def _crystal_attention(
     # probability and sink mass, so no statistics; its ε still joins the Gram.
     repeat = any(q is query and k is key for q, k in spec.calls)
     spec.calls.append((query, key))
-    stats = spec.stats_sink is not None and not repeat
-    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
+    stats = spec.stats_acc is not None and not repeat
+    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the accumulators
         result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
         for ob in spec.observers:
-            watch = ob.stats_sink is not None and not repeat
-            if ob.gram_sink is None and not watch:
+            watch = ob.stats_acc is not None and not repeat
+            if ob.gram_acc is None and not watch:
                 continue
             res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
                        attention_chunk=chunk, attn_mask=attn_mask, sink_tokens=ob.sink_tokens,
                        learned_sink=learned_sink,
-                       return_gram=ob.gram_sink is not None,
+                       return_gram=ob.gram_acc is not None,
                        return_argmax=watch, return_top1_prob=watch,
                        return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
-            _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res)
+            _feed(spec.layer, ob.gram_acc, ob.stats_acc if watch else None, res)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
@@ -362,22 +157,12 @@ def _crystal_attention(
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
         sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_sink is not None, return_argmax=stats,
+        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_acc is not None, return_argmax=stats,
         return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
+    _feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res)
     return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
-
-
-def _feed(layer: int, gram_sink, stats_sink, res) -> None:
-    if gram_sink is not None:
-        gram_sink.add(layer, res.gram)
-    if stats_sink is not None:
-        if res.sink_mass is None:
-            stats_sink.add(layer, res.argmax, res.top1_prob)
-        else:
-            stats_sink.add(layer, res.argmax, res.top1_prob, res.sink_mass)
 
 
 def _register(original: str) -> str:
@@ -398,6 +183,7 @@ class Crystallization:
     model: nn.Module
     original: str
     layers: tuple[int, ...]
+    parts: ModelParts  # the model's parts, as crystallize_layers found them
 
 
 def crystallize_layers(
@@ -408,11 +194,12 @@ def crystallize_layers(
     basis: Mapping[int, Tensor] | None = None,
     d_r: int | None = None,
     backend: str = "auto",
-    gram_sink: object | None = None,
-    stats_sink: object | None = None,
+    gram_acc: object | None = None,
+    stats_acc: object | None = None,
     observe: bool = False,
     sink_tokens: int = 0,
     observers: Sequence[Observer] = (),
+    parts: ModelParts | None = None,
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
@@ -423,17 +210,20 @@ def crystallize_layers(
     ``basis`` maps layer → ``[Hq, Dv, R]`` (e.g. ``ResidualBasis.basis``; Dv the layer's value width, which
     multi-head latent attention makes differ from q/k's), needed for ``lowrank``; ``d_r`` is at most each
     chosen layer's Dv. Learned attention sinks (``s_aux``) go to the op as ``learned_sink``.
-    ``gram_sink`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_sink`` the argmax and
-    top-1 probability. ``observe=True`` keeps the model's own attention output (only the sinks are fed).
+    ``gram_acc`` (optional) receives Σ εεᵀ of every call, for calibration; ``stats_acc`` the argmax and
+    top-1 probability. ``observe=True`` keeps the model's own attention output (only the accumulators are fed).
     ``sink_tokens=n`` keeps the first n keys exactly in the ground state (``nqpq.residual_attention``; 0 is the
     spec). With ``observe=True``, ``observers`` lists further observations of the same attention calls (e.g. one
-    per sink setting); ``gram_sink``/``stats_sink`` are then the first, with ``sink_tokens``.
+    per sink setting); ``gram_acc``/``stats_acc`` are then the first, with ``sink_tokens``.
     Everything is checked before anything is attached: a refused call leaves the model as it was.
     With ``output_attentions=True`` a crystallized layer of an eager model reports its probabilities p (the
     softmax of its masked, scaled, soft-capped scores); under other implementations, whose layers report no
     weights, it refuses rather than shift the layer indices of the attentions tuple.
+    ``parts``: the model's ``model_parts``, when the caller has them already (a run finds them once); found here
+    otherwise.
     """
-    parts = model_parts(model)
+    if parts is None:
+        parts = model_parts(model)
     check_choice("mode", mode, MODES)
     layers = layer_indices(layers, parts.n_layers)
     parts.check_attention_layers(layers)
@@ -453,14 +243,14 @@ def crystallize_layers(
     n_sink = check_sink_tokens(sink_tokens)
     watchers = tuple(observers)
     if observe:
-        if gram_sink is not None or stats_sink is not None:
-            watchers = (Observer(n_sink, gram_sink, stats_sink), *watchers)
+        if gram_acc is not None or stats_acc is not None:
+            watchers = (Observer(n_sink, gram_acc, stats_acc), *watchers)
         for ob in watchers:
             if not isinstance(ob, Observer):
                 raise TypeError(f"observers must be nqpq.model.crystallize.Observer, got {type(ob).__name__}")
             check_sink_tokens(ob.sink_tokens)
     elif watchers:
-        raise ValueError("observers are for observe=True (a crystallized layer feeds gram_sink/stats_sink itself)")
+        raise ValueError("observers are for observe=True (a crystallized layer feeds gram_acc/stats_acc itself)")
     original = model.config._attn_implementation
     if original is None:
         raise RuntimeError("the model has no attention implementation set (config._attn_implementation is None)")
@@ -483,11 +273,11 @@ def crystallize_layers(
                     f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
-                              gram_sink, stats_sink, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
+                              gram_acc, stats_acc, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)
-    patch = Crystallization(model, original, layers)
+    patch = Crystallization(model, original, layers, parts)
     try:
         for li, layer_spec in specs.items():
             # A layer of several self-attentions (LongCat-Flash's two blocks): each module its own spec (its config
@@ -513,30 +303,9 @@ def _layer_backend(backend: str, device_type: str, geo: LayerGeometry) -> str:
     return resolve_backend(backend, device_type, geo.qk_dim, geo.v_dim)
 
 
-def _forget_calls(spec: LayerSpec):
-    """A forward (pre-)hook emptying ``spec.calls``: the q/k it held belong to the forward that ended."""
-    def forget(*_) -> None:
-        spec.calls.clear()
-        spec.received_mask = None
-    return forget
-
-
-def _receive_mask(spec: LayerSpec, module: nn.Module):
-    """A forward pre-hook recording in ``spec.received_mask`` the attention mask the module is called with."""
-    signature = inspect.signature(module.forward)
-
-    def receive(_module, args, kwargs) -> None:
-        try:
-            mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-        except TypeError:  # a call its signature does not describe: read the keyword
-            mask = kwargs.get("attention_mask")
-        spec.received_mask = mask if isinstance(mask, Tensor) else None
-    return receive
-
-
 def uncrystallize(patch: Crystallization) -> None:
     """Restore the model exactly: each crystallized module's own config back, no layer specs left."""
-    parts = model_parts(patch.model)
+    parts = patch.parts
     for attn in (a for li in parts.attn_layers for a in parts.attention_modules(li)):
         spec = getattr(attn, _SPEC_ATTR, None)
         if spec is not None:
@@ -551,20 +320,23 @@ def uncrystallize(patch: Crystallization) -> None:
 def observe_residuals(
     model: nn.Module,
     layers: Sequence[int],
-    gram_sink: object | None,
+    gram_acc: object | None,
     *,
     backend: str = "auto",
-    stats_sink: object | None = None,
+    stats_acc: object | None = None,
     sink_tokens: int = 0,
     observers: Sequence[Observer] = (),
+    parts: ModelParts | None = None,
 ) -> Iterator[Crystallization]:
-    """Collect Σ εεᵀ of ``layers`` into ``gram_sink`` (and, with ``stats_sink``, each call's argmax and top-1
+    """Collect Σ εεᵀ of ``layers`` into ``gram_acc`` (and, with ``stats_acc``, each call's argmax and top-1
     probability, and sink mass) while the model computes exactly its own attention. ``sink_tokens`` is the
-    op's for these sinks; ``observers`` adds further observations of the same calls (another sink setting each)."""
-    if gram_sink is None and stats_sink is None and not observers:
-        raise ValueError("observe_residuals needs a gram_sink, a stats_sink, or observers")
-    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_sink=gram_sink,
-                               stats_sink=stats_sink, observe=True, sink_tokens=sink_tokens, observers=observers)
+    op's for these accumulators; ``observers`` adds further observations of the same calls (another sink setting
+    each)."""
+    if gram_acc is None and stats_acc is None and not observers:
+        raise ValueError("observe_residuals needs a gram_acc, a stats_acc, or observers")
+    patch = crystallize_layers(model, layers, mode="top1", backend=backend, gram_acc=gram_acc,
+                               stats_acc=stats_acc, observe=True, sink_tokens=sink_tokens, observers=observers,
+                               parts=parts)
     try:
         yield patch
     finally:
@@ -580,14 +352,15 @@ def crystallize(
     basis: Mapping[int, Tensor] | None = None,
     d_r: int | None = None,
     backend: str = "auto",
-    gram_sink: object | None = None,
-    stats_sink: object | None = None,
+    gram_acc: object | None = None,
+    stats_acc: object | None = None,
     sink_tokens: int = 0,
+    parts: ModelParts | None = None,
 ) -> Iterator[Crystallization]:
     """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
     patch = crystallize_layers(
-        model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_sink=gram_sink,
-        stats_sink=stats_sink, sink_tokens=sink_tokens,
+        model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_acc=gram_acc,
+        stats_acc=stats_acc, sink_tokens=sink_tokens, parts=parts,
     )
     try:
         yield patch

@@ -13,7 +13,7 @@ from ..errors import UnsupportedModelError
 from .devices import execution_device, input_device
 from .lm_head import after_layers
 from .losses import cat_losses, head_losses
-from .parts import as_index, model_parts
+from .parts import ModelParts, as_index, model_parts
 from .recorded import clone_tree, continues, mappings_before, same_value, to_device, writes_since
 
 
@@ -33,6 +33,8 @@ class PrefixRunner:
     once, not once per batch. Recorded hidden states stay on the device up to ``record_budget`` bytes
     (default: a quarter of the free CUDA memory when the capture starts; everything on CPU), the rest
     goes to host memory (pinned on CUDA) and is copied back batch by batch during the replay.
+
+    ``parts``: the model's ``model_parts``, when the caller has found them already (a run finds them once).
 
     Device maps (accelerate): each record lives on the execution device of the layer it enters (hidden
     states and that layer's arguments; ``record_budget`` then applies per device, and each CUDA device's
@@ -62,9 +64,10 @@ class PrefixRunner:
         start: int | Sequence[int],
         *,
         record_budget: int | None = None,
+        parts: ModelParts | None = None,
     ) -> None:
         self.model = model
-        self.parts = model_parts(model)
+        self.parts = model_parts(model) if parts is None else parts  # a run passes the parts it found
         self.blocks = blocks
         self.batches = list(batches)
         several = isinstance(start, Iterable) and not isinstance(start, str) and getattr(start, "ndim", 1) != 0
