@@ -6,13 +6,18 @@ right-padded row equal to the same sequence run alone."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
-from f64_reference import check_sink_against_f64, sink_plain
 
-from nqpq_kernels.reference import residual_attention_reference
-from nqpq_kernels.streamed import residual_attention_streamed
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from f64_reference import check_sink_against_f64, sink_plain  # noqa: E402
+
+from nqpq_kernels.reference import residual_attention_reference  # noqa: E402
+from nqpq_kernels.streamed import residual_attention_streamed  # noqa: E402
 
 IMPLS = {"reference": residual_attention_reference, "streamed": residual_attention_streamed}
 MODES = ("top1", "full", "lowrank")
@@ -110,3 +115,26 @@ def test_a_nan_score_still_gives_nan(impl):
     assert bool(torch.isfinite(res.out[1]).all())
     want = sink_plain(q, k, v, "top1", attn_mask=mask)
     assert torch.equal(want.bad, res.argmax.eq(-1) & res.top1_prob.isnan())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("opts", [{}, {"sink_tokens": 2, "learned_sink": True}], ids=["plain", "sinks"])
+def test_the_kernel_gives_empty_pad_rows(mode, opts):
+    """The Triton kernel's attn_mask path (the interpreter without CUDA): left pad queries empty, the rest float64."""
+    pytest.importorskip("triton")
+    from nqpq_kernels import triton_kernel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not triton_kernel.interpreter_active():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    B, Hq, Hkv, T, D = 2, 2, 1, 16, 16
+    q, k, v = (x.to(dev) for x in qkv(B, Hq, Hkv, T, D, seed=7))
+    mask = padded_mask([16, 9], T, "left").to(dev)
+    kw = dict(opts)
+    if kw.get("learned_sink"):
+        kw["learned_sink"] = torch.linspace(-1.0, 1.5, Hq, device=dev)
+    lr = {key: val.to(dev) if isinstance(val, torch.Tensor) else val for key, val in lowrank(mode, Hq, D).items()}
+    res = triton_kernel.residual_attention_triton(q, k, v, mode=mode, **lr, attn_mask=mask, **kw, **RETURNS)
+    want = check_sink_against_f64(res, q, k, v, mode, **lr, attn_mask=mask, **kw)
+    assert int(want.empty.sum()) == Hq * 7 and bool((res.out[want.empty.to(dev)] == 0).all())
+    assert bool((res.top1_prob[want.empty.to(dev)] == 0).all()) and bool(torch.isfinite(res.gram).all())

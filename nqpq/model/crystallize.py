@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from nqpq_kernels.contract import MODES, check_choice
+from nqpq_kernels.contract import MODES, ResidualAttentionResult, check_choice
 from nqpq_kernels.dispatch import residual_attention_impl, resolve_backend
 from nqpq_kernels.reference import _hidden_keys, visible_keys
 
 from ..errors import UnsupportedModelError
+from .cache_layout import CallLayout, call_layout
 from .devices import execution_device
 from .geometry import LayerGeometry
 from .parts import as_index, layer_indices, model_parts
@@ -95,6 +96,9 @@ class LayerSpec:
     # Llama 4's chunked layers: query i sees keys j <= i with j // C == i // C. Not an argument the model passes
     # (it is in the mask it builds), so read from the layer's geometry; the mask is checked against it.
     attention_chunk: int | None = None
+    # The position_ids the module itself was given in its current forward (None if none), set by its forward
+    # pre-hook: the queries' positions where a family does not pass them on to its attention function.
+    received_positions: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -173,8 +177,8 @@ def _score_mask(module: nn.Module, spec: LayerSpec, attention_mask: Tensor | Non
     cached = received is not None and received.dim() == 4 and received.shape[-1] != T  # the model's mask: past keys
     if (not own and Tk != T) or cached:
         raise ValueError(
-            f"crystallized attention scores whole sequences; got {T} queries for {Tk} keys "
-            "(a KV cache / generation is not supported)"
+            f"crystallized attention scores whole sequences where {type(module).__name__} builds its own attention "
+            f"mask or score bias; got {T} queries for {Tk} keys (a KV cache / generation is not supported there)"
         )
     if not own:
         _check_mask(attention_mask, T, window, chunk)  # the plain causal mask, or refused (padding, custom)
@@ -250,7 +254,7 @@ def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None,
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if attn_mask is None:
-        scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk), float("-inf"))
+        scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk, Tk), float("-inf"))
     elif attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     else:
@@ -319,37 +323,47 @@ def _crystal_attention(
     _check_kwargs(module, kwargs)
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     learned_sink = _learned_sink(module, kwargs, query)
-    T = query.shape[2]
+    B, _, T, _ = query.shape
+    Tk = key.shape[2]
     chunk = spec.attention_chunk
+    position_bias = kwargs.get("position_bias")
     if window is None and chunk is None and attention_mask is not None and attention_mask is spec.received_mask:
         window = _mask_window(attention_mask, T)  # a window only the model's mask holds (BLT's local layers)
-    attn_mask = _score_mask(module, spec, attention_mask, kwargs.get("position_bias"), T, key.shape[2], window,
-                            chunk)
-    if attn_mask is not None:  # the mask alone decides visibility: it holds the window / chunk already
-        window = chunk = None
+    own = (attention_mask is not None and attention_mask is not spec.received_mask
+           and not (Tk == T and _plain_mask(attention_mask, T, window, chunk)))
+    layout = None
+    if own or position_bias is not None:  # a mask or a bias of the module's own making: whole sequences only
+        attn_mask = _score_mask(module, spec, attention_mask, position_bias, T, Tk, window, chunk)
+        if attn_mask is not None:  # the mask alone decides visibility: it holds the window / chunk already
+            window = chunk = None
+    else:  # the model's mask: causal, with a KV cache, a static cache and / or padding (nqpq.model.cache_layout)
+        attn_mask = None
+        layout = call_layout(attention_mask, B, T, Tk, window, chunk, _position_ids(kwargs, spec))
     _check_dense(module, kwargs.get("indices"), T)
-    impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1], value.shape[-1]))
+    cached = layout is not None and layout.mask is None and T < layout.n_keys
+    impl = residual_attention_impl(_call_backend(spec.backend, query, value, cached))
     # Another part of V of an attention already counted in this forward (DiffLlama): the same argmax, top-1
     # probability and sink mass, so no statistics; its ε still joins the Gram.
     repeat = any(q is query and k is key for q, k in spec.calls)
     spec.calls.append((query, key))
     stats = spec.stats_sink is not None and not repeat
+    common = dict(scale=scaling, sliding_window=window, softcap=softcap, attention_chunk=chunk, attn_mask=attn_mask,
+                  learned_sink=learned_sink)
     if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
         result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
         for ob in spec.observers:
             watch = ob.stats_sink is not None and not repeat
             if ob.gram_sink is None and not watch:
                 continue
-            res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
-                       attention_chunk=chunk, attn_mask=attn_mask, sink_tokens=ob.sink_tokens,
-                       learned_sink=learned_sink,
-                       return_gram=ob.gram_sink is not None,
-                       return_argmax=watch, return_top1_prob=watch,
-                       return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
-            _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res)
+            _check_positions(module, spec, layout, kwargs, T, ob.sink_tokens, watch)
+            res = _run_op(impl, layout, query, key, value, ob.sink_tokens, common, mode="top1",
+                          return_gram=ob.gram_sink is not None, return_argmax=watch, return_top1_prob=watch,
+                          return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
+            _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res, layout)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
+    _check_positions(module, spec, layout, kwargs, T, spec.sink_tokens, stats)
     weights = None
     if _attentions_requested(kwargs):
         if spec.original != "eager":
@@ -358,26 +372,95 @@ def _crystal_attention(
                 "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
-        weights = _probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask)
-    res = impl(
-        query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
-        sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_sink is not None, return_argmax=stats,
-        return_top1_prob=stats,
+        weights = _layout_probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask, layout)
+    res = _run_op(
+        impl, layout, query, key, value, spec.sink_tokens, common, mode=spec.mode, basis=spec.basis, d_r=spec.d_r,
+        return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
+    _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res, layout)
     return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
 
 
-def _feed(layer: int, gram_sink, stats_sink, res) -> None:
+def _position_ids(kwargs: dict, spec: LayerSpec) -> Tensor | None:
+    """The queries' positions in their own sequences, where the model passes them (to the attention function, or
+    to the module's forward)."""
+    pos = kwargs.get("position_ids")
+    return pos if isinstance(pos, Tensor) else spec.received_positions
+
+
+def _check_positions(module: nn.Module, spec: LayerSpec, layout: CallLayout | None, kwargs: dict, T: int,
+                     sink_tokens: int, stats: bool) -> None:
+    """Refuse a cached call of a windowed or chunked layer whose positions cannot be read: a sliding cache drops
+    keys, so its slots are not positions, and without ``position_ids`` the sink keys, the chunks and the statistics
+    (which read positions) would be wrong."""
+    if layout is None or T == layout.n_keys or _position_ids(kwargs, spec) is not None:
+        return
+    if (kwargs.get("sliding_window") is not None or spec.attention_chunk is not None) and (
+            sink_tokens > 0 or stats or spec.attention_chunk is not None):
+        raise ValueError(
+            f"{type(module).__name__} passes no position_ids with a KV cache on a windowed layer: a sliding cache "
+            "drops keys, so nqpq cannot read the positions that sink_tokens, chunks and statistics need"
+        )
+
+
+def _call_backend(backend: str, query: Tensor, value: Tensor, cached: bool) -> str:
+    """The layer's backend for this call: a cached call (fewer queries than keys, no mask) takes what ``auto``
+    picks for it where the layer runs the kernel (the torch path until the kernel takes a cache)."""
+    if backend == "triton" and cached:
+        return resolve_backend("auto", query.device.type, query.shape[-1], value.shape[-1], cached=True)
+    return resolve_backend(backend, query.device.type, query.shape[-1], value.shape[-1])
+
+
+def _run_op(impl, layout: CallLayout | None, query: Tensor, key: Tensor, value: Tensor, sink_tokens: int,
+            common: dict, **kw) -> ResidualAttentionResult:
+    """The op on this call's layout: the keys up to the last query's slot, the layout's mask (or the causal rule),
+    sink_tokens at slots; one call per batch row where the rows' sink keys sit at different slots."""
+    if layout is None:
+        return impl(query, key, value, sink_tokens=sink_tokens, **common, **kw)
+    key, value = key[:, :, :layout.n_keys], value[:, :, :layout.n_keys]
+    common = {**common, "sliding_window": layout.window, "attention_chunk": layout.chunk, "attn_mask": layout.mask}
+    sinks = layout.sink_slots(sink_tokens)
+    if len(sinks) == 1:
+        return impl(query, key, value, sink_tokens=sinks[0], **common, **kw)
+    parts = []
+    for b, n in enumerate(sinks):
+        row = {**common, "attn_mask": layout.mask[b:b + 1]}
+        sink = common["learned_sink"]
+        if sink is not None and sink.dim() == 3:  # one logit per query row
+            row["learned_sink"] = sink[b:b + 1]
+        parts.append(impl(query[b:b + 1], key[b:b + 1], value[b:b + 1], sink_tokens=n, **row, **kw))
+    cat = [None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in (0, 1, 3, 4)]
+    gram = None if parts[0].gram is None else sum(p.gram for p in parts)
+    return ResidualAttentionResult(cat[0], cat[1], gram, cat[2], cat[3])
+
+
+def _layout_probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
+                          learned_sink: Tensor | None, chunk: int | None, attn_mask: Tensor | None,
+                          layout: CallLayout | None) -> Tensor:
+    """``_probabilities`` on the call's layout: [B, Hq, T, Tk], zero on the key slots after the last query's."""
+    if layout is None:
+        return _probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask)
+    p = _probabilities(query, key[:, :, :layout.n_keys], scale, layout.window, softcap, learned_sink, layout.chunk,
+                       layout.mask)
+    p = p.nan_to_num(0.0)  # pad queries (no visible key): no probabilities
+    return torch.nn.functional.pad(p, (0, key.shape[2] - layout.n_keys))
+
+
+def _feed(layer: int, gram_sink, stats_sink, res, layout: CallLayout | None = None) -> None:
     if gram_sink is not None:
         gram_sink.add(layer, res.gram)
     if stats_sink is not None:
+        argmax, extra = res.argmax, {}
+        if layout is not None:  # positions of each sequence: a cache's, a padded row's
+            argmax = layout.argmax_positions(argmax)
+            first = layout.first_position()
+            if not (isinstance(first, int) and first == 0):
+                extra["first_position"] = first
         if res.sink_mass is None:
-            stats_sink.add(layer, res.argmax, res.top1_prob)
+            stats_sink.add(layer, argmax, res.top1_prob, **extra)
         else:
-            stats_sink.add(layer, res.argmax, res.top1_prob, res.sink_mass)
+            stats_sink.add(layer, argmax, res.top1_prob, res.sink_mass, **extra)
 
 
 def _register(original: str) -> str:
@@ -518,6 +601,7 @@ def _forget_calls(spec: LayerSpec):
     def forget(*_) -> None:
         spec.calls.clear()
         spec.received_mask = None
+        spec.received_positions = None
     return forget
 
 
@@ -531,6 +615,8 @@ def _receive_mask(spec: LayerSpec, module: nn.Module):
         except TypeError:  # a call its signature does not describe: read the keyword
             mask = kwargs.get("attention_mask")
         spec.received_mask = mask if isinstance(mask, Tensor) else None
+        pos = kwargs.get("position_ids")
+        spec.received_positions = pos if isinstance(pos, Tensor) else None
     return receive
 
 
