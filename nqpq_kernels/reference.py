@@ -68,6 +68,9 @@ Non-finite rows: a row whose visible scores contain NaN, or whose maximum score 
 inputs that overflowed to inf), or whose head's learned sink logit is NaN or +inf, has no defined softmax. Its
 output row is NaN in every mode, its argmax is -1, its top1_prob and sink_mass NaN, and the Gram of its head is
 NaN. Every other row is computed as usual (a -inf score alone just gets zero weight; so does a -inf learned sink).
+Under an ``attn_mask``, a row with no visible key (every masked score -inf, none NaN: a pad query of a padded batch)
+is empty instead: a finite zero output in every mode, argmax -1, top1_prob and sink_mass 0, and ε = 0 (nothing in the
+Gram), so that it joins no statistic.
 """
 
 from __future__ import annotations

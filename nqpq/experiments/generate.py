@@ -193,7 +193,8 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
                 raise NqpqError(f"--basis {cfg.basis!r} holds layers {basis.layers}, not {missing} of --layers")
             basis_record = {"source": "file", "file": os.path.basename(cfg.basis)}
         else:
-            basis, basis_record = _fit_basis(scfg, model, tokenizer, tok_name, layers, device, say)
+            basis, basis_record = _fit_basis(scfg, model, tokenizer, tok_name, layers, device,
+                                             lambda line: say(line.replace("[eval]", "[generate]", 1)))
         timings["calibration_s"] = time.perf_counter() - t
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

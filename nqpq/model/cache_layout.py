@@ -18,6 +18,8 @@ at those positions) over the non-padding keys; and says how to call the op:
 
 The statistics of a call then read positions: ``argmax_positions`` maps the op's key slots to positions, and
 ``first_position`` is each row's position of query row 0. Any mask that is not of this form is refused by name.
+``run_op`` runs the op on a layout, ``feed`` hands its Gram and statistics (at positions) to the sinks, and
+``call_backend`` picks the backend of a cached call.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from nqpq_kernels.contract import ResidualAttentionResult
+from nqpq_kernels.dispatch import resolve_backend
 
 
 @dataclass(frozen=True)
@@ -156,3 +161,52 @@ def call_layout(mask: Tensor | None, B: int, T: int, Tk: int, window: int | None
         return CallLayout(n_keys, None, window, chunk, offsets, first_slot)
     want &= real_q[:, :, None]  # pad queries see nothing: a zero output, no statistic
     return CallLayout(n_keys, want[:, None], None, None, offsets, first_slot)
+
+
+def call_backend(backend: str, query: Tensor, value: Tensor, cached: bool) -> str:
+    """The layer's backend for this call: a cached call (fewer queries than keys, no mask) takes what ``auto``
+    picks for it where the layer runs the kernel (the torch path until the kernel takes a cache)."""
+    if backend == "triton" and cached:
+        return resolve_backend("auto", query.device.type, query.shape[-1], value.shape[-1], cached=True)
+    return resolve_backend(backend, query.device.type, query.shape[-1], value.shape[-1])
+
+
+def run_op(impl, layout: CallLayout | None, query: Tensor, key: Tensor, value: Tensor, sink_tokens: int,
+           common: dict, **kw) -> ResidualAttentionResult:
+    """The op on this call's layout: the keys up to the last query's slot, the layout's mask (or the causal rule),
+    sink_tokens at slots; one call per batch row where the rows' sink keys sit at different slots."""
+    if layout is None:
+        return impl(query, key, value, sink_tokens=sink_tokens, **common, **kw)
+    key, value = key[:, :, :layout.n_keys], value[:, :, :layout.n_keys]
+    common = {**common, "sliding_window": layout.window, "attention_chunk": layout.chunk, "attn_mask": layout.mask}
+    sinks = layout.sink_slots(sink_tokens)
+    if len(sinks) == 1:
+        return impl(query, key, value, sink_tokens=sinks[0], **common, **kw)
+    parts = []
+    for b, n in enumerate(sinks):
+        row = {**common, "attn_mask": layout.mask[b:b + 1]}
+        sink = common["learned_sink"]
+        if sink is not None and sink.dim() == 3:  # one logit per query row
+            row["learned_sink"] = sink[b:b + 1]
+        parts.append(impl(query[b:b + 1], key[b:b + 1], value[b:b + 1], sink_tokens=n, **row, **kw))
+    cat = [None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in (0, 1, 3, 4)]
+    gram = None if parts[0].gram is None else sum(p.gram for p in parts)
+    return ResidualAttentionResult(cat[0], cat[1], gram, cat[2], cat[3])
+
+
+def feed(layer: int, gram_sink, stats_sink, res: ResidualAttentionResult, layout: CallLayout | None = None) -> None:
+    """Hand a call's Gram and statistics to the sinks; with a layout, the argmax as positions and ``first_position``
+    (passed only when it is not 0, so sinks written for whole sequences keep working)."""
+    if gram_sink is not None:
+        gram_sink.add(layer, res.gram)
+    if stats_sink is not None:
+        argmax, extra = res.argmax, {}
+        if layout is not None:  # positions of each sequence: a cache's, a padded row's
+            argmax = layout.argmax_positions(argmax)
+            first = layout.first_position()
+            if not (isinstance(first, int) and first == 0):
+                extra["first_position"] = first
+        if res.sink_mass is None:
+            stats_sink.add(layer, argmax, res.top1_prob, **extra)
+        else:
+            stats_sink.add(layer, argmax, res.top1_prob, res.sink_mass, **extra)

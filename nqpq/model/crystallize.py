@@ -9,7 +9,9 @@ a kernel) stay exactly as they were. No ``forward`` is replaced; leaving the con
 module's own config.
 
 The function accepts exactly the masks meaning "causal", "causal plus this layer's sliding window" or "causal
-in this layer's chunks" (Llama 4's chunked layers: the chunk size is read from the layer's geometry),
+in this layer's chunks" (Llama 4's chunked layers: the chunk size is read from the layer's geometry), over the keys of
+a KV cache (dynamic, sliding-window past the window, static) and the non-pad keys of a left- or right-padded batch
+(``nqpq.model.cache_layout`` reads the positions and hands the op an explicit mask only where it is needed),
 grouped-query k/v (handed to the op with their Hkv heads, never repeated), Gemma 2's ``softcap``, the
 model's ``scaling``, q/k and v of different widths (multi-head latent attention: the basis and the Gram live
 in v's width), learned attention sinks (``s_aux``: gpt-oss, Granite SWA, MiMo-V2-Flash, Flint; handed to the op
@@ -40,12 +42,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from nqpq_kernels.contract import MODES, ResidualAttentionResult, check_choice
+from nqpq_kernels.contract import MODES, check_choice
 from nqpq_kernels.dispatch import residual_attention_impl, resolve_backend
 from nqpq_kernels.reference import _hidden_keys, visible_keys
 
 from ..errors import UnsupportedModelError
-from .cache_layout import CallLayout, call_layout
+from .cache_layout import CallLayout, call_backend, call_layout, feed, run_op
 from .devices import execution_device
 from .geometry import LayerGeometry
 from .parts import as_index, layer_indices, model_parts
@@ -341,7 +343,7 @@ def _crystal_attention(
         layout = call_layout(attention_mask, B, T, Tk, window, chunk, _position_ids(kwargs, spec))
     _check_dense(module, kwargs.get("indices"), T)
     cached = layout is not None and layout.mask is None and T < layout.n_keys
-    impl = residual_attention_impl(_call_backend(spec.backend, query, value, cached))
+    impl = residual_attention_impl(call_backend(spec.backend, query, value, cached))
     # Another part of V of an attention already counted in this forward (DiffLlama): the same argmax, top-1
     # probability and sink mass, so no statistics; its ε still joins the Gram.
     repeat = any(q is query and k is key for q, k in spec.calls)
@@ -356,10 +358,10 @@ def _crystal_attention(
             if ob.gram_sink is None and not watch:
                 continue
             _check_positions(module, spec, layout, kwargs, T, ob.sink_tokens, watch)
-            res = _run_op(impl, layout, query, key, value, ob.sink_tokens, common, mode="top1",
+            res = run_op(impl, layout, query, key, value, ob.sink_tokens, common, mode="top1",
                           return_gram=ob.gram_sink is not None, return_argmax=watch, return_top1_prob=watch,
                           return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
-            _feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res, layout)
+            feed(spec.layer, ob.gram_sink, ob.stats_sink if watch else None, res, layout)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
@@ -373,12 +375,12 @@ def _crystal_attention(
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
         weights = _layout_probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask, layout)
-    res = _run_op(
+    res = run_op(
         impl, layout, query, key, value, spec.sink_tokens, common, mode=spec.mode, basis=spec.basis, d_r=spec.d_r,
         return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res, layout)
+    feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res, layout)
     return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
 
 
@@ -404,37 +406,6 @@ def _check_positions(module: nn.Module, spec: LayerSpec, layout: CallLayout | No
         )
 
 
-def _call_backend(backend: str, query: Tensor, value: Tensor, cached: bool) -> str:
-    """The layer's backend for this call: a cached call (fewer queries than keys, no mask) takes what ``auto``
-    picks for it where the layer runs the kernel (the torch path until the kernel takes a cache)."""
-    if backend == "triton" and cached:
-        return resolve_backend("auto", query.device.type, query.shape[-1], value.shape[-1], cached=True)
-    return resolve_backend(backend, query.device.type, query.shape[-1], value.shape[-1])
-
-
-def _run_op(impl, layout: CallLayout | None, query: Tensor, key: Tensor, value: Tensor, sink_tokens: int,
-            common: dict, **kw) -> ResidualAttentionResult:
-    """The op on this call's layout: the keys up to the last query's slot, the layout's mask (or the causal rule),
-    sink_tokens at slots; one call per batch row where the rows' sink keys sit at different slots."""
-    if layout is None:
-        return impl(query, key, value, sink_tokens=sink_tokens, **common, **kw)
-    key, value = key[:, :, :layout.n_keys], value[:, :, :layout.n_keys]
-    common = {**common, "sliding_window": layout.window, "attention_chunk": layout.chunk, "attn_mask": layout.mask}
-    sinks = layout.sink_slots(sink_tokens)
-    if len(sinks) == 1:
-        return impl(query, key, value, sink_tokens=sinks[0], **common, **kw)
-    parts = []
-    for b, n in enumerate(sinks):
-        row = {**common, "attn_mask": layout.mask[b:b + 1]}
-        sink = common["learned_sink"]
-        if sink is not None and sink.dim() == 3:  # one logit per query row
-            row["learned_sink"] = sink[b:b + 1]
-        parts.append(impl(query[b:b + 1], key[b:b + 1], value[b:b + 1], sink_tokens=n, **row, **kw))
-    cat = [None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in (0, 1, 3, 4)]
-    gram = None if parts[0].gram is None else sum(p.gram for p in parts)
-    return ResidualAttentionResult(cat[0], cat[1], gram, cat[2], cat[3])
-
-
 def _layout_probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
                           learned_sink: Tensor | None, chunk: int | None, attn_mask: Tensor | None,
                           layout: CallLayout | None) -> Tensor:
@@ -445,22 +416,6 @@ def _layout_probabilities(query: Tensor, key: Tensor, scale: float, window: int 
                        layout.mask)
     p = p.nan_to_num(0.0)  # pad queries (no visible key): no probabilities
     return torch.nn.functional.pad(p, (0, key.shape[2] - layout.n_keys))
-
-
-def _feed(layer: int, gram_sink, stats_sink, res, layout: CallLayout | None = None) -> None:
-    if gram_sink is not None:
-        gram_sink.add(layer, res.gram)
-    if stats_sink is not None:
-        argmax, extra = res.argmax, {}
-        if layout is not None:  # positions of each sequence: a cache's, a padded row's
-            argmax = layout.argmax_positions(argmax)
-            first = layout.first_position()
-            if not (isinstance(first, int) and first == 0):
-                extra["first_position"] = first
-        if res.sink_mass is None:
-            stats_sink.add(layer, argmax, res.top1_prob, **extra)
-        else:
-            stats_sink.add(layer, argmax, res.top1_prob, res.sink_mass, **extra)
 
 
 def _register(original: str) -> str:
