@@ -110,7 +110,9 @@ def call_layout(mask: Tensor | None, B: int, T: int, Tk: int, window: int | None
         first_slot = int(torch.where(sees, last_seen - rows, -1).max())
         valid = seen
     if first_slot < 0 or first_slot + T > Tk:
-        raise ValueError(f"crystallized attention: {T} queries cannot sit in {Tk} key slots from slot {first_slot}")
+        if mask is None or mask.dim() == 2:  # pragma: no cover - the op's own check refuses Tq > Tk first
+            raise ValueError(f"crystallized attention: {T} queries for {Tk} keys")
+        raise _refuse(mask, what, f"its {T} queries cannot sit in {Tk} key slots from slot {first_slot}")
     n_keys = first_slot + T
     device = mask.device if mask is not None else (position_ids.device if position_ids is not None else "cpu")
     q_slots = torch.arange(first_slot, n_keys, device=device)
