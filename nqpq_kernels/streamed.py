@@ -141,7 +141,9 @@ def residual_attention_streamed(
     n = args.sink_tokens
     d_r = args.d_r
     # Low rank for evaluation goes through V·P_r (d_r columns instead of Dv); with a Gram ε is needed whole.
-    use_proj = mode == "lowrank" and not return_gram and 0 < d_r < Dv
+    # V P_r costs Tk·Dv·d_r per head whatever Tq is; it pays where it saves more on p @ V (Tq·Tk·(Dv − d_r)): not for
+    # a decode step (Tq = 1), where it would re-project the whole cache each token.
+    use_proj = mode == "lowrank" and not return_gram and 0 < d_r < Dv and Tq * (Dv - d_r) > Dv * d_r
     need_ctx = mode == "full" or return_gram or (mode == "lowrank" and d_r > 0 and not use_proj)
     # p (an exp pass over the scores) is needed for ctx, the projection, the top-1 probability, and any sink mass;
     # top1 without them needs i* alone.

@@ -139,6 +139,8 @@ def call_layout(mask: Tensor | None, B: int, T: int, Tk: int, window: int | None
 
     same = bool((offsets == offsets[0]).all())
     chunk_shifted = chunk is not None and bool((offsets % chunk != 0).any())
+    if allowed is None and valid is None and same and not chunk_shifted:  # no mask: nothing to check (a decode step)
+        return CallLayout(n_keys, None, window, chunk, offsets, first_slot)
 
     # The visibility the mask must have: causal (+ window, + chunk) at each sequence's positions, over valid keys.
     pos_q = q_slots[None, :] + offsets[:, None]  # [B, T]
