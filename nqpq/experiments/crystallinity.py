@@ -22,7 +22,10 @@ what the learned sink leaves; with n > 0 the mass is m_S + m_L, the sink keys' a
 With ``sink_tokens=n > 0`` (``nqpq.residual_attention``), i* is i*ᴿ, the winner among the keys j >= n, and
 ``top1_prob`` its probability: ``sink_frac`` then counts only the rows t < n, which see nothing else.
 
-Every row counts in every denominator. Row 0 is both sink and self, and never prev.
+Every row counts in every denominator, but a row with no visible key (argmax −1 with top1_prob 0: a pad query of a
+padded batch), which counts nowhere. Positions are each sequence's own (``first_position``: one per batch row for a
+padded batch, the cache's for a generation step), so a row counts once, at its position, however it was computed.
+Row 0 is both sink and self, and never prev.
 A row the op reports as non-finite (argmax −1, top1_prob NaN) counts in the
 denominators, in none of the fractions, and turns its head's ``top1_prob_mean`` into
 NaN: a NaN is reported, never averaged away.
