@@ -68,8 +68,9 @@ class CallLayout:
 
 def _refuse(mask: Tensor, what: str, why: str) -> ValueError:
     return ValueError(
-        f"crystallized attention supports {what} masking (with a KV cache, a static cache, or left / right padding) "
-        f"only: the model was given a custom attention mask ({tuple(mask.shape)} {mask.dtype}: {why})"
+        f"crystallized attention supports plain {what} masking only, over the keys of a KV cache, a static cache or "
+        f"a left- or right-padded batch: the model was given a custom attention mask ({tuple(mask.shape)} "
+        f"{mask.dtype}: {why})"
     )
 
 
