@@ -1,5 +1,5 @@
-"""Command line: ``nqpq sweep|scan|report|models|fetch ...`` (also ``python -m nqpq ...``; sweep and scan under
-torchrun)."""
+"""Command line: ``nqpq sweep|scan|report|models|fetch|eval|generate ...`` (also ``python -m nqpq ...``; sweep and
+scan under torchrun)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "sha256-checked into $NQPQ_CACHE): nqpq sweep --model NAME.",
     )
     _add_eval_parser(sub)
+    _add_generate_parser(sub)
     return parser
 
 
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "eval":
             return _eval(args)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "fetch":
             return _fetch(args)
     except BrokenPipeError:
@@ -374,6 +377,99 @@ def _eval(args: argparse.Namespace) -> int:
             shutil.rmtree(created, ignore_errors=True)  # a directory this run created goes
     return 0
 
+
+
+def _add_generate_parser(sub) -> None:
+    """``nqpq generate``: the model's continuation of a prompt beside each crystallized configuration's."""
+    p = sub.add_parser(
+        "generate",
+        help="continue prompts with the model and with each crystallized configuration, side by side",
+        description="Continue each prompt with the unmodified model (model.generate, its own KV cache), then with "
+                    "each configuration inside nqpq.crystallize: the continuations side by side, the first new token "
+                    "where each leaves the model's, the token agreement, and the mean log-probability the model "
+                    "assigns to each continuation. Greedy unless --sample.",
+    )
+    p.add_argument("--model", default="gpt2",
+                   help="a decoder-only causal LM: a name nqpq fetches (smollm2-135m, gemma3-270m; nqpq models), a "
+                        "hub name, a local directory or a .gguf file (default: gpt2)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt to continue (may be given several times)")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help="one more prompt: the file's whole text")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
+    p.add_argument("--mode", nargs="+", default=["top1"], metavar="{full,top1,lowrank}",
+                   help="configurations to run after the model, in this order; lowrank once per --d-r "
+                        "(default: top1)")
+    p.add_argument("--d-r", type=int, nargs="+", default=None,
+                   help="residual ranks of --mode lowrank, each 0..head_dim (required with lowrank)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default: 32)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
+    p.add_argument("--temperature", type=float, default=None, help="with --sample (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus cut with --sample (default: 1.0, none)")
+    p.add_argument("--basis", default=None, metavar="FILE",
+                   help="the residual basis of lowrank: a basis.pt from nqpq sweep --out (ResidualBasis.save) "
+                        "(default: fitted on the sweep's calibration blocks, see --calib-blocks)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
+    p.add_argument("--text-file", default=None,
+                   help="the sweep's text, whose blocks after the --n-blocks scored ones fit the basis (default: "
+                        "the hub's wikitext-103-raw-v1 validation, or the copy shipped with nqpq offline)")
+    p.add_argument("--text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="a text shipped with nqpq instead of --text-file (default: none)")
+    p.add_argument("--n-blocks", type=int, default=30,
+                   help="the sweep's scored blocks: the held-out calibration blocks start after them (default: 30)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
+    p.add_argument("--calib-blocks", type=int, default=4,
+                   help="blocks the residual basis is fitted on (default: 4, the sweep's)")
+    p.add_argument("--calib-text-file", default=None, metavar="PATH",
+                   help="fit the basis on the first blocks of this raw text instead (default: none)")
+    p.add_argument("--calib-text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="fit the basis on a text shipped with nqpq instead (default: none)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every calibration block with BOS (default: as the tokenizer does)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
+    p.add_argument("--seed", type=int, default=42, help="seed of --sample and of calibration (default: 42)")
+    p.add_argument("--out", default=None,
+                   help="directory for results.json, written at the end or not at all (default: none, report only)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """``nqpq generate``: the run, its report, and --out written whole or not at all."""
+    from .experiments.generate import GenerateConfig, check_generate_flags, run_generate, write_generate_results
+    from .results.report import check_out_dir
+
+    cfg = GenerateConfig(
+        model=args.model, prompts=tuple(args.prompt), prompt_file=args.prompt_file,
+        layers=None if args.layers is None else tuple(args.layers), modes=tuple(args.mode),
+        d_r=None if args.d_r is None else tuple(args.d_r), basis=args.basis, max_new_tokens=args.max_new_tokens,
+        sample=args.sample, temperature=args.temperature, top_p=args.top_p, tokenizer=args.tokenizer,
+        text_file=args.text_file, text=args.text, n_blocks=args.n_blocks, seq_len=args.seq_len,
+        calib_blocks=args.calib_blocks, calib_text_file=args.calib_text_file, calib_text=args.calib_text,
+        bos=args.bos, device=args.device, dtype=args.dtype, backend=args.backend, seed=args.seed, out=args.out,
+    )
+    created = _first_missing(cfg.out) if cfg.out else None
+    ok = False
+    try:
+        check_generate_flags(cfg)  # bad flags fail before --out is created or anything is loaded
+        if cfg.out:
+            check_out_dir(cfg.out)
+        results = run_generate(cfg)
+        if cfg.out:
+            print(f"[generate] wrote {write_generate_results(cfg.out, results)}")
+        ok = True
+    except NqpqError as err:
+        return _fail(str(err))
+    except (ValueError, TypeError, RuntimeError) as err:
+        return _fail(f"{type(err).__name__}: {err}")
+    except KeyboardInterrupt:
+        print("nqpq: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if not ok and created is not None:
+            shutil.rmtree(created, ignore_errors=True)  # a directory this run created goes
+    return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -138,6 +138,8 @@ def check_residual_attention_inputs(
     ``[B, Hq, Tq, Tk]`` (each dim its size or 1) on q's device. With a mask, the mask alone defines which keys a
     row sees (no causal mask, window or chunk is applied: they must not be given), and k and v may hold
     any Tk keys (a model that appends keys of its own, DeepSeek V4's compressed entries); without one Tk >= Tq.
+    Under a mask, a row that sees no key (every masked score -inf, none NaN: a pad query) is empty: a zero output,
+    argmax -1, top1_prob and sink_mass 0, nothing in the Gram.
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -126,7 +126,9 @@ def residual_attention(
     None; k and v may hold Tk != Tq keys (keys a model appends, DeepSeek V4's compressed entries). i* is the first
     index of the maximum of the masked scores, over all Tk keys (so argmax may be >= Tq); sink_tokens, the learned
     sink and the statistics are as above with "visible" read as "a finite masked score" (a key masked with a
-    finite very negative value, as transformers' float masks do, takes part with weight 0).
+    finite very negative value, as transformers' float masks do, takes part with weight 0). A row that sees no key
+    under the mask (a pad query of a padded batch) is empty: a finite zero output, argmax -1, top1_prob and sink_mass
+    0, nothing in the Gram.
 
     Returns ``out``; with ``return_argmax``, ``return_top1_prob`` and/or ``return_sink_mass`` a tuple
     ``(out, argmax, top1_prob, sink_mass)`` holding only what was asked, in that order: argmax int64

@@ -68,6 +68,9 @@ Non-finite rows: a row whose visible scores contain NaN, or whose maximum score 
 inputs that overflowed to inf), or whose head's learned sink logit is NaN or +inf, has no defined softmax. Its
 output row is NaN in every mode, its argmax is -1, its top1_prob and sink_mass NaN, and the Gram of its head is
 NaN. Every other row is computed as usual (a -inf score alone just gets zero weight; so does a -inf learned sink).
+Under an ``attn_mask``, a row with no visible key (every masked score -inf, none NaN: a pad query of a padded batch)
+is empty instead: a finite zero output in every mode, argmax -1, top1_prob and sink_mass 0, and ε = 0 (nothing in the
+Gram), so that it joins no statistic.
 """
 
 from __future__ import annotations
@@ -180,13 +183,23 @@ def residual_attention_reference(
         bad = nan_rows | ~torch.isfinite(m.squeeze(-1))
     else:
         nan_rows = bad  # all False
+    # Under an attn_mask, a row with no visible key (every masked score -inf, none NaN: a pad query) is empty: a
+    # zero output, argmax -1, top1_prob and sink_mass 0, nothing in the Gram. Computed as a bad row, zeroed at the end.
+    empty = None
+    if args.attn_mask is not None and bool(bad.any()):
+        empty = (m.squeeze(-1) == float("-inf")) & ~nan_rows
     sink_logit = None
     if learned_sink is not None:
         # The learned sink's logit per row in the [B, Hkv, G, T, 1] layout (a view: one per head has row stride 0);
         # a NaN or +inf logit makes its row non-finite. m_all is the softmax's max over the real scores and it.
         sink_logit = args.learned_sink.to(dtype=torch.float32).reshape(B, Hkv, G, T, 1)
-        bad = bad | ~(sink_logit < float("inf")).squeeze(-1)
+        sink_bad = ~(sink_logit < float("inf")).squeeze(-1)
+        bad = bad | sink_bad
+        if empty is not None:
+            empty &= ~sink_bad
         m_all = torch.maximum(m, sink_logit)
+    if empty is not None and not bool(empty.any()):
+        empty = None
     if n > 0:
         # i*ᴿ over the keys j >= n; a row whose R holds no finite score (t < n) keeps the overall argmax,
         # and its ground state is ctx.
@@ -259,6 +272,14 @@ def residual_attention_reference(
 
     ground = ground.reshape(B, Hq, T, D)
     ctx = ctx.reshape(B, Hq, T, D) if need_ctx else None
+    if empty is not None:  # rows with no visible key: zero, and ε = 0 (they join no statistic)
+        empty4 = empty.reshape(B, Hq, T, 1)
+        ground = ground.masked_fill(empty4, 0.0)
+        ctx = ctx.masked_fill(empty4, 0.0) if need_ctx else None
+        if top1_prob is not None:
+            top1_prob.masked_fill_(empty4.squeeze(-1), 0.0)
+        if sink_mass is not None:
+            sink_mass = sink_mass.masked_fill(empty4.squeeze(-1), 0.0)
     if mode == "top1":
         out = ground
     elif mode == "full":

@@ -142,7 +142,9 @@ def residual_attention_streamed(
     n = args.sink_tokens
     d_r = args.d_r
     # Low rank for evaluation goes through V·P_r (d_r columns instead of Dv); with a Gram ε is needed whole.
-    use_proj = mode == "lowrank" and not return_gram and 0 < d_r < Dv
+    # V P_r costs Tk·Dv·d_r per head whatever Tq is; it pays where it saves more on p @ V (Tq·Tk·(Dv − d_r)): not for
+    # a decode step (Tq = 1), where it would re-project the whole cache each token.
+    use_proj = mode == "lowrank" and not return_gram and 0 < d_r < Dv and Tq * (Dv - d_r) > Dv * d_r
     need_ctx = mode == "full" or return_gram or (mode == "lowrank" and d_r > 0 and not use_proj)
     # p (an exp pass over the scores) is needed for ctx, the projection, the top-1 probability, and any sink mass;
     # top1 without them needs i* alone.
@@ -225,9 +227,11 @@ def residual_attention_streamed(
         if n_loc == 0:
             m, i_star = max_first_index(s5) if need_index else (s5.amax(dim=-1), None)
             bad = ~torch.isfinite(m)  # the maximum propagates NaN: a row with a NaN score has m NaN
+            no_key = m == neg_inf
         elif n_loc == cols:  # every key the block sees is a sink key
             m, i_star = max_first_index(s5)
             bad = ~torch.isfinite(m)
+            no_key = m == neg_inf
             r_empty = torch.ones_like(bad)
         else:
             m_s, i_s = s5[..., :n_loc].max(dim=-1)  # n_loc columns: the plain max is cheap there
@@ -236,6 +240,7 @@ def residual_attention_streamed(
             m = torch.where(m_s >= m_r, m_s, m_r)
             bad = ~torch.isfinite(m) | m_s.isnan() | m_r.isnan()
             r_empty = m_r == neg_inf
+            no_key = (m_s == neg_inf) & r_empty
             # i*ᴿ, or on rows whose R has no finite score the overall first maximum (then in S)
             i_star = torch.where(r_empty, i_s, i_r + n_loc)
             del m_s, m_r, i_s, i_r
@@ -243,7 +248,12 @@ def residual_attention_streamed(
         sink_logit = m_learned = None
         if args.learned_sink is not None:
             sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows)
-            bad |= ~(sink_logit < math.inf)  # a NaN or +inf logit: no softmax
+            sink_bad = ~(sink_logit < math.inf)  # a NaN or +inf logit: no softmax
+            bad |= sink_bad
+            no_key &= ~sink_bad
+        # Under an attn_mask, a row with no visible key (every masked score -inf, none NaN: a pad query) is empty:
+        # computed as a bad row, then a zero output, argmax -1, top1_prob and sink_mass 0, ε = 0.
+        empty = no_key if attn_mask is not None and bool(no_key.any()) else None
         if i_star is not None:
             i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
 
@@ -301,6 +311,13 @@ def residual_attention_streamed(
         if ctx is not None:
             ctx.masked_fill_(nan_rows, math.nan)
 
+        if empty is not None:
+            if ground is not None:
+                ground.masked_fill_(empty.unsqueeze(-1), 0.0)
+            if ctx is not None:
+                ctx.masked_fill_(empty.unsqueeze(-1), 0.0)
+            if mass is not None:
+                mass = mass.masked_fill(empty, 0.0)
         if mode == "top1" or (mode == "lowrank" and d_r == 0):
             o = ground
         elif mode == "full":
@@ -318,6 +335,8 @@ def residual_attention_streamed(
             coeff.sub_(torch.matmul(ground, P))
             if r_empty is not None:
                 coeff.masked_fill_(r_empty.unsqueeze(-1), 0.0)
+            if empty is not None:
+                coeff.masked_fill_(empty.unsqueeze(-1), 0.0)
             o = ground + torch.matmul(coeff, P.transpose(-1, -2))
         else:
             o = ground + torch.matmul(torch.matmul(ctx - ground, P), P.transpose(-1, -2))
@@ -341,11 +360,17 @@ def residual_attention_streamed(
                 top1 = (m - m_all).exp_().div_(denom)
             else:  # the softmax's maximum, p[i*]
                 top1 = p.amax(dim=-1)
-            top1_prob[:, :, s0:s1] = top1.masked_fill_(bad, math.nan).reshape(B, Hq, rows)
+            top1 = top1.masked_fill_(bad, math.nan)
+            if empty is not None:
+                top1.masked_fill_(empty, 0.0)
+            top1_prob[:, :, s0:s1] = top1.reshape(B, Hq, rows)
         if sink_mass is not None:
             if mass is None:
                 mass = torch.zeros(B, Hkv, G, rows, device=q.device)
-            sink_mass[:, :, s0:s1] = mass.masked_fill(bad, math.nan).reshape(B, Hq, rows)
+            mass = mass.masked_fill(bad, math.nan)
+            if empty is not None:
+                mass.masked_fill_(empty, 0.0)
+            sink_mass[:, :, s0:s1] = mass.reshape(B, Hq, rows)
         # Freed before the next block's scores are allocated: one score buffer alive at a time.
         s = s5 = p = ctx = ground = o = v_star = None
 

@@ -452,6 +452,14 @@ def _residual_attn_fwd(
         sink_l = tl.load(LearnedSink + off_b * stride_lb + off_h * stride_lh + offs_m64 * stride_lt,
                          mask=mask_m, other=0.0)  # [BLOCK_M]: a head's logit is read with a row stride of 0
         bad = bad | (sink_l != sink_l) | (sink_l == float("inf"))
+    if HAS_BIAS:
+        # A row with no visible key under the mask (every score -inf, none NaN: a pad query) is empty: computed as a
+        # bad row, then stored as a zero output, argmax -1, top1_prob and sink_mass 0, ε = 0 (issue 34).
+        empty = (m_i == float("-inf")) & (~nan_row)
+        if NEED_L:
+            empty = empty & (l_i == l_i)
+        if LEARNED:
+            empty = empty & (sink_l == sink_l) & (sink_l != float("inf"))
     if HAS_SINK:
         # R holds no finite score (every row t < n): the ground state is ctx, the argmax S's first maximum.
         r_empty = m_r == float("-inf")
@@ -512,6 +520,8 @@ def _residual_attn_fwd(
         if HAS_SINK:
             eps = tl.where((r_empty & (~bad))[:, None], 0.0, eps)  # ground = ctx: ε = 0 by definition
         eps = tl.where(mask_m[:, None], eps, 0.0)
+        if HAS_BIAS:
+            eps = tl.where(empty[:, None], 0.0, eps)
 
     if MODE == 0:
         out = ground
@@ -529,6 +539,8 @@ def _residual_attn_fwd(
             coeff = tl.dot(eps, P, input_precision=DOT_PREC)  # [BLOCK_M, R_BLOCK]
             out = tl.dot(coeff, tl.trans(P), out, input_precision=DOT_PREC)
 
+    if HAS_BIAS:
+        out = tl.where(empty[:, None], 0.0, out)
     o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_mdv)
 
@@ -549,15 +561,21 @@ def _residual_attn_fwd(
         else:
             # The running max is the best score, whose term exp(m - m) = 1 is in l_i exactly: p[i*] = 1/l_i.
             top1 = 1.0 / l_div
-        tl.store(t_ptrs, tl.where(bad, float("nan"), top1), mask=mask_m)
+        top1 = tl.where(bad, float("nan"), top1)
+        if HAS_BIAS:
+            top1 = tl.where(empty, 0.0, top1)
+        tl.store(t_ptrs, top1, mask=mask_m)
     if STORE_SINK:
         s_ptrs = SinkMass + off_b * stride_ab + off_h * stride_ah + offs_m64
         if HAS_SINK:
-            tl.store(s_ptrs, tl.where(bad, float("nan"), sink_mass), mask=mask_m)
+            mass_out = tl.where(bad, float("nan"), sink_mass)
         elif LEARNED:
-            tl.store(s_ptrs, tl.where(bad, float("nan"), m_learned), mask=mask_m)
+            mass_out = tl.where(bad, float("nan"), m_learned)
         else:
-            tl.store(s_ptrs, tl.where(bad, float("nan"), 0.0), mask=mask_m)
+            mass_out = tl.where(bad, float("nan"), 0.0)
+        if HAS_BIAS:
+            mass_out = tl.where(empty, 0.0, mass_out)
+        tl.store(s_ptrs, mass_out, mask=mask_m)
     if STORE_GRAM:
         # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
         eps_t = tl.trans(eps)

@@ -227,6 +227,7 @@ class SinkPlain(NamedTuple):
     gap: torch.Tensor  # float64 [B, Hq, T]: top-2 gap of the scores the argmax is taken over (inf: one key)
     scores: torch.Tensor  # float64 [B, Hq, T, T], invisible keys -inf
     bad: torch.Tensor  # bool [B, Hq, T]: non-finite rows
+    empty: torch.Tensor | None = None  # bool [B, Hq, T]: rows with no visible key under an attn_mask (pad queries)
 
 
 def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
@@ -249,6 +250,8 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
 
     ``attn_mask`` (torch SDPA's: bool, True = the key takes part, or float, added to the capped scores; broadcast
     to [B, Hq, T, Tk]; k and v then hold Tk keys): it alone decides the keys of row t, in place of the causal rule.
+    A row with no visible key under ``attn_mask`` (every masked score −inf, none NaN: a pad query) is empty: a zero
+    output, argmax −1, top1_prob and sink_mass 0, nothing in the Gram.
     """
     B, Hq, T, Dqk = q.shape
     D = v.shape[-1]
@@ -268,6 +271,7 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     ctx_gram = torch.zeros(Hq, D, D, dtype=torch.float64)
     scores = torch.full((B, Hq, T, Tk), -math.inf, dtype=torch.float64)
     bad = torch.zeros(B, Hq, T, dtype=torch.bool)
+    empty = torch.zeros(B, Hq, T, dtype=torch.bool)
     for b in range(B):
         for h in range(Hq):
             qq, kk, vv = (x.double().cpu() for x in (q[b, h], k[b, h // G], v[b, h // G]))
@@ -289,6 +293,11 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 sink = None if learned_sink is None else \
                     (learned_sink[h] if learned_sink.dim() == 1 else learned_sink[b, h, r]).double().cpu().reshape(1)
                 sink_bad = sink is not None and not bool(sink[0] < math.inf)
+                if attn_mask is not None and not sink_bad and (len(js) == 0 or bool((s == -math.inf).all())):
+                    # No visible key (a pad query): a zero output, argmax -1, no probability, nothing in the Gram.
+                    empty[b, h, r] = True
+                    out[b, h, r], arg[b, h, r], top1[b, h, r], mass[b, h, r], gap[b, h, r] = 0.0, -1, 0.0, 0.0, math.inf
+                    continue
                 if len(js) == 0 or bool(torch.isnan(s).any()) or not bool(torch.isfinite(s.max())) or sink_bad:
                     bad[b, h, r] = True
                     out[b, h, r], arg[b, h, r], top1[b, h, r], mass[b, h, r], gap[b, h, r] = nan, -1, nan, nan, nan
@@ -325,7 +334,7 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 out[b, h, r], arg[b, h, r], top1[b, h, r], mass[b, h, r] = o, js[pick], p[pick], m_s
                 gram[h] += torch.outer(eps, eps)
                 ctx_gram[h] += torch.outer(ctx, ctx)
-    return SinkPlain(out, arg, gram, ctx_gram, top1, mass, gap, scores, bad)
+    return SinkPlain(out, arg, gram, ctx_gram, top1, mass, gap, scores, bad, empty)
 
 
 # Tolerances against float64 for the output (in the input dtype), the probabilities, and the Gram.
@@ -354,9 +363,9 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
               sink_tokens=sink_tokens, learned_sink=learned_sink, attention_chunk=attention_chunk, attn_mask=attn_mask)
     first = sink_plain(q, k, v, mode, **kw)
     idx = res.argmax.cpu()
-    ok = ~first.bad
+    ok = ~first.bad & ~first.empty
     assert idx.dtype == torch.int64 and idx.shape == q.shape[:3]
-    assert torch.equal(idx == -1, first.bad), "non-finite rows need argmax -1, and only they"
+    assert torch.equal(idx == -1, first.bad | first.empty), "non-finite and empty rows need argmax -1, and only they"
     clear = ok & (first.gap > SINK_CLEAR_GAP)
     assert int(clear.sum()) >= min_clear * int(ok.sum()), "test inputs are not well-conditioned"
     assert torch.equal(idx[clear], first.argmax[clear]), "argmax differs on rows with a clear maximum"

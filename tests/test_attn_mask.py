@@ -138,9 +138,10 @@ def test_eager_causal_mask_is_the_causal_op_bit_for_bit():
             assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_hidden_rows_and_nan_bias_are_non_finite_rows():
-    """A row whose keys are all hidden (bool False / -inf) or whose bias holds a NaN has no softmax: NaN output,
-    argmax -1; only those rows. A -inf bias alone is a key of weight 0."""
+def test_hidden_rows_are_empty_and_nan_bias_rows_non_finite():
+    """A row whose keys are all hidden (bool False / -inf: a pad query) is empty: a finite zero output, argmax -1,
+    top1_prob 0 (issue 34). A row whose bias holds a NaN has no softmax: NaN output, argmax -1. Only those rows;
+    a -inf bias alone is a key of weight 0."""
     B, Hq, T, Tk = 1, 2, 9, 12
     q, k, v = qkv(B, Hq, Hq, T, Tk, 16, 16, torch.float32, seed=3)
     mask = make_mask("float-per-head", B, Hq, T, Tk, seed=3).to(DEV)
@@ -153,10 +154,11 @@ def test_hidden_rows_and_nan_bias_are_non_finite_rows():
             res = run(impl, q, k, v, mode, mask)
             bad = res.argmax == -1
             assert bad.sum() == 2 and bool(bad[0, 0, 2]) and bool(bad[0, 1, 5])
-            assert bool(res.out[0, 0, 2].isnan().all()) and bool(res.out[0, 1, 5].isnan().all())
+            assert bool((res.out[0, 0, 2] == 0).all()) and bool(res.out[0, 1, 5].isnan().all())
             assert bool(res.out[~bad].isfinite().all())
-        res = impl(q, k, v, mode="top1", attn_mask=mask > -math.inf, return_argmax=True)  # as a bool mask
-        assert bool(res.argmax[0, 0, 2] == -1) and int((res.argmax == -1).sum()) == 1
+        res = impl(q, k, v, mode="top1", attn_mask=mask > -math.inf, return_argmax=True, return_top1_prob=True)
+        assert bool(res.argmax[0, 0, 2] == -1) and int((res.argmax == -1).sum()) == 1  # as a bool mask
+        assert float(res.top1_prob[0, 0, 2]) == 0.0 and bool((res.out[0, 0, 2] == 0).all())
 
 
 @pytest.mark.parametrize("kw, exc, match", [

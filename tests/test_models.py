@@ -394,7 +394,9 @@ def test_flash_attention_2_config_crystallizes():
     assert all(a.config is flash.config for a in model_parts(flash).attn.values())
 
 
-def test_padding_and_custom_masks_refused():
+def test_padding_accepted_and_custom_masks_refused():
+    """Left padding through the model's mask (issue 34): the padded row's real positions equal its sequence alone
+    (positions from the mask, as generate builds them); a mask that is not causal + the window is refused by name."""
     model = build("mistral", attn="eager")
     ids = token_blocks(B)
     with torch.no_grad(), crystallize(model, [1], mode="full", backend="torch"):
@@ -402,8 +404,11 @@ def test_padding_and_custom_masks_refused():
                                    logits(model, ids), rtol=0, atol=0)
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        torch.testing.assert_close(padded[:1, 3:], logits(model, ids[:1, 3:]), rtol=1e-4, atol=1e-4)
+        T = ids.shape[1]
         with pytest.raises(ValueError, match="causal with a sliding window of 8"):
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=torch.zeros(ids.shape[0], 1, T, T))  # bidirectional
 
 
 @pytest.mark.parametrize("name", ["bloom", "t5", "bert", "gpt2-base"])

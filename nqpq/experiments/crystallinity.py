@@ -22,7 +22,10 @@ what the learned sink leaves; with n > 0 the mass is m_S + m_L, the sink keys' a
 With ``sink_tokens=n > 0`` (``nqpq.residual_attention``), i* is i*ᴿ, the winner among the keys j >= n, and
 ``top1_prob`` its probability: ``sink_frac`` then counts only the rows t < n, which see nothing else.
 
-Every row counts in every denominator. Row 0 is both sink and self, and never prev.
+Every row counts in every denominator, but a row with no visible key (argmax −1 with top1_prob 0: a pad query of a
+padded batch), which counts nowhere. Positions are each sequence's own (``first_position``: one per batch row for a
+padded batch, the cache's for a generation step), so a row counts once, at its position, however it was computed.
+Row 0 is both sink and self, and never prev.
 A row the op reports as non-finite (argmax −1, top1_prob NaN) counts in the
 denominators, in none of the fractions, and turns its head's ``top1_prob_mean`` into
 NaN: a NaN is reported, never averaged away.
@@ -68,11 +71,13 @@ class CrystallinityAccumulator:
         self._sums = {li: torch.zeros(heads[li], 8, dtype=torch.float64) for li in layers}
 
     def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None,
-            first_position: int = 0) -> None:
+            first_position: int | Tensor = 0) -> None:
         """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]`` and,
         for ``sink_tokens > 0`` or a learned sink, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0).
         ``first_position``: the absolute position of row 0 (a call with a KV cache holds the last T of Tk
-        positions: Tk − T), so that self and prev compare i* with each row's own position; each row counts once."""
+        positions: Tk − T), so that self and prev compare i* with each row's own position; each row counts once.
+        An int, or int64 ``[B]``: one per batch row (a padded batch: each sequence's own positions; argmax then holds
+        positions too). A row with no visible key (argmax −1 with top1_prob 0: a pad query) counts nowhere."""
         if sink_mass is None and self.sink_tokens:
             raise ValueError(f"sink_mass is needed for sink_tokens={self.sink_tokens}")
         if layer not in self._sums:
@@ -82,8 +87,12 @@ class CrystallinityAccumulator:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[1] != self.n_heads[layer]:
                 raise ValueError(f"{name} must be [B, Hq={self.n_heads[layer]}, T], got shape {tuple(t.shape)}")
-        if isinstance(first_position, bool) or not isinstance(first_position, int) or first_position < 0:
-            raise ValueError(f"first_position must be an int >= 0, got {first_position!r}")
+        if isinstance(first_position, Tensor):
+            if first_position.shape != argmax.shape[:1] or first_position.dtype != torch.int64:
+                raise ValueError(f"first_position must be an int >= 0 or int64 [B={argmax.shape[0]}], got "
+                                 f"{first_position.dtype} {tuple(first_position.shape)}")
+        elif isinstance(first_position, bool) or not isinstance(first_position, int) or first_position < 0:
+            raise ValueError(f"first_position must be an int >= 0 or int64 [B], got {first_position!r}")
         if argmax.shape != top1_prob.shape:
             raise ValueError(
                 f"argmax and top1_prob must have one shape, got {tuple(argmax.shape)} and {tuple(top1_prob.shape)}"
@@ -93,21 +102,25 @@ class CrystallinityAccumulator:
         if not top1_prob.is_floating_point():
             raise TypeError(f"top1_prob must be floating point, got {top1_prob.dtype}")
         B, H, T = argmax.shape
-        t = torch.arange(first_position, first_position + T, device=argmax.device)  # the rows' absolute positions
-        sink = (argmax == 0).sum(dim=(0, 2))
-        self_ = (argmax == t).sum(dim=(0, 2))
+        # The rows' absolute positions, [1 or B, 1, T].
+        start = first_position.to(argmax.device).view(-1, 1, 1) if isinstance(first_position, Tensor) else \
+            torch.tensor(first_position, device=argmax.device).view(1, 1, 1)
+        t = start + torch.arange(T, device=argmax.device)
+        real = ~((argmax == -1) & (top1_prob == 0))  # empty rows (no visible key) count nowhere
+        sink = ((argmax == 0) & real).sum(dim=(0, 2))
+        self_ = ((argmax == t) & real).sum(dim=(0, 2))
         # Position 0 has no previous token; an argmax of −1 (a non-finite row) must not count there.
-        prev = (argmax == t - 1)[:, :, t >= 1].sum(dim=(0, 2))
+        prev = ((argmax == t - 1) & (t >= 1) & real).sum(dim=(0, 2))
         top1_64 = top1_prob.to(torch.float64)
-        top1 = top1_64.sum(dim=(0, 2))
-        rows = torch.full((H,), float(B * T), dtype=torch.float64, device=argmax.device)
+        top1 = top1_64.sum(dim=(0, 2))  # empty rows add 0
+        rows = real.sum(dim=(0, 2)).double()
         if sink_mass is None:
             mass, share, share_rows = torch.zeros_like(top1), top1, rows
         else:
             mass64 = sink_mass.to(torch.float64)
-            mass = mass64.sum(dim=(0, 2))
+            mass = mass64.sum(dim=(0, 2))  # empty rows add 0
             # Rows t < n see only sink keys (mass 1): they have no winner beyond the sink. NaN rows stay NaN.
-            beyond = ~(mass64 == 1.0)
+            beyond = ~(mass64 == 1.0) & real
             share = torch.where(beyond, top1_64 / (1.0 - mass64), 0.0).sum(dim=(0, 2))
             share_rows = beyond.sum(dim=(0, 2)).double()
         step = torch.stack([top1, sink.double(), self_.double(), prev.double(), rows, mass, share, share_rows],

@@ -154,6 +154,27 @@ def configurations(modes: Sequence[str], d_rs: Sequence[int] | None) -> list[Con
     return out
 
 
+def check_modes(modes: Sequence[str], d_r: Sequence[int] | None, basis: str | None) -> None:
+    """The checks of ``--mode``, ``--d-r`` and ``--basis`` (nqpq eval's and nqpq generate's)."""
+    if not modes:
+        raise NqpqError("--mode: give at least one of " + ", ".join(MODES))
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise NqpqError(f"--mode {' '.join(bad)}: each must be one of {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise NqpqError(f"--mode repeats a mode: {' '.join(modes)}")
+    if "lowrank" in modes and not d_r:
+        raise NqpqError("--mode lowrank needs --d-r (the residual ranks to run, e.g. --d-r 8 32)")
+    if "lowrank" not in modes and d_r:
+        raise NqpqError("--d-r: ranks are for --mode lowrank, which is not among the modes")
+    if basis is not None:
+        if "lowrank" not in modes:
+            raise NqpqError("--basis: a residual basis is for --mode lowrank, which is not among the modes")
+        if not os.path.isfile(basis):
+            raise NqpqError(f"--basis {basis!r}: no such file (a basis.pt written by nqpq sweep --out, or "
+                            "ResidualBasis.save)")
+
+
 def check_eval_flags(cfg: EvalConfig) -> None:
     """Every check that needs neither the model nor lm-eval's task index (bad flags fail in seconds)."""
     from .config import check_flags
@@ -167,23 +188,7 @@ def check_eval_flags(cfg: EvalConfig) -> None:
         raise NqpqError(f"--limit {cfg.limit}: must be at least 1 (documents per task)")
     if cfg.include_path is not None and not os.path.isdir(cfg.include_path):
         raise NqpqError(f"--include-path {cfg.include_path!r}: no such directory (a folder of lm-eval task YAMLs)")
-    if not cfg.modes:
-        raise NqpqError("--mode: give at least one of " + ", ".join(MODES))
-    bad = [m for m in cfg.modes if m not in MODES]
-    if bad:
-        raise NqpqError(f"--mode {' '.join(bad)}: each must be one of {', '.join(MODES)}")
-    if len(set(cfg.modes)) != len(cfg.modes):
-        raise NqpqError(f"--mode repeats a mode: {' '.join(cfg.modes)}")
-    if "lowrank" in cfg.modes and not cfg.d_r:
-        raise NqpqError("--mode lowrank needs --d-r (the residual ranks to run, e.g. --d-r 8 32)")
-    if "lowrank" not in cfg.modes and cfg.d_r:
-        raise NqpqError("--d-r: ranks are for --mode lowrank, which is not among the modes")
-    if cfg.basis is not None:
-        if "lowrank" not in cfg.modes:
-            raise NqpqError("--basis: a residual basis is for --mode lowrank, which is not among the modes")
-        if not os.path.isfile(cfg.basis):
-            raise NqpqError(f"--basis {cfg.basis!r}: no such file (a basis.pt written by nqpq sweep --out, or "
-                            "ResidualBasis.save)")
+    check_modes(cfg.modes, cfg.d_r, cfg.basis)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise NqpqError("nqpq eval runs in one process (lm-eval scores a model passed to it on one rank); do not "
                         "launch it with torchrun")

@@ -87,8 +87,8 @@ def _score_mask(module: nn.Module, spec: LayerSpec, attention_mask: Tensor | Non
     cached = received is not None and received.dim() == 4 and received.shape[-1] != T  # the model's mask: past keys
     if (not own and Tk != T) or cached:
         raise ValueError(
-            f"crystallized attention scores whole sequences; got {T} queries for {Tk} keys "
-            "(a KV cache / generation is not supported)"
+            f"crystallized attention scores whole sequences where {type(module).__name__} builds its own attention "
+            f"mask or score bias; got {T} queries for {Tk} keys (a KV cache / generation is not supported there)"
         )
     if not own:
         _check_mask(attention_mask, T, window, chunk)  # the plain causal mask, or refused (padding, custom)
@@ -164,7 +164,7 @@ def _probabilities(query: Tensor, key: Tensor, scale: float, window: int | None,
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if attn_mask is None:
-        scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk), float("-inf"))
+        scores = scores.masked_fill(~visible_keys(T, window, query.device, chunk, Tk), float("-inf"))
     elif attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     else:

@@ -9,7 +9,9 @@ a kernel) stay exactly as they were. No ``forward`` is replaced; leaving the con
 module's own config.
 
 The function accepts exactly the masks meaning "causal", "causal plus this layer's sliding window" or "causal
-in this layer's chunks" (Llama 4's chunked layers: the chunk size is read from the layer's geometry),
+in this layer's chunks" (Llama 4's chunked layers: the chunk size is read from the layer's geometry), over the keys of
+a KV cache (dynamic, sliding-window past the window, static) and the non-pad keys of a left- or right-padded batch
+(``nqpq.model.cache_layout`` reads the positions and hands the op an explicit mask only where it is needed),
 grouped-query k/v (handed to the op with their Hkv heads, never repeated), Gemma 2's ``softcap``, the
 model's ``scaling``, q/k and v of different widths (multi-head latent attention: the basis and the Gram live
 in v's width), learned attention sinks (``s_aux``: gpt-oss, Granite SWA, MiMo-V2-Flash, Flint; handed to the op
@@ -53,12 +55,14 @@ from .attention_args import (
     _check_kwargs,
     _learned_sink,
     _mask_window,
+    _plain_mask,
     _probabilities,
     _score_mask,
 )
+from .cache_layout import CallLayout, call_backend, call_layout, feed, run_op
 from .devices import execution_device
 from .geometry import LayerGeometry
-from .layer_spec import LayerSpec, Observer, _feed, _forget_calls, _receive_mask
+from .layer_spec import LayerSpec, Observer, _forget_calls, _receive_mask
 from .parts import ModelParts, as_index, layer_indices, model_parts
 
 _PREFIX = "nqpq_"
@@ -114,37 +118,47 @@ def _crystal_attention(
     _check_kwargs(module, kwargs)
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     learned_sink = _learned_sink(module, kwargs, query)
-    T = query.shape[2]
+    B, _, T, _ = query.shape
+    Tk = key.shape[2]
     chunk = spec.attention_chunk
+    position_bias = kwargs.get("position_bias")
     if window is None and chunk is None and attention_mask is not None and attention_mask is spec.received_mask:
         window = _mask_window(attention_mask, T)  # a window only the model's mask holds (BLT's local layers)
-    attn_mask = _score_mask(module, spec, attention_mask, kwargs.get("position_bias"), T, key.shape[2], window,
-                            chunk)
-    if attn_mask is not None:  # the mask alone decides visibility: it holds the window / chunk already
-        window = chunk = None
+    own = (attention_mask is not None and attention_mask is not spec.received_mask
+           and not (Tk == T and _plain_mask(attention_mask, T, window, chunk)))
+    layout = None
+    if own or position_bias is not None:  # a mask or a bias of the module's own making: whole sequences only
+        attn_mask = _score_mask(module, spec, attention_mask, position_bias, T, Tk, window, chunk)
+        if attn_mask is not None:  # the mask alone decides visibility: it holds the window / chunk already
+            window = chunk = None
+    else:  # the model's mask: causal, with a KV cache, a static cache and / or padding (nqpq.model.cache_layout)
+        attn_mask = None
+        layout = call_layout(attention_mask, B, T, Tk, window, chunk, _position_ids(kwargs, spec))
     _check_dense(module, kwargs.get("indices"), T)
-    impl = residual_attention_impl(resolve_backend(spec.backend, query.device.type, query.shape[-1], value.shape[-1]))
+    cached = layout is not None and layout.mask is None and T < layout.n_keys
+    impl = residual_attention_impl(call_backend(spec.backend, query, value, cached))
     # Another part of V of an attention already counted in this forward (DiffLlama): the same argmax, top-1
     # probability and sink mass, so no statistics; its ε still joins the Gram.
     repeat = any(q is query and k is key for q, k in spec.calls)
     spec.calls.append((query, key))
     stats = spec.stats_acc is not None and not repeat
-    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the accumulators
+    common = dict(scale=scaling, sliding_window=window, softcap=softcap, attention_chunk=chunk, attn_mask=attn_mask,
+                  learned_sink=learned_sink)
+    if spec.observe:  # the model's own output, bit for bit; the same q, k, v through the op for the sinks
         result = _own_attention(module, spec, query, key, value, attention_mask, scaling, dropout, kwargs)
         for ob in spec.observers:
             watch = ob.stats_acc is not None and not repeat
             if ob.gram_acc is None and not watch:
                 continue
-            res = impl(query, key, value, mode="top1", scale=scaling, sliding_window=window, softcap=softcap,
-                       attention_chunk=chunk, attn_mask=attn_mask, sink_tokens=ob.sink_tokens,
-                       learned_sink=learned_sink,
-                       return_gram=ob.gram_acc is not None,
-                       return_argmax=watch, return_top1_prob=watch,
-                       return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
-            _feed(spec.layer, ob.gram_acc, ob.stats_acc if watch else None, res)
+            _check_positions(module, spec, layout, kwargs, T, ob.sink_tokens, watch)
+            res = run_op(impl, layout, query, key, value, ob.sink_tokens, common, mode="top1",
+                          return_gram=ob.gram_acc is not None, return_argmax=watch, return_top1_prob=watch,
+                          return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
+            feed(spec.layer, ob.gram_acc, ob.stats_acc if watch else None, res, layout)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
+    _check_positions(module, spec, layout, kwargs, T, spec.sink_tokens, stats)
     weights = None
     if _attentions_requested(kwargs):
         if spec.original != "eager":
@@ -153,16 +167,48 @@ def _crystal_attention(
                 "attentions tuple would skip layers; load the model with attn_implementation='eager'"
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5  # the op's default too
-        weights = _probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask)
-    res = impl(
-        query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
-        sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_acc is not None, return_argmax=stats,
-        return_top1_prob=stats,
+        weights = _layout_probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask, layout)
+    res = run_op(
+        impl, layout, query, key, value, spec.sink_tokens, common, mode=spec.mode, basis=spec.basis, d_r=spec.d_r,
+        return_gram=spec.gram_acc is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    _feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res)
+    feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res, layout)
     return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
+
+
+def _position_ids(kwargs: dict, spec: LayerSpec) -> Tensor | None:
+    """The queries' positions in their own sequences, where the model passes them (to the attention function, or
+    to the module's forward)."""
+    pos = kwargs.get("position_ids")
+    return pos if isinstance(pos, Tensor) else spec.received_positions
+
+
+def _check_positions(module: nn.Module, spec: LayerSpec, layout: CallLayout | None, kwargs: dict, T: int,
+                     sink_tokens: int, stats: bool) -> None:
+    """Refuse a cached call of a windowed or chunked layer whose positions cannot be read: a sliding cache drops
+    keys, so its slots are not positions, and without ``position_ids`` the sink keys, the chunks and the statistics
+    (which read positions) would be wrong."""
+    if layout is None or T == layout.n_keys or _position_ids(kwargs, spec) is not None:
+        return
+    if (kwargs.get("sliding_window") is not None or spec.attention_chunk is not None) and (
+            sink_tokens > 0 or stats or spec.attention_chunk is not None):
+        raise ValueError(
+            f"{type(module).__name__} passes no position_ids with a KV cache on a windowed layer: a sliding cache "
+            "drops keys, so nqpq cannot read the positions that sink_tokens, chunks and statistics need"
+        )
+
+
+def _layout_probabilities(query: Tensor, key: Tensor, scale: float, window: int | None, softcap: float | None,
+                          learned_sink: Tensor | None, chunk: int | None, attn_mask: Tensor | None,
+                          layout: CallLayout | None) -> Tensor:
+    """``_probabilities`` on the call's layout: [B, Hq, T, Tk], zero on the key slots after the last query's."""
+    if layout is None:
+        return _probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask)
+    p = _probabilities(query, key[:, :, :layout.n_keys], scale, layout.window, softcap, learned_sink, layout.chunk,
+                       layout.mask)
+    p = p.nan_to_num(0.0)  # pad queries (no visible key): no probabilities
+    return torch.nn.functional.pad(p, (0, key.shape[2] - layout.n_keys))
 
 
 def _register(original: str) -> str:

@@ -39,6 +39,9 @@ class LayerSpec:
     # Llama 4's chunked layers: query i sees keys j <= i with j // C == i // C. Not an argument the model passes
     # (it is in the mask it builds), so read from the layer's geometry; the mask is checked against it.
     attention_chunk: int | None = None
+    # The position_ids the module itself was given in its current forward (None if none), set by its forward
+    # pre-hook: the queries' positions where a family does not pass them on to its attention function.
+    received_positions: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,12 @@ class Observer:
     stats_acc: object | None = None  # anything with .add(layer, argmax, top1_prob, sink_mass)
 
 
-def _feed(layer: int, gram_acc, stats_acc, res) -> None:
-    if gram_acc is not None:
-        gram_acc.add(layer, res.gram)
-    if stats_acc is not None:
-        if res.sink_mass is None:
-            stats_acc.add(layer, res.argmax, res.top1_prob)
-        else:
-            stats_acc.add(layer, res.argmax, res.top1_prob, res.sink_mass)
-
-
 def _forget_calls(spec: LayerSpec):
     """A forward (pre-)hook emptying ``spec.calls``: the q/k it held belong to the forward that ended."""
     def forget(*_) -> None:
         spec.calls.clear()
         spec.received_mask = None
+        spec.received_positions = None
     return forget
 
 
@@ -79,4 +73,6 @@ def _receive_mask(spec: LayerSpec, module: nn.Module):
         except TypeError:  # a call its signature does not describe: read the keyword
             mask = kwargs.get("attention_mask")
         spec.received_mask = mask if isinstance(mask, Tensor) else None
+        pos = kwargs.get("position_ids")
+        spec.received_positions = pos if isinstance(pos, Tensor) else None
     return receive
