@@ -47,7 +47,7 @@ from nqpq_kernels.reference import _hidden_keys, visible_keys
 from ..errors import UnsupportedModelError
 from .devices import execution_device
 from .geometry import LayerGeometry
-from .parts import as_index, layer_indices, model_parts
+from .parts import as_index, layer_heads, model_parts
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
@@ -95,6 +95,9 @@ class LayerSpec:
     # Llama 4's chunked layers: query i sees keys j <= i with j // C == i // C. Not an argument the model passes
     # (it is in the mask it builds), so read from the layer's geometry; the mask is checked against it.
     attention_chunk: int | None = None
+    # Per-head crystallization: bool [Hq] on the layer's device, True = the head runs ``mode``, False = plain
+    # attention (the op's ``crystal_heads``); None: every head.
+    heads: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -362,8 +365,8 @@ def _crystal_attention(
     res = impl(
         query, key, value, mode=spec.mode, basis=spec.basis, d_r=spec.d_r, scale=scaling,
         sliding_window=window, softcap=softcap, sink_tokens=spec.sink_tokens, learned_sink=learned_sink,
-        attention_chunk=chunk, attn_mask=attn_mask, return_gram=spec.gram_sink is not None, return_argmax=stats,
-        return_top1_prob=stats,
+        attention_chunk=chunk, attn_mask=attn_mask, crystal_heads=spec.heads,
+        return_gram=spec.gram_sink is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
     _feed(spec.layer, spec.gram_sink, spec.stats_sink if stats else None, res)
@@ -398,11 +401,13 @@ class Crystallization:
     model: nn.Module
     original: str
     layers: tuple[int, ...]
+    # layer → the query heads crystallized (sorted), None where every head is
+    heads: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
 
 
 def crystallize_layers(
     model: nn.Module,
-    layers: Sequence[int],
+    layers: Sequence[int] | Mapping[int, Sequence[int]],
     *,
     mode: str,
     basis: Mapping[int, Tensor] | None = None,
@@ -416,9 +421,11 @@ def crystallize_layers(
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
-    ``layers`` is a list of layer indices, every head of each crystallized: anything read otherwise (a mapping of
-    heads such as ``{25: [0, 1]}``, nested lists, repeats, bools, out of range) is refused with a
-    ``LayerChoiceError`` (an ``NqpqError`` and a ``ValueError``) naming it (``nqpq.model.parts.layer_indices``).
+    ``layers`` is a list of layer indices, every head of each crystallized, or a mapping layer → query heads
+    (``{25: [0, 1]}``: heads 0 and 1 of layer 25 run ``mode``, its other heads plain attention, in the same op call;
+    every head's statistics and Gram still feed the sinks). Anything read otherwise (nested lists, repeats, bools,
+    out of range, an empty list of heads) is refused with a ``LayerChoiceError`` (an ``NqpqError`` and a
+    ``ValueError``) naming it (``nqpq.model.parts.layer_heads``).
 
     ``basis`` maps layer → ``[Hq, Dv, R]`` (e.g. ``ResidualBasis.basis``; Dv the layer's value width, which
     multi-head latent attention makes differ from q/k's), needed for ``lowrank``; ``d_r`` is at most each
@@ -435,7 +442,8 @@ def crystallize_layers(
     """
     parts = model_parts(model)
     check_choice("mode", mode, MODES)
-    layers = layer_indices(layers, parts.n_layers)
+    chosen_heads = layer_heads(layers, parts.n_layers, parts.query_heads)
+    layers = tuple(chosen_heads)
     parts.check_attention_layers(layers)
     if mode == "lowrank":
         if d_r is not None:
@@ -483,11 +491,12 @@ def crystallize_layers(
                     f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
-                              gram_sink, stats_sink, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
+                              gram_sink, stats_sink, observe, n_sink, watchers, attention_chunk=geo.attention_chunk,
+                              heads=_head_flags(chosen_heads[li], Hq, device))
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)
-    patch = Crystallization(model, original, layers)
+    patch = Crystallization(model, original, layers, chosen_heads)
     try:
         for li, layer_spec in specs.items():
             # A layer of several self-attentions (LongCat-Flash's two blocks): each module its own spec (its config
@@ -506,6 +515,16 @@ def crystallize_layers(
         uncrystallize(patch)
         raise
     return patch
+
+
+def _head_flags(heads: tuple[int, ...] | None, n_heads: int, device: torch.device) -> Tensor | None:
+    """The op's ``crystal_heads`` for a layer: bool ``[Hq]`` on its device, True for the chosen query heads; None
+    where every head is chosen (the all-heads path)."""
+    if heads is None or len(heads) == n_heads:
+        return None
+    flags = torch.zeros(n_heads, dtype=torch.bool)
+    flags[list(heads)] = True
+    return flags.to(device)
 
 
 def _layer_backend(backend: str, device_type: str, geo: LayerGeometry) -> str:
@@ -574,7 +593,7 @@ def observe_residuals(
 @contextmanager
 def crystallize(
     model: nn.Module,
-    layers: Sequence[int],
+    layers: Sequence[int] | Mapping[int, Sequence[int]],
     *,
     mode: str,
     basis: Mapping[int, Tensor] | None = None,
@@ -584,7 +603,8 @@ def crystallize(
     stats_sink: object | None = None,
     sink_tokens: int = 0,
 ) -> Iterator[Crystallization]:
-    """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
+    """Context manager form of ``crystallize_layers`` / ``uncrystallize``: ``layers`` a list of layers (every head)
+    or a mapping layer → query heads (the others plain attention)."""
     patch = crystallize_layers(
         model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_sink=gram_sink,
         stats_sink=stats_sink, sink_tokens=sink_tokens,
