@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REL_SCORE_MARGIN
 from f64_reference import F64Reference, build_llama
-from test_families import B, REL_TOL, assert_rel_close, logits, random_basis, token_ids
+from test_families import REL_TOL, B, assert_rel_close, logits, random_basis, token_ids
 from tiny_families import VOCAB, build_family
 
 from nqpq import calibrate
