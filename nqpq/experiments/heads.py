@@ -186,18 +186,16 @@ def measure_crystallinity(model: torch.nn.Module, blocks: torch.Tensor, layers: 
     return acc.results()
 
 
-def heads_for_run(cfg, model: torch.nn.Module, parts, layers: Sequence[int], calibration, scored: torch.Tensor,
-                  batch_size: int, sink_tokens: int) -> HeadChoice | None:
+def heads_for_run(cfg, model: torch.nn.Module, parts, layers: Sequence[int], calibration, source: str,
+                  scored: torch.Tensor, batch_size: int, sink_tokens: int) -> HeadChoice | None:
     """The run's ``HeadChoice`` for ``cfg.heads`` (None without the flag): a rule is measured on ``calibration``
     (``nqpq.experiments.sweep.CalibrationSet``; its blocks, or the first ``cfg.calib_blocks`` of ``scored`` for
-    ``--calib-from eval``) with ``sink_tokens`` kept apart."""
+    ``--calib-from eval``; ``source``: ``calibration_source(cfg)``) with ``sink_tokens`` kept apart."""
     spec = check_heads(cfg.heads, layers, parts)
     if spec is None:
         return None
     blocks = calibration.blocks if calibration.blocks is not None else scored[:cfg.calib_blocks]
-    from .config import calibration_source
-
-    measured_on = {"source": calibration_source(cfg), "first_block": calibration.first_block,
+    measured_on = {"source": source, "first_block": calibration.first_block,
                    "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "sink_tokens": sink_tokens}
     return choose_heads(spec, parts, layers, lambda: measure_crystallinity(
         model, blocks, layers, batch_size, cfg.backend, sink_tokens, {li: parts.query_heads(li) for li in layers}),

@@ -35,7 +35,7 @@ from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
 from ..results.stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, smallest_recovering, verdict, with_draws
 from .batching import default_batch_size, gather_losses, plan_batches
-from .config import SweepConfig, check_flags, check_model_fit, sink_settings, sweep_ranks
+from .config import SweepConfig, calibration_source, check_flags, check_model_fit, sink_settings, sweep_ranks
 from .heads import heads_for_run
 from .resume import Checkpoint
 from .sweep import (
@@ -144,7 +144,8 @@ def run_scan(
     timings["calibration_s"] = time.perf_counter() - t  # calibration passes, eigendecompositions, stats reduction
     indices = resample_indices(cfg.n_blocks, cfg.seed)
     # --heads: each scanned layer crystallizes its chosen query heads; a layer where none is chosen is not scanned.
-    heads = heads_for_run(cfg, model, parts, layers, calibrations[0], blocks, batch_size, sinks[0])
+    heads = heads_for_run(cfg, model, parts, layers, calibrations[0], calibration_source(cfg), blocks, batch_size,
+                          sinks[0])
     scanned = layers if heads is None else tuple(li for li in layers if li in heads.mapping)
 
     def layer_losses(layer: int, mode: str, d_r: int | None, pbar, n: int, basis=None, draw: int = 0) -> torch.Tensor:

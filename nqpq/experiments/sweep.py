@@ -246,7 +246,8 @@ def run_sweep(
             checkpoint.save_baseline(base_losses, bases, crystallinity)
 
     # --heads: the query heads crystallized per layer (a rule measured on the first calibration set), else all.
-    heads = heads_for_run(cfg, model, parts, layers, calibrations[0], blocks, batch_size, sinks[0])
+    heads = heads_for_run(cfg, model, parts, layers, calibrations[0], calibration_source(cfg), blocks, batch_size,
+                          sinks[0])
     crystal = layers if heads is None else heads.mapping
 
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
