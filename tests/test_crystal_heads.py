@@ -126,12 +126,22 @@ def test_all_true_or_full_is_the_whole_call_bit_for_bit(backend):
     assert torch.equal(f.out, g.out)
 
 
-def test_no_head_chosen_outputs_plain_attention():
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_no_head_chosen_outputs_plain_attention(backend):
+    """Every head left plain (a whole kv group too): the output is "full"'s, in top-1 and low-rank alike."""
     q, k, v = qkv(1, 4, 2, 20, 16, torch.float32)
     none = torch.zeros(4, dtype=torch.bool, device=DEV)
-    out = residual_attention(q, k, v, mode="top1", backend="torch", crystal_heads=none)
-    full = residual_attention(q, k, v, mode="full", backend="torch")
-    torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-5)
+    run = BACKENDS[backend]
+    full = run(q, k, v, mode="full").out
+    for mode, basis, d_r in (("top1", None, None), ("lowrank", basis_for(4, 16), 3)):
+        out = run(q, k, v, mode=mode, basis=basis, d_r=d_r, crystal_heads=none).out
+        torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-5)
+    # One whole kv group plain (heads 2, 3), the other crystallized: the op of the first group's heads alone.
+    half = torch.tensor([True, True, False, False], device=DEV)
+    out = run(q, k, v, mode="top1", crystal_heads=half).out
+    top1 = run(q, k, v, mode="top1").out
+    torch.testing.assert_close(out[:, :2], top1[:, :2], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[:, 2:], full[:, 2:], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("heads,error,match", [

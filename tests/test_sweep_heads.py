@@ -64,7 +64,9 @@ def f64_model(model, heads: dict[int, tuple[int, ...]], mode: str = "top1") -> F
 def test_sweep_by_index_is_the_float64_model_with_those_heads_crystallized(tokenizer, token_ids):
     model = build_model(vocab_size=len(tokenizer))
     heads = {2: (0, 3), 3: (1,)}
-    results = run_sweep(config(heads="2:0,3 3:1"), model=model, ids=token_ids, log=lambda *_: None)
+    printed: list[str] = []
+    results = run_sweep(config(heads="2:0,3 3:1"), model=model, ids=token_ids, log=printed.append)
+    assert " heads: 3 crystallized by index: 2:0,3 3:1 (the other heads: plain attention)" in printed
     assert results["heads"] == {"by": "index", "rule": None, "stat": None, "chosen": {"2": [0, 3], "3": [1]},
                                 "n_chosen": 3, "values": None, "measured_on": None}
     assert results["config"]["heads"] == "2:0,3 3:1"
