@@ -278,6 +278,7 @@ def residual_values(v: Variant) -> dict:
     lstrides = ((Hq * T, T, 1) if v.per_row else (0, 1, 0)) if v.learned else (0, 0, 0)
     values.update(dict(zip(("stride_lb", "stride_lh", "stride_lt"), lstrides, strict=True)))
     values.update(bias_values(v))
+    values["CrystalHeads"] = None  # per-head crystallization off (every variant crystallizes every head): its default
     return values
 
 

@@ -87,6 +87,11 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
                         "(default: none)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help=layers_help)
+    p.add_argument("--heads", nargs="+", default=None, metavar="SPEC",
+                   help="query heads of the crystallized layers to crystallize, the others plain attention: by index "
+                        "(27:0,1,2 28:3: layers among --layers) or a crystallinity rule measured per head on the "
+                        "calibration text (top1_prob>=0.7; top1_prob, sink_frac, self_frac, prev_frac, sink_mass, "
+                        "winner_share with >=, >, <=, <) (default: every head)")
     p.add_argument("--d-r", type=int, nargs="+", default=None,
                    help="residual ranks to sweep, each 1..head_dim, run once each in increasing order "
                         "(default: the spec's 1 2 4 8 16 32, those <= head_dim)")
@@ -216,7 +221,7 @@ def _sweep(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
         seed=args.seed, out=args.out, demo=args.demo, progress=not args.no_progress,
         device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder, bos=args.bos,
-        sink_tokens=tuple(args.sink_tokens),
+        sink_tokens=tuple(args.sink_tokens), heads=None if args.heads is None else " ".join(args.heads),
     )
     # torchrun sets RANK before the process group exists: only rank 0 touches --out.
     writer = int(os.environ.get("RANK", "0")) == 0

@@ -67,6 +67,9 @@ class ResolvedArgs(NamedTuple):
     # An explicit mask (SDPA's attn_mask: bool, True = the key takes part, or float, added to the scores),
     # expanded to [B, Hq, Tq, Tk] (a view: broadcast dims have stride 0); None: the implicit causal mask.
     attn_mask: Tensor | None = None
+    # Per-head crystallization: bool [Hq] on q's device, True = the head outputs its mode's result, False = plain
+    # attention (ctx); None: every head crystallized (also what an all-True mask, or mode "full", resolves to).
+    crystal_heads: Tensor | None = None
 
 
 def _describe(x: Any) -> str:
@@ -115,6 +118,7 @@ def check_residual_attention_inputs(
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
     attn_mask: Tensor | None = None,
+    crystal_heads: Tensor | None = None,
 ) -> ResolvedArgs:
     """Validate a residual-attention call; return the resolved arguments.
 
@@ -140,6 +144,11 @@ def check_residual_attention_inputs(
     any Tk keys (a model that appends keys of its own, DeepSeek V4's compressed entries); without one Tk >= Tq.
     Under a mask, a row that sees no key (every masked score -inf, none NaN: a pad query) is empty: a zero output,
     argmax -1, top1_prob and sink_mass 0, nothing in the Gram.
+
+    ``crystal_heads`` None (every query head crystallized) or a bool tensor ``[Hq]`` on q's device: the heads marked
+    False output plain attention (ctx) whatever the mode; every statistic (argmax, top-1 probability, sink mass, the
+    Gram of ε) is still computed for every head. It resolves to None where it changes nothing (all True, or
+    mode "full").
     """
     check_choice("mode", mode, MODES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -258,9 +267,26 @@ def check_residual_attention_inputs(
         if sliding_window is not None or attention_chunk is not None:
             raise ValueError("attn_mask defines visibility alone: pass no sliding_window or attention_chunk with it "
                              "(fold them into the mask)")
+    if crystal_heads is not None:
+        crystal_heads = _check_crystal_heads(crystal_heads, Hq, q.device, mode)
     # Above Tk every key is a sink key: clamping keeps the value an int32 for the kernel, same math.
     return ResolvedArgs(d_r, scale, sliding_window, softcap, Hq // Hkv, min(sink_tokens, Tk), learned_sink, Dv,
-                        attention_chunk, attn_mask)
+                        attention_chunk, attn_mask, crystal_heads)
+
+
+def _check_crystal_heads(heads: Any, Hq: int, device: torch.device, mode: str) -> Tensor | None:
+    """``heads`` checked (a bool tensor ``[Hq]`` on ``device``); None where every head is crystallized anyway (all
+    True) or the mode's output is plain attention for every head ("full"): the all-heads path, bit for bit."""
+    if not isinstance(heads, Tensor) or heads.dtype != torch.bool:
+        raise TypeError(f"crystal_heads must be a bool torch.Tensor [Hq] (True: the head is crystallized) or None, "
+                        f"got {_describe(heads)}")
+    if tuple(heads.shape) != (Hq,):
+        raise ValueError(f"crystal_heads must be [Hq={Hq}] (one flag per query head), got {tuple(heads.shape)}")
+    if heads.device != device:
+        raise ValueError(f"crystal_heads is on {heads.device} but q is on {device}")
+    if mode == "full" or bool(heads.all()):
+        return None
+    return heads
 
 
 def _check_attn_mask(mask: Any, shape: tuple[int, int, int, int], device: torch.device) -> Tensor:

@@ -79,6 +79,7 @@ def residual_attention(
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
     attn_mask: Tensor | None = None,
+    crystal_heads: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Causal residual attention, SDPA-like: q ``[B, Hq, T, D]``, k, v ``[B, Hkv, T, D]`` → ``[B, Hq, T, D]``.
 
@@ -130,6 +131,11 @@ def residual_attention(
     under the mask (a pad query of a padded batch) is empty: a finite zero output, argmax -1, top1_prob and sink_mass
     0, nothing in the Gram.
 
+    ``crystal_heads`` (None: every head) is a bool tensor ``[Hq]`` on q's device choosing the query heads to
+    crystallize: a head marked False outputs plain attention (ctx = p @ V, ``"full"``'s output) in every mode, in
+    the same launch (a per-head flag read in the kernel's epilogue; the query heads of one kv group may differ), and
+    its statistics are computed as for any head.
+
     Returns ``out``; with ``return_argmax``, ``return_top1_prob`` and/or ``return_sink_mass`` a tuple
     ``(out, argmax, top1_prob, sink_mass)`` holding only what was asked, in that order: argmax int64
     ``[B, Hq, T]`` = i* (i*ᴿ with n > 0; on rows t < n the first maximum over all visible keys; -1 on a
@@ -149,7 +155,7 @@ def residual_attention(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
         return_argmax=return_argmax, return_top1_prob=return_top1_prob, sink_tokens=sink_tokens,
         return_sink_mass=return_sink_mass, learned_sink=learned_sink, attention_chunk=attention_chunk,
-        attn_mask=attn_mask,
+        attn_mask=attn_mask, **({} if crystal_heads is None else {"crystal_heads": crystal_heads}),
     )
     asked = ((res.argmax, return_argmax), (res.top1_prob, return_top1_prob), (res.sink_mass, return_sink_mass))
     extra = [x for x, want in asked if want]

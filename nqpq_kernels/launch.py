@@ -168,6 +168,7 @@ def kernel_meta(
     value_dim: int | None = None,
     learned_sink: bool = False,
     bias: bool = False,
+    per_head: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
     num_stages})``. One place, shared by the launcher, ``benchmarks.tune --compile-only`` and ``benchmarks.sm90``.
@@ -176,8 +177,10 @@ def kernel_meta(
     in; the number of sink keys is a runtime argument, so one compiled kernel serves every n >= 1 and n = 0
     runs the kernel without any sink code. ``learned_sink``: a learned sink logit per head is passed.
     ``bias``: an attn_mask is passed (read as an fp32 bias tile per key tile; every key tile is walked).
+    ``per_head``: some query heads are left plain (a flag per head read in the epilogue; they output ctx, so ctx is
+    accumulated for every head).
     """
-    need_ctx = mode != "top1" or return_gram
+    need_ctx = mode != "top1" or return_gram or per_head
     d_pad = padded_head_dim(D)
     dv = D if value_dim is None else value_dim
     dv_pad = padded_head_dim(dv)
@@ -218,6 +221,7 @@ def kernel_meta(
         # The second [BLOCK_M, D] accumulator (Σ_S p V) costs registers: only where the ground state is used,
         # i.e. not for "full" without a Gram. Registers and spills per variant: python -m benchmarks.sm90.
         SINK_ACC=sink and (mode != "full" or return_gram),
+        PER_HEAD=per_head,
         LEARNED=learned_sink,
         HAS_BIAS=bias,
         # The Gram's column blocks of ε cut by reshape + split (else selected by one-hot products).

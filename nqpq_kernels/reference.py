@@ -54,6 +54,10 @@ An explicit mask (``attn_mask``, torch SDPA's: bool, True = the key takes part, 
 over all Tk keys (k and v may hold Tk != Tq keys: keys the model appends); every rule above then reads "visible"
 as "a finite score", and i* may be a key >= Tq.
 
+Per-head crystallization (``crystal_heads``, bool ``[Hq]``; None = every head): a head marked False outputs ctx,
+plain attention, whatever the mode; its argmax, top-1 probability, sink mass and Gram of ε are computed as for any
+head (calibration reads the Gram of every head).
+
 A KV cache (no ``attn_mask``, q holding Tq <= Tk queries): the queries are the last Tq of the Tk positions, query
 row r at absolute position i = Tk − Tq + r (bottom-right aligned causal, as FlashAttention >= 2.1): every rule above
 reads i, so row r of such a call equals row Tk − Tq + r of the whole Tk × Tk call. The windows, chunks, the sink
@@ -131,6 +135,7 @@ def residual_attention_reference(
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
     attn_mask: Tensor | None = None,
+    crystal_heads: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Residual attention in plain PyTorch, vectorized over batch and heads.
 
@@ -141,10 +146,10 @@ def residual_attention_reference(
     ``[B, Hq, T]`` = p[argmax] (max_j p[j] for ``sink_tokens=0`` without a learned sink); ``sink_mass``
     float32 ``[B, Hq, T]`` = Σ_{j<n} p[j] + m_L (module docstring). Fields not asked for are None. Holds one
     fp32 ``[B, Hq, Tq, Tk]`` buffer (plus a transient bool one). On MPS, which has no float64, the Gram comes
-    back on the CPU.
+    back on the CPU. ``crystal_heads`` (bool ``[Hq]``): the heads marked False output ctx (module docstring).
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink, attention_chunk, attn_mask)
+                                           learned_sink, attention_chunk, attn_mask, crystal_heads)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, T, Dqk = q.shape
     Tk = k.shape[2]  # >= T without an attn_mask: the queries are the last T positions
@@ -211,7 +216,8 @@ def residual_attention_reference(
             del s_rest
         else:  # every key is a sink key
             r_empty = torch.ones_like(nan_rows)
-    need_ctx = mode != "top1" or return_gram or n > 0
+    # A head left plain (crystal_heads False) outputs ctx.
+    need_ctx = mode != "top1" or return_gram or n > 0 or args.crystal_heads is not None
     # top1 without its probability (the sweep's top-1 replay) needs only i*; top1 with it only Σ_j exp(s_j - m);
     # with a learned sink the ground state needs its mass, so the denominator too.
     need_p = need_ctx or return_top1_prob or sink_logit is not None
@@ -289,6 +295,8 @@ def residual_attention_reference(
         P = basis[:, :, : args.d_r].to(device=q.device, dtype=torch.float32)  # [Hq, Dv, d_r]
         coeff = torch.einsum("bhtd,hdr->bhtr", eps, P)
         out = ground + torch.einsum("bhtr,hdr->bhtd", coeff, P)
+    if args.crystal_heads is not None:  # the heads not chosen: plain attention
+        out = torch.where(args.crystal_heads.view(1, Hq, 1, 1), out, ctx)
 
     gram = None
     if return_gram:

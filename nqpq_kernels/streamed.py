@@ -113,6 +113,7 @@ def residual_attention_streamed(
     attention_chunk: int | None = None,
     attn_mask: Tensor | None = None,
     block_size: int | None = None,
+    crystal_heads: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Residual attention in query blocks; the contract, keywords and result of ``residual_attention_reference``
     (same checks, same fields, the same numbers up to fp32 rounding), plus ``block_size``: query rows per block
@@ -123,7 +124,7 @@ def residual_attention_streamed(
     ``"torch"`` backend uses it on CPU.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink, attention_chunk, attn_mask)
+                                           learned_sink, attention_chunk, attn_mask, crystal_heads)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     B, Hq, Tq, Dqk = q.shape
     Hkv, Tk, G, Dv = k.shape[1], k.shape[2], args.group, args.value_dim
@@ -141,11 +142,15 @@ def residual_attention_streamed(
 
     n = args.sink_tokens
     d_r = args.d_r
-    # Low rank for evaluation goes through V·P_r (d_r columns instead of Dv); with a Gram ε is needed whole.
-    # V P_r costs Tk·Dv·d_r per head whatever Tq is; it pays where it saves more on p @ V (Tq·Tk·(Dv − d_r)): not for
-    # a decode step (Tq = 1), where it would re-project the whole cache each token.
-    use_proj = mode == "lowrank" and not return_gram and 0 < d_r < Dv and Tq * (Dv - d_r) > Dv * d_r
-    need_ctx = mode == "full" or return_gram or (mode == "lowrank" and d_r > 0 and not use_proj)
+    # Heads left plain (crystal_heads False) output ctx: [1, Hkv, G, 1, 1] to select per head; None: every head.
+    plain_heads = None if args.crystal_heads is None else ~args.crystal_heads.view(1, Hkv, G, 1, 1)
+    # Low rank for evaluation goes through V·P_r (d_r columns instead of Dv); with a Gram, or heads left plain, ctx
+    # is needed whole. V P_r costs Tk·Dv·d_r per head whatever Tq is; it pays where it saves more on p @ V
+    # (Tq·Tk·(Dv − d_r)): not for a decode step (Tq = 1), where it would re-project the whole cache each token.
+    use_proj = (mode == "lowrank" and not return_gram and 0 < d_r < Dv and Tq * (Dv - d_r) > Dv * d_r
+                and plain_heads is None)
+    need_ctx = mode == "full" or return_gram or (mode == "lowrank" and d_r > 0 and not use_proj) \
+        or plain_heads is not None
     # p (an exp pass over the scores) is needed for ctx, the projection, the top-1 probability, and any sink mass;
     # top1 without them needs i* alone.
     need_exp = need_ctx or use_proj or return_top1_prob or args.learned_sink is not None
@@ -340,6 +345,8 @@ def residual_attention_streamed(
             o = ground + torch.matmul(coeff, P.transpose(-1, -2))
         else:
             o = ground + torch.matmul(torch.matmul(ctx - ground, P), P.transpose(-1, -2))
+        if plain_heads is not None:
+            o = torch.where(plain_heads, ctx, o)
 
         o = o.reshape(B, Hq, rows, Dv)
         if out_layout == "bhtd":

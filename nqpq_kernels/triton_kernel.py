@@ -336,6 +336,8 @@ def _residual_attn_fwd(
     T_K=0,  # HAS_BIAS: the number of keys (k and v may hold keys of the model's own past Tq)
     HAS_BIAS: tl.constexpr = False,  # attn_mask given: it alone decides visibility (no causal walk)
     SPLIT_GRAM: tl.constexpr = False,
+    CrystalHeads=None,  # PER_HEAD: int8 [Hq], 1 = this query head outputs its mode's result, 0 = plain attention
+    PER_HEAD: tl.constexpr = False,  # some heads are left plain (their output is ctx: NEED_CTX is set)
 ):
     EVEN_D: tl.constexpr = HEAD_D == D_PAD
     EVEN_DV: tl.constexpr = HEAD_DV == DV_PAD
@@ -539,6 +541,10 @@ def _residual_attn_fwd(
             coeff = tl.dot(eps, P, input_precision=DOT_PREC)  # [BLOCK_M, R_BLOCK]
             out = tl.dot(coeff, tl.trans(P), out, input_precision=DOT_PREC)
 
+    if PER_HEAD:
+        # The program's flag: a head left plain outputs ctx; its statistics below are the same as any head's.
+        crystal = tl.load(CrystalHeads + off_h)
+        out = tl.where(crystal != 0, out, ctx)
     if HAS_BIAS:
         out = tl.where(empty[:, None], 0.0, out)
     o_ptrs = o_base + offs_m64[:, None] * stride_ot + offs_dv[None, :]
@@ -686,6 +692,7 @@ def residual_attention_triton(
     learned_sink: Tensor | None = None,
     attention_chunk: int | None = None,
     attn_mask: Tensor | None = None,
+    crystal_heads: Tensor | None = None,
 ) -> ResidualAttentionResult:
     """Fused residual attention; same contract as ``nqpq_kernels.reference.residual_attention_reference``.
 
@@ -719,11 +726,14 @@ def residual_attention_triton(
     (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
     projections are read in place.
 
+    ``crystal_heads`` (bool ``[Hq]``; None: every head): the heads marked False output ctx, in the same launch (an
+    int8 flag per query head read in the epilogue; ctx is accumulated for every head then).
+
     ``out`` (keyword-only, optional) is a preallocated output of the right shape,
     dtype and device with a unit last stride; mainly a test hook.
     """
     args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink, attention_chunk, attn_mask)
+                                           learned_sink, attention_chunk, attn_mask, crystal_heads)
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, Dqk = q.shape
@@ -767,7 +777,7 @@ def residual_attention_triton(
                                return_gram=return_gram, return_top1_prob=return_top1_prob,
                                return_sink_mass=return_sink_mass, sink=args.sink_tokens > 0,
                                allow_tf32=allow_tf32, value_dim=D, learned_sink=learned_sink is not None,
-                               bias=attn_mask is not None)
+                               bias=attn_mask is not None, per_head=args.crystal_heads is not None)
     n_m = triton.cdiv(T, meta["BLOCK_M"])
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
@@ -793,6 +803,10 @@ def residual_attention_triton(
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(args.attn_mask.shape)
         bias_args = dict(Bias=bias, stride_bb=bias.stride(0), stride_bh=bias.stride(1), stride_bm=bias.stride(2),
                          stride_bn=bias.stride(3), T_K=k.shape[2])
+
+    per_head_args = {}
+    if args.crystal_heads is not None:
+        per_head_args = dict(CrystalHeads=args.crystal_heads.to(torch.int8))
 
     # Unused pointer arguments get a valid tensor (the kernel never dereferences them).
     dummy = out
@@ -823,6 +837,7 @@ def residual_attention_triton(
                 **launch,
                 **bias_args,
                 **sink_args,
+                **per_head_args,
             )
 
     gram = gram32.double() if return_gram else None

@@ -101,7 +101,8 @@ def _f64_attention(module, query, key, value, attention_mask, scaling=None, drop
                 if ref.grams is not None:
                     g = ref.grams.setdefault(layer, torch.zeros(Hq, Dv, Dv, dtype=torch.float64))
                     g[h] += eps.T @ eps
-            if mode is None:
+            heads = ref.crystal_heads.get(layer)  # None: every head of a crystallized layer
+            if mode is None or (heads is not None and h not in heads):
                 o = ctx
             elif mode == "top1":
                 o = v_star
@@ -124,6 +125,7 @@ class F64Reference:
             if hasattr(module, "layer_idx") and hasattr(module, "scaling"):  # the attention modules
                 module._nqpq_f64 = self
         self.crystal: dict[int, tuple[str, torch.Tensor | None]] = {}
+        self.crystal_heads: dict[int, set[int]] = {}  # layer → the query heads crystallized (absent: all)
         self.observed: set[int] = set()
         self.grams: dict[int, torch.Tensor] | None = None
         self.stats: dict[int, list] = {}
@@ -184,14 +186,17 @@ class F64Reference:
                             "winner_share_mean": share / share_rows})
         return out
 
-    def layer_ppl(self, blocks: torch.Tensor, layer: int, mode: str, d_r: int | None = None) -> float:
-        """PPL with only ``layer`` crystallized (``lowrank`` uses the basis from ``baseline``)."""
+    def layer_ppl(self, blocks: torch.Tensor, layer: int, mode: str, d_r: int | None = None,
+                  heads: Sequence[int] | None = None) -> float:
+        """PPL with only ``layer`` crystallized (``lowrank`` uses the basis from ``baseline``); ``heads``: only those
+        query heads of it (None: all)."""
         P = self.basis[layer][:, :, :d_r] if mode == "lowrank" else None
         self.crystal = {layer: (mode, P)}
+        self.crystal_heads = {} if heads is None else {layer: set(heads)}
         try:
             return self.ppl(blocks)
         finally:
-            self.crystal = {}
+            self.crystal, self.crystal_heads = {}, {}
 
 
 def build_llama(vocab_size: int, seed: int = 0, sharpen: float = 12.0) -> LlamaForCausalLM:
@@ -231,7 +236,7 @@ class SinkPlain(NamedTuple):
 
 
 def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None, softcap=None, sink_tokens=0,
-               idx=None, learned_sink=None, attention_chunk=None, attn_mask=None) -> SinkPlain:
+               idx=None, learned_sink=None, attention_chunk=None, attn_mask=None, crystal_heads=None) -> SinkPlain:
     """Residual attention with the first ``sink_tokens`` keys kept apart, in float64, from the definitions.
 
     v may be narrower or wider than q and k (MLA): out, ε and the Gram are v's width. ``learned_sink`` ([Hq] or
@@ -252,6 +257,9 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
     to [B, Hq, T, Tk]; k and v then hold Tk keys): it alone decides the keys of row t, in place of the causal rule.
     A row with no visible key under ``attn_mask`` (every masked score −inf, none NaN: a pad query) is empty: a zero
     output, argmax −1, top1_prob and sink_mass 0, nothing in the Gram.
+
+    ``crystal_heads`` (a sequence of Hq bools, or None: every head): a head marked False outputs ctx in every mode;
+    its argmax, probabilities and Gram are the same as any head's.
     """
     B, Hq, T, Dqk = q.shape
     D = v.shape[-1]
@@ -324,7 +332,9 @@ def sink_plain(q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=N
                 else:
                     ground, m_s = ctx, 1.0
                 eps = ctx - ground
-                if mode == "top1":
+                if crystal_heads is not None and not bool(crystal_heads[h]):
+                    o = ctx  # a head left plain
+                elif mode == "top1":
                     o = ground
                 elif mode == "full":
                     o = ctx
@@ -349,7 +359,7 @@ SINK_CLEAR_GAP = 1e-3  # float64 top-2 gap above which the argmax must match exa
 
 def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None, sliding_window=None,
                            softcap=None, sink_tokens=0, out_layout="bhtd", min_clear=0.9,
-                           learned_sink=None, attention_chunk=None, attn_mask=None) -> SinkPlain:
+                           learned_sink=None, attention_chunk=None, attn_mask=None, crystal_heads=None) -> SinkPlain:
     """Compare a ResidualAttentionResult (argmax, top1_prob and sink_mass asked for) with ``sink_plain``.
 
     The argmax must equal float64's on every row whose top-2 gap (over the keys it is taken over) exceeds
@@ -360,7 +370,8 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
     dtype = q.dtype
     T = q.shape[2]
     kw = dict(basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,
-              sink_tokens=sink_tokens, learned_sink=learned_sink, attention_chunk=attention_chunk, attn_mask=attn_mask)
+              sink_tokens=sink_tokens, learned_sink=learned_sink, attention_chunk=attention_chunk, attn_mask=attn_mask,
+              crystal_heads=None if crystal_heads is None else crystal_heads.tolist())
     first = sink_plain(q, k, v, mode, **kw)
     idx = res.argmax.cpu()
     ok = ~first.bad & ~first.empty

@@ -424,7 +424,9 @@ def written_results(saved_model, tmp_path_factory) -> dict[str, dict]:
               "--calib-blocks", "1", "--calib-draws", "2", "--d-r", "1", "4", "--sink-tokens", "0", "1",
               "--device", "cpu", "--no-progress"]
     results = {}
-    for kind, extra in (("sweep", ["--layers", "2", "3"]), ("scan", ["--layers", "1", "3"])):
+    # --heads: every key of results.json's heads is written (the sweep by index, the scan by a rule any head meets).
+    for kind, extra in (("sweep", ["--layers", "2", "3", "--heads", "2:0,1", "3:1"]),
+                        ("scan", ["--layers", "1", "3", "--heads", "top1_prob>=0"])):
         with contextlib.redirect_stdout(io.StringIO()):
             assert CLI.main([kind, *common, *extra, "--out", str(root / kind)]) == 0
         results[kind] = json.loads((root / kind / "results.json").read_text(encoding="utf-8"))

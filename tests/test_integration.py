@@ -443,18 +443,23 @@ def test_nqpq_does_not_change_kernels_probe(tmp_path):
 # --- layers read as they are meant (issue 32): a choice nqpq would misread is refused, the model left as it was ---
 
 BAD_LAYER_CHOICES = {
-    # A mapping iterates as its keys: {2: [0, 1]} would crystallize every head of layer 2, not heads 0 and 1.
-    "mapping": ({2: [0, 1]}, r"^layers \{2: \[0, 1\]\}: per-head crystallization is not supported yet; pass a list "
-                             r"of layer indices"),
-    "nested": ([[2, 0], [3, 1]], r"entry \[2, 0\] is not a layer index; per-head crystallization is not supported"),
-    "one_element_tensor": ([torch.tensor([2])], r"is not a layer index; per-head crystallization"),
+    # A list of lists would be read as layers of layers: heads are chosen with a mapping layer -> heads.
+    "nested": ([[2, 0], [3, 1]], r"entry \[2, 0\] is not a layer index; to choose heads pass a mapping"),
+    "one_element_tensor": ([torch.tensor([2])], r"is not a layer index; to choose heads pass a mapping"),
+    # A mapping chooses heads (issue 36): its mistakes are named per layer.
+    "heads_out_of_range": ({2: [0, N_HEAD]}, rf"^layers: the heads of layer 2 \[{N_HEAD}\]: layer 2 has query heads "
+                                             rf"0..{N_HEAD - 1}$"),
+    "heads_empty": ({2: []}, r"^layers: the heads of layer 2: an empty list chooses no head"),
+    "heads_repeat": ({2: [1, 1]}, r"^layers: the heads of layer 2 repeats a head: \[1, 1\]$"),
+    "heads_bare_int": ({2: 1}, r"^layers: the heads of layer 2 \(1\) must be a list of query-head indices"),
+    "heads_layer_out_of_range": ({N_LAYER: [0]}, rf"^layers \[{N_LAYER}\]: the model has layers 0..{N_LAYER - 1}$"),
     "repeat": ([2, 3, 2], r"^layers repeats an index: \[2, 3, 2\]$"),
     "bool": ([True], r"^layers \[True\]: layer index must be an int, got bool$"),
     "float": ([2.0], r"^layers \[2.0\]: layer index must be an int, got float$"),
     "out_of_range": ([1, N_LAYER], rf"^layers \[{N_LAYER}\]: the model has layers 0..{N_LAYER - 1}$"),
     "negative": ([-1], r"^layers \[-1\]: layer indices start at 0 \(they are not counted from the end\)$"),
     "empty": ([], r"^layers: choose at least one layer$"),
-    "string": ("23", r"^layers '23': pass a list of layer indices, e.g. \[9, 10, 11\]$"),
+    "string": ("23", r"^layers '23': pass a list of layer indices, e.g. \[9, 10, 11\], or a mapping"),
     "bare_int": (2, r"^layers 2: pass a list of layer indices"),
 }
 

@@ -185,6 +185,7 @@ def interrupted_sweep(saved_model, tmp_path, monkeypatch) -> Path:
     (["--seed", "7"], "--seed is 7 here but 42"),
     (["--d-r", "1", "8"], "--d-r is [1, 8] here but [1, 16]"),
     (["--sink-tokens", "0"], "--sink-tokens is [0] here but [0, 2]"),
+    (["--heads", "2:0,1"], "--heads is '2:0,1' here but None"),  # a choice of heads is a flag that must match
     (["--n-blocks", "5", "--seed", "7"], "--n-blocks is 5 here but 6"),  # the first, in the flags' order
 ])
 def test_resume_with_other_flags_exits_2_naming_the_first_difference(change, difference, interrupted_sweep,

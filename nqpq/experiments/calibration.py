@@ -16,7 +16,7 @@ winner, as it is at crystallization.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor
 from ..model.crystallize import Observer, observe_residuals
 from ..model.devices import execution_device, input_device
 from ..model.losses import check_batch_size
-from ..model.parts import ModelParts, layer_indices, model_parts
+from ..model.parts import ModelParts, layer_heads, model_parts
 from .distributed import all_reduce_sum
 
 VARIANCE_TARGET = 0.90
@@ -116,7 +116,7 @@ def basis_from_grams(grams: dict[int, Tensor]) -> ResidualBasis:
 def calibrate(
     model: torch.nn.Module,
     blocks: Tensor,
-    layers: Sequence[int],
+    layers: Sequence[int] | Mapping[int, Sequence[int]],
     *,
     batch_size: int = 4,
     backend: str = "auto",
@@ -129,7 +129,9 @@ def calibrate(
     Σ εεᵀ per query head on the way from the same q, k, v. ``sink_tokens=n`` fits the residual of the ground
     state that keeps the first n keys exactly (``nqpq.residual_attention``; 0: the spec's ε = ctx − V[i*]).
     Under torch.distributed, pass each rank its share of the blocks: the Gram matrices are summed across ranks.
-    ``layers`` is a list of layer indices, read as ``crystallize`` reads it (``nqpq.model.parts.layer_indices``).
+    ``layers`` is a list of layer indices or a mapping layer → query heads, read and checked as ``crystallize``
+    reads it (``nqpq.model.parts.layer_heads``): the basis of every head of each layer is fitted either way (the
+    Gram of ε is collected for every head), so the one basis serves any choice of heads.
     ``parts``: the model's ``model_parts``, when the caller has them already; found here otherwise.
     """
     if not isinstance(blocks, Tensor) or blocks.dim() != 2:
@@ -138,7 +140,8 @@ def calibrate(
     batch_size = check_batch_size(batch_size)
     if parts is None:
         parts = model_parts(model)
-    layers = layer_indices(layers, parts.n_layers)  # read once, as crystallize reads them
+    # Read once, as crystallize reads them: the heads are checked against each layer's query heads.
+    layers = tuple(layer_heads(layers, parts.n_layers, parts.query_heads))
     batches = [blocks[s : s + batch_size] for s in range(0, blocks.shape[0], batch_size)]
     grams = gram_passes(model, batches, layers, (sink_tokens,), backend=backend, parts=parts)[sink_tokens]
     return basis_from_grams(reduce_grams(grams, layers, parts))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nqpq_kernels.dispatch import BACKENDS
@@ -72,6 +72,10 @@ class SweepConfig:
     device_map: str | dict | None = None
     max_memory: dict | str | None = None
     offload_folder: str | None = None
+    # --heads: which query heads of the crystallized layers run the mode (the others plain attention): by index,
+    # "27:0,1,2 28:3" (or a mapping layer -> heads), or a crystallinity rule such as "top1_prob>=0.7" measured on
+    # the calibration text (nqpq.experiments.heads). None: every head of every crystallized layer.
+    heads: str | Mapping[int, Sequence[int]] | None = None
 
 
 def check_flags(cfg: SweepConfig) -> None:
@@ -113,6 +117,7 @@ def check_flags(cfg: SweepConfig) -> None:
     _check_placement_flags(cfg)
     if cfg.layers is not None:
         layer_indices(cfg.layers, what="--layers")
+    check_heads_fit(cfg, cfg.layers)
     if cfg.d_r is not None:
         if not cfg.d_r:
             raise NqpqError("--d-r: give at least one rank")
@@ -162,6 +167,7 @@ def check_model_fit(cfg: SweepConfig, parts, layers: Sequence[int], d_rs: Sequen
     layers = check_layers(parts, layers)
     check_ranks(parts, layers, d_rs)
     check_seq_len(cfg, parts)
+    check_heads_fit(cfg, layers, parts)
 
 
 def check_layers(parts, layers: Sequence[int]) -> tuple[int, ...]:
@@ -180,6 +186,15 @@ def check_seq_len(cfg: SweepConfig, parts) -> None:
     """``--seq-len`` within the model's positions."""
     if parts.max_positions is not None and cfg.seq_len > parts.max_positions:
         raise NqpqError(f"--seq-len {cfg.seq_len}: must be in 2..{parts.max_positions} (the model's positions)")
+
+
+def check_heads_fit(cfg: SweepConfig, layers: Sequence[int] | None, parts=None) -> None:
+    """``--heads``: its syntax, its layers among ``layers`` (when known) and, with ``parts``, its head indices
+    against the layers' query heads (``nqpq.experiments.heads.check_heads``)."""
+    if cfg.heads is not None:
+        from .heads import check_heads  # imported here: it needs the model layer, which flag checks do not
+
+        check_heads(cfg.heads, layers, parts)
 
 
 def model_to_load(cfg: SweepConfig) -> str:

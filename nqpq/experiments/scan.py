@@ -35,7 +35,8 @@ from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
 from ..results.stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, smallest_recovering, verdict, with_draws
 from .batching import default_batch_size, gather_losses, plan_batches
-from .config import SweepConfig, check_flags
+from .config import SweepConfig, calibration_source, check_flags
+from .heads import heads_for_run
 from .resume import Checkpoint
 from .setup import BaselineObservation, fit_bases, open_run, results_config, run_facts
 
@@ -127,10 +128,15 @@ def run_scan(
     means = {n: layer_means(c) for n, c in crystallinity.items()}
     timings["calibration_s"] = time.perf_counter() - t  # calibration passes, eigendecompositions, stats reduction
     indices = resample_indices(cfg.n_blocks, cfg.seed)
+    # --heads: each scanned layer crystallizes its chosen query heads; a layer where none is chosen is not scanned.
+    heads = heads_for_run(cfg, model, parts, layers, calibrations[0], calibration_source(cfg), blocks, batch_size,
+                          sinks[0])
+    scanned = layers if heads is None else tuple(li for li in layers if li in heads.mapping)
 
     def layer_losses(layer: int, mode: str, d_r: int | None, pbar, n: int, basis=None, draw: int = 0) -> torch.Tensor:
         def compute() -> torch.Tensor:
-            with crystallize(model, [layer], mode=mode, basis=None if basis is None else {layer: basis.basis[layer]},
+            chosen = [layer] if heads is None else {layer: heads.mapping[layer]}
+            with crystallize(model, chosen, mode=mode, basis=None if basis is None else {layer: basis.basis[layer]},
                              d_r=d_r, backend=cfg.backend, sink_tokens=n, parts=parts):
                 return synced_losses(runner.losses(pbar, start=layer))
         if checkpoint is None:
@@ -162,9 +168,9 @@ def run_scan(
 
     per_sink = {n: [] for n in sinks}
     layer_s = {}
-    total = n_local * len(layers) * len(sinks) * (1 + len(d_rs) * len(bases))
+    total = n_local * len(scanned) * len(sinks) * (1 + len(d_rs) * len(bases))
     with tqdm(total=total, desc="scan", unit="blk", leave=False, disable=not show) as pbar:
-        for layer in layers:
+        for layer in scanned:
             t = time.perf_counter()
             for n in sinks:
                 per_sink[n].append(scan_layer(layer, n, pbar))
@@ -180,6 +186,7 @@ def run_scan(
         # The spec's statistics of the baseline (i* over every key); each sink setting's own are in "sinks".
         "crystallinity": crystallinity[0], "sink_tokens": sinks[0],
         "sinks": [{"sink_tokens": n, "layers": per_sink[n], "crystallinity": crystallinity[n]} for n in sinks],
+        "heads": None if heads is None else heads.results(),
         "config": config, "timings": timings,
     }
     print_scan_report(results, say)

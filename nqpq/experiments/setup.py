@@ -33,6 +33,7 @@ from .config import (
     SweepConfig,
     calibration_source,
     check_before_loading,
+    check_heads_fit,
     check_layers,
     check_ranks,
     check_seq_len,
@@ -318,6 +319,7 @@ def run_facts(cfg: SweepConfig, run: RunInputs,
     check_seq_len(cfg, parts)
     d_rs = tuple(sweep_ranks(cfg, parts.smallest("v_dim", layers)))
     check_ranks(parts, layers, d_rs)
+    check_heads_fit(cfg, layers, parts)
     blocks = make_blocks_checked(run.ids, cfg.seq_len, cfg.n_blocks, run.bos_id)
     return RunFacts(parts, layers, d_rs, sink_settings(cfg), blocks, calibration_sets(cfg, run))
 

@@ -31,7 +31,8 @@ from ..results.verdict import (
     with_draws,
 )
 from .batching import default_batch_size, gather_losses, plan_batches
-from .config import SweepConfig, check_flags
+from .config import SweepConfig, calibration_source, check_flags
+from .heads import heads_for_run
 from .resume import Checkpoint
 from .setup import BaselineObservation, fit_bases, open_run, results_config, run_facts
 
@@ -131,9 +132,14 @@ def run_sweep(
         if checkpoint is not None:
             checkpoint.save_baseline(base_losses, bases, crystallinity)
 
+    # --heads: the query heads crystallized per layer (a rule measured on the first calibration set), else all.
+    heads = heads_for_run(cfg, model, parts, layers, calibrations[0], calibration_source(cfg), blocks, batch_size,
+                          sinks[0])
+    crystal = layers if heads is None else heads.mapping
+
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
         def compute():
-            with crystallize(model, layers, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
+            with crystallize(model, crystal, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
                              backend=cfg.backend, sink_tokens=sink_tokens, parts=parts):
                 return timed_losses(f"{key}_s", key, runner.losses)
         return compute() if checkpoint is None else checkpoint.losses(key, compute)
@@ -182,6 +188,7 @@ def run_sweep(
         # The spec's statistics of the baseline (i* over every key); each sink setting's own are in "sinks".
         "crystallinity": crystallinity[0], "sink_tokens": sinks[0],
         "sinks": analyses,
+        "heads": None if heads is None else heads.results(),
         "config": config,
         "timings": timings, "basis": bases[0][sinks[0]],
     }

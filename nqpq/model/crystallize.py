@@ -40,7 +40,7 @@ import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,7 @@ from .cache_layout import CallLayout, call_backend, call_layout, feed, run_op
 from .devices import execution_device
 from .geometry import LayerGeometry
 from .layer_spec import LayerSpec, Observer, _forget_calls, _receive_mask
-from .parts import ModelParts, as_index, layer_indices, model_parts
+from .parts import ModelParts, as_index, layer_heads, model_parts
 
 _PREFIX = "nqpq_"
 _SPEC_ATTR = "_nqpq_layer_spec"
@@ -170,7 +170,7 @@ def _crystal_attention(
         weights = _layout_probabilities(query, key, scale, window, softcap, learned_sink, chunk, attn_mask, layout)
     res = run_op(
         impl, layout, query, key, value, spec.sink_tokens, common, mode=spec.mode, basis=spec.basis, d_r=spec.d_r,
-        return_gram=spec.gram_acc is not None, return_argmax=stats, return_top1_prob=stats,
+        crystal_heads=spec.heads, return_gram=spec.gram_acc is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
     feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res, layout)
@@ -230,11 +230,13 @@ class Crystallization:
     original: str
     layers: tuple[int, ...]
     parts: ModelParts  # the model's parts, as crystallize_layers found them
+    # layer → the query heads crystallized (sorted), None where every head is
+    heads: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
 
 
 def crystallize_layers(
     model: nn.Module,
-    layers: Sequence[int],
+    layers: Sequence[int] | Mapping[int, Sequence[int]],
     *,
     mode: str,
     basis: Mapping[int, Tensor] | None = None,
@@ -249,9 +251,11 @@ def crystallize_layers(
 ) -> Crystallization:
     """Make ``layers`` of a decoder-only model use residual attention; undo with ``uncrystallize``.
 
-    ``layers`` is a list of layer indices, every head of each crystallized: anything read otherwise (a mapping of
-    heads such as ``{25: [0, 1]}``, nested lists, repeats, bools, out of range) is refused with a
-    ``LayerChoiceError`` (an ``NqpqError`` and a ``ValueError``) naming it (``nqpq.model.parts.layer_indices``).
+    ``layers`` is a list of layer indices, every head of each crystallized, or a mapping layer → query heads
+    (``{25: [0, 1]}``: heads 0 and 1 of layer 25 run ``mode``, its other heads plain attention, in the same op call;
+    every head's statistics and Gram still feed the sinks). Anything read otherwise (nested lists, repeats, bools,
+    out of range, an empty list of heads) is refused with a ``LayerChoiceError`` (an ``NqpqError`` and a
+    ``ValueError``) naming it (``nqpq.model.parts.layer_heads``).
 
     ``basis`` maps layer → ``[Hq, Dv, R]`` (e.g. ``ResidualBasis.basis``; Dv the layer's value width, which
     multi-head latent attention makes differ from q/k's), needed for ``lowrank``; ``d_r`` is at most each
@@ -271,7 +275,8 @@ def crystallize_layers(
     if parts is None:
         parts = model_parts(model)
     check_choice("mode", mode, MODES)
-    layers = layer_indices(layers, parts.n_layers)
+    chosen_heads = layer_heads(layers, parts.n_layers, parts.query_heads)
+    layers = tuple(chosen_heads)
     parts.check_attention_layers(layers)
     if mode == "lowrank":
         if d_r is not None:
@@ -319,11 +324,12 @@ def crystallize_layers(
                     f"width D_v), got {tuple(layer_basis.shape)}"
                 )
         specs[li] = LayerSpec(li, mode, layer_basis, d_r, backend_name, original, parts.attn[li].config,
-                              gram_acc, stats_acc, observe, n_sink, watchers, attention_chunk=geo.attention_chunk)
+                              gram_acc, stats_acc, observe, n_sink, watchers, attention_chunk=geo.attention_chunk,
+                              heads=_head_flags(chosen_heads[li], Hq, device))
 
     # Nothing can fail past this point but the copies themselves; any exception undoes what was attached.
     name = _register(original)
-    patch = Crystallization(model, original, layers, parts)
+    patch = Crystallization(model, original, layers, parts, chosen_heads)
     try:
         for li, layer_spec in specs.items():
             # A layer of several self-attentions (LongCat-Flash's two blocks): each module its own spec (its config
@@ -342,6 +348,16 @@ def crystallize_layers(
         uncrystallize(patch)
         raise
     return patch
+
+
+def _head_flags(heads: tuple[int, ...] | None, n_heads: int, device: torch.device) -> Tensor | None:
+    """The op's ``crystal_heads`` for a layer: bool ``[Hq]`` on its device, True for the chosen query heads; None
+    where every head is chosen (the all-heads path)."""
+    if heads is None or len(heads) == n_heads:
+        return None
+    flags = torch.zeros(n_heads, dtype=torch.bool)
+    flags[list(heads)] = True
+    return flags.to(device)
 
 
 def _layer_backend(backend: str, device_type: str, geo: LayerGeometry) -> str:
@@ -392,7 +408,7 @@ def observe_residuals(
 @contextmanager
 def crystallize(
     model: nn.Module,
-    layers: Sequence[int],
+    layers: Sequence[int] | Mapping[int, Sequence[int]],
     *,
     mode: str,
     basis: Mapping[int, Tensor] | None = None,
@@ -403,7 +419,8 @@ def crystallize(
     sink_tokens: int = 0,
     parts: ModelParts | None = None,
 ) -> Iterator[Crystallization]:
-    """Context manager form of ``crystallize_layers`` / ``uncrystallize``."""
+    """Context manager form of ``crystallize_layers`` / ``uncrystallize``: ``layers`` a list of layers (every head)
+    or a mapping layer → query heads (the others plain attention)."""
     patch = crystallize_layers(
         model, layers, mode=mode, basis=basis, d_r=d_r, backend=backend, gram_acc=gram_acc,
         stats_acc=stats_acc, sink_tokens=sink_tokens, parts=parts,

@@ -42,6 +42,9 @@ class LayerSpec:
     # The position_ids the module itself was given in its current forward (None if none), set by its forward
     # pre-hook: the queries' positions where a family does not pass them on to its attention function.
     received_positions: Tensor | None = None
+    # Per-head crystallization: bool [Hq] on the layer's device, True for the heads that run ``mode``, False for plain
+    # attention (the op's ``crystal_heads``); None: every head.
+    heads: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,16 @@ structurally:
 from __future__ import annotations
 
 import inspect
-import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import LayerChoiceError, UnsupportedModelError
+from ..errors import UnsupportedModelError
+
+# The readers of a choice of layers (and heads) live in .choices; imported here by the names every caller uses.
+from .choices import as_index, layer_heads, layer_indices  # noqa: F401
 from .geometry import LayerGeometry, config_value, first_of, layer_geometry, uses_attention_interface
 from .lm_head import head_transform, logit_scale
 
@@ -84,6 +86,12 @@ class ModelParts:
         """The smallest ``LayerGeometry.field`` over ``layers`` (default: every attention layer), for bounds."""
         return min(getattr(self.geometry[li], field) for li in (self.attn_layers if layers is None else layers))
 
+    def query_heads(self, layer: int) -> int:
+        """Hq of attention layer ``layer`` (``UnsupportedModelError`` if it is not one): what a choice of heads is
+        checked against."""
+        self.check_attention_layers([layer])
+        return self.geometry[layer].n_heads
+
     def check_attention_layers(self, layers, what: str = "layer") -> None:
         """Raise ``UnsupportedModelError`` naming the attention layers when one of ``layers`` is not one."""
         bad = [li for li in layers if li not in self.attn]
@@ -105,59 +113,6 @@ def _ranges(indices: tuple[int, ...]) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ", ".join(out)
-
-
-def as_index(value: object, what: str) -> int:
-    """``value`` as a Python int, accepting numpy/torch integer scalars; bools and non-integers are refused."""
-    is_bool = isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool)
-    try:
-        if not is_bool:
-            return operator.index(value)  # int, numpy integer, one-element integer tensor; numpy bool raises
-    except TypeError:
-        pass
-    raise ValueError(f"{what} must be an int, got {type(value).__name__}")
-
-
-def layer_indices(layers: object, n_layers: int | None = None, what: str = "layers") -> tuple[int, ...]:
-    """``layers`` as a tuple of distinct layer indices, each in ``0..n_layers - 1`` (any index >= 0 when
-    ``n_layers`` is None, before the model is known); ``LayerChoiceError`` (one line naming what was passed) for
-    anything that would be read as something other than what it says.
-
-    The one place every entry point reads a choice of layers (``crystallize``, ``calibrate``, ``SweepConfig.layers``,
-    ``--layers``). Refused: a mapping (``{25: [0, 1]}`` iterates as its keys: every head of layer 25, not heads 0
-    and 1), a string, a single index, entries that are themselves sequences (heads), bools, non-integers, negative
-    indices (not counted from the end), repeats, none at all, and indices past the model's last layer. numpy and
-    torch integer scalars are ints; any other iterable of ints (a tuple, a range, a 1-D integer tensor) is accepted.
-    """
-    if isinstance(layers, Mapping):
-        raise LayerChoiceError(f"{what} {dict(layers)!r}: per-head crystallization is not supported yet; pass a "
-                               "list of layer indices (every head of each layer is crystallized)")
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or getattr(layers, "ndim", 1) == 0:
-        raise LayerChoiceError(f"{what} {layers!r}: pass a list of layer indices, e.g. [9, 10, 11]")
-    given = list(layers)
-    shown = [int(x) if isinstance(x, Tensor) and x.dim() == 0 and not x.is_floating_point() else x for x in given]
-    out = []
-    for entry in given:
-        # A 1-D tensor or array of one element would pass operator.index: it is a nested sequence all the same.
-        if isinstance(entry, (str, bytes, Mapping)) or (isinstance(entry, Iterable) and getattr(entry, "ndim", 1)):
-            raise LayerChoiceError(f"{what} {shown!r}: entry {entry!r} is not a layer index; per-head "
-                                   "crystallization is not supported yet: pass a flat list of layer indices")
-        try:
-            out.append(as_index(entry, "layer index"))
-        except ValueError as err:
-            raise LayerChoiceError(f"{what} {shown!r}: {err}") from None
-    if not out:
-        raise LayerChoiceError(f"{what}: choose at least one layer")
-    negative = [li for li in out if li < 0]
-    if negative:
-        raise LayerChoiceError(f"{what} {negative}: layer indices start at 0 (they are not counted from the end)")
-    if n_layers is not None:
-        beyond = [li for li in out if li >= n_layers]
-        if beyond:
-            raise LayerChoiceError(f"{what} {beyond}: the model has layers 0..{n_layers - 1}")
-    if len(set(out)) != len(out):
-        raise LayerChoiceError(f"{what} repeats an index: {out}")
-    return tuple(out)
 
 
 def _decoder_layers(body: nn.Module, n_layers: int | None, name: str) -> nn.ModuleList:

@@ -171,6 +171,8 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
     head_sink = results.get("sink_tokens", 0)
     for line in describe_sink(head_sink, [e["sink_tokens"] for e in results.get("sinks", ())]):
         say(line)
+    for line in describe_heads(results.get("heads")):
+        say(line)
     say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
     say(f"[EXP-Q03] SVD of excitation residuals eps for layers {tuple(cfg['layers'])}...")
     for line in spectrum_table(results["spectrum"], d_head):
@@ -413,6 +415,23 @@ def _pct(pct: float | None, fmt: str = ".1f") -> str:
     return f"{pct:{fmt}}%"
 
 
+def describe_heads(heads: dict | None) -> list[str]:
+    """The report's lines for ``--heads`` (results.json's ``heads``; none without the flag, or in older files): the
+    heads crystallized per layer, how they were chosen and, for a rule, each layer's measured values."""
+    if not heads:
+        return []
+    how = f"rule {heads['rule']}" if heads["by"] == "rule" else "index"
+    chosen = " ".join(f"{layer}:{','.join(map(str, hs))}" for layer, hs in heads["chosen"].items())
+    lines = [f" heads: {heads['n_chosen']} crystallized by {how}: {chosen} (the other heads: plain attention)"]
+    if heads.get("values"):
+        where = heads["measured_on"]
+        lines.append(f"  {heads['stat']} per head, measured on {where['blocks']} {where['source']} calibration "
+                     f"blocks from block {where['first_block']} (sink_tokens={where['sink_tokens']}):")
+        for layer, values in heads["values"].items():
+            lines.append(f"  layer {layer:>3}: " + " ".join(f"{v:.3f}" for v in values))
+    return lines
+
+
 def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None:
     """The scan's printed report, from its results dict alone (the run and ``nqpq report`` both call it)."""
     cfg = results["config"]
@@ -426,6 +445,8 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
         say(line)
     sinks = results.get("sinks", [])
     for line in describe_sink(results.get("sink_tokens", 0), [e["sink_tokens"] for e in sinks]):
+        say(line)
+    for line in describe_heads(results.get("heads")):
         say(line)
     say(f" PPL baseline (full softmax) = {ppl_fp:.3f}")
     say(" recovered % of the top-1 loss by d_r, and each layer's verdict (--: INCONCLUSIVE, recovered % undefined):")
