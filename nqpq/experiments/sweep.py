@@ -54,6 +54,7 @@ from .config import (
     text_blocks_needed,
 )
 from .crystallinity import CrystallinityAccumulator
+from .op_cost import CostRecorder
 from .resume import Checkpoint
 
 
@@ -244,7 +245,12 @@ def run_sweep(
         if checkpoint is not None:
             checkpoint.save_baseline(base_losses, bases, crystallinity)
 
+    costs = CostRecorder(parts.geometry, layers, cfg.seq_len, device, model_dtype, cfg.backend)
+    record_cost(costs, "baseline", "baseline", None, 0)
+
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
+        record_cost(costs, key, mode, d_r, sink_tokens)
+
         def compute():
             with crystallize(model, layers, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
                              backend=cfg.backend, sink_tokens=sink_tokens):
@@ -297,9 +303,16 @@ def run_sweep(
         "sinks": analyses,
         "config": config,
         "timings": timings, "basis": bases[0][sinks[0]],
+        "cost": costs.results(),
     }
     print_sweep_report(results, say)
     return results
+
+
+def record_cost(costs: CostRecorder, key: str, mode: str, d_r: int | None, sink_tokens: int) -> None:
+    """Record one configuration's attention cost (``nqpq.experiments.op_cost``: the formulas, and the op timed on
+    its own on the run's shapes) before its passes run; results.json's ``cost`` holds them."""
+    costs.record(key, mode, d_r, sink_tokens)
 
 
 @dataclass
