@@ -40,12 +40,14 @@ class LaunchCase:
     sink: bool  # sink_tokens > 0: a second [BLOCK_M, D] accumulator and the sink's argmax state
     bias: bool  # an attn_mask: an fp32 [BLOCK_M, BLOCK_N] bias tile per key tile
     narrow_v: bool  # v's padded width is <= 128 (MLA's v beside 192-wide q/k); False when v's width is not given
-    vp: bool = False  # low rank through V·P_r: a [BLOCK_M, d_r] accumulator and two narrow epilogue dots
+    vp: bool = False  # low rank through V·P_r: a [BLOCK_M, DR_PAD] accumulator and narrow epilogue dots
 
     @property
     def heavy(self) -> bool:
         """The fp32 [*, D] x [D, D] epilogue dots run: the low-rank projection or the Gram."""
-        return (self.mode == "lowrank" and not self.vp) or self.gram
+        # Through V·P_r without a sink the epilogue is two narrow dots; with one it also projects the sink's
+        # [BLOCK_M, D] sum, and the whole-ε tiles (BLOCK_N 32) are what keeps it free of local memory.
+        return (self.mode == "lowrank" and (not self.vp or self.sink)) or self.gram
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,19 @@ def padded_head_dim(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def vp_compiles_clean(value_dim: int, qk_dim: int, dtype: torch.dtype, d_r: int, *, sink: bool = False,
+                      learned_sink: bool = False, bias: bool = False) -> bool:
+    """Whether the V·P_r low-rank variant compiles for sm_90 without local memory (``python -m benchmarks.sm90``,
+    the ``vp`` rows): always for 16-bit q/k and v up to 128 wide; elsewhere (fp32, D 256, MLA's 192) only at
+    d_r <= 16 without a sink, a learned sink or a mask: there the [BLOCK_M, 32+] fp32 accumulator or the sink's
+    projection spilled KiBs, and the whole-ε path (which did not) runs instead. The interpreter runs V·P_r always
+    (the same code; its tests cover every variant)."""
+    narrow = padded_head_dim(max(value_dim, qk_dim)) <= 128
+    if dtype in (torch.float16, torch.bfloat16) and narrow:
+        return True
+    return padded_head_dim(d_r) == 16 and not (sink or learned_sink or bias)
+
+
 def kernel_meta(
     D: int,
     dtype: torch.dtype,
@@ -184,6 +199,9 @@ def kernel_meta(
     path (what ``benchmarks.tune`` / ``benchmarks.sm90`` compile unless they name a rank).
     """
     lowrank_vp = mode == "lowrank" and not return_gram and lowrank_rank is not None
+    if lowrank_vp and device_type == "cuda":
+        lowrank_vp = vp_compiles_clean(D if value_dim is None else value_dim, D, dtype, lowrank_rank, sink=sink,
+                                       learned_sink=learned_sink, bias=bias)
     need_ctx = mode != "top1" or return_gram
     d_pad = padded_head_dim(D)
     dv = D if value_dim is None else value_dim
