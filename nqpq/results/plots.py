@@ -399,11 +399,9 @@ def cost_figure(results: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     cost = results.get("cost") or {}
-    if cost:
-        fig.suptitle(wrap_to_width(fig, f"cost of the crystallized layers' attention: prefill at T {cost['seq_len']}, "
-                                        f"decode at context {cost['decode_context_len']}; op timed on "
-                                        f"{cost['device']} ({cost['dtype']}); PPL over {_blocks(results['config'])}",
-                                   9, 0.95 * fig.bbox.width), fontsize=9)
+    where = (f"\ncost of the crystallized layers' attention relative to full: prefill at T {cost['seq_len']}, decode "
+             f"at context {cost['decode_context_len']}, op timed on {cost['device']} ({cost['dtype']})" if cost else "")
+    _suptitle(fig, _sweep_title(results) + where)
     return fig
 
 
