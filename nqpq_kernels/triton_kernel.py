@@ -565,7 +565,8 @@ def _residual_attn_fwd(
             sink_part = acc_s * to_fin[:, None]  # Σ_S p V
             ground = sink_part + (1.0 - sink_mass)[:, None] * v_star
             # Where R has no finite score the ground state is ctx, which is the sink part exactly (R adds no
-            # weight). Taken from the sink sums in every variant, so asking for the Gram never moves an output.
+            # weight). Taken from the sink sums in every variant, so asking for the Gram never moves a top1 or full
+            # output (low rank: the Gram takes the whole-ε path, evaluation V·P_r; equal within rounding).
             ground = tl.where(r_empty[:, None], sink_part, ground)
             ground = tl.where(bad[:, None], float("nan"), ground)
         else:

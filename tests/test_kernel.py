@@ -716,9 +716,10 @@ def test_mla_and_learned_sink(geometry, mode, n, learned):
         assert float(res.sink_mass[..., n:].mean()) > 0.02  # the sink takes real mass on these inputs
     if Hkv < Hq:  # grouped heads read their kv head in place: the same as MHA on repeated K/V
         rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+        # With the Gram as run_sink asked it: low rank then takes the same (whole-ε) path on both.
         mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, learned_sink=sink,
                                         return_argmax=True, return_top1_prob=True, return_sink_mass=True,
-                                        out_layout=layout, sliding_window=window, softcap=softcap)
+                                        out_layout=layout, sliding_window=window, softcap=softcap, return_gram=True)
         for name in ("out", "argmax", "top1_prob", "sink_mass"):
             assert torch.equal(getattr(res, name), getattr(mha, name)), name
 

@@ -140,3 +140,17 @@ def test_vp_mla_widths():
 def test_vp_fp16_sink_and_window():
     q, k, v = rand_qkv(2, 3, 3, 40, 16, torch.float16, seed=11)
     run_vp(q, k, v, 4, make_basis(3, 16), sink_tokens=2, sliding_window=12)
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+def test_vp_grouped_heads_equal_mha_on_repeated_kv(sink_tokens):
+    # Grouped heads read their kv head in place (V·P_r per query head from it): the same as MHA on repeated K/V,
+    # within rounding (the product is batched differently).
+    q, k, v = rand_qkv(1, 6, 2, 33, 32, torch.float32, Dv=16, seed=13)
+    basis = make_basis(6, 16)
+    gqa = run_vp(q, k, v, 5, basis, sink_tokens=sink_tokens)
+    rep = [t.repeat_interleave(3, dim=1) for t in (k, v)]
+    mha = residual_attention_triton(q, *rep, mode="lowrank", basis=basis, d_r=5, sink_tokens=sink_tokens,
+                                    return_argmax=True)
+    assert torch.equal(gqa.argmax, mha.argmax)
+    torch.testing.assert_close(gqa.out, mha.out, atol=1e-6, rtol=1e-6)
