@@ -24,6 +24,9 @@ the window); Gemma 2 2B (Hq 8, Hkv 4, D 256, scores soft-capped at 50). SDPA run
 uncapped (``note`` says so). ``fused_*_top1_prob`` rows show what asking for the top-1 probability costs;
 ``*_sink1`` rows run with ``sink_tokens=1`` (the first key kept apart; issue 19), next to the same case at
 n = 0: their ratio is the sink's cost.
+``fused_lowrank`` (evaluation, no Gram) runs low rank through V·P_r: the key loop's P·V on d_r columns (padded to
+16) of the launcher's V·P_r product, plus that product's time; ``fused_lowrank_gram`` keeps the whole ε
+(calibration). Their ratio to ``fused_full`` is what issue 35 asks of a card (low rank <= 0.7x full).
 TFLOP/s always counts 2·B·Hq·T²·D, also for windows (a speed-up shows as more "TFLOP/s").
 """
 
@@ -300,6 +303,8 @@ def run(args, out: str | None = None) -> list[dict]:
             eager = provider.removesuffix(SINK_SUFFIX) in ("reference", "unfused", "sdpa_math", *REFERENCE_MODES)
             if eager and B * H * T * T * 4 * 2 > args.max_ref_bytes:
                 continue  # two fp32 T×T buffers that would not fit
+            if args.providers and provider not in args.providers:
+                continue
             if device == "cpu":
                 if args.cpu_providers and provider not in args.cpu_providers:
                     continue
@@ -437,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-t", type=int, default=8192,
                    help="CPU: above this T one call per provider, no warm-up (default 8192)")
     p.add_argument("--cpu-providers", nargs="+", default=None, help="CPU: time only these providers")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="time only these providers (either device; e.g. fused_full fused_lowrank sdpa_flash)")
     p.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
                    help="CPU: skip the peak-memory subprocesses")
     p.add_argument("--cpu-fp16", action="store_true", help="include fp16 on CPU (slow there)")

@@ -23,8 +23,13 @@ stage() { local limit=$1; shift; echo "=== $* (limit ${limit}s) $(date -u +%T)";
   stage ${T_TESTS:-200} python3 -m pytest -q -x -p no:cacheprovider --durations=8 -m gpu tests/test_kernel.py tests/test_gpu_integration.py
   # 2. The attention benchmark: GPT-2 small heads at the sweep's B 8 (T 256, 1024) and the model geometries.
   stage ${T_ATTN:-150} python3 -m benchmarks.attention --dtypes bf16 --B 8 --T 256 1024 --H 12 --D 64 --geometries llama3-8b gemma2-2b --out "$OUT/attention_cuda.csv"
-  # 3. The tuner at the same geometries (BLOCK_M >= 64: wgmma's M).
-  stage ${T_TUNE64:-70} python3 -m benchmarks.tune --dtype bf16 --B 8 --H 12 --D 64 --T 256 1024
-  stage ${T_TUNE128:-75} python3 -m benchmarks.tune --dtype bf16 --B 4 --H 32 --Hkv 8 --D 128 --T 1024
-  stage ${T_TUNE256:-75} python3 -m benchmarks.tune --dtype bf16 --B 4 --H 8 --Hkv 4 --D 256 --T 1024 --block-m 64
+  # 3. Low rank through V·P_r (issue 35: low-rank <= 0.7x full on a card) against full and SDPA at D 64 and 128,
+  #    after its own tests on the card (every variant against float64).
+  stage ${T_LOWRANK:-60} bash -c 'python3 -m pytest -q -x -p no:cacheprovider tests/test_lowrank_vp.py &&
+    for D in 64 128; do python3 -m benchmarks.attention --dtypes bf16 --B 8 --H 12 --Hkv 4 --D $D --T 1024 4096 \
+      --no-models --providers fused_full fused_lowrank fused_lowrank_gram sdpa_flash --out "$OUT/lowrank_vp_D$D.csv"; done'
+  # 4. The tuner at the same geometries (BLOCK_M >= 64: wgmma's M).
+  stage ${T_TUNE64:-60} python3 -m benchmarks.tune --dtype bf16 --B 8 --H 12 --D 64 --T 256 1024
+  stage ${T_TUNE128:-55} python3 -m benchmarks.tune --dtype bf16 --B 4 --H 32 --Hkv 8 --D 128 --T 1024
+  stage ${T_TUNE256:-45} python3 -m benchmarks.tune --dtype bf16 --B 4 --H 8 --Hkv 4 --D 256 --T 1024 --block-m 64
 } 2>&1 | tee "$LOG"

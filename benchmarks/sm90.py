@@ -149,6 +149,7 @@ class Variant(NamedTuple):
     bias: bool = False  # an attn_mask (fp32 additive bias, every key tile walked); features then lack the window
     T: int | None = None  # the sequence length, when not GEOMETRY's (an unaligned one: no divisibility by 16)
     per_row: bool = False  # with learned: one logit per query row ([B, Hq, T], Inkling 2), not one per head
+    rank: int | None = None  # low rank through V·P_r at this d_r (evaluation, no Gram): P·V on DR_PAD columns
 
     @property
     def name(self) -> str:
@@ -158,6 +159,7 @@ class Variant(NamedTuple):
                                         ("sink", self.sink),
                                         ("learned/row" if self.per_row else "learned", self.learned),
                                         ("bias", self.bias)) if on]
+        parts += [f"vp{self.rank}"] if self.rank else []
         return " ".join(parts + ([f"T{self.T}"] if self.T else []))
 
     @property
@@ -195,6 +197,15 @@ def variants() -> list[Variant]:
     # A learned logit per query row (Inkling 2) with every other feature.
     out += [Variant(dtype, D, "lowrank", gram=True, features=True, sink=True, learned=True, per_row=True,
                     Dv=128 if D == 192 else None) for dtype in ("bf16", "fp32") for D in (64, 128, 256, 192)]
+    # Low rank through V·P_r (what evaluation runs: no Gram) where the launcher picks it
+    # (nqpq_kernels.launch.vp_compiles_clean): 16-bit D <= 128 at d_r 8 (DR_PAD 16) and 32, alone and with every
+    # feature, with an attn_mask; elsewhere at d_r 8 alone.
+    for D in (64, 128):
+        out += [Variant("bf16", D, "lowrank", rank=8), Variant("bf16", D, "lowrank", rank=32),
+                Variant("bf16", D, "lowrank", features=True, sink=True, learned=True, rank=8),
+                Variant("bf16", D, "lowrank", features=True, sink=True, learned=True, bias=True, rank=8)]
+    out += [Variant("bf16", 256, "lowrank", rank=8), Variant("bf16", 192, "lowrank", Dv=128, rank=8)]
+    out += [Variant("fp32", D, "lowrank", rank=8) for D in (64, 128, 256)]
     # A model's own mask comes at any prompt length: the 16-bit D <= 128 ones at an unaligned T too (T, Tk and the
     # bias's row stride not multiples of 16: scalar bias loads).
     out += [v._replace(T=UNALIGNED_T) for v in out if v.bias and v.dtype == "bf16" and v.D <= 128]
@@ -279,6 +290,9 @@ def residual_values(v: Variant) -> dict:
     values.update(dict(zip(("stride_lb", "stride_lh", "stride_lt"), lstrides, strict=True)))
     values.update(bias_values(v))
     values["CrystalHeads"] = None  # per-head crystallization off (every variant crystallizes every head): its default
+    # V·P_r [B, Hq, T, DR_PAD], contiguous (the launcher's product); none (the defaults) otherwise.
+    dr_pad = max(16, triton.next_power_of_2(v.rank)) if v.rank else 0
+    values.update(dict(VPr=None, stride_wb=Hq * T * dr_pad, stride_wh=T * dr_pad, stride_wt=dr_pad))
     return values
 
 
@@ -332,14 +346,17 @@ def compile_variant(v: Variant) -> dict:
                                           softcap=v.features,
                                           return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
                                           return_sink_mass=v.sink or v.learned, sink=v.sink, value_dim=v.Dv,
-                                          learned_sink=v.learned, bias=v.bias)
+                                          learned_sink=v.learned, bias=v.bias, lowrank_rank=v.rank)
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
                 "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
     if v.bias:
         pointers["Bias"] = "*fp32"
+    if v.rank:
+        pointers["VPr"] = None  # V·P_r in v's dtype
     row = {"variant": v.name, "dtype": v.dtype, "D": v.D, "Dv": v.Dv or v.D, "mode": v.mode, "gram": v.gram,
            "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned, "bias": v.bias,
-           "T": v.geometry[3], "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)),
+           "T": v.geometry[3], "vp_rank": v.rank if meta["LOWRANK_VP"] else "",
+           "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)),
            "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], **launch}
     try:
         row.update(cubin_stats(_compile(ra._residual_attn_fwd, residual_values(v), meta, pointers, _elem(v.dtype),

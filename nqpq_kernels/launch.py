@@ -40,11 +40,14 @@ class LaunchCase:
     sink: bool  # sink_tokens > 0: a second [BLOCK_M, D] accumulator and the sink's argmax state
     bias: bool  # an attn_mask: an fp32 [BLOCK_M, BLOCK_N] bias tile per key tile
     narrow_v: bool  # v's padded width is <= 128 (MLA's v beside 192-wide q/k); False when v's width is not given
+    vp: bool = False  # low rank through V·P_r: a [BLOCK_M, DR_PAD] accumulator and narrow epilogue dots
 
     @property
     def heavy(self) -> bool:
         """The fp32 [*, D] x [D, D] epilogue dots run: the low-rank projection or the Gram."""
-        return self.mode == "lowrank" or self.gram
+        # Through V·P_r without a sink the epilogue is two narrow dots; with one it also projects the sink's
+        # [BLOCK_M, D] sum, and the whole-ε tiles (BLOCK_N 32) are what keeps it free of local memory.
+        return (self.mode == "lowrank" and (not self.vp or self.sink)) or self.gram
 
 
 @dataclass(frozen=True)
@@ -131,14 +134,14 @@ ADJUSTMENTS: tuple[Rule, ...] = (
 
 
 def pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device: torch.device,
-                sink: bool = False, value_width: int | None = None, bias: bool = False) -> dict:
+                sink: bool = False, value_width: int | None = None, bias: bool = False, vp: bool = False) -> dict:
     """Block sizes / launch options for a padded head dim ``D`` (the wider of q/k and v): ``INTERPRETER_CONFIG`` off
     CUDA, the rule table on CUDA. ``sink``: sink_tokens > 0. ``value_width``: v's padded width (None: not given).
-    ``bias``: an attn_mask."""
+    ``bias``: an attn_mask. ``vp``: low rank through V·P_r (the narrow epilogue)."""
     if device.type != "cuda":
         return dict(INTERPRETER_CONFIG)
     case = LaunchCase(width=D, half=dtype in (torch.float16, torch.bfloat16), mode=mode, gram=return_gram,
-                      sink=sink, bias=bias, narrow_v=value_width is not None and value_width <= 128)
+                      sink=sink, bias=bias, narrow_v=value_width is not None and value_width <= 128, vp=vp)
     cfg = next(rule for rule in BASE_RULES if rule.when(case)).apply(case)
     for rule in ADJUSTMENTS:
         if rule.when(case):
@@ -149,6 +152,19 @@ def pick_config(D: int, dtype: torch.dtype, mode: str, return_gram: bool, device
 def padded_head_dim(D: int) -> int:
     """The kernel's tile width for a head dim: the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(D))
+
+
+def vp_compiles_clean(value_dim: int, qk_dim: int, dtype: torch.dtype, d_r: int, *, sink: bool = False,
+                      learned_sink: bool = False, bias: bool = False) -> bool:
+    """Whether the V·P_r low-rank variant compiles for sm_90 without local memory (``python -m benchmarks.sm90``,
+    the ``vp`` rows): always for 16-bit q/k and v up to 128 wide; elsewhere (fp32, D 256, MLA's 192) only at
+    d_r <= 16 without a sink, a learned sink or a mask: there the [BLOCK_M, 32+] fp32 accumulator or the sink's
+    projection spilled KiBs, and the whole-ε path (which did not) runs instead. The interpreter runs V·P_r always
+    (the same code; its tests cover every variant)."""
+    narrow = padded_head_dim(max(value_dim, qk_dim)) <= 128
+    if dtype in (torch.float16, torch.bfloat16) and narrow:
+        return True
+    return padded_head_dim(d_r) == 16 and not (sink or learned_sink or bias)
 
 
 def kernel_meta(
@@ -169,6 +185,7 @@ def kernel_meta(
     learned_sink: bool = False,
     bias: bool = False,
     per_head: bool = False,
+    lowrank_rank: int | None = None,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and launch options for one call: ``(constexprs, {num_warps,
     num_stages})``. One place, shared by the launcher, ``benchmarks.tune --compile-only`` and ``benchmarks.sm90``.
@@ -178,8 +195,16 @@ def kernel_meta(
     runs the kernel without any sink code. ``learned_sink``: a learned sink logit per head is passed.
     ``bias``: an attn_mask is passed (read as an fp32 bias tile per key tile; every key tile is walked).
     ``per_head``: some query heads are left plain (a flag per head read in the epilogue; they output ctx, so ctx is
-    accumulated for every head).
+    accumulated for every head, and low rank keeps the whole-ε path).
+    ``lowrank_rank``: d_r of a low-rank call. Without a Gram (evaluation) the kernel then goes through V·P_r
+    (``LOWRANK_VP``): the key loop's P·V dot runs on ``DR_PAD`` = max(16, next power of two >= d_r) columns
+    of the launcher's V·P_r product instead of V's; calibration (a Gram) keeps the whole ε. None: the whole-ε
+    path (what ``benchmarks.tune`` / ``benchmarks.sm90`` compile unless they name a rank).
     """
+    lowrank_vp = mode == "lowrank" and not return_gram and lowrank_rank is not None and not per_head
+    if lowrank_vp and device_type == "cuda":
+        lowrank_vp = vp_compiles_clean(D if value_dim is None else value_dim, D, dtype, lowrank_rank, sink=sink,
+                                       learned_sink=learned_sink, bias=bias)
     need_ctx = mode != "top1" or return_gram or per_head
     d_pad = padded_head_dim(D)
     dv = D if value_dim is None else value_dim
@@ -187,7 +212,7 @@ def kernel_meta(
     # The tiles hold a [BLOCK_N, D_PAD] K and a [BLOCK_N, DV_PAD] V tile and a [BLOCK_M, DV_PAD] accumulator:
     # the table is read at the wider of the two.
     cfg = pick_config(max(d_pad, dv_pad), dtype, mode, return_gram, torch.device(device_type), sink=sink,
-                      value_width=dv_pad, bias=bias)
+                      value_width=dv_pad, bias=bias, vp=lowrank_vp)
     assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0, "BLOCK_M must be a multiple of BLOCK_N (diagonal stage)"
     # fp32 inputs: exact fp32 dots ("ieee") unless tf32 is asked for. 16-bit inputs: the main dots
     # run on the inputs' own type (input_precision is moot there, pass Triton's default), and the
@@ -226,5 +251,7 @@ def kernel_meta(
         HAS_BIAS=bias,
         # The Gram's column blocks of ε cut by reshape + split (else selected by one-hot products).
         SPLIT_GRAM=cfg.get("SPLIT_GRAM", False),
+        LOWRANK_VP=lowrank_vp,
+        DR_PAD=padded_head_dim(lowrank_rank) if lowrank_vp else 16,
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -118,6 +118,37 @@ def _gram_halves(g_base, eps_t, x, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr, 
 
 
 @triton.jit
+def _lowrank_vp_epilogue(ctx_r, ground, v_star, w_base, stride_wt, offs_w, safe_idx, bad, mask_m, Basis,
+                         off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r, sink_part, sink_mass,
+                         r_empty, m_learned, HAS_SINK: tl.constexpr, SINK_ACC: tl.constexpr, LEARNED: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    """Low rank through V·P_r: ground + P_r (ctx_r − P_rᵀ ground), ctx_r = Σ p·(V P_r) (the key loop's
+    normalized [BLOCK_M, DR_PAD] accumulator). P_rᵀ V[i*] is the gathered row (V P_r)[i*] (the same stored
+    product the loop summed, so a one-hot row gives ε_r = 0 exactly); with a sink, P_rᵀ Σ_S p V is projected
+    from the exact sink part; a learned sink scales the ground state by (1 − m_L) and changes nothing else."""
+    w_star = tl.load(w_base + safe_idx.to(tl.int64)[:, None] * stride_wt + offs_w[None, :],
+                     mask=mask_m[:, None], other=0.0).to(tl.float32)  # (V P_r)[i*]
+    # P_r: the basis's first d_r columns (the rest read as 0: V·P_r's padding columns are 0 too).
+    p_ptrs = Basis + off_h * stride_ph + offs_dv[:, None] * stride_pd + offs_w[None, :] * stride_pr
+    P = tl.load(p_ptrs, mask=mask_dv[:, None] & (offs_w < d_r)[None, :], other=0.0)  # [DV_PAD, DR_PAD]
+    if HAS_SINK:
+        if SINK_ACC:
+            ground_r = tl.dot(sink_part, P, input_precision=DOT_PREC) + (1.0 - sink_mass)[:, None] * w_star
+        else:
+            ground_r = w_star
+    elif LEARNED:
+        ground_r = (1.0 - m_learned)[:, None] * w_star
+    else:
+        ground_r = w_star
+    eps_r = ctx_r - ground_r  # P_rᵀ ε
+    if HAS_SINK:
+        eps_r = tl.where((r_empty & (~bad))[:, None], 0.0, eps_r)  # ground = ctx: ε = 0 by definition
+    eps_r = tl.where(mask_m[:, None], eps_r, 0.0)
+    eps_r = tl.where(bad[:, None], float("nan"), eps_r)
+    return tl.dot(eps_r, tl.trans(P), ground, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, best_idx, nan_row,
     m_r, acc_s, l_s, m_ref, m_s, idx_s,
@@ -141,6 +172,10 @@ def _attn_fwd_inner(
     row_ok=None,  # HAS_BIAS: [BLOCK_M] the query rows < Tq (the others read no bias)
     stride_bn=0,  # HAS_BIAS: the bias's key stride (0 where the mask broadcasts over keys)
     HAS_BIAS: tl.constexpr = False,  # add attn_mask's tile to the scores (T is then the key count Tk)
+    w_base=None,  # VP: this head's V·P_r rows [Tk, DR_PAD] (the launcher's product, zero-padded columns)
+    stride_wt=0,
+    offs_w=None,  # VP: tl.arange(0, DR_PAD)
+    VP: tl.constexpr = False,  # low rank through V·P_r: acc sums p·(V P_r) (d_r columns), not p·V
 ):
     """Walk key tiles [lo, hi).
 
@@ -227,7 +262,18 @@ def _attn_fwd_inner(
                 p_s = tl.where(is_s[None, :], p, 0.0)
                 l_s = l_s * alpha + tl.sum(p_s, 1)
                 m_ref = m_base
-            if NEED_CTX or (IN_SINK and SINK_ACC):
+            if NEED_CTX and VP:
+                # Low rank through V·P_r: the P·V dot on DR_PAD columns of V·P_r instead of V's DV_PAD.
+                w_ptrs = w_base + rows64[:, None] * stride_wt + offs_w[None, :]
+                if MASKED:
+                    w = tl.load(w_ptrs, mask=(cols < T)[:, None], other=0.0)
+                else:
+                    w = tl.load(w_ptrs)
+                if DOT_F32:
+                    w = w.to(tl.float32)
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(w.dtype), w, acc, input_precision=DOT_PREC)
+            if (NEED_CTX and not VP) or (IN_SINK and SINK_ACC):
                 v_ptrs = v_base + rows64[:, None] * stride_vt + offs_dv[None, :]
                 if MASKED:
                     if EVEN_DV:
@@ -241,7 +287,7 @@ def _attn_fwd_inner(
                         v = tl.load(v_ptrs, mask=mask_dv[None, :], other=0.0)
                 if DOT_F32:
                     v = v.to(tl.float32)
-                if NEED_CTX:
+                if NEED_CTX and not VP:
                     acc = acc * alpha[:, None]
                     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
                 if IN_SINK and SINK_ACC:
@@ -274,6 +320,10 @@ def _attn_fwd_range(
     row_ok=None,
     stride_bn=0,
     HAS_BIAS: tl.constexpr = False,
+    w_base=None,  # VP: as _attn_fwd_inner's
+    stride_wt=0,
+    offs_w=None,
+    VP: tl.constexpr = False,
 ):
     """Key tiles [lo, hi): with a sink, the tiles below ``sink_end`` (the first tile boundary >= n) with the
     sink bookkeeping, the rest without it; tile starts stay multiples of BLOCK_N. With ``HAS_BIAS`` each tile
@@ -285,7 +335,7 @@ def _attn_fwd_range(
             q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
             scale, softcap, row_lo, n_sink, lo, split, T,
             BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, True, True,
-            SINK_ACC, bias_rows, row_ok, stride_bn, HAS_BIAS,
+            SINK_ACC, bias_rows, row_ok, stride_bn, HAS_BIAS, w_base, stride_wt, offs_w, VP,
         )
         lo = split
     acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_inner(
@@ -293,7 +343,7 @@ def _attn_fwd_range(
         q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv,
         scale, softcap, row_lo, n_sink, lo, hi, T,
         BLOCK_N, MASKED, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False,
-        SINK_ACC, bias_rows, row_ok, stride_bn, HAS_BIAS,
+        SINK_ACC, bias_rows, row_ok, stride_bn, HAS_BIAS, w_base, stride_wt, offs_w, VP,
     )
     return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
 
@@ -338,6 +388,10 @@ def _residual_attn_fwd(
     SPLIT_GRAM: tl.constexpr = False,
     CrystalHeads=None,  # PER_HEAD: int8 [Hq], 1 = this query head outputs its mode's result, 0 = plain attention
     PER_HEAD: tl.constexpr = False,  # some heads are left plain (their output is ctx: NEED_CTX is set)
+    VPr=None,  # LOWRANK_VP: V·P_r per query head [B, Hq, Tk, DR_PAD] in v's dtype (the launcher's product)
+    stride_wb=0, stride_wh=0, stride_wt=0,
+    LOWRANK_VP: tl.constexpr = False,  # low rank through V·P_r (evaluation: no Gram); else the whole ε
+    DR_PAD: tl.constexpr = 16,  # V·P_r's padded width (>= 16 for tl.dot, >= d_r)
 ):
     EVEN_D: tl.constexpr = HEAD_D == D_PAD
     EVEN_DV: tl.constexpr = HEAD_DV == DV_PAD
@@ -351,6 +405,11 @@ def _residual_attn_fwd(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     o_base = Out + off_b * stride_ob + off_h * stride_oh
+    offs_w = tl.arange(0, DR_PAD)
+    if LOWRANK_VP:
+        w_base = VPr + off_b * stride_wb + off_h * stride_wh
+    else:
+        w_base = VPr
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 query rows
     offs_n = tl.arange(0, BLOCK_N)
@@ -370,7 +429,8 @@ def _residual_attn_fwd(
     LOG2E: tl.constexpr = 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    # Low rank through V·P_r sums p·(V P_r): DR_PAD columns, not DV_PAD.
+    acc = tl.zeros([BLOCK_M, DR_PAD if LOWRANK_VP else DV_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
     nan_row = tl.zeros([BLOCK_M], dtype=tl.int1)
     # The sink's state (only touched with HAS_SINK): R's best score, S's best score and index, Σ_S p and
@@ -406,6 +466,7 @@ def _residual_attn_fwd(
             q, k_base, v_base, stride_kt, stride_vt,
             offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo_w, mid,
             T, BLOCK_N, True, True, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+            w_base=w_base, stride_wt=stride_wt, offs_w=offs_w, VP=LOWRANK_VP,
         )
     else:
         mid = 0
@@ -421,7 +482,7 @@ def _residual_attn_fwd(
             q, k_base, v_base, stride_kt, stride_vt,
             no_bound, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, 0, T_K,
             T_K, BLOCK_N, True, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK,
-            SINK_ACC, bias_rows, mask_m, stride_bn, True,
+            SINK_ACC, bias_rows, mask_m, stride_bn, True, w_base, stride_wt, offs_w, LOWRANK_VP,
         )
     else:
         # Key tiles strictly below the diagonal block, all visible to every row.
@@ -430,6 +491,7 @@ def _residual_attn_fwd(
             q, k_base, v_base, stride_kt, stride_vt,
             offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, mid, lo, T,
             BLOCK_N, False, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+            w_base=w_base, stride_wt=stride_wt, offs_w=offs_w, VP=LOWRANK_VP,
         )
         # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
         hi = tl.minimum(lo + BLOCK_M, T)
@@ -438,7 +500,7 @@ def _residual_attn_fwd(
             q, k_base, v_base, stride_kt, stride_vt,
             offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo, hi, T,
             BLOCK_N, True, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK,
-            SINK_ACC,
+            SINK_ACC, w_base=w_base, stride_wt=stride_wt, offs_w=offs_w, VP=LOWRANK_VP,
         )
 
     # ---- epilogue ----------------------------------------------------------
@@ -474,6 +536,12 @@ def _residual_attn_fwd(
         v_base + safe_idx.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :], mask=mask_mdv, other=0.0
     ).to(tl.float32)
     v_star = tl.where(bad[:, None], float("nan"), v_star)
+    # Names the V·P_r epilogue reads in every variant (overwritten where a sink / learned sink defines them).
+    sink_part = v_star
+    sink_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_learned = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if not HAS_SINK:
+        r_empty = tl.zeros([BLOCK_M], dtype=tl.int1)
 
     if LEARNED:
         # With the sink's term: l = l_i·e^(m_i − m) + e^(s_h − m), m = max(m_i, s_h). ``norm`` takes a sum
@@ -507,7 +575,8 @@ def _residual_attn_fwd(
             sink_part = acc_s * to_fin[:, None]  # Σ_S p V
             ground = sink_part + (1.0 - sink_mass)[:, None] * v_star
             # Where R has no finite score the ground state is ctx, which is the sink part exactly (R adds no
-            # weight). Taken from the sink sums in every variant, so asking for the Gram never moves an output.
+            # weight). Taken from the sink sums in every variant, so asking for the Gram never moves a top1 or full
+            # output (low rank: the Gram takes the whole-ε path, evaluation V·P_r; equal within rounding).
             ground = tl.where(r_empty[:, None], sink_part, ground)
             ground = tl.where(bad[:, None], float("nan"), ground)
         else:
@@ -517,7 +586,7 @@ def _residual_attn_fwd(
         ground = (1.0 - m_learned)[:, None] * v_star  # the learned sink's mass kept apart
     else:
         ground = v_star  # the spec: V[i*]
-    if NEED_CTX:
+    if NEED_CTX and not LOWRANK_VP:
         eps = ctx - ground
         if HAS_SINK:
             eps = tl.where((r_empty & (~bad))[:, None], 0.0, eps)  # ground = ctx: ε = 0 by definition
@@ -529,6 +598,10 @@ def _residual_attn_fwd(
         out = ground
     elif MODE == 1:
         out = ctx
+    elif LOWRANK_VP:
+        out = _lowrank_vp_epilogue(ctx, ground, v_star, w_base, stride_wt, offs_w, safe_idx, bad, mask_m, Basis,
+                                   off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r, sink_part,
+                                   sink_mass, r_empty, m_learned, HAS_SINK, SINK_ACC, LEARNED, DOT_PREC)
     else:
         # ground + (εP)Pᵀ, R_BLOCK basis columns at a time up to d_r: columns >= d_r are never read, and
         # one compiled kernel serves every rank of a sweep.
@@ -664,6 +737,27 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def project_values(v: Tensor, basis: Tensor, d_r: int, width: int) -> Tensor:
+    """V·P_r per query head, ``[B, Hq, Tk, width]`` in v's dtype, contiguous, columns >= d_r zero.
+
+    v ``[B, Hkv, Tk, Dv]``, basis ``[Hq, Dv, R]`` fp32 (query head h reads kv head ``h // (Hq // Hkv)``). Formed
+    once per call in fp32 and rounded once to v's dtype (the dtype the key loop's P·V dot reads V in), so the
+    kernel's loop reads ``width`` columns per key instead of Dv. Precomputed rather than re-projected per key
+    tile: re-projecting would read all of V in every program (no bytes saved) and add Dv·d_r FLOPs per key per
+    program (as much again as the narrow P·V of a BLOCK_M ≈ Dv block); the product costs one read of V and one
+    write of B·Hq·Tk·width elements, shared by the cdiv(T, BLOCK_M) programs of each head.
+    """
+    B, Hkv, Tk, Dv = v.shape
+    Hq = basis.shape[0]
+    group = Hq // Hkv
+    P = basis[:, :, :d_r].reshape(Hkv, group, Dv, d_r)
+    vp = torch.zeros((B, Hq, Tk, width), device=v.device, dtype=v.dtype)
+    # [B, Hkv, 1, Tk, Dv] @ [Hkv, G, Dv, d_r] -> [B, Hkv, G, Tk, d_r]: the kv head's V against each of its
+    # query heads' bases (transformers' repeat_kv order), never a repeated copy of V.
+    vp[..., :d_r] = torch.matmul(v.to(torch.float32).unsqueeze(2), P).reshape(B, Hq, Tk, d_r)
+    return vp
+
+
 # CUDA's limit on grid dimension y, where the launcher puts B·Hq (the query blocks are on x, so that
 # neighbouring programs share a head's K/V in L2). Larger B·Hq is launched in chunks; a module constant
 # so that a CPU test can lower it.
@@ -777,7 +871,8 @@ def residual_attention_triton(
                                return_gram=return_gram, return_top1_prob=return_top1_prob,
                                return_sink_mass=return_sink_mass, sink=args.sink_tokens > 0,
                                allow_tf32=allow_tf32, value_dim=D, learned_sink=learned_sink is not None,
-                               bias=attn_mask is not None, per_head=args.crystal_heads is not None)
+                               bias=attn_mask is not None, per_head=args.crystal_heads is not None,
+                               lowrank_rank=args.d_r)
     n_m = triton.cdiv(T, meta["BLOCK_M"])
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
@@ -788,6 +883,10 @@ def residual_attention_triton(
     # The basis is read in place through its strides (a copy only if it is not fp32); the kernel
     # masks columns >= d_r, and d_r <= min(R, D), so no padding is needed.
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
+    vp_args = {}
+    if meta["LOWRANK_VP"]:
+        vp = project_values(v, basis_f32, args.d_r, meta["DR_PAD"])
+        vp_args = dict(VPr=vp, stride_wb=vp.stride(0), stride_wh=vp.stride(1), stride_wt=vp.stride(2))
     sink_args = {}
     sink_f32 = None
     if args.learned_sink is not None:
@@ -838,6 +937,7 @@ def residual_attention_triton(
                 **bias_args,
                 **sink_args,
                 **per_head_args,
+                **vp_args,
             )
 
     gram = gram32.double() if return_gram else None

@@ -80,10 +80,30 @@ def test_sweep_runs_and_reports(sweep_run):
         assert line in stdout, line
     assert stdout.count("d_r=") >= len(D_RS)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["results.json", "delta_ppl_vs_dr.png", "cumulative_variance.png", "basis.pt"])
-    for png in ("delta_ppl_vs_dr.png", "cumulative_variance.png"):
+        ["results.json", "delta_ppl_vs_dr.png", "cumulative_variance.png", "delta_ppl_vs_cost.png", "basis.pt"])
+    for png in ("delta_ppl_vs_dr.png", "cumulative_variance.png", "delta_ppl_vs_cost.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_results_carry_each_configurations_cost(sweep_run):
+    code, stdout, _, results = sweep_run
+    cost = results["cost"]
+    assert cost["seq_len"] == SEQ_LEN and cost["device"] == "cpu" and cost["n_layers"] == len(LAYERS)
+    keys = [c["key"] for c in cost["configurations"]]
+    assert keys == ["baseline", "full", "top1", *(f"lowrank_d{d}" for d in D_RS)]
+    by_key = {c["key"]: c for c in cost["configurations"]}
+    for key in ("baseline", "full"):
+        for rel in ("relative_prefill_flops", "relative_prefill_bytes", "relative_decode_flops",
+                    "relative_decode_bytes"):
+            assert by_key[key][rel] == pytest.approx(1.0)
+    assert by_key["full"]["relative_op_time"] == pytest.approx(1.0)
+    assert by_key["top1"]["relative_prefill_flops"] < 1.0 and by_key["top1"]["relative_decode_bytes"] < 1.0
+    for c in cost["configurations"]:
+        assert c["op_time_ms"] > 0
+    ranks = [by_key[f"lowrank_d{d}"]["relative_prefill_flops"] for d in D_RS]
+    assert ranks == sorted(ranks)  # a larger rank costs more
+    assert "Cost of the crystallized layers' attention" in stdout
 
 
 def test_results_json_schema(sweep_run):

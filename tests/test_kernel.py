@@ -181,7 +181,8 @@ def test_out_layout_bthd(mode):
     basis = make_basis(H, D) if mode == "lowrank" else None
     d_r = 6 if mode == "lowrank" else None
     out = run_and_check(q, k, v, mode, d_r=d_r, basis=basis, out_layout="bthd").out
-    out_b = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=d_r).out
+    # With the Gram, as run_and_check asked it (low rank: the same whole-ε path on both sides).
+    out_b = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=d_r, return_gram=True).out
     torch.testing.assert_close(out, out_b.transpose(1, 2).contiguous(), atol=0, rtol=0)
 
 
@@ -524,8 +525,9 @@ def test_sink_core(mode, dtype, T, n):
     basis = make_basis(H, D) if mode == "lowrank" else None
     res, _ = run_sink(q, k, v, mode, n, d_r=5 if mode == "lowrank" else None, basis=basis, return_gram=(T % 2 == 1))
     if n == 0:  # n = 0 is the spec: the kernel without any sink code, bit for bit
+        # The same Gram request (low rank: evaluation runs V·P_r, a Gram the whole ε; equal within rounding).
         plain_res = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=5 if mode == "lowrank" else None,
-                                              return_argmax=True, return_top1_prob=True)
+                                              return_argmax=True, return_top1_prob=True, return_gram=T % 2 == 1)
         for name in ("out", "argmax", "top1_prob"):
             assert torch.equal(getattr(res, name), getattr(plain_res, name)), name
         assert bool((res.sink_mass == 0).all())
@@ -567,7 +569,7 @@ def test_sink_gqa_window_softcap_padded(geometry, mode, n):
         rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
         mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, return_argmax=True,
                                         return_top1_prob=True, return_sink_mass=True, out_layout=layout,
-                                        sliding_window=window, softcap=softcap)
+                                        sliding_window=window, softcap=softcap, return_gram=True)  # as run_sink
         for name in ("out", "argmax", "top1_prob", "sink_mass"):
             assert torch.equal(getattr(res, name), getattr(mha, name)), name
 
@@ -716,9 +718,10 @@ def test_mla_and_learned_sink(geometry, mode, n, learned):
         assert float(res.sink_mass[..., n:].mean()) > 0.02  # the sink takes real mass on these inputs
     if Hkv < Hq:  # grouped heads read their kv head in place: the same as MHA on repeated K/V
         rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
+        # With the Gram as run_sink asked it: low rank then takes the same (whole-ε) path on both.
         mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, learned_sink=sink,
                                         return_argmax=True, return_top1_prob=True, return_sink_mass=True,
-                                        out_layout=layout, sliding_window=window, softcap=softcap)
+                                        out_layout=layout, sliding_window=window, softcap=softcap, return_gram=True)
         for name in ("out", "argmax", "top1_prob", "sink_mass"):
             assert torch.equal(getattr(res, name), getattr(mha, name)), name
 
@@ -1457,7 +1460,8 @@ def test_attention_chunk(mode, chunk):
         assert torch.equal(res.argmax, t.expand(B, H, T)) and bool((res.top1_prob == 1).all())
     if chunk >= T:  # one chunk: plain causal attention, the same kernel variant, bit for bit
         plain_res = residual_attention_triton(q, k, v, mode=mode, basis=basis, d_r=4 if mode == "lowrank" else None,
-                                              return_argmax=True, return_top1_prob=True)
+                                              return_argmax=True, return_top1_prob=True,
+                                              return_gram=mode != "top1")  # the same path as run_sink's
         for name in ("out", "argmax", "top1_prob"):
             assert torch.equal(getattr(res, name), getattr(plain_res, name)), name
 
@@ -1493,7 +1497,8 @@ def test_attention_chunk_with_everything(geometry, mode):
         rep = [t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v)]
         mha = residual_attention_triton(q, *rep, mode=mode, basis=basis, d_r=d_r, sink_tokens=n, learned_sink=sink,
                                         return_argmax=True, return_top1_prob=True, return_sink_mass=True,
-                                        out_layout=layout, softcap=softcap, attention_chunk=chunk)
+                                        out_layout=layout, softcap=softcap, attention_chunk=chunk,
+                                        return_gram=True)  # as run_sink
         for name in ("out", "argmax", "top1_prob", "sink_mass"):
             assert torch.equal(getattr(res, name), getattr(mha, name)), name
 

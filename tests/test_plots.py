@@ -69,7 +69,14 @@ def sweep_results(inconclusive: bool) -> dict:
         verdict = verdict_of("YES", d_r_min=8, best_d_r=32, best_recovered_pct=110.0, recovered_pct=95.0,
                              ci95=[91.0, None])
         top1_ci = [0.5, 1.5]
-    return {"kind": "sweep", "ppl_baseline": 20.0, "ppl_top1": 21.0, "ppl_full": 20.0, "curve": curve,
+    cost = {"seq_len": 256, "decode_context_len": 256, "device": "cpu", "dtype": "float32", "repeats": 3,
+            "configurations": [{"key": key, "relative_prefill_flops": flops, "relative_decode_flops": flops,
+                                "relative_decode_bytes": flops + 0.05, "op_time_ms": 3.0 * flops,
+                                "relative_op_time": flops * 1.2}
+                               for key, flops in (("full", 1.0), ("top1", 0.5), ("lowrank_d1", 0.52),
+                                                  ("lowrank_d8", 0.6), ("lowrank_d32", 0.8))]}
+    return {"kind": "sweep", "ppl_baseline": 20.0, "ppl_top1": 21.0, "ppl_full": 20.0, "curve": curve, "cost": cost,
+            "full_delta_ppl_ci95": [-0.01, 0.01],
             "top1_delta_ppl_ci95": top1_ci, "spectrum": spectrum(), "mean_eff_dim": 5.0, "verdict": verdict,
             "crystallinity": [], "sink_tokens": 0, "sinks": [], "config": config(),
             "bootstrap": {"method": "paired percentile bootstrap over the scored blocks", "resamples": 2000,

@@ -33,6 +33,7 @@ from ..results.verdict import (
 from .batching import default_batch_size, gather_losses, plan_batches
 from .config import SweepConfig, calibration_source, check_flags
 from .heads import heads_for_run
+from .op_cost import CostRecorder
 from .resume import Checkpoint
 from .setup import BaselineObservation, fit_bases, open_run, results_config, run_facts
 
@@ -136,8 +137,12 @@ def run_sweep(
     heads = heads_for_run(cfg, model, parts, layers, calibrations[0], calibration_source(cfg), blocks, batch_size,
                           sinks[0])
     crystal = layers if heads is None else heads.mapping
+    costs = CostRecorder(parts.geometry, layers, cfg.seq_len, device, model_dtype, cfg.backend)
+    record_cost(costs, "baseline", "baseline", None, 0)
 
     def config_losses(mode, d_r, key, basis=None, sink_tokens=0):
+        record_cost(costs, key, mode, d_r, sink_tokens)
+
         def compute():
             with crystallize(model, crystal, mode=mode, basis=None if basis is None else basis.basis, d_r=d_r,
                              backend=cfg.backend, sink_tokens=sink_tokens, parts=parts):
@@ -191,6 +196,14 @@ def run_sweep(
         "heads": None if heads is None else heads.results(),
         "config": config,
         "timings": timings, "basis": bases[0][sinks[0]],
+        "cost": costs.results(),
     }
     print_sweep_report(results, say)
     return results
+
+
+def record_cost(costs: CostRecorder, key: str, mode: str, d_r: int | None, sink_tokens: int) -> None:
+    """Record one configuration's attention cost (``nqpq.experiments.op_cost``: the formulas, and the op timed on
+    its own on the run's shapes) before its passes run; results.json's ``cost`` holds them."""
+    costs.record(key, mode, d_r, sink_tokens)
+

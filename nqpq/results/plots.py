@@ -336,6 +336,75 @@ def spectrum_figure(results: dict):
     return fig
 
 
+def cost_points(results: dict) -> list[dict]:
+    """The headline configurations (full, top-1, each rank of the first calibration draw) with their ΔPPL, its
+    interval and their cost entry (results["cost"]); empty for results written before costs were recorded."""
+    cost = {c["key"]: c for c in (results.get("cost") or {}).get("configurations", [])}
+    base = results["ppl_baseline"]
+    points = []
+    if "full" in cost:
+        points.append(dict(label="full", delta=results["ppl_full"] - base, ci=results.get("full_delta_ppl_ci95"),
+                           cost=cost["full"]))
+    if "top1" in cost:
+        points.append(dict(label="top-1", delta=results["ppl_top1"] - base, ci=results.get("top1_delta_ppl_ci95"),
+                           cost=cost["top1"]))
+    for c in results["curve"]:
+        if f"lowrank_d{c['d_r']}" in cost:
+            points.append(dict(label=f"d_r {c['d_r']}", delta=c["delta_ppl"], ci=c["delta_ppl_ci95"],
+                               cost=cost[f"lowrank_d{c['d_r']}"]))
+    return points
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
+    """Indices of the points no other point beats on both (lower x and lower y), by increasing x."""
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
+    front, best = [], math.inf
+    for i in order:
+        if ys[i] < best:
+            front.append(i)
+            best = ys[i]
+    return front
+
+
+COST_AXES = (("relative_prefill_flops", "prefill FLOPs / full"), ("relative_decode_bytes", "decode bytes / full"),
+             ("relative_op_time", "measured op time / full"))
+
+
+def cost_figure(results: dict):
+    """ΔPPL (95 % intervals) against each configuration's attention cost relative to full attention on the
+    crystallized layers: prefill FLOPs, decode-step bytes (both by formula) and the op time measured on the run's
+    device; the Pareto front of full, top-1 and the ranks joined by a line."""
+    plt = _pyplot()
+    points = cost_points(results)
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(14, 4.8), layout="constrained")
+    for ax, (key, xlabel) in zip(axes, COST_AXES):
+        shown = [p for p in points if p["cost"].get(key) is not None]
+        if not shown:
+            ax.text(0.5, 0.5, "no cost recorded in these results", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9)
+            ax.set_axis_off()
+            continue
+        xs = [p["cost"][key] for p in shown]
+        ys = [p["delta"] for p in shown]
+        ax.errorbar(xs, ys, yerr=error_bars(ys, [p["ci"] for p in shown]), fmt="o", capsize=3, color="tab:blue",
+                    label="ΔPPL (95% CI)")
+        for x, y, p in zip(xs, ys, shown):
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = pareto_front(xs, ys)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:orange", alpha=0.8,
+                label="Pareto front")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axvline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set(xlabel=xlabel, ylabel="ΔPPL vs baseline")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    cost = results.get("cost") or {}
+    where = (f"\ncost of the crystallized layers' attention relative to full: prefill at T {cost['seq_len']}, decode "
+             f"at context {cost['decode_context_len']}, op timed on {cost['device']} ({cost['dtype']})" if cost else "")
+    _suptitle(fig, _sweep_title(results) + where)
+    return fig
+
+
 def _saver(figure: Callable) -> Callable[[dict, str], None]:
     def draw(results: dict, path: str) -> None:
         _save(figure(results), path)
@@ -347,10 +416,12 @@ def _saver(figure: Callable) -> Callable[[dict, str], None]:
 plot_recovered, plot_top1_prob, plot_delta_ppl = (_saver(f) for f in (recovered_figure, top1_prob_figure,
                                                                        delta_ppl_figure))
 plot_curve, plot_spectrum = _saver(curve_figure), _saver(spectrum_figure)
+plot_cost = _saver(cost_figure)
 
 # (file name, figure(results)); report.write_results draws each through SCAN_PLOTS / SWEEP_PLOTS.
 SCAN_FIGURES = (("recovered_heatmap.png", recovered_figure), ("top1_prob_heatmap.png", top1_prob_figure),
                 ("delta_ppl_top1.png", delta_ppl_figure))
-SWEEP_FIGURES = (("delta_ppl_vs_dr.png", curve_figure), ("cumulative_variance.png", spectrum_figure))
+SWEEP_FIGURES = (("delta_ppl_vs_dr.png", curve_figure), ("cumulative_variance.png", spectrum_figure),
+                 ("delta_ppl_vs_cost.png", cost_figure))
 SCAN_PLOTS = tuple((name, _saver(figure)) for name, figure in SCAN_FIGURES)
 SWEEP_PLOTS = tuple((name, _saver(figure)) for name, figure in SWEEP_FIGURES)

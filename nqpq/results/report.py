@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .cost import cost_lines
 from .crystallinity_table import format_table
 from .stats import MIN_BLOCKS, RECOVERED_PCT_LIMIT, blocks_to_halve, distinct_resamples, half_width
 from .upgrade import UPGRADABLE, upgrade, upgrade_note
@@ -207,6 +208,8 @@ def print_sweep_report(results: dict, say: Callable[[str], None] = print) -> Non
     if len(sinks) > 1:
         for line in sink_comparison(sinks, ppl_fp, cfg["d_r"]):
             say(line)
+    for line in cost_lines(results):
+        say(line)
     if cfg["random_weights"]:
         say(" NOTE: DEMO run on RANDOM weights: the pipeline is real, the numbers say nothing about GPT-2.")
 
