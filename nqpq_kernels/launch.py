@@ -224,3 +224,62 @@ def kernel_meta(
         SPLIT_GRAM=cfg.get("SPLIT_GRAM", False),
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# --------------------------------------------------------------------------- #
+# The split-KV decode kernel (nqpq_kernels.decode_kernel)
+# --------------------------------------------------------------------------- #
+# The most queries the dispatcher sends to the decode kernel (a decode step, a speculative chunk); more go to the
+# prefill kernel with its query offset, whose row blocks are full from Tq ~ BLOCK_M on.
+DECODE_MAX_QUERIES = 16
+# The interpreter: 16-key tiles, 64-key splits (so the tests' Tk of a few hundred cross several splits) and row
+# blocks of at most 32 packed rows (GROUP·Tq beyond it exercises the row-block grid).
+DECODE_INTERPRETER_CONFIG = dict(BLOCK_N=16, KEYS_PER_SPLIT=64, MAX_ROWS=32, num_warps=4, num_stages=1)
+# On CUDA (no card measured yet: benchmarks/gpu_session.sh times it; registers and spills per variant from
+# python -m benchmarks.sm90 are in benchmarks/results/launch_table.md): a split is at least MIN_KEYS_PER_SPLIT keys
+# (below it the partial results' round trip costs more than the keys), and the splits are as many as fill
+# TARGET_PROGRAMS programs (two waves of an H100's 132 SMs, Flash-Decoding's rule of filling the card).
+MIN_KEYS_PER_SPLIT = 256
+TARGET_PROGRAMS = 264
+
+
+def use_decode_kernel(n_queries: int, n_keys: int, masked: bool) -> bool:
+    """Whether the Triton backend runs a call with the split-KV decode kernel: a KV cache (no mask, Tq < Tk) of at
+    most ``DECODE_MAX_QUERIES`` queries."""
+    return not masked and n_queries < n_keys and n_queries <= DECODE_MAX_QUERIES
+
+
+def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows: int, kv_programs: int,
+                  first_visible: int, n_keys: int, need_v: bool) -> dict:
+    """Tiles, splits and warps of one decode call. ``width``: the padded head dim (the wider of q/k and v);
+    ``rows``: the packed query rows of a kv head (GROUP·Tq); ``kv_programs``: B·Hkv; keys [first_visible, n_keys)
+    are the ones some row sees; ``need_v``: the split pass reads V (ctx, a Gram or a sink), not K alone.
+
+    Returns BLOCK_M (packed rows per program, >= 16 for tl.dot), BLOCK_N, the key range's aligned start kv_lo, the
+    keys per split (a multiple of BLOCK_N) and the number of splits, warps and stages of the split pass, the combine's
+    BLOCK_T, warps, R_BLOCK and GRAM_COLS."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type != "cuda":
+        cfg = dict(DECODE_INTERPRETER_CONFIG)
+        max_rows, per_split = cfg.pop("MAX_ROWS"), cfg.pop("KEYS_PER_SPLIT")
+    else:
+        # 16-bit D <= 128: 64-key tiles; D 256 or fp32: 32 (a [rows, D] accumulator and a [keys, D] V tile per
+        # stage); 4 warps: a decode tile is 16-64 rows.
+        cfg = dict(BLOCK_N=64 if half and width <= 128 else 32, num_warps=4, num_stages=2 if need_v else 3)
+        max_rows = 64 if width <= 128 else 32
+        per_split = None
+    block_n = cfg["BLOCK_N"]
+    cfg["BLOCK_M"] = min(max_rows, max(16, triton.next_power_of_2(rows)))
+    kv_lo = (first_visible // block_n) * block_n
+    n_tiles = triton.cdiv(n_keys - kv_lo, block_n)
+    if per_split is None:
+        row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+        most = max(1, (n_keys - kv_lo) // MIN_KEYS_PER_SPLIT)
+        splits = min(most, max(1, triton.cdiv(TARGET_PROGRAMS, kv_programs * row_blocks)))
+        per_split = triton.cdiv(n_tiles, splits) * block_n
+    else:
+        per_split = max(block_n, per_split // block_n * block_n)
+    cfg.update(kv_lo=kv_lo, split_len=per_split, n_splits=triton.cdiv(n_tiles * block_n, per_split), BLOCK_T=16,
+               combine_warps=4 if width <= 128 else 8, R_BLOCK=16 if width > 64 else 32,
+               GRAM_COLS=width if width <= 64 else 64)
+    return cfg
