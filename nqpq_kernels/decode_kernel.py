@@ -18,26 +18,21 @@ Here (Flash-Decoding's shape, with the argmax and the sink state carried through
 Queries sit at absolute positions Tk − Tq + r (bottom-right aligned causal); windows and chunks bound the keys walked
 (the launcher drops the tiles no row sees before splitting). The math is ``nqpq_kernels.reference``'s; the epilogue
 lines follow the prefill kernel's, whose comments say why each one is as it is. Launch choices (keys per tile and per
-split, warps): ``nqpq_kernels.launch.decode_config``.
+split, warps): ``nqpq_kernels.launch.decode_config``; the launcher: ``nqpq_kernels.decode``.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from .contract import OUT_LAYOUTS, TRITON_HEAD_DIMS, ResidualAttentionResult, check_choice
-from .contract import check_residual_attention_inputs
-from .launch import MODE_IDS, decode_config, padded_head_dim
-from .triton_kernel import _check_backend_device, _launch_device, _tanh
+from .triton_kernel import _tanh
 
-__all__ = ["residual_attention_decode"]
+__all__ = ["N_PART_PLANES", "decode_combine", "decode_split"]
 
-LOG2E = 1.4426950408889634
-# Planes of the per-split fp32 statistics: the running max, the sum, R's best score, Σ_S exp(s − m), S's best score.
-F_M, F_L, F_MR, F_LS, F_MS, N_F = 0, 1, 2, 3, 4, 5
+# Planes of the per-split fp32 statistics (PartF): the running max, the sum, and with a sink R's best score,
+# Σ_S exp(s − m) and S's best score; PartI holds the best index and, with a sink, S's best index.
+N_PART_PLANES = 5
 
 
 @triton.jit
@@ -116,7 +111,7 @@ def _decode_tiles(
 
 
 @triton.jit(do_not_specialize=["q_off", "kv_lo", "split_len", "window", "chunk", "n_sink"])
-def _decode_split(
+def decode_split(
     Q, K, V, PartF, PartI, PartAcc, PartAccS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     H, HKV, GROUP, T, T_K, q_off, kv_lo, split_len, n_splits, window, chunk, n_sink, scale, softcap,
@@ -233,7 +228,7 @@ def _gram_block(g_base, eps, offs_dv, mask_dv, HEAD_DV: tl.constexpr, DV_PAD: tl
 
 
 @triton.jit(do_not_specialize=["d_r"])
-def _decode_combine(
+def decode_combine(
     V, Out, Argmax, Top1P, Basis, Gram, SinkMass, LearnedSink, PartF, PartI, PartAcc, PartAccS,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     stride_ph, stride_pd, stride_pr, stride_lb, stride_lh, stride_lt,
@@ -385,115 +380,3 @@ def _decode_combine(
     if STORE_GRAM:
         _gram_block(Gram + off_h * (HEAD_DV * HEAD_DV), eps, offs_dv, mask_dv, HEAD_DV, DV_PAD, GRAM_COLS, DOT_PREC)
 
-
-def residual_attention_decode(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    mode: str,
-    basis: Tensor | None = None,
-    d_r: int | None = None,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    return_argmax: bool = False,
-    return_gram: bool = False,
-    return_top1_prob: bool = False,
-    out_layout: str = "bhtd",
-    allow_tf32: bool = False,
-    out: Tensor | None = None,
-    sink_tokens: int = 0,
-    return_sink_mass: bool = False,
-    learned_sink: Tensor | None = None,
-    attention_chunk: int | None = None,
-    attn_mask: Tensor | None = None,
-) -> ResidualAttentionResult:
-    """Residual attention of Tq <= Tk queries against a KV cache by split-KV: the same contract, keywords and result
-    as ``residual_attention_triton`` (q ``[B, Hq, Tq, D]``, k and v ``[B, Hkv, Tk, D]``; query r at absolute
-    position Tk − Tq + r), for few queries (dispatch picks it for Tq <= ``launch.DECODE_MAX_QUERIES``; any Tq runs).
-    No ``attn_mask``: a mask decides visibility alone, which the prefill kernel's HAS_BIAS walk runs."""
-    args = check_residual_attention_inputs(q, k, v, mode, basis, d_r, scale, sliding_window, softcap, sink_tokens,
-                                           learned_sink, attention_chunk, attn_mask)
-    check_choice("out_layout", out_layout, OUT_LAYOUTS)
-    if attn_mask is not None:
-        raise ValueError("the split-KV decode kernel runs the implicit (bottom-right causal) mask only; with an "
-                         "attn_mask call residual_attention_triton")
-    _check_backend_device(q.device)
-    B, H, T, Dqk = q.shape
-    Hkv, T_k = k.shape[1], k.shape[2]
-    D = args.value_dim
-    for width in (Dqk, D):
-        if width not in TRITON_HEAD_DIMS:
-            raise ValueError(f'backend="triton" supports head dims that are multiples of 16 up to 256, got D={width}')
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    device = q.device
-    out_shape = (B, H, T, D) if out_layout == "bhtd" else (B, T, H, D)
-    if out is None:
-        out = torch.empty(out_shape, device=device, dtype=q.dtype)
-    elif (not isinstance(out, Tensor) or tuple(out.shape) != out_shape or out.dtype != q.dtype
-          or out.device != device or out.stride(-1) != 1):
-        raise ValueError(f"out must be a {out_shape} {q.dtype} tensor on {device} with stride(-1) == 1")
-    o_strides = (out.stride(0), out.stride(1), out.stride(2)) if out_layout == "bhtd" else \
-        (out.stride(0), out.stride(2), out.stride(1))
-
-    q_off = T_k - T
-    windowed = args.sliding_window is not None and args.sliding_window < T_k
-    chunk = args.attention_chunk or 0
-    # The first key any row sees: the split grid covers [kv_lo, Tk) only (a window's or chunk's start).
-    first_visible = max(0, q_off - args.sliding_window + 1) if windowed else (q_off // chunk) * chunk if chunk else 0
-    sink = args.sink_tokens > 0
-    need_ctx = mode != "top1" or return_gram
-    d_pad, dv_pad = padded_head_dim(Dqk), padded_head_dim(D)
-    cfg = decode_config(max(d_pad, dv_pad), q.dtype, device, rows=args.group * T, kv_programs=B * Hkv,
-                        first_visible=first_visible, n_keys=T_k, need_v=need_ctx or sink)
-    kv_lo, split_len, n_splits = cfg["kv_lo"], cfg["split_len"], cfg["n_splits"]
-    n_rb = triton.cdiv(args.group * T, cfg["BLOCK_M"])
-    precision = "ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32"
-    dot_f32 = device.type != "cuda" and q.dtype == torch.bfloat16
-    sink_acc = sink and (mode != "full" or return_gram)
-
-    rows = B * H * T * n_splits
-    f32 = dict(device=device, dtype=torch.float32)
-    part_f = torch.empty((N_F if sink else 2, rows), **f32)
-    part_i = torch.empty((2 if sink else 1, rows), device=device, dtype=torch.int32)
-    part_acc = torch.empty((rows, D), **f32) if need_ctx else part_f
-    part_acc_s = torch.empty((rows, D), **f32) if sink_acc else part_f
-
-    argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
-    top1_prob = torch.empty((B, H, T), **f32) if return_top1_prob else None
-    gram32 = torch.zeros((H, D, D), **f32) if return_gram else None
-    sink_mass = torch.empty((B, H, T), **f32) if return_sink_mass else None
-    basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
-    sink_f32 = args.learned_sink.to(torch.float32) if args.learned_sink is not None else None
-    dummy = part_f
-    with _launch_device(device):
-        _decode_split[(B * Hkv * n_rb, n_splits)](
-            q, k, v, part_f, part_i, part_acc, part_acc_s,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            H, Hkv, args.group, T, T_k, q_off, kv_lo, split_len, n_splits,
-            args.sliding_window if windowed else 0, chunk, args.sink_tokens, args.scale,
-            args.softcap if args.softcap is not None else 1.0, rows,
-            HEAD_D=Dqk, D_PAD=d_pad, HEAD_DV=D, DV_PAD=dv_pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            NEED_CTX=need_ctx, WINDOWED=windowed or chunk > 0, SOFTCAP=args.softcap is not None,
-            DOT_PREC=precision, DOT_F32=dot_f32, HAS_SINK=sink, SINK_ACC=sink_acc,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        _decode_combine[(triton.cdiv(T, cfg["BLOCK_T"]), B * H)](
-            v, out, argmax if argmax is not None else dummy, top1_prob if top1_prob is not None else dummy,
-            basis_f32 if basis_f32 is not None else dummy, gram32 if gram32 is not None else dummy,
-            sink_mass if sink_mass is not None else dummy, sink_f32 if sink_f32 is not None else dummy,
-            part_f, part_i, part_acc, part_acc_s,
-            v.stride(0), v.stride(1), v.stride(2), *o_strides,
-            *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
-            *(sink_f32.stride() if sink_f32 is not None else (0, 0, 0)),
-            H, args.group, T, n_splits, rows, args.d_r,
-            HEAD_DV=D, DV_PAD=dv_pad, BLOCK_T=cfg["BLOCK_T"], R_BLOCK=min(dv_pad, cfg["R_BLOCK"]),
-            GRAM_COLS=min(dv_pad, cfg["GRAM_COLS"]), MODE=MODE_IDS[mode], NEED_CTX=need_ctx,
-            STORE_ARGMAX=return_argmax, STORE_TOP1P=return_top1_prob, STORE_GRAM=return_gram,
-            STORE_SINK=return_sink_mass, DOT_PREC=precision, HAS_SINK=sink, SINK_ACC=sink_acc,
-            LEARNED=sink_f32 is not None, num_warps=cfg["combine_warps"], num_stages=1,
-        )
-    gram = gram32.double() if return_gram else None
-    return ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)
