@@ -14,7 +14,7 @@ from .contract import (
     check_residual_attention_inputs,
 )
 from .decode_kernel import N_PART_PLANES, decode_combine, decode_split
-from .launch import MODE_IDS, decode_config, padded_head_dim
+from .launch import decode_plan
 from .triton_kernel import _check_backend_device, _launch_device
 
 __all__ = ["residual_attention_decode"]
@@ -77,15 +77,13 @@ def residual_attention_decode(
     # The first key any row sees: the split grid covers [kv_lo, Tk) only (a window's or chunk's start).
     first_visible = max(0, q_off - args.sliding_window + 1) if windowed else (q_off // chunk) * chunk if chunk else 0
     sink = args.sink_tokens > 0
-    need_ctx = mode != "top1" or return_gram
-    d_pad, dv_pad = padded_head_dim(Dqk), padded_head_dim(D)
-    cfg = decode_config(max(d_pad, dv_pad), q.dtype, device, rows=args.group * T, kv_programs=B * Hkv,
-                        first_visible=first_visible, n_keys=T_k, need_v=need_ctx or sink)
-    kv_lo, split_len, n_splits = cfg["kv_lo"], cfg["split_len"], cfg["n_splits"]
-    n_rb = triton.cdiv(args.group * T, cfg["BLOCK_M"])
-    precision = "ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32"
-    dot_f32 = device.type != "cuda" and q.dtype == torch.bfloat16
-    sink_acc = sink and (mode != "full" or return_gram)
+    plan = decode_plan(Dqk, D, q.dtype, mode, device.type, group=args.group, n_queries=T, n_keys=T_k,
+                       kv_programs=B * Hkv, first_visible=first_visible, windowed=windowed or chunk > 0,
+                       softcap=args.softcap is not None, return_argmax=return_argmax, return_gram=return_gram,
+                       return_top1_prob=return_top1_prob, return_sink_mass=return_sink_mass, sink=sink,
+                       learned_sink=args.learned_sink is not None, allow_tf32=allow_tf32)
+    n_splits = plan.n_splits
+    need_ctx, sink_acc = plan.split_meta["NEED_CTX"], plan.split_meta["SINK_ACC"]  # V read: P·V, Σ_S p V
 
     rows = B * H * T * n_splits
     f32 = dict(device=device, dtype=torch.float32)
@@ -102,19 +100,16 @@ def residual_attention_decode(
     sink_f32 = args.learned_sink.to(torch.float32) if args.learned_sink is not None else None
     dummy = part_f
     with _launch_device(device):
-        decode_split[(B * Hkv * n_rb, n_splits)](
+        decode_split[(B * Hkv * plan.row_blocks, n_splits)](
             q, k, v, part_f, part_i, part_acc, part_acc_s,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            H, Hkv, args.group, T, T_k, q_off, kv_lo, split_len, n_splits,
+            H, Hkv, args.group, T, T_k, q_off, plan.kv_lo, plan.split_len, n_splits,
             args.sliding_window if windowed else 0, chunk, args.sink_tokens, args.scale,
             args.softcap if args.softcap is not None else 1.0, rows,
-            HEAD_D=Dqk, D_PAD=d_pad, HEAD_DV=D, DV_PAD=dv_pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            NEED_CTX=need_ctx, WINDOWED=windowed or chunk > 0, SOFTCAP=args.softcap is not None,
-            DOT_PREC=precision, DOT_F32=dot_f32, HAS_SINK=sink, SINK_ACC=sink_acc,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **plan.split_meta, **plan.split_launch,
         )
-        decode_combine[(triton.cdiv(T, cfg["BLOCK_T"]), B * H)](
+        decode_combine[(triton.cdiv(T, plan.block_t), B * H)](
             v, out, argmax if argmax is not None else dummy, top1_prob if top1_prob is not None else dummy,
             basis_f32 if basis_f32 is not None else dummy, gram32 if gram32 is not None else dummy,
             sink_mass if sink_mass is not None else dummy, sink_f32 if sink_f32 is not None else dummy,
@@ -123,11 +118,7 @@ def residual_attention_decode(
             *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
             *(sink_f32.stride() if sink_f32 is not None else (0, 0, 0)),
             H, args.group, T, n_splits, rows, args.d_r,
-            HEAD_DV=D, DV_PAD=dv_pad, BLOCK_T=cfg["BLOCK_T"], R_BLOCK=min(dv_pad, cfg["R_BLOCK"]),
-            GRAM_COLS=min(dv_pad, cfg["GRAM_COLS"]), MODE=MODE_IDS[mode], NEED_CTX=need_ctx,
-            STORE_ARGMAX=return_argmax, STORE_TOP1P=return_top1_prob, STORE_GRAM=return_gram,
-            STORE_SINK=return_sink_mass, DOT_PREC=precision, HAS_SINK=sink, SINK_ACC=sink_acc,
-            LEARNED=sink_f32 is not None, num_warps=cfg["combine_warps"], num_stages=1,
+            **plan.combine_meta, **plan.combine_launch,
         )
     gram = gram32.double() if return_gram else None
     return ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)

@@ -283,3 +283,65 @@ def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows:
                combine_warps=4 if width <= 128 else 8, R_BLOCK=16 if width > 64 else 32,
                GRAM_COLS=width if width <= 64 else 64)
     return cfg
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """One decode call's launch: the split pass's and the combine's compile-time constants and launch options, and
+    the runtime split geometry."""
+
+    split_meta: dict
+    split_launch: dict
+    combine_meta: dict
+    combine_launch: dict
+    kv_lo: int  # first key walked (a multiple of BLOCK_N)
+    split_len: int  # keys per split (a multiple of BLOCK_N)
+    n_splits: int
+    row_blocks: int  # programs per kv head and split (GROUP·Tq rows, BLOCK_M at a time)
+    block_t: int  # query rows per combine program
+
+
+def decode_plan(
+    D: int,
+    value_dim: int,
+    dtype: torch.dtype,
+    mode: str,
+    device_type: str,
+    *,
+    group: int,
+    n_queries: int,
+    n_keys: int,
+    kv_programs: int,
+    first_visible: int = 0,
+    windowed: bool = False,
+    softcap: bool = False,
+    return_argmax: bool = False,
+    return_gram: bool = False,
+    return_top1_prob: bool = False,
+    return_sink_mass: bool = False,
+    sink: bool = False,
+    learned_sink: bool = False,
+    allow_tf32: bool = False,
+) -> DecodePlan:
+    """The decode kernels' constants and launch for one call (shared by ``nqpq_kernels.decode`` and
+    ``benchmarks.sm90``). ``D``/``value_dim``: q/k's and v's widths; ``group`` = Hq / Hkv; ``kv_programs`` = B·Hkv;
+    ``first_visible``: the first key some query sees (a window's or chunk's start; 0 otherwise)."""
+    need_ctx = mode != "top1" or return_gram
+    d_pad, dv_pad = padded_head_dim(D), padded_head_dim(value_dim)
+    cfg = decode_config(max(d_pad, dv_pad), dtype, torch.device(device_type), rows=group * n_queries,
+                        kv_programs=kv_programs, first_visible=first_visible, n_keys=n_keys, need_v=need_ctx or sink)
+    # As kernel_meta: exact fp32 dots unless tf32 is asked for; bf16 dots upcast in the interpreter only.
+    precision = "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+    dot_f32 = device_type != "cuda" and dtype == torch.bfloat16
+    sink_acc = sink and (mode != "full" or return_gram)
+    split_meta = dict(HEAD_D=D, D_PAD=d_pad, HEAD_DV=value_dim, DV_PAD=dv_pad, BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=cfg["BLOCK_N"], NEED_CTX=need_ctx, WINDOWED=windowed, SOFTCAP=softcap,
+                      DOT_PREC=precision, DOT_F32=dot_f32, HAS_SINK=sink, SINK_ACC=sink_acc)
+    combine_meta = dict(HEAD_DV=value_dim, DV_PAD=dv_pad, BLOCK_T=cfg["BLOCK_T"], R_BLOCK=min(dv_pad, cfg["R_BLOCK"]),
+                        GRAM_COLS=min(dv_pad, cfg["GRAM_COLS"]), MODE=MODE_IDS[mode], NEED_CTX=need_ctx,
+                        STORE_ARGMAX=return_argmax, STORE_TOP1P=return_top1_prob, STORE_GRAM=return_gram,
+                        STORE_SINK=return_sink_mass, DOT_PREC=precision, HAS_SINK=sink, SINK_ACC=sink_acc,
+                        LEARNED=learned_sink)
+    return DecodePlan(split_meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), combine_meta,
+                      dict(num_warps=cfg["combine_warps"], num_stages=1), cfg["kv_lo"], cfg["split_len"],
+                      cfg["n_splits"], triton.cdiv(group * n_queries, cfg["BLOCK_M"]), cfg["BLOCK_T"])
