@@ -2,10 +2,10 @@
 prefill kernel with its query offset, Tq < Tk queries and no mask (query r at absolute position Tk − Tq + r), against
 the float64 definition of tests/f64_reference.py, against each other, and on exact ties across KV splits.
 
-Run in Triton's interpreter without a card (fp32 and fp16: bf16 dots are wrong there). The interpreter's decode
-config (``launch.DECODE_INTERPRETER_CONFIG``) cuts the keys in 64-key splits of 16-key tiles and packs at most 32
-query rows per program, so Tk of a few hundred crosses several splits (300 and 265 are multiples of neither) and
-GROUP·Tq = 34 or 68 crosses row blocks.
+Run in Triton's interpreter without a card (fp32 and fp16: bf16 dots are wrong there), and on a card. The
+interpreter's decode config (``launch.DECODE_INTERPRETER_CONFIG``) cuts the keys in 64-key splits of 16-key tiles
+and packs at most 32 query rows per program, so Tk of a few hundred crosses several splits (300 and 265 are
+multiples of neither) and GROUP·Tq = 34 or 68 crosses row blocks; on a card the fixture below shortens the splits.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
 
 from f64_reference import SINK_CLEAR_GAP, check_sink_against_f64, sink_plain  # noqa: E402
 
-from nqpq_kernels import dispatch  # noqa: E402
+from nqpq_kernels import dispatch, launch  # noqa: E402
 from nqpq_kernels.dispatch import residual_attention, resolve_backend  # noqa: E402
-from nqpq_kernels.launch import DECODE_INTERPRETER_CONFIG, DECODE_MAX_QUERIES, use_decode_kernel  # noqa: E402
+from nqpq_kernels.launch import DECODE_MAX_QUERIES, decode_config, use_decode_kernel  # noqa: E402
 
 triton_kernel = pytest.importorskip("nqpq_kernels.triton_kernel")
 if not (torch.cuda.is_available() or triton_kernel.interpreter_active()):
@@ -33,7 +33,21 @@ from nqpq_kernels.decode import residual_attention_decode  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")
 KERNELS = {"decode": residual_attention_decode, "prefill": triton_kernel.residual_attention_triton}
-SPLIT = DECODE_INTERPRETER_CONFIG["KEYS_PER_SPLIT"]
+
+
+@pytest.fixture(autouse=True)
+def short_splits(monkeypatch):
+    """On a card, splits of 64 keys and more (the CUDA rule's 256 would give these Tk one split): the merge across
+    splits is what is tested. The interpreter's config has 64-key splits of its own."""
+    monkeypatch.setattr(launch, "MIN_KEYS_PER_SPLIT", 64)
+    monkeypatch.setattr(launch, "TARGET_PROGRAMS", 1 << 20)
+
+
+def split_len(q, k, v) -> int:
+    """The keys per split the launcher picks for this call (no window: splits start at key 0)."""
+    B, Hq, Tq, D = q.shape
+    return decode_config(max(16, D, v.shape[-1]), q.dtype, q.device, rows=Hq // k.shape[1] * Tq,
+                         kv_programs=B * k.shape[1], first_visible=0, n_keys=k.shape[2], need_v=True)["split_len"]
 
 # name: (B, Hq, Hkv, Tk, Dqk, Dv, options): GQA / MQA / MLA widths, windows shorter than Tk, a chunk edge inside the
 # last 17 positions (256 in 248..264), sink keys (70: across the first split boundary), learned sinks per head and
@@ -154,9 +168,12 @@ def tie_inputs(Tk, Tq, first, second):
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_ties_across_splits_take_the_first_index(kernel, sink_tokens):
     """Keys tie exactly for every row's maximum across splits (0 and 2, 1 and 2, the last key of split 0 and the first
-    of split 1): the argmax is the first, V of it what top1 returns; as the reference has it."""
+    of split 1, two splits apart): the argmax is the first, V of it what top1 returns; as the reference has it."""
     Tk, Tq = 200, 3
-    for first, second in ((20, 150), (100, 130), (SPLIT - 1, SPLIT)):
+    q, k, v = tie_inputs(Tk, Tq, 0, 1)
+    n = split_len(q, k, v)
+    assert n < 100  # ties below cross splits
+    for first, second in ((20, 150), (n + 5, 2 * n + 3), (n - 1, n)):
         q, k, v = tie_inputs(Tk, Tq, first, second)
         s = (q @ k.transpose(-1, -2))[0, 0, 0]
         assert float(s[first]) == float(s[second]) == float(s.max()) and int((s == s.max()).sum()) == 2
@@ -173,9 +190,11 @@ def test_ties_across_splits_take_the_first_index(kernel, sink_tokens):
 
 def test_sink_rows_tie_across_splits():
     """Rows whose R is empty fall back to S's first maximum: with every key a sink key (130 >= Tk) and a tie of
-    keys 10 and 70 (splits 0 and 1), every row returns 10 with sink mass 1."""
+    keys 10 and one in the next split, every row returns 10 with sink mass 1."""
     Tk, Tq = 128, 2
-    q, k, v = tie_inputs(Tk, Tq, 10, 70)
+    q, k, v = tie_inputs(Tk, Tq, 0, 1)
+    assert split_len(q, k, v) + 6 < Tk
+    q, k, v = tie_inputs(Tk, Tq, 10, split_len(q, k, v) + 6)
     for kernel in KERNELS.values():
         res = kernel(q, k, v, mode="top1", scale=1.0, sink_tokens=130, return_argmax=True, return_sink_mass=True)
         assert bool((res.argmax == 10).all())
