@@ -268,8 +268,13 @@ def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows:
         cfg = dict(BLOCK_N=64 if half and width <= 128 else 32, num_warps=4, num_stages=2 if need_v else 3)
         max_rows = 64 if width <= 128 else 32
         per_split = None
-    block_n = cfg["BLOCK_N"]
     cfg["BLOCK_M"] = min(max_rows, max(16, triton.next_power_of_2(rows)))
+    if device.type == "cuda" and cfg["BLOCK_M"] >= 64:
+        # 64 packed rows (a speculative chunk of a GQA group) hold a [64, D] accumulator, and a sink's second one:
+        # 8 warps and 32-key tiles (D 128 with every feature spilled 48 B at 4 warps, 8 B at 8 warps and 64 keys:
+        # benchmarks/results/launch_table.md).
+        cfg.update(num_warps=8, BLOCK_N=32)
+    block_n = cfg["BLOCK_N"]
     kv_lo = (first_visible // block_n) * block_n
     n_tiles = triton.cdiv(n_keys - kv_lo, block_n)
     if per_split is None:
