@@ -700,6 +700,11 @@ def residual_attention_triton(
     as an fp32 bias read through its strides (a broadcast dim is never copied; a bool mask becomes 0 / -inf), and
     every key tile is walked (no causal tile skipping).
 
+    A KV cache (no ``attn_mask``, q holding Tq < Tk queries): query r sits at absolute position Tk − Tq + r; the
+    kernel adds that offset (a runtime argument) to its causal, window and chunk bounds, so row blocks still start at
+    the queries and the tiles below the diagonal block are walked unmasked. For Tq <= 16 the Triton backend runs the
+    split-KV decode kernel instead (``nqpq_kernels.decode``).
+
     Inputs whose last dimension is strided (stride(-1) != 1) are copied to a contiguous layout first
     (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
     projections are read in place.
