@@ -5,6 +5,9 @@
 # Run from the repo root on the GPU machine:  OUT=/some/dir bash benchmarks/gpu_session.sh
 # Stage limits (seconds, overridable: T_TESTS=...) sum to 570 s; a stage cut by its limit keeps what it printed
 # (the tuner prints each config as it is measured).
+# A second call, the KV cache (issue 34):  OUT=/some/dir bash benchmarks/gpu_session.sh decode
+# runs the decode kernel's and the offset prefill's tests compiled (tests/test_decode.py, test_kv_cache.py), then
+# benchmarks.decode: decode steps against SDPA, flash decode and the prefill kernel at Tk 1k-32k (limits sum to 560 s).
 set -u
 OUT=${OUT:-/tmp/nqpq_gpu}
 mkdir -p "$OUT"
@@ -17,6 +20,18 @@ LOG="$OUT/run.log"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 stage() { local limit=$1; shift; echo "=== $* (limit ${limit}s) $(date -u +%T)"; timeout "$limit" "$@"; echo "=== rc=$? $(date -u +%T)"; }
+if [ "${1:-}" = decode ]; then
+  {
+    # 1. Correctness: the split-KV decode kernel and the prefill kernel with its query offset, compiled, against
+    #    float64 (every mode, GQA/MQA, MLA widths, windows, chunks, sinks, ties across splits).
+    stage ${T_DECODE_TESTS:-220} python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_decode.py tests/test_kv_cache.py
+    # 2. Time: Llama-3-8B heads (GQA 32/8, D 128) at B 1 and 8, one query and a 4-query speculative chunk; GPT-2
+    #    small and Gemma 2 (D 256, soft cap) at B 8, one query.
+    stage ${T_DECODE_LLAMA:-220} python3 -m benchmarks.decode --geometry llama3-8b --B 1 8 --Tq 1 4 --Tk 1024 4096 16384 32768 --out "$OUT/decode_cuda_llama3.csv"
+    stage ${T_DECODE_OTHER:-120} python3 -m benchmarks.decode --geometry gpt2 gemma2 --B 8 --Tq 1 --Tk 1024 8192 32768 --out "$OUT/decode_cuda_other.csv"
+  } 2>&1 | tee "$LOG"
+  exit 0
+fi
 {
   # 1. Correctness: the compiled kernel against the reference (all modes, dtypes, GQA, windows, soft caps, padded
   #    D, sinks, NaN rows), then the model integration on the GPU.

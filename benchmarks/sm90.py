@@ -150,6 +150,8 @@ class Variant(NamedTuple):
     T: int | None = None  # the sequence length, when not GEOMETRY's (an unaligned one: no divisibility by 16)
     per_row: bool = False  # with learned: one logit per query row ([B, Hq, T], Inkling 2), not one per head
     rank: int | None = None  # low rank through V·P_r at this d_r (evaluation, no Gram): P·V on DR_PAD columns
+    queries: int | None = None  # a KV cache: this many queries (the last ones) against the T keys; None: Tq = T
+    kernel: str = "prefill"  # "prefill" (the fused kernel), or the decode kernels' "split" pass and "combine"
 
     @property
     def name(self) -> str:
@@ -160,7 +162,13 @@ class Variant(NamedTuple):
                                         ("learned/row" if self.per_row else "learned", self.learned),
                                         ("bias", self.bias)) if on]
         parts += [f"vp{self.rank}"] if self.rank else []
-        return " ".join(parts + ([f"T{self.T}"] if self.T else []))
+        parts += [f"T{self.T}"] if self.T else []
+        parts += [f"Tq{self.queries}"] if self.queries else []
+        return " ".join(parts + ([f"decode {self.kernel}"] if self.decode else []))
+
+    @property
+    def decode(self) -> bool:
+        return self.kernel != "prefill"
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:
@@ -209,7 +217,30 @@ def variants() -> list[Variant]:
     # A model's own mask comes at any prompt length: the 16-bit D <= 128 ones at an unaligned T too (T, Tk and the
     # bias's row stride not multiples of 16: scalar bias loads).
     out += [v._replace(T=UNALIGNED_T) for v in out if v.bias and v.dtype == "bf16" and v.D <= 128]
-    return out
+    # A KV cache through the prefill kernel (its query offset): a chunk of CACHED_TQ queries against the T keys.
+    out += [Variant(dtype, D, mode, gram=gram, features=gram, sink=gram, learned=gram, queries=CACHED_TQ)
+            for dtype in ("bf16", "fp32") for D in (64, 128, 256)
+            for mode, gram in (("full", False), ("lowrank", True))]
+    return out + decode_variants()
+
+
+def decode_variants() -> list[Variant]:
+    """The split-KV decode kernels (split pass and combine) at DECODE_TK keys: every mode for each dtype and padded
+    width, a Gram, a sink in top1 (S's sums beside K), every feature at once, at one query (a decode step) and at
+    DECODE_MAX_QUERIES (a speculative chunk: GROUP·Tq rows per program); MLA widths."""
+    from nqpq_kernels.launch import DECODE_MAX_QUERIES
+
+    out = []
+    for dtype in ("bf16", "fp32"):
+        for D in (64, 128, 256):
+            base = [Variant(dtype, D, mode) for mode in ("top1", "full", "lowrank")]
+            base += [Variant(dtype, D, "full", gram=True), Variant(dtype, D, "top1", sink=True)]
+            every = Variant(dtype, D, "lowrank", gram=True, features=True, sink=True, learned=True)
+            base += [every, every._replace(per_row=True, queries=DECODE_MAX_QUERIES)]
+            out += base
+        out += [Variant(dtype, 192, "lowrank", gram=True, features=True, sink=True, learned=True, Dv=128)]
+    return [v._replace(T=DECODE_TK, queries=v.queries or 1, kernel=kernel) for v in out
+            for kernel in ("split", "combine")]
 
 
 # --------------------------------------------------------------------------- #
@@ -221,6 +252,8 @@ def variants() -> list[Variant]:
 # T 256, Llama-3-8B, Gemma 2, DeepSeek-V3 (MLA, no GQA).
 GEOMETRY = {64: (8, 12, 12, 256), 128: (4, 32, 8, 1024), 192: (4, 16, 16, 1024), 256: (4, 8, 4, 1024)}
 UNALIGNED_T = 1001
+CACHED_TQ = 100  # the prefill kernel's cached variants: 100 queries (not a multiple of 16) against T keys
+DECODE_TK = 4096  # the decode variants' cache length
 # --unspecialized: compile as ``benchmarks.tune --compile-only`` did (every int a plain i32, no pointer alignment),
 # which is not what a launch compiles: scalar loads and per-element address tensors, and spills that a launch
 # does not have (issue 26's table was made that way).
@@ -274,11 +307,12 @@ def _compile(fn, values: dict, constexprs: dict, pointers: dict, elem: str, opti
 
 def residual_values(v: Variant) -> dict:
     """The integer arguments the launcher passes for contiguous [B, H, T, D] q, k, v and out at GEOMETRY."""
-    B, Hq, Hkv, T = v.geometry
+    B, Hq, Hkv, Tk = v.geometry
+    T = v.queries or Tk  # queries; the keys are Tk
     Dv = v.Dv or v.D
     values = dict(stride_qb=Hq * T * v.D, stride_qh=T * v.D, stride_qt=v.D,
-                  stride_kb=Hkv * T * v.D, stride_kh=T * v.D, stride_kt=v.D,
-                  stride_vb=Hkv * T * Dv, stride_vh=T * Dv, stride_vt=Dv,
+                  stride_kb=Hkv * Tk * v.D, stride_kh=Tk * v.D, stride_kt=v.D,
+                  stride_vb=Hkv * Tk * Dv, stride_vh=Tk * Dv, stride_vt=Dv,
                   stride_ob=Hq * T * Dv, stride_oh=T * Dv, stride_ot=Dv,
                   stride_ab=Hq * T, stride_ah=T, H=Hq, GROUP=Hq // Hkv, T=T)
     # The basis [Hq, Dv, Dv] fp32, contiguous; (0, 0, 0) when there is none.
@@ -297,11 +331,12 @@ def residual_values(v: Variant) -> dict:
 
 
 def bias_values(v: Variant) -> dict:
-    """The bias arguments: none (their defaults) without an attn_mask; with one, the launcher's fp32 view of a
-    [B, 1, T, T] mask (transformers' 4-D masks) expanded over the heads (stride 0), keys as many as queries."""
+    """The bias arguments and the key count T_K: without an attn_mask no bias (its defaults) and the geometry's T
+    keys; with one, the launcher's fp32 view of a [B, 1, T, T] mask (transformers' 4-D masks) expanded over the heads
+    (stride 0), keys as many as queries."""
     B, Hq, _, T = v.geometry
     if not v.bias:
-        return dict(Bias=None, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, T_K=0)
+        return dict(Bias=None, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, T_K=T)
     return dict(stride_bb=T * T, stride_bh=0, stride_bm=T, stride_bn=1, T_K=T)
 
 
@@ -335,7 +370,65 @@ def _elem(dtype: str) -> str:
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
 
 
+def decode_values(v: Variant, plan) -> dict:
+    """The integer arguments the decode launcher passes for contiguous q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D],
+    out [B, Hq, Tq, Dv] and its split geometry (``plan``: ``launch.decode_plan``'s)."""
+    B, Hq, Hkv, Tk = v.geometry
+    Tq, Dv = v.queries, v.Dv or v.D
+    part_stride = B * Hq * Tq * plan.n_splits
+    if v.kernel == "split":
+        return dict(stride_qb=Hq * Tq * v.D, stride_qh=Tq * v.D, stride_qt=v.D,
+                    stride_kb=Hkv * Tk * v.D, stride_kh=Tk * v.D, stride_kt=v.D,
+                    stride_vb=Hkv * Tk * Dv, stride_vh=Tk * Dv, stride_vt=Dv,
+                    H=Hq, HKV=Hkv, GROUP=Hq // Hkv, T=Tq, T_K=Tk, n_splits=plan.n_splits, part_stride=part_stride)
+    lstrides = ((Hq * Tq, Tq, 1) if v.per_row else (0, 1, 0)) if v.learned else (0, 0, 0)
+    return dict(stride_vb=Hkv * Tk * Dv, stride_vh=Tk * Dv, stride_vt=Dv,
+                stride_ob=Hq * Tq * Dv, stride_oh=Tq * Dv, stride_ot=Dv,
+                **dict(zip(("stride_ph", "stride_pd", "stride_pr"),
+                           (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)),
+                **dict(zip(("stride_lb", "stride_lh", "stride_lt"), lstrides, strict=True)),
+                H=Hq, GROUP=Hq // Hkv, T=Tq, n_splits=plan.n_splits, part_stride=part_stride)
+
+
+def compile_decode_variant(v: Variant) -> dict:
+    """A decode kernel (the split pass or the combine) at the launcher's plan for v's geometry (Tk = DECODE_TK)."""
+    import torch
+
+    from nqpq_kernels import decode_kernel
+    from nqpq_kernels import launch as launch_mod
+
+    B, Hq, Hkv, Tk = v.geometry
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v.dtype]
+    plan = launch_mod.decode_plan(v.D, v.Dv or v.D, dtype, v.mode, "cuda", group=Hq // Hkv, n_queries=v.queries,
+                                  n_keys=Tk, kv_programs=B * Hkv, windowed=v.features, softcap=v.features,
+                                  return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
+                                  return_sink_mass=v.sink or v.learned, sink=v.sink, learned_sink=v.learned)
+    if v.kernel == "split":
+        fn, meta, launch = decode_kernel.decode_split, plan.split_meta, plan.split_launch
+        pointers = {"Q": None, "K": None, "V": None, "PartF": "*fp32", "PartI": "*i32", "PartAcc": "*fp32",
+                    "PartAccS": "*fp32"}
+        tiles = (meta["BLOCK_M"], meta["BLOCK_N"])
+    else:
+        fn, meta, launch = decode_kernel.decode_combine, plan.combine_meta, plan.combine_launch
+        pointers = {"V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32", "Basis": "*fp32", "Gram": "*fp32",
+                    "SinkMass": "*fp32", "LearnedSink": "*fp32", "PartF": "*fp32", "PartI": "*i32",
+                    "PartAcc": "*fp32", "PartAccS": "*fp32"}
+        tiles = (meta["BLOCK_T"], 0)
+    row = {"variant": v.name, "dtype": v.dtype, "D": v.D, "Dv": v.Dv or v.D, "mode": v.mode, "gram": v.gram,
+           "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned, "bias": False,
+           "T": Tk, "queries": v.queries, "kernel": f"decode {v.kernel}",
+           "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)), "BLOCK_M": tiles[0], "BLOCK_N": tiles[1],
+           "splits": plan.n_splits, **launch}
+    try:
+        row.update(cubin_stats(_compile(fn, decode_values(v, plan), meta, pointers, _elem(v.dtype), launch)))
+    except Exception as err:  # a lowering failure is a result: the row names it
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return row
+
+
 def compile_variant(v: Variant) -> dict:
+    if v.decode:
+        return compile_decode_variant(v)
     import torch
 
     from nqpq_kernels import launch as launch_mod
@@ -356,6 +449,7 @@ def compile_variant(v: Variant) -> dict:
     row = {"variant": v.name, "dtype": v.dtype, "D": v.D, "Dv": v.Dv or v.D, "mode": v.mode, "gram": v.gram,
            "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned, "bias": v.bias,
            "T": v.geometry[3], "vp_rank": v.rank if meta["LOWRANK_VP"] else "",
+           "queries": v.queries or v.geometry[3], "kernel": "prefill",
            "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)),
            "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], **launch}
     try:
@@ -402,6 +496,12 @@ def check(rows: list[dict]) -> list[str]:
             problems.append(f"{r['variant']}: does not compile ({r['error']})")
             continue
         local = r["local_loads"] + r["local_stores"]
+        if r.get("kernel", "prefill").startswith("decode"):
+            # The decode kernels: 16-64 packed rows, below wgmma's 64 (mma.sync); no anchor. 16-bit D <= 128: no
+            # local memory; the others are reported.
+            if r["dtype"] != "fp32" and max(r["D"], r["Dv"]) <= 128 and (r["stack_bytes"] or local):
+                problems.append(f"{r['variant']}: {r['stack_bytes']} B stack, {local} local loads/stores")
+            continue
         if r["dtype"] != "fp32" and max(r["D"], r["Dv"]) <= 128:
             if r["stack_bytes"] or local:
                 problems.append(f"{r['variant']}: {r['stack_bytes']} B stack, {local} local loads/stores")
@@ -437,12 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_variant, todo))
-        keys = sorted({_anchor_key(r) for r in rows})
+        keys = sorted({_anchor_key(r) for r in rows if r["kernel"] == "prefill"})
         anchors = dict(zip(keys, pool.map(compile_anchor, keys), strict=True))
     from benchmarks.common import write_csv
 
     for r in rows:
-        a = anchors[_anchor_key(r)]
+        a = anchors[_anchor_key(r)] if r["kernel"] == "prefill" else {}
         r.update({f"anchor_{k}": val for k, val in a.items() if k in ("registers", "stack_bytes", "local_loads",
                                                                      "local_stores", "error")})
         r.update({"specialized": SPECIALIZE,
@@ -455,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['variant']:62} ERROR {r['error']}")
             continue
         a_local = r.get("anchor_local_loads", 0) + r.get("anchor_local_stores", 0)
-        anchor = f"{r.get('anchor_stack_bytes', '?')} / {a_local}"
+        anchor = f"{r.get('anchor_stack_bytes', '?')} / {a_local}" if r["kernel"] == "prefill" else "-"
         print(f"{r['variant']:62} {r['BLOCK_M']:>4}/{r['BLOCK_N']:<4} {r['num_warps']}/{r['num_stages']} "
               f"{r['registers']:>4} {r['stack_bytes']:>5} {r['local_loads'] + r['local_stores']:>7} "
               f"{r['shared_bytes'] // 1024:>8} {r['wgmma_dots']:>5} {anchor:>20}")

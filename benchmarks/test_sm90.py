@@ -33,7 +33,7 @@ def test_bias_launch_arguments():
     T = sm90.UNALIGNED_T
     assert (values["stride_bb"], values["stride_bh"], values["stride_bm"], values["stride_bn"]) == (T * T, 0, T, 1)
     assert values["T"] == values["T_K"] == T
-    assert sm90.residual_values(v._replace(bias=False))["T_K"] == 0
+    assert sm90.residual_values(v._replace(bias=False))["T_K"] == T  # the key count, with or without a mask
     per_row = sm90.residual_values(sm90.Variant("bf16", 128, "top1", learned=True, per_row=True))
     per_head = sm90.residual_values(sm90.Variant("bf16", 128, "top1", learned=True))
     B, Hq, _, T = sm90.GEOMETRY[128]
@@ -71,3 +71,26 @@ def test_check_names_every_miss():
     big = dict(base, D=256, Dv=256, local_loads=4, anchor_local_loads=4)
     assert sm90.check([big]) == [] and len(sm90.check([dict(big, local_loads=5)])) == 1
     assert len(sm90.check([dict(base, error="boom")])) == 1
+
+
+def test_cached_and_decode_variants():
+    """The prefill kernel with a query offset (Tq < Tk) and both decode kernels, every mode for each dtype and padded
+    width; the cached prefill passes Tq-row strides for q/out and Tk for k/v."""
+    vs = sm90.variants()
+    cached = [v for v in vs if v.queries and not v.decode]
+    assert {(v.dtype, v.D, v.mode) for v in cached} == {(dt, D, m) for dt in ("bf16", "fp32") for D in (64, 128, 256)
+                                                        for m in ("full", "lowrank")}
+    values = sm90.residual_values(cached[0])
+    B, Hq, Hkv, T = sm90.GEOMETRY[cached[0].D]
+    assert values["T"] == sm90.CACHED_TQ and values["T_K"] == T and values["stride_kh"] == T * cached[0].D
+    assert values["stride_qh"] == sm90.CACHED_TQ * cached[0].D
+    dec = {(v.dtype, v.D, v.mode, v.kernel) for v in vs if v.decode}
+    for dtype, D, mode, kernel in itertools.product(("bf16", "fp32"), (64, 128, 256), ("top1", "full", "lowrank"),
+                                                    ("split", "combine")):
+        assert (dtype, D, mode, kernel) in dec
+    assert {v.queries for v in vs if v.decode} == {1, launch_mod.DECODE_MAX_QUERIES}
+    row = dict(variant="d", kernel="decode split", dtype="bf16", D=128, Dv=128, BLOCK_M=16, stack_bytes=0,
+               local_loads=0, local_stores=0, mma_sync_dots=2, hgmma_16bit=0)
+    assert sm90.check([row]) == []  # mma.sync and 16 rows are the decode kernels' own
+    assert len(sm90.check([dict(row, local_stores=2)])) == 1
+    assert sm90.check([dict(row, dtype="fp32", local_stores=2)]) == []  # reported, not a target

@@ -4,7 +4,10 @@ or the research package ``nqpq``.
 - ``contract``: what a valid call is (the input checks every backend shares), ``ResidualAttentionResult``, ``MODES``;
 - ``reference``: the plain PyTorch reference (float32, any device), ``residual_attention_reference``;
 - ``dispatch``: ``residual_attention``, the SDPA-like op that picks a backend (the Triton kernel on CUDA);
-- ``triton_kernel``: the fused Triton kernel and its launcher, ``residual_attention_triton``;
+- ``triton_kernel``: the fused Triton kernel and its launcher, ``residual_attention_triton`` (any Tq <= Tk: a KV
+  cache by a query offset);
+- ``decode_kernel`` / ``decode``: the split-KV decode kernels for few cached queries and their launcher,
+  ``residual_attention_decode`` (the Triton backend picks it for Tq <= 16);
 - ``launch``: the kernel's launch table (block sizes, warps, stages) as rules.
 
 Importing the package needs neither CUDA nor Triton's driver: the kernel module is imported on first use of

@@ -15,20 +15,19 @@ from .streamed import residual_attention_streamed
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device_type: str, head_dim: int | None = None, value_dim: int | None = None,
-                    cached: bool = False) -> str:
+def resolve_backend(backend: str, device_type: str, head_dim: int | None = None, value_dim: int | None = None) -> str:
     """Map ``auto`` to the Triton kernel on CUDA and the torch path elsewhere.
 
     With ``head_dim`` (q/k's width) and/or ``value_dim`` (v's width, for MLA) given, ``auto`` also falls back
     to the torch path on CUDA when the kernel does not support one of them (``TRITON_HEAD_DIMS``), and an
-    explicit ``"triton"`` refuses it. ``cached``: a call with fewer queries than keys and no mask (a KV cache),
-    which the kernel does not run yet: ``auto`` takes the torch path, an explicit ``"triton"`` is refused by the
-    kernel's own check.
+    explicit ``"triton"`` refuses it. A KV cache (fewer queries than keys, no mask) runs on either backend: the
+    Triton one picks the split-KV decode kernel or the prefill kernel with its query offset
+    (``triton_residual_attention``).
     """
     check_choice("backend", backend, BACKENDS)
     unsupported = [d for d in (head_dim, value_dim) if d is not None and d not in TRITON_HEAD_DIMS]
     if backend == "auto":
-        return "triton" if device_type == "cuda" and not unsupported and not cached else "torch"
+        return "triton" if device_type == "cuda" and not unsupported else "torch"
     if backend == "triton":
         if unsupported:
             raise ValueError(
@@ -51,13 +50,26 @@ def residual_attention_torch(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> 
     return residual_attention_reference(q, k, v, **kwargs)
 
 
+def triton_residual_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> ResidualAttentionResult:
+    """The ``"triton"`` backend: a KV cache of few queries (``launch.use_decode_kernel``: no mask, Tq < Tk,
+    Tq <= ``DECODE_MAX_QUERIES``) runs the split-KV decode kernel, everything else the prefill kernel (whose query
+    offset serves longer cached chunks). Same contract and keywords as ``residual_attention_triton``."""
+    # Imported lazily: keeps CPU start-up free of Triton.
+    from .launch import use_decode_kernel
+
+    shaped = all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k))
+    if shaped and use_decode_kernel(q.shape[2], k.shape[2], kwargs.get("attn_mask") is not None):
+        from .decode import residual_attention_decode
+
+        return residual_attention_decode(q, k, v, **kwargs)
+    from .triton_kernel import residual_attention_triton
+
+    return residual_attention_triton(q, k, v, **kwargs)
+
+
 def residual_attention_impl(backend: str) -> Callable[..., ResidualAttentionResult]:
     """The function that runs residual attention for a resolved backend."""
-    if backend == "triton":
-        from .triton_kernel import residual_attention_triton  # imported lazily: keeps CPU start-up free of Triton
-
-        return residual_attention_triton
-    return residual_attention_torch
+    return triton_residual_attention if backend == "triton" else residual_attention_torch
 
 
 def residual_attention(
@@ -97,8 +109,9 @@ def residual_attention(
     A KV cache: without ``attn_mask``, q may hold Tq <= Tk queries ``[B, Hq, Tq, D]``; they are the last Tq
     positions (bottom-right aligned causal, as FlashAttention >= 2.1): query row r sits at absolute position
     Tk − Tq + r, and the window, chunk, sink keys and argmax use absolute positions, so each row equals the
-    matching row of the whole Tk × Tk call. The Triton kernel runs Tq = Tk only: ``"auto"`` takes the torch path
-    for Tq < Tk and ``"triton"`` refuses it.
+    matching row of the whole Tk × Tk call. On the Triton backend up to ``launch.DECODE_MAX_QUERIES`` cached queries
+    (decode steps, speculative chunks) run the split-KV decode kernel (``nqpq_kernels.decode_kernel``), more the
+    prefill kernel with its query offset.
 
     ``backend="torch"`` on CPU runs ``nqpq_kernels.streamed`` (query blocks: memory O(T · block)); elsewhere, and for
     tests, ``residual_attention_reference`` (one T × T buffer).
@@ -146,10 +159,8 @@ def residual_attention(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
-    four_d = q.dim() == 4 and k.dim() == 4
-    cached = four_d and attn_mask is None and q.shape[2] < k.shape[2]  # a KV cache: the kernel runs Tq = Tk only
     impl = residual_attention_impl(resolve_backend(
-        backend, q.device.type, q.shape[-1] if q.dim() == 4 else None, v.shape[-1] if v.dim() == 4 else None, cached
+        backend, q.device.type, q.shape[-1] if q.dim() == 4 else None, v.shape[-1] if v.dim() == 4 else None
     ))
     res = impl(
         q, k, v, mode=mode, basis=basis, d_r=d_r, scale=scale, sliding_window=sliding_window, softcap=softcap,

@@ -255,3 +255,129 @@ def kernel_meta(
         DR_PAD=padded_head_dim(lowrank_rank) if lowrank_vp else 16,
     )
     return meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# --------------------------------------------------------------------------- #
+# The split-KV decode kernel (nqpq_kernels.decode_kernel)
+# --------------------------------------------------------------------------- #
+# The most queries the dispatcher sends to the decode kernel (a decode step, a speculative chunk); more go to the
+# prefill kernel with its query offset, whose row blocks are full from Tq ~ BLOCK_M on.
+DECODE_MAX_QUERIES = 16
+# The interpreter: 16-key tiles, 64-key splits (so the tests' Tk of a few hundred cross several splits) and row
+# blocks of at most 32 packed rows (GROUP·Tq beyond it exercises the row-block grid).
+DECODE_INTERPRETER_CONFIG = dict(BLOCK_N=16, KEYS_PER_SPLIT=64, MAX_ROWS=32, num_warps=4, num_stages=1)
+# On CUDA (no card measured yet: benchmarks/gpu_session.sh times it; registers and spills per variant from
+# python -m benchmarks.sm90 are in benchmarks/results/launch_table.md): a split is at least MIN_KEYS_PER_SPLIT keys
+# (below it the partial results' round trip costs more than the keys), and the splits are as many as fill
+# TARGET_PROGRAMS programs (two waves of an H100's 132 SMs, Flash-Decoding's rule of filling the card).
+MIN_KEYS_PER_SPLIT = 256
+TARGET_PROGRAMS = 264
+
+
+def use_decode_kernel(n_queries: int, n_keys: int, masked: bool) -> bool:
+    """Whether the Triton backend runs a call with the split-KV decode kernel: a KV cache (no mask, Tq < Tk) of at
+    most ``DECODE_MAX_QUERIES`` queries."""
+    return not masked and n_queries < n_keys and n_queries <= DECODE_MAX_QUERIES
+
+
+def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows: int, kv_programs: int,
+                  first_visible: int, n_keys: int, need_v: bool) -> dict:
+    """Tiles, splits and warps of one decode call. ``width``: the padded head dim (the wider of q/k and v);
+    ``rows``: the packed query rows of a kv head (GROUP·Tq); ``kv_programs``: B·Hkv; keys [first_visible, n_keys)
+    are the ones some row sees; ``need_v``: the split pass reads V (ctx, a Gram or a sink), not K alone.
+
+    Returns BLOCK_M (packed rows per program, >= 16 for tl.dot), BLOCK_N, the key range's aligned start kv_lo, the
+    keys per split (a multiple of BLOCK_N) and the number of splits, warps and stages of the split pass, the combine's
+    BLOCK_T, warps, R_BLOCK and GRAM_COLS."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type != "cuda":
+        cfg = dict(DECODE_INTERPRETER_CONFIG)
+        max_rows, per_split = cfg.pop("MAX_ROWS"), cfg.pop("KEYS_PER_SPLIT")
+    else:
+        # 16-bit D <= 128: 64-key tiles; D 256 or fp32: 32 (a [rows, D] accumulator and a [keys, D] V tile per
+        # stage); 4 warps: a decode tile is 16-64 rows.
+        cfg = dict(BLOCK_N=64 if half and width <= 128 else 32, num_warps=4, num_stages=2 if need_v else 3)
+        max_rows = 64 if width <= 128 else 32
+        per_split = None
+    cfg["BLOCK_M"] = min(max_rows, max(16, triton.next_power_of_2(rows)))
+    if device.type == "cuda" and cfg["BLOCK_M"] >= 64:
+        # 64 packed rows (a speculative chunk of a GQA group) hold a [64, D] accumulator, and a sink's second one:
+        # 8 warps and 32-key tiles (D 128 with every feature spilled 48 B at 4 warps, 8 B at 8 warps and 64 keys:
+        # benchmarks/results/launch_table.md).
+        cfg.update(num_warps=8, BLOCK_N=32)
+    block_n = cfg["BLOCK_N"]
+    kv_lo = (first_visible // block_n) * block_n
+    n_tiles = triton.cdiv(n_keys - kv_lo, block_n)
+    if per_split is None:
+        row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+        most = max(1, (n_keys - kv_lo) // MIN_KEYS_PER_SPLIT)
+        splits = min(most, max(1, triton.cdiv(TARGET_PROGRAMS, kv_programs * row_blocks)))
+        per_split = triton.cdiv(n_tiles, splits) * block_n
+    else:
+        per_split = max(block_n, per_split // block_n * block_n)
+    cfg.update(kv_lo=kv_lo, split_len=per_split, n_splits=triton.cdiv(n_tiles * block_n, per_split), BLOCK_T=16,
+               combine_warps=4 if width <= 128 else 8, R_BLOCK=16 if width > 64 else 32,
+               GRAM_COLS=width if width <= 64 else 64)
+    return cfg
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """One decode call's launch: the split pass's and the combine's compile-time constants and launch options, and
+    the runtime split geometry."""
+
+    split_meta: dict
+    split_launch: dict
+    combine_meta: dict
+    combine_launch: dict
+    kv_lo: int  # first key walked (a multiple of BLOCK_N)
+    split_len: int  # keys per split (a multiple of BLOCK_N)
+    n_splits: int
+    row_blocks: int  # programs per kv head and split (GROUP·Tq rows, BLOCK_M at a time)
+    block_t: int  # query rows per combine program
+
+
+def decode_plan(
+    D: int,
+    value_dim: int,
+    dtype: torch.dtype,
+    mode: str,
+    device_type: str,
+    *,
+    group: int,
+    n_queries: int,
+    n_keys: int,
+    kv_programs: int,
+    first_visible: int = 0,
+    windowed: bool = False,
+    softcap: bool = False,
+    return_argmax: bool = False,
+    return_gram: bool = False,
+    return_top1_prob: bool = False,
+    return_sink_mass: bool = False,
+    sink: bool = False,
+    learned_sink: bool = False,
+    allow_tf32: bool = False,
+) -> DecodePlan:
+    """The decode kernels' constants and launch for one call (shared by ``nqpq_kernels.decode`` and
+    ``benchmarks.sm90``). ``D``/``value_dim``: q/k's and v's widths; ``group`` = Hq / Hkv; ``kv_programs`` = B·Hkv;
+    ``first_visible``: the first key some query sees (a window's or chunk's start; 0 otherwise)."""
+    need_ctx = mode != "top1" or return_gram
+    d_pad, dv_pad = padded_head_dim(D), padded_head_dim(value_dim)
+    cfg = decode_config(max(d_pad, dv_pad), dtype, torch.device(device_type), rows=group * n_queries,
+                        kv_programs=kv_programs, first_visible=first_visible, n_keys=n_keys, need_v=need_ctx or sink)
+    # As kernel_meta: exact fp32 dots unless tf32 is asked for; bf16 dots upcast in the interpreter only.
+    precision = "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+    dot_f32 = device_type != "cuda" and dtype == torch.bfloat16
+    sink_acc = sink and (mode != "full" or return_gram)
+    split_meta = dict(HEAD_D=D, D_PAD=d_pad, HEAD_DV=value_dim, DV_PAD=dv_pad, BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=cfg["BLOCK_N"], NEED_CTX=need_ctx, WINDOWED=windowed, SOFTCAP=softcap,
+                      DOT_PREC=precision, DOT_F32=dot_f32, HAS_SINK=sink, SINK_ACC=sink_acc)
+    combine_meta = dict(HEAD_DV=value_dim, DV_PAD=dv_pad, BLOCK_T=cfg["BLOCK_T"], R_BLOCK=min(dv_pad, cfg["R_BLOCK"]),
+                        GRAM_COLS=min(dv_pad, cfg["GRAM_COLS"]), MODE=MODE_IDS[mode], NEED_CTX=need_ctx,
+                        STORE_ARGMAX=return_argmax, STORE_TOP1P=return_top1_prob, STORE_GRAM=return_gram,
+                        STORE_SINK=return_sink_mass, DOT_PREC=precision, HAS_SINK=sink, SINK_ACC=sink_acc,
+                        LEARNED=learned_sink)
+    return DecodePlan(split_meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), combine_meta,
+                      dict(num_warps=cfg["combine_warps"], num_stages=1), cfg["kv_lo"], cfg["split_len"],
+                      cfg["n_splits"], triton.cdiv(group * n_queries, cfg["BLOCK_M"]), cfg["BLOCK_T"])

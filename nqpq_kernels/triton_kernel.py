@@ -348,7 +348,7 @@ def _attn_fwd_range(
     return acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s
 
 
-@triton.jit(do_not_specialize=["bh_off", "d_r", "window", "chunk", "n_sink"])
+@triton.jit(do_not_specialize=["bh_off", "d_r", "window", "chunk", "n_sink", "q_off"])
 def _residual_attn_fwd(
     Q, K, V, Out, Argmax, Top1P, Basis, Gram, SinkMass, LearnedSink,
     stride_qb, stride_qh, stride_qt,
@@ -383,7 +383,8 @@ def _residual_attn_fwd(
     stride_lb=0, stride_lh=0, stride_lt=0,  # LEARNED: the logits' strides [B, Hq, T] (0: one per head, gpt-oss)
     Bias=None,  # HAS_BIAS: attn_mask as an fp32 additive bias, read through its strides [B, Hq, Tq, Tk] (0: broadcast)
     stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0,
-    T_K=0,  # HAS_BIAS: the number of keys (k and v may hold keys of the model's own past Tq)
+    T_K=0,  # the number of keys: Tq + q_off without a mask; under HAS_BIAS any (keys of the model's own past Tq)
+    q_off=0,  # without a mask: Tk − Tq, the absolute position of query row 0 (a KV cache; 0 for Tq = Tk)
     HAS_BIAS: tl.constexpr = False,  # attn_mask given: it alone decides visibility (no causal walk)
     SPLIT_GRAM: tl.constexpr = False,
     CrystalHeads=None,  # PER_HEAD: int8 [Hq], 1 = this query head outputs its mode's result, 0 = plain attention
@@ -412,6 +413,7 @@ def _residual_attn_fwd(
         w_base = VPr
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 query rows
+    pos_m = offs_m + q_off  # their absolute positions: what the causal, window and chunk bounds compare
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < HEAD_D
@@ -443,15 +445,16 @@ def _residual_attn_fwd(
     acc_s = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     sink_end = ((n_sink + BLOCK_N - 1) // BLOCK_N) * BLOCK_N  # key tiles below hold a sink key
 
-    lo = start_m * BLOCK_M  # first key of the diagonal block
+    diag = start_m * BLOCK_M + q_off  # the block's first row's position: first key of the diagonal block
+    lo = (diag // BLOCK_N) * BLOCK_N  # aligned down (= diag without an offset): tile starts stay multiples of BLOCK_N
     if WINDOWED:
         # Each row's first visible key: i - w + 1 under a sliding window, (i // C) * C under a chunk (Llama 4's
         # chunked attention: i sees j <= i with j // C == i // C). Both rise with i, so the block's first row has
         # the smallest and its last row the largest; one runtime branch, no compile per window or chunk size.
         chunk_safe = tl.maximum(chunk, 1)
-        row_lo = tl.where(chunk > 0, (offs_m // chunk_safe) * chunk_safe, offs_m - window + 1)
-        first_row = lo
-        last_row = lo + BLOCK_M - 1
+        row_lo = tl.where(chunk > 0, (pos_m // chunk_safe) * chunk_safe, pos_m - window + 1)
+        first_row = diag
+        last_row = diag + BLOCK_M - 1
         first = tl.where(chunk > 0, (first_row // chunk_safe) * chunk_safe, first_row - window + 1)
         last = tl.where(chunk > 0, (last_row // chunk_safe) * chunk_safe, last_row - window + 1)
         # Key tiles wholly before every row's first visible key are skipped: cost grows as T·w (T·C), not T².
@@ -464,13 +467,13 @@ def _residual_attn_fwd(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo_w, mid,
-            T, BLOCK_N, True, True, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
+            pos_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo_w, mid,
+            T_K, BLOCK_N, True, True, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
             w_base=w_base, stride_wt=stride_wt, offs_w=offs_w, VP=LOWRANK_VP,
         )
     else:
         mid = 0
-        row_lo = offs_m  # unused without WINDOWED
+        row_lo = pos_m  # unused without WINDOWED
     if HAS_BIAS:
         # An explicit mask decides alone which keys a row sees: every key tile [0, Tk) is walked, masked only past
         # the last key (each row's causal bound is set past it), with the bias added; the sink's tiles first. No
@@ -489,16 +492,16 @@ def _residual_attn_fwd(
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, mid, lo, T,
+            pos_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, mid, lo, T_K,
             BLOCK_N, False, False, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, SINK_ACC,
             w_base=w_base, stride_wt=stride_wt, offs_w=offs_w, VP=LOWRANK_VP,
         )
         # The diagonal block (causal + sequence-end mask, and the window when it is shorter than a block).
-        hi = tl.minimum(lo + BLOCK_M, T)
+        hi = tl.minimum(diag + BLOCK_M, T_K)
         acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s = _attn_fwd_range(
             acc, l_i, m_i, best_idx, nan_row, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo, hi, T,
+            pos_m, offs_n, offs_d, mask_d, offs_dv, mask_dv, scale, softcap, row_lo, n_sink, sink_end, lo, hi, T_K,
             BLOCK_N, True, WINDOWED, EVEN_D, EVEN_DV, SOFTCAP, NEED_L, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK,
             SINK_ACC, w_base=w_base, stride_wt=stride_wt, offs_w=offs_w, VP=LOWRANK_VP,
         )
@@ -816,6 +819,11 @@ def residual_attention_triton(
     as an fp32 bias read through its strides (a broadcast dim is never copied; a bool mask becomes 0 / -inf), and
     every key tile is walked (no causal tile skipping).
 
+    A KV cache (no ``attn_mask``, q holding Tq < Tk queries): query r sits at absolute position Tk − Tq + r; the
+    kernel adds that offset (a runtime argument) to its causal, window and chunk bounds, so row blocks still start at
+    the queries and the tiles below the diagonal block are walked unmasked. For Tq <= 16 the Triton backend runs the
+    split-KV decode kernel instead (``nqpq_kernels.decode``).
+
     Inputs whose last dimension is strided (stride(-1) != 1) are copied to a contiguous layout first
     (the kernel's loads need unit stride along D); views such as transformers' transposed [B, T, H, D]
     projections are read in place.
@@ -831,11 +839,10 @@ def residual_attention_triton(
     check_choice("out_layout", out_layout, OUT_LAYOUTS)
     _check_backend_device(q.device)
     B, H, T, Dqk = q.shape
-    if attn_mask is None and k.shape[2] != T:
-        raise ValueError(
-            f'backend="triton" runs Tq = Tk without an attn_mask (got {T} queries for {k.shape[2]} keys: a KV '
-            'cache); use backend="torch" (or "auto", which falls back to it)'
-        )
+    T_k = k.shape[2]
+    # A KV cache (no attn_mask, Tq < Tk): query i sits at absolute position Tk − Tq + i, a runtime offset of the
+    # causal, window and chunk bounds (Tq = Tk: offset 0, the plain causal call).
+    q_off = T_k - T if attn_mask is None else 0
     D = args.value_dim  # out's width
     for width in (Dqk, D):
         if width not in SUPPORTED_HEAD_DIMS:
@@ -864,7 +871,7 @@ def residual_attention_triton(
         stride_ob, stride_oh, stride_ot = out.stride(0), out.stride(2), out.stride(1)
 
     # A window covering the whole sequence is plain causal attention: skip the window masks.
-    windowed = args.sliding_window is not None and args.sliding_window < T
+    windowed = args.sliding_window is not None and args.sliding_window < T_k
     chunk = args.attention_chunk or 0  # validated: None for C >= T (plain causal), never with a window
     meta, launch = kernel_meta(Dqk, q.dtype, mode, device.type, windowed=windowed or chunk > 0,
                                softcap=args.softcap is not None, return_argmax=return_argmax,
@@ -901,7 +908,7 @@ def residual_attention_triton(
             torch.zeros(attn_mask.shape, device=device, dtype=torch.float32).masked_fill_(~attn_mask, float("-inf"))
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(args.attn_mask.shape)
         bias_args = dict(Bias=bias, stride_bb=bias.stride(0), stride_bh=bias.stride(1), stride_bm=bias.stride(2),
-                         stride_bn=bias.stride(3), T_K=k.shape[2])
+                         stride_bn=bias.stride(3))
 
     per_head_args = {}
     if args.crystal_heads is not None:
@@ -938,6 +945,7 @@ def residual_attention_triton(
                 **sink_args,
                 **per_head_args,
                 **vp_args,
+                T_K=T_k, q_off=q_off,
             )
 
     gram = gram32.double() if return_gram else None
