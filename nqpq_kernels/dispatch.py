@@ -58,7 +58,9 @@ def triton_residual_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) ->
     from .launch import use_decode_kernel
 
     shaped = all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k))
-    if shaped and use_decode_kernel(q.shape[2], k.shape[2], kwargs.get("attn_mask") is not None):
+    # Heads left plain (crystal_heads) are the prefill kernel's alone: the decode kernel has no per-head mode yet.
+    per_head = kwargs.get("crystal_heads") is not None
+    if shaped and not per_head and use_decode_kernel(q.shape[2], k.shape[2], kwargs.get("attn_mask") is not None):
         from .decode import residual_attention_decode
 
         return residual_attention_decode(q, k, v, **kwargs)

@@ -159,3 +159,21 @@ def test_bad_choice_is_named(heads, error, match):
         heads = torch.tensor(heads, device=DEV)
     with pytest.raises(error, match=match):
         residual_attention(q, k, v, mode="top1", backend="torch", crystal_heads=heads)
+
+
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_chosen_heads_with_a_kv_cache_on_the_triton_router(Tq):
+    """A cached call of few queries (what the router sends to the split-KV decode kernel) with heads left plain runs
+    the prefill kernel's query offset instead (the decode kernel has no per-head mode): equal to float64."""
+    from nqpq_kernels.dispatch import triton_residual_attention
+    from nqpq_kernels.triton_kernel import interpreter_active
+
+    if DEV == "cpu" and not interpreter_active():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with it in the environment")
+    q, k, v = qkv(1, 4, 2, 40, 16, torch.float32, seed=11)
+    q = q[:, :, -Tq:]
+    heads = torch.tensor(CHOSEN, device=DEV)
+    basis = basis_for(4, 16)
+    res = triton_residual_attention(q, k, v, mode="lowrank", basis=basis, d_r=5, crystal_heads=heads,
+                                    return_argmax=True, return_top1_prob=True, return_sink_mass=True)
+    check_sink_against_f64(res, q, k, v, "lowrank", basis, 5, crystal_heads=heads)
