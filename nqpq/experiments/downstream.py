@@ -426,7 +426,6 @@ def run_eval(
     from ..model.crystallize import crystallize
     from ..model.devices import input_device
     from ..model.parts import model_parts
-    from .calibration import ResidualBasis
     from .config import check_model_fit
 
     say = log or print
@@ -462,18 +461,7 @@ def run_eval(
     basis, basis_record = None, None
     if "lowrank" in cfg.modes:
         t = time.perf_counter()
-        if cfg.basis is not None:
-            try:
-                basis = ResidualBasis.load(cfg.basis)
-            except Exception as err:  # torch.load raises many types for a file that is not a basis
-                raise NqpqError(f"--basis {cfg.basis!r} is not a residual basis (ResidualBasis.save / nqpq sweep's "
-                                f"basis.pt): {type(err).__name__}: {one_line(err)}") from err
-            missing = [li for li in layers if li not in basis.basis]
-            if missing:
-                raise NqpqError(f"--basis {cfg.basis!r} holds layers {basis.layers}, not {missing} of --layers")
-            basis_record = {"source": "file", "file": os.path.basename(cfg.basis)}
-        else:
-            basis, basis_record = _fit_basis(scfg, model, parts, tokenizer, tok_name, layers, device, say)
+        basis, basis_record = resolve_basis(cfg.basis, scfg, model, parts, tokenizer, tok_name, layers, device, say)
         # Attach and detach once at the largest rank: a basis of another model's shape, or narrower than a --d-r,
         # is refused now, before any task runs.
         with crystallize(model, layers, mode="lowrank", basis=basis.basis, d_r=max(d_rs), backend=cfg.backend,
@@ -542,6 +530,26 @@ def _load_model(cfg: EvalConfig, device: torch.device, say: Callable[[str], None
     model = load_model(path, str(device), parse_dtype(cfg.dtype))
     refuse_tensor_parallel(model)
     return model, tokenizer, model_name, checkpoint, cfg.tokenizer or model_name
+
+
+def resolve_basis(basis_file: str | None, scfg, model, parts, tokenizer, tok_name: str, layers: Sequence[int],
+                  device: torch.device, say: Callable[[str], None]):
+    """The low-rank basis of ``layers`` and results.json's record of it: ``basis_file`` (a ``ResidualBasis.save``
+    file, checked to hold every layer), or fitted on the sweep's calibration text (``_fit_basis``). Shared by
+    ``nqpq eval`` and ``nqpq generate``."""
+    if basis_file is None:
+        return _fit_basis(scfg, model, parts, tokenizer, tok_name, layers, device, say)
+    from .calibration import ResidualBasis
+
+    try:
+        basis = ResidualBasis.load(basis_file)
+    except Exception as err:  # torch.load raises many types for a file that is not a basis
+        raise NqpqError(f"--basis {basis_file!r} is not a residual basis (ResidualBasis.save / nqpq sweep's "
+                        f"basis.pt): {type(err).__name__}: {one_line(err)}") from err
+    missing = [li for li in layers if li not in basis.basis]
+    if missing:
+        raise NqpqError(f"--basis {basis_file!r} holds layers {basis.layers}, not {missing} of --layers")
+    return basis, {"source": "file", "file": os.path.basename(basis_file)}
 
 
 def _fit_basis(scfg, model, parts, tokenizer, tok_name: str, layers: Sequence[int], device: torch.device,

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import NqpqError, one_line
+from ..errors import NqpqError
 
 GENERATE_FORMAT_VERSION = 1
 BASELINE = "model"
@@ -153,9 +153,8 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     from ..model.crystallize import crystallize
     from ..model.devices import input_device
     from ..model.parts import model_parts
-    from .calibration import ResidualBasis
     from .config import check_model_fit
-    from .downstream import _device, _fit_basis, _load_model, configurations
+    from .downstream import _device, _load_model, configurations, resolve_basis
 
     say = log or print
     if (model is None) != (tokenizer is None):
@@ -182,19 +181,8 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     basis, basis_record = None, None
     if "lowrank" in cfg.modes:
         t = time.perf_counter()
-        if cfg.basis is not None:
-            try:
-                basis = ResidualBasis.load(cfg.basis)
-            except Exception as err:  # torch.load raises many types for a file that is not a basis
-                raise NqpqError(f"--basis {cfg.basis!r} is not a residual basis (ResidualBasis.save / nqpq sweep's "
-                                f"basis.pt): {type(err).__name__}: {one_line(err)}") from err
-            missing = [li for li in layers if li not in basis.basis]
-            if missing:
-                raise NqpqError(f"--basis {cfg.basis!r} holds layers {basis.layers}, not {missing} of --layers")
-            basis_record = {"source": "file", "file": os.path.basename(cfg.basis)}
-        else:
-            basis, basis_record = _fit_basis(scfg, model, tokenizer, tok_name, layers, device,
-                                             lambda line: say(line.replace("[eval]", "[generate]", 1)))
+        basis, basis_record = resolve_basis(cfg.basis, scfg, model, parts, tokenizer, tok_name, layers, device,
+                                            lambda line: say(line.replace("[eval]", "[generate]", 1)))
         timings["calibration_s"] = time.perf_counter() - t
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
