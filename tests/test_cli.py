@@ -619,8 +619,8 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize("flags, line", [
     (["--layers", "99"], "--layers [99]: the model has layers 0..3"),
     (["--layers", "1", "4"], "--layers [4]: the model has layers 0..3"),
-    (["--d-r", "2", str(HEAD_DIM + 1)], f"--d-r [{HEAD_DIM + 1}]: each d_r must be in 0..{HEAD_DIM} (the head "
-                                        "dimension)"),
+    (["--d-r", "2", str(HEAD_DIM + 1)], f"--d-r [{HEAD_DIM + 1}]: each d_r must be in 1..{HEAD_DIM} (the head "
+                                        "dimension; rank 0 is top-1)"),
     (["--seq-len", "129"], "--seq-len 129: must be in 2..128 (the model's positions)"),
 ])
 def test_flags_refused_from_the_config_before_loading(command, flags, line, saved_model, tmp_path, capsys,
@@ -639,7 +639,8 @@ def test_demo_flags_refused_before_the_random_model_is_built(tmp_path, capsys, n
     assert capsys.readouterr().err.splitlines() == ["nqpq: error: --layers [12]: the model has layers 0..11"]
     assert main(["sweep", "--demo", "--d-r", "65", "--n-blocks", "2", "--no-progress"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "nqpq: error: --d-r [65]: each d_r must be in 0..64 (the head dimension)"]
+        "nqpq: error: --d-r [65]: each d_r must be in 1..64 (the head dimension; "
+        "rank 0 is top-1)"]
 
 
 def test_named_model_refusal_in_a_real_process_fetches_nothing(tmp_path):
@@ -650,7 +651,8 @@ def test_named_model_refusal_in_a_real_process_fetches_nothing(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NQPQ_CACHE": str(cache),
            "PIP_NO_INDEX": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for flags, line in ((["--layers", "99"], "--layers [99]: the model has layers 0..29"),
-                        (["--d-r", "65"], "--d-r [65]: each d_r must be in 0..64 (the head dimension)")):
+                        (["--d-r", "65"], "--d-r [65]: each d_r must be in 1..64 (the head "
+                                          "dimension; rank 0 is top-1)")):
         result = subprocess.run([sys.executable, "-m", "nqpq", "sweep", "--model", "smollm2-135m", *flags,
                                  "--n-blocks", "4", "--out", str(tmp_path / "x")], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=120)

@@ -74,9 +74,11 @@ def test_unknown_hub_id_offline_names_the_first_command_and_the_names(tmp_path, 
 @pytest.mark.parametrize("model, flags, needle", [
     ("smollm2-135m", ["--layers", "99"], "--layers [99]: the model has layers 0..29"),
     ("smollm2-135m", ["--layers", "3", "30"], "--layers [30]: the model has layers 0..29"),
-    ("smollm2-135m", ["--d-r", "8", "65"], "--d-r [65]: each d_r must be in 0..64 (the head dimension)"),
+    ("smollm2-135m", ["--d-r", "8", "65"], "--d-r [65]: each d_r must be in 1..64 (the head "
+     "dimension; rank 0 is top-1)"),
     ("gemma3-270m", ["--layers", "18"], "--layers [18]: the model has layers 0..17"),
-    ("gemma3-270m", ["--d-r", "257"], "--d-r [257]: each d_r must be in 0..256 (the head dimension)"),
+    ("gemma3-270m", ["--d-r", "257"], "--d-r [257]: each d_r must be in 1..256 (the head "
+     "dimension; rank 0 is top-1)"),
 ])
 def test_flags_a_named_model_cannot_take_are_refused_before_fetching(command, model, flags, needle, tmp_path, capsys,
                                                                       nothing_loads):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, build_model, wikitext_text
+from conftest import REPO, build_model, drop_measured_cost, wikitext_text
 
 import nqpq.experiments.resume
 import nqpq.model.replay
@@ -56,16 +56,6 @@ def comparable(out: Path) -> dict:
     results["config"].pop("out")
     drop_measured_cost(results)
     return results
-
-
-def drop_measured_cost(results: dict) -> None:
-    """The op times measured for each configuration's cost (the formulas stay: they must agree)."""
-    if "cost" not in results:  # a scan
-        return
-    results["cost"].pop("timing_s")
-    for c in results["cost"]["configurations"]:
-        c.pop("op_time_ms")
-        c.pop("relative_op_time")
 
 
 def lines(text: str) -> list[str]:
