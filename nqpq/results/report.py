@@ -57,7 +57,10 @@ def plots_for(results: dict) -> tuple:
     """``(file name, draw(results, path))`` for each plot of this kind of results."""
     from .plots import SCAN_PLOTS, SWEEP_PLOTS
 
-    return SCAN_PLOTS if results.get("kind") == "scan" else SWEEP_PLOTS
+    if results.get("kind") == "scan":
+        return SCAN_PLOTS
+    # A sweep from before costs were recorded (an upgraded format-2 file) has no cost to plot.
+    return SWEEP_PLOTS if "cost" in results else tuple(p for p in SWEEP_PLOTS if p[0] != "delta_ppl_vs_cost.png")
 
 
 def write_results(out_dir: str, results: dict, *, include_json: bool = True) -> list[str]:
