@@ -282,6 +282,44 @@ def _models() -> int:
     return 0
 
 
+def _add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """--mode and --d-r, as ``nqpq eval`` and ``nqpq generate`` spell them."""
+    p.add_argument("--mode", nargs="+", default=["top1"], metavar="{full,top1,lowrank}",
+                   help="configurations to run after the model, in this order; lowrank once per --d-r "
+                        "(default: top1)")
+    p.add_argument("--d-r", type=int, nargs="+", default=None,
+                   help="residual ranks of --mode lowrank, each 1..head_dim (required with lowrank)")
+
+
+def _add_basis_flags(p: argparse.ArgumentParser) -> None:
+    """Where lowrank's basis comes from (a file, or the sweep's calibration text, flags as the sweep spells them) and
+    how the model runs: shared by ``nqpq eval`` and ``nqpq generate``."""
+    p.add_argument("--basis", default=None, metavar="FILE",
+                   help="the residual basis of lowrank: a basis.pt from nqpq sweep --out (ResidualBasis.save) "
+                        "(default: fitted on the sweep's calibration blocks, see --calib-blocks)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
+    p.add_argument("--text-file", default=None,
+                   help="the sweep's text, whose blocks after the --n-blocks scored ones fit the basis (default: "
+                        "the hub's wikitext-103-raw-v1 validation, or the copy shipped with nqpq offline)")
+    p.add_argument("--text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="a text shipped with nqpq instead of --text-file (default: none)")
+    p.add_argument("--n-blocks", type=int, default=30,
+                   help="the sweep's scored blocks: the held-out calibration blocks start after them (default: 30)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
+    p.add_argument("--calib-blocks", type=int, default=4,
+                   help="blocks the residual basis is fitted on (default: 4, the sweep's)")
+    p.add_argument("--calib-text-file", default=None, metavar="PATH",
+                   help="fit the basis on the first blocks of this raw text instead (default: none)")
+    p.add_argument("--calib-text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
+                   help="fit the basis on a text shipped with nqpq instead (default: none)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every calibration block with BOS (default: as the tokenizer does)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
+
+
 def _add_eval_parser(sub) -> None:
     """``nqpq eval``: lm-evaluation-harness tasks on the model and on each crystallized configuration."""
     p = sub.add_parser(
@@ -307,35 +345,8 @@ def _add_eval_parser(sub) -> None:
                    help="score the first N documents of each task (default: all)")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
-    p.add_argument("--mode", nargs="+", default=["top1"], metavar="{full,top1,lowrank}",
-                   help="configurations to run after the model, in this order; lowrank once per --d-r "
-                        "(default: top1)")
-    p.add_argument("--d-r", type=int, nargs="+", default=None,
-                   help="residual ranks of --mode lowrank, each 0..head_dim (required with lowrank)")
-    p.add_argument("--basis", default=None, metavar="FILE",
-                   help="the residual basis of lowrank: a basis.pt from nqpq sweep --out (ResidualBasis.save) "
-                        "(default: fitted on the sweep's calibration blocks, see --calib-blocks)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
-    p.add_argument("--text-file", default=None,
-                   help="the sweep's text, whose blocks after the --n-blocks scored ones fit the basis (default: "
-                        "the hub's wikitext-103-raw-v1 validation, or the copy shipped with nqpq offline)")
-    p.add_argument("--text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
-                   help="a text shipped with nqpq instead of --text-file (default: none)")
-    p.add_argument("--n-blocks", type=int, default=30,
-                   help="the sweep's scored blocks: the held-out calibration blocks start after them (default: 30)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
-    p.add_argument("--calib-blocks", type=int, default=4,
-                   help="blocks the residual basis is fitted on (default: 4, the sweep's)")
-    p.add_argument("--calib-text-file", default=None, metavar="PATH",
-                   help="fit the basis on the first blocks of this raw text instead (default: none)")
-    p.add_argument("--calib-text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
-                   help="fit the basis on a text shipped with nqpq instead (default: none)")
-    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="start every calibration block with BOS (default: as the tokenizer does)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
+    _add_mode_flags(p)
+    _add_basis_flags(p)
     p.add_argument("--seed", type=int, default=42,
                    help="seed of lm-eval's samplers and of the bootstrap resamples (default: 42)")
     p.add_argument("--out", default=None,
@@ -402,39 +413,12 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--prompt-file", default=None, metavar="FILE", help="one more prompt: the file's whole text")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
-    p.add_argument("--mode", nargs="+", default=["top1"], metavar="{full,top1,lowrank}",
-                   help="configurations to run after the model, in this order; lowrank once per --d-r "
-                        "(default: top1)")
-    p.add_argument("--d-r", type=int, nargs="+", default=None,
-                   help="residual ranks of --mode lowrank, each 0..head_dim (required with lowrank)")
+    _add_mode_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default: 32)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
     p.add_argument("--temperature", type=float, default=None, help="with --sample (default: 1.0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus cut with --sample (default: 1.0, none)")
-    p.add_argument("--basis", default=None, metavar="FILE",
-                   help="the residual basis of lowrank: a basis.pt from nqpq sweep --out (ResidualBasis.save) "
-                        "(default: fitted on the sweep's calibration blocks, see --calib-blocks)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
-    p.add_argument("--text-file", default=None,
-                   help="the sweep's text, whose blocks after the --n-blocks scored ones fit the basis (default: "
-                        "the hub's wikitext-103-raw-v1 validation, or the copy shipped with nqpq offline)")
-    p.add_argument("--text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
-                   help="a text shipped with nqpq instead of --text-file (default: none)")
-    p.add_argument("--n-blocks", type=int, default=30,
-                   help="the sweep's scored blocks: the held-out calibration blocks start after them (default: 30)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
-    p.add_argument("--calib-blocks", type=int, default=4,
-                   help="blocks the residual basis is fitted on (default: 4, the sweep's)")
-    p.add_argument("--calib-text-file", default=None, metavar="PATH",
-                   help="fit the basis on the first blocks of this raw text instead (default: none)")
-    p.add_argument("--calib-text", default=None, metavar="wikitext-103-valid|wikitext-103-test",
-                   help="fit the basis on a text shipped with nqpq instead (default: none)")
-    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="start every calibration block with BOS (default: as the tokenizer does)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default: float32)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="auto: Triton kernel on CUDA, reference elsewhere (default: auto)")
+    _add_basis_flags(p)
     p.add_argument("--seed", type=int, default=42, help="seed of --sample and of calibration (default: 42)")
     p.add_argument("--out", default=None,
                    help="directory for results.json, written at the end or not at all (default: none, report only)")
