@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -415,16 +416,22 @@ def run_python(code: str, cwd) -> str:
 def test_kernel_folder_installs_as_nqpq_kernels(tmp_path, where):
     # From the checkout's root too: the current directory comes first on sys.path there, and a folder named like
     # Hugging Face's `kernels` package (which transformers imports) would shadow it.
+    # Elsewhere, the import finds the installed project, which need not be this folder (CI runs the suite a second time
+    # from a copy of the checkout while the editable install points at the clone): the kernels come from the same
+    # project as the installed nqpq. From the checkout's root, both come from this folder.
     out = run_python("""
         import importlib.util, pathlib
-        import nqpq_kernels
+        import nqpq, nqpq_kernels
         print(pathlib.Path(nqpq_kernels.__file__).resolve())
+        print(pathlib.Path(nqpq.__file__).resolve().parent.parent)
         spec = importlib.util.find_spec("kernels")
         print(None if spec is None else spec.origin)
     """, cwd=tmp_path if where == "elsewhere" else REPO)
-    ours, theirs = out.splitlines()
-    assert ours == str(REPO / "nqpq_kernels" / "__init__.py")
-    assert theirs == "None" or REPO not in __import__("pathlib").Path(theirs).resolve().parents
+    ours, project, theirs = out.splitlines()
+    assert ours == str(pathlib.Path(project) / "nqpq_kernels" / "__init__.py")
+    if where == "checkout":
+        assert project == str(REPO.resolve())
+    assert theirs == "None" or REPO not in pathlib.Path(theirs).resolve().parents
 
 
 def test_nqpq_does_not_change_kernels_probe(tmp_path):
