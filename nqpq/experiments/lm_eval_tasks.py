@@ -109,6 +109,14 @@ def _generation(resps: list) -> str:
     return request[0] if isinstance(request, (tuple, list)) else request
 
 
+def _answer(filtered_resps):
+    """A generate_until document's answer after a filter: the one request's (a filter such as take_first leaves
+    one), or the filter's list as it is."""
+    if isinstance(filtered_resps, (tuple, list)) and len(filtered_resps) == 1:
+        return _json_item(filtered_resps[0])
+    return _json_item(filtered_resps)
+
+
 def task_scores(results: dict, info: TaskInfo) -> TaskScores:
     """One task's ``TaskScores`` from ``simple_evaluate``'s results (run with ``log_samples=True``), documents in
     doc-id order."""
@@ -129,7 +137,7 @@ def task_scores(results: dict, info: TaskInfo) -> TaskScores:
     first = [s for s in samples if s["filter"] == filters[0]]
     doc_ids, hashes = [int(s["doc_id"]) for s in first], [s["prompt_hash"] for s in first]
     if info.output_type == GENERATE_UNTIL:
-        answers = {f: [_json_item(s["filtered_resps"]) for s in samples if s["filter"] == f] for f in filters}
+        answers = {f: [_answer(s["filtered_resps"]) for s in samples if s["filter"] == f] for f in filters}
         return TaskScores(metrics, doc_ids, hashes, items, [_generation(s["resps"]) for s in first], answers)
     return TaskScores(metrics, doc_ids, hashes, items, [_loglikelihoods(s["filtered_resps"]) for s in first])
 
