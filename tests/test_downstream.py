@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REL_SCORE_MARGIN, REPO, build_tokenizer
-from f64_reference import F64Reference, build_llama
+from f64_reference import F64Reference, build_llama, f64_loglikelihood
 
 from nqpq import calibrate, make_blocks
 from nqpq.cli import main
@@ -174,14 +174,6 @@ def test_top1_loglikelihoods_equal_a_float64_crystallized_model(run, tiny):
         changed += abs(got - base) > 1e-2
     assert compared >= 0.75 * len(requests), f"only {compared} of {len(requests)} requests have clear maxima"
     assert changed >= 0.5 * compared, "top-1 should change the loglikelihoods far beyond rounding"
-
-
-@torch.no_grad()
-def f64_loglikelihood(ref: F64Reference, context: list[int], continuation: list[int]) -> float:
-    ids = torch.tensor([context + continuation])
-    logits = ref.model(input_ids=ids[:, :-1], use_cache=False).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)[len(context) - 1:]
-    return float(logp.gather(-1, torch.tensor(continuation)[:, None]).sum())
 
 
 def numpy_paired_ci(base: np.ndarray, config: np.ndarray, aggregate, seed: int = SEED) -> list[float]:
