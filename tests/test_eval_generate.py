@@ -111,7 +111,7 @@ def test_full_mode_generates_the_models_text(run, tiny):
     model, tokenizer = tiny
     task = run["tasks"]["short_arith"]
     assert task["output_type"] == "generate_until" and task["n_items"] == N_DOCS
-    assert list(task["metrics"]) == ["exact_match,strict-match", "exact_match,flexible-extract"]
+    assert list(task["metrics"]) == ["exact_match,strict-match", "exact_match,equation-result"]
     base, full = task["items"][BASELINE], task["items"]["full"]
     assert full["generations"] == base["generations"]
     assert full["answers"] == base["answers"] and full["values"] == base["values"]
@@ -158,15 +158,15 @@ def test_exact_match_is_the_regex_answer_against_the_target(run):
     targets = [d["target"] for d in docs()]
     for config in (BASELINE, "full", "top1"):
         items = task["items"][config]
-        for text, strict, flexible, target, em_strict, em_flexible in zip(
-                items["generations"], items["answers"]["strict-match"], items["answers"]["flexible-extract"],
+        for text, strict, equation, target, em_strict, em_equation in zip(
+                items["generations"], items["answers"]["strict-match"], items["answers"]["equation-result"],
                 targets, items["values"]["exact_match,strict-match"],
-                items["values"]["exact_match,flexible-extract"]):
-            found = re.findall(r"#### (\-?[0-9]+)", text)
+                items["values"]["exact_match,equation-result"]):
+            found = re.findall(r"#### (-?[0-9]+)", text)
             assert strict == (found[0] if found else "[invalid]")
-            numbers = re.findall(r"(-?[0-9]+)", text)
-            assert flexible == (numbers[-1] if numbers else "[invalid]")
-            assert (em_strict, em_flexible) == (float(strict == target), float(flexible == target))
+            found = re.findall(r"= (-?[0-9]+)", text)
+            assert equation == (found[0] if found else "[invalid]")
+            assert (em_strict, em_equation) == (float(strict == target), float(equation == target))
         for key, values in items["values"].items():
             assert task["scores"][config][key] == pytest.approx(np.mean(values), abs=1e-12)
 
