@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 
 from .paired import BASELINE, BETTER, WORSE
@@ -74,8 +75,8 @@ def plot_eval(results: dict, path: str) -> None:
     tasks = results["tasks"]
     n_cols = max(len(t["metrics"]) for t in tasks.values())
     configs = results["config"]["configurations"]
-    fig, axes = plt.subplots(len(tasks), n_cols, squeeze=False,
-                             figsize=(4.2 * n_cols, 0.45 * len(configs) * len(tasks) + 1.6 * len(tasks) + 0.8))
+    height = 0.45 * len(configs) * len(tasks) + 1.6 * len(tasks) + 0.8
+    fig, axes = plt.subplots(len(tasks), n_cols, squeeze=False, figsize=(max(4.2 * n_cols, 6.5), height))
     for row, (name, task) in enumerate(tasks.items()):
         for col in range(n_cols):
             ax = axes[row][col]
@@ -96,10 +97,14 @@ def plot_eval(results: dict, path: str) -> None:
             ax.set_yticks(ys, configs)
             ax.set_ylim(len(configs) - 0.5, -0.5)  # the first configuration on top, half a row of margin
             direction = {True: "higher is better", False: "lower is better"}.get(meta["higher_is_better"], "")
-            ax.set_xlabel(f"Δ {key} vs model" + (f" ({direction})" if direction else ""))
+            ax.set_xlabel("Δ vs model" + (f" ({direction})" if direction else ""))  # the metric: in the title
             ax.set_title(f"{name}: {key} ({task['n_items']} docs)", fontsize=9)
-    fig.suptitle(f"nqpq eval {results['config']['model']}\nlayers {' '.join(map(str, results['config']['layers']))} "
-                 "crystallized: difference against the model with its 95 % paired interval", fontsize=10)
+    heads = results.get("heads")
+    what = f"layers {' '.join(map(str, results['config']['layers']))} crystallized" + (
+        f" ({heads['n_chosen']} heads chosen by {heads['by']})" if heads else "")
+    # Wrapped to the figure's width: a GGUF file's label alone runs past two panels.
+    title = textwrap.fill(f"nqpq eval {results['config']['model']}", width=int(45 * n_cols))
+    fig.suptitle(f"{title}\n{what}: difference against the model with its 95 % paired interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
