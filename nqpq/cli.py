@@ -87,11 +87,7 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
                         "(default: none)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the model's)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help=layers_help)
-    p.add_argument("--heads", nargs="+", default=None, metavar="SPEC",
-                   help="query heads of the crystallized layers to crystallize, the others plain attention: by index "
-                        "(27:0,1,2 28:3: layers among --layers) or a crystallinity rule measured per head on the "
-                        "calibration text (top1_prob>=0.7; top1_prob, sink_frac, self_frac, prev_frac, sink_mass, "
-                        "winner_share with >=, >, <=, <) (default: every head)")
+    _add_heads_flag(p)
     p.add_argument("--d-r", type=int, nargs="+", default=None,
                    help="residual ranks to sweep, each 1..head_dim, run once each in increasing order "
                         "(default: the spec's 1 2 4 8 16 32, those <= head_dim)")
@@ -282,6 +278,15 @@ def _models() -> int:
     return 0
 
 
+def _add_heads_flag(p: argparse.ArgumentParser) -> None:
+    """--heads, as ``sweep``, ``scan`` and ``eval`` spell it."""
+    p.add_argument("--heads", nargs="+", default=None, metavar="SPEC",
+                   help="query heads of the crystallized layers to crystallize, the others plain attention: by index "
+                        "(27:0,1,2 28:3: layers among --layers) or a crystallinity rule measured per head on the "
+                        "calibration text (top1_prob>=0.7; top1_prob, sink_frac, self_frac, prev_frac, sink_mass, "
+                        "winner_share with >=, >, <=, <) (default: every head)")
+
+
 def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     """--mode and --d-r, as ``nqpq eval`` and ``nqpq generate`` spell them."""
     p.add_argument("--mode", nargs="+", default=["top1"], metavar="{full,top1,lowrank}",
@@ -326,12 +331,11 @@ def _add_eval_parser(sub) -> None:
         "eval",
         help="downstream tasks through lm-evaluation-harness: the model, then each crystallized configuration, "
              "paired differences with 95 %% intervals",
-        description="Run lm-evaluation-harness loglikelihood tasks (multiple_choice, loglikelihood, "
-                    "loglikelihood_rolling) on the unmodified model, then on each configuration inside "
-                    "nqpq.crystallize; per task and metric, the difference configuration − model on the same "
-                    "documents with a 95 % paired bootstrap interval, and a verdict. Batch size 1 (crystallized "
-                    "attention refuses padding masks today; padded batches are another issue). Needs the eval "
-                    "extra: pip install -e '.[eval]'.",
+        description="Run lm-evaluation-harness tasks (multiple_choice, loglikelihood, loglikelihood_rolling, "
+                    "generate_until) on the unmodified model, then on each configuration inside nqpq.crystallize; "
+                    "per task and metric, the difference configuration − model on the same documents with a 95 % "
+                    "paired bootstrap interval, and a verdict. Batch size 1 (each item's numbers depend on that item "
+                    "alone). Needs the eval extra: pip install -e '.[eval]'.",
     )
     p.add_argument("--model", default="gpt2",
                    help="a decoder-only causal LM: a name nqpq fetches (smollm2-135m, gemma3-270m; nqpq models), a "
@@ -345,6 +349,7 @@ def _add_eval_parser(sub) -> None:
                    help="score the first N documents of each task (default: all)")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
+    _add_heads_flag(p)
     _add_mode_flags(p)
     _add_basis_flags(p)
     p.add_argument("--seed", type=int, default=42,
@@ -357,12 +362,15 @@ def _add_eval_parser(sub) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     """``nqpq eval``: the run, its report, and --out written whole or not at all."""
-    from .experiments.downstream import EvalConfig, check_eval_flags, require_lm_eval, run_eval, write_eval_results
+    from .experiments.downstream import EvalConfig, check_eval_flags, run_eval
+    from .experiments.lm_eval_tasks import require_lm_eval
+    from .results.eval_report import write_eval_results
     from .results.report import check_out_dir
 
     cfg = EvalConfig(
         model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",")), include_path=args.include_path,
-        limit=args.limit, layers=None if args.layers is None else tuple(args.layers), modes=tuple(args.mode),
+        limit=args.limit, layers=None if args.layers is None else tuple(args.layers),
+        heads=None if args.heads is None else " ".join(args.heads), modes=tuple(args.mode),
         d_r=None if args.d_r is None else tuple(args.d_r), basis=args.basis, tokenizer=args.tokenizer,
         text_file=args.text_file, text=args.text, n_blocks=args.n_blocks, seq_len=args.seq_len,
         calib_blocks=args.calib_blocks, calib_text_file=args.calib_text_file, calib_text=args.calib_text,

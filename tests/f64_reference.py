@@ -408,3 +408,12 @@ def check_sink_against_f64(res, q, k, v, mode, basis=None, d_r=None, scale=None,
             g, w, size = res.gram.cpu()[finite], want.gram[finite], want.ctx_gram[finite].abs().max()
             assert float((g - w).abs().max() / torch.maximum(w.abs().max(), size)) < SINK_GRAM_RTOL[dtype]
     return first
+
+
+@torch.no_grad()
+def f64_loglikelihood(ref: F64Reference, context: list[int], continuation: list[int]) -> float:
+    """The float64 loglikelihood of ``continuation`` after ``context`` (token ids) under ``ref`` as configured."""
+    ids = torch.tensor([context + continuation])
+    logits = ref.model(input_ids=ids[:, :-1], use_cache=False).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)[len(context) - 1:]
+    return float(logp.gather(-1, torch.tensor(continuation)[:, None]).sum())

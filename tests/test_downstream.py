@@ -23,24 +23,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import REL_SCORE_MARGIN, REPO, build_tokenizer
-from f64_reference import F64Reference, build_llama
+from f64_reference import F64Reference, build_llama, f64_loglikelihood
 
 from nqpq import calibrate, make_blocks
 from nqpq.cli import main
-from nqpq.experiments.downstream import (
-    BASELINE,
-    BETTER,
-    NO_CHANGE,
-    NO_INTERVAL,
-    PLOT_NAME,
-    WORSE,
-    EvalConfig,
-    judge,
-    make_lm,
-    paired_interval,
-    run_eval,
-    write_eval_results,
-)
+from nqpq.experiments.downstream import EvalConfig, run_eval
+from nqpq.experiments.lm_eval_tasks import make_lm
+from nqpq.results.eval_report import PLOT_NAME, write_eval_results
+from nqpq.results.paired import BASELINE, BETTER, NO_CHANGE, NO_INTERVAL, WORSE, judge, paired_interval
 from nqpq.results.stats import BOOTSTRAP_RESAMPLES
 from nqpq.sources.text import ids_for_blocks, packaged_text, rows_from_file
 
@@ -184,14 +174,6 @@ def test_top1_loglikelihoods_equal_a_float64_crystallized_model(run, tiny):
         changed += abs(got - base) > 1e-2
     assert compared >= 0.75 * len(requests), f"only {compared} of {len(requests)} requests have clear maxima"
     assert changed >= 0.5 * compared, "top-1 should change the loglikelihoods far beyond rounding"
-
-
-@torch.no_grad()
-def f64_loglikelihood(ref: F64Reference, context: list[int], continuation: list[int]) -> float:
-    ids = torch.tensor([context + continuation])
-    logits = ref.model(input_ids=ids[:, :-1], use_cache=False).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)[len(context) - 1:]
-    return float(logp.gather(-1, torch.tensor(continuation)[:, None]).sum())
 
 
 def numpy_paired_ci(base: np.ndarray, config: np.ndarray, aggregate, seed: int = SEED) -> list[float]:
@@ -354,13 +336,6 @@ def test_basis_of_another_shape_exits_2_before_any_task_runs(saved_model, tmp_pa
         "nqpq: error: ValueError: basis for layer 1 must be [H=4, D=16, R] with R >= d_r=4 (D: the value head width "
         "D_v), got (2, 8, 8)"]
     assert "[eval] model:" not in captured.out  # refused before the model's run
-
-
-@needs_lm_eval
-def test_generate_until_task_exits_2_with_one_line(monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
-    assert main(["eval", "--tasks", "nqpq_cloze_generate", "--include-path", str(TASKS), "--no-progress"]) == 2
-    assert "nqpq_cloze_generate is a generate_until task" in one_error_line(capsys)
 
 
 def test_missing_lm_eval_is_one_line_and_nqpq_still_imports(tmp_path):

@@ -10,7 +10,7 @@ model assigns to the continuation's tokens (teacher-forced: one forward of promp
 judgement of the text; the model's own continuation has it too.
 
 The model is loaded, and the lowrank basis fitted on the sweep's calibration blocks, by the code ``nqpq eval`` uses
-(``nqpq.experiments.downstream``: the sweep's ``calibration_sets`` / ``fit_bases``), or read from ``--basis``.
+(``nqpq.experiments.side_by_side``: the sweep's ``calibration_sets`` / ``fit_bases``), or read from ``--basis``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import NqpqError
+from .side_by_side import (
+    check_modes,
+    configurations,
+    load_named_model,
+    resolve_basis,
+    resolve_device,
+    sweep_calibration,
+    sweep_config,
+)
 
 GENERATE_FORMAT_VERSION = 1
 BASELINE = "model"
@@ -85,7 +94,6 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 def check_generate_flags(cfg: GenerateConfig) -> None:
     """Every check that needs no model (bad flags fail in seconds)."""
     from .config import check_flags
-    from .downstream import check_modes
 
     read_prompts(cfg)
     if cfg.max_new_tokens < 1:
@@ -98,20 +106,6 @@ def check_generate_flags(cfg: GenerateConfig) -> None:
     if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
         raise NqpqError(f"--top-p {cfg.top_p}: must be in (0, 1]")
     check_flags(sweep_config(cfg))  # the model, calibration and device flags, as the sweep checks them
-
-
-def sweep_config(cfg: GenerateConfig):
-    """The ``SweepConfig`` of the run's model and calibration flags (as ``nqpq eval`` builds it)."""
-    from .config import SweepConfig
-
-    return SweepConfig(
-        model=cfg.model, text_file=cfg.text_file, text=cfg.text, tokenizer=cfg.tokenizer,
-        layers=None if cfg.layers is None else tuple(cfg.layers),
-        d_r=None if not cfg.d_r else tuple(sorted(set(cfg.d_r))), n_blocks=cfg.n_blocks, seq_len=cfg.seq_len,
-        calib_blocks=cfg.calib_blocks, calib_from="heldout", calib_text_file=cfg.calib_text_file,
-        calib_text=cfg.calib_text, calib_draws=1, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend,
-        seed=cfg.seed, out=None, progress=cfg.progress, bos=cfg.bos,
-    )
 
 
 def continue_prompt(model: torch.nn.Module, ids: torch.Tensor, cfg: GenerateConfig, pad_id: int | None) -> list[int]:
@@ -154,7 +148,6 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     from ..model.devices import input_device
     from ..model.parts import model_parts
     from .config import check_model_fit
-    from .downstream import _device, _load_model, configurations, resolve_basis
 
     say = log or print
     if (model is None) != (tokenizer is None):
@@ -164,12 +157,13 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     scfg = sweep_config(cfg)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    device = _device(cfg) if model is None else input_device(model)
+    device = resolve_device(cfg.device) if model is None else input_device(model)
     torch.manual_seed(cfg.seed)
     model_name, tok_name = cfg.model, "given by the caller"
     if model is None:
         say(f"[generate] Loading {cfg.model}...")
-        model, tokenizer, model_name, _, tok_name = _load_model(cfg, device, say)
+        named = load_named_model(cfg.model, cfg.tokenizer, cfg.dtype, device, say)
+        model, tokenizer, model_name, tok_name = named.model, named.tokenizer, named.name, named.tokenizer_name
     model.eval()
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
@@ -181,8 +175,9 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     basis, basis_record = None, None
     if "lowrank" in cfg.modes:
         t = time.perf_counter()
-        basis, basis_record = resolve_basis(cfg.basis, scfg, model, parts, tokenizer, tok_name, layers, device,
-                                            lambda line: say(line.replace("[eval]", "[generate]", 1)))
+        basis, basis_record = resolve_basis(
+            cfg.basis, scfg, model, parts, layers,
+            lambda: sweep_calibration(scfg, model, tokenizer, tok_name, device, say), say, "[generate]")
         timings["calibration_s"] = time.perf_counter() - t
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

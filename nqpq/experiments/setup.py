@@ -4,7 +4,7 @@ parts, the layers, the ranks, the blocks, the calibration sets), the baseline pa
 and results.json's ``config``.
 
 Shared by ``nqpq.experiments.sweep`` and ``nqpq.experiments.scan``, siblings above it, and by
-``nqpq.experiments.downstream`` (the sweep's calibration blocks and basis).
+``nqpq.experiments.side_by_side`` (``nqpq eval`` and ``nqpq generate``: the sweep's calibration blocks and basis).
 """
 
 from __future__ import annotations
