@@ -279,7 +279,7 @@ def _models() -> int:
 
 
 def _add_heads_flag(p: argparse.ArgumentParser) -> None:
-    """--heads, as ``sweep``, ``scan`` and ``eval`` spell it."""
+    """--heads, as ``sweep``, ``scan``, ``eval`` and ``generate`` spell it."""
     p.add_argument("--heads", nargs="+", default=None, metavar="SPEC",
                    help="query heads of the crystallized layers to crystallize, the others plain attention: by index "
                         "(27:0,1,2 28:3: layers among --layers) or a crystallinity rule measured per head on the "
@@ -421,6 +421,7 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--prompt-file", default=None, metavar="FILE", help="one more prompt: the file's whole text")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layers to crystallize (default: GPT-2 small 9 10 11, other models their last quarter)")
+    _add_heads_flag(p)
     _add_mode_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default: 32)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
@@ -439,7 +440,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     cfg = GenerateConfig(
         model=args.model, prompts=tuple(args.prompt), prompt_file=args.prompt_file,
-        layers=None if args.layers is None else tuple(args.layers), modes=tuple(args.mode),
+        layers=None if args.layers is None else tuple(args.layers),
+        heads=None if args.heads is None else " ".join(args.heads), modes=tuple(args.mode),
         d_r=None if args.d_r is None else tuple(args.d_r), basis=args.basis, max_new_tokens=args.max_new_tokens,
         sample=args.sample, temperature=args.temperature, top_p=args.top_p, tokenizer=args.tokenizer,
         text_file=args.text_file, text=args.text, n_blocks=args.n_blocks, seq_len=args.seq_len,

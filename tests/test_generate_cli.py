@@ -88,3 +88,46 @@ def test_generate_refusals(saved_model, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_generate_heads_by_index_and_by_rule(saved_model, tmp_path, capsys):
+    """--heads by index continues as ``crystallize(model, {layer: heads})`` does (per-head crystallization is checked
+    against float64 in tests/test_crystal_heads.py), named in results.json and the report; by rule it records the
+    heads the rule chose and their measured values."""
+    model_dir, text_file = saved_model
+    out = tmp_path / "by-index"
+    code = main(generate_args(model_dir, text_file, "--prompt", "The history of", "--heads", "1:0,1", "2:1",
+                              "--mode", "top1", "--out", str(out)))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["heads"] == "1:0,1 2:1"
+    assert results["heads"]["by"] == "index" and results["heads"]["chosen"] == {"1": [0, 1], "2": [1]}
+    assert " heads: 3 crystallized by index: 1:0,1 2:1 (the other heads: plain attention)" in printed
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok("The history of")["input_ids"]])
+    with torch.no_grad(), crystallize(model, {1: [0, 1], 2: [1]}, mode="top1"):
+        want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                              do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert results["prompts"][0]["configurations"]["top1"]["tokens"] == want
+
+    out = tmp_path / "by-rule"
+    code = main(generate_args(model_dir, text_file, "--prompt", "The history of", "--heads", "top1_prob>=0.0",
+                              "--mode", "top1", "--out", str(out)))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    heads = json.loads((out / "results.json").read_text())["heads"]
+    n_heads = model.config.n_head
+    assert heads["by"] == "rule" and heads["chosen"] == {"1": list(range(n_heads)), "2": list(range(n_heads))}
+    assert all(0.0 < v <= 1.0 for values in heads["values"].values() for v in values)
+    assert " heads: " in printed and "top1_prob_mean per head" in printed
+
+
+def test_generate_bad_heads_is_one_line(saved_model, tmp_path, capsys):
+    model_dir, text_file = saved_model
+    code = main(generate_args(model_dir, text_file, "--prompt", "x", "--heads", "5:0", "--out",
+                              str(tmp_path / "run")))
+    err = capsys.readouterr().err
+    assert code == 2 and "--heads names layers [5] that are not among --layers [1, 2]" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

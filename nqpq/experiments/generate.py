@@ -27,12 +27,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import NqpqError
+from ..results.report import describe_heads
 from .side_by_side import (
     check_modes,
     configurations,
     load_named_model,
     resolve_basis,
     resolve_device,
+    resolve_heads,
     sweep_calibration,
     sweep_config,
 )
@@ -49,6 +51,9 @@ class GenerateConfig:
     prompts: Sequence[str] = ()
     prompt_file: str | None = None  # one more prompt: the file's whole text
     layers: Sequence[int] | None = None
+    # --heads as the sweep spells it: by index ("27:0,1,2 28:3", or a mapping layer -> heads) or a crystallinity rule
+    # measured on the calibration blocks ("top1_prob>=0.7"); None: every head of --layers.
+    heads: str | dict | None = None
     modes: Sequence[str] = ("top1",)
     d_r: Sequence[int] | None = None
     basis: str | None = None
@@ -148,6 +153,7 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     from ..model.devices import input_device
     from ..model.parts import model_parts
     from .config import check_model_fit
+    from .heads import HeadRule, parse_heads
 
     say = log or print
     if (model is None) != (tokenizer is None):
@@ -168,16 +174,24 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
     d_rs = sorted(set(cfg.d_r or ()))
-    calibrating = "lowrank" in cfg.modes and cfg.basis is None
+    calibrating = ("lowrank" in cfg.modes and cfg.basis is None) or isinstance(parse_heads(cfg.heads), HeadRule)
     check_model_fit(scfg if calibrating else dataclasses.replace(scfg, seq_len=2), parts, layers, d_rs)
     timings["load_s"] = time.perf_counter() - t0
 
+    found: list = []
+
+    def calibration():  # the sweep's calibration blocks, cut once for the basis and a --heads rule
+        if not found:
+            found.append(sweep_calibration(scfg, model, tokenizer, tok_name, device, say))
+        return found[0]
+
+    t = time.perf_counter()
+    heads = resolve_heads(scfg, model, parts, layers, calibration, say, "[generate]")
+    crystal = layers if heads is None else heads.mapping  # what crystallize crystallizes: layers, or layer -> heads
     basis, basis_record = None, None
     if "lowrank" in cfg.modes:
-        t = time.perf_counter()
-        basis, basis_record = resolve_basis(
-            cfg.basis, scfg, model, parts, layers,
-            lambda: sweep_calibration(scfg, model, tokenizer, tok_name, device, say), say, "[generate]")
+        basis, basis_record = resolve_basis(cfg.basis, scfg, model, parts, layers, calibration, say, "[generate]")
+    if calibrating or heads is not None:
         timings["calibration_s"] = time.perf_counter() - t
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -194,8 +208,8 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
                           "mean_logprob": mean_logprob(model, ids, base)},
                "configurations": {}}
         for c in configs:
-            with crystallize(model, layers, mode=c.mode, basis=None if basis is None else basis.basis, d_r=c.d_r,
-                             backend=cfg.backend):
+            with crystallize(model, crystal, mode=c.mode, basis=None if basis is None else basis.basis, d_r=c.d_r,
+                             backend=cfg.backend, parts=parts):
                 toks = continue_prompt(model, ids, cfg, pad_id)
             first, agreement = compare(base, toks)
             divergence = None if first is None else {
@@ -207,12 +221,14 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
         records.append(rec)
     timings["generate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "out", "prompts")}
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "out", "prompts", "heads")}
     config.update(model=model_name, tokenizer=tok_name, layers=list(layers), modes=list(cfg.modes), d_r=d_rs,
                   configurations=[c.name for c in configs], basis=basis_record, device=str(device),
-                  prompt_file=None if cfg.prompt_file is None else os.path.basename(cfg.prompt_file))
+                  prompt_file=None if cfg.prompt_file is None else os.path.basename(cfg.prompt_file),
+                  heads=cfg.heads if cfg.heads is None or isinstance(cfg.heads, str) else {
+                      str(li): list(h) for li, h in cfg.heads.items()})
     results = {"kind": "generate", "format_version": GENERATE_FORMAT_VERSION, "config": config, "prompts": records,
-               "timings": timings}
+               "heads": None if heads is None else heads.results(), "timings": timings}
     print_generate_report(results, say)
     return results
 
@@ -224,6 +240,8 @@ def print_generate_report(results: dict, say: Callable[[str], None] = print) -> 
         seed=cfg["seed"], t=cfg["temperature"] or 1.0, p=cfg["top_p"] or 1.0) if cfg["sample"] else "greedy"
     say(f"{cfg['model']}: layers {' '.join(map(str, cfg['layers']))} crystallized, {cfg['max_new_tokens']} new "
         f"tokens, {how}")
+    for line in describe_heads(results.get("heads")):
+        say(line)
     for rec in results["prompts"]:
         say("")
         say(f"prompt: {rec['prompt']!r}")
