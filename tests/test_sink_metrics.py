@@ -167,6 +167,25 @@ def test_accumulator_alpha_and_sink_rate_equal_output_attentions_in_float64():
 
 
 @torch.no_grad()
+def test_learned_sink_and_window_model_alpha_equals_output_attentions_in_float64():
+    """gpt-oss (a learned sink per head; sliding layers of window 8): α₁ is p[t, 0] of the model's own softmax over the
+    keys and the sink, 0 on the rows whose window has moved past the first token, as its float64 attentions say."""
+    from tiny_families import build_family
+
+    model = build_family("gpt_oss")
+    layers = [0, 1, 2]
+    blocks = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    acc = CrystallinityAccumulator(layers, model.config.num_attention_heads)
+    with observe_residuals(model, layers, None, stats_acc=acc):
+        model(input_ids=blocks, use_cache=False)
+    first = _f64_alphas(model, blocks)  # [L, Hq, B, T]
+    assert bool((first[0, :, :, 8:] == 0).all()) and bool((first[1, :, :, 8:] > 0).all())  # window 8, then full
+    for e in acc.results():
+        assert e["first_key_mass_mean"] == pytest.approx(float(first[e["layer"], e["head"]].mean()), rel=1e-5,
+                                                         abs=1e-7)
+
+
+@torch.no_grad()
 def test_padded_batch_reads_each_sequences_first_token():
     """Left padding: α₁ is the mass on each sequence's first real token (slot 5 of a row padded by 5), averaged over
     the real rows only; equal to float64 attentions of the sequences run alone."""
@@ -241,16 +260,19 @@ def test_preset_fills_and_refuses(capsys):
 def test_scan_alpha_and_sink_rate_on_smollm2_equal_float64(tmp_path):
     """The scan on SmolLM2 (two layers, 2 blocks of 64 tokens): every head's α₁ and the Sink₁^ε per layer and
     over the scanned layers equal output_attentions of the model in float64 (eager)."""
+    from conftest import real_data
     from real_model import smollm2_files
 
     from nqpq.experiments.config import SweepConfig
     from nqpq.experiments.scan import run_scan
-    from nqpq.sources.checkpoints import load_model
+    from nqpq.sources.checkpoints import load_model, load_tokenizer
+    from nqpq.sources.text import ids_for_blocks, rows_from_file
 
     folder = smollm2_files()[1]
     model = load_model(str(folder), "cpu", torch.float32)
     model.set_attn_implementation("eager")
-    ids = torch.randint(0, model.config.vocab_size, (3 * 64,), generator=torch.Generator().manual_seed(3))
+    # WikiText validation, SmolLM2's tokenizer (no BOS): 2 scored blocks and 1 held-out calibration block of 64.
+    ids = ids_for_blocks(rows_from_file(real_data().wiki_valid), load_tokenizer(str(folder)), 3 * 64)
     layers = (0, 24)
     cfg = SweepConfig(model="smollm2", layers=layers, d_r=(1,), n_blocks=2, seq_len=64, calib_blocks=1,
                       batch_size=2, device="cpu", backend="torch", progress=False)
@@ -265,4 +287,5 @@ def test_scan_alpha_and_sink_rate_on_smollm2_equal_float64(tmp_path):
     sink = results["attention_sink"]
     assert [m["sink_rate"] for m in sink["layers"]] == pytest.approx(shares.tolist(), abs=1e-12)
     assert sink["sink_rate"] == pytest.approx(float(shares.mean()), abs=1e-12)
+    assert 0 < sink["sink_rate"] < 1  # some heads sink, some don't: the comparison is not of all-0 or all-1 shares
     assert all(line in lines for line in format_sink_metrics(sink))
