@@ -203,17 +203,16 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
-_RUN_DEFAULTS = {"n_blocks": 30, "seq_len": 256, "layers": None, "sink_eps": 0.3}  # without a preset
-
-
 def _apply_preset(args: argparse.Namespace) -> None:
     """Fill ``--n-blocks``, ``--seq-len``, ``--layers`` and ``--sink-eps`` from ``--preset`` (or their defaults);
     a flag given with another value than the preset's is refused (NqpqError): the run would not be the preset's."""
-    from .experiments.config import PRESETS
+    from .experiments.config import PRESETS, SweepConfig
 
     preset = getattr(args, "preset", None)
     fixed = PRESETS[preset] if preset else {}
-    for name, default in _RUN_DEFAULTS.items():
+    defaults = SweepConfig()  # without a preset: the config's own defaults (30 blocks of 256, ε = 0.3)
+    for name in ("n_blocks", "seq_len", "layers", "sink_eps"):
+        default = getattr(defaults, name)
         given = getattr(args, name, None)
         if name in fixed and given is not None and given != fixed[name]:
             wanted = "every layer" if fixed[name] is None else fixed[name]
