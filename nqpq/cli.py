@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "top-1 probability and sink/self/prev fractions of every head.",
     )
     _add_run_flags(p, "layers to scan, each crystallized alone (default: every layer)")
+    p.add_argument("--sink-eps", type=float, default=None, metavar="EPS",
+                   help="attention-sink threshold: a head is a sink head when its mean attention on the first token "
+                        "exceeds EPS (Gu et al., ICLR 2025's Sink1^eps) (default: 0.3)")
+    p.add_argument("--preset", default=None, choices=["gu2025"],
+                   help="fix the settings of a published measurement: gu2025, Gu et al. (ICLR 2025)'s Table 1 "
+                        "(--seq-len 64 --n-blocks 100, every layer, --sink-eps 0.3); a flag it fixes may be given "
+                        "only with the preset's value (default: none)")
     p = sub.add_parser(
         "report",
         help="re-print the report and redraw the plots of a sweep or scan from its results.json",
@@ -91,8 +98,8 @@ def _add_run_flags(p: argparse.ArgumentParser, layers_help: str) -> None:
     p.add_argument("--d-r", type=int, nargs="+", default=None,
                    help="residual ranks to sweep, each 1..head_dim, run once each in increasing order "
                         "(default: the spec's 1 2 4 8 16 32, those <= head_dim)")
-    p.add_argument("--n-blocks", type=int, default=30, help="evaluation blocks (default: 30)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default: 256)")
+    p.add_argument("--n-blocks", type=int, default=None, help="evaluation blocks (default: 30)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: 256)")
     p.add_argument("--calib-blocks", type=int, default=None,
                    help="blocks the residual basis is fitted on, per draw (default: 4; with --calib-from eval at most "
                         "--n-blocks)")
@@ -192,6 +199,24 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
+def _apply_preset(args: argparse.Namespace) -> None:
+    """Fill ``--n-blocks``, ``--seq-len``, ``--layers`` and ``--sink-eps`` from ``--preset`` (or their defaults);
+    a flag given with another value than the preset's is refused (NqpqError): the run would not be the preset's."""
+    from .experiments.config import PRESETS, SweepConfig
+
+    preset = getattr(args, "preset", None)
+    fixed = PRESETS[preset] if preset else {}
+    defaults = SweepConfig()  # without a preset: the config's own defaults (30 blocks of 256, ε = 0.3)
+    for name in ("n_blocks", "seq_len", "layers", "sink_eps"):
+        default = getattr(defaults, name)
+        given = getattr(args, name, None)
+        if name in fixed and given is not None and given != fixed[name]:
+            wanted = "every layer" if fixed[name] is None else fixed[name]
+            raise NqpqError(f"--preset {preset} fixes --{name.replace('_', '-')} ({wanted}); got {given}")
+        if given is None:
+            setattr(args, name, fixed.get(name, default))
+
+
 def _default_calib_blocks(args: argparse.Namespace) -> int:
     """4, the spec's count; the spec's choice (``--calib-from eval``) scores them too, so at most ``--n-blocks``."""
     return min(4, args.n_blocks) if args.calib_from == "eval" else 4
@@ -206,6 +231,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
     if args.demo and args.model is not None:
         return _fail("--demo runs a random-init model of its own; it does not take --model")
+    try:
+        _apply_preset(args)
+    except NqpqError as err:
+        return _fail(str(err))
     cfg = SweepConfig(
         model=args.model, text_file=args.text_file, text=args.text, tokenizer=args.tokenizer,
         layers=None if args.layers is None else tuple(args.layers),
@@ -218,6 +247,7 @@ def _sweep(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, demo=args.demo, progress=not args.no_progress,
         device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder, bos=args.bos,
         sink_tokens=tuple(args.sink_tokens), heads=None if args.heads is None else " ".join(args.heads),
+        sink_eps=args.sink_eps,
     )
     # torchrun sets RANK before the process group exists: only rank 0 touches --out.
     writer = int(os.environ.get("RANK", "0")) == 0

@@ -8,7 +8,9 @@ or the research package ``nqpq``.
   cache by a query offset);
 - ``decode_kernel`` / ``decode``: the split-KV decode kernels for few cached queries and their launcher,
   ``residual_attention_decode`` (the Triton backend picks it for Tq <= 16);
-- ``launch``: the kernel's launch table (block sizes, warps, stages) as rules.
+- ``launch``: the kernel's launch table (block sizes, warps, stages) as rules;
+- ``key_mass``: ``key_mass``, the probability each row puts on one key (the first: Gu et al.'s α₁), from the op's
+  argmax and top-1 probability, whatever backend computed them.
 
 Importing the package needs neither CUDA nor Triton's driver: the kernel module is imported on first use of
 ``residual_attention_triton`` (or of the Triton backend), so ``TRITON_INTERPRET=1`` set before that first use still
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .contract import MODES, OUT_LAYOUTS, TRITON_HEAD_DIMS, ResidualAttentionResult
 from .dispatch import BACKENDS, residual_attention, resolve_backend
+from .key_mass import key_mass
 from .reference import residual_attention_reference
 
 if TYPE_CHECKING:  # for type checkers only: at run time the kernel module loads on first use (__getattr__)
@@ -32,7 +35,7 @@ SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS  # every multiple of 16 up to 256
 
 __all__ = [
     "BACKENDS", "MAX_GRID_Y", "MODES", "OUT_LAYOUTS", "ResidualAttentionResult", "SUPPORTED_HEAD_DIMS",
-    "TRITON_HEAD_DIMS", "residual_attention", "residual_attention_reference", "residual_attention_triton",
+    "TRITON_HEAD_DIMS", "key_mass", "residual_attention", "residual_attention_reference", "residual_attention_triton",
     "resolve_backend",
 ]
 

@@ -385,7 +385,7 @@ class _Collect:
     def __init__(self):
         self.items = []
 
-    def add(self, layer, *tensors):
+    def add(self, layer, *tensors, first_key_mass=None):
         self.items.append((layer, *tensors))
 
 

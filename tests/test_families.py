@@ -222,7 +222,7 @@ def test_diffllama_calls_its_attention_twice_per_layer():
     seen = []
 
     class Count:
-        def add(self, li, argmax, top1_prob, sink_mass=None):
+        def add(self, li, argmax, top1_prob, sink_mass=None, first_key_mass=None):
             seen.append(("stats", li))
 
     class Gram:

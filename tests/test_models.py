@@ -317,7 +317,7 @@ def test_calibration_grams_and_stats_per_query_head(family_model):
     class Stats:
         calls = []
 
-        def add(self, layer, argmax, top1_prob):
+        def add(self, layer, argmax, top1_prob, first_key_mass=None):
             self.calls.append((layer, argmax, top1_prob))
 
     grams, stats = GramAccumulator(), Stats()

@@ -16,6 +16,7 @@ from nqpq_kernels.dispatch import BACKENDS
 from ..errors import NqpqError
 from ..model.devices import parse_device_map, parse_max_memory
 from ..model.parts import layer_indices
+from ..results.crystallinity_table import SINK_EPS
 from ..sources.checkpoints import parse_dtype
 from ..sources.gguf import GGUF_DEVICE_MAP, is_gguf
 from ..sources.registry import is_registry_name, registry_model
@@ -26,6 +27,10 @@ CALIB_SOURCES = ("heldout", "eval")  # --calib-from
 DEFAULT_MODEL = "gpt2"  # what nqpq loads when SweepConfig.model (--model) is None and no model is passed in
 SPEC_D_R = (1, 2, 4, 8, 16, 32)  # the spec's ranks; the default keeps those <= the head dimension
 _DEVICE_RE = re.compile(r"(cpu|cuda(:\d+)?)")
+# ``nqpq scan --preset NAME``: the settings a published measurement used, fixed by name (None: every layer).
+# gu2025: Gu et al., "When Attention Sink Emerges in Language Models" (ICLR 2025), Table 1's Sink₁^ε: sequences of
+# T = 64 tokens, 100 of them, every layer and head, ε = 0.3.
+PRESETS: dict[str, dict] = {"gu2025": {"seq_len": 64, "n_blocks": 100, "layers": None, "sink_eps": 0.3}}
 
 
 @dataclass
@@ -76,6 +81,9 @@ class SweepConfig:
     # "27:0,1,2 28:3" (or a mapping layer -> heads), or a crystallinity rule such as "top1_prob>=0.7" measured on
     # the calibration text (nqpq.experiments.heads). None: every head of every crystallized layer.
     heads: str | Mapping[int, Sequence[int]] | None = None
+    # --sink-eps: the scan's attention-sink threshold ε (Gu et al., ICLR 2025: a head is a sink head when its mean
+    # attention on the first token exceeds ε; nqpq.results.crystallinity_table.sink_metrics).
+    sink_eps: float = SINK_EPS
 
 
 def check_flags(cfg: SweepConfig) -> None:
@@ -103,6 +111,8 @@ def check_flags(cfg: SweepConfig) -> None:
             raise NqpqError(f"--calib-draws {cfg.calib_draws}: the spec's choice (--calib-from eval) has one set of "
                             "calibration blocks, the first scored ones; draws need --calib-from heldout")
     sink_settings(cfg)
+    if not 0.0 <= cfg.sink_eps < 1.0:  # NaN fails too
+        raise NqpqError(f"--sink-eps {cfg.sink_eps}: must be in [0, 1) (a share of the attention)")
     if cfg.calib_blocks < 1:
         raise NqpqError(f"--calib-blocks {cfg.calib_blocks}: must be at least 1")
     if cfg.calib_draws < 1:

@@ -12,7 +12,12 @@ sums, per (layer, head):
   and no learned sink);
 - ``winner_share_mean``: the mean of p[t, i*ᴿ] / (1 − sink mass), the winner's share of the attention that
   is not on the sink, over the rows that see a key beyond the sink (= ``top1_prob_mean`` with n = 0 and no
-  learned sink).
+  learned sink);
+- ``first_key_mass_mean``: α₁, the mean over rows of p[t, 0], the attention on the sequence's first token (Gu et al.,
+  ICLR 2025: the head is a sink head when α₁ > ε; ``nqpq.results.crystallinity_table.sink_metrics``). p is the
+  model's own softmax (with a learned sink: over the real keys and the sink, so a row's real keys hold 1 − m_L); a row
+  whose window or mask hides the first token puts 0 on it and still counts. Present only where the calls were fed a
+  ``first_key_mass`` (every call of ``observe_residuals`` and of a crystallized layer is).
 
 A model with learned attention sinks (gpt-oss's ``sinks``: one logit per head joining every row's softmax with
 a zero value) has p_sink[t] > 0 on every row, and p is that softmax (the model's own). With n = 0 sink tokens
@@ -45,6 +50,8 @@ from torch import Tensor
 
 from .distributed import all_reduce_sum
 
+_COLUMNS = 10  # the per-head sums kept per layer (see __init__)
+
 
 class CrystallinityAccumulator:
     """Per-(layer, head) sums of the top-1 probability and of the sink/self/prev counts.
@@ -66,23 +73,27 @@ class CrystallinityAccumulator:
         self.layers = layers
         self.n_heads = heads  # layer → query heads
         self.sink_tokens = sink_tokens  # the op's sink_tokens for the calls this accumulator is fed
-        # One row per layer: [H, 8] = Σ top1_prob, #sink, #self, #prev, #rows, Σ sink mass, Σ winner share,
-        # #rows with a key beyond the sink (float64: counts are exact to 2^53).
-        self._sums = {li: torch.zeros(heads[li], 8, dtype=torch.float64) for li in layers}
+        # One row per layer: [H, 10] = Σ top1_prob, #sink, #self, #prev, #rows, Σ sink mass, Σ winner share,
+        # #rows with a key beyond the sink, Σ first-key mass, #rows fed a first-key mass (float64: counts are exact
+        # to 2^53).
+        self._sums = {li: torch.zeros(heads[li], _COLUMNS, dtype=torch.float64) for li in layers}
 
     def add(self, layer: int, argmax: Tensor, top1_prob: Tensor, sink_mass: Tensor | None = None,
-            first_position: int | Tensor = 0) -> None:
+            first_position: int | Tensor = 0, first_key_mass: Tensor | None = None) -> None:
         """Count one attention call: ``argmax`` int64 ``[B, Hq, T]``, ``top1_prob`` float32 ``[B, Hq, T]`` and,
         for ``sink_tokens > 0`` or a learned sink, ``sink_mass`` float32 ``[B, Hq, T]`` (None: no sink, a mass of 0).
         ``first_position``: the absolute position of row 0 (a call with a KV cache holds the last T of Tk
         positions: Tk − T), so that self and prev compare i* with each row's own position; each row counts once.
         An int, or int64 ``[B]``: one per batch row (a padded batch: each sequence's own positions; argmax then holds
-        positions too). A row with no visible key (argmax −1 with top1_prob 0: a pad query) counts nowhere."""
+        positions too). A row with no visible key (argmax −1 with top1_prob 0: a pad query) counts nowhere.
+        ``first_key_mass``: float ``[B, Hq, T]``, each row's p on its sequence's first token
+        (``nqpq.model.cache_layout.first_key_mass``); None: α₁ not measured by this call."""
         if sink_mass is None and self.sink_tokens:
             raise ValueError(f"sink_mass is needed for sink_tokens={self.sink_tokens}")
         if layer not in self._sums:
             raise ValueError(f"layer {layer!r} is not one of the accumulator's layers {self.layers}")
-        for name, t in (("argmax", argmax), ("top1_prob", top1_prob)):
+        tensors = (("argmax", argmax), ("top1_prob", top1_prob))
+        for name, t in tensors + ((("first_key_mass", first_key_mass),) if first_key_mass is not None else ()):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[1] != self.n_heads[layer]:
@@ -97,6 +108,10 @@ class CrystallinityAccumulator:
             raise ValueError(
                 f"argmax and top1_prob must have one shape, got {tuple(argmax.shape)} and {tuple(top1_prob.shape)}"
             )
+        if first_key_mass is not None and (first_key_mass.shape != argmax.shape
+                                           or not first_key_mass.is_floating_point()):
+            raise ValueError(f"first_key_mass must be a float tensor of argmax's shape {tuple(argmax.shape)}, got "
+                             f"{first_key_mass.dtype} {tuple(first_key_mass.shape)}")
         if argmax.dtype != torch.int64:
             raise TypeError(f"argmax must be int64, got {argmax.dtype}")
         if not top1_prob.is_floating_point():
@@ -123,8 +138,13 @@ class CrystallinityAccumulator:
             beyond = ~(mass64 == 1.0) & real
             share = torch.where(beyond, top1_64 / (1.0 - mass64), 0.0).sum(dim=(0, 2))
             share_rows = beyond.sum(dim=(0, 2)).double()
-        step = torch.stack([top1, sink.double(), self_.double(), prev.double(), rows, mass, share, share_rows],
-                           dim=1)
+        if first_key_mass is None:
+            first_key, first_key_rows = torch.zeros_like(top1), torch.zeros_like(rows)
+        else:  # empty rows add 0 (their first-key mass is 0); a non-finite row's NaN stays
+            first_key = torch.where(real, first_key_mass.to(torch.float64), 0.0).sum(dim=(0, 2))
+            first_key_rows = rows
+        step = torch.stack([top1, sink.double(), self_.double(), prev.double(), rows, mass, share, share_rows,
+                            first_key, first_key_rows], dim=1)
         self._sums[layer] += step.cpu()
 
     def results(self) -> list[dict]:
@@ -138,12 +158,19 @@ class CrystallinityAccumulator:
         out = []
         sizes = [self._sums[li].numel() for li in self.layers]
         for li, flat in zip(self.layers, packed.split(sizes)):
-            per_layer = flat.view(-1, 8)
-            for head, (top1, sink, self_, prev, rows, mass, share, share_rows) in enumerate(per_layer.tolist()):
+            per_layer = flat.view(-1, _COLUMNS)
+            for head, (top1, sink, self_, prev, rows, mass, share, share_rows, first_key, first_key_rows) in \
+                    enumerate(per_layer.tolist()):
                 if rows == 0:
                     raise RuntimeError(f"crystallinity: layer {li} was never observed (no rows counted)")
-                out.append({"layer": li, "head": head, "top1_prob_mean": top1 / rows, "sink_frac": sink / rows,
-                            "self_frac": self_ / rows, "prev_frac": prev / rows, "sink_mass_mean": mass / rows,
-                            "winner_share_mean": share / share_rows if share_rows else float("nan")})
+                entry = {"layer": li, "head": head, "top1_prob_mean": top1 / rows, "sink_frac": sink / rows,
+                         "self_frac": self_ / rows, "prev_frac": prev / rows, "sink_mass_mean": mass / rows,
+                         "winner_share_mean": share / share_rows if share_rows else float("nan")}
+                if first_key_rows == rows:  # every row of the head was fed its first-key mass
+                    entry["first_key_mass_mean"] = first_key / rows
+                elif first_key_rows:
+                    raise RuntimeError(f"crystallinity: layer {li} head {head}: {int(first_key_rows)} of "
+                                       f"{int(rows)} rows came with a first-key mass (feed it with every call or none)")
+                out.append(entry)
         return out
 

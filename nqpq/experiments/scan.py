@@ -30,7 +30,7 @@ import torch
 
 from ..model.crystallize import crystallize
 from ..model.replay import PrefixRunner
-from ..results.crystallinity_table import layer_means
+from ..results.crystallinity_table import layer_means, sink_metrics
 from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
 from ..results.stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, smallest_recovering, verdict, with_draws
@@ -185,6 +185,8 @@ def run_scan(
         "bootstrap": bootstrap_info(cfg.seed, cfg.n_blocks),
         # The spec's statistics of the baseline (i* over every key); each sink setting's own are in "sinks".
         "crystallinity": crystallinity[0], "sink_tokens": sinks[0],
+        # Gu et al.'s attention-sink metric from the heads' α₁ (the same softmax whatever the sink setting).
+        "attention_sink": sink_metrics(crystallinity[0], cfg.sink_eps),
         "sinks": [{"sink_tokens": n, "layers": per_sink[n], "crystallinity": crystallinity[n]} for n in sinks],
         "heads": None if heads is None else heads.results(),
         "config": config, "timings": timings,

@@ -18,7 +18,8 @@ at those positions) over the non-padding keys; and says how to call the op:
 
 The statistics of a call then read positions: ``argmax_positions`` maps the op's key slots to positions, and
 ``first_position`` is each row's position of query row 0. Any mask that is not of this form is refused by name.
-``run_op`` runs the op on a layout, ``feed`` hands its Gram and statistics (at positions) to the sinks, and
+``run_op`` runs the op on a layout, ``first_key_mass`` reads each row's probability on its sequence's first token
+(position 0: slot −o_b) from the op's result, ``feed`` hands its Gram and statistics (at positions) to the sinks, and
 ``call_backend`` picks the backend of a cached call.
 """
 
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from nqpq_kernels.contract import ResidualAttentionResult
 from nqpq_kernels.dispatch import resolve_backend
+from nqpq_kernels.key_mass import key_mass
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,24 @@ def run_op(impl, layout: CallLayout | None, query: Tensor, key: Tensor, value: T
     return ResidualAttentionResult(cat[0], cat[1], gram, cat[2], cat[3])
 
 
-def feed(layer: int, gram_acc, stats_acc, res: ResidualAttentionResult, layout: CallLayout | None = None) -> None:
+def first_key_mass(query: Tensor, key: Tensor, res: ResidualAttentionResult, layout: CallLayout | None,
+                   common: dict) -> Tensor:
+    """float32 ``[B, Hq, Tq]``: each row's attention probability on its sequence's first token (position 0, Gu et
+    al.'s α₁ per row), from the call's ``res`` (argmax in slots, top1_prob) and the q, k and ``common`` keywords it
+    was run with (``nqpq_kernels.key_mass``). Position 0 sits at slot −o_b; a sliding cache that dropped it (o_b > 0)
+    holds it for no row's window: 0."""
+    kw = {name: common.get(name) for name in ("scale", "softcap", "sliding_window", "attention_chunk", "attn_mask")}
+    if layout is None:
+        return key_mass(query, key, res.argmax, res.top1_prob, **kw)
+    kw.update(sliding_window=layout.window, attention_chunk=layout.chunk, attn_mask=layout.mask)
+    return key_mass(query, key[:, :, :layout.n_keys], res.argmax, res.top1_prob, key_slot=-layout.offsets, **kw)
+
+
+def feed(layer: int, gram_acc, stats_acc, res: ResidualAttentionResult, layout: CallLayout | None = None,
+         first_key: Tensor | None = None) -> None:
     """Hand a call's Gram and statistics to the sinks; with a layout, the argmax as positions and ``first_position``
-    (passed only when it is not 0, so sinks written for whole sequences keep working)."""
+    (passed only when it is not 0, so sinks written for whole sequences keep working); ``first_key``
+    (``first_key_mass``), where given, as ``first_key_mass``."""
     if gram_acc is not None:
         gram_acc.add(layer, res.gram)
     if stats_acc is not None:
@@ -211,6 +228,8 @@ def feed(layer: int, gram_acc, stats_acc, res: ResidualAttentionResult, layout: 
             first = layout.first_position()
             if not (isinstance(first, int) and first == 0):
                 extra["first_position"] = first
+        if first_key is not None:
+            extra["first_key_mass"] = first_key
         if res.sink_mass is None:
             stats_acc.add(layer, argmax, res.top1_prob, **extra)
         else:

@@ -59,7 +59,7 @@ from .attention_args import (
     _probabilities,
     _score_mask,
 )
-from .cache_layout import CallLayout, call_backend, call_layout, feed, run_op
+from .cache_layout import CallLayout, call_backend, call_layout, feed, first_key_mass, run_op
 from .devices import execution_device
 from .geometry import LayerGeometry
 from .layer_spec import LayerSpec, Observer, _forget_calls, _receive_mask
@@ -154,7 +154,8 @@ def _crystal_attention(
             res = run_op(impl, layout, query, key, value, ob.sink_tokens, common, mode="top1",
                           return_gram=ob.gram_acc is not None, return_argmax=watch, return_top1_prob=watch,
                           return_sink_mass=watch and (ob.sink_tokens > 0 or learned_sink is not None))
-            feed(spec.layer, ob.gram_acc, ob.stats_acc if watch else None, res, layout)
+            first_key = first_key_mass(query, key, res, layout, common) if watch else None
+            feed(spec.layer, ob.gram_acc, ob.stats_acc if watch else None, res, layout, first_key)
         return result
     if dropout > 0.0:
         raise ValueError("crystallized attention is inference-only: call model.eval() (dropout > 0)")
@@ -173,7 +174,8 @@ def _crystal_attention(
         crystal_heads=spec.heads, return_gram=spec.gram_acc is not None, return_argmax=stats, return_top1_prob=stats,
         return_sink_mass=stats and (spec.sink_tokens > 0 or learned_sink is not None), out_layout="bthd",
     )
-    feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res, layout)
+    first_key = first_key_mass(query, key, res, layout, common) if stats else None
+    feed(spec.layer, spec.gram_acc, spec.stats_acc if stats else None, res, layout, first_key)
     return res.out, weights  # [B, T, Hq, Dv], the layout transformers expects back
 
 

@@ -23,7 +23,8 @@ class LayerSpec:
     original: str  # the model-wide attention implementation name
     config: object  # the module's own config, put back by uncrystallize
     gram_acc: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
-    stats_acc: object | None = None  # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T])
+    # anything with .add(layer, argmax[B, Hq, T], top1_prob[B, Hq, T], [sink_mass,] first_key_mass=[B, Hq, T])
+    stats_acc: object | None = None
     observe: bool = False  # keep the model's own output; only feed the accumulators
     sink_tokens: int = 0  # the first keys kept exactly in the ground state (nqpq.residual_attention)
     observers: tuple[Observer, ...] = ()  # with observe: one op call per observer, each feeding its accumulators
@@ -54,7 +55,7 @@ class Observer:
 
     sink_tokens: int = 0
     gram_acc: object | None = None  # anything with .add(layer, gram[Hq, D, D] float64)
-    stats_acc: object | None = None  # anything with .add(layer, argmax, top1_prob, sink_mass)
+    stats_acc: object | None = None  # anything with .add(layer, argmax, top1_prob, [sink_mass,] first_key_mass=...)
 
 
 def _forget_calls(spec: LayerSpec):

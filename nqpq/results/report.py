@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .cost import cost_lines
-from .crystallinity_table import format_table
+from .crystallinity_table import format_sink_metrics, format_table
 from .stats import MIN_BLOCKS, RECOVERED_PCT_LIMIT, blocks_to_halve, distinct_resamples, half_width
 from .upgrade import UPGRADABLE, upgrade, upgrade_note
 from .verdict import INCONCLUSIVE, RECOVERY_TARGET, YES, crosses_target, spectrum_by_layer
@@ -489,6 +489,8 @@ def print_scan_report(results: dict, say: Callable[[str], None] = print) -> None
         if entry["sink_tokens"]:
             for line in format_table(entry["crystallinity"], entry["sink_tokens"]):
                 say(line)
+    for line in format_sink_metrics(results.get("attention_sink")):  # absent from results written before it
+        say(line)
     if len(sinks) > 1:
         say("")
         say(" Sink kept apart, side by side (n = sink tokens; top-1 dPPL, then recovered % by d_r, then mean r90):")
