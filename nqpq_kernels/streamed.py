@@ -15,8 +15,7 @@ range starts at the first key its first row sees; the masks are per absolute pos
 rows), non-finite rows, argmax / top-1 probability / sink mass, and the Gram (Σ ε εᵀ in float64, block by block).
 
 Work saved against the reference (where the time goes on CPU: passes over the score buffer):
-- the scale (and the soft-cap's 1/c) is folded into the block's queries (one pass into a contiguous buffer), not
-  applied to the scores;
+- the scale (and the soft-cap's 1/c) is folded into the block's queries, not applied to the scores;
 - the causal mask touches only the block's last ``block`` key columns (the diagonal square); a window or a chunk
   its whole (narrow) key range;
 - the maximum and its first index come from ``max_first_index`` (vectorized group maxima, then one group's
@@ -186,11 +185,7 @@ def residual_attention_streamed(
         cols = hi - lo
 
         # Scores [B, Hkv, G·rows, cols]: one matmul per kv head over its G query heads' rows.
-        # Scaled into a contiguous fp32 buffer in one pass, whatever q's strides (half precision widened first: the
-        # product in fp32).
-        qb = torch.empty(B, Hq, rows, Dqk, device=q.device)
-        torch.mul(q[:, :, s0:s1].float(), q_mult, out=qb)
-        qb = qb.view(B, Hkv, G * rows, Dqk)
+        qb = q[:, :, s0:s1].reshape(B, Hkv, G * rows, Dqk).float().mul(q_mult)
         s = torch.matmul(qb, kf[:, :, lo:hi].transpose(-1, -2))
         del qb
         if args.softcap is not None:
