@@ -11,7 +11,7 @@ warm-up) while rotating through enough input sets to overflow L2; on CPU with
 under benchmarks/results/ and prints a table.
 
 On CPU (``--device cpu``) the torch paths are compared with SDPA: the T × T reference (``reference_*``) and the
-streamed path the ``"torch"`` backend runs there (``streamed_*``, nqpq/streamed.py), each mode, in ``--threads``
+streamed path the ``"torch"`` backend runs there (``streamed_*``, nqpq_kernels/streamed.py), each mode, in ``--threads``
 threads (default 1), timed as the best of ``--repeats`` interleaved calls (every provider once per round, so a load
 that comes and goes from other processes hits them alike); ``peak_mem_mb`` is the growth of the peak resident set
 (VmHWM, reset after the inputs are built) over one call in a fresh subprocess per configuration (torch's CPU

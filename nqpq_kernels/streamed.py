@@ -19,14 +19,18 @@ Work saved against the reference (where the time goes on CPU: passes over the sc
 - the causal mask touches only the block's last ``block`` key columns (the diagonal square); a window or a chunk
   its whole (narrow) key range;
 - the maximum and its first index come from ``max_first_index`` (vectorized group maxima, then one group's
-  argmax: torch's CPU max-with-index is ~20× slower than ``amax``); full mode without an argmax, a Gram or sink
+  argmax: torch's CPU max-with-index is ~20× slower than ``amax``; that group's columns come by ``index_select``
+  from a window view, ~4× faster than ``gather``); full mode without an argmax, a Gram or sink
   tokens needs no index at all; with sink tokens the sink columns and the rest are searched apart (the latter is
   both the overall maximum and i*ᴿ);
 - where nothing is kept apart p is torch's fused softmax; with sink keys or a learned sink p is left
   unnormalized: ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk;
 - low rank for evaluation (no Gram asked, 0 < d_r < Dv) through V·P_r: P_r P_rᵀ (ctx − ground) =
   P_r (p @ (V P_r) − P_rᵀ ground), so the P·V product runs on d_r columns instead of Dv (issue 35 item 1's
-  identity) and ctx is never formed (with G·d_r <= Dv / 2 the G heads' V P_r side by side in one matmul);
+  identity) and ctx is never formed. V P_r is computed once per call; where ground is V[i*], P_rᵀ ground is
+  (V P_r)[i*], gathered with V[i*] in one row gather from [V | V P_r]. With G·d_r <= Dv / 2 the G heads' V P_r sit
+  side by side (one matmul per kv head), and the way back, ground + coefficients · P_rᵀ, is one fused ``baddbmm``
+  per query head whose P_rᵀ has the other heads' rows zeroed;
 - top1 without the probability or a sink needs no exp at all: i* alone.
 """
 
@@ -39,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .contract import OUT_LAYOUTS, ResidualAttentionResult, _as_int, check_choice, check_residual_attention_inputs
+from .rowmax import max_first_index
 
 # The score buffer of one block is at most about this many bytes (block rows are picked to fit it, between
 # MIN_BLOCK and MAX_BLOCK rows). Measured on this machine's CPU (1 thread, Hq 9, Hkv 3, D 64, fp32): at T 4096
@@ -61,35 +66,6 @@ def _upper(rows: int, device: torch.device) -> Tensor:
     """bool ``[rows, rows]``: True above the diagonal (key j after query i in the block's diagonal square).
     Read-only."""
     return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
-
-
-def max_first_index(x: Tensor, width: int = 64) -> tuple[Tensor, Tensor]:
-    """``x.max(dim=-1)``'s values and first indices, about 15× faster on CPU for long rows.
-
-    torch's CPU ``max(dim)`` with indices is not vectorized (1.5 ms for 1.8 M fp32 here, against 0.08 ms for
-    ``amax``). Per row: the maxima of ``width``-wide column groups (``amax`` on a view), the first group holding the
-    row's maximum, then the first index within that group (``argmax`` on ``width`` columns only), the columns past
-    the last whole group apart. The first index of the maximum, as ``max`` gives it; NaN propagates into the value
-    (the index of a NaN row is then unspecified: callers treat such rows as non-finite)."""
-    cols = x.shape[-1]
-    whole = cols // width * width
-    if whole < 2 * width:  # short rows: the plain kernel
-        return x.max(dim=-1)
-    groups = x[..., :whole].unflatten(-1, (whole // width, width))  # a view: the last dim has stride 1
-    group_max = groups.amax(dim=-1)
-    m = group_max.amax(dim=-1)
-    tail_m = tail_i = None
-    if whole < cols:
-        tail_m, tail_i = x[..., whole:].max(dim=-1)
-        m = torch.maximum(m, tail_m)
-    hit = group_max == m.unsqueeze(-1)
-    first_group = hit.to(torch.uint8).argmax(dim=-1)  # the first True; 0 if none (the maximum is in the tail)
-    pick = first_group[..., None, None].expand(*first_group.shape, 1, width)
-    within = torch.gather(groups, -2, pick).squeeze(-2).argmax(dim=-1)
-    idx = first_group * width + within
-    if tail_i is not None:
-        idx = torch.where(hit.any(dim=-1), idx, tail_i + whole)
-    return m, idx
 
 
 def residual_attention_streamed(
@@ -161,15 +137,22 @@ def residual_attention_streamed(
     # of them, which a strided view (transformers' [B, T, H, D] projections) would copy again per block.
     kf = k.float().contiguous()
     vf = v.float().contiguous()
-    P = vp = None
+    P = vp = vvp = P_back = None
     if mode == "lowrank" and d_r > 0:
         P = basis[:, :, :d_r].to(device=q.device, dtype=torch.float32).reshape(Hkv, G, Dv, d_r)
-        if use_proj:  # V P_r per query head: [B, Hkv, G, Tk, d_r], O(T · d_r) (one product for every block)
+        if use_proj:  # V P_r, O(T · d_r): one product per call, every block reads its rows
             if G * d_r <= Dv // 2:
-                # The G query heads' V P_r side by side, [B, Hkv, Tk, G·d_r]: one product per kv head over all its
-                # heads' rows (the off-diagonal head pairs are computed and dropped: G× the few flops, but one
-                # wider matmul instead of G narrow ones, which run far below the CPU's peak at d_r = 8).
-                vp = torch.matmul(vf, P.permute(0, 2, 1, 3).reshape(Hkv, Dv, G * d_r))
+                # The G query heads' P_r side by side, [Hkv, Dv, G·d_r], and V P_r with it: one product per kv head
+                # over all its heads' rows (G× the few flops, but one wider matmul instead of G narrow ones, which
+                # run far below the CPU's peak at d_r = 8). Stored beside V, vvp = [V | V P_r] [B, Hkv, Tk, Dv + G·d_r]:
+                # one row gather gives V[i*] and (V P_r)[i*]. The way back multiplies head g's rows by P_back[g],
+                # P_rᵀ side by side with the other heads' rows zeroed: their columns drop out, no per-head extraction.
+                P_cols = P.permute(0, 2, 1, 3).reshape(Hkv, Dv, G * d_r)
+                vvp = torch.cat([vf, torch.matmul(vf, P_cols)], dim=-1)
+                vp = vvp[..., Dv:]
+                own = torch.arange(G * d_r, device=q.device) // d_r == torch.arange(G, device=q.device)[:, None]
+                P_back = P_cols.transpose(-1, -2).unsqueeze(1) * own[None, :, :, None]  # [Hkv, G, G·d_r, Dv]
+                P_back = P_back.expand(B, Hkv, G, G * d_r, Dv).reshape(B * Hq, G * d_r, Dv)
             else:
                 vp = torch.matmul(vf.unsqueeze(2), P)  # [B, Hkv, G, Tk, d_r]
     # The scale (and the soft cap's 1/c: tanh reads s / c) folded into q: one pass over the queries, not the scores.
@@ -183,6 +166,9 @@ def residual_attention_streamed(
     gram_device = torch.device("cpu") if q.device.type == "mps" else q.device  # MPS has no float64
     gram = torch.zeros(Hq, Dv, Dv, dtype=torch.float64, device=gram_device) if return_gram else None
     neg_inf = float("-inf")
+    # Flat row offsets of each (batch, kv head) in [B·Hkv·Tk, ·] and of each query head in [B·Hkv·G·Tk, ·]
+    kv_row_base = torch.arange(0, B * Hkv * Tk, Tk, device=q.device).view(B, Hkv, 1, 1)
+    head_row_base = torch.arange(0, B * Hq * Tk, Tk, device=q.device).view(B, Hkv, G, 1)
 
     for s0 in range(0, Tq, block_size):
         s1 = min(Tq, s0 + block_size)
@@ -232,11 +218,11 @@ def residual_attention_streamed(
         if n_loc == 0:
             m, i_star = max_first_index(s5) if need_index else (s5.amax(dim=-1), None)
             bad = ~torch.isfinite(m)  # the maximum propagates NaN: a row with a NaN score has m NaN
-            no_key = m == neg_inf
+            no_key = m == neg_inf if attn_mask is not None else None  # only a mask makes a row empty
         elif n_loc == cols:  # every key the block sees is a sink key
             m, i_star = max_first_index(s5)
             bad = ~torch.isfinite(m)
-            no_key = m == neg_inf
+            no_key = m == neg_inf if attn_mask is not None else None
             r_empty = torch.ones_like(bad)
         else:
             m_s, i_s = s5[..., :n_loc].max(dim=-1)  # n_loc columns: the plain max is cheap there
@@ -255,11 +241,13 @@ def residual_attention_streamed(
             sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows)
             sink_bad = ~(sink_logit < math.inf)  # a NaN or +inf logit: no softmax
             bad |= sink_bad
-            no_key &= ~sink_bad
+            if no_key is not None:
+                no_key &= ~sink_bad
         # Under an attn_mask, a row with no visible key (every masked score -inf, none NaN: a pad query) is empty:
         # computed as a bad row, then a zero output, argmax -1, top1_prob and sink_mass 0, ε = 0.
         empty = no_key if attn_mask is not None and bool(no_key.any()) else None
-        if i_star is not None:
+        any_bad = bool(bad.any())  # most blocks have none: their NaN fills are skipped
+        if i_star is not None and any_bad:
             i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
 
         # p: normalized where nothing is kept apart (torch's fused softmax, one buffer more); else exp(s − m)
@@ -287,12 +275,16 @@ def residual_attention_streamed(
             ctx = torch.matmul(p.view(B, Hkv, G * rows, cols), vb).view(B, Hkv, G, rows, Dv)
             if denom is not None:
                 ctx.div_(denom.unsqueeze(-1))
-        v_star = None
+        v_star = star_rows = vp_star = None
         if i_star is not None:
-            # V[i*] by flat row indices into the contiguous [B·Hkv·Tk, Dv] (a view; gather on an expanded view is
-            # several times slower).
-            base = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1) * Tk + lo
-            v_star = vf.view(B * Hkv * Tk, Dv)[(i_star + base).flatten()].view(B, Hkv, G, rows, Dv)
+            # V[i*] by flat row indices into the contiguous [B·Hkv·Tk, Dv] (a view; index_select is several times
+            # faster than gather on an expanded view or advanced indexing).
+            star_rows = i_star.add(kv_row_base if lo == 0 else kv_row_base + lo).view(-1)
+            if vvp is None:
+                v_star = vf.view(B * Hkv * Tk, Dv).index_select(0, star_rows).view(B, Hkv, G, rows, Dv)
+            else:  # V[i*] and (V P_r)[i*] in one gather
+                star = vvp.view(B * Hkv * Tk, -1).index_select(0, star_rows)
+                v_star, vp_star = star[:, :Dv].unflatten(0, (B, Hkv, G, rows)), star[:, Dv:]
 
         mass = None  # all the mass kept apart: m_S + m_L
         if n_loc > 0:
@@ -310,11 +302,14 @@ def residual_attention_streamed(
             ground = v_star.mul_((1.0 - m_learned).unsqueeze(-1)) if v_star is not None else None
         else:
             ground = v_star  # None in full mode without a Gram or an argmax: not needed
-        nan_rows = bad.unsqueeze(-1)
-        if ground is not None:
-            ground.masked_fill_(nan_rows, math.nan)
-        if ctx is not None:
-            ctx.masked_fill_(nan_rows, math.nan)
+        # V[i*] itself (the mul_ above scaled v_star in place: not that)
+        ground_is_v_star = n_loc == 0 and m_learned is None
+        if any_bad:
+            nan_rows = bad.unsqueeze(-1)
+            if ground is not None:
+                ground.masked_fill_(nan_rows, math.nan)
+            if ctx is not None:
+                ctx.masked_fill_(nan_rows, math.nan)
 
         if empty is not None:
             if ground is not None:
@@ -329,20 +324,30 @@ def residual_attention_streamed(
             o = ctx
         elif use_proj:
             # P_r P_rᵀ (ctx − ground) = P_r (p @ (V P_r) / Σp − P_rᵀ ground); zero where ground = ctx.
-            if vp.dim() == 4:  # side by side: keep head g's own d_r columns of its rows
-                wide = torch.matmul(p.view(B, Hkv, G * rows, cols), vp[:, :, lo:hi]).view(B, Hkv, G, rows, G, d_r)
-                coeff = torch.diagonal(wide, dim1=2, dim2=4).permute(0, 1, 4, 2, 3).contiguous()
-                del wide
+            if vvp is not None:  # side by side: [B, Hkv, G·rows, G·d_r], head g's rows against every head's P_r
+                coeff = torch.matmul(p.view(B, Hkv, G * rows, cols), vp[:, :, lo:hi])
             else:
-                coeff = torch.matmul(p, vp[:, :, :, lo:hi])
+                coeff = torch.matmul(p, vp[:, :, :, lo:hi])  # [B, Hkv, G, rows, d_r]
+            coeff5 = coeff.view(B, Hkv, G, rows, -1)
             if denom is not None:
-                coeff.div_(denom.unsqueeze(-1))
-            coeff.sub_(torch.matmul(ground, P))
+                coeff5.div_(denom.unsqueeze(-1))
+            # P_rᵀ V[i*] = (V P_r)[i*]: V P_r's rows at the indices V[i*] came from, no product per block.
+            if ground_is_v_star and vp_star is not None:
+                coeff5.sub_(vp_star.view(coeff5.shape))
+            elif ground_is_v_star:  # per head, [B·Hkv·G·Tk, d_r] rows: one block of Tk rows per query head
+                head_rows = i_star.add(head_row_base if lo == 0 else head_row_base + lo).view(-1)
+                coeff5.sub_(vp.view(-1, d_r).index_select(0, head_rows).view(coeff5.shape))
+            else:
+                P_r = P if vvp is None else P_back.view(B, Hkv, G, -1, Dv)[0].transpose(-1, -2)
+                coeff5.sub_(torch.matmul(ground, P_r))
             if r_empty is not None:
-                coeff.masked_fill_(r_empty.unsqueeze(-1), 0.0)
+                coeff5.masked_fill_(r_empty.unsqueeze(-1), 0.0)
             if empty is not None:
-                coeff.masked_fill_(empty.unsqueeze(-1), 0.0)
-            o = ground + torch.matmul(coeff, P.transpose(-1, -2))
+                coeff5.masked_fill_(empty.unsqueeze(-1), 0.0)
+            if vvp is not None:  # ground + coeff P_back per query head, in one fused product
+                o = torch.baddbmm(ground.reshape(B * Hq, rows, Dv), coeff.view(B * Hq, rows, -1), P_back)
+            else:
+                o = ground.add_(torch.matmul(coeff, P.transpose(-1, -2)))
         else:
             o = ground + torch.matmul(torch.matmul(ctx - ground, P), P.transpose(-1, -2))
         if plain_heads is not None:

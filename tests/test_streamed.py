@@ -220,3 +220,16 @@ def test_memory_is_linear_in_t():
     assert r2 >= scores_2048  # the profiler sees the T × T buffer
     # One block's scores [1, 4, 64, T] plus the outputs: 2× the keys is about 2× the memory, and far below T².
     assert s2 < 2.5 * s1 and s2 < scores_2048 / 8
+
+
+@pytest.mark.parametrize("d_r", [1, 2, 4])
+@pytest.mark.parametrize("case", ["gqa-window-crossing", "mqa-chunk-crossing", "sinks", "cache", "mask", "long"])
+def test_lowrank_heads_side_by_side(case, d_r):
+    """Low rank through V·P_r with the G query heads' P_r side by side (G·d_r <= Dv / 2: one product per kv head,
+    the other heads' columns dropped on the way back) and per head (G·d_r > Dv / 2), with the ground state's
+    (V P_r)[i*] gathered (no sink) or P_rᵀ ground multiplied (sinks), in blocks that cut windows and chunks."""
+    (q, k, v), kw = inputs(case)
+    lr = lowrank_args("lowrank", q.shape[1], v.shape[3], d_r)
+    for block in (5, None):
+        res = residual_attention_streamed(q, k, v, mode="lowrank", **lr, **kw, **RETURNS, block_size=block)
+        check_sink_against_f64(res, q, k, v, "lowrank", **lr, **kw, min_clear=0.8)
