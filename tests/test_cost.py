@@ -99,3 +99,47 @@ def test_cost_lines_name_each_configuration_with_its_delta():
     assert len(lines) == 5
     assert "+2.000" in lines[3] and "+0.500" in lines[4]
     assert cost_lines({"ppl_baseline": 1.0}) == []
+
+
+def test_op_times_come_from_interleaved_rounds_and_keep_the_fastest(monkeypatch):
+    """Every configuration is timed together, after one warm-up each, in rotated interleaved rounds, the fastest
+    round kept (times summed over layers of one geometry): a load that comes and goes cannot favour one of them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nqpq.experiments import op_cost
+
+    geometry = SimpleNamespace(n_heads=4, n_kv_heads=2, qk_dim=16, v_dim=16, sliding_window=None,
+                               attention_chunk=None)
+    rec = op_cost.CostRecorder({0: geometry, 1: geometry}, [0, 1], 32, torch.device("cpu"), torch.float32, "torch",
+                               repeats=3)
+    clock = [0.0]
+    calls: list[str] = []
+    # Per configuration, the seconds each successive call takes: a warm-up, then 3 rounds.
+    durations = {"baseline": [9.0, 0.5, 0.3, 0.4], "full": [9.0, 2.0, 1.0, 3.0], "top1": [9.0, 0.8, 0.9, 0.7]}
+
+    def fake_op_call(shape, mode, d_r, sink_tokens):
+        def call():
+            calls.append(mode)
+            clock[0] += durations[mode][sum(c == mode for c in calls) - 1]
+        return call, False
+
+    monkeypatch.setattr(rec, "_op_call", fake_op_call)
+    monkeypatch.setattr(op_cost.time, "perf_counter", lambda: clock[0])
+    for key in ("baseline", "full", "top1"):
+        rec.record(key, key)
+    assert calls == []  # recording times nothing: the passes run undisturbed
+    out = rec.results()
+    # warm-ups in order, then three rounds, each starting one configuration later
+    assert calls == ["baseline", "full", "top1"] + ["baseline", "full", "top1"] + ["full", "top1", "baseline"] + \
+        ["top1", "baseline", "full"]
+    by_key = {c["key"]: c for c in out["configurations"]}
+    # fastest round, x2 layers of the one geometry, in ms
+    assert by_key["baseline"]["op_time_ms"] == pytest.approx(2 * 300.0)
+    assert by_key["full"]["op_time_ms"] == pytest.approx(2 * 1000.0)
+    assert by_key["top1"]["op_time_ms"] == pytest.approx(2 * 700.0)
+    assert by_key["top1"]["relative_op_time"] == pytest.approx(0.7)
+    assert out["op_time_statistic"] == "fastest of interleaved rounds" and out["repeats"] == 3
+    rec.results()
+    assert len(calls) == 12  # asked again: not timed again

@@ -1,10 +1,14 @@
 """Each sweep configuration's attention cost: ``nqpq.results.cost``'s formulas and the op timed on the run's device.
 
 The op is timed on its own, on the run's q/k/v shapes (one block of ``seq_len`` tokens, each distinct layer
-geometry of the crystallized layers, the model's dtype) with random inputs, through the backend the sweep uses:
-one warm-up call (Triton compiles there), then ``repeats`` timed calls, the median kept and summed over the
-crystallized layers. The baseline is timed as PyTorch's SDPA on the same shapes (what a model's own attention runs).
-A few op calls per configuration: a small fraction of a configuration's forward passes over every block.
+geometry of the crystallized layers, the model's dtype) with random inputs, through the backend the sweep uses.
+Every configuration is timed together, once the sweep's passes are done, in ``repeats`` interleaved rounds (each round
+calls every configuration once, in a rotated order), after one warm-up call each (Triton compiles there); each
+configuration keeps its fastest round, summed over the crystallized layers. Interleaving is what makes the ratios
+mean something on a shared machine: configurations timed minutes apart, as the passes run, see different loads (a
+SmolLM2 sweep at T 8192 on 2 busy cores measured full at 177 s and low rank d_r 4 at 7 s that way). The baseline is
+timed as PyTorch's SDPA on the same shapes (what a model's own attention runs). A few op calls per configuration: a
+small fraction of a configuration's forward passes over every block.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 from nqpq_kernels.dispatch import residual_attention_impl, resolve_backend
 
-from ..results.cost import AttentionShape, configuration_cost, median_ms
+from ..results.cost import AttentionShape, configuration_cost
 
 TIMING_REPEATS = 3
 
@@ -45,6 +49,7 @@ class CostRecorder:
         self.configurations: list[dict] = []
         self._inputs: dict[AttentionShape, tuple] = {}
         self.timing_s = 0.0  # what the op timings took (the sweep's overhead for costing)
+        self._timed = False
 
     def _qkv(self, shape: AttentionShape) -> tuple:
         """Random q, k, v (and an orthonormal basis per query head) of one layer geometry, made once."""
@@ -82,40 +87,52 @@ class CostRecorder:
                              sliding_window=window, attention_chunk=chunk, sink_tokens=sink_tokens)), \
             backend == "triton"
 
-    def time_op(self, mode: str, d_r: int | None, sink_tokens: int) -> float:
-        """The op's median time in ms on one block, summed over the crystallized layers."""
-        total = 0.0
-        for shape, count in Counter(self.shapes).items():
-            call, compiles = self._op_call(shape, mode, d_r, sink_tokens)
-            with torch.no_grad():
-                if compiles or self.device.type == "cuda":
-                    call()  # warm-up: a Triton compile, CUDA's lazy initialization
+    def _time_all(self) -> None:
+        """Every recorded configuration's op time: ``repeats`` interleaved rounds after one warm-up call each, the
+        fastest round kept per geometry and summed over the crystallized layers."""
+        t0 = time.perf_counter()
+        calls = []  # (configuration index, layers of this geometry, the call)
+        with torch.no_grad():
+            for i, c in enumerate(self.configurations):
+                for shape, count in Counter(self.shapes).items():
+                    call, _ = self._op_call(shape, c["mode"], c["d_r"], c["sink_tokens"])
+                    call()  # warm-up: a Triton compile, CUDA's lazy initialization, CPU allocator growth
                     self._sync()
-                times = []
-                for _ in range(self.repeats):
+                    calls.append((i, count, call))
+            best = [float("inf")] * len(calls)
+            for r in range(self.repeats):
+                shift = r % len(calls)
+                for j in list(range(shift, len(calls))) + list(range(shift)):  # rotated: no call always first
                     t = time.perf_counter()
-                    call()
+                    calls[j][2]()
                     self._sync()
-                    times.append(time.perf_counter() - t)
-            total += count * median_ms(times)
-        return total
+                    best[j] = min(best[j], time.perf_counter() - t)
+        totals = [0.0] * len(self.configurations)
+        for (i, count, _), seconds in zip(calls, best):
+            totals[i] += count * 1000.0 * seconds
+        for c, ms in zip(self.configurations, totals):
+            c["op_time_ms"] = ms
+        self.timing_s = time.perf_counter() - t0
+        self._timed = True
 
     def record(self, key: str, mode: str, d_r: int | None = None, sink_tokens: int = 0) -> None:
-        """Add one configuration (the sweep's key for it) with its formulas and its measured op time."""
-        entry = {"key": key, **configuration_cost(self.shapes, mode, d_r, sink_tokens, self.seq_len,
-                                                  self.decode_context_len, self.elem_bytes)}
-        t = time.perf_counter()
-        entry["op_time_ms"] = self.time_op(mode, d_r, sink_tokens)
-        self.timing_s += time.perf_counter() - t
-        self.configurations.append(entry)
+        """Add one configuration (the sweep's key for it) with its formulas; its op time is measured with every
+        other configuration's when ``results`` is asked for."""
+        self.configurations.append({"key": key, **configuration_cost(self.shapes, mode, d_r, sink_tokens,
+                                                                     self.seq_len, self.decode_context_len,
+                                                                     self.elem_bytes)})
+        self._timed = False
 
     def results(self) -> dict:
         """results.json's ``cost``: each configuration, its op time also relative to full's."""
+        if not self._timed:
+            self._time_all()
         full = next((c["op_time_ms"] for c in self.configurations if c["mode"] == "full"), None)
         for c in self.configurations:
             c["relative_op_time"] = c["op_time_ms"] / full if full else None
         return {"seq_len": self.seq_len, "decode_context_len": self.decode_context_len,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "backend": self.backend, "elem_bytes": self.elem_bytes, "repeats": self.repeats,
+                "op_time_statistic": "fastest of interleaved rounds",
                 "n_layers": len(self.shapes), "timing_s": self.timing_s,
                 "configurations": self.configurations}

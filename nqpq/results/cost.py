@@ -23,7 +23,6 @@ A configuration's dict also carries the op time measured on the run's device (``
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -151,11 +150,6 @@ def configuration_cost(shapes: Sequence[AttentionShape], mode: str, d_r: int | N
     }
 
 
-def median_ms(times_s: Sequence[float]) -> float:
-    """The median of measured times in seconds, in milliseconds."""
-    return 1000.0 * statistics.median(times_s)
-
-
 def cost_lines(results: dict) -> list[str]:
     """The report's cost table: each configuration's ΔPPL beside its cost relative to full attention (none for
     results written before costs were recorded)."""
@@ -175,7 +169,7 @@ def cost_lines(results: dict) -> list[str]:
     lines = [
         f"Cost of the crystallized layers' attention, relative to full attention (prefill at T {cost['seq_len']}, "
         f"decode at context {cost['decode_context_len']}; op time: {cost['device']}, "
-        f"{cost['dtype']}, median of {cost['repeats']}):",
+        f"{cost['dtype']}, {cost.get('op_time_statistic', 'median')} of {cost['repeats']}):",
         f"  {'configuration':<18} {'ΔPPL':>9} {'prefill FLOPs':>13} {'decode FLOPs':>12} {'decode bytes':>12} "
         f"{'op ms':>9} {'op time':>8}",
     ]
