@@ -15,6 +15,12 @@ Here (Flash-Decoding's shape, with the argmax and the sink state carried through
    and finishes the epilogue as the prefill kernel does: V[i*] gathered, the ground state, ε, the rank-d_r projection,
    top-1 probability, sink mass, the Gram, the output in either layout.
 
+Low rank without a Gram (evaluation, ``VP``) goes through V·P_r as the prefill kernel's ``LOWRANK_VP`` does: the split
+pass sums exp(s − m)·(V P_r) (DR_PAD columns of the prefill launcher's ``project_values`` product, per query head: a
+program's packed rows span several heads, so each head's V·P_r tile is dotted with p restricted to its rows), the
+combine merges those DR_PAD-wide partials like the others and runs the prefill kernel's ``_lowrank_vp_epilogue``
+(V[i*] and (V P_r)[i*] gathered; with a sink its Σ_S p V, still summed on V, projected once).
+
 Queries sit at absolute positions Tk − Tq + r (bottom-right aligned causal); windows and chunks bound the keys walked
 (the launcher drops the tiles no row sees before splitting). The math is ``nqpq_kernels.reference``'s; the epilogue
 lines follow the prefill kernel's, whose comments say why each one is as it is. Launch choices (keys per tile and per

@@ -321,12 +321,14 @@ def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows:
     return cfg
 
 
-def decode_vp_compiles_clean(value_dim: int, qk_dim: int, dtype: torch.dtype, d_r: int) -> bool:
+def decode_vp_compiles_clean(value_dim: int, qk_dim: int, dtype: torch.dtype, *, sink: bool) -> bool:
     """Whether the decode kernels' V·P_r variant runs on a card (``python -m benchmarks.sm90``, the decode ``vp``
-    rows): 16-bit q/k and v up to 128 wide, as the prefill kernel's ``vp_compiles_clean``; elsewhere the whole-ε
-    path. The interpreter runs V·P_r always (its tests cover every variant)."""
-    del d_r  # every d_r compiles alike there (DR_PAD 16..128)
-    return dtype in (torch.float16, torch.bfloat16) and padded_head_dim(max(value_dim, qk_dim)) <= 128
+    rows): 16-bit at every width (d_r 8 and 32, with every feature: no local memory); fp32 without a sink, or with one
+    at D <= 64 (fp32 D 128/256 and MLA with a sink spilled 0.2-1.9 KiB in the split pass or the combine); elsewhere
+    the whole-ε path. The interpreter runs V·P_r always (its tests cover every variant)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    return not sink or padded_head_dim(max(value_dim, qk_dim)) <= 64
 
 
 @dataclass(frozen=True)
@@ -375,7 +377,7 @@ def decode_plan(
     ``decode_vp_compiles_clean`` says so, as the prefill kernel's ``LOWRANK_VP``."""
     vp = mode == "lowrank" and not return_gram and lowrank_rank is not None
     if vp and device_type == "cuda":
-        vp = decode_vp_compiles_clean(value_dim, D, dtype, lowrank_rank)
+        vp = decode_vp_compiles_clean(value_dim, D, dtype, sink=sink)
     dr_pad = padded_head_dim(lowrank_rank) if vp else 16
     need_ctx = mode != "top1" or return_gram
     d_pad, dv_pad = padded_head_dim(D), padded_head_dim(value_dim)
