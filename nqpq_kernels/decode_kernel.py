@@ -253,12 +253,6 @@ def decode_combine(
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
     offs_w = tl.arange(0, DR_PAD)
-    if VP:  # the partial accumulators' columns: V·P_r's DR_PAD (rows DR_PAD apart), else V's
-        acc_cols = offs_w
-        acc_mask = mask_m[:, None]
-    else:
-        acc_cols = offs_dv
-        acc_mask = mask_mdv
     acc = tl.zeros([BLOCK_T, DR_PAD if VP else DV_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_T], BIG, dtype=tl.int32)
     m_r = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
@@ -290,10 +284,11 @@ def decode_combine(
         beta = tl.exp2((m_sp - m_base) * LOG2E_)  # 0 for a split that saw no finite score (its sums are 0)
         l_i = l_i * alpha + l_sp * beta
         a_ptrs = prow[:, None] * HEAD_DV + offs_dv[None, :]
-        if NEED_CTX:
-            acc_sp = tl.load(PartAcc + prow[:, None] * (DR_PAD if VP else HEAD_DV) + acc_cols[None, :],
-                             mask=acc_mask, other=0.0)
+        if NEED_CTX and VP:  # V·P_r's partials: DR_PAD wide
+            acc_sp = tl.load(PartAcc + prow[:, None] * DR_PAD + offs_w[None, :], mask=mask_m[:, None], other=0.0)
             acc = acc * alpha[:, None] + acc_sp * beta[:, None]
+        elif NEED_CTX:
+            acc = acc * alpha[:, None] + tl.load(PartAcc + a_ptrs, mask=mask_mdv, other=0.0) * beta[:, None]
         if HAS_SINK:
             l_s = l_s * alpha + tl.load(PartF + 3 * part_stride + prow, mask=mask_m, other=0.0) * beta
             if SINK_ACC:
@@ -330,13 +325,13 @@ def decode_combine(
     if NEED_CTX:  # through V·P_r: P_rᵀ ctx, DR_PAD wide
         ctx = tl.where(bad[:, None], float("nan"), acc * norm[:, None])
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    # Names the V·P_r epilogue reads in every variant (overwritten where a sink / learned sink defines them).
-    sink_part = v_star
-    if not LEARNED:
-        m_learned = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if not HAS_SINK:
-        sink_mass = tl.zeros([BLOCK_T], dtype=tl.float32)
-        r_empty = tl.zeros([BLOCK_T], dtype=tl.int1)
+    if VP:  # names the V·P_r epilogue reads in every variant (overwritten where a sink / learned sink defines them)
+        sink_part = v_star
+        if not LEARNED:
+            m_learned = tl.zeros([BLOCK_T], dtype=tl.float32)
+        if not HAS_SINK:
+            sink_mass = tl.zeros([BLOCK_T], dtype=tl.float32)
+            r_empty = tl.zeros([BLOCK_T], dtype=tl.int1)
     if HAS_SINK:
         sink_mass = l_s * norm  # Σ_S p
         if LEARNED:

@@ -126,6 +126,8 @@ ADJUSTMENTS: tuple[Rule, ...] = (
          "16-bit with a sink: its second accumulator fits 64 rows over 8 warps (wgmma's M of 64 kept)"),
     Rule(lambda c: not _wide(c) and c.half and c.sink and c.heavy, dict(BLOCK_N=32),
          "16-bit, a sink and the low-rank/Gram epilogue: 32 keys per tile (64 spilled)"),
+    Rule(lambda c: c.width == 128 and c.half and c.sink, dict(BLOCK_N=32),
+         "D 128, 16-bit, a sink: 32 keys per tile (full spilled 8 B at 64 keys, 255 registers)"),
     Rule(lambda c: c.width == 128 and c.half and c.bias, dict(BLOCK_M=64),
          "D 128, 16-bit, attn_mask: 64 rows (128 spilled at unaligned lengths)"),
     Rule(lambda c: c.width == 128 and c.half and c.bias and c.sink and c.heavy, dict(BLOCK_N=16),
