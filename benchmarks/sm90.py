@@ -19,7 +19,10 @@ Variants: mode × dtype (fp16 compiles like bf16) × padded D × Gram × (window
 DeepSeek-V2/V3's heads), and with an attn_mask (``bias``: the kernel's HAS_BIAS variant, a [B, 1, T, T] fp32 mask
 broadcast over heads; no window with it) every mode × Gram and once every other feature, the 16-bit D <= 128 ones
 also at an unaligned T (1001). A bias row's anchor takes the same bias (every key tile walked, the bias tile
-added). Compiles run in ``--jobs`` processes (Triton caches them: a rerun of unchanged variants takes seconds).
+added); low rank through V·P_r (``vpN``: the rank) in the prefill kernel and in both passes of the split-KV
+decode kernel (``decode split`` / ``decode combine`` rows, Tk = DECODE_TK, one query or a 16-query chunk), and the
+prefill kernel with a query offset (``Tq100``). Compiles run in ``--jobs`` processes (Triton caches them: a rerun
+of unchanged variants takes seconds).
 Run with TRITON_INTERPRET unset.
 """
 
