@@ -19,7 +19,10 @@ Variants: mode × dtype (fp16 compiles like bf16) × padded D × Gram × (window
 DeepSeek-V2/V3's heads), and with an attn_mask (``bias``: the kernel's HAS_BIAS variant, a [B, 1, T, T] fp32 mask
 broadcast over heads; no window with it) every mode × Gram and once every other feature, the 16-bit D <= 128 ones
 also at an unaligned T (1001). A bias row's anchor takes the same bias (every key tile walked, the bias tile
-added). Compiles run in ``--jobs`` processes (Triton caches them: a rerun of unchanged variants takes seconds).
+added); low rank through V·P_r (``vpN``: the rank) in the prefill kernel and in both passes of the split-KV
+decode kernel (``decode split`` / ``decode combine`` rows, Tk = DECODE_TK, one query or a 16-query chunk), and the
+prefill kernel with a query offset (``Tq100``). Compiles run in ``--jobs`` processes (Triton caches them: a rerun
+of unchanged variants takes seconds).
 Run with TRITON_INTERPRET unset.
 """
 
@@ -239,6 +242,17 @@ def decode_variants() -> list[Variant]:
             base += [every, every._replace(per_row=True, queries=DECODE_MAX_QUERIES)]
             out += base
         out += [Variant(dtype, 192, "lowrank", gram=True, features=True, sink=True, learned=True, Dv=128)]
+    # Low rank through V·P_r (evaluation: no Gram) where the launcher picks it (launch.decode_vp_compiles_clean):
+    # 16-bit D <= 128 at d_r 8 (DR_PAD 16) and 32, alone and with every feature (one query, and a 16-query chunk with
+    # a logit per row); elsewhere at d_r 8 alone (the whole-ε path where the rule says so).
+    for D in (64, 128):
+        vp_every = Variant("bf16", D, "lowrank", features=True, sink=True, learned=True, rank=8)
+        out += [Variant("bf16", D, "lowrank", rank=8), Variant("bf16", D, "lowrank", rank=32), vp_every,
+                vp_every._replace(per_row=True, queries=DECODE_MAX_QUERIES)]
+    out += [Variant(dtype, D, "lowrank", rank=8, Dv=128 if D == 192 else None) for dtype, D in
+            (("bf16", 256), ("bf16", 192), ("fp32", 64), ("fp32", 128), ("fp32", 256), ("fp32", 192))]
+    out += [Variant(dtype, D, "lowrank", features=True, sink=True, learned=True, rank=8, Dv=128 if D == 192 else None)
+            for dtype, D in (("bf16", 256), ("bf16", 192), ("fp32", 64), ("fp32", 128), ("fp32", 256), ("fp32", 192))]
     return [v._replace(T=DECODE_TK, queries=v.queries or 1, kernel=kernel) for v in out
             for kernel in ("split", "combine")]
 
@@ -376,13 +390,16 @@ def decode_values(v: Variant, plan) -> dict:
     B, Hq, Hkv, Tk = v.geometry
     Tq, Dv = v.queries, v.Dv or v.D
     part_stride = B * Hq * Tq * plan.n_splits
+    # V·P_r [B, Hq, Tk, DR_PAD], contiguous (the launcher's product); none (the defaults) otherwise.
+    dr_pad = plan.split_meta["DR_PAD"]
+    vp = dict(VPr=None, stride_wb=Hq * Tk * dr_pad, stride_wh=Tk * dr_pad, stride_wt=dr_pad)
     if v.kernel == "split":
-        return dict(stride_qb=Hq * Tq * v.D, stride_qh=Tq * v.D, stride_qt=v.D,
+        return dict(**vp, stride_qb=Hq * Tq * v.D, stride_qh=Tq * v.D, stride_qt=v.D,
                     stride_kb=Hkv * Tk * v.D, stride_kh=Tk * v.D, stride_kt=v.D,
                     stride_vb=Hkv * Tk * Dv, stride_vh=Tk * Dv, stride_vt=Dv,
                     H=Hq, HKV=Hkv, GROUP=Hq // Hkv, T=Tq, T_K=Tk, n_splits=plan.n_splits, part_stride=part_stride)
     lstrides = ((Hq * Tq, Tq, 1) if v.per_row else (0, 1, 0)) if v.learned else (0, 0, 0)
-    return dict(stride_vb=Hkv * Tk * Dv, stride_vh=Tk * Dv, stride_vt=Dv,
+    return dict(**vp, stride_vb=Hkv * Tk * Dv, stride_vh=Tk * Dv, stride_vt=Dv,
                 stride_ob=Hq * Tq * Dv, stride_oh=Tq * Dv, stride_ot=Dv,
                 **dict(zip(("stride_ph", "stride_pd", "stride_pr"),
                            (Dv * Dv, Dv, 1) if v.mode == "lowrank" else (0, 0, 0), strict=True)),
@@ -402,7 +419,8 @@ def compile_decode_variant(v: Variant) -> dict:
     plan = launch_mod.decode_plan(v.D, v.Dv or v.D, dtype, v.mode, "cuda", group=Hq // Hkv, n_queries=v.queries,
                                   n_keys=Tk, kv_programs=B * Hkv, windowed=v.features, softcap=v.features,
                                   return_argmax=True, return_gram=v.gram, return_top1_prob=v.features,
-                                  return_sink_mass=v.sink or v.learned, sink=v.sink, learned_sink=v.learned)
+                                  return_sink_mass=v.sink or v.learned, sink=v.sink, learned_sink=v.learned,
+                                  lowrank_rank=v.rank)
     if v.kernel == "split":
         fn, meta, launch = decode_kernel.decode_split, plan.split_meta, plan.split_launch
         pointers = {"Q": None, "K": None, "V": None, "PartF": "*fp32", "PartI": "*i32", "PartAcc": "*fp32",
@@ -414,9 +432,11 @@ def compile_decode_variant(v: Variant) -> dict:
                     "SinkMass": "*fp32", "LearnedSink": "*fp32", "PartF": "*fp32", "PartI": "*i32",
                     "PartAcc": "*fp32", "PartAccS": "*fp32"}
         tiles = (meta["BLOCK_T"], 0)
+    if meta["VP"]:
+        pointers["VPr"] = None  # V·P_r in v's dtype
     row = {"variant": v.name, "dtype": v.dtype, "D": v.D, "Dv": v.Dv or v.D, "mode": v.mode, "gram": v.gram,
            "window_softcap_top1p": v.features, "sink_tokens": v.sink, "learned_sink": v.learned, "bias": False,
-           "T": Tk, "queries": v.queries, "kernel": f"decode {v.kernel}",
+           "T": Tk, "vp_rank": v.rank if meta["VP"] else "", "queries": v.queries, "kernel": f"decode {v.kernel}",
            "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)), "BLOCK_M": tiles[0], "BLOCK_N": tiles[1],
            "splits": plan.n_splits, **launch}
     try:

@@ -94,3 +94,27 @@ def test_cached_and_decode_variants():
     assert sm90.check([row]) == []  # mma.sync and 16 rows are the decode kernels' own
     assert len(sm90.check([dict(row, local_stores=2)])) == 1
     assert sm90.check([dict(row, dtype="fp32", local_stores=2)]) == []  # reported, not a target
+
+
+def test_vp_variants_prefill_and_decode():
+    """Low rank through V·P_r: the prefill kernel at d_r 8 and 32 (16-bit D 64/128), both decode kernels at d_r 8 and
+    32 (alone, every feature at one query and at a 16-query chunk) and at d_r 8 for every other width and fp32; a
+    decode V·P_r row passes the launcher's [B, Hq, Tk, DR_PAD] strides."""
+    vs = sm90.variants()
+    for D, rank in itertools.product((64, 128), (8, 32)):
+        assert sm90.Variant("bf16", D, "lowrank", rank=rank) in vs
+        for kernel in ("split", "combine"):
+            assert sm90.Variant("bf16", D, "lowrank", T=sm90.DECODE_TK, rank=rank, queries=1, kernel=kernel) in vs
+    dec = [v for v in vs if v.decode and v.rank]
+    assert {(v.dtype, v.D) for v in dec} == {(dt, D) for dt in ("bf16", "fp32") for D in (64, 128, 192, 256)}
+    assert {v.queries for v in dec} == {1, launch_mod.DECODE_MAX_QUERIES}
+    assert all(v.features and v.sink and v.learned for v in dec if v.queries > 1)
+    import torch
+
+    v = sm90.Variant("bf16", 128, "lowrank", T=sm90.DECODE_TK, rank=32, queries=1, kernel="split")
+    B, Hq, Hkv, Tk = v.geometry
+    plan = launch_mod.decode_plan(128, 128, torch.bfloat16, "lowrank", "cuda", group=Hq // Hkv, n_queries=1,
+                                  n_keys=Tk, kv_programs=B * Hkv, lowrank_rank=32)
+    assert plan.split_meta["VP"] and plan.combine_meta["DR_PAD"] == 32
+    values = sm90.decode_values(v, plan)
+    assert (values["stride_wb"], values["stride_wh"], values["stride_wt"]) == (Hq * Tk * 32, Tk * 32, 32)

@@ -15,7 +15,7 @@ from .contract import (
 )
 from .decode_kernel import N_PART_PLANES, decode_combine, decode_split
 from .launch import decode_plan
-from .triton_kernel import _check_backend_device, _launch_device
+from .triton_kernel import _check_backend_device, _launch_device, project_values
 
 __all__ = ["residual_attention_decode"]
 
@@ -81,7 +81,8 @@ def residual_attention_decode(
                        kv_programs=B * Hkv, first_visible=first_visible, windowed=windowed or chunk > 0,
                        softcap=args.softcap is not None, return_argmax=return_argmax, return_gram=return_gram,
                        return_top1_prob=return_top1_prob, return_sink_mass=return_sink_mass, sink=sink,
-                       learned_sink=args.learned_sink is not None, allow_tf32=allow_tf32)
+                       learned_sink=args.learned_sink is not None, allow_tf32=allow_tf32,
+                       lowrank_rank=args.d_r if mode == "lowrank" else None)
     n_splits = plan.n_splits
     need_ctx, sink_acc = plan.split_meta["NEED_CTX"], plan.split_meta["SINK_ACC"]  # V read: P·V, Σ_S p V
 
@@ -89,7 +90,9 @@ def residual_attention_decode(
     f32 = dict(device=device, dtype=torch.float32)
     part_f = torch.empty((N_PART_PLANES if sink else 2, rows), **f32)
     part_i = torch.empty((2 if sink else 1, rows), device=device, dtype=torch.int32)
-    part_acc = torch.empty((rows, D), **f32) if need_ctx else part_f
+    vp = plan.split_meta["VP"]  # low rank through V·P_r: the partial accumulators are DR_PAD wide
+    dr_pad = plan.split_meta["DR_PAD"]
+    part_acc = torch.empty((rows, dr_pad if vp else D), **f32) if need_ctx else part_f
     part_acc_s = torch.empty((rows, D), **f32) if sink_acc else part_f
 
     argmax = torch.empty((B, H, T), device=device, dtype=torch.int64) if return_argmax else None
@@ -98,6 +101,10 @@ def residual_attention_decode(
     sink_mass = torch.empty((B, H, T), **f32) if return_sink_mass else None
     basis_f32 = basis.to(device=device, dtype=torch.float32) if mode == "lowrank" else None
     sink_f32 = args.learned_sink.to(torch.float32) if args.learned_sink is not None else None
+    vp_args = {}
+    if vp:  # the prefill launcher's product, [B, Hq, Tk, DR_PAD]: the split pass reads it, the combine gathers
+        vpr = project_values(v, basis_f32, args.d_r, dr_pad)
+        vp_args = dict(VPr=vpr, stride_wb=vpr.stride(0), stride_wh=vpr.stride(1), stride_wt=vpr.stride(2))
     dummy = part_f
     with _launch_device(device):
         decode_split[(B * Hkv * plan.row_blocks, n_splits)](
@@ -107,7 +114,7 @@ def residual_attention_decode(
             H, Hkv, args.group, T, T_k, q_off, plan.kv_lo, plan.split_len, n_splits,
             args.sliding_window if windowed else 0, chunk, args.sink_tokens, args.scale,
             args.softcap if args.softcap is not None else 1.0, rows,
-            **plan.split_meta, **plan.split_launch,
+            **plan.split_meta, **plan.split_launch, **vp_args,
         )
         decode_combine[(triton.cdiv(T, plan.block_t), B * H)](
             v, out, argmax if argmax is not None else dummy, top1_prob if top1_prob is not None else dummy,
@@ -118,7 +125,7 @@ def residual_attention_decode(
             *(basis_f32.stride() if basis_f32 is not None else (0, 0, 0)),
             *(sink_f32.stride() if sink_f32 is not None else (0, 0, 0)),
             H, args.group, T, n_splits, rows, args.d_r,
-            **plan.combine_meta, **plan.combine_launch,
+            **plan.combine_meta, **plan.combine_launch, **vp_args,
         )
     gram = gram32.double() if return_gram else None
     return ResidualAttentionResult(out, argmax, gram, top1_prob, sink_mass)

@@ -15,6 +15,12 @@ Here (Flash-Decoding's shape, with the argmax and the sink state carried through
    and finishes the epilogue as the prefill kernel does: V[i*] gathered, the ground state, ε, the rank-d_r projection,
    top-1 probability, sink mass, the Gram, the output in either layout.
 
+Low rank without a Gram (evaluation, ``VP``) goes through V·P_r as the prefill kernel's ``LOWRANK_VP`` does: the split
+pass sums exp(s − m)·(V P_r) (DR_PAD columns of the prefill launcher's ``project_values`` product, per query head: a
+program's packed rows span several heads, so each head's V·P_r tile is dotted with p restricted to its rows), the
+combine merges those DR_PAD-wide partials like the others and runs the prefill kernel's ``_lowrank_vp_epilogue``
+(V[i*] and (V P_r)[i*] gathered; with a sink its Σ_S p V, still summed on V, projected once).
+
 Queries sit at absolute positions Tk − Tq + r (bottom-right aligned causal); windows and chunks bound the keys walked
 (the launcher drops the tiles no row sees before splitting). The math is ``nqpq_kernels.reference``'s; the epilogue
 lines follow the prefill kernel's, whose comments say why each one is as it is. Launch choices (keys per tile and per
@@ -26,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _tanh
+from .triton_kernel import _gram_block, _lowrank_vp_epilogue, _tanh, _tile_argmax
 
 __all__ = ["N_PART_PLANES", "decode_combine", "decode_split"]
 
@@ -40,14 +46,18 @@ def _decode_tiles(
     acc, l_i, m_i, best_idx, m_r, acc_s, l_s, m_ref, m_s, idx_s,
     q, k_base, v_base, stride_kt, stride_vt, pos, row_lo, offs_n, offs_d, mask_d, offs_dv, mask_dv,
     scale, softcap, n_sink, lo, hi, T_K,
+    w_base, stride_wh, stride_wt, offs_w, row_head, g_lo, g_hi,
     BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, NEED_CTX: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_SINK: tl.constexpr, IN_SINK: tl.constexpr,
-    SINK_ACC: tl.constexpr,
+    SINK_ACC: tl.constexpr, VP: tl.constexpr,
 ):
     """Key tiles [lo, hi), every one masked (causal at each row's absolute position, the key count, the window or
-    chunk): a decode tile is cheap next to its loads. The state is the prefill kernel's (``_attn_fwd_inner``)."""
+    chunk): a decode tile is cheap next to its loads. The state is the prefill kernel's (``_attn_fwd_inner``).
+
+    ``VP`` (low rank through V·P_r): acc sums p·(V P_r) on DR_PAD columns. V·P_r is per query head and the rows
+    packed here belong to the group's heads [g_lo, g_hi) (``row_head``: each row's head in the group), so each head's
+    [BLOCK_N, DR_PAD] tile is dotted with p restricted to its rows (the other rows' p is 0: exact)."""
     LOG2E_: tl.constexpr = 1.4426950408889634
-    BIG: tl.constexpr = 2147483647
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -65,28 +75,8 @@ def _decode_tiles(
             valid = valid & (cols[None, :] >= row_lo[:, None])
         s = tl.where(valid, s, float("-inf"))
         t_max = tl.max(s, 1)
-        if IN_SINK:
-            is_s = cols < n_sink
-            s_r = tl.where(is_s[None, :], float("-inf"), s)
-            r_max = tl.max(s_r, 1)
-            r_idx = tl.min(tl.where(s_r == r_max[:, None], cols[None, :], BIG), 1)
-            take = (r_max > m_r) | ((r_max == m_r) & (r_idx < best_idx))
-            best_idx = tl.where(take, r_idx, best_idx)
-            m_r = tl.maximum(m_r, r_max)
-            s_s = tl.where(is_s[None, :], s, float("-inf"))
-            sk_max = tl.max(s_s, 1)
-            sk_idx = tl.min(tl.where(s_s == sk_max[:, None], cols[None, :], BIG), 1)
-            take_s = (sk_max > m_s) | ((sk_max == m_s) & (sk_idx < idx_s))
-            idx_s = tl.where(take_s, sk_idx, idx_s)
-            m_s = tl.maximum(m_s, sk_max)
-        else:
-            t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
-            if HAS_SINK:
-                take = (t_max > m_r) | ((t_max == m_r) & (t_idx < best_idx))
-                m_r = tl.maximum(m_r, t_max)
-            else:
-                take = (t_max > m_i) | ((t_max == m_i) & (t_idx < best_idx))
-            best_idx = tl.where(take, t_idx, best_idx)
+        best_idx, m_r, m_s, idx_s = _tile_argmax(s, t_max, cols, n_sink, m_i, best_idx, m_r, m_s, idx_s,
+                                                 HAS_SINK, IN_SINK)
         # The sum is always kept (a NaN score makes it NaN: the combine's non-finite flag, no separate one).
         m_new = tl.maximum(m_i, t_max)
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,15 +84,25 @@ def _decode_tiles(
         p = tl.exp2((s - m_base[:, None]) * LOG2E_)
         l_i = l_i * alpha + tl.sum(p, 1)
         if IN_SINK:
-            p_s = tl.where(is_s[None, :], p, 0.0)
+            p_s = tl.where((cols < n_sink)[None, :], p, 0.0)
             l_s = l_s * alpha + tl.sum(p_s, 1)
             m_ref = m_base
-        if NEED_CTX or (IN_SINK and SINK_ACC):
+        if NEED_CTX and VP:
+            acc = acc * alpha[:, None]
+            w_g = w_base  # head g_lo's rows; one head further per step
+            for g in range(g_lo, g_hi):
+                w = tl.load(w_g + rows64[:, None] * stride_wt + offs_w[None, :], mask=in_kv[:, None], other=0.0)
+                if DOT_F32:
+                    w = w.to(tl.float32)
+                p_g = tl.where((row_head == g)[:, None], p, 0.0)
+                acc = tl.dot(p_g.to(w.dtype), w, acc, input_precision=DOT_PREC)
+                w_g += stride_wh
+        if (NEED_CTX and not VP) or (IN_SINK and SINK_ACC):
             v = tl.load(v_base + rows64[:, None] * stride_vt + offs_dv[None, :],
                         mask=in_kv[:, None] & mask_dv[None, :], other=0.0)
             if DOT_F32:
                 v = v.to(tl.float32)
-            if NEED_CTX:
+            if NEED_CTX and not VP:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
             if IN_SINK and SINK_ACC:
                 acc_s = tl.dot(p_s.to(v.dtype), v, acc_s * alpha[:, None], input_precision=DOT_PREC)
@@ -121,6 +121,10 @@ def decode_split(
     BLOCK_N: tl.constexpr,
     NEED_CTX: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr, HAS_SINK: tl.constexpr, SINK_ACC: tl.constexpr,
+    VPr=None,  # VP: V·P_r per query head [B, Hq, Tk, DR_PAD] in v's dtype (the prefill launcher's project_values)
+    stride_wb=0, stride_wh=0, stride_wt=0,
+    VP: tl.constexpr = False,  # low rank through V·P_r: PartAcc holds Σ exp(s − m)·(V P_r), DR_PAD wide
+    DR_PAD: tl.constexpr = 16,
 ):
     LOG2E_: tl.constexpr = 1.4426950408889634
     n_rows = GROUP * T
@@ -130,7 +134,8 @@ def decode_split(
     off_bk = pid // n_rb
     off_b = (off_bk // HKV).to(tl.int64)
     off_hk = (off_bk % HKV).to(tl.int64)
-    r = (pid % n_rb) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = (pid % n_rb) * BLOCK_M
+    r = first_row + tl.arange(0, BLOCK_M)
     row_ok = r < n_rows
     t = r % T  # query row; its head below
     h = off_hk * GROUP + (r // T).to(tl.int64)
@@ -147,6 +152,15 @@ def decode_split(
         q = q.to(tl.float32)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
+    # V·P_r: the block's rows belong to the group's heads [g_lo, g_hi), row r to head r // T.
+    offs_w = tl.arange(0, DR_PAD)
+    row_head = r // T
+    g_lo = first_row // T
+    g_hi = (tl.minimum(first_row + BLOCK_M, n_rows) - 1) // T + 1
+    if VP:  # the block's first head's V·P_r rows
+        w_base = VPr + off_b * stride_wb + (off_hk * GROUP + g_lo) * stride_wh
+    else:
+        w_base = VPr
     if WINDOWED:
         chunk_safe = tl.maximum(chunk, 1)
         row_lo = tl.where(chunk > 0, (pos // chunk_safe) * chunk_safe, pos - window + 1)
@@ -155,7 +169,7 @@ def decode_split(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DR_PAD if VP else DV_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_M], 2147483647, dtype=tl.int32)
     m_r = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -173,15 +187,15 @@ def decode_split(
         acc, l_i, m_i, best_idx, m_r, acc_s, l_s, m_ref, m_s, idx_s = _decode_tiles(
             acc, l_i, m_i, best_idx, m_r, acc_s, l_s, m_ref, m_s, idx_s,
             q, k_base, v_base, stride_kt, stride_vt, pos, row_lo, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-            scale, softcap, n_sink, lo, cut, T_K,
-            BLOCK_N, WINDOWED, SOFTCAP, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, True, SINK_ACC,
+            scale, softcap, n_sink, lo, cut, T_K, w_base, stride_wh, stride_wt, offs_w, row_head, g_lo, g_hi,
+            BLOCK_N, WINDOWED, SOFTCAP, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, True, SINK_ACC, VP,
         )
         lo = cut
     acc, l_i, m_i, best_idx, m_r, acc_s, l_s, m_ref, m_s, idx_s = _decode_tiles(
         acc, l_i, m_i, best_idx, m_r, acc_s, l_s, m_ref, m_s, idx_s,
         q, k_base, v_base, stride_kt, stride_vt, pos, row_lo, offs_n, offs_d, mask_d, offs_dv, mask_dv,
-        scale, softcap, n_sink, lo, hi, T_K,
-        BLOCK_N, WINDOWED, SOFTCAP, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False, SINK_ACC,
+        scale, softcap, n_sink, lo, hi, T_K, w_base, stride_wh, stride_wt, offs_w, row_head, g_lo, g_hi,
+        BLOCK_N, WINDOWED, SOFTCAP, NEED_CTX, DOT_PREC, DOT_F32, HAS_SINK, False, SINK_ACC, VP,
     )
 
     # Per row, relative to this split's max (0 where it saw no finite score: then l = 0 and acc = 0).
@@ -200,31 +214,12 @@ def decode_split(
         tl.store(i_base + part_stride, idx_s, mask=row_ok)
     a_ptrs = prow[:, None] * HEAD_DV + offs_dv[None, :]
     a_mask = row_ok[:, None] & mask_dv[None, :]
-    if NEED_CTX:
+    if NEED_CTX and VP:  # every DR_PAD column (V·P_r's padding columns sum to 0)
+        tl.store(PartAcc + prow[:, None] * DR_PAD + offs_w[None, :], acc, mask=row_ok[:, None])
+    elif NEED_CTX:
         tl.store(PartAcc + a_ptrs, acc, mask=a_mask)
     if HAS_SINK and SINK_ACC:
         tl.store(PartAccS + a_ptrs, acc_s * to_fin[:, None], mask=a_mask)
-
-
-@triton.jit
-def _gram_block(g_base, eps, offs_dv, mask_dv, HEAD_DV: tl.constexpr, DV_PAD: tl.constexpr,
-                GRAM_COLS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Add εᵀ ε into the head's fp32 [HEAD_DV, HEAD_DV] Gram, GRAM_COLS columns per atomic step (ε's column block
-    selected by a one-hot product: exact, 1·x + 0s)."""
-    eps_t = tl.trans(eps)
-    if GRAM_COLS == DV_PAD:
-        g = tl.dot(eps_t, eps, input_precision=DOT_PREC)
-        tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + offs_dv[None, :], g,
-                      mask=mask_dv[:, None] & mask_dv[None, :])
-    else:
-        offs_c = tl.arange(0, GRAM_COLS)
-        for c0 in tl.static_range(0, DV_PAD, GRAM_COLS):
-            cols_g = c0 + offs_c
-            select = (offs_dv[:, None] == cols_g[None, :]).to(tl.float32)
-            eps_c = tl.dot(eps, select, input_precision=DOT_PREC)
-            g = tl.dot(eps_t, eps_c, input_precision=DOT_PREC)
-            tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
-                          mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
 
 
 @triton.jit(do_not_specialize=["d_r"])
@@ -237,6 +232,10 @@ def decode_combine(
     GRAM_COLS: tl.constexpr, MODE: tl.constexpr, NEED_CTX: tl.constexpr, STORE_ARGMAX: tl.constexpr,
     STORE_TOP1P: tl.constexpr, STORE_GRAM: tl.constexpr, STORE_SINK: tl.constexpr, DOT_PREC: tl.constexpr,
     HAS_SINK: tl.constexpr, SINK_ACC: tl.constexpr, LEARNED: tl.constexpr,
+    VPr=None,  # VP: the split pass's V·P_r [B, Hq, Tk, DR_PAD] ((V P_r)[i*] is gathered from it)
+    stride_wb=0, stride_wh=0, stride_wt=0,
+    VP: tl.constexpr = False,  # low rank through V·P_r: the partial accumulators are DR_PAD wide
+    DR_PAD: tl.constexpr = 16,
 ):
     LOG2E_: tl.constexpr = 1.4426950408889634
     BIG: tl.constexpr = 2147483647
@@ -253,7 +252,8 @@ def decode_combine(
 
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, DV_PAD], dtype=tl.float32)
+    offs_w = tl.arange(0, DR_PAD)
+    acc = tl.zeros([BLOCK_T, DR_PAD if VP else DV_PAD], dtype=tl.float32)
     best_idx = tl.full([BLOCK_T], BIG, dtype=tl.int32)
     m_r = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     m_s = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
@@ -284,7 +284,10 @@ def decode_combine(
         beta = tl.exp2((m_sp - m_base) * LOG2E_)  # 0 for a split that saw no finite score (its sums are 0)
         l_i = l_i * alpha + l_sp * beta
         a_ptrs = prow[:, None] * HEAD_DV + offs_dv[None, :]
-        if NEED_CTX:
+        if NEED_CTX and VP:  # V·P_r's partials: DR_PAD wide
+            acc_sp = tl.load(PartAcc + prow[:, None] * DR_PAD + offs_w[None, :], mask=mask_m[:, None], other=0.0)
+            acc = acc * alpha[:, None] + acc_sp * beta[:, None]
+        elif NEED_CTX:
             acc = acc * alpha[:, None] + tl.load(PartAcc + a_ptrs, mask=mask_mdv, other=0.0) * beta[:, None]
         if HAS_SINK:
             l_s = l_s * alpha + tl.load(PartF + 3 * part_stride + prow, mask=mask_m, other=0.0) * beta
@@ -319,9 +322,16 @@ def decode_combine(
     else:
         l_div = tl.where(l_i > 0, l_i, 1.0)
         norm = 1.0 / l_div
-    if NEED_CTX:
+    if NEED_CTX:  # through V·P_r: P_rᵀ ctx, DR_PAD wide
         ctx = tl.where(bad[:, None], float("nan"), acc * norm[:, None])
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    if VP:  # names the V·P_r epilogue reads in every variant (overwritten where a sink / learned sink defines them)
+        sink_part = v_star
+        if not LEARNED:
+            m_learned = tl.zeros([BLOCK_T], dtype=tl.float32)
+        if not HAS_SINK:
+            sink_mass = tl.zeros([BLOCK_T], dtype=tl.float32)
+            r_empty = tl.zeros([BLOCK_T], dtype=tl.int1)
     if HAS_SINK:
         sink_mass = l_s * norm  # Σ_S p
         if LEARNED:
@@ -338,7 +348,7 @@ def decode_combine(
         ground = (1.0 - m_learned)[:, None] * v_star
     else:
         ground = v_star
-    if NEED_CTX:
+    if NEED_CTX and not VP:
         eps = ctx - ground
         if HAS_SINK:
             eps = tl.where((r_empty & (~bad))[:, None], 0.0, eps)
@@ -348,6 +358,11 @@ def decode_combine(
         out = ground
     elif MODE == 1:
         out = ctx
+    elif VP:  # the prefill kernel's epilogue: ground + P_r (P_rᵀ ctx − P_rᵀ ground)
+        w_base = VPr + off_b * stride_wb + off_h * stride_wh
+        out = _lowrank_vp_epilogue(ctx, ground, v_star, w_base, stride_wt, offs_w, safe_idx, bad, mask_m, Basis,
+                                   off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r, sink_part,
+                                   sink_mass, r_empty, m_learned, HAS_SINK, SINK_ACC, LEARNED, DOT_PREC)
     else:
         out = ground
         offs_r = tl.arange(0, R_BLOCK)

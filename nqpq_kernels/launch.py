@@ -126,6 +126,8 @@ ADJUSTMENTS: tuple[Rule, ...] = (
          "16-bit with a sink: its second accumulator fits 64 rows over 8 warps (wgmma's M of 64 kept)"),
     Rule(lambda c: not _wide(c) and c.half and c.sink and c.heavy, dict(BLOCK_N=32),
          "16-bit, a sink and the low-rank/Gram epilogue: 32 keys per tile (64 spilled)"),
+    Rule(lambda c: c.width == 128 and c.half and c.sink, dict(BLOCK_N=32),
+         "D 128, 16-bit, a sink: 32 keys per tile (full spilled 8 B at 64 keys, 255 registers)"),
     Rule(lambda c: c.width == 128 and c.half and c.bias, dict(BLOCK_M=64),
          "D 128, 16-bit, attn_mask: 64 rows (128 spilled at unaligned lengths)"),
     Rule(lambda c: c.width == 128 and c.half and c.bias and c.sink and c.heavy, dict(BLOCK_N=16),
@@ -321,6 +323,16 @@ def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows:
     return cfg
 
 
+def decode_vp_compiles_clean(value_dim: int, qk_dim: int, dtype: torch.dtype, *, sink: bool) -> bool:
+    """Whether the decode kernels' V·P_r variant runs on a card (``python -m benchmarks.sm90``, the decode ``vp``
+    rows): 16-bit at every width (d_r 8 and 32, with every feature: no local memory); fp32 without a sink, or with one
+    at D <= 64 (fp32 D 128/256 and MLA with a sink spilled 0.2-1.9 KiB in the split pass or the combine); elsewhere
+    the whole-ε path. The interpreter runs V·P_r always (its tests cover every variant)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    return not sink or padded_head_dim(max(value_dim, qk_dim)) <= 64
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """One decode call's launch: the split pass's and the combine's compile-time constants and launch options, and
@@ -358,10 +370,17 @@ def decode_plan(
     sink: bool = False,
     learned_sink: bool = False,
     allow_tf32: bool = False,
+    lowrank_rank: int | None = None,
 ) -> DecodePlan:
     """The decode kernels' constants and launch for one call (shared by ``nqpq_kernels.decode`` and
     ``benchmarks.sm90``). ``D``/``value_dim``: q/k's and v's widths; ``group`` = Hq / Hkv; ``kv_programs`` = B·Hkv;
-    ``first_visible``: the first key some query sees (a window's or chunk's start; 0 otherwise)."""
+    ``first_visible``: the first key some query sees (a window's or chunk's start; 0 otherwise).
+    ``lowrank_rank``: d_r of a low-rank call; without a Gram it goes through V·P_r (``VP``) where
+    ``decode_vp_compiles_clean`` says so, as the prefill kernel's ``LOWRANK_VP``."""
+    vp = mode == "lowrank" and not return_gram and lowrank_rank is not None
+    if vp and device_type == "cuda":
+        vp = decode_vp_compiles_clean(value_dim, D, dtype, sink=sink)
+    dr_pad = padded_head_dim(lowrank_rank) if vp else 16
     need_ctx = mode != "top1" or return_gram
     d_pad, dv_pad = padded_head_dim(D), padded_head_dim(value_dim)
     cfg = decode_config(max(d_pad, dv_pad), dtype, torch.device(device_type), rows=group * n_queries,
@@ -372,12 +391,12 @@ def decode_plan(
     sink_acc = sink and (mode != "full" or return_gram)
     split_meta = dict(HEAD_D=D, D_PAD=d_pad, HEAD_DV=value_dim, DV_PAD=dv_pad, BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_N=cfg["BLOCK_N"], NEED_CTX=need_ctx, WINDOWED=windowed, SOFTCAP=softcap,
-                      DOT_PREC=precision, DOT_F32=dot_f32, HAS_SINK=sink, SINK_ACC=sink_acc)
+                      DOT_PREC=precision, DOT_F32=dot_f32, HAS_SINK=sink, SINK_ACC=sink_acc, VP=vp, DR_PAD=dr_pad)
     combine_meta = dict(HEAD_DV=value_dim, DV_PAD=dv_pad, BLOCK_T=cfg["BLOCK_T"], R_BLOCK=min(dv_pad, cfg["R_BLOCK"]),
                         GRAM_COLS=min(dv_pad, cfg["GRAM_COLS"]), MODE=MODE_IDS[mode], NEED_CTX=need_ctx,
                         STORE_ARGMAX=return_argmax, STORE_TOP1P=return_top1_prob, STORE_GRAM=return_gram,
                         STORE_SINK=return_sink_mass, DOT_PREC=precision, HAS_SINK=sink, SINK_ACC=sink_acc,
-                        LEARNED=learned_sink)
+                        LEARNED=learned_sink, VP=vp, DR_PAD=dr_pad)
     return DecodePlan(split_meta, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), combine_meta,
                       dict(num_warps=cfg["combine_warps"], num_stages=1), cfg["kv_lo"], cfg["split_len"],
                       cfg["n_splits"], triton.cdiv(group * n_queries, cfg["BLOCK_M"]), cfg["BLOCK_T"])

@@ -99,6 +99,64 @@ def _halves(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _tile_argmax(s, t_max, cols, n_sink, m_i, best_idx, m_r, m_s, idx_s, HAS_SINK: tl.constexpr,
+                 IN_SINK: tl.constexpr):
+    """The running argmax after one key tile (tiles come in increasing key order: a tie keeps the earlier index).
+    s: the tile's masked fp32 scores [rows, BLOCK_N], t_max their row max, cols the key indices; m_i the softmax's
+    running max before the tile (the best score without a sink). With a sink, ``m_r`` / ``best_idx`` track the best
+    over R (keys j >= n) and, in the tiles holding a sink key (IN_SINK), ``m_s`` / ``idx_s`` the best over S.
+    Shared by the prefill kernel's key loop and the decode kernel's split pass."""
+    BIG: tl.constexpr = 2147483647
+    if IN_SINK:
+        # The argmax skips the sink: R's best here; S's best too (the index of rows whose R is empty).
+        is_s = cols < n_sink
+        s_r = tl.where(is_s[None, :], float("-inf"), s)
+        r_max = tl.max(s_r, 1)
+        r_idx = tl.min(tl.where(s_r == r_max[:, None], cols[None, :], BIG), 1)
+        take = (r_max > m_r) | ((r_max == m_r) & (r_idx < best_idx))
+        best_idx = tl.where(take, r_idx, best_idx)
+        m_r = tl.maximum(m_r, r_max)
+        s_s = tl.where(is_s[None, :], s, float("-inf"))
+        sk_max = tl.max(s_s, 1)
+        sk_idx = tl.min(tl.where(s_s == sk_max[:, None], cols[None, :], BIG), 1)
+        take_s = (sk_max > m_s) | ((sk_max == m_s) & (sk_idx < idx_s))
+        idx_s = tl.where(take_s, sk_idx, idx_s)
+        m_s = tl.maximum(m_s, sk_max)
+    else:
+        t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
+        if HAS_SINK:  # every key here is in R, but R's best is not the softmax max
+            take = (t_max > m_r) | ((t_max == m_r) & (t_idx < best_idx))
+            m_r = tl.maximum(m_r, t_max)
+        else:
+            take = (t_max > m_i) | ((t_max == m_i) & (t_idx < best_idx))
+        best_idx = tl.where(take, t_idx, best_idx)
+    return best_idx, m_r, m_s, idx_s
+
+
+@triton.jit
+def _gram_block(g_base, eps, offs_dv, mask_dv, HEAD_DV: tl.constexpr, DV_PAD: tl.constexpr,
+                GRAM_COLS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Add εᵀ ε into the head's fp32 [HEAD_DV, HEAD_DV] Gram: whole, or GRAM_COLS columns per atomic step with ε's
+    column block selected by a one-hot product (registers cannot be sliced; exact, 1·x + 0s; under tf32 it rounds
+    ε as the Gram dot does). A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics
+    (more than an SM has). Shared by the prefill kernel and the decode combine."""
+    eps_t = tl.trans(eps)
+    if GRAM_COLS == DV_PAD:
+        g = tl.dot(eps_t, eps, input_precision=DOT_PREC)  # [DV_PAD, DV_PAD]
+        tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + offs_dv[None, :], g,
+                      mask=mask_dv[:, None] & mask_dv[None, :])
+    else:
+        offs_c = tl.arange(0, GRAM_COLS)
+        for c0 in tl.static_range(0, DV_PAD, GRAM_COLS):
+            cols_g = c0 + offs_c
+            select = (offs_dv[:, None] == cols_g[None, :]).to(tl.float32)  # [DV_PAD, GRAM_COLS]
+            eps_c = tl.dot(eps, select, input_precision=DOT_PREC)
+            g = tl.dot(eps_t, eps_c, input_precision=DOT_PREC)  # [DV_PAD, GRAM_COLS]
+            tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
+                          mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
+
+
+@triton.jit
 def _gram_cols(g_base, eps_t, eps_c, c0, offs_dv, mask_dv, HEAD_DV: tl.constexpr, GRAM_COLS: tl.constexpr,
                DOT_PREC: tl.constexpr):
     """Add εᵀ ε_c (the Gram's columns [c0, c0 + GRAM_COLS)) into the head's fp32 [HEAD_DV, HEAD_DV] Gram."""
@@ -186,7 +244,6 @@ def _attn_fwd_inner(
     rescales the sink sums once instead of every tile).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
-    BIG: tl.constexpr = 2147483647
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # int32 [BLOCK_N]
@@ -228,29 +285,8 @@ def _attn_fwd_inner(
             s = tl.where(is_nan, float("-inf"), s)
         # Tile maximum and the first key index reaching it; tiles come in increasing key order.
         t_max = tl.max(s, 1)
-        if IN_SINK:
-            # The argmax skips the sink: R's best here; S's best too (the index of rows whose R is empty).
-            is_s = cols < n_sink
-            s_r = tl.where(is_s[None, :], float("-inf"), s)
-            r_max = tl.max(s_r, 1)
-            r_idx = tl.min(tl.where(s_r == r_max[:, None], cols[None, :], BIG), 1)
-            take = (r_max > m_r) | ((r_max == m_r) & (r_idx < best_idx))
-            best_idx = tl.where(take, r_idx, best_idx)
-            m_r = tl.maximum(m_r, r_max)
-            s_s = tl.where(is_s[None, :], s, float("-inf"))
-            sk_max = tl.max(s_s, 1)
-            sk_idx = tl.min(tl.where(s_s == sk_max[:, None], cols[None, :], BIG), 1)
-            take_s = (sk_max > m_s) | ((sk_max == m_s) & (sk_idx < idx_s))
-            idx_s = tl.where(take_s, sk_idx, idx_s)
-            m_s = tl.maximum(m_s, sk_max)
-        else:
-            t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], BIG), 1)
-            if HAS_SINK:  # every key here is in R, but R's best is not the softmax max
-                take = (t_max > m_r) | ((t_max == m_r) & (t_idx < best_idx))
-                m_r = tl.maximum(m_r, t_max)
-            else:
-                take = (t_max > m_i) | ((t_max == m_i) & (t_idx < best_idx))
-            best_idx = tl.where(take, t_idx, best_idx)
+        best_idx, m_r, m_s, idx_s = _tile_argmax(s, t_max, cols, n_sink, m_i, best_idx, m_r, m_s, idx_s,
+                                                 HAS_SINK, IN_SINK)
         m_new = tl.maximum(m_i, t_max)
         if NEED_L:
             # A row that has seen only -inf so far subtracts 0, not -inf (no -inf - -inf = NaN).
@@ -259,7 +295,7 @@ def _attn_fwd_inner(
             p = tl.exp2((s - m_base[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
             if IN_SINK:
-                p_s = tl.where(is_s[None, :], p, 0.0)
+                p_s = tl.where((cols < n_sink)[None, :], p, 0.0)
                 l_s = l_s * alpha + tl.sum(p_s, 1)
                 m_ref = m_base
             if NEED_CTX and VP:
@@ -660,21 +696,18 @@ def _residual_attn_fwd(
         tl.store(s_ptrs, mass_out, mask=mask_m)
     if STORE_GRAM:
         # This block's Σ εεᵀ, reduced on the device into the head's fp32 [D, D] (no per-block buffer).
-        eps_t = tl.trans(eps)
         g_base = Gram + off_h * (HEAD_DV * HEAD_DV)
-        if GRAM_COLS == DV_PAD:
-            g = tl.dot(eps_t, eps, input_precision=DOT_PREC)  # [DV_PAD, DV_PAD]
-            tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + offs_dv[None, :], g,
-                          mask=mask_dv[:, None] & mask_dv[None, :])
-        elif SPLIT_GRAM and GRAM_COLS * 2 == DV_PAD:
-            # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
-            # than an SM has): GRAM_COLS columns at a time, ε's column blocks cut by reshape + split (exact).
-            _gram_halves(g_base, eps_t, eps, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
+        if SPLIT_GRAM and GRAM_COLS * 2 == DV_PAD:
+            # 256 KiB of shared memory for a [256, 256] block: GRAM_COLS columns at a time, ε's column blocks cut
+            # by reshape + split (exact).
+            _gram_halves(g_base, tl.trans(eps), eps, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
         elif SPLIT_GRAM and GRAM_COLS * 4 == DV_PAD:
+            eps_t = tl.trans(eps)
             h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
             _gram_halves(g_base, eps_t, h0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
             _gram_halves(g_base, eps_t, h1, 2 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
         elif SPLIT_GRAM and GRAM_COLS * 8 == DV_PAD:
+            eps_t = tl.trans(eps)
             h0, h1 = _halves(eps, BLOCK_M, DV_PAD)
             q0, q1 = _halves(h0, BLOCK_M, DV_PAD // 2)
             _gram_halves(g_base, eps_t, q0, 0, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
@@ -682,18 +715,8 @@ def _residual_attn_fwd(
             q2, q3 = _halves(h1, BLOCK_M, DV_PAD // 2)
             _gram_halves(g_base, eps_t, q2, 4 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
             _gram_halves(g_base, eps_t, q3, 6 * GRAM_COLS, offs_dv, mask_dv, HEAD_DV, GRAM_COLS, DOT_PREC, BLOCK_M)
-        else:
-            # A [256, 256] fp32 block would need 256 KiB of shared memory on its way to the atomics (more
-            # than an SM has): GRAM_COLS columns at a time. Registers cannot be sliced, so the column block
-            # of ε is selected by a one-hot product, exact (1·x + 0s; under tf32 it rounds ε as the Gram dot does).
-            offs_c = tl.arange(0, GRAM_COLS)
-            for c0 in tl.static_range(0, DV_PAD, GRAM_COLS):
-                cols_g = c0 + offs_c
-                select = (offs_dv[:, None] == cols_g[None, :]).to(tl.float32)  # [DV_PAD, GRAM_COLS]
-                eps_c = tl.dot(eps, select, input_precision=DOT_PREC)
-                g = tl.dot(eps_t, eps_c, input_precision=DOT_PREC)  # [DV_PAD, GRAM_COLS]
-                tl.atomic_add(g_base + offs_dv[:, None] * HEAD_DV + cols_g[None, :], g,
-                              mask=mask_dv[:, None] & (cols_g < HEAD_DV)[None, :])
+        else:  # whole, or one-hot column blocks
+            _gram_block(g_base, eps, offs_dv, mask_dv, HEAD_DV, DV_PAD, GRAM_COLS, DOT_PREC)
 
 
 # --------------------------------------------------------------------------- #

@@ -61,12 +61,15 @@ CASES = {
     "row-sinks-window": (1, 2, 1, 150, 16, 32, {"sink_tokens": 3, "learned_sink": "row", "sliding_window": 40}),
     "long-sink": (1, 2, 1, 200, 16, 16, {"sink_tokens": 70}),
 }
+# Low rank through V·P_r only: eight query heads on one kv head, so GROUP·Tq = 40 rows at Tq = 5 cross the
+# interpreter's 32-row blocks inside a head (rows of head 6 in both blocks).
+VP_CASES = {**CASES, "mqa8-rowblocks": (1, 8, 1, 180, 16, 16, {"softcap": 5.0})}
 RETURNS = dict(return_argmax=True, return_gram=True, return_top1_prob=True, return_sink_mass=True)
 
 
 def inputs(case, Tq, seed=0, dtype=torch.float32):
     """q sharpened (scores ~ 3·N(0, 1)): most rows have a clear maximum, by construction."""
-    B, Hq, Hkv, Tk, Dqk, Dv, opts = CASES[case]
+    B, Hq, Hkv, Tk, Dqk, Dv, opts = VP_CASES[case]
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Tq, Dqk, generator=g) * 3.0 / Dqk**0.25
     k = torch.randn(B, Hkv, Tk, Dqk, generator=g) / Dqk**0.25
@@ -144,6 +147,56 @@ def test_decode_equals_prefill_rows(mode, case):
     if bool(same.all()):
         scale = float(f64.ctx_gram.abs().max())
         assert float((dec.gram - pre.gram).abs().max()) < 1e-4 * scale
+
+
+def vp_ranks(Dv: int) -> dict:
+    """d_r from 1 to Dv: DR_PAD 16, the middle (DR_PAD 32 where Dv is 32), and the whole width."""
+    return {"one": 1, "mid": Dv // 2 + 1, "full": Dv}
+
+
+def run_vp_decode(case, Tq, rank, dtype=torch.float32, seed=None):
+    """The decode kernel's evaluation call (low rank without a Gram: through V·P_r) against float64."""
+    q, k, v, kw = inputs(case, Tq, seed=Tq if seed is None else seed, dtype=dtype)
+    B, Hq, _, Dqk = q.shape
+    Dv = v.shape[-1]
+    lr = lowrank_args("lowrank", Hq, Dv)
+    lr["d_r"] = vp_ranks(Dv)[rank]
+    plan = launch.decode_plan(Dqk, Dv, dtype, "lowrank", q.device.type, group=Hq // k.shape[1], n_queries=Tq,
+                              n_keys=k.shape[2], kv_programs=B * k.shape[1], lowrank_rank=lr["d_r"])
+    assert plan.split_meta["VP"] and plan.combine_meta["VP"] or DEV == "cuda"
+    res = residual_attention_decode(q, k, v, mode="lowrank", **lr, **kw, return_argmax=True, return_top1_prob=True,
+                                    return_sink_mass=True)
+    cpu = {name: (t.cpu() if isinstance(t, torch.Tensor) else t) for name, t in {**lr, **kw}.items()}
+    check_sink_against_f64(res, q.cpu(), k.cpu(), v.cpu(), "lowrank", **cpu)
+    return res, (q, k, v, kw, lr)
+
+
+@pytest.mark.parametrize("rank", ["one", "mid", "full"])
+@pytest.mark.parametrize("Tq", [1, 5, 16])
+@pytest.mark.parametrize("case", list(VP_CASES))
+def test_decode_lowrank_vp_matches_float64(case, Tq, rank):
+    """Low rank through V·P_r in the split pass (per-head V·P_r tiles of the packed rows) and the combine (partial
+    V·P_r sums merged, V[i*] and (V P_r)[i*] gathered, the sink's ground state): every decode variant, d_r 1..Dv."""
+    run_vp_decode(case, Tq, rank)
+
+
+@pytest.mark.parametrize("case", ["gqa", "sinks", "row-sinks-window", "mqa8-rowblocks"])
+def test_decode_lowrank_vp_half_precision(case):
+    run_vp_decode(case, 5, "mid", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("case", ["gqa", "long-sink", "row-sinks-window"])
+def test_decode_lowrank_vp_equals_whole_eps_and_prefill(case):
+    """The same call through V·P_r in the decode kernel, through the whole ε (a Gram asked for) in the decode kernel,
+    and through V·P_r in the prefill kernel: the same numbers to fp32 rounding where they picked the same key."""
+    res, (q, k, v, kw, lr) = run_vp_decode(case, 4, "mid", seed=31)
+    whole = residual_attention_decode(q, k, v, mode="lowrank", **lr, **kw, return_argmax=True, return_gram=True)
+    pre = triton_kernel.residual_attention_triton(q, k, v, mode="lowrank", **lr, **kw, return_argmax=True)
+    for other in (whole, pre):
+        same = (res.argmax == other.argmax).unsqueeze(-1)
+        assert float(same.float().mean()) > 0.9
+        torch.testing.assert_close(torch.where(same, res.out, 0.0), torch.where(same, other.out, 0.0), atol=2e-5,
+                                   rtol=2e-5)
 
 
 def tie_inputs(Tk, Tq, first, second):

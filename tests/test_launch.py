@@ -78,3 +78,21 @@ def test_kernel_meta_reads_the_table_and_one_precision():
         assert (meta["BLOCK_M"], meta["BLOCK_N"]) == (cfg["BLOCK_M"], cfg["BLOCK_N"])
         assert opts == dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         assert meta["DOT_PREC"] == precision and "EPI_PREC" not in meta
+
+
+def test_decode_plan_goes_through_vp_for_evaluation_where_it_compiles_clean():
+    """The decode kernels' low rank through V·P_r: evaluation only (no Gram, a rank given); on CUDA 16-bit at every
+    width and fp32 without a sink or at D <= 64 (benchmarks/results/launch_table.md); the interpreter always."""
+    def plan(D, dv, dtype, device, **kw):
+        p = launch.decode_plan(D, dv, dtype, "lowrank", device, group=4, n_queries=1, n_keys=4096, kv_programs=8,
+                               **kw)
+        assert p.split_meta["VP"] == p.combine_meta["VP"] and p.split_meta["DR_PAD"] == p.combine_meta["DR_PAD"]
+        return p.split_meta["VP"], p.split_meta["DR_PAD"]
+
+    assert plan(128, 128, torch.bfloat16, "cuda", lowrank_rank=40) == (True, 64)
+    assert plan(192, 128, torch.float16, "cuda", lowrank_rank=8, sink=True) == (True, 16)
+    assert plan(64, 64, torch.float32, "cuda", lowrank_rank=8, sink=True)[0]
+    assert not plan(128, 128, torch.float32, "cuda", lowrank_rank=8, sink=True)[0]
+    assert plan(128, 128, torch.float32, "cpu", lowrank_rank=8, sink=True)[0]  # the interpreter: always
+    assert not plan(64, 64, torch.bfloat16, "cuda", lowrank_rank=8, return_gram=True)[0]  # calibration: whole ε
+    assert not plan(64, 64, torch.bfloat16, "cuda")[0]  # no rank named
