@@ -14,7 +14,7 @@ from .contract import (
     check_residual_attention_inputs,
 )
 from .decode_kernel import N_PART_PLANES, decode_combine, decode_split
-from .launch import decode_plan
+from .launch import DECODE_VP_ON_CUDA, decode_plan
 from .triton_kernel import _check_backend_device, _launch_device, project_values
 
 __all__ = ["residual_attention_decode"]
@@ -82,7 +82,8 @@ def residual_attention_decode(
                        softcap=args.softcap is not None, return_argmax=return_argmax, return_gram=return_gram,
                        return_top1_prob=return_top1_prob, return_sink_mass=return_sink_mass, sink=sink,
                        learned_sink=args.learned_sink is not None, allow_tf32=allow_tf32,
-                       lowrank_rank=args.d_r if mode == "lowrank" else None)
+                       lowrank_rank=args.d_r if mode == "lowrank" and (device.type != "cuda" or DECODE_VP_ON_CUDA)
+                       else None)
     n_splits = plan.n_splits
     need_ctx, sink_acc = plan.split_meta["NEED_CTX"], plan.split_meta["SINK_ACC"]  # V read: P·V, Σ_S p V
 

@@ -323,6 +323,14 @@ def decode_config(width: int, dtype: torch.dtype, device: torch.device, *, rows:
     return cfg
 
 
+# The decode launcher (``nqpq_kernels.decode``) goes through V·P_r on a card only once V·P_r is kept beside the KV
+# cache. Formed per call, as now, a decode step reads the whole V (to form V P_r), writes Hq·Tk·DR_PAD elements and
+# reads them back: more bytes than the whole-ε path's one read of K and V (at GQA 3, d_r 8, bf16: ~448 B per key and
+# kv head against 256). The interpreter runs it always, so the kernel stays tested, and ``decode_plan`` (and the
+# sm_90 report) still plan it for the day a cache keeps the product.
+DECODE_VP_ON_CUDA = False
+
+
 def decode_vp_compiles_clean(value_dim: int, qk_dim: int, dtype: torch.dtype, *, sink: bool) -> bool:
     """Whether the decode kernels' V·P_r variant runs on a card (``python -m benchmarks.sm90``, the decode ``vp``
     rows): 16-bit at every width (d_r 8 and 32, with every feature: no local memory); fp32 without a sink, or with one
