@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REL_SCORE_MARGIN, REPO, build_tokenizer
 from f64_reference import F64Reference, build_llama, f64_loglikelihood
+from test_downstream import one_error_line
 
 from nqpq import make_blocks
 from nqpq.cli import main
@@ -140,14 +141,6 @@ def test_cli_runs_heads_on_a_generate_and_a_multiple_choice_task(saved_model, tm
     assert " heads: 3 crystallized by index: 1:0,2 2:1 (the other heads: plain attention)" in captured.out
     assert "  generations identical to the model's (of 3): full 3; top1 " in captured.out
     assert "verdict on exact_match,strict-match: full no interval" in captured.out  # 3 documents: too few
-
-
-def one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("nqpq: error: ")
-    return lines[0]
 
 
 @pytest.mark.parametrize("heads, message", [

@@ -31,11 +31,9 @@ from ..results.report import describe_heads
 from .side_by_side import (
     check_modes,
     configurations,
+    crystal_choice,
     load_named_model,
-    resolve_basis,
     resolve_device,
-    resolve_heads,
-    sweep_calibration,
     sweep_config,
 )
 
@@ -178,19 +176,10 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     check_model_fit(scfg if calibrating else dataclasses.replace(scfg, seq_len=2), parts, layers, d_rs)
     timings["load_s"] = time.perf_counter() - t0
 
-    found: list = []
-
-    def calibration():  # the sweep's calibration blocks, cut once for the basis and a --heads rule
-        if not found:
-            found.append(sweep_calibration(scfg, model, tokenizer, tok_name, device, say))
-        return found[0]
-
     t = time.perf_counter()
-    heads = resolve_heads(scfg, model, parts, layers, calibration, say, "[generate]")
-    crystal = layers if heads is None else heads.mapping  # what crystallize crystallizes: layers, or layer -> heads
-    basis, basis_record = None, None
-    if "lowrank" in cfg.modes:
-        basis, basis_record = resolve_basis(cfg.basis, scfg, model, parts, layers, calibration, say, "[generate]")
+    choice = crystal_choice(scfg, model, parts, layers, tokenizer, tok_name, device, cfg.modes, cfg.basis, say,
+                            "[generate]")
+    crystal, heads, basis, basis_record = choice.crystal, choice.heads, choice.basis, choice.basis_record
     if calibrating or heads is not None:
         timings["calibration_s"] = time.perf_counter() - t
 

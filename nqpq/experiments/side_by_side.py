@@ -194,3 +194,34 @@ def resolve_heads(scfg: SweepConfig, model: torch.nn.Module, parts, layers: Sequ
     no_scored_blocks = torch.zeros(0, 0, dtype=torch.long)
     return heads_for_run(scfg, model, parts, layers, cal, calibration_source(scfg), no_scored_blocks,
                          CALIBRATION_BATCH, 0)
+
+
+@dataclass
+class CrystalChoice:
+    """What a side-by-side run crystallizes: ``crystal`` (the layers, or layer → heads with ``--heads``), the head
+    choice's record (None without ``--heads``), and the low-rank basis with results.json's record of it (None
+    without ``lowrank``)."""
+
+    crystal: Sequence[int] | dict
+    heads: HeadChoice | None
+    basis: ResidualBasis | None
+    basis_record: dict | None
+
+
+def crystal_choice(scfg: SweepConfig, model: torch.nn.Module, parts, layers: Sequence[int], tokenizer, tok_name: str,
+                   device: torch.device, modes: Sequence[str], basis_file: str | None, say: Callable[[str], None],
+                   tag: str = "[eval]") -> CrystalChoice:
+    """``--heads`` and the low-rank basis as the sweep resolves them (``resolve_heads``, ``resolve_basis``), the
+    sweep's calibration blocks cut once for both, and only if one of them needs them."""
+    found: list = []
+
+    def calibration() -> tuple[CalibrationSet, dict]:
+        if not found:
+            found.append(sweep_calibration(scfg, model, tokenizer, tok_name, device, say))
+        return found[0]
+
+    heads = resolve_heads(scfg, model, parts, layers, calibration, say, tag)
+    basis, basis_record = None, None
+    if "lowrank" in modes:
+        basis, basis_record = resolve_basis(basis_file, scfg, model, parts, layers, calibration, say, tag)
+    return CrystalChoice(layers if heads is None else heads.mapping, heads, basis, basis_record)
