@@ -7,6 +7,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 from .errors import NqpqError
 
@@ -395,29 +396,52 @@ def _eval(args: argparse.Namespace) -> int:
     from .experiments.downstream import EvalConfig, check_eval_flags, run_eval
     from .experiments.lm_eval_tasks import require_lm_eval
     from .results.eval_report import write_eval_results
-    from .results.report import check_out_dir
 
     cfg = EvalConfig(
         model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",")), include_path=args.include_path,
-        limit=args.limit, layers=None if args.layers is None else tuple(args.layers),
+        limit=args.limit, progress=not args.no_progress, **_side_by_side_flags(args),
+    )
+
+    def check() -> None:
+        require_lm_eval()
+        check_eval_flags(cfg)
+
+    def write(results: dict) -> None:
+        for path in write_eval_results(cfg.out, results):
+            print(f"[eval] wrote {path}")
+
+    return _run_side_by_side(cfg.out, check, lambda: run_eval(cfg), write)
+
+
+def _side_by_side_flags(args: argparse.Namespace) -> dict:
+    """The settings ``nqpq eval`` and ``nqpq generate`` share (their configs' fields of the same names): the layers,
+    heads and configurations, the basis or its calibration blocks, the model, device and output."""
+    return dict(
+        layers=None if args.layers is None else tuple(args.layers),
         heads=None if args.heads is None else " ".join(args.heads), modes=tuple(args.mode),
         d_r=None if args.d_r is None else tuple(args.d_r), basis=args.basis, tokenizer=args.tokenizer,
         text_file=args.text_file, text=args.text, n_blocks=args.n_blocks, seq_len=args.seq_len,
         calib_blocks=args.calib_blocks, calib_text_file=args.calib_text_file, calib_text=args.calib_text,
         bos=args.bos, device=args.device, dtype=args.dtype, backend=args.backend, seed=args.seed, out=args.out,
-        progress=not args.no_progress,
     )
-    created = _first_missing(cfg.out) if cfg.out else None
+
+
+def _run_side_by_side(out: str | None, check: Callable[[], None], run: Callable[[], dict],
+                      write: Callable[[dict], None]) -> int:
+    """``nqpq eval`` / ``nqpq generate``: bad flags fail (``check``) before --out is created or anything is loaded;
+    the run; its files written whole or not at all; an error is one line (exit 2), and a --out directory this run
+    created goes with it."""
+    from .results.report import check_out_dir
+
+    created = _first_missing(out) if out else None
     ok = False
     try:
-        require_lm_eval()
-        check_eval_flags(cfg)  # bad flags fail before --out is created or anything is loaded
-        if cfg.out:
-            check_out_dir(cfg.out)
-        results = run_eval(cfg)
-        if cfg.out:
-            for path in write_eval_results(cfg.out, results):
-                print(f"[eval] wrote {path}")
+        check()
+        if out:
+            check_out_dir(out)
+        results = run()
+        if out:
+            write(results)
         ok = True
     except NqpqError as err:
         return _fail(str(err))
@@ -466,39 +490,14 @@ def _add_generate_parser(sub) -> None:
 def _generate(args: argparse.Namespace) -> int:
     """``nqpq generate``: the run, its report, and --out written whole or not at all."""
     from .experiments.generate import GenerateConfig, check_generate_flags, run_generate, write_generate_results
-    from .results.report import check_out_dir
 
     cfg = GenerateConfig(
         model=args.model, prompts=tuple(args.prompt), prompt_file=args.prompt_file,
-        layers=None if args.layers is None else tuple(args.layers),
-        heads=None if args.heads is None else " ".join(args.heads), modes=tuple(args.mode),
-        d_r=None if args.d_r is None else tuple(args.d_r), basis=args.basis, max_new_tokens=args.max_new_tokens,
-        sample=args.sample, temperature=args.temperature, top_p=args.top_p, tokenizer=args.tokenizer,
-        text_file=args.text_file, text=args.text, n_blocks=args.n_blocks, seq_len=args.seq_len,
-        calib_blocks=args.calib_blocks, calib_text_file=args.calib_text_file, calib_text=args.calib_text,
-        bos=args.bos, device=args.device, dtype=args.dtype, backend=args.backend, seed=args.seed, out=args.out,
+        max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+        **_side_by_side_flags(args),
     )
-    created = _first_missing(cfg.out) if cfg.out else None
-    ok = False
-    try:
-        check_generate_flags(cfg)  # bad flags fail before --out is created or anything is loaded
-        if cfg.out:
-            check_out_dir(cfg.out)
-        results = run_generate(cfg)
-        if cfg.out:
-            print(f"[generate] wrote {write_generate_results(cfg.out, results)}")
-        ok = True
-    except NqpqError as err:
-        return _fail(str(err))
-    except (ValueError, TypeError, RuntimeError) as err:
-        return _fail(f"{type(err).__name__}: {err}")
-    except KeyboardInterrupt:
-        print("nqpq: interrupted; nothing written", file=sys.stderr)
-        return 130
-    finally:
-        if not ok and created is not None:
-            shutil.rmtree(created, ignore_errors=True)  # a directory this run created goes
-    return 0
+    return _run_side_by_side(cfg.out, lambda: check_generate_flags(cfg), lambda: run_generate(cfg),
+                             lambda results: print(f"[generate] wrote {write_generate_results(cfg.out, results)}"))
 
 
 def _fetch(args: argparse.Namespace) -> int:
