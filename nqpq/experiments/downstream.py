@@ -29,6 +29,7 @@ from ..results.paired import BASELINE, TaskScores, compare_task
 from ..results.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL
 from .lm_eval_tasks import load_tasks, make_lm, quiet_lm_eval, require_lm_eval, task_info, task_manager, task_scores
 from .side_by_side import (
+    SideBySideSettings,
     check_modes,
     configurations,
     crystal_choice,
@@ -41,39 +42,12 @@ EVAL_FORMAT_VERSION = 1
 
 
 @dataclass
-class EvalConfig:
-    """Every setting of an ``nqpq eval`` run (the CLI flags, one for one)."""
+class EvalConfig(SideBySideSettings):
+    """Every setting of an ``nqpq eval`` run (the CLI flags, one for one): the shared ones and the tasks."""
 
-    model: str = "gpt2"
     tasks: Sequence[str] = ()
     include_path: str | None = None  # a folder of lm-eval task YAMLs (local tasks)
     limit: int | None = None  # the first N documents of each task (None: all)
-    layers: Sequence[int] | None = None  # None: the model's default layers (the sweep's)
-    # --heads as the sweep spells it: by index ("27:0,1,2 28:3", or a mapping layer -> heads) or a crystallinity rule
-    # ("top1_prob>=0.7") measured on the sweep's calibration blocks; None: every head of --layers.
-    heads: str | dict | None = None
-    modes: Sequence[str] = ("top1",)
-    d_r: Sequence[int] | None = None  # ranks of the lowrank configurations (needed with lowrank, only with it)
-    basis: str | None = None  # a ResidualBasis.save file; None: fitted on the sweep's calibration blocks
-    tokenizer: str | None = None
-    # The calibration blocks (of the basis, and of a --heads rule), spelled as the sweep spells them: by default the
-    # --calib-blocks blocks of --seq-len tokens after the sweep's --n-blocks scored blocks of its text (the blocks
-    # `nqpq sweep` calibrates on with the same flags); with --calib-text-file / --calib-text, the first blocks of
-    # that text.
-    text_file: str | None = None
-    text: str | None = None
-    n_blocks: int = 30
-    seq_len: int = 256
-    calib_blocks: int = 4
-    calib_text_file: str | None = None
-    calib_text: str | None = None
-    bos: bool | None = None
-    device: str | None = None
-    dtype: str = "float32"
-    backend: str = "auto"
-    seed: int = 42
-    out: str | None = None
-    progress: bool = True
 
 
 def check_eval_flags(cfg: EvalConfig) -> None:

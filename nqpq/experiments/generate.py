@@ -29,6 +29,7 @@ import torch
 from ..errors import NqpqError
 from ..results.report import describe_heads
 from .side_by_side import (
+    SideBySideSettings,
     check_modes,
     configurations,
     crystal_choice,
@@ -42,39 +43,16 @@ BASELINE = "model"
 
 
 @dataclass
-class GenerateConfig:
-    """Every setting of an ``nqpq generate`` run (the CLI flags, one for one)."""
+class GenerateConfig(SideBySideSettings):
+    """Every setting of an ``nqpq generate`` run (the CLI flags, one for one): the shared ones and the prompts and
+    how to continue them."""
 
-    model: str = "gpt2"
     prompts: Sequence[str] = ()
     prompt_file: str | None = None  # one more prompt: the file's whole text
-    layers: Sequence[int] | None = None
-    # --heads as the sweep spells it: by index ("27:0,1,2 28:3", or a mapping layer -> heads) or a crystallinity rule
-    # measured on the calibration blocks ("top1_prob>=0.7"); None: every head of --layers.
-    heads: str | dict | None = None
-    modes: Sequence[str] = ("top1",)
-    d_r: Sequence[int] | None = None
-    basis: str | None = None
     max_new_tokens: int = 32
     sample: bool = False
     temperature: float | None = None  # with --sample (default 1.0)
     top_p: float | None = None  # with --sample (default 1.0: no nucleus cut)
-    tokenizer: str | None = None
-    # The basis's calibration blocks, spelled as the sweep (and nqpq eval) spell them.
-    text_file: str | None = None
-    text: str | None = None
-    n_blocks: int = 30
-    seq_len: int = 256
-    calib_blocks: int = 4
-    calib_text_file: str | None = None
-    calib_text: str | None = None
-    bos: bool | None = None
-    device: str | None = None
-    dtype: str = "float32"
-    backend: str = "auto"
-    seed: int = 42
-    out: str | None = None
-    progress: bool = True
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:

@@ -37,6 +37,41 @@ class Configuration:
         return self.mode if self.d_r is None else f"{self.mode} d_r={self.d_r}"
 
 
+
+@dataclass
+class SideBySideSettings:
+    """The settings ``nqpq eval`` and ``nqpq generate`` share (the CLI flags of the same names): the model, what is
+    crystallized and how, the basis or its calibration blocks, the device and the output."""
+
+    model: str = "gpt2"
+    layers: Sequence[int] | None = None  # None: the model's default layers (the sweep's)
+    # --heads as the sweep spells it: by index ("27:0,1,2 28:3", or a mapping layer -> heads) or a crystallinity rule
+    # ("top1_prob>=0.7") measured on the sweep's calibration blocks; None: every head of --layers.
+    heads: str | dict | None = None
+    modes: Sequence[str] = ("top1",)
+    d_r: Sequence[int] | None = None  # ranks of the lowrank configurations (needed with lowrank, only with it)
+    basis: str | None = None  # a ResidualBasis.save file; None: fitted on the sweep's calibration blocks
+    tokenizer: str | None = None
+    # The calibration blocks (of the basis, and of a --heads rule), spelled as the sweep spells them: by default the
+    # --calib-blocks blocks of --seq-len tokens after the sweep's --n-blocks scored blocks of its text (the blocks
+    # `nqpq sweep` calibrates on with the same flags); with --calib-text-file / --calib-text, the first blocks of
+    # that text.
+    text_file: str | None = None
+    text: str | None = None
+    n_blocks: int = 30
+    seq_len: int = 256
+    calib_blocks: int = 4
+    calib_text_file: str | None = None
+    calib_text: str | None = None
+    bos: bool | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    backend: str = "auto"
+    seed: int = 42
+    out: str | None = None
+    progress: bool = True
+
+
 def configurations(modes: Sequence[str], d_rs: Sequence[int] | None) -> list[Configuration]:
     """The configurations to run, in the order the modes are given; lowrank once per rank, ranks ascending."""
     out = []
