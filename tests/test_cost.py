@@ -123,7 +123,7 @@ def test_op_times_come_from_interleaved_rounds_and_keep_the_fastest(monkeypatch)
         def call():
             calls.append(mode)
             clock[0] += durations[mode][sum(c == mode for c in calls) - 1]
-        return call, False
+        return call
 
     monkeypatch.setattr(rec, "_op_call", fake_op_call)
     monkeypatch.setattr(op_cost.time, "perf_counter", lambda: clock[0])

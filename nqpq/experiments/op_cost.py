@@ -68,7 +68,7 @@ class CostRecorder:
             torch.cuda.synchronize(self.device)
 
     def _op_call(self, shape: AttentionShape, mode: str, d_r: int | None, sink_tokens: int):
-        """One call of the op (SDPA for the baseline) on this geometry's inputs, and whether it compiles first."""
+        """One call of the op (SDPA for the baseline) on this geometry's inputs."""
         q, k, v, basis = self._qkv(shape)
         window, chunk = shape.sliding_window, shape.attention_chunk
         gqa = shape.n_heads != shape.n_kv_heads
@@ -79,13 +79,12 @@ class CostRecorder:
                 visible = i[None, :] <= i[:, None]
                 visible &= (i[:, None] - i[None, :] < window) if window is not None else \
                     (i[None, :] // chunk == i[:, None] // chunk)
-            return (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None,
-                                                           enable_gqa=gqa)), False
+            return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None,
+                                                          enable_gqa=gqa)
         backend = resolve_backend(self.backend, self.device.type, shape.qk_dim, shape.v_dim)
         impl = residual_attention_impl(backend)
-        return (lambda: impl(q, k, v, mode=mode, basis=basis if mode == "lowrank" else None, d_r=d_r,
-                             sliding_window=window, attention_chunk=chunk, sink_tokens=sink_tokens)), \
-            backend == "triton"
+        return lambda: impl(q, k, v, mode=mode, basis=basis if mode == "lowrank" else None, d_r=d_r,
+                            sliding_window=window, attention_chunk=chunk, sink_tokens=sink_tokens)
 
     def _time_all(self) -> None:
         """Every recorded configuration's op time: ``repeats`` interleaved rounds after one warm-up call each, the
@@ -95,7 +94,7 @@ class CostRecorder:
         with torch.no_grad():
             for i, c in enumerate(self.configurations):
                 for shape, count in Counter(self.shapes).items():
-                    call, _ = self._op_call(shape, c["mode"], c["d_r"], c["sink_tokens"])
+                    call = self._op_call(shape, c["mode"], c["d_r"], c["sink_tokens"])
                     call()  # warm-up: a Triton compile, CUDA's lazy initialization, CPU allocator growth
                     self._sync()
                     calls.append((i, count, call))
