@@ -23,14 +23,17 @@ Work saved against the reference (where the time goes on CPU: passes over the sc
   from a window view, ~4× faster than ``gather``); full mode without an argmax, a Gram or sink
   tokens needs no index at all; with sink tokens the sink columns and the rest are searched apart (the latter is
   both the overall maximum and i*ᴿ);
-- where nothing is kept apart p is torch's fused softmax; with sink keys or a learned sink p is left
-  unnormalized: ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk;
+- the scores are kept in base 2 (log2 e folded into the queries' scale with it; a float mask and learned sink
+  logits scaled to match) and p = exp2(s − m) in place, left unnormalized: ctx = (p @ V) / Σp divides Tq × Dv
+  numbers, not Tq × Tk. torch's CPU ``exp2`` runs ~3× faster than its ``exp``; subtract, exp2 and sum in place
+  took 0.25 ms where ``softmax`` took 0.33 (144 × 4096 fp32, 1 thread, this machine's AVX-512 EPYC). The same
+  probabilities: a positive scale keeps the maximum, its index and every ratio;
 - low rank for evaluation (no Gram asked, 0 < d_r < Dv) through V·P_r: P_r P_rᵀ (ctx − ground) =
   P_r (p @ (V P_r) − P_rᵀ ground), so the P·V product runs on d_r columns instead of Dv (issue 35 item 1's
-  identity) and ctx is never formed. V P_r is computed once per call; where ground is V[i*], P_rᵀ ground is
-  (V P_r)[i*], gathered with V[i*] in one row gather from [V | V P_r]. With G·d_r <= Dv / 2 the G heads' V P_r sit
-  side by side (one matmul per kv head), and the way back, ground + coefficients · P_rᵀ, is one fused ``baddbmm``
-  per query head whose P_rᵀ has the other heads' rows zeroed;
+  identity) and ctx is never formed. V P_r is computed once per call, per query head; where ground is V[i*],
+  P_rᵀ ground is (V P_r)[i*], a row gather. Below ``NARROW_TRANSPOSED`` columns the product runs transposed,
+  (V P_r)ᵀ @ pᵀ: BLAS runs a [rows, Tk] @ [Tk, 8] product ~3× slower than the [8, Tk] @ [Tk, rows] one
+  (0.64 ms against 2.0 for 3 × 3 heads × 48 rows × 4096 keys at d_r 8, where p @ V at Dv 64 takes 2.5);
 - top1 without the probability or a sink needs no exp at all: i* alone.
 """
 
@@ -51,6 +54,11 @@ from .rowmax import max_first_index
 # ~1.5× faster than 224; 8 MiB keeps the peak well under the 64 MiB asked at T 4096.
 BLOCK_BYTES = 8 * 2**20
 MIN_BLOCK, MAX_BLOCK = 16, 64
+# Low rank's p @ (V P_r) runs as (V P_r)ᵀ @ pᵀ below this many columns (the module docstring's measurement: at
+# 3 × 3 heads × 48 rows × 4096 keys, 1 thread, transposed / plain ms: d_r 4 0.49 / 2.05, d_r 8 0.64 / 2.01,
+# d_r 16 0.94 / 0.78, d_r 32 1.58 / 1.41).
+NARROW_TRANSPOSED = 16
+LOG2E = math.log2(math.e)
 
 
 def default_block_size(B: int, Hq: int, Tq: int, key_span: int) -> int:
@@ -137,26 +145,20 @@ def residual_attention_streamed(
     # of them, which a strided view (transformers' [B, T, H, D] projections) would copy again per block.
     kf = k.float().contiguous()
     vf = v.float().contiguous()
-    P = vp = vvp = P_back = None
+    P = vp = vp_t = None
     if mode == "lowrank" and d_r > 0:
         P = basis[:, :, :d_r].to(device=q.device, dtype=torch.float32).reshape(Hkv, G, Dv, d_r)
         if use_proj:  # V P_r, O(T · d_r): one product per call, every block reads its rows
-            if G * d_r <= Dv // 2:
-                # The G query heads' P_r side by side, [Hkv, Dv, G·d_r], and V P_r with it: one product per kv head
-                # over all its heads' rows (G× the few flops, but one wider matmul instead of G narrow ones, which
-                # run far below the CPU's peak at d_r = 8). Stored beside V, vvp = [V | V P_r] [B, Hkv, Tk, Dv + G·d_r]:
-                # one row gather gives V[i*] and (V P_r)[i*]. The way back multiplies head g's rows by P_back[g],
-                # P_rᵀ side by side with the other heads' rows zeroed: their columns drop out, no per-head extraction.
-                P_cols = P.permute(0, 2, 1, 3).reshape(Hkv, Dv, G * d_r)
-                vvp = torch.cat([vf, torch.matmul(vf, P_cols)], dim=-1)
-                vp = vvp[..., Dv:]
-                own = torch.arange(G * d_r, device=q.device) // d_r == torch.arange(G, device=q.device)[:, None]
-                P_back = P_cols.transpose(-1, -2).unsqueeze(1) * own[None, :, :, None]  # [Hkv, G, G·d_r, Dv]
-                P_back = P_back.expand(B, Hkv, G, G * d_r, Dv).reshape(B * Hq, G * d_r, Dv)
-            else:
-                vp = torch.matmul(vf.unsqueeze(2), P)  # [B, Hkv, G, Tk, d_r]
+            # One product per kv head with its G heads' P_r side by side (V is not repeated per query head), then
+            # per head: vp [B, Hkv, G, Tk, d_r] (its rows gathered at i*) and, for the narrow product, (V P_r)ᵀ.
+            vp_heads = torch.matmul(vf, P.permute(0, 2, 1, 3).reshape(Hkv, Dv, G * d_r)).view(B, Hkv, Tk, G, d_r)
+            vp = vp_heads.permute(0, 1, 3, 2, 4).contiguous()
+            if d_r < NARROW_TRANSPOSED:
+                vp_t = vp_heads.permute(0, 1, 3, 4, 2).contiguous()  # [B, Hkv, G, d_r, Tk]
+            del vp_heads
     # The scale (and the soft cap's 1/c: tanh reads s / c) folded into q: one pass over the queries, not the scores.
-    q_mult = args.scale / args.softcap if args.softcap is not None else args.scale
+    # Without a soft cap log2 e goes with it (scores in base 2 for exp2); with one, into the cap's factor.
+    q_mult = args.scale / args.softcap if args.softcap is not None else args.scale * LOG2E
 
     out_shape = (B, Hq, Tq, Dv) if out_layout == "bhtd" else (B, Tq, Hq, Dv)
     out = torch.empty(out_shape, device=q.device, dtype=q.dtype)
@@ -189,14 +191,14 @@ def residual_attention_streamed(
         s = torch.matmul(qb, kf[:, :, lo:hi].transpose(-1, -2))
         del qb
         if args.softcap is not None:
-            s.tanh_().mul_(args.softcap)
+            s.tanh_().mul_(args.softcap * LOG2E)
         s5 = s.view(B, Hkv, G, rows, cols)
         if attn_mask is not None:
             mask = args.attn_mask[:, :, s0:s1].reshape(B, Hkv, G, rows, Tk)
             if mask.dtype == torch.bool:
                 s5.masked_fill_(~mask, neg_inf)
             else:
-                s5.add_(mask.float())
+                s5.add_(mask.float(), alpha=LOG2E)  # in base 2, as the scores
             del mask
         elif window is None and chunk is None:
             # Plain causal: only the diagonal square (keys first..last) holds hidden keys.
@@ -238,7 +240,7 @@ def residual_attention_streamed(
 
         sink_logit = m_learned = None
         if args.learned_sink is not None:
-            sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows)
+            sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows).mul(LOG2E)  # base 2
             sink_bad = ~(sink_logit < math.inf)  # a NaN or +inf logit: no softmax
             bad |= sink_bad
             if no_key is not None:
@@ -250,41 +252,31 @@ def residual_attention_streamed(
         if i_star is not None and any_bad:
             i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
 
-        # p: normalized where nothing is kept apart (torch's fused softmax, one buffer more); else exp(s − m)
-        # unnormalized, with denom = Σp (+ the learned sink's term): ctx = (p @ V) / denom.
+        # p = exp2(s − m) in the score buffer, unnormalized, with denom = Σp (+ the learned sink's term):
+        # ctx = (p @ V) / denom.
         p = denom = m_all = None
-        normalized = n_loc == 0 and sink_logit is None
         if need_exp or n_loc > 0:
-            if normalized:
-                p = torch.softmax(s5, dim=-1)  # a bad row comes out NaN (overwritten below)
-                del s, s5
-            else:
-                m_all = m if sink_logit is None else torch.maximum(m, sink_logit)
-                # Bad rows get 0 as their shift (their results are overwritten): no inf − inf.
-                m_all = m_all.masked_fill(bad, 0.0)
-                p = s5.sub_(m_all.unsqueeze(-1)).exp_()
-                denom = p.sum(dim=-1)
-                if sink_logit is not None:
-                    sink_term = (sink_logit - m_all).exp_()
-                    denom.add_(sink_term)
-                    m_learned = sink_term.div_(denom)
+            m_all = m if sink_logit is None else torch.maximum(m, sink_logit)
+            # Bad rows get 0 as their shift (their results are overwritten): no inf − inf.
+            m_all = m_all.masked_fill(bad, 0.0) if any_bad else m_all
+            p = s5.sub_(m_all.unsqueeze(-1)).exp2_()
+            denom = p.sum(dim=-1)
+            if sink_logit is not None:
+                sink_term = (sink_logit - m_all).exp2_()
+                denom.add_(sink_term)
+                m_learned = sink_term.div_(denom)
 
         vb = vf[:, :, lo:hi]  # [B, Hkv, cols, Dv]
         ctx = None
         if need_ctx:
             ctx = torch.matmul(p.view(B, Hkv, G * rows, cols), vb).view(B, Hkv, G, rows, Dv)
-            if denom is not None:
-                ctx.div_(denom.unsqueeze(-1))
-        v_star = star_rows = vp_star = None
+            ctx.div_(denom.unsqueeze(-1))
+        v_star = None
         if i_star is not None:
             # V[i*] by flat row indices into the contiguous [B·Hkv·Tk, Dv] (a view; index_select is several times
             # faster than gather on an expanded view or advanced indexing).
             star_rows = i_star.add(kv_row_base if lo == 0 else kv_row_base + lo).view(-1)
-            if vvp is None:
-                v_star = vf.view(B * Hkv * Tk, Dv).index_select(0, star_rows).view(B, Hkv, G, rows, Dv)
-            else:  # V[i*] and (V P_r)[i*] in one gather
-                star = vvp.view(B * Hkv * Tk, -1).index_select(0, star_rows)
-                v_star, vp_star = star[:, :Dv].unflatten(0, (B, Hkv, G, rows)), star[:, Dv:]
+            v_star = vf.view(B * Hkv * Tk, Dv).index_select(0, star_rows).view(B, Hkv, G, rows, Dv)
 
         mass = None  # all the mass kept apart: m_S + m_L
         if n_loc > 0:
@@ -324,30 +316,21 @@ def residual_attention_streamed(
             o = ctx
         elif use_proj:
             # P_r P_rᵀ (ctx − ground) = P_r (p @ (V P_r) / Σp − P_rᵀ ground); zero where ground = ctx.
-            if vvp is not None:  # side by side: [B, Hkv, G·rows, G·d_r], head g's rows against every head's P_r
-                coeff = torch.matmul(p.view(B, Hkv, G * rows, cols), vp[:, :, lo:hi])
+            if vp_t is not None:  # (V P_r)ᵀ @ pᵀ, read back transposed: [B, Hkv, G, rows, d_r]
+                coeff = torch.matmul(vp_t[..., lo:hi], p.transpose(-1, -2)).transpose(-1, -2)
             else:
-                coeff = torch.matmul(p, vp[:, :, :, lo:hi])  # [B, Hkv, G, rows, d_r]
-            coeff5 = coeff.view(B, Hkv, G, rows, -1)
-            if denom is not None:
-                coeff5.div_(denom.unsqueeze(-1))
-            # P_rᵀ V[i*] = (V P_r)[i*]: V P_r's rows at the indices V[i*] came from, no product per block.
-            if ground_is_v_star and vp_star is not None:
-                coeff5.sub_(vp_star.view(coeff5.shape))
-            elif ground_is_v_star:  # per head, [B·Hkv·G·Tk, d_r] rows: one block of Tk rows per query head
+                coeff = torch.matmul(p, vp[:, :, :, lo:hi])
+            coeff.div_(denom.unsqueeze(-1))
+            if ground_is_v_star:  # P_rᵀ V[i*] = (V P_r)[i*]: rows of [B·Hkv·G·Tk, d_r], Tk per query head
                 head_rows = i_star.add(head_row_base if lo == 0 else head_row_base + lo).view(-1)
-                coeff5.sub_(vp.view(-1, d_r).index_select(0, head_rows).view(coeff5.shape))
+                coeff.sub_(vp.view(-1, d_r).index_select(0, head_rows).view(coeff.shape))
             else:
-                P_r = P if vvp is None else P_back.view(B, Hkv, G, -1, Dv)[0].transpose(-1, -2)
-                coeff5.sub_(torch.matmul(ground, P_r))
+                coeff.sub_(torch.matmul(ground, P))
             if r_empty is not None:
-                coeff5.masked_fill_(r_empty.unsqueeze(-1), 0.0)
+                coeff.masked_fill_(r_empty.unsqueeze(-1), 0.0)
             if empty is not None:
-                coeff5.masked_fill_(empty.unsqueeze(-1), 0.0)
-            if vvp is not None:  # ground + coeff P_back per query head, in one fused product
-                o = torch.baddbmm(ground.reshape(B * Hq, rows, Dv), coeff.view(B * Hq, rows, -1), P_back)
-            else:
-                o = ground.add_(torch.matmul(coeff, P.transpose(-1, -2)))
+                coeff.masked_fill_(empty.unsqueeze(-1), 0.0)
+            o = ground.add_(torch.matmul(coeff, P.transpose(-1, -2)))
         else:
             o = ground + torch.matmul(torch.matmul(ctx - ground, P), P.transpose(-1, -2))
         if plain_heads is not None:
@@ -368,10 +351,8 @@ def residual_attention_streamed(
         if top1_prob is not None:
             if n_loc > 0:  # p of the returned index, i*ᴿ
                 top1 = p.gather(-1, i_star.unsqueeze(-1)).squeeze(-1).div_(denom)
-            elif sink_logit is not None:  # the sink may hold the softmax's maximum: exp(m − m_all) / denom
-                top1 = (m - m_all).exp_().div_(denom)
-            else:  # the softmax's maximum, p[i*]
-                top1 = p.amax(dim=-1)
+            else:  # p[i*] = exp2(m − m_all) / denom (m_all = m but where a learned sink holds the maximum)
+                top1 = (m - m_all).exp2_().div_(denom)
             top1 = top1.masked_fill_(bad, math.nan)
             if empty is not None:
                 top1.masked_fill_(empty, 0.0)
