@@ -3,8 +3,8 @@ sink's second accumulator (``nqpq_kernels.prefill_kernel`` calls it once per ran
 
 ``_attn_fwd_inner`` walks one range of key tiles, masked or not (the causal diagonal, a window or chunk edge, the
 sequence end), adding attn_mask's bias tile under ``HAS_BIAS`` and summing p·(V P_r) instead of p·V under ``VP``;
-``_attn_fwd_range`` splits a range at the last tile holding a sink key, so that only the sink tiles carry the sink's
-bookkeeping. The kernel's module docstring has the math and why the state is what it is.
+``_attn_fwd_range`` splits a range at the first tile boundary >= n (``sink_tokens=n``), so that only the tiles holding a
+sink key carry the sink's bookkeeping. The kernel's module docstring has the math and why the state is what it is.
 """
 
 from __future__ import annotations
