@@ -45,7 +45,7 @@ def bottom_right_mask(Tq: int, Tk: int, device: torch.device) -> torch.Tensor | 
 
 def providers(Tq: int, Tk: int, softcap: float | None, device: torch.device) -> dict:
     from nqpq_kernels.decode import residual_attention_decode
-    from nqpq_kernels.triton_kernel import residual_attention_triton
+    from nqpq_kernels.prefill import residual_attention_triton
 
     mask = bottom_right_mask(Tq, Tk, device)
     out = {

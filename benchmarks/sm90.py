@@ -452,7 +452,7 @@ def compile_variant(v: Variant) -> dict:
     import torch
 
     from nqpq_kernels import launch as launch_mod
-    from nqpq_kernels import triton_kernel as ra
+    from nqpq_kernels import prefill_kernel
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[v.dtype]
     meta, launch = launch_mod.kernel_meta(v.D, dtype, v.mode, "cuda", windowed=v.features and not v.bias,
@@ -473,8 +473,8 @@ def compile_variant(v: Variant) -> dict:
            "geometry_B_Hq_Hkv_T": "x".join(map(str, v.geometry)),
            "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"], **launch}
     try:
-        row.update(cubin_stats(_compile(ra._residual_attn_fwd, residual_values(v), meta, pointers, _elem(v.dtype),
-                                        launch)))
+        row.update(cubin_stats(_compile(prefill_kernel._residual_attn_fwd, residual_values(v), meta, pointers,
+                                        _elem(v.dtype), launch)))
     except Exception as err:  # a lowering failure is a result: the row names it
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     return row

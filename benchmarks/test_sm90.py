@@ -4,7 +4,7 @@ import itertools
 
 from benchmarks import sm90
 from nqpq_kernels import launch as launch_mod
-from nqpq_kernels import triton_kernel as ra
+from nqpq_kernels import prefill_kernel
 
 
 def test_variants_cover_the_launcher_choices():
@@ -48,7 +48,7 @@ def test_specialization_is_the_launchers():
     arguments (d_r, window, n_sink, bh_off) stay plain i32."""
     v = sm90.Variant("bf16", 64, "lowrank", gram=True)
     meta, _ = launch_mod.kernel_meta(64, __import__("torch").bfloat16, "lowrank", "cuda", return_gram=True)
-    fn = ra._residual_attn_fwd
+    fn = prefill_kernel._residual_attn_fwd
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32", "Basis": "*fp32",
                 "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
     sig, consts, attrs = sm90._specialize(fn, sm90.residual_values(v), meta, pointers, "bf16")

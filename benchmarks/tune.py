@@ -26,7 +26,8 @@ from triton.testing import do_bench
 
 from benchmarks.attention import DTYPES, make_inputs
 from nqpq_kernels import launch as launch_mod
-from nqpq_kernels import triton_kernel as ra
+from nqpq_kernels import prefill as ra
+from nqpq_kernels import prefill_kernel
 
 CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
            for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if n <= m]
@@ -61,7 +62,7 @@ def compile_check(arch: int, smem_limit: int, sink_only: bool = False) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = ra._residual_attn_fwd
+    fn = prefill_kernel._residual_attn_fwd
     pointers = {"Q": None, "K": None, "V": None, "Out": None, "Argmax": "*i64", "Top1P": "*fp32",
                 "Basis": "*fp32", "Gram": "*fp32", "SinkMass": "*fp32", "LearnedSink": "*fp32"}
     failures = 0

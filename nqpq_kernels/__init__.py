@@ -4,8 +4,9 @@ or the research package ``nqpq``.
 - ``contract``: what a valid call is (the input checks every backend shares), ``ResidualAttentionResult``, ``MODES``;
 - ``reference``: the plain PyTorch reference (float32, any device), ``residual_attention_reference``;
 - ``dispatch``: ``residual_attention``, the SDPA-like op that picks a backend (the Triton kernel on CUDA);
-- ``triton_kernel``: the fused Triton kernel and its launcher, ``residual_attention_triton`` (any Tq <= Tk: a KV
-  cache by a query offset);
+- ``prefill``: the launcher of the fused Triton kernel, ``residual_attention_triton`` (any Tq <= Tk: a KV cache by a
+  query offset); the kernel itself is ``prefill_kernel``, its key loop ``prefill_loop``, and the ``@triton.jit`` tile
+  helpers it shares with the decode kernel ``tile_helpers``;
 - ``decode_kernel`` / ``decode``: the split-KV decode kernels for few cached queries and their launcher,
   ``residual_attention_decode`` (the Triton backend picks it for Tq <= 16);
 - ``launch``: the kernel's launch table (block sizes, warps, stages) as rules;
@@ -27,9 +28,9 @@ from .key_mass import key_mass
 from .reference import residual_attention_reference
 
 if TYPE_CHECKING:  # for type checkers only: at run time the kernel module loads on first use (__getattr__)
-    from .triton_kernel import MAX_GRID_Y, residual_attention_triton
+    from .prefill import MAX_GRID_Y, residual_attention_triton
 
-# Loaded with the Triton kernel module on first access.
+# Loaded with the Triton kernel's launcher module on first access.
 _LAZY = {"residual_attention_triton", "MAX_GRID_Y"}
 SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS  # every multiple of 16 up to 256
 
@@ -42,7 +43,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import triton_kernel
+        from . import prefill
 
-        return getattr(triton_kernel, name)
+        return getattr(prefill, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from .contract import (
 )
 from .decode_kernel import N_PART_PLANES, decode_combine, decode_split
 from .launch import DECODE_VP_ON_CUDA, decode_plan
-from .triton_kernel import _check_backend_device, _launch_device, project_values
+from .prefill import _check_backend_device, _launch_device, project_values
 
 __all__ = ["residual_attention_decode"]
 

@@ -1,6 +1,6 @@
 """Split-KV decode kernels for residual attention: few queries (decode steps, speculative chunks) against a KV cache.
 
-The prefill kernel (``nqpq_kernels.triton_kernel``) gives every (b, query head) its own programs, each walking all the
+The prefill kernel (``nqpq_kernels.prefill_kernel``) gives every (b, query head) its own programs, each walking all the
 keys: for Tq = 1 that is B·Hq programs reading the cache Hq / Hkv times over, too few to fill a card at small batch.
 Here (Flash-Decoding's shape, with the argmax and the sink state carried through the merge):
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _gram_block, _lowrank_vp_epilogue, _tanh, _tile_argmax
+from .tile_helpers import _gram_block, _lowrank_vp_epilogue, _tanh, _tile_argmax
 
 __all__ = ["N_PART_PLANES", "decode_combine", "decode_split"]
 

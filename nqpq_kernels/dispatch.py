@@ -64,7 +64,7 @@ def triton_residual_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) ->
         from .decode import residual_attention_decode
 
         return residual_attention_decode(q, k, v, **kwargs)
-    from .triton_kernel import residual_attention_triton
+    from .prefill import residual_attention_triton
 
     return residual_attention_triton(q, k, v, **kwargs)
 

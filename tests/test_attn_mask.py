@@ -37,7 +37,7 @@ MODES = ("top1", "full", "lowrank")
 def triton_impl():
     """The kernel, or a skip where it cannot run (no CUDA and triton imported before TRITON_INTERPRET was set)."""
     pytest.importorskip("triton")
-    from nqpq_kernels import triton_kernel as ra_mod
+    from nqpq_kernels import prefill as ra_mod
 
     if DEV == "cpu" and not ra_mod.interpreter_active():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with it in the environment")

@@ -26,7 +26,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _triton(q, k, v, **kw):
-    from nqpq_kernels.triton_kernel import interpreter_active, residual_attention_triton
+    from nqpq_kernels.prefill import interpreter_active, residual_attention_triton
 
     if DEV == "cpu" and not interpreter_active():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with it in the environment")
@@ -166,7 +166,7 @@ def test_chosen_heads_with_a_kv_cache_on_the_triton_router(Tq):
     """A cached call of few queries (what the router sends to the split-KV decode kernel) with heads left plain runs
     the prefill kernel's query offset instead (the decode kernel has no per-head mode): equal to float64."""
     from nqpq_kernels.dispatch import triton_residual_attention
-    from nqpq_kernels.triton_kernel import interpreter_active
+    from nqpq_kernels.prefill import interpreter_active
 
     if DEV == "cpu" and not interpreter_active():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run with it in the environment")

@@ -24,15 +24,15 @@ from nqpq_kernels import dispatch, launch  # noqa: E402
 from nqpq_kernels.dispatch import residual_attention, resolve_backend  # noqa: E402
 from nqpq_kernels.launch import DECODE_MAX_QUERIES, decode_config, use_decode_kernel  # noqa: E402
 
-triton_kernel = pytest.importorskip("nqpq_kernels.triton_kernel")
-if not (torch.cuda.is_available() or triton_kernel.interpreter_active()):
+prefill = pytest.importorskip("nqpq_kernels.prefill")
+if not (torch.cuda.is_available() or prefill.interpreter_active()):
     pytest.skip("the Triton kernels cannot run here (no CUDA, no interpreter)", allow_module_level=True)
 
 from nqpq_kernels.decode import residual_attention_decode  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("top1", "full", "lowrank")
-KERNELS = {"decode": residual_attention_decode, "prefill": triton_kernel.residual_attention_triton}
+KERNELS = {"decode": residual_attention_decode, "prefill": prefill.residual_attention_triton}
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +132,7 @@ def test_decode_equals_prefill_rows(mode, case):
     q, k, v, kw = inputs(case, 5, seed=21)
     lr = lowrank_args(mode, q.shape[1], v.shape[-1])
     dec = residual_attention_decode(q, k, v, mode=mode, **lr, **kw, **RETURNS)
-    pre = triton_kernel.residual_attention_triton(q, k, v, mode=mode, **lr, **kw, **RETURNS)
+    pre = prefill.residual_attention_triton(q, k, v, mode=mode, **lr, **kw, **RETURNS)
     f64 = sink_plain(q.cpu(), k.cpu(), v.cpu(), mode, **{n: t.cpu() if isinstance(t, torch.Tensor) else t
                                                           for n, t in {**lr, **kw}.items()})
     clear = (f64.gap > SINK_CLEAR_GAP) & ~f64.bad
@@ -191,7 +191,7 @@ def test_decode_lowrank_vp_equals_whole_eps_and_prefill(case):
     and through V·P_r in the prefill kernel: the same numbers to fp32 rounding where they picked the same key."""
     res, (q, k, v, kw, lr) = run_vp_decode(case, 4, "mid", seed=31)
     whole = residual_attention_decode(q, k, v, mode="lowrank", **lr, **kw, return_argmax=True, return_gram=True)
-    pre = triton_kernel.residual_attention_triton(q, k, v, mode="lowrank", **lr, **kw, return_argmax=True)
+    pre = prefill.residual_attention_triton(q, k, v, mode="lowrank", **lr, **kw, return_argmax=True)
     for other in (whole, pre):
         same = (res.argmax == other.argmax).unsqueeze(-1)
         assert float(same.float().mean()) > 0.9
@@ -291,10 +291,10 @@ def test_dispatch_routes_cached_calls(monkeypatch):
     import nqpq_kernels.decode as decode_mod
 
     calls = []
-    real_dec, real_pre = decode_mod.residual_attention_decode, triton_kernel.residual_attention_triton
+    real_dec, real_pre = decode_mod.residual_attention_decode, prefill.residual_attention_triton
     monkeypatch.setattr(decode_mod, "residual_attention_decode", lambda *a, **kw: calls.append("decode") or
                         real_dec(*a, **kw))
-    monkeypatch.setattr(triton_kernel, "residual_attention_triton", lambda *a, **kw: calls.append("prefill") or
+    monkeypatch.setattr(prefill, "residual_attention_triton", lambda *a, **kw: calls.append("prefill") or
                         real_pre(*a, **kw))
     k = torch.randn(1, 1, 40, 16, device=DEV)
     for Tq, want in ((1, "decode"), (DECODE_MAX_QUERIES, "decode"), (DECODE_MAX_QUERIES + 1, "prefill"),

@@ -165,7 +165,7 @@ def test_auto_takes_triton_for_a_cache_and_both_backends_agree():
     out = residual_attention(q, k, v, mode="full", backend="auto")
     torch.testing.assert_close(out, residual_attention_reference(q, k, v, mode="full").out, atol=1e-6, rtol=1e-6)
     pytest.importorskip("triton")
-    from nqpq_kernels import triton_kernel as ra_mod
+    from nqpq_kernels import prefill as ra_mod
 
     if not (torch.cuda.is_available() or ra_mod.interpreter_active()):
         pytest.skip("the kernel cannot run here (no CUDA, no interpreter)")

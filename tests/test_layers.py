@@ -123,8 +123,8 @@ def test_graph_sees_lazy_and_type_checking_imports():
     graph = import_graph()
     assert "nqpq.experiments.scan" in graph["nqpq.cli"]  # imported inside _sweep
     assert "nqpq.experiments.distributed" in graph["nqpq.experiments.config"]  # from . import distributed
-    assert "nqpq_kernels.triton_kernel" in graph["nqpq_kernels"]  # under TYPE_CHECKING only
-    assert "nqpq_kernels.triton_kernel" in graph["nqpq_kernels.dispatch"]  # lazily, in residual_attention_impl
+    assert "nqpq_kernels.prefill" in graph["nqpq_kernels"]  # under TYPE_CHECKING only
+    assert "nqpq_kernels.prefill" in graph["nqpq_kernels.dispatch"]  # lazily, in residual_attention_impl
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -191,7 +191,9 @@ import torch
 import nqpq_kernels
 from nqpq_kernels import residual_attention
 
-assert "nqpq_kernels.triton_kernel" not in sys.modules, "importing nqpq_kernels loaded the Triton kernel"
+KERNEL_MODULES = ("prefill", "prefill_kernel", "prefill_loop", "tile_helpers", "decode", "decode_kernel")
+loaded = [name for name in KERNEL_MODULES if f"nqpq_kernels.{name}" in sys.modules]
+assert not loaded, f"importing nqpq_kernels loaded the Triton kernel modules {loaded}"
 try:
     import transformers  # noqa: F401
 except ImportError:
@@ -220,7 +222,7 @@ torch.testing.assert_close(full.double(), ctx, atol=2e-6, rtol=1e-5)
 top1, argmax = residual_attention(q32, k32, v32, mode="top1", backend=backend, return_argmax=True)
 assert torch.equal(argmax[0], winners), argmax
 assert torch.equal(top1[0], v32[0, 0][winners])  # V[i*], gathered: exact
-print("ok", backend, "nqpq_kernels.triton_kernel" in sys.modules)
+print("ok", backend, "nqpq_kernels.prefill_kernel" in sys.modules)
 """
 
 

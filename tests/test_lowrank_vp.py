@@ -23,8 +23,8 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 from plain_attention import TOL  # noqa: E402
 
 from nqpq_kernels import launch as launch_mod  # noqa: E402
+from nqpq_kernels import prefill as ra_mod  # noqa: E402
 from nqpq_kernels import residual_attention_triton  # noqa: E402
-from nqpq_kernels import triton_kernel as ra_mod  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

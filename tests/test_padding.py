@@ -122,10 +122,10 @@ def test_a_nan_score_still_gives_nan(impl):
 def test_the_kernel_gives_empty_pad_rows(mode, opts):
     """The Triton kernel's attn_mask path (the interpreter without CUDA): left pad queries empty, the rest float64."""
     pytest.importorskip("triton")
-    from nqpq_kernels import triton_kernel
+    from nqpq_kernels import prefill
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu" and not triton_kernel.interpreter_active():
+    if dev == "cpu" and not prefill.interpreter_active():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
     B, Hq, Hkv, T, D = 2, 2, 1, 16, 16
     q, k, v = (x.to(dev) for x in qkv(B, Hq, Hkv, T, D, seed=7))
@@ -134,7 +134,7 @@ def test_the_kernel_gives_empty_pad_rows(mode, opts):
     if kw.get("learned_sink"):
         kw["learned_sink"] = torch.linspace(-1.0, 1.5, Hq, device=dev)
     lr = {key: val.to(dev) if isinstance(val, torch.Tensor) else val for key, val in lowrank(mode, Hq, D).items()}
-    res = triton_kernel.residual_attention_triton(q, k, v, mode=mode, **lr, attn_mask=mask, **kw, **RETURNS)
+    res = prefill.residual_attention_triton(q, k, v, mode=mode, **lr, attn_mask=mask, **kw, **RETURNS)
     want = check_sink_against_f64(res, q, k, v, mode, **lr, attn_mask=mask, **kw)
     assert int(want.empty.sum()) == Hq * 7 and bool((res.out[want.empty.to(dev)] == 0).all())
     assert bool((res.top1_prob[want.empty.to(dev)] == 0).all()) and bool(torch.isfinite(res.gram).all())
