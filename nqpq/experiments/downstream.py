@@ -179,7 +179,7 @@ def _results_config(cfg: EvalConfig, model, parts, layers, d_rs, configs, device
                     basis_record) -> dict:
     import lm_eval
 
-    from ..results.report import geometry_config, versions
+    from ..results.provenance import geometry_config, versions
 
     config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "out")}
     config.update(model=model_name, tasks=list(cfg.tasks), layers=list(layers), modes=list(cfg.modes),

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import NqpqError
-from ..results.report import describe_heads
+from ..results.report_lines import describe_heads
 from .side_by_side import (
     SideBySideSettings,
     calibrates,
