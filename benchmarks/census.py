@@ -38,16 +38,8 @@ import traceback
 from pathlib import Path
 
 # The tiny models and the checks (tests use them too); this module runs them over every family and writes the table.
-from nqpq.model.census import (
-    TOL,
-    VOCAB,
-    crystallized_checks,
-    logits_of,
-    model_class,
-    model_inputs,
-    sharpen,
-    tiny_config,
-)
+from nqpq.model.census import TOL, crystallized_checks, logits_of, model_inputs, sharpen
+from nqpq.model.tiny_models import VOCAB, model_class, tiny_config
 
 T, B = 24, 2
 FAMILY_TIMEOUT_S = 180.0

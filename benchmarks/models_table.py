@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from benchmarks.smollm2_table import scan_table
-from nqpq.results.report import load_results, verdict_summary
+from nqpq.results.report_lines import verdict_summary
+from nqpq.results.results_file import load_results
 
 
 def _ci(ci, fmt: str) -> str:

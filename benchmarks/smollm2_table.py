@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nqpq.results.report import load_results, verdict_summary
+from nqpq.results.report_lines import verdict_summary
+from nqpq.results.results_file import load_results
 
 
 def _load(root: Path, name: str) -> dict | None:

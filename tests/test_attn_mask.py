@@ -23,7 +23,7 @@ from f64_reference import check_sink_against_f64  # noqa: E402
 
 from nqpq import residual_attention  # noqa: E402
 from nqpq.errors import UnsupportedModelError  # noqa: E402
-from nqpq.model import census  # noqa: E402
+from nqpq.model import census, tiny_models  # noqa: E402
 from nqpq.model.crystallize import crystallize  # noqa: E402
 from nqpq.model.losses import lm_losses  # noqa: E402
 from nqpq.model.parts import model_parts  # noqa: E402
@@ -230,12 +230,12 @@ def test_attn_mask_kernel_other_tilings(monkeypatch):
 # --------------------------------------------------------------------------- models
 def tiny_model(family: str, attn: str = "eager", **overrides):
     """The census's tiny config of ``family`` (its own defaults, shrunk), float32, eval."""
-    config = census.tiny_config(family)
+    config = tiny_models.tiny_config(family)
     for key, value in overrides.items():
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = census.model_class(family)._from_config(config, attn_implementation=attn)
+        model = tiny_models.model_class(family)._from_config(config, attn_implementation=attn)
     return model.float().eval()
 
 

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import census
 from nqpq.model import census as census_kit
+from nqpq.model import tiny_models
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def test_exact_and_refused_families_are_classified():
 
 def test_census_sees_a_small_error(monkeypatch):
     """A 1 % scale error in the op's output is WRONG, not EXACT: the tolerance is far below it."""
-    import nqpq.model.crystallize as integration
+    import nqpq.model.crystal_attention as integration
 
     real = integration.residual_attention_impl
 
@@ -96,9 +97,9 @@ def test_families_are_fed_what_their_forward_takes():
     for family in ("musicgen", "gemma4_assistant"):
         row = census.census_family(family)
         assert row["outcome"] != "UNBUILT", row
-    config = census_kit.tiny_config("gemma4_assistant")
-    model = census_kit.model_class("gemma4_assistant")._from_config(config, attn_implementation="eager").eval()
-    ids = torch.randint(3, census_kit.VOCAB, (census.B, census.T))
+    config = tiny_models.tiny_config("gemma4_assistant")
+    model = tiny_models.model_class("gemma4_assistant")._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(3, tiny_models.VOCAB, (census.B, census.T))
     inputs = census_kit.model_inputs(model, ids)
     assert inputs["inputs_embeds"].shape == (census.B, 1, 2 * config.backbone_hidden_size)
     assert {k.shape[2] for k, _ in inputs["shared_kv_states"].values()} == {census.T}

@@ -13,7 +13,7 @@ from nqpq.results.cost import (
     prefill_flops_per_token,
     visible_keys,
 )
-from nqpq.results.plots import pareto_front
+from nqpq.results.sweep_plots import pareto_front
 
 SMOLLM2 = AttentionShape(n_heads=9, n_kv_heads=3, qk_dim=64, v_dim=64)
 

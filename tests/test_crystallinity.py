@@ -147,7 +147,7 @@ def test_sweep_reports_crystallinity_of_its_layers(family, tokenizer, token_ids,
     assert reprinted == printed
     if family == "gpt2":  # `nqpq report` on the written directory: the same lines, the sweep's plots redrawn
         from nqpq.cli import main as cli_main
-        from nqpq.results.report import write_results
+        from nqpq.results.results_file import write_results
 
         write_results(str(tmp_path), results)
         (tmp_path / "delta_ppl_vs_dr.png").unlink()

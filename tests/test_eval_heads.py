@@ -160,3 +160,41 @@ def test_bad_heads_exit_2_with_one_line(heads, message, saved_model, tmp_path, m
                  "--out", str(out)]) == 2
     assert message in one_error_line(capsys)
     assert not out.exists()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a tokenizer or any weight is read, or lm-eval's tasks are loaded: the model's config alone
+    must answer (as the sweep's checks before loading, tests/test_sweep_heads.py)."""
+    import transformers
+
+    from nqpq.experiments import downstream
+    from nqpq.sources import checkpoints
+
+    def refuse(what):
+        def fail(*_args, **_kwargs):
+            raise AssertionError(f"{what} was called before the refusal")
+        return fail
+
+    for name in ("load_model", "load_tokenizer"):
+        monkeypatch.setattr(checkpoints, name, refuse(name))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("from_pretrained"))
+    monkeypatch.setattr(downstream, "task_manager", refuse("task_manager"))
+
+
+@pytest.mark.parametrize("layers, heads, message", [
+    (["1"], ["1:7"], "--heads: the heads of layer 1 [7]: layer 1 has query heads 0..3"),
+    (["1", "2"], ["1:0", "2:1,4"], "--heads: the heads of layer 2 [4]: layer 2 has query heads 0..3"),
+])
+def test_head_indices_refused_from_the_config_before_loading(layers, heads, message, saved_model, tmp_path,
+                                                             monkeypatch, capsys, no_model_load):
+    """Head indices the model does not have: one line, exit 2, before lm-eval's tasks, a tokenizer or a weight
+    loads, and --out left uncreated."""
+    model_dir, _ = saved_model
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "never"
+    assert main(["eval", "--model", str(model_dir), "--tasks", "nqpq_cloze", "--include-path", str(TASKS),
+                 "--layers", *layers, "--heads", *heads, "--limit", "2", "--device", "cpu", "--no-progress",
+                 "--out", str(out)]) == 2
+    assert one_error_line(capsys) == f"nqpq: error: {message}"
+    assert not out.exists()

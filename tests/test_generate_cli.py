@@ -131,3 +131,30 @@ def test_generate_bad_heads_is_one_line(saved_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--heads names layers [5] that are not among --layers [1, 2]" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("heads, message", [
+    (["1:4"], "--heads: the heads of layer 1 [4]: layer 1 has query heads 0..3"),
+    (["1:0", "2:1,9"], "--heads: the heads of layer 2 [9]: layer 2 has query heads 0..3"),
+])
+def test_generate_head_indices_refused_from_the_config_before_loading(heads, message, saved_model, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Head indices the model does not have: one line, exit 2, before a tokenizer or any weight is read (the sweep's
+    check before loading, on the model's config alone), and --out left uncreated."""
+    import transformers
+
+    from nqpq.sources import checkpoints
+
+    def refuse(what):
+        def fail(*_args, **_kwargs):
+            raise AssertionError(f"{what} was called before the refusal")
+        return fail
+
+    for name in ("load_model", "load_tokenizer"):
+        monkeypatch.setattr(checkpoints, name, refuse(name))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("from_pretrained"))
+    out = tmp_path / "never"
+    code = main(generate_args(*saved_model, "--prompt", "x", "--heads", *heads, "--out", str(out)))
+    err = capsys.readouterr().err
+    assert (code, err.strip().splitlines()) == (2, [f"nqpq: error: {message}"]), err
+    assert not out.exists()

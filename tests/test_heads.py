@@ -30,7 +30,7 @@ FAMILIES = {
 
 def tiny_model(family: str) -> torch.nn.Module:
     """The census's tiny random model of ``family`` (its own defaults shrunk, ``is_decoder=True``), float32, eval."""
-    from nqpq.model.census import tiny_config
+    from nqpq.model.tiny_models import tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

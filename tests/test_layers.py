@@ -121,7 +121,7 @@ def test_graph_sees_lazy_and_type_checking_imports():
     """The drawing counts what the rules need it to: a relative import inside a function, a package import
     (``from . import x``) and an import under TYPE_CHECKING."""
     graph = import_graph()
-    assert "nqpq.experiments.scan" in graph["nqpq.cli"]  # imported inside _sweep
+    assert "nqpq.experiments.scan" in graph["nqpq.cli_commands"]  # imported inside sweep_command
     assert "nqpq.experiments.distributed" in graph["nqpq.experiments.config"]  # from . import distributed
     assert "nqpq_kernels.prefill" in graph["nqpq_kernels"]  # under TYPE_CHECKING only
     assert "nqpq_kernels.prefill" in graph["nqpq_kernels.dispatch"]  # lazily, in residual_attention_impl

@@ -458,7 +458,7 @@ def test_learned_sinks_read_from_the_module():
 
 def census_model(family: str, attn: str = "eager") -> torch.nn.Module:
     """A tiny random model of ``family`` from its own default config, shrunk as the census shrinks it."""
-    from nqpq.model.census import tiny_config
+    from nqpq.model.tiny_models import tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -606,7 +606,7 @@ def test_attention_over_block_states_runs_the_models_own_function():
 def blt_model(window: int | None) -> torch.nn.Module:
     """The census's tiny BLT (1 local encoder layer, 1 global layer over patches, 6 local decoder layers, an entropy
     patcher), its local layers' sliding window ``window`` (None: full causal attention over the bytes)."""
-    from nqpq.model.census import tiny_config
+    from nqpq.model.tiny_models import tiny_config
 
     config = tiny_config("blt")
     config.local_attention_window_len = config.encoder_config.sliding_window = window
@@ -650,7 +650,7 @@ def test_layer_of_two_attention_blocks(mode):
     gives the model's losses."""
     from f64_reference import F64Reference
 
-    from nqpq.model.census import tiny_config
+    from nqpq.model.tiny_models import tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

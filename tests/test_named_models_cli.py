@@ -79,6 +79,10 @@ def test_unknown_hub_id_offline_names_the_first_command_and_the_names(tmp_path, 
     ("gemma3-270m", ["--layers", "18"], "--layers [18]: the model has layers 0..17"),
     ("gemma3-270m", ["--d-r", "257"], "--d-r [257]: each d_r must be in 1..256 (the head "
      "dimension; rank 0 is top-1)"),
+    ("smollm2-135m", ["--layers", "29", "--heads", "29:0,9"], "--heads: the heads of layer 29 [9]: layer 29 has "
+     "query heads 0..8"),
+    ("gemma3-270m", ["--layers", "16", "17", "--heads", "17:4"], "--heads: the heads of layer 17 [4]: layer 17 has "
+     "query heads 0..3"),
 ])
 def test_flags_a_named_model_cannot_take_are_refused_before_fetching(command, model, flags, needle, tmp_path, capsys,
                                                                       nothing_loads):
@@ -90,11 +94,23 @@ def test_flags_a_named_model_cannot_take_are_refused_before_fetching(command, mo
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_head_indices_a_named_model_lacks_are_refused_before_fetching(command, tmp_path, capsys, nothing_loads):
+    """nqpq eval and nqpq generate check --heads against the registry's geometry as the sweep does: nothing fetched,
+    no tokenizer, config or weight read."""
+    out = tmp_path / "runs" / "x"
+    flags = ["--tasks", "hellaswag"] if command == "eval" else ["--prompt", "x"]
+    line = one_line_error(capsys, [command, "--model", "smollm2-135m", *flags, "--layers", "29", "--heads", "29:9",
+                                   "--device", "cpu", "--out", str(out)])
+    assert line == "nqpq: error: --heads: the heads of layer 29 [9]: layer 29 has query heads 0..8"
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("model", list(MODELS.values()), ids=lambda m: m.name)
 def test_registry_geometry_fields_agree_with_its_description(model):
-    """n_layers and head_dim (what flags are checked against before fetching) are the numbers `nqpq models` shows;
-    tests/test_real_model.py checks SmolLM2's against the loaded checkpoint."""
-    assert re.match(rf"{model.n_layers} layers, ", model.geometry), model.geometry
+    """n_layers, head_dim and n_heads (what flags are checked against before fetching) are the numbers `nqpq models`
+    shows; tests/test_real_model.py checks SmolLM2's against the loaded checkpoint."""
+    assert re.match(rf"{model.n_layers} layers, Hq {model.n_heads}, ", model.geometry), model.geometry
     assert f" D {model.head_dim}," in model.geometry, model.geometry
 
 

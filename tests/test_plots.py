@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 from matplotlib.text import Text  # noqa: E402
 
 from nqpq.results.plots import SCAN_FIGURES, SWEEP_FIGURES, recovered_figure, spectrum_figure  # noqa: E402
-from nqpq.results.report import print_report, write_results  # noqa: E402
+from nqpq.results.report import print_report  # noqa: E402
+from nqpq.results.results_file import write_results  # noqa: E402
 
 # A name as long as a converted checkpoint's label: it must wrap, not run off both ends of the canvas.
 LONG_MODEL = ("/home/someone/.cache/nqpq/smollm2-135m/HuggingFaceTB--SmolLM2-135M (registry smollm2-135m, sha256 "

@@ -241,8 +241,9 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_geometry_checked_before_loading_is_the_checkpoints(smollm2, model):
-    """What flags are checked against before anything is fetched (the registry's n_layers and head_dim) and before
-    any weight is read (the converted checkpoint's config, built on the meta device) is the loaded model's geometry."""
+    """What flags are checked against before anything is fetched (the registry's n_layers, head_dim and n_heads) and
+    before any weight is read (the converted checkpoint's config, built on the meta device) is the loaded model's
+    geometry."""
     from nqpq.model.parts import config_parts, model_parts
     from nqpq.sources.checkpoints import load_config
     from nqpq.sources.registry import registry_model
@@ -250,6 +251,7 @@ def test_geometry_checked_before_loading_is_the_checkpoints(smollm2, model):
     parts = model_parts(model)
     known = registry_model("smollm2-135m")
     assert (known.n_layers, known.head_dim) == (parts.n_layers, parts.smallest("v_dim")) == (N_LAYERS, D)
+    assert {known.n_heads} == {parts.query_heads(li) for li in parts.attn_layers}
     early = config_parts(load_config(str(smollm2[1])))
     assert (early.n_layers, early.attn_layers, early.default_layers, early.max_positions, early.geometry) == (
         parts.n_layers, parts.attn_layers, parts.default_layers, parts.max_positions, parts.geometry)

@@ -23,7 +23,7 @@ FAMILIES = ("dory", "hy_v4", "gemma3n_text")
 def tiny_model(family: str) -> torch.nn.Module:
     """The census's tiny random model of ``family`` (its own defaults, shrunk); Dory with a real recurrent section
     (layer 0 in, layers 1-3 looped twice, layer 4 out), which the census's shrunk layer counts leave empty."""
-    from nqpq.model.census import tiny_config
+    from nqpq.model.tiny_models import tiny_config
 
     config = tiny_config(family)
     if family == "dory":

@@ -21,8 +21,9 @@ import nqpq.experiments.resume
 import nqpq.model.replay
 from nqpq.cli import main
 from nqpq.errors import NqpqError
+from nqpq.experiments.checkpoint_files import CHECKPOINT_DIR, STATE_FILE
 from nqpq.experiments.config import SweepConfig
-from nqpq.experiments.resume import CHECKPOINT_DIR, STATE_FILE, Checkpoint
+from nqpq.experiments.resume import Checkpoint
 from nqpq.experiments.sweep import run_sweep
 
 # Two sink settings and two calibration draws: every kind of configuration key (sink tag, draw suffix) is kept.
@@ -264,7 +265,7 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        nqpq.experiments.resume._atomic_write(str(tmp_path), "state.json", torn)
+        nqpq.experiments.checkpoint_files.atomic_write(str(tmp_path), "state.json", torn)
     assert (tmp_path / "state.json").read_text() == "old"
     assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left
 

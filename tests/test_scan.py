@@ -20,7 +20,7 @@ from nqpq.cli import main as cli_main
 from nqpq.experiments.batching import default_batch_size
 from nqpq.experiments.config import SweepConfig
 from nqpq.experiments.scan import run_scan
-from nqpq.results.report import SCAN_FORMAT_VERSION
+from nqpq.results.results_file import SCAN_FORMAT_VERSION
 from nqpq.results.stats import delta_ppl_ci, resample_indices
 
 # 16 blocks: enough for intervals (8 at least), and for some layers' top-1 loss to be measurable and others' not.

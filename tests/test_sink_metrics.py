@@ -236,15 +236,16 @@ def test_sink_metrics_table_and_nan():
 
 
 def test_preset_fills_and_refuses(capsys):
-    from nqpq.cli import _apply_preset, build_parser, main
+    from nqpq.cli import build_parser, main
+    from nqpq.cli_commands import apply_preset
 
     args = build_parser().parse_args(["scan", "--preset", "gu2025"])
-    _apply_preset(args)
+    apply_preset(args)
     assert (args.seq_len, args.n_blocks, args.layers, args.sink_eps) == (64, 100, None, 0.3)
     args = build_parser().parse_args(["scan", "--preset", "gu2025", "--seq-len", "64", "--sink-eps", "0.3"])
-    _apply_preset(args)  # the preset's own values may be given
+    apply_preset(args)  # the preset's own values may be given
     args = build_parser().parse_args(["scan", "--sink-eps", "0.5"])
-    _apply_preset(args)
+    apply_preset(args)
     assert (args.seq_len, args.n_blocks, args.layers, args.sink_eps) == (256, 30, None, 0.5)
     for extra, message in ((["--seq-len", "128"], "--preset gu2025 fixes --seq-len (64); got 128"),
                            (["--layers", "3"], "--preset gu2025 fixes --layers (every layer); got [3]")):

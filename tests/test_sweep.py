@@ -16,7 +16,7 @@ from nqpq.experiments.batching import batch_bytes_per_block, default_batch_size,
 from nqpq.experiments.config import SweepConfig, sweep_ranks
 from nqpq.experiments.scan import run_scan
 from nqpq.experiments.sweep import run_sweep
-from nqpq.results.report import write_results
+from nqpq.results.results_file import write_results
 from nqpq.results.verdict import INCONCLUSIVE, NOT_FINITE, NOT_FINITE_TEXT, recovered_pct
 from nqpq.results.verdict import verdict as _verdict
 
@@ -500,7 +500,7 @@ def test_verdict_carries_its_interval_and_whether_it_is_settled(curve, draws, wa
 
 
 def test_verdict_lines_say_how_sure_they_are():
-    from nqpq.results.report import verdict_lines
+    from nqpq.results.report_lines import verdict_lines
 
     def lines(curve, draws=None):
         return "\n".join(verdict_lines(_verdict(curve, 20.0, 25.0, top1_ci=[4.0, 6.0], n_blocks=30,

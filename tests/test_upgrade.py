@@ -16,7 +16,7 @@ from nqpq.cli import main as cli_main
 from nqpq.experiments.config import SweepConfig
 from nqpq.experiments.scan import run_scan
 from nqpq.experiments.sweep import run_sweep
-from nqpq.results.report import json_ready, load_results
+from nqpq.results.results_file import json_ready, load_results
 from nqpq.results.upgrade import upgrade
 
 LAYERS = (2, 3)

@@ -213,8 +213,8 @@ def model_to_load(cfg: SweepConfig) -> str:
 
 
 def check_before_loading(cfg: SweepConfig) -> None:
-    """The checks of ``--model``, ``--layers``, ``--d-r`` and ``--seq-len`` that the model's config answers, made
-    before any weight is fetched or read: a flag the model cannot take costs seconds, not a model load.
+    """The checks of ``--model``, ``--layers``, ``--d-r``, ``--heads`` and ``--seq-len`` that the model's config
+    answers, made before any weight is fetched or read: a flag the model cannot take costs seconds, not a model load.
 
     A name nqpq fetches is checked against the registry's geometry (nothing fetched); a bare name that names
     nothing is refused by name (``check_model_name``); a directory, hub name or .gguf file by its config alone
@@ -236,6 +236,10 @@ def check_before_loading(cfg: SweepConfig) -> None:
                 layer_indices(cfg.layers, known.n_layers, "--layers")
             if known.head_dim is not None:
                 _check_ranks(d_rs, known.head_dim)
+            if cfg.heads is not None and known.n_layers is not None and known.n_heads is not None:
+                from .heads import check_head_indices  # imported here, as in check_heads_fit
+
+                check_head_indices(cfg.heads, known.n_layers, lambda _layer: known.n_heads)
             return
         check_model_name(name)
         parts = config_parts(load_config(name))

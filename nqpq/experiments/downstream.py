@@ -15,7 +15,6 @@ verdicts) and ``nqpq.results.eval_report`` (the report, the plot, results.json).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +29,13 @@ from ..results.stats import BOOTSTRAP_RESAMPLES, CI_LEVEL
 from .lm_eval_tasks import load_tasks, make_lm, quiet_lm_eval, require_lm_eval, task_info, task_manager, task_scores
 from .side_by_side import (
     SideBySideSettings,
+    calibrates,
+    check_model_before_loading,
     check_modes,
     configurations,
     crystal_choice,
     load_named_model,
+    model_check_config,
     resolve_device,
     sweep_config,
 )
@@ -89,13 +91,14 @@ def run_eval(
     from ..model.devices import input_device
     from ..model.parts import model_parts
     from .config import check_model_fit
-    from .heads import HeadRule, parse_heads
 
     say = log or print
     if (model is None) != (tokenizer is None):
         raise NqpqError("run_eval: pass model and tokenizer together (or neither, to load cfg.model)")
     lm_eval = require_lm_eval()
     check_eval_flags(cfg)
+    if model is None:
+        check_model_before_loading(cfg)  # as the sweep: the model's config answers, before tasks or weights load
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     quiet_lm_eval()
@@ -118,9 +121,9 @@ def run_eval(
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
     d_rs = sorted(set(cfg.d_r or ()))
-    calibrating = ("lowrank" in cfg.modes and cfg.basis is None) or isinstance(parse_heads(cfg.heads), HeadRule)
+    calibrating = calibrates(cfg)
     # The sweep's checks of --layers, --d-r and --heads; --seq-len only matters when calibration blocks are cut.
-    check_model_fit(scfg if calibrating else dataclasses.replace(scfg, seq_len=2), parts, layers, d_rs)
+    check_model_fit(model_check_config(cfg), parts, layers, d_rs)
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -176,7 +179,7 @@ def _results_config(cfg: EvalConfig, model, parts, layers, d_rs, configs, device
                     basis_record) -> dict:
     import lm_eval
 
-    from ..results.report import geometry_config, versions
+    from ..results.provenance import geometry_config, versions
 
     config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "out")}
     config.update(model=model_name, tasks=list(cfg.tasks), layers=list(layers), modes=list(cfg.modes),

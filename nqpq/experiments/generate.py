@@ -15,7 +15,6 @@ The model is loaded, and the lowrank basis fitted on the sweep's calibration blo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -27,13 +26,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import NqpqError
-from ..results.report import describe_heads
+from ..results.report_lines import describe_heads
 from .side_by_side import (
     SideBySideSettings,
+    calibrates,
+    check_model_before_loading,
     check_modes,
     configurations,
     crystal_choice,
     load_named_model,
+    model_check_config,
     resolve_device,
     sweep_config,
 )
@@ -129,12 +131,13 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     from ..model.devices import input_device
     from ..model.parts import model_parts
     from .config import check_model_fit
-    from .heads import HeadRule, parse_heads
 
     say = log or print
     if (model is None) != (tokenizer is None):
         raise NqpqError("run_generate: pass model and tokenizer together (or neither, to load cfg.model)")
     check_generate_flags(cfg)
+    if model is None:
+        check_model_before_loading(cfg)  # as the sweep: the model's config answers, before any weight loads
     prompts = read_prompts(cfg)
     scfg = sweep_config(cfg)
     timings: dict[str, float] = {}
@@ -150,8 +153,8 @@ def run_generate(cfg: GenerateConfig, *, model: torch.nn.Module | None = None, t
     parts = model_parts(model)
     layers = tuple(parts.default_layers if cfg.layers is None else cfg.layers)
     d_rs = sorted(set(cfg.d_r or ()))
-    calibrating = ("lowrank" in cfg.modes and cfg.basis is None) or isinstance(parse_heads(cfg.heads), HeadRule)
-    check_model_fit(scfg if calibrating else dataclasses.replace(scfg, seq_len=2), parts, layers, d_rs)
+    calibrating = calibrates(cfg)
+    check_model_fit(model_check_config(cfg), parts, layers, d_rs)
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()

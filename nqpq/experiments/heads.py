@@ -116,6 +116,14 @@ def check_heads(heads: object, layers: Sequence[int] | None, parts=None) -> Head
     return spec
 
 
+def check_head_indices(heads: object, n_layers: int, n_heads: Callable[[int], int]) -> None:
+    """``--heads`` by index checked against a geometry known before loading (the registry's ``n_layers`` and query
+    heads per layer): the same message as the check against the loaded model. A rule is not checked here."""
+    spec = parse_heads(heads)
+    if isinstance(spec, dict):
+        _checked_indices(spec, n_layers, n_heads)
+
+
 @dataclass
 class HeadChoice:
     """The heads a run crystallizes: ``mapping`` (layer → query heads, only layers with at least one) for

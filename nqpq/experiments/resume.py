@@ -26,22 +26,19 @@ resolved ``config`` (model, text, device, dtype, versions, geometry, ...) and th
 ``--resume`` refuses an ``--out`` that holds a checkpoint; ``--resume`` without one is refused too (there is
 nothing to resume, and starting afresh silently would hide a mistyped ``--out``).
 
-SIGTERM is turned into an interrupt (``sigterm_interrupts``) so that a scheduler's kill keeps the checkpoint as
-Ctrl-C does; the CLI exits 130 for SIGINT and 143 for SIGTERM (128 + the signal's number).
+SIGTERM is turned into an interrupt (``nqpq.experiments.interrupts.sigterm_interrupts``) so that a scheduler's kill
+keeps the checkpoint as Ctrl-C does; the CLI exits 130 for SIGINT and 143 for SIGTERM (128 + the signal's number).
+The checkpoint's files, fingerprints and comparisons are in ``nqpq.experiments.checkpoint_files``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import signal
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,161 +46,25 @@ import torch
 from ..errors import NqpqError
 from . import distributed
 from .calibration import ResidualBasis
+from .checkpoint_files import (
+    BASELINE_FILE,
+    FORMAT_VERSION,
+    NOT_COMPARED,
+    STATE_FILE,
+    as_json,
+    atomic_write,
+    broadcast,
+    checkpoint_path,
+    done_count,
+    first_difference,
+    flag_view,
+    nqpq_version,
+    read_state,
+    short_repr,
+    tokens_fingerprint,
+    weights_fingerprint,
+)
 from .config import SweepConfig
-
-CHECKPOINT_DIR = ".nqpq-partial"
-STATE_FILE = "state.json"
-BASELINE_FILE = "baseline.pt"
-FORMAT_VERSION = 1
-# Settings that only say how the run is shown or where it is written, not what it computes.
-NOT_COMPARED = ("progress", "out")
-
-
-class Interrupted(KeyboardInterrupt):
-    """A KeyboardInterrupt raised by a signal handler, carrying the signal (SIGTERM: exit 143, not 130)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def exit_code(err: BaseException) -> int:
-    """128 + the signal's number: 130 for Ctrl-C (a plain KeyboardInterrupt), 143 for SIGTERM."""
-    return 128 + int(getattr(err, "signum", signal.SIGINT))
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``Interrupted`` in the main thread as SIGINT raises KeyboardInterrupt, so the
-    same cleanup runs (checkpoint kept, results.json not written); the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def checkpoint_path(out_dir: str) -> str:
-    return os.path.join(out_dir, CHECKPOINT_DIR)
-
-
-def flag_view(cfg: SweepConfig) -> dict:
-    """The settings a checkpoint must share with its resume, as JSON holds them (tuples as lists)."""
-    return _as_json({k: v for k, v in asdict(cfg).items() if k not in NOT_COMPARED})
-
-
-def _as_json(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=repr))
-
-
-def _nqpq_version() -> str:
-    from ..version import __version__
-
-    return __version__
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A sha256 over every parameter's and buffer's name, shape, dtype, float64 sum and norm (on its own device: no
-    copy to the host). Sums are rounded to 10 significant digits so that a different summation order (another
-    thread count) cannot change it; a changed checkpoint changes it. Offloaded (meta) tensors count by shape only."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        tensors = list(model.named_parameters()) + list(model.named_buffers())
-        for name, t in tensors:
-            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            if t.device.type == "meta" or t.numel() == 0:
-                continue
-            x = t if t.is_floating_point() else t.to(torch.float64)
-            total = torch.sum(x, dtype=torch.float64).item()
-            norm = torch.linalg.vector_norm(x, dtype=torch.float64).item()
-            digest.update(f"{total:.10e}:{norm:.10e}".encode())
-    return digest.hexdigest()
-
-
-def tokens_fingerprint(tokens: Sequence[torch.Tensor]) -> str:
-    """A sha256 of the token ids the run scores and calibrates on (each block tensor in order)."""
-    digest = hashlib.sha256()
-    for t in tokens:
-        digest.update(f"{tuple(t.shape)}".encode())
-        digest.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """The first (path, old, new) where two JSON values differ, in the new value's key order."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(new) + [k for k in old if k not in new]:
-            if key not in old or key not in new:
-                return f"{path}{key}", old.get(key, "(absent)"), new.get(key, "(absent)")
-            found = _first_difference(old[key], new[key], f"{path}{key}.")
-            if found:
-                return found
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            found = _first_difference(a, b, f"{path}{i}.")
-            if found:
-                return found
-        return None
-    return None if old == new else (path.rstrip("."), old, new)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _atomic_write(directory: str, name: str, write: Callable[[str], None]) -> None:
-    """``write(temp path)`` then an ``os.replace`` onto ``directory/name``: the file is the old one or the new one."""
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, os.path.join(directory, name))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (torchrun); the object itself in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj if distributed.is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def read_state(path: str) -> dict | None:
-    """The checkpoint's state.json, or None where there is none; NqpqError where it cannot be read."""
-    file = os.path.join(path, STATE_FILE)
-    try:
-        with open(file, encoding="utf-8") as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise NqpqError(f"{file} cannot be read as JSON ({err}): remove {path} to start afresh") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise NqpqError(f"{file} is not a checkpoint this nqpq reads (format {FORMAT_VERSION}): remove {path} to "
-                        "start afresh")
-    return state
-
-
-def done_count(state: Mapping) -> int:
-    """How many configurations (the baseline and calibration counting as one) a state holds."""
-    return int(bool(state.get("baseline"))) + len(state.get("losses", {}))
 
 
 class Checkpoint:
@@ -244,14 +105,14 @@ class Checkpoint:
         self._stored_batch_size = state["config"].get("batch_size")
 
     def _refuse(self, what: str, old: Any, new: Any) -> None:
-        raise NqpqError(f"--resume: {what} is {_short(new)} here but {_short(old)} in the checkpoint {self.path} "
-                        "(rerun with the checkpoint's settings, or remove that directory to start afresh)")
+        raise NqpqError(f"--resume: {what} is {short_repr(new)} here but {short_repr(old)} in the checkpoint "
+                        f"{self.path} (rerun with the checkpoint's settings, or remove that directory to start afresh)")
 
     def _check_identity(self, state: dict) -> None:
         if state.get("kind") != self.kind:
             self._refuse("the command", state.get("kind"), self.kind)
-        if state.get("nqpq_version") != _nqpq_version():
-            self._refuse("the nqpq version", state.get("nqpq_version"), _nqpq_version())
+        if state.get("nqpq_version") != nqpq_version():
+            self._refuse("the nqpq version", state.get("nqpq_version"), nqpq_version())
         stored = state.get("flags", {})
         for key in list(self._flags) + [k for k in stored if k not in self._flags]:
             if stored.get(key) != self._flags.get(key):  # a flag is named whole (--d-r [1, 8], not its 2nd value)
@@ -266,7 +127,7 @@ class Checkpoint:
         if distributed.is_main() and self._stored_batch_size is None:
             state = read_state(self.path)
             self._stored_batch_size = None if state is None else state.get("config", {}).get("batch_size")
-        stored = _broadcast(self._stored_batch_size)
+        stored = broadcast(self._stored_batch_size)
         return chosen if stored is None else int(stored)
 
     def begin(self, config: dict, model: torch.nn.Module, tokens: Sequence[torch.Tensor], total: int,
@@ -275,7 +136,7 @@ class Checkpoint:
         blocks it scores and calibrates on, ``total`` its number of configurations, ``timings`` the dict the run
         fills (saved with each unit; restored on resume, so configurations taken from the checkpoint keep the
         seconds they took). Prints ``resuming: N of M configurations done``. Collective under torchrun."""
-        identity = {"config": _as_json({k: v for k, v in config.items() if k not in NOT_COMPARED}),
+        identity = {"config": as_json({k: v for k, v in config.items() if k not in NOT_COMPARED}),
                     "fingerprint": {"weights": weights_fingerprint(model), "tokens": tokens_fingerprint(tokens)}}
         error, payload = None, None
         if distributed.is_main():
@@ -283,7 +144,7 @@ class Checkpoint:
                 payload = self._open(identity, total)
             except NqpqError as err:
                 error = str(err)
-        error, payload = _broadcast((error, payload))
+        error, payload = broadcast((error, payload))
         if error is not None:
             raise NqpqError(error)
         self._timings = timings
@@ -299,7 +160,7 @@ class Checkpoint:
 
     def _open(self, identity: dict, total: int) -> tuple | None:
         """Rank 0: the stored units of the checkpoint (resuming; checked against ``identity``), or None."""
-        base = {"format": FORMAT_VERSION, "kind": self.kind, "nqpq_version": _nqpq_version(), "flags": self._flags,
+        base = {"format": FORMAT_VERSION, "kind": self.kind, "nqpq_version": nqpq_version(), "flags": self._flags,
                 **identity, "total": total}
         if not self.resume:
             # A fresh run: a leftover directory without a state.json (an interrupt between baseline.pt and the
@@ -314,7 +175,7 @@ class Checkpoint:
             self.check()  # refuses
         self._check_identity(state)
         for key in ("config", "fingerprint"):
-            found = _first_difference(state.get(key, {}), identity[key])
+            found = first_difference(state.get(key, {}), identity[key])
             if found:
                 what, old, new = found
                 label = {"weights": "the model's weights (fingerprint)",
@@ -354,7 +215,7 @@ class Checkpoint:
                    "bases": [{n: {k: getattr(b, k) for k in ("basis", "eigenvalues", "cumulative_variance", "r90")}
                               for n, b in per_sink.items()} for per_sink in bases]}
         os.makedirs(self.path, exist_ok=True)
-        _atomic_write(self.path, BASELINE_FILE, lambda temp: torch.save(payload, temp))
+        atomic_write(self.path, BASELINE_FILE, lambda temp: torch.save(payload, temp))
         self._state["baseline"] = True
         self._write_state()
 
@@ -379,7 +240,7 @@ class Checkpoint:
                 f.write(text)
 
         os.makedirs(self.path, exist_ok=True)
-        _atomic_write(self.path, STATE_FILE, write)
+        atomic_write(self.path, STATE_FILE, write)
 
     # -- after the run (the CLI, on the main rank) --------------------------------------------------------------
     def kept(self) -> tuple[int, int] | None:

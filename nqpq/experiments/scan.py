@@ -31,7 +31,8 @@ import torch
 from ..model.crystallize import crystallize
 from ..model.replay import PrefixRunner
 from ..results.crystallinity_table import layer_means, sink_metrics
-from ..results.report import SCAN_FORMAT_VERSION, print_scan_report
+from ..results.report import print_scan_report
+from ..results.results_file import SCAN_FORMAT_VERSION
 from ..results.stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from ..results.verdict import bootstrap_info, curve_entry, finite_baseline, smallest_recovering, verdict, with_draws
 from .batching import default_batch_size, gather_losses, plan_batches
@@ -55,7 +56,7 @@ def run_scan(
     Takes the sweep's settings (``SweepConfig``) and, like ``run_sweep``, an optional loaded
     ``model`` and 1-D ``ids`` (and ``calib_ids`` with ``cfg.calib_text_file``).
     Raises ``NqpqError`` for bad settings or unavailable inputs.
-    Writing files is the caller's job (``nqpq.results.report.write_results``).
+    Writing files is the caller's job (``nqpq.results.results_file.write_results``).
     ``checkpoint`` (``nqpq.experiments.resume``): keep each finished configuration there, and take those it holds.
     """
     from tqdm.auto import tqdm

@@ -21,7 +21,7 @@ from ..model.crystallize import Observer, observe_residuals
 from ..model.devices import input_device, parse_device_map, parse_max_memory, refuse_tensor_parallel
 from ..model.losses import make_blocks, text_tokens_per_block
 from ..model.parts import ModelParts, model_parts
-from ..results.report import geometry_config, versions
+from ..results.provenance import geometry_config, versions
 from ..sources.checkpoints import ByteTokenizer, demo_model, load_model, load_tokenizer, parse_dtype
 from ..sources.gguf import gguf_file_info, gguf_label, is_gguf
 from ..sources.registry import is_registry_name

