@@ -93,7 +93,7 @@ def add_heads_flag(p: argparse.ArgumentParser) -> None:
                    help="query heads of the crystallized layers to crystallize, the others plain attention: by index "
                         "(27:0,1,2 28:3: layers among --layers) or a crystallinity rule measured per head on the "
                         "calibration text (top1_prob>=0.7; top1_prob, sink_frac, self_frac, prev_frac, sink_mass, "
-                        "winner_share with >=, >, <=, <) (default: every head)")
+                        "winner_share, first_key_mass with >=, >, <=, <) (default: every head)")
 
 
 def add_mode_flags(p: argparse.ArgumentParser) -> None:

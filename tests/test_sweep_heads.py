@@ -6,6 +6,7 @@ line before any model loads.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -34,6 +35,7 @@ def config(**kw) -> SweepConfig:
     ("top1_prob>=0.7", HeadRule("top1_prob", ">=", 0.7)),
     (" sink_frac < .5 ", HeadRule("sink_frac", "<", 0.5)),
     ("winner_share>1e-1", HeadRule("winner_share", ">", 0.1)),
+    ("first_key_mass<0.3", HeadRule("first_key_mass", "<", 0.3)),
 ])
 def test_heads_are_read_as_written(text, want):
     assert parse_heads(text) == want
@@ -110,6 +112,31 @@ def test_sweep_by_rule_chooses_the_heads_float64_measures_on_the_calibration_blo
     ref_top1 = f64_model(model, {li: h for li, h in want.items() if h}).block_losses(blocks)
     torch.testing.assert_close(torch.tensor(results["block_losses"]["top1"], dtype=torch.float64), ref_top1,
                                rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_rule_on_first_key_mass_chooses_the_heads_float64_attentions_say(tokenizer, token_ids):
+    """α₁ (``first_key_mass``) per head on the calibration blocks, against p[t, 0] of the model's own attentions in
+    float64 (``output_attentions``, eager): the rule keeps the heads under a threshold far from every head's value."""
+    model = build_model(vocab_size=len(tokenizer))
+    calib = token_ids[N * T:(N + C) * T].view(C, T)
+    ref = copy.deepcopy(model).double()
+    ref.config._attn_implementation = "eager"
+    attentions = ref(input_ids=calib, output_attentions=True, use_cache=False).attentions
+    alpha = {(li, h): float(attentions[li][:, h, :, 0].mean()) for li in LAYERS for h in range(N_HEAD)}
+    ordered = sorted(alpha.values())
+    gap, threshold = max((b - a, (a + b) / 2) for a, b in zip(ordered, ordered[1:]))
+    assert gap > 1e-4
+    results = run_sweep(config(heads=f"first_key_mass<{threshold:.6f}"), model=model, ids=token_ids,
+                        log=lambda *_: None)
+    got = results["heads"]
+    assert got["by"] == "rule" and got["stat"] == "first_key_mass_mean"
+    for li in LAYERS:
+        torch.testing.assert_close(torch.tensor(got["values"][str(li)], dtype=torch.float64),
+                                   torch.tensor([alpha[li, h] for h in range(N_HEAD)], dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+    want = {li: [h for h in range(N_HEAD) if alpha[li, h] < threshold] for li in LAYERS}
+    assert got["chosen"] == {str(li): h for li, h in want.items() if h}
 
 
 def test_a_rule_that_chooses_no_head_is_an_error(tokenizer, token_ids):

@@ -7,7 +7,8 @@ Two forms, one flag:
   of those layers; every layer named must be one of ``--layers``, and a layer of ``--layers`` not named is left
   plain (not crystallized at all);
 - by a crystallinity rule, ``top1_prob>=0.7``: a statistic of ``nqpq.experiments.crystallinity`` (``top1_prob``,
-  ``sink_frac``, ``self_frac``, ``prev_frac``, ``sink_mass``, ``winner_share``: its per-head means), a comparison
+  ``sink_frac``, ``self_frac``, ``prev_frac``, ``sink_mass``, ``winner_share``, ``first_key_mass`` (α₁, the mean
+  attention on the block's first token, Gu et al.'s sink score): its per-head means), a comparison
   (``>=``, ``>``, ``<=``, ``<``) and a number, measured per head of ``--layers`` on the calibration text (the first
   calibration set: held-out blocks, another text, or the first scored blocks with ``--calib-from eval``) with the
   headline sink setting; the heads where it holds are crystallized.
@@ -36,7 +37,8 @@ from .crystallinity import CrystallinityAccumulator
 
 # The rule's keys: the crystallinity statistics, named without "_mean".
 RULE_STATS = {"top1_prob": "top1_prob_mean", "sink_frac": "sink_frac", "self_frac": "self_frac",
-              "prev_frac": "prev_frac", "sink_mass": "sink_mass_mean", "winner_share": "winner_share_mean"}
+              "prev_frac": "prev_frac", "sink_mass": "sink_mass_mean", "winner_share": "winner_share_mean",
+              "first_key_mass": "first_key_mass_mean"}
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _RULE_RE = re.compile(r"\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
 _INDEX_RE = re.compile(r"(\d+):(\d+(?:,\d+)*)")
