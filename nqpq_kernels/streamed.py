@@ -23,11 +23,11 @@ Work saved against the reference (where the time goes on CPU: passes over the sc
   from a window view, ~4× faster than ``gather``); full mode without an argmax, a Gram or sink
   tokens needs no index at all; with sink tokens the sink columns and the rest are searched apart (the latter is
   both the overall maximum and i*ᴿ);
-- the scores are kept in base 2 (log2 e folded into the queries' scale with it; a float mask and learned sink
-  logits scaled to match) and p = exp2(s − m) in place, left unnormalized: ctx = (p @ V) / Σp divides Tq × Dv
-  numbers, not Tq × Tk. torch's CPU ``exp2`` runs ~3× faster than its ``exp``; subtract, exp2 and sum in place
-  took 0.25 ms where ``softmax`` took 0.33 (144 × 4096 fp32, 1 thread, this machine's AVX-512 EPYC). The same
-  probabilities: a positive scale keeps the maximum, its index and every ratio;
+- p = exp(s − m) as exp2(log2 e · s − log2 e · m), both steps in place in the score buffer (one fused add with a
+  per-row bias, then ``exp2_``), left unnormalized: ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk.
+  torch's CPU ``exp2`` runs ~3× faster than its ``exp``: add, exp2 and sum took 0.25 ms where ``softmax`` took 0.33
+  (144 × 4096 fp32, 1 thread, this machine's AVX-512 EPYC), p within 1e-6 relative of exp's. The scores, their
+  maximum and its index stay in the model's units: log2 e folded into q would round exact ties apart;
 - low rank for evaluation (no Gram asked, 0 < d_r < Dv) through V·P_r: P_r P_rᵀ (ctx − ground) =
   P_r (p @ (V P_r) − P_rᵀ ground), so the P·V product runs on d_r columns instead of Dv (issue 35 item 1's
   identity) and ctx is never formed. V P_r is computed once per call, per query head; where ground is V[i*],
@@ -157,8 +157,7 @@ def residual_attention_streamed(
                 vp_t = vp_heads.permute(0, 1, 3, 4, 2).contiguous()  # [B, Hkv, G, d_r, Tk]
             del vp_heads
     # The scale (and the soft cap's 1/c: tanh reads s / c) folded into q: one pass over the queries, not the scores.
-    # Without a soft cap log2 e goes with it (scores in base 2 for exp2); with one, into the cap's factor.
-    q_mult = args.scale / args.softcap if args.softcap is not None else args.scale * LOG2E
+    q_mult = args.scale / args.softcap if args.softcap is not None else args.scale
 
     out_shape = (B, Hq, Tq, Dv) if out_layout == "bhtd" else (B, Tq, Hq, Dv)
     out = torch.empty(out_shape, device=q.device, dtype=q.dtype)
@@ -191,14 +190,14 @@ def residual_attention_streamed(
         s = torch.matmul(qb, kf[:, :, lo:hi].transpose(-1, -2))
         del qb
         if args.softcap is not None:
-            s.tanh_().mul_(args.softcap * LOG2E)
+            s.tanh_().mul_(args.softcap)
         s5 = s.view(B, Hkv, G, rows, cols)
         if attn_mask is not None:
             mask = args.attn_mask[:, :, s0:s1].reshape(B, Hkv, G, rows, Tk)
             if mask.dtype == torch.bool:
                 s5.masked_fill_(~mask, neg_inf)
             else:
-                s5.add_(mask.float(), alpha=LOG2E)  # in base 2, as the scores
+                s5.add_(mask.float())
             del mask
         elif window is None and chunk is None:
             # Plain causal: only the diagonal square (keys first..last) holds hidden keys.
@@ -240,7 +239,7 @@ def residual_attention_streamed(
 
         sink_logit = m_learned = None
         if args.learned_sink is not None:
-            sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows).mul(LOG2E)  # base 2
+            sink_logit = args.learned_sink[:, :, s0:s1].float().reshape(B, Hkv, G, rows)
             sink_bad = ~(sink_logit < math.inf)  # a NaN or +inf logit: no softmax
             bad |= sink_bad
             if no_key is not None:
@@ -252,17 +251,17 @@ def residual_attention_streamed(
         if i_star is not None and any_bad:
             i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
 
-        # p = exp2(s − m) in the score buffer, unnormalized, with denom = Σp (+ the learned sink's term):
-        # ctx = (p @ V) / denom.
+        # p = exp(s − m) = exp2(log2 e · s − log2 e · m) in the score buffer, unnormalized, with denom = Σp (+ the
+        # learned sink's term): ctx = (p @ V) / denom.
         p = denom = m_all = None
         if need_exp or n_loc > 0:
             m_all = m if sink_logit is None else torch.maximum(m, sink_logit)
             # Bad rows get 0 as their shift (their results are overwritten): no inf − inf.
             m_all = m_all.masked_fill(bad, 0.0) if any_bad else m_all
-            p = s5.sub_(m_all.unsqueeze(-1)).exp2_()
+            p = torch.add(m_all.unsqueeze(-1).mul(-LOG2E), s5, alpha=LOG2E, out=s5).exp2_()
             denom = p.sum(dim=-1)
             if sink_logit is not None:
-                sink_term = (sink_logit - m_all).exp2_()
+                sink_term = (sink_logit - m_all).mul_(LOG2E).exp2_()
                 denom.add_(sink_term)
                 m_learned = sink_term.div_(denom)
 
@@ -352,7 +351,7 @@ def residual_attention_streamed(
             if n_loc > 0:  # p of the returned index, i*ᴿ
                 top1 = p.gather(-1, i_star.unsqueeze(-1)).squeeze(-1).div_(denom)
             else:  # p[i*] = exp2(m − m_all) / denom (m_all = m but where a learned sink holds the maximum)
-                top1 = (m - m_all).exp2_().div_(denom)
+                top1 = (m - m_all).mul_(LOG2E).exp2_().div_(denom)
             top1 = top1.masked_fill_(bad, math.nan)
             if empty is not None:
                 top1.masked_fill_(empty, 0.0)
