@@ -23,11 +23,12 @@ Work saved against the reference (where the time goes on CPU: passes over the sc
   from a window view, ~4× faster than ``gather``); full mode without an argmax, a Gram or sink
   tokens needs no index at all; with sink tokens the sink columns and the rest are searched apart (the latter is
   both the overall maximum and i*ᴿ);
-- p = exp(s − m) as exp2(log2 e · s − log2 e · m), both steps in place in the score buffer (one fused add with a
-  per-row bias, then ``exp2_``), left unnormalized: ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk.
-  torch's CPU ``exp2`` runs ~3× faster than its ``exp``: add, exp2 and sum took 0.25 ms where ``softmax`` took 0.33
-  (144 × 4096 fp32, 1 thread, this machine's AVX-512 EPYC), p within 1e-6 relative of exp's. The scores, their
-  maximum and its index stay in the model's units: log2 e folded into q would round exact ties apart;
+- p = exp(s − m) as exp2((s − m) · log2 e), each step in place in the score buffer, left unnormalized:
+  ctx = (p @ V) / Σp divides Tq × Dv numbers, not Tq × Tk. torch's CPU ``exp2`` runs ~3× faster than its ``exp``:
+  the three passes took 0.27 ms where ``softmax`` took 0.33 and ``sub_`` + ``exp_`` 0.53 (144 × 4096 fp32, 1 thread,
+  this machine's AVX-512 EPYC), p within 1e-6 relative of exp's. The scores, their maximum and its index stay in the
+  model's units (log2 e folded into q would round exact ties apart), and the maximum's own p is exactly 1 (a fused
+  c·s − c·m is not 0 there: a one-key row's top-1 probability came out above 1);
 - low rank for evaluation (no Gram asked, 0 < d_r < Dv) through V·P_r: P_r P_rᵀ (ctx − ground) =
   P_r (p @ (V P_r) − P_rᵀ ground), so the P·V product runs on d_r columns instead of Dv (issue 35 item 1's
   identity) and ctx is never formed. V P_r is computed once per call, per query head; where ground is V[i*],
@@ -251,14 +252,14 @@ def residual_attention_streamed(
         if i_star is not None and any_bad:
             i_star.masked_fill_(bad, 0)  # a valid index to gather with; the rows are NaN below
 
-        # p = exp(s − m) = exp2(log2 e · s − log2 e · m) in the score buffer, unnormalized, with denom = Σp (+ the
-        # learned sink's term): ctx = (p @ V) / denom.
+        # p = exp(s − m) = exp2((s − m) · log2 e) in the score buffer, unnormalized, with denom = Σp (+ the learned
+        # sink's term): ctx = (p @ V) / denom.
         p = denom = m_all = None
         if need_exp or n_loc > 0:
             m_all = m if sink_logit is None else torch.maximum(m, sink_logit)
             # Bad rows get 0 as their shift (their results are overwritten): no inf − inf.
             m_all = m_all.masked_fill(bad, 0.0) if any_bad else m_all
-            p = torch.add(m_all.unsqueeze(-1).mul(-LOG2E), s5, alpha=LOG2E, out=s5).exp2_()
+            p = s5.sub_(m_all.unsqueeze(-1)).mul_(LOG2E).exp2_()
             denom = p.sum(dim=-1)
             if sink_logit is not None:
                 sink_term = (sink_logit - m_all).mul_(LOG2E).exp2_()
