@@ -520,13 +520,18 @@ def test_ctrl_c_exits_130_and_writes_no_results(saved_model, tmp_path):
     out = tmp_path / "out"
     args = sweep_args(model_dir, text, out, "--n-blocks", "60", "--seq-len", "128", "--layers", "1", "2", "3",
                       "--d-r", *map(str, range(1, HEAD_DIM + 1)))
-    proc = subprocess.Popen(nqpq_command(*args), cwd=tmp_path, env={**cli_env(), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As a terminal's Ctrl-C reaches a foreground command: SIGINT at its default disposition. A test run started in
+    # the background of a non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: the sweep would finish (exit 0). The disposition is reset, then the same process execs nqpq.
+    reset_sigint = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "os.execvp(sys.argv[1], sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", reset_sigint, *nqpq_command(*args)], cwd=tmp_path,
+                            env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         first = proc.stdout.readline()
         assert "Loading" in first, first
-        # Into the sweep proper: its first measured number printed (a signal during start-up imports can be
-        # swallowed by a library's bare `except:`, as seen on a loaded machine), then most configurations ahead.
+        # Into the sweep proper: its first measured number printed, most configurations still ahead.
         seen = [first]
         while "PPL baseline" not in seen[-1] and seen[-1]:
             seen.append(proc.stdout.readline())
