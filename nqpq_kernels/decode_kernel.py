@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile_helpers import _gram_block, _lowrank_vp_epilogue, _tanh, _tile_argmax
+from .tile_helpers import _gram_block, _lowrank_eps_epilogue, _lowrank_vp_epilogue, _tanh, _tile_argmax
 
 __all__ = ["N_PART_PLANES", "decode_combine", "decode_split"]
 
@@ -364,14 +364,8 @@ def decode_combine(
                                    off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r, sink_part,
                                    sink_mass, r_empty, m_learned, HAS_SINK, SINK_ACC, LEARNED, DOT_PREC)
     else:
-        out = ground
-        offs_r = tl.arange(0, R_BLOCK)
-        for r0 in range(0, d_r, R_BLOCK):
-            cols_r = r0 + offs_r
-            P = tl.load(Basis + off_h * stride_ph + offs_dv[:, None] * stride_pd + cols_r[None, :] * stride_pr,
-                        mask=mask_dv[:, None] & (cols_r < d_r)[None, :], other=0.0)
-            coeff = tl.dot(eps, P, input_precision=DOT_PREC)
-            out = tl.dot(coeff, tl.trans(P), out, input_precision=DOT_PREC)
+        out = _lowrank_eps_epilogue(ground, eps, Basis, off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r,
+                                    R_BLOCK, DOT_PREC)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + t64[:, None] * stride_ot + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_mdv)
 

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .prefill_loop import _attn_fwd_range
-from .tile_helpers import _gram_block, _gram_halves, _halves, _lowrank_vp_epilogue
+from .tile_helpers import _gram_block, _gram_halves, _halves, _lowrank_eps_epilogue, _lowrank_vp_epilogue
 
 
 @triton.jit(do_not_specialize=["bh_off", "d_r", "window", "chunk", "n_sink", "q_off"])
@@ -314,16 +314,8 @@ def _residual_attn_fwd(
                                    off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r, sink_part,
                                    sink_mass, r_empty, m_learned, HAS_SINK, SINK_ACC, LEARNED, DOT_PREC)
     else:
-        # ground + (εP)Pᵀ, R_BLOCK basis columns at a time up to d_r: columns >= d_r are never read, and
-        # one compiled kernel serves every rank of a sweep.
-        out = ground
-        offs_r = tl.arange(0, R_BLOCK)
-        for r0 in range(0, d_r, R_BLOCK):
-            cols_r = r0 + offs_r
-            p_ptrs = Basis + off_h * stride_ph + offs_dv[:, None] * stride_pd + cols_r[None, :] * stride_pr
-            P = tl.load(p_ptrs, mask=mask_dv[:, None] & (cols_r < d_r)[None, :], other=0.0)  # [DV_PAD, R_BLOCK]
-            coeff = tl.dot(eps, P, input_precision=DOT_PREC)  # [BLOCK_M, R_BLOCK]
-            out = tl.dot(coeff, tl.trans(P), out, input_precision=DOT_PREC)
+        out = _lowrank_eps_epilogue(ground, eps, Basis, off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r,
+                                    R_BLOCK, DOT_PREC)
 
     if PER_HEAD:
         # The program's flag: a head left plain outputs ctx; its statistics below are the same as any head's.

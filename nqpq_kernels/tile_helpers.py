@@ -1,11 +1,11 @@
 """The ``@triton.jit`` tile helpers of the prefill and decode kernels: fp32 tanh, the running argmax of a key tile,
-the Gram's atomic column blocks and the low-rank epilogue through V·P_r.
+the Gram's atomic column blocks and the two low-rank epilogues (through V·P_r, and with the whole ε).
 
 The prefill kernel (``nqpq_kernels.prefill_kernel``, its key loop in ``nqpq_kernels.prefill_loop``) and the split-KV
 decode kernel (``nqpq_kernels.decode_kernel``) call the same helpers, so the two agree on ties, rounding and
-non-finite rows by construction: ``_tanh``, ``_tile_argmax``, ``_gram_block`` and ``_lowrank_vp_epilogue`` serve
-both; ``_halves``, ``_gram_cols`` and ``_gram_halves`` (the [256, 256] Gram cut into column blocks by reshape and
-split) only the prefill epilogue.
+non-finite rows by construction: ``_tanh``, ``_tile_argmax``, ``_gram_block``, ``_lowrank_vp_epilogue`` and
+``_lowrank_eps_epilogue`` serve both; ``_halves``, ``_gram_cols`` and ``_gram_halves`` (the [256, 256] Gram cut into
+column blocks by reshape and split) only the prefill epilogue.
 """
 
 from __future__ import annotations
@@ -146,3 +146,19 @@ def _lowrank_vp_epilogue(ctx_r, ground, v_star, w_base, stride_wt, offs_w, safe_
     eps_r = tl.where(mask_m[:, None], eps_r, 0.0)
     eps_r = tl.where(bad[:, None], float("nan"), eps_r)
     return tl.dot(eps_r, tl.trans(P), ground, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _lowrank_eps_epilogue(ground, eps, Basis, off_h, stride_ph, stride_pd, stride_pr, offs_dv, mask_dv, d_r,
+                          R_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Low rank with the whole ε (a Gram asked, or V·P_r not taken): ground + (ε P_r) P_rᵀ, R_BLOCK basis columns
+    at a time up to d_r. Columns >= d_r are never read, and one compiled kernel serves every rank of a sweep."""
+    out = ground
+    offs_r = tl.arange(0, R_BLOCK)
+    for r0 in range(0, d_r, R_BLOCK):
+        cols_r = r0 + offs_r
+        p_ptrs = Basis + off_h * stride_ph + offs_dv[:, None] * stride_pd + cols_r[None, :] * stride_pr
+        P = tl.load(p_ptrs, mask=mask_dv[:, None] & (cols_r < d_r)[None, :], other=0.0)  # [DV_PAD, R_BLOCK]
+        coeff = tl.dot(eps, P, input_precision=DOT_PREC)  # [rows, R_BLOCK]
+        out = tl.dot(coeff, tl.trans(P), out, input_precision=DOT_PREC)
+    return out
